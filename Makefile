@@ -1,0 +1,42 @@
+# extproc: two commands matter. `make run` brings the stack up; `make test` installs and tests.
+# Everything installs into .venv/ at the repo root; nothing is assumed but Python 3.11+ and make.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint format bench proto clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "extproc needs Python 3.11+ (found %s)" % sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+run: install
+	$(PY) -m extproc stack
+
+test: install lint
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check extproc tests bench
+	$(VENV)/bin/ruff format --check extproc tests bench
+
+format: install
+	$(VENV)/bin/ruff check --fix extproc tests bench
+	$(VENV)/bin/ruff format extproc tests bench
+
+bench: install
+	$(PY) bench/bench.py
+
+# Regenerate the Python code for our own protobuf API (committed, so installs need no codegen).
+proto: install
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. proto/extproc/v1/ledger.proto
+
+clean:
+	rm -rf $(VENV) .data build *.egg-info

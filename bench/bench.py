@@ -1,0 +1,126 @@
+"""`make bench`: Envoy direct vs Envoy + extproc, in the same run, against the simulator.
+
+One Envoy process serves two listeners that differ only by the ext_proc filter, so the
+difference between them is what the sidecar costs. Rounds alternate between the two
+paths to cancel drift on a shared 2-core machine; ratios are the figures that matter.
+Also measured: sidecar CPU per request (from /proc) and the cost of counting a
+Codex-like 200k-token request, cold and with its history seen before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.loadgen import run_closed_loop  # noqa: E402
+from extproc.stack import Stack, StackConfig, free_port  # noqa: E402
+
+SMALL_BODY = json.dumps(
+    {
+        "model": "gpt-5-mini",
+        "messages": [{"role": "user", "content": "Fix the lint error in utils.py line 3."}],
+        "max_completion_tokens": 16,
+    }
+).encode()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(stack: Stack, direct_port: int, rounds: int, requests: int, concurrency: int) -> dict:
+    sidecar_pid = stack.children["sidecar"].proc.pid
+    result: dict[str, dict] = {}
+    for name in ("direct", "extproc"):
+        result[name] = {"latencies": [], "seconds": 0.0, "requests": 0, "sidecar_cpu": 0.0}
+    for _ in range(rounds):
+        for name, port in (("direct", direct_port), ("extproc", stack.config.listen_port)):
+            cpu0 = cpu_seconds(sidecar_pid)
+            lat, secs = asyncio.run(
+                run_closed_loop(
+                    "127.0.0.1", port, "/v1/chat/completions", SMALL_BODY, requests, concurrency
+                )
+            )
+            r = result[name]
+            r["sidecar_cpu"] += cpu_seconds(sidecar_pid) - cpu0
+            r["latencies"] += lat
+            r["seconds"] += secs
+            r["requests"] += len(lat)
+    summary = {}
+    for name, r in result.items():
+        summary[name] = {
+            "p50_ms": statistics.median(r["latencies"]) * 1000,
+            "p99_ms": pct(r["latencies"], 0.99) * 1000,
+            "rps": r["requests"] / r["seconds"],
+            "sidecar_cpu_us_per_req": r["sidecar_cpu"] / r["requests"] * 1e6,
+        }
+    d, e = summary["direct"], summary["extproc"]
+    summary["added_p50_ms"] = e["p50_ms"] - d["p50_ms"]
+    summary["added_p99_ms"] = e["p99_ms"] - d["p99_ms"]
+    summary["throughput_ratio"] = e["rps"] / d["rps"]
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=500, help="per round and path, at c=1")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    args = parser.parse_args(argv)
+
+    from bench.bench_counting import counting_figures
+
+    report: dict[str, object] = {"machine": f"{os.cpu_count()} cores", "time": time.ctime()}
+    with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
+        direct = free_port()
+        cfg = StackConfig(listen_port=free_port(), data_dir=Path(tmp), direct_port=direct)
+        with Stack(cfg) as stack:
+            # Warm both paths (connections, tokenizer, Redis script).
+            measure(stack, direct, 1, 100, 4)
+            report["c1"] = measure(stack, direct, args.rounds, args.requests, 1)
+            report["c32"] = measure(stack, direct, args.rounds, args.requests * 2, 32)
+    report["counting"] = counting_figures()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print_report(report)
+    return 0
+
+
+def print_report(report: dict) -> None:
+    print(f"\nextproc bench ({report['machine']}, {report['time']})")
+    print(f"{'':10} {'path':8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'sidecar CPU µs/req':>19}")
+    for level in ("c1", "c32"):
+        for name in ("direct", "extproc"):
+            r = report[level][name]
+            print(
+                f"{level:10} {name:8} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['rps']:8.0f} "
+                f"{r['sidecar_cpu_us_per_req']:19.0f}"
+            )
+        s = report[level]
+        print(
+            f"{level:10} added p50 {s['added_p50_ms']:+.3f} ms, p99 {s['added_p99_ms']:+.3f} ms, "
+            f"throughput ratio {s['throughput_ratio']:.2f}"
+        )
+    print("\ncounting (sidecar CPU, ms):")
+    for k, v in report["counting"].items():
+        print(f"  {k:48} {v:8.2f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""Builders for the ext_proc messages the sidecar sends back to Envoy.
+
+Kept apart from the stream handler so the handler reads as a sequence of decisions.
+Envoy reads only `HeaderValue.raw_value`, so every header we set goes there. Replies
+that carry no change are built once and reused: they sit on every request's path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+
+ProcessingRequest = pb.ProcessingRequest
+ProcessingResponse = pb.ProcessingResponse
+ProcessingMode = processing_mode_pb2.ProcessingMode
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
+CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+
+CONTINUE_METERED_REQUEST_HEADERS = pb.ProcessingResponse(
+    request_headers=pb.HeadersResponse(
+        response=pb.CommonResponse(
+            header_mutation=pb.HeaderMutation(remove_headers=["accept-encoding"])
+        )
+    )
+)
+"""Metered requests ask the upstream for an uncompressed answer: usage must be readable from
+the bytes as they pass. (Envoy's compressor filter can still compress toward the client.)"""
+
+SKIP_REST = pb.ProcessingResponse(
+    request_headers=pb.HeadersResponse(),
+    mode_override=ProcessingMode(
+        request_body_mode=ProcessingMode.NONE,
+        response_header_mode=ProcessingMode.SKIP,
+        response_body_mode=ProcessingMode.NONE,
+    ),
+)
+"""Unmetered traffic: after its headers, the sidecar has nothing more to see."""
+
+_STREAMED_BODY = ProcessingMode(response_body_mode=ProcessingMode.STREAMED)
+
+
+def header_map(headers: pb.HttpHeaders, wanted: frozenset[str]) -> dict[str, str]:
+    """The wanted headers of an Envoy header map, as text (first value wins)."""
+    found: dict[str, str] = {}
+    for h in headers.headers.headers:
+        key = h.key
+        if key in wanted and key not in found:
+            found[key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+    return found
+
+
+def header_mutation(
+    set_headers: Mapping[str, str] | None = None, remove: Iterable[str] = ()
+) -> pb.HeaderMutation:
+    return pb.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=k, raw_value=v.encode("latin-1")),
+                append_action=_OVERWRITE,
+            )
+            for k, v in (set_headers or {}).items()
+        ],
+        remove_headers=list(remove),
+    )
+
+
+def replace_request_body(
+    body: bytes, set_headers: Mapping[str, str], remove: Iterable[str] = ()
+) -> pb.ProcessingResponse:
+    """Swap the buffered request body; headers are still held by Envoy, so they can change too."""
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                status=pb.CommonResponse.CONTINUE_AND_REPLACE,
+                header_mutation=header_mutation(set_headers, remove),
+                body_mutation=pb.BodyMutation(body=body),
+            )
+        )
+    )
+
+
+def response_headers(set_headers: Mapping[str, str], *, stream: bool) -> pb.ProcessingResponse:
+    """Add headers to the response; for SSE also switch its body to STREAMED, so every chunk
+    reaches the client as soon as the sidecar has looked at it."""
+    reply = pb.ProcessingResponse(
+        response_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=header_mutation(set_headers))
+        )
+    )
+    if stream:
+        reply.mode_override.CopyFrom(_STREAMED_BODY)
+    return reply
+
+
+def replace_response_chunk(chunk: bytes) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        response_body=pb.BodyResponse(
+            response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=chunk))
+        )
+    )
+
+
+def response_body_headers(set_headers: Mapping[str, str]) -> pb.ProcessingResponse:
+    """Headers added while the buffered response body is held (they have not left Envoy yet)."""
+    return pb.ProcessingResponse(
+        response_body=pb.BodyResponse(
+            response=pb.CommonResponse(header_mutation=header_mutation(set_headers))
+        )
+    )
+
+
+def immediate(
+    status: int, body: bytes, headers: Mapping[str, str] | None = None
+) -> pb.ProcessingResponse:
+    """Answer the client directly, in OpenAI's JSON error shape; the upstream is never called."""
+    all_headers = {"content-type": "application/json", **(headers or {})}
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=header_mutation(all_headers),
+            body=body,
+            details="extproc",
+        )
+    )

@@ -1,0 +1,112 @@
+"""Sidecar settings: a small YAML file, validated up front, with environment overrides.
+
+A sidecar that starts with a typo in its config and silently uses a default is how a
+budget ends up unenforced, so every unknown or ill-typed field is an error that names
+the field and says what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the path of the offending field in its message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # gRPC listen address: "host:port" or "unix:/path".
+    listen: str = "127.0.0.1:9001"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Largest request body accepted on the wire and after decompression (Codex bodies are big).
+    max_body_bytes: int = 32 * 1024 * 1024
+    # Bodies above this size are decoded, parsed and counted on a worker thread so that one
+    # huge request never stalls the event loop that serves every other stream.
+    offload_bytes: int = 256 * 1024
+    # What to do with a metered request whose body cannot be understood (bad JSON, bad
+    # encoding, missing model): "reject" answers 4xx in OpenAI's error shape; "pass" forwards
+    # it untouched and still meters the response.
+    bad_request: str = "reject"
+    # Price table path (TOML); empty means the table bundled with extproc.
+    prices: str = ""
+    # How many usage records the Redis ledger keeps (approximate trim).
+    ledger_max_records: int = 1_000_000
+    # Where records wait when Redis is unreachable, replayed when it returns.
+    spool_dir: str = ".data/spool"
+    # Seconds an in-flight stream gets to finish after SIGTERM.
+    grace_seconds: float = 30.0
+
+
+_ENV = {
+    "listen": "EXTPROC_LISTEN",
+    "redis_url": "EXTPROC_REDIS_URL",
+    "max_body_bytes": "EXTPROC_MAX_BODY_BYTES",
+    "bad_request": "EXTPROC_BAD_REQUEST",
+    "prices": "EXTPROC_PRICES",
+    "spool_dir": "EXTPROC_SPOOL_DIR",
+}
+_CHOICES = {"bad_request": ("reject", "pass")}
+
+
+def _coerce(name: str, value: Any, expected: type, where: str) -> Any:
+    if expected is int:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{where}: {name}: must be a positive integer, got {value!r}")
+    elif expected is float:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {name}: must be a number, got {value!r}") from None
+        if value < 0:
+            raise ConfigError(f"{where}: {name}: must not be negative, got {value!r}")
+    elif expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {name}: must be a string, got {value!r}")
+        choices = _CHOICES.get(name)
+        if choices and value not in choices:
+            raise ConfigError(
+                f"{where}: {name}: must be one of {', '.join(choices)}, got {value!r}"
+            )
+    return value
+
+
+def load_settings(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Settings from an optional YAML file, then `EXTPROC_*` environment variables on top."""
+    env = os.environ if env is None else env
+    path = path or env.get("EXTPROC_CONFIG") or None
+    raw: dict[str, Any] = {}
+    where = "settings"
+    if path:
+        where = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{where}: top level must be a mapping of settings")
+        raw.update(loaded)
+    known = {f.name: f for f in fields(Settings)}
+    for name in raw:
+        if name not in known:
+            raise ConfigError(f"{where}: {name}: unknown setting (known: {', '.join(known)})")
+    for name, var in _ENV.items():
+        if var in env:
+            raw[name] = env[var]
+    values = {}
+    for name, value in raw.items():
+        kind = type(known[name].default)
+        source = _ENV[name] if name in _ENV and _ENV[name] in env else where
+        values[name] = _coerce(name, value, kind, source)
+    return Settings(**values)

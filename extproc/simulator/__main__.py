@@ -1,0 +1,5 @@
+from __future__ import annotations
+
+from extproc.simulator import main
+
+raise SystemExit(main())

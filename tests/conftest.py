@@ -1,0 +1,63 @@
+"""Shared fixtures: one real stack (Redis, simulator, sidecar, Envoy) for the end-to-end suite."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+import redis
+
+from extproc.ledger import STREAM_KEY, record_to_dict
+from extproc.stack import Stack, temporary_stack
+from extproc.v1.ledger_pb2 import UsageRecord
+
+# Small enough to test the limit cheaply, still well above Envoy's 1 MiB default buffer.
+E2E_MAX_BODY = 8 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    with temporary_stack(sidecar_env={"EXTPROC_MAX_BODY_BYTES": str(E2E_MAX_BODY)}) as s:
+        yield s
+
+
+@pytest.fixture
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base_url, api_key="sk-test", max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def redis_client(stack: Stack) -> Iterator[redis.Redis]:
+    r = redis.Redis.from_url(stack.redis_url)
+    yield r
+    r.close()
+
+
+def _records(rows: list[Any]) -> list[tuple[bytes, UsageRecord]]:
+    return [(entry_id, UsageRecord.FromString(fields[b"r"])) for entry_id, fields in rows]
+
+
+def all_records(r: redis.Redis, request_id: str) -> list[dict[str, Any]]:
+    return [
+        record_to_dict(rec)
+        for _id, rec in _records(r.xrange(STREAM_KEY))
+        if rec.request_id == request_id
+    ]
+
+
+def wait_record(r: redis.Redis, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
+    """The ledger is written asynchronously: block on the Redis stream until the record lands."""
+    deadline = time.monotonic() + timeout
+    last = b"0"
+    while True:
+        for entry_id, rec in _records(r.xrange(STREAM_KEY, min=last)):
+            if rec.request_id == request_id:
+                return record_to_dict(rec)
+            last = entry_id
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no ledger record for {request_id} within {timeout}s")
+        r.xread({STREAM_KEY: last}, block=max(1, int(left * 1000)), count=1)
