@@ -15,16 +15,6 @@ from pathlib import Path
 STATE_FILE = Path(".data") / "stack.json"
 
 
-def _redis_url(arg: str | None) -> str:
-    if arg:
-        return arg
-    if os.environ.get("EXTPROC_REDIS_URL"):
-        return os.environ["EXTPROC_REDIS_URL"]
-    if STATE_FILE.exists():
-        return json.loads(STATE_FILE.read_text())["redis_url"]
-    return "redis://127.0.0.1:6379/0"
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from extproc.server import serve
     from extproc.settings import ConfigError, load_settings
@@ -56,7 +46,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     from extproc.ledger import Ledger, record_to_dict
 
     async def fetch() -> list[dict[str, object]]:
-        client = aioredis.from_url(_redis_url(args.redis_url), socket_connect_timeout=2)
+        client = aioredis.from_url(redis_url(args.redis_url), socket_connect_timeout=2)
         try:
             records = await Ledger(client).recent(args.limit)
         finally:
@@ -115,6 +105,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
     return 0
 
 
+from extproc.cli_admin import redis_url, register  # noqa: E402
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--redis-url")
     p.set_defaults(func=cmd_usage)
+    register(sub)
     return parser
 
 

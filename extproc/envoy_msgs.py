@@ -35,6 +35,18 @@ CONTINUE_METERED_REQUEST_HEADERS = pb.ProcessingResponse(
 """Metered requests ask the upstream for an uncompressed answer: usage must be readable from
 the bytes as they pass. (Envoy's compressor filter can still compress toward the client.)"""
 
+
+def forward_request_headers(
+    set_headers: Mapping[str, str], remove: Iterable[str]
+) -> pb.ProcessingResponse:
+    """Headers for the upstream: the workspace's real key in, the caller's own claims out."""
+    return pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=header_mutation(set_headers, remove))
+        )
+    )
+
+
 SKIP_REST = pb.ProcessingResponse(
     request_headers=pb.HeadersResponse(),
     mode_override=ProcessingMode(

@@ -15,34 +15,35 @@ import contextlib
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from extproc.prices import NANOS_PER_DOLLAR
-from extproc.v1.ledger_pb2 import UsageRecord
+from extproc.scripts import SETTLE
+from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 
 log = logging.getLogger("extproc.ledger")
 
-# One hash tag for the ledger keys: the script touches them together, so on Redis Cluster
-# they must live in one slot.
-STREAM_KEY = "{extproc:ledger}:records"
-SEEN_PREFIX = "{extproc:ledger}:seen:"
+# The set of per-workspace ledger streams, for readers (`extproc usage`, the spend report).
+LEDGERS_KEY = "extproc:ledgers"
 UNMETERED_KEY = "{extproc:ledger}:unmetered"
-SEEN_TTL_SECONDS = 7 * 24 * 3600
-
-_WRITE = """
-if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'r', ARGV[1])
-  return 1
-end
-return 0
-"""
+UNATTRIBUTED = "_"
 
 _BATCH = 256
+
+
+def prefix_for(workspace: str) -> str:
+    """Every key of a workspace shares one hash tag: one slot, one node, atomic scripts."""
+    return "{ws:%s}" % (workspace or UNATTRIBUTED)
+
+
+def ledger_key(prefix: str) -> str:
+    return f"{prefix}:ledger"
 
 
 def record_to_dict(record: UsageRecord) -> dict[str, Any]:
@@ -53,12 +54,12 @@ def record_to_dict(record: UsageRecord) -> dict[str, Any]:
 
 
 class Spool:
-    """Append-only file of records waiting for Redis; one base64 protobuf per line."""
+    """Append-only file of settlements waiting for Redis; one base64 protobuf per line."""
 
     def __init__(self, directory: str | Path) -> None:
         self.path = Path(directory) / "ledger.spool"
 
-    def append(self, records: list[UsageRecord]) -> None:
+    def append(self, records: list[Settlement]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("ab") as fh:
             for r in records:
@@ -66,16 +67,25 @@ class Spool:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def read(self) -> list[UsageRecord]:
+    def read(self) -> list[Settlement]:
         try:
             lines = self.path.read_bytes().splitlines()
         except FileNotFoundError:
             return []
-        return [UsageRecord.FromString(base64.b64decode(line)) for line in lines if line]
+        return [Settlement.FromString(base64.b64decode(line)) for line in lines if line]
 
     def clear(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+SoftAlert = Callable[[str, list[str]], None]
+"""Called with (workspace prefix, scopes that just crossed their soft limit)."""
+
+
+def _entry_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
 
 
 class Ledger:
@@ -86,27 +96,29 @@ class Ledger:
         max_records: int = 1_000_000,
         spool_dir: str | Path = ".data/spool",
         retry_seconds: float = 1.0,
+        on_soft_alert: SoftAlert | None = None,
     ) -> None:
         self._redis = client
-        self._script = client.register_script(_WRITE)
         self._max_records = max_records
         self._spool = Spool(spool_dir)
         self._retry_seconds = retry_seconds
-        self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue()
+        self._on_soft_alert = on_soft_alert
+        self._queue: asyncio.Queue[Settlement] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._unmetered: Counter[str] = Counter()
+        self._registered: set[str] = set()
         self.written = 0
         self.spooled = 0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
 
-    def submit(self, record: UsageRecord) -> None:
-        """Queue a finished record; never blocks, never raises."""
+    def submit(self, settlement: Settlement) -> None:
+        """Queue a finished request's settlement; never blocks, never raises."""
         self._idle.clear()
-        self._queue.put_nowait(record)
+        self._queue.put_nowait(settlement)
 
     def note_unmetered(self, key: str) -> None:
         """Count a request on a path we do not meter; flushed to Redis with the next write."""
@@ -117,7 +129,7 @@ class Ledger:
         return {k.decode(): int(v) for k, v in raw.items()}
 
     async def drain(self) -> None:
-        """Wait until every submitted record is in Redis or in the spool."""
+        """Wait until every submitted settlement is in Redis or in the spool."""
         await self._idle.wait()
 
     async def close(self) -> None:
@@ -128,26 +140,64 @@ class Ledger:
                 await self._task
 
     async def recent(self, limit: int) -> list[UsageRecord]:
-        rows = await self._redis.xrevrange(STREAM_KEY, count=limit)
-        return [UsageRecord.FromString(fields[b"r"]) for _id, fields in rows]
+        """The newest records across every workspace's ledger, newest first."""
+        streams = sorted(await self._redis.smembers(LEDGERS_KEY))
+        rows: list[tuple[tuple[int, int], bytes]] = []
+        for stream in streams:
+            for entry_id, fields in await self._redis.xrevrange(stream, count=limit):
+                rows.append((_entry_key(entry_id), fields[b"r"]))
+        rows.sort(key=lambda row: row[0], reverse=True)
+        return [UsageRecord.FromString(raw) for _key, raw in rows[:limit]]
 
-    async def _write(self, records: list[UsageRecord]) -> int:
+    def _settle_args(self, s: Settlement) -> list[Any]:
+        args: list[Any] = [
+            s.record.request_id,
+            s.reservation_id,
+            s.period,
+            s.day,
+            s.hour,
+            s.record.cost_nanos,
+            s.record.SerializeToString(),
+            self._max_records,
+            len(s.scopes),
+        ]
+        for scope in s.scopes:
+            args += [scope.scope, scope.soft_nanos]
+        return args
+
+    async def _write(self, batch: list[Settlement]) -> int:
         unmetered, self._unmetered = self._unmetered, Counter()
+        fresh = {s.prefix for s in batch} - self._registered
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key, n in unmetered.items():
-                    pipe.hincrby(UNMETERED_KEY, key, n)
-                for r in records:
-                    await self._script(
-                        keys=[STREAM_KEY, SEEN_PREFIX + r.request_id],
-                        args=[r.SerializeToString(), self._max_records, SEEN_TTL_SECONDS],
-                        client=pipe,
-                    )
-                results = await pipe.execute()
+            results = await self._pipeline(batch, unmetered, fresh)
+        except NoScriptError:
+            await SETTLE.load(self._redis)
+            results = await self._pipeline(batch, unmetered, fresh)
         except BaseException:
             self._unmetered.update(unmetered)
             raise
-        return sum(1 for x in results[len(unmetered) :] if x == 1)
+        self._registered |= fresh
+        written = 0
+        for settlement, result in zip(batch, results[len(results) - len(batch) :], strict=True):
+            if not result or result[0] != b"ok":
+                continue
+            written += 1
+            crossed = [scope.decode() for scope in result[1:]]
+            if crossed and self._on_soft_alert is not None:
+                self._on_soft_alert(settlement.prefix, crossed)
+        return written
+
+    async def _pipeline(
+        self, batch: list[Settlement], unmetered: Counter[str], fresh: set[str]
+    ) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, n in unmetered.items():
+                pipe.hincrby(UNMETERED_KEY, key, n)
+            if fresh:
+                pipe.sadd(LEDGERS_KEY, *(ledger_key(prefix) for prefix in fresh))
+            for s in batch:
+                SETTLE.queue(pipe, [s.prefix], self._settle_args(s))
+            return await pipe.execute()
 
     async def _replay_spool(self) -> None:
         pending = self._spool.read()
@@ -156,9 +206,9 @@ class Ledger:
         for start in range(0, len(pending), _BATCH):
             await self._write(pending[start : start + _BATCH])
         self._spool.clear()
-        log.warning("ledger: replayed %d spooled records into Redis", len(pending))
+        log.warning("ledger: replayed %d spooled settlements into Redis", len(pending))
 
-    async def _next_batch(self, timeout: float | None) -> list[UsageRecord]:
+    async def _next_batch(self, timeout: float | None) -> list[Settlement]:
         try:
             async with asyncio.timeout(timeout):
                 batch = [await self._queue.get()]

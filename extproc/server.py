@@ -21,8 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from extproc import envoy_msgs as msgs
-from extproc.exchange import Deps, Exchange
+from extproc import guard
+from extproc.alerts import Alert, Alerter
+from extproc.budget import Budgets
+from extproc.exchange import Deps, Exchange, Reply
+from extproc.keys import KeyCache, KeyStore
 from extproc.ledger import Ledger
+from extproc.policy import Policy, PolicyError, PolicyWatcher, load_policy
 from extproc.prices import PriceTable
 from extproc.settings import Settings
 from extproc.tokens import count_text
@@ -30,6 +35,26 @@ from extproc.tokens import count_text
 log = logging.getLogger("extproc.server")
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+_TRAILERS = {
+    "request_trailers": msgs.ProcessingResponse(request_trailers=msgs.pb.TrailersResponse()),
+    "response_trailers": msgs.ProcessingResponse(response_trailers=msgs.pb.TrailersResponse()),
+}
+
+
+def dispatch(exchange: Exchange, request: msgs.ProcessingRequest) -> Reply:
+    """Route one ext_proc message to the phase of the request's exchange."""
+    kind = request.WhichOneof("request")
+    if kind == "request_headers":
+        return exchange.on_request_headers(request.request_headers)
+    if kind == "request_body":
+        return exchange.on_request_body(request.request_body)
+    if kind == "response_headers":
+        return exchange.on_response_headers(request.response_headers)
+    if kind == "response_body":
+        return exchange.on_response_body(request.response_body)
+    return _TRAILERS.get(kind or "", msgs.CONTINUE_RESPONSE_BODY)
 
 
 class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
@@ -44,33 +69,81 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         exchange = Exchange(self._deps)
         try:
             async for request in request_iterator:
-                kind = request.WhichOneof("request")
-                if kind == "request_headers":
-                    yield exchange.on_request_headers(request.request_headers)
-                elif kind == "request_body":
-                    yield await exchange.on_request_body(request.request_body)
-                elif kind == "response_headers":
-                    yield exchange.on_response_headers(request.response_headers)
-                elif kind == "response_body":
-                    yield exchange.on_response_body(request.response_body)
-                elif kind == "request_trailers":
-                    yield msgs.ProcessingResponse(request_trailers=msgs.pb.TrailersResponse())
-                elif kind == "response_trailers":
-                    yield msgs.ProcessingResponse(response_trailers=msgs.pb.TrailersResponse())
+                reply = dispatch(exchange, request)
+                yield reply if isinstance(reply, msgs.ProcessingResponse) else await reply
         finally:
             exchange.close()
 
 
-def build_deps(settings: Settings, client: aioredis.Redis) -> Deps:
+def upstream_keys(policy: Policy) -> dict[str, str]:
+    """Each workspace's real provider key, read once per policy load (never logged)."""
+    keys: dict[str, str] = {}
+    for name, ws in policy.workspaces.items():
+        try:
+            keys[name] = ws.upstream.read_key()
+        except PolicyError as exc:
+            log.error("workspace %s: %s; its requests will get 503", name, exc)
+    return keys
+
+
+class Governor:
+    """Holds the live policy and turns ledger events into alerts; swaps policy on reload."""
+
+    def __init__(self, deps: Deps, alerter: Alerter) -> None:
+        self.deps = deps
+        self.alerter = alerter
+
+    def apply(self, policy: Policy) -> None:
+        self.deps.upstream_keys = upstream_keys(policy)
+        self.deps.policy = policy
+        log.info("policy loaded: %s (%d workspaces)", policy.source, len(policy.workspaces))
+        for warning in policy.warnings:
+            log.warning("policy: %s", warning)
+
+    def webhooks(self, event: str) -> list[str]:
+        policy = self.deps.policy
+        if policy is None:
+            return []
+        return [w.url for w in policy.webhooks if not w.events or event in w.events]
+
+    def on_soft_alert(self, prefix: str, scopes: list[str]) -> None:
+        policy = self.deps.policy
+        workspace = prefix[len("{ws:") : -1]
+        ws = policy.workspaces.get(workspace) if policy else None
+        for scope in scopes:
+            if scope == "ws" and ws is not None:
+                text = (
+                    f"extproc: workspace {workspace} crossed its soft limit "
+                    f"(${guard.usd(ws.soft_nanos)} of a ${guard.usd(ws.budget_nanos)} "
+                    f"{ws.period}ly budget). Traffic keeps flowing; hard limit at "
+                    f"${guard.usd(ws.hard_nanos)}."
+                )
+            else:
+                text = f"extproc: {scope} in workspace {workspace} crossed its soft limit."
+            self.alerter.send(Alert("soft_limit", workspace, scope, text, {}))
+
+
+def build_deps(settings: Settings, client: aioredis.Redis) -> tuple[Deps, Governor]:
     prices = PriceTable.load(settings.prices or None)
-    ledger = Ledger(client, max_records=settings.ledger_max_records, spool_dir=settings.spool_dir)
-    return Deps(
+    deps = Deps(
         settings=settings,
         prices=prices,
         count=count_text,
-        ledger=ledger,
+        ledger=None,  # type: ignore[arg-type]  # set below: the ledger reports to the governor
         executor=ThreadPoolExecutor(max_workers=2, thread_name_prefix="extproc-count"),
     )
+    governor = Governor(deps, Alerter(lambda event: governor.webhooks(event)))
+    deps.ledger = Ledger(
+        client,
+        max_records=settings.ledger_max_records,
+        spool_dir=settings.spool_dir,
+        on_soft_alert=governor.on_soft_alert,
+    )
+    if settings.policy:
+        governor.apply(load_policy(settings.policy))
+        deps.keys = KeyCache(KeyStore(client))
+        deps.budgets = Budgets(client)
+    return deps, governor
 
 
 def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -87,10 +160,15 @@ def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run the sidecar until SIGTERM/SIGINT (or `stop` is set)."""
     client = aioredis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
-    deps = build_deps(settings, client)
+    deps, governor = build_deps(settings, client)
     count_text("warm up the tokenizer", "gpt-5")
     count_text("warm up the tokenizer", "gpt-3.5-turbo")
     await deps.ledger.start()
+    background: list[asyncio.Task[None]] = []
+    if deps.keys is not None:
+        background.append(asyncio.create_task(deps.keys.run(), name="key-cache"))
+        watcher = PolicyWatcher(settings.policy, governor.apply)
+        background.append(asyncio.create_task(watcher.run(), name="policy-watcher"))
 
     server = grpc.aio.server(options=_grpc_options(settings))
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
@@ -118,5 +196,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     await health.enter_graceful_shutdown()
     await server.stop(settings.grace_seconds)
     await deps.ledger.close()
+    for task in background:
+        task.cancel()
+    await governor.alerter.drain()
     await client.aclose()
     deps.executor.shutdown(wait=False)

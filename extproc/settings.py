@@ -33,6 +33,8 @@ class Settings:
     # encoding, missing model): "reject" answers 4xx in OpenAI's error shape; "pass" forwards
     # it untouched and still meters the response.
     bad_request: str = "reject"
+    # Budget policy (YAML: workspaces, keys, limits). Empty: meter only, no identity required.
+    policy: str = ""
     # Price table path (TOML); empty means the table bundled with extproc.
     prices: str = ""
     # How many usage records the Redis ledger keeps (approximate trim).
@@ -49,6 +51,7 @@ _ENV = {
     "max_body_bytes": "EXTPROC_MAX_BODY_BYTES",
     "bad_request": "EXTPROC_BAD_REQUEST",
     "prices": "EXTPROC_PRICES",
+    "policy": "EXTPROC_POLICY",
     "spool_dir": "EXTPROC_SPOOL_DIR",
 }
 _CHOICES = {"bad_request": ("reject", "pass")}

@@ -10,7 +10,7 @@ import openai
 import pytest
 import redis
 
-from extproc.ledger import STREAM_KEY, record_to_dict
+from extproc.ledger import LEDGERS_KEY, ledger_key, prefix_for, record_to_dict
 from extproc.stack import Stack, temporary_stack
 from extproc.v1.ledger_pb2 import UsageRecord
 
@@ -40,24 +40,35 @@ def _records(rows: list[Any]) -> list[tuple[bytes, UsageRecord]]:
     return [(entry_id, UsageRecord.FromString(fields[b"r"])) for entry_id, fields in rows]
 
 
+UNATTRIBUTED_LEDGER = ledger_key(prefix_for("")).encode()
+
+
+def _streams(r: redis.Redis) -> list[bytes]:
+    return sorted(r.smembers(LEDGERS_KEY))
+
+
 def all_records(r: redis.Redis, request_id: str) -> list[dict[str, Any]]:
     return [
         record_to_dict(rec)
-        for _id, rec in _records(r.xrange(STREAM_KEY))
+        for stream in _streams(r)
+        for _id, rec in _records(r.xrange(stream))
         if rec.request_id == request_id
     ]
 
 
 def wait_record(r: redis.Redis, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
-    """The ledger is written asynchronously: block on the Redis stream until the record lands."""
+    """The ledger is written asynchronously: block on the Redis streams until the record lands."""
     deadline = time.monotonic() + timeout
-    last = b"0"
+    last: dict[bytes, bytes] = {}
     while True:
-        for entry_id, rec in _records(r.xrange(STREAM_KEY, min=last)):
-            if rec.request_id == request_id:
-                return record_to_dict(rec)
-            last = entry_id
+        for stream in _streams(r):
+            for entry_id, rec in _records(r.xrange(stream, min=last.get(stream, b"0"))):
+                if rec.request_id == request_id:
+                    return record_to_dict(rec)
+                last[stream] = entry_id
         left = deadline - time.monotonic()
         if left <= 0:
             raise AssertionError(f"no ledger record for {request_id} within {timeout}s")
-        r.xread({STREAM_KEY: last}, block=max(1, int(left * 1000)), count=1)
+        # Wake on the next write to any known ledger; new ledgers are picked up each turn.
+        watch = {UNATTRIBUTED_LEDGER: b"0", **last}
+        r.xread(watch, block=max(1, int(min(left, 0.5) * 1000)))

@@ -162,7 +162,8 @@ class App:
                 body = parse_json_object(raw)
             except BodyError as exc:
                 body_error = str(exc)
-        self._record(request, body)
+        if request.path != "/_sim/requests":
+            self._record(request, body)
         try:
             faults = parse_faults(request.headers.get(HEADER))
         except FaultSyntaxError as exc:
@@ -215,6 +216,13 @@ class App:
         if path == "/v1/models":
             data = [_model(m) for m in MODELS]
             return await self._json(request, out, {"object": "list", "data": data}, faults)
+        if path == "/_sim/requests":
+            # Test introspection: what the upstream actually received (headers, model).
+            recent = [
+                {"method": r.method, "path": r.path, "headers": r.headers, "model": r.model}
+                for r in self.seen[-64:]
+            ]
+            return await self._json(request, out, {"requests": recent}, faults)
         if path.startswith("/v1/models/"):
             return await self._json(request, out, _model(path.removeprefix("/v1/models/")), faults)
         await self._error(request, out, 404, message=f"Invalid URL (GET {request.path})")

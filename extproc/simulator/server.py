@@ -40,7 +40,7 @@ class Simulator:
 
 
 async def _serve(host: str, port: int) -> None:
-    simulator = Simulator(host, port, max_seen=0)
+    simulator = Simulator(host, port, max_seen=256)
     await simulator.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

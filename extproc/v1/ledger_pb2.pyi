@@ -1,40 +1,13 @@
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class UsageRecord(_message.Message):
-    __slots__ = (
-        "cached_input_tokens",
-        "cost_nanos",
-        "counted_input_tokens",
-        "duration_ms",
-        "endpoint",
-        "envoy_request_id",
-        "error_code",
-        "estimated",
-        "input_tokens",
-        "key_id",
-        "model_requested",
-        "model_served",
-        "outcome",
-        "output_cap",
-        "output_tokens",
-        "price_fallback",
-        "price_family",
-        "price_version",
-        "reasoning_tokens",
-        "request_id",
-        "service",
-        "session_id",
-        "status",
-        "stream",
-        "team",
-        "time_ms",
-        "workspace",
-    )
+    __slots__ = ("request_id", "time_ms", "endpoint", "model_requested", "model_served", "stream", "status", "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "counted_input_tokens", "cost_nanos", "price_family", "price_fallback", "price_version", "estimated", "outcome", "error_code", "workspace", "team", "service", "key_id", "session_id", "envoy_request_id", "duration_ms", "output_cap")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -89,33 +62,30 @@ class UsageRecord(_message.Message):
     envoy_request_id: str
     duration_ms: int
     output_cap: int
-    def __init__(
-        self,
-        request_id: str | None = ...,
-        time_ms: int | None = ...,
-        endpoint: str | None = ...,
-        model_requested: str | None = ...,
-        model_served: str | None = ...,
-        stream: bool | None = ...,
-        status: int | None = ...,
-        input_tokens: int | None = ...,
-        cached_input_tokens: int | None = ...,
-        output_tokens: int | None = ...,
-        reasoning_tokens: int | None = ...,
-        counted_input_tokens: int | None = ...,
-        cost_nanos: int | None = ...,
-        price_family: str | None = ...,
-        price_fallback: bool | None = ...,
-        price_version: str | None = ...,
-        estimated: bool | None = ...,
-        outcome: str | None = ...,
-        error_code: str | None = ...,
-        workspace: str | None = ...,
-        team: str | None = ...,
-        service: str | None = ...,
-        key_id: str | None = ...,
-        session_id: str | None = ...,
-        envoy_request_id: str | None = ...,
-        duration_ms: int | None = ...,
-        output_cap: int | None = ...,
-    ) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., time_ms: _Optional[int] = ..., endpoint: _Optional[str] = ..., model_requested: _Optional[str] = ..., model_served: _Optional[str] = ..., stream: _Optional[bool] = ..., status: _Optional[int] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., counted_input_tokens: _Optional[int] = ..., cost_nanos: _Optional[int] = ..., price_family: _Optional[str] = ..., price_fallback: _Optional[bool] = ..., price_version: _Optional[str] = ..., estimated: _Optional[bool] = ..., outcome: _Optional[str] = ..., error_code: _Optional[str] = ..., workspace: _Optional[str] = ..., team: _Optional[str] = ..., service: _Optional[str] = ..., key_id: _Optional[str] = ..., session_id: _Optional[str] = ..., envoy_request_id: _Optional[str] = ..., duration_ms: _Optional[int] = ..., output_cap: _Optional[int] = ...) -> None: ...
+
+class ScopeCharge(_message.Message):
+    __slots__ = ("scope", "soft_nanos")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    SOFT_NANOS_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    soft_nanos: int
+    def __init__(self, scope: _Optional[str] = ..., soft_nanos: _Optional[int] = ...) -> None: ...
+
+class Settlement(_message.Message):
+    __slots__ = ("prefix", "reservation_id", "period", "day", "hour", "scopes", "record")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    DAY_FIELD_NUMBER: _ClassVar[int]
+    HOUR_FIELD_NUMBER: _ClassVar[int]
+    SCOPES_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    reservation_id: str
+    period: str
+    day: str
+    hour: str
+    scopes: _containers.RepeatedCompositeFieldContainer[ScopeCharge]
+    record: UsageRecord
+    def __init__(self, prefix: _Optional[str] = ..., reservation_id: _Optional[str] = ..., period: _Optional[str] = ..., day: _Optional[str] = ..., hour: _Optional[str] = ..., scopes: _Optional[_Iterable[_Union[ScopeCharge, _Mapping]]] = ..., record: _Optional[_Union[UsageRecord, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,91 @@
+-- Reserve the worst-case cost of one request against every budget scope that applies,
+-- and count it against its rate limits: atomically, in one round trip.
+--
+-- KEYS[1]  the workspace's key prefix, e.g. "{ws:dev}": every key below shares its hash
+--          slot, so the script runs on one Redis Cluster node.
+-- ARGV     now_ms, reservation_id, amount_nanos, ttl_ms, tokens, key_id, period_id,
+--          n_scopes, (scope, hard_cap_nanos or -1) * n_scopes,
+--          n_rates, (scope, rpm or -1, tpm or -1) * n_rates
+--
+-- Returns  {"ok", spent_1, held_1, ..., spent_n, held_n}   (before this reservation)
+--          {"revoked"}
+--          {"rate", scope, "rpm"|"tpm", retry_after_ms, limit, used}
+--          {"budget", scope, spent, held, first_denial ("1"/"0")}
+--
+-- Amounts stay strings when stored or returned: Lua 5.1 prints large numbers in exponent
+-- form, and money must never round.
+local p = KEYS[1]
+local now = tonumber(ARGV[1])
+local id, amount, ttl, tokens = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local key_id, period = ARGV[6], ARGV[7]
+local resv_k, data_k = p .. ':resv', p .. ':resv:data'
+local spent_k, held_k = p .. ':spent:' .. period, p .. ':held:' .. period
+
+if key_id ~= '' and redis.call('SISMEMBER', p .. ':revoked', key_id) == 1 then
+  return {'revoked'}
+end
+
+-- Reclaim reservations whose sidecar never settled them (crashed, killed): a crash must
+-- never block a workspace for good.
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', resv_k, '-inf', now, 'LIMIT', 0, 100)) do
+  local d = redis.call('HGET', data_k, rid)
+  if d then
+    local parts = {}
+    for s in string.gmatch(d, '[^|]+') do parts[#parts + 1] = s end
+    for i = 3, #parts do
+      redis.call('HINCRBY', p .. ':held:' .. parts[1], parts[i], '-' .. parts[2])
+    end
+    redis.call('HDEL', data_k, rid)
+  end
+  redis.call('ZREM', resv_k, rid)
+end
+
+local i = 8
+local n = tonumber(ARGV[i]); i = i + 1
+local scopes, caps = {}, {}
+for j = 1, n do
+  scopes[j] = ARGV[i]; caps[j] = tonumber(ARGV[i + 1]); i = i + 2
+end
+local nr = tonumber(ARGV[i]); i = i + 1
+local minute = math.floor(now / 60000)
+local rl_k = p .. ':rl:' .. minute
+local retry = tostring((minute + 1) * 60000 - now)
+local rates = {}
+for j = 1, nr do
+  local s, rpm, tpm = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]); i = i + 3
+  rates[j] = s
+  if rpm >= 0 then
+    local used = tonumber(redis.call('HGET', rl_k, s .. ':r') or '0')
+    if used + 1 > rpm then return {'rate', s, 'rpm', retry, tostring(rpm), tostring(used)} end
+  end
+  if tpm >= 0 then
+    local used = tonumber(redis.call('HGET', rl_k, s .. ':t') or '0')
+    if used + tonumber(tokens) > tpm then
+      return {'rate', s, 'tpm', retry, tostring(tpm), tostring(used)}
+    end
+  end
+end
+
+local out = {'ok'}
+local amt = tonumber(amount)
+for j = 1, n do
+  local spent = redis.call('HGET', spent_k, scopes[j]) or '0'
+  local held = redis.call('HGET', held_k, scopes[j]) or '0'
+  if caps[j] >= 0 and tonumber(spent) + tonumber(held) + amt > caps[j] then
+    local first = redis.call('SET', p .. ':alerted:' .. period .. ':' .. scopes[j] .. ':hard', '1',
+      'NX', 'EX', 3456000)
+    return {'budget', scopes[j], spent, held, first and '1' or '0'}
+  end
+  out[#out + 1] = spent
+  out[#out + 1] = held
+end
+
+for j = 1, n do redis.call('HINCRBY', held_k, scopes[j], amount) end
+redis.call('ZADD', resv_k, now + ttl, id)
+redis.call('HSET', data_k, id, period .. '|' .. amount .. '|' .. table.concat(scopes, '|'))
+for j = 1, nr do
+  redis.call('HINCRBY', rl_k, rates[j] .. ':r', 1)
+  redis.call('HINCRBY', rl_k, rates[j] .. ':t', tokens)
+end
+if nr > 0 then redis.call('PEXPIRE', rl_k, 120000) end
+return out

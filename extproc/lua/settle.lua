@@ -1,0 +1,53 @@
+-- Settle one request: release its reservation, add the actual cost to every scope it is
+-- attributed to, and append its usage record to the workspace's ledger, in one round trip.
+-- A request id seen before is refused, so a replayed settlement (spool, retry) never bills
+-- twice. A reservation that already expired and was reclaimed is simply gone: the actual
+-- cost is still added, because the money was still spent.
+--
+-- KEYS[1]  the workspace's key prefix, e.g. "{ws:dev}"
+-- ARGV     request_id, reservation_id, period_id, day_id, hour_id, actual_nanos, record,
+--          ledger_maxlen, n, (scope, soft_nanos or -1) * n
+--
+-- Returns  {"dup"} or {"ok", scope_newly_over_soft, ...}
+local p = KEYS[1]
+local rid, resv, period, day, hour, actual = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+
+if not redis.call('SET', p .. ':seen:' .. rid, '1', 'NX', 'EX', 604800) then
+  return {'dup'}
+end
+
+if resv ~= '' then
+  local data_k = p .. ':resv:data'
+  local d = redis.call('HGET', data_k, resv)
+  if d then
+    local parts = {}
+    for s in string.gmatch(d, '[^|]+') do parts[#parts + 1] = s end
+    for i = 3, #parts do
+      redis.call('HINCRBY', p .. ':held:' .. parts[1], parts[i], '-' .. parts[2])
+    end
+    redis.call('HDEL', data_k, resv)
+  end
+  redis.call('ZREM', p .. ':resv', resv)
+end
+
+local out = {'ok'}
+local n = tonumber(ARGV[9])
+local spent_k = p .. ':spent:' .. period
+local day_k, hour_k = p .. ':day:' .. day, p .. ':hour:' .. hour
+for j = 0, n - 1 do
+  local scope, soft = ARGV[10 + 2 * j], tonumber(ARGV[11 + 2 * j])
+  local total = redis.call('HINCRBY', spent_k, scope, actual)
+  redis.call('HINCRBY', day_k, scope, actual)
+  redis.call('HINCRBY', hour_k, scope, actual)
+  if soft >= 0 and total >= soft then
+    if redis.call('SET', p .. ':alerted:' .. period .. ':' .. scope .. ':soft', '1', 'NX', 'EX',
+        3456000) then
+      out[#out + 1] = scope
+    end
+  end
+end
+redis.call('HINCRBY', spent_k, '#requests', 1)
+redis.call('EXPIRE', day_k, 3456000)
+redis.call('EXPIRE', hour_k, 1209600)
+redis.call('XADD', p .. ':ledger', 'MAXLEN', '~', ARGV[8], '*', 'r', ARGV[7])
+return out

@@ -1,0 +1,732 @@
+"""The budget policy: workspaces, their money, teams, services and rate limits, from YAML.
+
+The policy decides who may spend how much, so a mistake in it must never be guessed
+around: every unknown field, ill-typed value or dangling reference is an error naming the
+exact field path, and all of them are reported at once so one edit fixes the file. Money
+is parsed with Decimal and kept in integer nano-dollars; soft and hard limits are exact
+fractions of the budget, rounded down, so the enforced figure is the one on paper.
+
+Built-in defaults (overridable under `defaults:` and per workspace): period month, soft
+limit 75%, hard limit 110% of the budget, 4096 output tokens reserved when a request sets
+no cap, and failing closed when Redis is down.
+
+Rate limits under `key_rate_limits` are inherited field by field (defaults -> workspace ->
+service), so a service that only sets `rpm` keeps the inherited `tpm`; an explicit `null`
+lifts an inherited limit. Workspace, team and service `rate_limits` are shared by everyone
+inside them and are not inherited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import hashlib
+import json
+import logging
+import os
+import re
+import zoneinfo
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from decimal import ROUND_FLOOR, Decimal, InvalidOperation, localcontext
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from extproc.prices import NANOS_PER_DOLLAR
+
+log = logging.getLogger("extproc.policy")
+
+VERSION = 1
+PERIODS = ("month", "week", "day")
+ON_REDIS_DOWN = ("closed", "open")
+ALERT_EVENTS = frozenset({"soft_limit", "hard_limit", "burn_rate"})
+# Budgets live in Redis and are compared inside Lua, whose numbers are doubles: exact only
+# up to 2**53 nano-dollars (about $9M). These caps keep budget x hard limit below that.
+MAX_BUDGET_USD = Decimal(1_000_000)
+MAX_LIMIT_FRACTION = Decimal(5)
+
+_DEFAULTS: dict[str, Any] = {
+    "period": "month",
+    "soft_limit": Decimal("0.75"),
+    "hard_limit": Decimal("1.1"),
+    "default_output_cap": 4096,
+    "on_redis_down": "closed",
+}
+_TOP = ("version", "timezone", "defaults", "workspaces", "alerts")
+_DEFAULT_FIELDS = (*_DEFAULTS, "key_rate_limits")
+_WORKSPACE_FIELDS = (
+    "budget_usd",
+    *_DEFAULT_FIELDS,
+    "upstream",
+    "rate_limits",
+    "teams",
+    "services",
+)
+_TEAM_FIELDS = ("budget_usd", "rate_limits")
+_SERVICE_FIELDS = ("team", "budget_usd", "rate_limits", "key_rate_limits")
+_UPSTREAM_FIELDS = ("key_env", "key_file", "base_url")
+_RATE_FIELDS = ("rpm", "tpm")
+# Names end up in Redis keys and hash tags: no braces, spaces, dots or colons.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PLAIN_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
+_MONEY_HINT = 'must be a positive decimal string or number like "1000" or 1000'
+_FRACTION_HINT = 'must be a percentage like "75%" or a fraction like 0.75'
+
+
+class PolicyError(ValueError):
+    """The policy is unusable; one problem per line, each naming the file and field path."""
+
+    def __init__(self, problems: Collection[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    key_env: str | None
+    key_file: str | None
+    base_url: str | None
+
+    def read_key(self, env: Mapping[str, str] | None = None) -> str:
+        """The real provider key. Errors name where it was looked for, never its value."""
+        if self.key_env:
+            value = (os.environ if env is None else env).get(self.key_env)
+            where = f"environment variable {self.key_env}"
+            if value is None:
+                raise PolicyError([f"upstream key: {where} is not set"])
+        else:
+            where = f"key file {self.key_file}"
+            try:
+                value = Path(str(self.key_file)).read_text("utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or type(exc).__name__
+                raise PolicyError([f"upstream key: cannot read {where}: {reason}"]) from None
+        value = value.strip()
+        if not value:
+            raise PolicyError([f"upstream key: {where} is empty"])
+        if not value.isprintable() or any(c.isspace() for c in value):
+            raise PolicyError([f"upstream key: {where} contains whitespace or control characters"])
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    name: str
+    budget_nanos: int | None
+    rate_limits: RateLimits | None
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    team: str | None
+    budget_nanos: int | None
+    rate_limits: RateLimits | None
+    # Effective per-key limits: defaults, then workspace, then this service, field by field.
+    key_rate_limits: RateLimits | None
+
+
+@dataclass(frozen=True, slots=True)
+class Workspace:
+    name: str
+    budget_nanos: int
+    period: str
+    soft_nanos: int
+    hard_nanos: int
+    default_output_cap: int
+    on_redis_down: str
+    upstream: Upstream
+    rate_limits: RateLimits | None
+    key_rate_limits: RateLimits | None
+    teams: dict[str, Team]
+    services: dict[str, Service]
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    url: str
+    events: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    version: int
+    timezone: zoneinfo.ZoneInfo
+    workspaces: dict[str, Workspace]
+    webhooks: tuple[Webhook, ...]
+    source: str
+    warnings: tuple[str, ...] = ()
+
+    def service(self, workspace: str, service: str) -> Service | None:
+        ws = self.workspaces.get(workspace)
+        return ws.services.get(service) if ws else None
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that keeps decimals exact (never float) and reports duplicate keys."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value != "<<":
+                if key_node.value in seen:
+                    line = key_node.start_mark.line + 1
+                    self.duplicates.append(f"line {line}: duplicate key {_shown(key_node.value)}")
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _construct_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        return loader.construct_yaml_float(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_decimal)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, Decimal) and value.is_finite():
+        return format(value, "f")
+    return str(value)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _pct(share: Decimal) -> str:
+    return f"{share:%}"
+
+
+def _did_you_mean(word: str, choices: Collection[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+class _Checker:
+    """Collects every problem and warning while the raw YAML is turned into dataclasses."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def error(self, path: str, message: str) -> None:
+        text = f"{path}: {message}"
+        if text not in self.problems:
+            self.problems.append(text)
+
+    def mapping(
+        self, path: str, value: Any, known: Collection[str], required: Collection[str] = ()
+    ) -> dict[str, Any]:
+        """The mapping at `path` with only known string keys; a null counts as empty."""
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.error(path or "policy", f"must be a mapping, got {_shown(value)}")
+            return {}
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                self.error(path or "policy", f"key {_shown(key)} must be a string (quote it)")
+            elif key not in known:
+                hint = _did_you_mean(key, known) or f" (known: {', '.join(known)})"
+                self.error(_join(path, key), f"unknown field{hint}")
+            else:
+                out[key] = item
+        for name in required:
+            if name not in out:
+                self.error(_join(path, name), "required")
+        return out
+
+    def named(self, path: str, value: Any) -> dict[str, Any]:
+        """A mapping of user-chosen names (workspaces, teams, services) to their bodies."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.error(path, f"must be a mapping of names, got {_shown(value)}")
+            return {}
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                self.error(path, f"name {_shown(key)} must be a string (quote it)")
+            elif not NAME_PATTERN.fullmatch(key):
+                self.error(
+                    f"{path}.{key}",
+                    "name must be 1-64 letters, digits, '-' or '_', "
+                    "starting with a letter or digit",
+                )
+            else:
+                out[key] = item
+        return out
+
+    def money(self, path: str, value: Any) -> int | None:
+        amount: Decimal | None = None
+        if isinstance(value, Decimal):
+            amount = value
+        elif isinstance(value, int) and not isinstance(value, bool):
+            amount = Decimal(value)
+        elif isinstance(value, str) and _PLAIN_DECIMAL.fullmatch(value.strip()):
+            amount = Decimal(value.strip())
+        if amount is None or not amount.is_finite() or amount <= 0:
+            self.error(path, f"{_MONEY_HINT}, got {_shown(value)}")
+            return None
+        if amount > MAX_BUDGET_USD:
+            self.error(path, f"must be at most {MAX_BUDGET_USD} per period, got {_shown(value)}")
+            return None
+        nanos = amount * NANOS_PER_DOLLAR
+        if nanos != nanos.to_integral_value():
+            self.error(path, f"has more than 9 decimal places, got {_shown(value)}")
+            return None
+        return int(nanos)
+
+    def optional_money(self, path: str, raw: Mapping[str, Any]) -> int | None:
+        return self.money(f"{path}.budget_usd", raw["budget_usd"]) if "budget_usd" in raw else None
+
+    def fraction(self, path: str, value: Any) -> Decimal | None:
+        share: Decimal | None = None
+        percent = isinstance(value, str) and value.strip().endswith("%")
+        if percent:
+            digits = value.strip()[:-1].strip()
+            if _PLAIN_DECIMAL.fullmatch(digits):
+                share = Decimal(digits).scaleb(-2)
+        elif isinstance(value, Decimal) and value.is_finite():
+            share = value
+        elif isinstance(value, str) and _PLAIN_DECIMAL.fullmatch(value.strip()):
+            share = Decimal(value.strip())
+        elif isinstance(value, int) and not isinstance(value, bool):
+            share = Decimal(value)
+        if share is None:
+            self.error(path, f"{_FRACTION_HINT}, got {_shown(value)}")
+            return None
+        if share <= 0:
+            self.error(path, f"must be greater than 0%, got {_shown(value)}")
+            return None
+        if share > MAX_LIMIT_FRACTION:
+            hint = "" if percent else f' (did you mean "{str(value).strip()}%"?)'
+            self.error(path, f"must be at most 500% (5), got {_shown(value)}{hint}")
+            return None
+        return share
+
+    def positive_int(self, path: str, value: Any) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            self.error(path, f"must be a positive integer, got {_shown(value)}")
+            return None
+        return value
+
+    def choice(self, path: str, value: Any, choices: Collection[str]) -> str | None:
+        if value not in choices:
+            self.error(path, f"must be one of {', '.join(choices)}, got {_shown(value)}")
+            return None
+        return str(value)
+
+    def text(self, path: str, value: Any) -> str | None:
+        if not isinstance(value, str) or not value.strip():
+            self.error(path, f"must be a non-empty string, got {_shown(value)}")
+            return None
+        return value.strip()
+
+    def url(self, path: str, value: Any) -> str | None:
+        text = self.text(path, value)
+        if text is None:
+            return None
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            self.error(path, "must be an http:// or https:// URL with a host")
+            return None
+        return text
+
+    def rate_fields(self, path: str, value: Any) -> dict[str, int | None]:
+        """The limits set explicitly at `path`; an explicit null means "no limit"."""
+        raw = self.mapping(path, value, _RATE_FIELDS)
+        out: dict[str, int | None] = {}
+        for name, item in raw.items():
+            out[name] = None if item is None else self.positive_int(f"{path}.{name}", item)
+        return out
+
+
+def _merge_limits(base: RateLimits | None, override: Mapping[str, int | None]) -> RateLimits | None:
+    merged = {"rpm": base.rpm if base else None, "tpm": base.tpm if base else None}
+    merged.update(override)
+    limits = RateLimits(**merged)
+    return None if limits == RateLimits() else limits
+
+
+def _scaled(budget_nanos: int, share: Decimal) -> int:
+    with localcontext() as ctx:
+        ctx.prec = 80
+        return int((budget_nanos * share).to_integral_value(rounding=ROUND_FLOOR))
+
+
+def _upstream(chk: _Checker, path: str, value: Any) -> Upstream | None:
+    raw = chk.mapping(path, value, _UPSTREAM_FIELDS)
+    if isinstance(value, dict) and ("key_env" in raw) == ("key_file" in raw):
+        chk.error(path, "set exactly one of key_env or key_file")
+        return None
+    key_env = key_file = base_url = None
+    if "key_env" in raw:
+        key_env = chk.text(f"{path}.key_env", raw["key_env"])
+        if key_env is not None and not _ENV_NAME.fullmatch(key_env):
+            chk.error(f"{path}.key_env", f"not an environment variable name: {_shown(key_env)}")
+    if "key_file" in raw:
+        key_file = chk.text(f"{path}.key_file", raw["key_file"])
+        if key_file is not None:
+            key_file = str(chk.base_dir / Path(key_file).expanduser())
+    if raw.get("base_url") is not None:
+        base_url = chk.url(f"{path}.base_url", raw["base_url"])
+    if not isinstance(value, dict):
+        return None
+    return Upstream(key_env=key_env, key_file=key_file, base_url=base_url)
+
+
+def _settings(chk: _Checker, path: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The period / limit / cap / failure-mode fields present in `raw`, validated."""
+    out: dict[str, Any] = {}
+    if "period" in raw:
+        out["period"] = chk.choice(f"{path}.period", raw["period"], PERIODS)
+    for name in ("soft_limit", "hard_limit"):
+        if name in raw:
+            out[name] = chk.fraction(f"{path}.{name}", raw[name])
+    if "default_output_cap" in raw:
+        out["default_output_cap"] = chk.positive_int(
+            f"{path}.default_output_cap", raw["default_output_cap"]
+        )
+    if "on_redis_down" in raw:
+        out["on_redis_down"] = chk.choice(
+            f"{path}.on_redis_down", raw["on_redis_down"], ON_REDIS_DOWN
+        )
+    return out
+
+
+def _check_order(
+    chk: _Checker, path: str, own: Mapping[str, Any], soft: Decimal | None, hard: Decimal | None
+) -> None:
+    """hard >= soft, reported at the field this level set (hard_limit if it set both)."""
+    if soft is None or hard is None or hard >= soft:
+        return
+    where = "hard_limit" if "hard_limit" in own else "soft_limit"
+    chk.error(f"{path}.{where}", f"hard_limit ({_pct(hard)}) must be >= soft_limit ({_pct(soft)})")
+
+
+def _timezone(chk: _Checker, value: Any) -> zoneinfo.ZoneInfo:
+    utc = zoneinfo.ZoneInfo("UTC")
+    if value is None:
+        return utc
+    if not isinstance(value, str) or not value.strip():
+        chk.error(
+            "timezone", f'must be an IANA time zone name like "Europe/Berlin", got {_shown(value)}'
+        )
+        return utc
+    try:
+        return zoneinfo.ZoneInfo(value.strip())
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        hint = _did_you_mean(value.strip(), zoneinfo.available_timezones())
+        chk.error("timezone", f"unknown IANA time zone {_shown(value)}{hint}")
+        return utc
+
+
+def _teams(chk: _Checker, ws: str, value: Any, budget: int | None) -> dict[str, Team]:
+    teams: dict[str, Team] = {}
+    for name, body in chk.named(f"workspaces.{ws}.teams", value).items():
+        path = f"workspaces.{ws}.teams.{name}"
+        raw = chk.mapping(path, body, _TEAM_FIELDS)
+        own_budget = chk.optional_money(path, raw)
+        limits = _merge_limits(None, chk.rate_fields(f"{path}.rate_limits", raw.get("rate_limits")))
+        teams[name] = Team(name, own_budget, limits)
+        if budget and own_budget and own_budget > budget:
+            chk.warnings.append(f"{path}.budget_usd: larger than the budget of workspace {ws}")
+    return teams
+
+
+def _services(
+    chk: _Checker,
+    ws: str,
+    value: Any,
+    budget: int | None,
+    teams: Mapping[str, Team],
+    key_limits: RateLimits | None,
+) -> dict[str, Service]:
+    services: dict[str, Service] = {}
+    for name, body in chk.named(f"workspaces.{ws}.services", value).items():
+        path = f"workspaces.{ws}.services.{name}"
+        raw = chk.mapping(path, body, _SERVICE_FIELDS)
+        team = None
+        if raw.get("team") is not None:
+            team = chk.text(f"{path}.team", raw["team"])
+            if team is not None and team not in teams:
+                known = f"teams in {ws}: {', '.join(teams)}" if teams else f"{ws} has no teams"
+                chk.error(f"{path}.team", f'unknown team "{team}" ({known})')
+        own_budget = chk.optional_money(path, raw)
+        limits = _merge_limits(None, chk.rate_fields(f"{path}.rate_limits", raw.get("rate_limits")))
+        own_keys = chk.rate_fields(f"{path}.key_rate_limits", raw.get("key_rate_limits"))
+        services[name] = Service(
+            name, team, own_budget, limits, _merge_limits(key_limits, own_keys)
+        )
+        if budget and own_budget and own_budget > budget:
+            chk.warnings.append(f"{path}.budget_usd: larger than the budget of workspace {ws}")
+        team_budget = teams[team].budget_nanos if team in teams else None
+        if team_budget and own_budget and own_budget > team_budget:
+            chk.warnings.append(f"{path}.budget_usd: larger than the budget of team {team}")
+    return services
+
+
+def _workspace(
+    chk: _Checker,
+    name: str,
+    value: Any,
+    defaults: Mapping[str, Any],
+    default_key_limits: RateLimits | None,
+) -> Workspace | None:
+    path = f"workspaces.{name}"
+    before = len(chk.problems)
+    raw = chk.mapping(path, value, _WORKSPACE_FIELDS, required=("budget_usd", "upstream"))
+    budget = chk.optional_money(path, raw)
+    own = _settings(chk, path, raw)
+    merged = {**_DEFAULTS, **defaults, **own}
+    soft, hard = merged["soft_limit"], merged["hard_limit"]
+    if {"soft_limit", "hard_limit"} & own.keys():
+        _check_order(chk, path, own, soft, hard)
+    upstream = _upstream(chk, f"{path}.upstream", raw["upstream"]) if "upstream" in raw else None
+    rate_limits = _merge_limits(
+        None, chk.rate_fields(f"{path}.rate_limits", raw.get("rate_limits"))
+    )
+    own_keys = chk.rate_fields(f"{path}.key_rate_limits", raw.get("key_rate_limits"))
+    key_limits = _merge_limits(default_key_limits, own_keys)
+    teams = _teams(chk, name, raw.get("teams"), budget)
+    services = _services(chk, name, raw.get("services"), budget, teams, key_limits)
+    if isinstance(value, dict) and not services:
+        chk.warnings.append(f"{path}.services: none defined, so no keys can be issued here")
+    if len(chk.problems) > before or budget is None or upstream is None:
+        return None
+    return Workspace(
+        name=name,
+        budget_nanos=budget,
+        period=merged["period"],
+        soft_nanos=_scaled(budget, soft),
+        hard_nanos=_scaled(budget, hard),
+        default_output_cap=merged["default_output_cap"],
+        on_redis_down=merged["on_redis_down"],
+        upstream=upstream,
+        rate_limits=rate_limits,
+        key_rate_limits=key_limits,
+        teams=teams,
+        services=services,
+    )
+
+
+def _webhooks(chk: _Checker, value: Any) -> tuple[Webhook, ...]:
+    raw = chk.mapping("alerts", value, ("webhooks",))
+    hooks = raw.get("webhooks")
+    if hooks is None:
+        return ()
+    if not isinstance(hooks, list):
+        chk.error("alerts.webhooks", f"must be a list of webhooks, got {_shown(hooks)}")
+        return ()
+    out = []
+    for i, body in enumerate(hooks):
+        path = f"alerts.webhooks[{i}]"
+        hraw = chk.mapping(path, body, ("url", "events"), required=("url",))
+        url = chk.url(f"{path}.url", hraw["url"]) if "url" in hraw else None
+        events = ALERT_EVENTS
+        if "events" in hraw:
+            listed = hraw["events"]
+            if not isinstance(listed, list) or not listed:
+                chk.error(
+                    f"{path}.events",
+                    f"must be a non-empty list of {', '.join(sorted(ALERT_EVENTS))} "
+                    f"(omit it for all), got {_shown(listed)}",
+                )
+            else:
+                for event in listed:
+                    if event not in ALERT_EVENTS:
+                        hint = _did_you_mean(str(event), ALERT_EVENTS)
+                        chk.error(
+                            f"{path}.events",
+                            f"unknown event {_shown(event)}{hint} "
+                            f"(events: {', '.join(sorted(ALERT_EVENTS))})",
+                        )
+                events = frozenset(e for e in listed if e in ALERT_EVENTS)
+        if url is not None:
+            out.append(Webhook(url, events))
+    return tuple(out)
+
+
+def parse_policy(doc: Any, source: str = "policy.yaml", base_dir: Path | None = None) -> Policy:
+    """A Policy from an already-parsed YAML document (a dict), or PolicyError."""
+    chk = _Checker(base_dir or Path.cwd())
+    raw = chk.mapping("", doc, _TOP, required=("version", "workspaces"))
+    if "version" in raw and (isinstance(raw["version"], bool) or raw["version"] != VERSION):
+        chk.error("version", f"unsupported version {_shown(raw['version'])} (this extproc reads 1)")
+    tz = _timezone(chk, raw.get("timezone"))
+    draw = chk.mapping("defaults", raw.get("defaults"), _DEFAULT_FIELDS)
+    defaults = _settings(chk, "defaults", draw)
+    base = {**_DEFAULTS, **defaults}
+    _check_order(chk, "defaults", defaults, base["soft_limit"], base["hard_limit"])
+    default_keys = _merge_limits(
+        None, chk.rate_fields("defaults.key_rate_limits", draw.get("key_rate_limits"))
+    )
+    workspaces: dict[str, Workspace] = {}
+    if "workspaces" in raw and raw["workspaces"] in (None, {}):
+        chk.error("workspaces", "must define at least one workspace")
+    valid_defaults = {k: v for k, v in defaults.items() if v is not None}
+    for name, body in chk.named("workspaces", raw.get("workspaces")).items():
+        ws = _workspace(chk, name, body, valid_defaults, default_keys)
+        if ws is not None:
+            workspaces[name] = ws
+    webhooks = _webhooks(chk, raw.get("alerts"))
+    if chk.problems:
+        raise PolicyError([f"{source}: {p}" for p in chk.problems])
+    return Policy(
+        version=VERSION,
+        timezone=tz,
+        workspaces=workspaces,
+        webhooks=webhooks,
+        source=source,
+        warnings=tuple(f"{source}: {w}" for w in chk.warnings),
+    )
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file; PolicyError lists every problem found."""
+    source = str(path)
+    try:
+        text = Path(path).read_text("utf-8")
+    except OSError as exc:
+        raise PolicyError([f"{source}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise PolicyError([f"{source}: not UTF-8 text"]) from None
+    return parse_policy_text(text, source, Path(path).resolve().parent)
+
+
+def parse_policy_text(
+    text: str, source: str = "policy.yaml", base_dir: Path | None = None
+) -> Policy:
+    loader = _Loader(text)
+    try:
+        doc = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise PolicyError([f"{source}: not valid YAML: {exc}"]) from None
+    finally:
+        loader.dispose()
+    duplicates = [f"{source}: {d}" for d in loader.duplicates]
+    if doc is None:
+        raise PolicyError([f"{source}: empty file (expected version: 1 and workspaces:)"])
+    try:
+        policy = parse_policy(doc, source, base_dir)
+    except PolicyError as exc:
+        raise PolicyError([*duplicates, *exc.problems]) from None
+    if duplicates:
+        raise PolicyError(duplicates)
+    return policy
+
+
+# --- hot reload --------------------------------------------------------------------------
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class PolicyWatcher:
+    """Re-reads the policy when the file changes; a broken edit never replaces a good policy.
+
+    Polling (not inotify) because Kubernetes ConfigMaps are updated by swapping a symlink,
+    which stat() through the link sees and most file-watch APIs miss.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        on_change: Callable[[Policy], None],
+        *,
+        policy: Policy | None = None,
+        interval: float = 1.0,
+    ) -> None:
+        self.path = Path(path)
+        self.on_change = on_change
+        self.policy = policy
+        self.interval = interval
+        # The file as it is now is the one the caller has loaded: only later changes count.
+        self._signature = _signature(self.path)
+        self._digest: str | None = None
+        try:
+            self._digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        except OSError:
+            self._signature = None
+
+    async def poll_once(self) -> bool:
+        """Check the file once; True when a new policy was loaded and handed to on_change."""
+        signature = _signature(self.path)
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        if signature is None:
+            log.warning("policy %s: cannot stat the file; keeping the current policy", self.path)
+            return False
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            log.error("policy %s: cannot read (%s); keeping the current policy", self.path, exc)
+            return False
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == self._digest:
+            return False
+        self._digest = digest
+        try:
+            policy = await asyncio.to_thread(
+                parse_policy_text,
+                data.decode("utf-8", errors="replace"),
+                str(self.path),
+                self.path.resolve().parent,
+            )
+        except PolicyError as exc:
+            log.error("policy reload rejected; keeping the current policy:\n%s", exc)
+            return False
+        self.policy = policy
+        for warning in policy.warnings:
+            log.warning("%s", warning)
+        self.on_change(policy)
+        log.info("policy reloaded from %s (%d workspaces)", self.path, len(policy.workspaces))
+        return True
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except Exception:
+                log.exception("policy watcher: unexpected error; keeping the current policy")
+            await asyncio.sleep(self.interval)
