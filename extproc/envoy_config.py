@@ -23,7 +23,7 @@ ENVOY_YAML = Path(__file__).resolve().parents[1] / "envoy" / "envoy.yaml"
 class EnvoyPorts:
     listen: int
     admin: int
-    sidecar: str  # "host:port" or "unix:/path"
+    sidecars: tuple[str, ...]  # "host:port" or "unix:/path", one per replica
     upstream_url: str  # http://127.0.0.1:8080 or https://api.openai.com
     direct: int | None = None  # a listener without ext_proc, for the benchmark
 
@@ -68,8 +68,9 @@ def render(ports: EnvoyPorts, template: Path = ENVOY_YAML) -> dict[str, Any]:
     listener = static["listeners"][0]
     listener["address"]["socket_address"]["port_value"] = ports.listen
     clusters = {c["name"]: c for c in static["clusters"]}
-    sidecar = clusters["extproc"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
-    sidecar["endpoint"]["address"] = _address(ports.sidecar)
+    clusters["extproc"]["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+        {"endpoint": {"address": _address(addr)}} for addr in ports.sidecars
+    ]
     _upstream_cluster(clusters["openai_upstream"], ports.upstream_url)
     if urlsplit(ports.upstream_url).scheme == "https":
         for vh in _hcm(listener)["route_config"]["virtual_hosts"]:

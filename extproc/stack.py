@@ -121,6 +121,7 @@ class StackConfig:
     direct_port: int | None = None  # also expose Envoy without ext_proc (benchmark)
     sidecar_env: dict[str, str] = field(default_factory=dict)
     envoy_concurrency: int = 1
+    sidecars: int = 1  # replicas sharing one Redis behind one Envoy
 
 
 class Stack:
@@ -129,7 +130,7 @@ class Stack:
         self.children: dict[str, Child] = {}
         self.redis_url = config.redis_url or ""
         self.upstream_url = config.upstream_url or ""
-        self.sidecar_addr = ""
+        self.sidecar_addrs: list[str] = []
         self.admin_port = 0
 
     @property
@@ -158,7 +159,8 @@ class Stack:
             )
             sim.wait_for_line("listening")
             self.upstream_url = f"http://127.0.0.1:{port}"
-        self.start_sidecar("sidecar")
+        for i in range(cfg.sidecars):
+            self.start_sidecar("sidecar" if i == 0 else f"sidecar{i + 1}")
         self.start_envoy(data)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
@@ -207,7 +209,7 @@ class Stack:
         }
         child = self._spawn(name, [sys.executable, "-m", "extproc", "serve"], env)
         child.wait_for_line("extproc listening")
-        self.sidecar_addr = addr
+        self.sidecar_addrs.append(addr)
         return addr
 
     def start_envoy(self, data: Path) -> None:
@@ -216,7 +218,7 @@ class Stack:
         ports = envoy_config.EnvoyPorts(
             listen=cfg.listen_port,
             admin=self.admin_port,
-            sidecar=self.sidecar_addr,
+            sidecars=tuple(self.sidecar_addrs),
             upstream_url=self.upstream_url,
             direct=cfg.direct_port,
         )
