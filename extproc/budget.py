@@ -181,7 +181,10 @@ class Decision:
         capped = [s for s in self.standings if s.scope.budget_nanos]
         if not capped:
             return None
-        return min(capped, key=lambda s: s.left_nanos / s.scope.budget_nanos)  # type: ignore[operator]
+        return min(
+            capped,
+            key=lambda s: (s.left_nanos / s.scope.budget_nanos, s.left_nanos),  # type: ignore[operator]
+        )
 
 
 def _args(plan: Plan, reservation_id: str, now_ms: int) -> list[Any]:

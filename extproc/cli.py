@@ -67,14 +67,46 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_POLICY = Path("examples/policy.yaml")
+
+
+def _demo_key(redis_url_: str, policy_path: Path) -> str:
+    """A key for the first service of the first workspace, so `make run` is usable at once."""
+    import redis.asyncio as aioredis
+
+    from extproc.keys import KeyStore
+    from extproc.policy import load_policy
+
+    policy = load_policy(policy_path)
+    ws = next(iter(policy.workspaces.values()))
+    service = next(iter(ws.services), "demo")
+
+    async def create() -> str:
+        client = aioredis.from_url(redis_url_)
+        try:
+            secret, _identity = await KeyStore(client).create(ws.name, service, policy=policy)
+        finally:
+            await client.aclose()
+        return f"{secret}   (workspace {ws.name}, service {service})"
+
+    return asyncio.run(create())
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
+    from extproc.policy import load_policy
     from extproc.stack import Stack, StackConfig
 
     port = int(os.environ.get("EXTPROC_PORT", "10000"))
     upstream = os.environ.get("UPSTREAM_URL") or None
-    env = {}
+    policy_path = Path(os.environ.get("EXTPROC_POLICY") or DEFAULT_POLICY).resolve()
+    env = {"EXTPROC_POLICY": str(policy_path)}
     if os.environ.get("EXTPROC_CONFIG"):
         env["EXTPROC_CONFIG"] = str(Path(os.environ["EXTPROC_CONFIG"]).resolve())
+    if upstream is None:
+        # The simulator accepts any credential: stand in for the real keys nobody has locally.
+        for name, ws in load_policy(policy_path).workspaces.items():
+            if ws.upstream.key_env and not os.environ.get(ws.upstream.key_env):
+                env[ws.upstream.key_env] = f"sk-simulated-{name}"
     stack = Stack(
         StackConfig(
             listen_port=port, upstream_url=upstream, data_dir=Path(".data"), sidecar_env=env
@@ -92,8 +124,11 @@ def cmd_stack(args: argparse.Namespace) -> int:
             f"\nextproc stack is up.\n"
             f"  OpenAI base URL : {stack.base_url}\n"
             f"  upstream        : {stack.upstream_url}\n"
+            f"  policy          : {policy_path}\n"
             f"  redis           : {stack.redis_url} (data in .data/redis)\n"
-            f"  usage           : .venv/bin/extproc usage --json --limit 10\n"
+            f"  demo key        : {_demo_key(stack.redis_url, policy_path)}\n"
+            f"  more keys       : .venv/bin/extproc keys create --workspace W --service S\n"
+            f"  usage / spend   : .venv/bin/extproc usage --limit 10 ; .venv/bin/extproc spend\n"
             f"Ctrl-C stops everything.",
             flush=True,
         )
