@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint format bench proto clean
+.PHONY: install system-tools run test lint format bench proto clean
 
 install: $(STAMP)
 
@@ -20,7 +20,19 @@ $(STAMP): pyproject.toml
 run: install
 	$(PY) -m extproc stack
 
-test: install lint
+# Real Prometheus (telemetry e2e) and kubectl's built-in kustomize (deploy tests), from Debian.
+system-tools:
+	@missing=""; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
+	if [ -n "$$missing" ]; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		echo "installing from Debian:$$missing"; \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			$$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+test: install system-tools lint
 	$(PY) -m pytest -q
 
 lint: install

@@ -21,13 +21,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from extproc.keys import Identity
 from extproc.ledger import prefix_for
 from extproc.periods import Period, period_at
 from extproc.policy import Policy, RateLimits, Workspace
 from extproc.prices import PriceTable
+from extproc.redis_client import UNAVAILABLE
 from extproc.scripts import RESERVE
 from extproc.usage import Usage
 
@@ -67,7 +66,7 @@ class Plan:
     tokens: int  # what the request counts against tokens-per-minute limits
 
 
-def _scaled(budget: int | None, ws: Workspace, limit_nanos: int) -> int | None:
+def scaled_limit(budget: int | None, ws: Workspace, limit_nanos: int) -> int | None:
     """A team's or service's limit at the same fraction of its budget as its workspace's."""
     if budget is None:
         return None
@@ -109,8 +108,8 @@ def plan_request(
                 f"team:{team.name}",
                 label,
                 team.budget_nanos,
-                _scaled(team.budget_nanos, ws, ws.soft_nanos),
-                _scaled(team.budget_nanos, ws, ws.hard_nanos),
+                scaled_limit(team.budget_nanos, ws, ws.soft_nanos),
+                scaled_limit(team.budget_nanos, ws, ws.hard_nanos),
             )
         )
         rate(f"team:{team.name}", label, team.rate_limits)
@@ -122,8 +121,8 @@ def plan_request(
                 f"svc:{service.name}",
                 label,
                 service.budget_nanos,
-                _scaled(service.budget_nanos, ws, ws.soft_nanos),
-                _scaled(service.budget_nanos, ws, ws.hard_nanos),
+                scaled_limit(service.budget_nanos, ws, ws.soft_nanos),
+                scaled_limit(service.budget_nanos, ws, ws.hard_nanos),
             )
         )
         rate(f"svc:{service.name}", label, service.rate_limits)
@@ -256,15 +255,17 @@ class Budgets:
         rid = uuid.uuid4().hex
         try:
             reply = await RESERVE(self._redis, [plan.prefix], _args(plan, rid, now_ms))
-        except (RedisError, OSError) as exc:
+        except UNAVAILABLE as exc:
             log.warning("budget: redis unavailable for %s (%s)", plan.workspace, exc)
             return self._reserve_locally(plan) if fail_open else Decision(False, "redis_down")
         decision = decide(plan, rid, reply, now_ms)
         if decision.allowed:
-            self._local.clear()
+            # Fresh figures replace the local books of these scopes only: admissions made
+            # for other workspaces while Redis was away are not in any figure yet.
             for st in decision.standings:
                 key = (plan.prefix, plan.period.id, st.scope.scope)
                 self._known[key] = st.spent_nanos + st.held_nanos + plan.reserve_nanos
+                self._local.pop(key, None)
         return decision
 
     def _reserve_locally(self, plan: Plan) -> Decision:

@@ -41,12 +41,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    import redis.asyncio as aioredis
-
     from extproc.ledger import Ledger, record_to_dict
+    from extproc.redis_client import make_client
 
     async def fetch() -> list[dict[str, object]]:
-        client = aioredis.from_url(redis_url(args.redis_url), socket_connect_timeout=2)
+        client = make_client(redis_url(args.redis_url), socket_connect_timeout=2)
         try:
             records = await Ledger(client).recent(args.limit)
         finally:
@@ -72,17 +71,16 @@ DEFAULT_POLICY = Path("examples/policy.yaml")
 
 def _demo_key(redis_url_: str, policy_path: Path) -> str:
     """A key for the first service of the first workspace, so `make run` is usable at once."""
-    import redis.asyncio as aioredis
-
     from extproc.keys import KeyStore
     from extproc.policy import load_policy
+    from extproc.redis_client import make_client
 
     policy = load_policy(policy_path)
     ws = next(iter(policy.workspaces.values()))
     service = next(iter(ws.services), "demo")
 
     async def create() -> str:
-        client = aioredis.from_url(redis_url_)
+        client = make_client(redis_url_)
         try:
             secret, _identity = await KeyStore(client).create(ws.name, service, policy=policy)
         finally:
@@ -141,6 +139,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 from extproc.cli_admin import redis_url, register  # noqa: E402
+from extproc.routing_cli import register_route  # noqa: E402
+from extproc.spend import register_spend  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url")
     p.set_defaults(func=cmd_usage)
     register(sub)
+    register_spend(sub)
+    register_route(sub)
     return parser
 
 

@@ -66,11 +66,9 @@ def redacted(url: str) -> str:
     parts = urlsplit(url)
     if not parts.password:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    hosts = parts.netloc.rpartition("@")[2]  # "h1:1,h2:2" for a cluster: not one port
     user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
 def _usd(nanos: int) -> str:
@@ -128,15 +126,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _run_with_store(args: argparse.Namespace, action: Callable[[Any], Awaitable[int]]) -> int:
-    import redis.asyncio as aioredis
-    from redis.exceptions import RedisError
-
     from extproc.keys import KeyStore, KeyStoreError
+    from extproc.redis_client import UNAVAILABLE, make_client
 
     url = redis_url(args.redis_url)
 
     async def go() -> int:
-        client = aioredis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+        client = make_client(url, socket_connect_timeout=3, socket_timeout=10)
         try:
             return await action(KeyStore(client))
         finally:
@@ -146,7 +142,7 @@ def _run_with_store(args: argparse.Namespace, action: Callable[[Any], Awaitable[
         return asyncio.run(go())
     except KeyStoreError as exc:
         return _fail(str(exc), 1)
-    except (RedisError, OSError) as exc:
+    except UNAVAILABLE as exc:
         return _fail(f"Redis at {redacted(url)}: {exc}", 1)
 
 

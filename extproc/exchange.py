@@ -33,6 +33,7 @@ from extproc.periods import period_at
 from extproc.policy import Policy
 from extproc.prices import PriceTable
 from extproc.settings import Settings
+from extproc.telemetry import RequestTelemetry, Telemetry
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 from extproc.wire.endpoints import Endpoint, StreamMeter, endpoint_for
 from extproc.wire.errors import OpenAIError
@@ -50,6 +51,8 @@ _REQUEST_HEADERS = frozenset(
         "x-request-id",
         "session_id",
         "session-id",
+        "traceparent",
+        "tracestate",
     }
 )
 _RESPONSE_HEADERS = frozenset({":status", "content-type"})
@@ -74,6 +77,7 @@ class Deps:
     budgets: Budgets | None = None
     upstream_keys: dict[str, str] = field(default_factory=dict)
     now_ms: Callable[[], int] = _now_ms
+    telemetry: Telemetry = field(default_factory=Telemetry)
 
     @property
     def timezone(self) -> ZoneInfo:
@@ -104,14 +108,24 @@ class Exchange:
         "_meter",
         "_plan",
         "_prepared",
+        "_record",
         "_request_chunks",
+        "_start_ns",
         "_started",
+        "_trace",
+        "busy_ns",
         "seen",
     )
 
     def __init__(self, deps: Deps) -> None:
         self._deps = deps
         self._started = time.monotonic()
+        self._start_ns = time.time_ns()
+        self._trace: tuple[str | None, str | None] = (None, None)
+        self._record: UsageRecord | None = None
+        self.busy_ns = (
+            0  # time the sidecar spent on this request's phases (the stream handler adds)
+        )
         self.seen = Observed(time_ms=deps.now_ms())
         self._endpoint: Endpoint | None = None
         self._prepared: PreparedRequest | None = None
@@ -140,6 +154,7 @@ class Exchange:
         seen.envoy_request_id = h.get("x-request-id", "")
         seen.session_id = h.get("session_id") or h.get("session-id") or ""
         self._content_encoding = h.get("content-encoding", "")
+        self._trace = (h.get("traceparent"), h.get("tracestate"))
         if msg.end_of_stream:
             return self._reject(
                 OpenAIError(
@@ -355,6 +370,7 @@ class Exchange:
         seen.duration_ms = int((time.monotonic() - self._started) * 1000)
         record = settle(seen, deps.prices, deps.count)
         deps.ledger.submit(self._settlement(record))
+        self._record = record
         if record.estimated or record.price_fallback:
             log.warning(
                 "request %s billed %s nanos: outcome=%s estimated=%s fallback_price=%s",
@@ -415,5 +431,31 @@ class Exchange:
         )
 
     def close(self) -> None:
-        """The ext_proc stream ended: settle the exchange if nothing has yet."""
+        """The ext_proc stream ended: settle the exchange if nothing has yet, then report it."""
         self._finish()
+        record = self._record
+        if record is None:
+            return
+        self._record = None
+        decision = self._decision
+        denied = decision if decision is not None and not decision.allowed else None
+        if denied is None and self.seen.rejected is not None:
+            verdict, reason = "denied", "bad_request"
+        elif denied is not None:
+            verdict, reason = "denied", denied.reason
+        else:
+            verdict, reason = ("estimated" if record.estimated else "allowed"), None
+        self._deps.telemetry.observe(
+            RequestTelemetry(
+                record=record,
+                start_ns=self._start_ns,
+                end_ns=time.time_ns(),
+                traceparent=self._trace[0],
+                tracestate=self._trace[1],
+                decision=verdict,
+                rule=None,
+                denial_reason=reason,
+                denial_scope=denied.denied.scope if denied and denied.denied else None,
+                sidecar_overhead_ns=self.busy_ns,
+            )
+        )

@@ -26,11 +26,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from extproc.policy import NAME_PATTERN, Policy
+from extproc.redis_client import UNAVAILABLE, AsyncClient, subscriber
 
 log = logging.getLogger("extproc.keys")
 
@@ -234,7 +233,7 @@ def _mint() -> tuple[str, str, str]:
 class KeyStore:
     """Virtual keys in Redis. Every write is one atomic script plus a change notice."""
 
-    def __init__(self, client: aioredis.Redis, *, now_ms: Clock = wall_ms) -> None:
+    def __init__(self, client: AsyncClient, *, now_ms: Clock = wall_ms) -> None:
         self.client = client
         self.now_ms = now_ms
         self._create = client.register_script(_CREATE)
@@ -465,16 +464,18 @@ class KeyCache:
         """Follow the change channel forever; after every (re)subscribe reload all entries."""
         backoff = 0.1
         while True:
-            pubsub = self.store.client.pubsub()
+            pubsub = None
             try:
+                pubsub = await subscriber(self.store.client)
                 await pubsub.subscribe(CHANNEL)
                 backoff = 0.1
                 await self._listen(pubsub)
-            except (RedisError, OSError) as exc:
+            except UNAVAILABLE as exc:
                 self.ready.clear()
                 log.warning("key cache: change channel lost (%s); retrying in %.1fs", exc, backoff)
             finally:
-                await pubsub.aclose()
+                if pubsub is not None:
+                    await pubsub.aclose()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 

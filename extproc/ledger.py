@@ -20,10 +20,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from extproc.prices import NANOS_PER_DOLLAR
+from extproc.redis_client import UNAVAILABLE, AsyncClient
 from extproc.scripts import SETTLE
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 
@@ -49,7 +49,7 @@ def ledger_key(prefix: str) -> str:
 def record_to_dict(record: UsageRecord) -> dict[str, Any]:
     """Plain JSON-ready dict (ints stay ints, unlike protobuf's JSON mapping of int64)."""
     out: dict[str, Any] = {f.name: getattr(record, f.name) for f in record.DESCRIPTOR.fields}
-    out["cost_usd"] = str(Decimal(record.cost_nanos) / NANOS_PER_DOLLAR)
+    out["cost_usd"] = f"{(Decimal(record.cost_nanos) / NANOS_PER_DOLLAR).normalize():f}"
     return out
 
 
@@ -91,7 +91,7 @@ def _entry_key(entry_id: bytes) -> tuple[int, int]:
 class Ledger:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AsyncClient,
         *,
         max_records: int = 1_000_000,
         spool_dir: str | Path = ".data/spool",
@@ -171,8 +171,9 @@ class Ledger:
         try:
             results = await self._pipeline(batch, unmetered, fresh)
         except NoScriptError:
+            # Only the scripts failed: the counts and the registration before them are in.
             await SETTLE.load(self._redis)
-            results = await self._pipeline(batch, unmetered, fresh)
+            results = await self._pipeline(batch, Counter(), set())
         except BaseException:
             self._unmetered.update(unmetered)
             raise
@@ -221,7 +222,7 @@ class Ledger:
     async def _try_replay(self) -> bool:
         try:
             await self._replay_spool()
-        except (RedisError, OSError) as exc:
+        except UNAVAILABLE as exc:
             log.debug("ledger: redis unavailable: %s", exc)
             return False
         return True
@@ -234,7 +235,7 @@ class Ledger:
                 try:
                     self.written += await self._write(batch)
                     batch = []
-                except (RedisError, OSError) as exc:
+                except UNAVAILABLE as exc:
                     healthy = False
                     log.warning("ledger: redis write failed, spooling (%s)", exc)
             if batch:

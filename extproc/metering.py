@@ -9,7 +9,8 @@ Envoy and these two functions, which keeps the money logic testable without Envo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from extproc.prices import PriceTable
 from extproc.usage import Usage
@@ -31,9 +32,12 @@ class PreparedRequest:
     remove_headers: tuple[str, ...] = ()
     # True when we added stream_options.include_usage the client never asked for.
     injected_usage: bool = False
+    # The parsed body, kept so routing can still rewrite it before it is serialised.
+    parsed: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    encoded: bool = False
 
 
-def prepare_request(
+def parse_request(
     endpoint: Endpoint,
     raw: bytes,
     content_encoding: str,
@@ -43,9 +47,8 @@ def prepare_request(
 ) -> PreparedRequest:
     """Decode, parse, validate and count one request body; raise OpenAIError when it is bad.
 
-    The body is parsed once. When it must change (usage reporting switched on for a
-    stream), it is re-serialised from the parsed object and sent uncompressed, so the
-    upstream parses exactly the object we counted.
+    The body is parsed once and kept (`parsed`) for routing; `finalize` serialises it
+    only if something changed.
     """
     if len(raw) > max_body_bytes:
         raise OpenAIError(
@@ -62,16 +65,39 @@ def prepare_request(
     model = facts.model
     counted = count_input_tokens(endpoint, body, lambda text: count(text, model))
     injected = endpoint.prepare_upstream(body, facts)
-    if not injected:
-        return PreparedRequest(facts, counted)
-    new_body = encode_json(body)
-    return PreparedRequest(
-        facts,
-        counted,
+    return PreparedRequest(facts, counted, injected_usage=injected, parsed=body, encoded=encoded)
+
+
+def finalize(prepared: PreparedRequest, *, rewritten: bool = False) -> PreparedRequest:
+    """The request as it leaves for the upstream.
+
+    When the body changed (usage reporting switched on, routing rewrote it), it is
+    re-serialised from the parsed object and sent uncompressed, so the upstream parses
+    exactly the object we counted and priced.
+    """
+    if not (prepared.injected_usage or rewritten) or prepared.parsed is None:
+        return replace(prepared, parsed=None)
+    new_body = encode_json(prepared.parsed)
+    return replace(
+        prepared,
         body=new_body,
         set_headers={"content-length": str(len(new_body))},
-        remove_headers=("content-encoding",) if encoded else (),
-        injected_usage=True,
+        remove_headers=("content-encoding",) if prepared.encoded else (),
+        parsed=None,
+    )
+
+
+def prepare_request(
+    endpoint: Endpoint,
+    raw: bytes,
+    content_encoding: str,
+    *,
+    max_body_bytes: int,
+    count: Callable[[str, str], int],
+) -> PreparedRequest:
+    """Parse and finalize in one step: the path for requests no policy can reroute."""
+    return finalize(
+        parse_request(endpoint, raw, content_encoding, max_body_bytes=max_body_bytes, count=count)
     )
 
 

@@ -14,6 +14,13 @@ Rate limits under `key_rate_limits` are inherited field by field (defaults -> wo
 service), so a service that only sets `rpm` keeps the inherited `tpm`; an explicit `null`
 lifts an inherited limit. Workspace, team and service `rate_limits` are shared by everyone
 inside them and are not inherited.
+
+The optional `routing:` section holds the cost-shaping vocabulary (model aliases, price
+tiers, the step-down ladder, ordered rules, upstream route names); per-level `routing:`
+settings (allowed models, ceiling, default model, degrading, overdraft, context caps) are
+inherited like `key_rate_limits`. Names a rule refers to must exist, because a typo would
+silently switch a rule off; a model the price table does not know is only a warning, since
+new models appear before the price table is updated. `extproc.routing` applies all of it.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import os
 import re
 import zoneinfo
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation, localcontext
 from pathlib import Path
 from typing import Any
@@ -35,7 +42,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from extproc.prices import NANOS_PER_DOLLAR
+from extproc.prices import NANOS_PER_DOLLAR, PriceTable, default_table
 
 log = logging.getLogger("extproc.policy")
 
@@ -56,7 +63,9 @@ _DEFAULTS: dict[str, Any] = {
     "on_redis_down": "closed",
 }
 _TOP = ("version", "timezone", "defaults", "workspaces", "alerts")
-_DEFAULT_FIELDS = (*_DEFAULTS, "key_rate_limits")
+# Feature sections come after the core ones and are named apart in "unknown field" hints.
+_FEATURE_SECTIONS = ("routing",)
+_DEFAULT_FIELDS = (*_DEFAULTS, "key_rate_limits", "routing")
 _WORKSPACE_FIELDS = (
     "budget_usd",
     *_DEFAULT_FIELDS,
@@ -66,13 +75,48 @@ _WORKSPACE_FIELDS = (
     "services",
 )
 _TEAM_FIELDS = ("budget_usd", "rate_limits")
-_SERVICE_FIELDS = ("team", "budget_usd", "rate_limits", "key_rate_limits")
+_SERVICE_FIELDS = ("team", "budget_usd", "rate_limits", "key_rate_limits", "routing")
 _UPSTREAM_FIELDS = ("key_env", "key_file", "base_url")
 _RATE_FIELDS = ("rpm", "tpm")
 # Names end up in Redis keys and hash tags: no braces, spaces, dots or colons.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLAIN_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
+_DATED_SNAPSHOT = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+# Model ids as OpenAI spells them, fine-tunes included ("ft:gpt-4.1-mini:acme::abc123").
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # cheapest first
+ENDPOINT_NAMES = ("responses", "chat.completions", "completions", "embeddings")
+CONTEXT_ACTIONS = ("reject", "downgrade")
+DEFAULT_MODEL = "default"  # the model name that means "this caller's default_model"
+_ROUTING_FIELDS = ("aliases", "tiers", "ladder", "rules", "upstream_routes")
+_RULE_FIELDS = ("name", "when", "set")
+_MATCH_LISTS = ("endpoint", "workspace", "service", "team", "model", "task", "reasoning_effort")
+_MATCH_FLAGS = ("tools", "stream")
+_MATCH_COUNTS = ("input_tokens_over", "input_tokens_under")
+_MATCH_FIELDS = (*_MATCH_LISTS, *_MATCH_FLAGS, *_MATCH_COUNTS)
+_SET_FIELDS = ("model", "reasoning_effort", "max_output_tokens", "route")
+_SCOPE_ROUTING_FIELDS = (
+    "allowed_models",
+    "ceiling_tier",
+    "default_model",
+    "degrade_past_soft",
+    "overdraft",
+    "max_input_tokens",
+    "max_session_input_tokens",
+    "on_context_exceeded",
+    "inject_prompt_cache_key",
+)
+_LIFTABLE = frozenset(
+    {
+        "allowed_models",
+        "ceiling_tier",
+        "default_model",
+        "overdraft",
+        "max_input_tokens",
+        "max_session_input_tokens",
+    }
+)
 _MONEY_HINT = 'must be a positive decimal string or number like "1000" or 1000'
 _FRACTION_HINT = 'must be a percentage like "75%" or a fraction like 0.75'
 
@@ -126,6 +170,120 @@ class Team:
     rate_limits: RateLimits | None
 
 
+def model_key(model: str) -> str:
+    """How routing compares model names: case-insensitively, a dated snapshot as its model."""
+    return _DATED_SNAPSHOT.sub("", model.strip().lower())
+
+
+@dataclass(frozen=True, slots=True)
+class Overdraft:
+    """At the hard limit, this one cheap model stays open until `nanos` more are spent."""
+
+    model: str
+    nanos: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSettings:
+    """The model limits one caller is held to: defaults, then workspace, then service.
+
+    Every field is inherited field by field like `key_rate_limits`; an explicit null lifts an
+    inherited limit. The empty value (all defaults) changes nothing.
+    """
+
+    allowed_models: tuple[str, ...] | None = None
+    ceiling_tier: int | None = None
+    default_model: str | None = None
+    degrade_past_soft: bool = False
+    overdraft: Overdraft | None = None
+    max_input_tokens: int | None = None
+    max_session_input_tokens: int | None = None
+    on_context_exceeded: str = "reject"
+    inject_prompt_cache_key: bool = False
+    _allowed: frozenset[str] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        allowed = self.allowed_models
+        keys = None if allowed is None else frozenset(model_key(m) for m in allowed)
+        object.__setattr__(self, "_allowed", keys)
+
+    def allows(self, model: str) -> bool:
+        return self._allowed is None or model_key(model) in self._allowed
+
+
+@dataclass(frozen=True, slots=True)
+class RuleMatch:
+    """Conditions of one rule, all of which must hold; a list matches any of its values.
+
+    `model` holds model keys (see `model_key`) and `task` is lower-cased: both are compared
+    that way. None means "any".
+    """
+
+    endpoint: tuple[str, ...] | None = None
+    workspace: tuple[str, ...] | None = None
+    service: tuple[str, ...] | None = None
+    team: tuple[str, ...] | None = None
+    model: tuple[str, ...] | None = None
+    task: tuple[str, ...] | None = None
+    reasoning_effort: tuple[str, ...] | None = None
+    tools: bool | None = None
+    stream: bool | None = None
+    input_tokens_over: int | None = None
+    input_tokens_under: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RuleChanges:
+    """What a matching rule does. Effort and output limits are caps: they only ever lower."""
+
+    model: str | None = None
+    reasoning_effort: str | None = None
+    max_output_tokens: int | None = None
+    route: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    when: RuleMatch
+    changes: RuleChanges
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRoute:
+    """A name the sidecar may put in `x-extproc-route`; Envoy's route table gives it meaning."""
+
+    name: str
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """The policy-wide routing vocabulary: aliases, the price ladder, rules and routes."""
+
+    aliases: dict[str, str] = field(default_factory=dict)
+    tiers: tuple[tuple[str, ...], ...] = ()
+    ladder: dict[str, str] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+    upstream_routes: dict[str, UpstreamRoute] = field(default_factory=dict)
+    _tier_of: dict[str, int] = field(init=False, repr=False, compare=False)
+    _down: dict[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        tier_of = {model_key(m): i for i, tier in enumerate(self.tiers) for m in tier}
+        down = {model_key(k): v for k, v in self.ladder.items()}
+        object.__setattr__(self, "_tier_of", tier_of)
+        object.__setattr__(self, "_down", down)
+
+    def tier_of(self, model: str) -> int | None:
+        """0 is the most capable (priciest) tier; None for a model in no tier."""
+        return self._tier_of.get(model_key(model))
+
+    def step_down(self, model: str) -> str | None:
+        """The next cheaper model on the ladder, if the ladder names one."""
+        return self._down.get(model_key(model))
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
     name: str
@@ -134,6 +292,8 @@ class Service:
     rate_limits: RateLimits | None
     # Effective per-key limits: defaults, then workspace, then this service, field by field.
     key_rate_limits: RateLimits | None
+    # Effective model limits, merged the same way.
+    routing: RoutingSettings = RoutingSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +310,7 @@ class Workspace:
     key_rate_limits: RateLimits | None
     teams: dict[str, Team]
     services: dict[str, Service]
+    routing: RoutingSettings = RoutingSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,10 +327,19 @@ class Policy:
     webhooks: tuple[Webhook, ...]
     source: str
     warnings: tuple[str, ...] = ()
+    routing: Routing = field(default_factory=Routing)
 
     def service(self, workspace: str, service: str) -> Service | None:
         ws = self.workspaces.get(workspace)
         return ws.services.get(service) if ws else None
+
+    def routing_for(self, workspace: str, service: str) -> RoutingSettings:
+        """The service's model limits, else its workspace's, else none."""
+        svc = self.service(workspace, service)
+        if svc is not None:
+            return svc.routing
+        ws = self.workspaces.get(workspace)
+        return ws.routing if ws else RoutingSettings()
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -236,10 +406,12 @@ def _did_you_mean(word: str, choices: Collection[str]) -> str:
 class _Checker:
     """Collects every problem and warning while the raw YAML is turned into dataclasses."""
 
-    def __init__(self, base_dir: Path) -> None:
+    def __init__(self, base_dir: Path, prices: PriceTable | None = None) -> None:
         self.base_dir = base_dir
+        self.prices = prices or default_table()
         self.problems: list[str] = []
         self.warnings: list[str] = []
+        self._unpriced: set[str] = set()
 
     def error(self, path: str, message: str) -> None:
         text = f"{path}: {message}"
@@ -247,7 +419,12 @@ class _Checker:
             self.problems.append(text)
 
     def mapping(
-        self, path: str, value: Any, known: Collection[str], required: Collection[str] = ()
+        self,
+        path: str,
+        value: Any,
+        known: Collection[str],
+        required: Collection[str] = (),
+        features: Collection[str] = (),
     ) -> dict[str, Any]:
         """The mapping at `path` with only known string keys; a null counts as empty."""
         if value is None:
@@ -259,8 +436,12 @@ class _Checker:
         for key, item in value.items():
             if not isinstance(key, str):
                 self.error(path or "policy", f"key {_shown(key)} must be a string (quote it)")
-            elif key not in known:
-                hint = _did_you_mean(key, known) or f" (known: {', '.join(known)})"
+            elif key not in known and key not in features:
+                hint = _did_you_mean(key, [*known, *features])
+                if not hint:
+                    hint = f" (known: {', '.join(known)})"
+                    if features:
+                        hint += f" (feature sections: {', '.join(features)})"
                 self.error(_join(path, key), f"unknown field{hint}")
             else:
                 out[key] = item
@@ -365,6 +546,59 @@ class _Checker:
             self.error(path, "must be an http:// or https:// URL with a host")
             return None
         return text
+
+    def flag(self, path: str, value: Any) -> bool | None:
+        if not isinstance(value, bool):
+            self.error(path, f"must be true or false, got {_shown(value)}")
+            return None
+        return value
+
+    def count(self, path: str, value: Any) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.error(path, f"must be a whole number >= 0, got {_shown(value)}")
+            return None
+        return value
+
+    def model(self, path: str, value: Any, *, default_ok: bool = False) -> str | None:
+        """A model id; warns (once per model) when the price table does not know it."""
+        name = self.text(path, value)
+        if name is None:
+            return None
+        if name == DEFAULT_MODEL:
+            if default_ok:
+                return name
+            self.error(path, f'"{DEFAULT_MODEL}" is not a model here; name a model')
+            return None
+        if not _MODEL_NAME.fullmatch(name):
+            self.error(path, f"not a model id: {_shown(name)}")
+            return None
+        if self.prices.family_of(name) is None and model_key(name) not in self._unpriced:
+            self._unpriced.add(model_key(name))
+            self.warnings.append(
+                f"{path}: model {_shown(name)} is not in the price table "
+                f"(version {self.prices.version}); it is billed at the fallback rate"
+            )
+        return name
+
+    def strings(
+        self, path: str, value: Any, choices: Collection[str] | None = None
+    ) -> tuple[str, ...] | None:
+        """A non-empty list of non-empty strings, each one of `choices` when given."""
+        if not isinstance(value, list) or not value:
+            example = f"[{next(iter(choices))}]" if choices else "[a, b]"
+            self.error(path, f"must be a non-empty list like {example}, got {_shown(value)}")
+            return None
+        out: list[str] = []
+        for i, item in enumerate(value):
+            text = self.text(f"{path}[{i}]", item)
+            if text is None:
+                continue
+            if choices is not None and text not in choices:
+                hint = _did_you_mean(text, choices) or f" (one of: {', '.join(choices)})"
+                self.error(f"{path}[{i}]", f"unknown value {_shown(text)}{hint}")
+                continue
+            out.append(text)
+        return tuple(out) if len(out) == len(value) else None
 
     def rate_fields(self, path: str, value: Any) -> dict[str, int | None]:
         """The limits set explicitly at `path`; an explicit null means "no limit"."""
@@ -475,6 +709,8 @@ def _services(
     budget: int | None,
     teams: Mapping[str, Team],
     key_limits: RateLimits | None,
+    routing: Routing,
+    ws_routing: RoutingSettings,
 ) -> dict[str, Service]:
     services: dict[str, Service] = {}
     for name, body in chk.named(f"workspaces.{ws}.services", value).items():
@@ -489,8 +725,14 @@ def _services(
         own_budget = chk.optional_money(path, raw)
         limits = _merge_limits(None, chk.rate_fields(f"{path}.rate_limits", raw.get("rate_limits")))
         own_keys = chk.rate_fields(f"{path}.key_rate_limits", raw.get("key_rate_limits"))
+        own_routing = _scope_routing(chk, f"{path}.routing", raw.get("routing"), routing)
         services[name] = Service(
-            name, team, own_budget, limits, _merge_limits(key_limits, own_keys)
+            name,
+            team,
+            own_budget,
+            limits,
+            _merge_limits(key_limits, own_keys),
+            _merged_routing(chk, f"{path}.routing", own_routing, ws_routing, routing),
         )
         if budget and own_budget and own_budget > budget:
             chk.warnings.append(f"{path}.budget_usd: larger than the budget of workspace {ws}")
@@ -506,6 +748,8 @@ def _workspace(
     value: Any,
     defaults: Mapping[str, Any],
     default_key_limits: RateLimits | None,
+    routing: Routing,
+    default_routing: RoutingSettings,
 ) -> Workspace | None:
     path = f"workspaces.{name}"
     before = len(chk.problems)
@@ -522,8 +766,12 @@ def _workspace(
     )
     own_keys = chk.rate_fields(f"{path}.key_rate_limits", raw.get("key_rate_limits"))
     key_limits = _merge_limits(default_key_limits, own_keys)
+    own_routing = _scope_routing(chk, f"{path}.routing", raw.get("routing"), routing)
+    ws_routing = _merged_routing(chk, f"{path}.routing", own_routing, default_routing, routing)
     teams = _teams(chk, name, raw.get("teams"), budget)
-    services = _services(chk, name, raw.get("services"), budget, teams, key_limits)
+    services = _services(
+        chk, name, raw.get("services"), budget, teams, key_limits, routing, ws_routing
+    )
     if isinstance(value, dict) and not services:
         chk.warnings.append(f"{path}.services: none defined, so no keys can be issued here")
     if len(chk.problems) > before or budget is None or upstream is None:
@@ -541,6 +789,7 @@ def _workspace(
         key_rate_limits=key_limits,
         teams=teams,
         services=services,
+        routing=ws_routing,
     )
 
 
@@ -581,10 +830,399 @@ def _webhooks(chk: _Checker, value: Any) -> tuple[Webhook, ...]:
     return tuple(out)
 
 
-def parse_policy(doc: Any, source: str = "policy.yaml", base_dir: Path | None = None) -> Policy:
-    """A Policy from an already-parsed YAML document (a dict), or PolicyError."""
-    chk = _Checker(base_dir or Path.cwd())
-    raw = chk.mapping("", doc, _TOP, required=("version", "workspaces"))
+# --- routing -----------------------------------------------------------------------------
+
+
+def _routing(chk: _Checker, value: Any, scopes: _Scopes) -> Routing:
+    raw = chk.mapping("routing", value, _ROUTING_FIELDS)
+    routes = _upstream_routes(chk, raw.get("upstream_routes"))
+    tiers = _tiers(chk, raw.get("tiers"))
+    aliases = _aliases(chk, raw.get("aliases"))
+    tier_of = {model_key(m): i for i, tier in enumerate(tiers) for m in tier}
+    ladder = _ladder(chk, raw.get("ladder"), tier_of)
+    rules = _rules(chk, raw.get("rules"), aliases, routes, scopes)
+    return Routing(aliases, tiers, ladder, rules, routes)
+
+
+def _upstream_routes(chk: _Checker, value: Any) -> dict[str, UpstreamRoute]:
+    routes = {}
+    for name, body in chk.named("routing.upstream_routes", value).items():
+        path = f"routing.upstream_routes.{name}"
+        raw = chk.mapping(path, body, ("description",))
+        description = None
+        if raw.get("description") is not None:
+            description = chk.text(f"{path}.description", raw["description"])
+        routes[name] = UpstreamRoute(name, description)
+    return routes
+
+
+def _tiers(chk: _Checker, value: Any) -> tuple[tuple[str, ...], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        chk.error("routing.tiers", f"must be a list of model lists, got {_shown(value)}")
+        return ()
+    seen: dict[str, int] = {}
+    tiers = []
+    for i, tier in enumerate(value):
+        path = f"routing.tiers[{i}]"
+        if not isinstance(tier, list) or not tier:
+            chk.error(path, f"must be a non-empty list of models, got {_shown(tier)}")
+            continue
+        names = []
+        for j, item in enumerate(tier):
+            name = chk.model(f"{path}[{j}]", item)
+            if name is None:
+                continue
+            if model_key(name) in seen:
+                chk.error(
+                    f"{path}[{j}]",
+                    f"model {_shown(name)} is already in tier {seen[model_key(name)]}",
+                )
+                continue
+            seen[model_key(name)] = i
+            names.append(name)
+        tiers.append(tuple(names))
+    return tuple(tiers)
+
+
+def _model_keys(chk: _Checker, path: str, value: Any) -> dict[str, Any]:
+    """A mapping keyed by model ids (aliases, ladder), with each key checked."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        chk.error(path, f"must be a mapping of model names, got {_shown(value)}")
+        return {}
+    out: dict[str, Any] = {}
+    keys: set[str] = set()
+    for key, item in value.items():
+        if not isinstance(key, str) or not _MODEL_NAME.fullmatch(key):
+            chk.error(path, f"not a model name: {_shown(key)} (quote it if it is)")
+        elif model_key(key) in keys:
+            chk.error(f"{path}.{key}", "listed twice (names compare case-insensitively)")
+        else:
+            keys.add(model_key(key))
+            out[key] = item
+    return out
+
+
+def _aliases(chk: _Checker, value: Any) -> dict[str, str]:
+    raw = _model_keys(chk, "routing.aliases", value)
+    aliases = {}
+    for alias, target in raw.items():
+        path = f"routing.aliases.{alias}"
+        if alias == DEFAULT_MODEL:
+            chk.error(path, f'"{DEFAULT_MODEL}" is built in: it means the caller\'s default_model')
+            continue
+        name = chk.model(path, target, default_ok=True)
+        if name is not None:
+            aliases[alias] = name
+    for alias, target in aliases.items():
+        if target in aliases:
+            chk.error(
+                f"routing.aliases.{alias}",
+                f"points at another alias ({_shown(target)}); aliases resolve once, so name "
+                f"the model ({_shown(aliases[target])})",
+            )
+    return aliases
+
+
+def _ladder(chk: _Checker, value: Any, tier_of: Mapping[str, int]) -> dict[str, str]:
+    raw = _model_keys(chk, "routing.ladder", value)
+    ladder: dict[str, str] = {}
+    for model, target in raw.items():
+        path = f"routing.ladder.{model}"
+        chk.model(path, model)
+        cheaper = chk.model(path, target)
+        if cheaper is None:
+            continue
+        if model_key(cheaper) == model_key(model):
+            chk.error(path, "steps down to itself")
+            continue
+        here, there = tier_of.get(model_key(model)), tier_of.get(model_key(cheaper))
+        if here is not None and there is not None and there < here:
+            chk.error(path, f"climbs from tier {here} to tier {there}; a ladder only steps down")
+            continue
+        ladder[model] = cheaper
+    down = {model_key(k): model_key(v) for k, v in ladder.items()}
+    reported: set[frozenset[str]] = set()
+    for start in ladder:
+        path, node = [model_key(start)], down.get(model_key(start))
+        while node is not None and node not in path:
+            path.append(node)
+            node = down.get(node)
+        if node == model_key(start) and frozenset(path) not in reported:
+            reported.add(frozenset(path))
+            chk.error(f"routing.ladder.{start}", f"loops: {' -> '.join([*path, node])}")
+    return ladder
+
+
+def _rules(
+    chk: _Checker,
+    value: Any,
+    aliases: Mapping[str, str],
+    routes: Mapping[str, UpstreamRoute],
+    scopes: _Scopes,
+) -> tuple[Rule, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        chk.error("routing.rules", f"must be a list of rules, got {_shown(value)}")
+        return ()
+    rules: list[Rule] = []
+    names: dict[str, int] = {}
+    catch_all: tuple[int, str] | None = None
+    for i, body in enumerate(value):
+        path = f"routing.rules[{i}]"
+        raw = chk.mapping(path, body, _RULE_FIELDS, required=("name", "set"))
+        name = None
+        if "name" in raw:
+            name = chk.text(f"{path}.name", raw["name"])
+            if name is not None and not NAME_PATTERN.fullmatch(name):
+                chk.error(f"{path}.name", "must be 1-64 letters, digits, '-' or '_'")
+                name = None
+            elif name is not None and name in names:
+                chk.error(f"{path}.name", f'"{name}" is already the name of rules[{names[name]}]')
+                name = None
+        when = _rule_match(chk, f"{path}.when", raw.get("when"), aliases, scopes)
+        changes = _rule_changes(chk, f"{path}.set", raw.get("set"), aliases, routes)
+        if catch_all is not None and isinstance(body, dict):
+            chk.warnings.append(
+                f"{path}: never reached: rules[{catch_all[0]}] ({catch_all[1]}) matches every "
+                "request"
+            )
+        if name is None or when is None or changes is None:
+            continue
+        names[name] = i
+        if when == RuleMatch() and catch_all is None:
+            catch_all = (i, name)
+        rules.append(Rule(name, when, changes))
+    return tuple(rules)
+
+
+def _rule_match(
+    chk: _Checker, path: str, value: Any, aliases: Mapping[str, str], scopes: _Scopes
+) -> RuleMatch | None:
+    before = len(chk.problems)
+    raw = chk.mapping(path, value, _MATCH_FIELDS)
+    found: dict[str, Any] = {}
+    choices = {"endpoint": ENDPOINT_NAMES, "reasoning_effort": EFFORTS}
+    for key in _MATCH_LISTS:
+        if key in raw:
+            found[key] = chk.strings(f"{path}.{key}", raw[key], choices.get(key))
+    for key in _MATCH_FLAGS:
+        if key in raw:
+            found[key] = chk.flag(f"{path}.{key}", raw[key])
+    for key in _MATCH_COUNTS:
+        if key in raw:
+            found[key] = chk.count(f"{path}.{key}", raw[key])
+    _check_scope_names(chk, path, found, scopes)
+    if found.get("model"):
+        for j, model in enumerate(found["model"]):
+            if model in aliases:
+                chk.error(
+                    f"{path}.model[{j}]",
+                    f"{_shown(model)} is an alias and rules see models after aliases are "
+                    f"resolved; match {_shown(aliases[model])}",
+                )
+            else:
+                chk.model(f"{path}.model[{j}]", model)
+        found["model"] = tuple(dict.fromkeys(model_key(m) for m in found["model"]))
+    if found.get("task"):
+        found["task"] = tuple(t.lower() for t in found["task"])
+    over, under = found.get("input_tokens_over"), found.get("input_tokens_under")
+    if over is not None and under is not None and under - over < 2:
+        chk.error(
+            f"{path}.input_tokens_under",
+            f"no token count is over {over} and under {under}: the rule never matches",
+        )
+    if len(chk.problems) > before:
+        return None
+    return RuleMatch(**found)
+
+
+def _rule_changes(
+    chk: _Checker,
+    path: str,
+    value: Any,
+    aliases: Mapping[str, str],
+    routes: Mapping[str, UpstreamRoute],
+) -> RuleChanges | None:
+    before = len(chk.problems)
+    raw = chk.mapping(path, value, _SET_FIELDS)
+    found: dict[str, Any] = {}
+    if "model" in raw:
+        model = chk.model(f"{path}.model", raw["model"])
+        if model is not None and model in aliases:
+            chk.error(
+                f"{path}.model",
+                f"{_shown(model)} is an alias; name the model ({_shown(aliases[model])})",
+            )
+        found["model"] = model
+    if "reasoning_effort" in raw:
+        found["reasoning_effort"] = chk.choice(
+            f"{path}.reasoning_effort", raw["reasoning_effort"], EFFORTS
+        )
+    if "max_output_tokens" in raw:
+        found["max_output_tokens"] = chk.positive_int(
+            f"{path}.max_output_tokens", raw["max_output_tokens"]
+        )
+    if "route" in raw:
+        route = chk.text(f"{path}.route", raw["route"])
+        if route is not None and route not in routes:
+            known = ", ".join(routes) or "none defined"
+            hint = _did_you_mean(route, routes)
+            chk.error(
+                f"{path}.route",
+                f"unknown route {_shown(route)}{hint} (routing.upstream_routes: {known})",
+            )
+        found["route"] = route
+    if len(chk.problems) > before:
+        return None
+    return RuleChanges(**found)
+
+
+_Scopes = Mapping[str, tuple[set[str], set[str]]]  # workspace -> (teams, services)
+
+
+def _scopes(chk: _Checker, raw_workspaces: Any) -> dict[str, tuple[set[str], set[str]]]:
+    """Workspace, team and service names as written, for checking the names rules use."""
+    known: dict[str, tuple[set[str], set[str]]] = {}
+    for name, body in chk.named("workspaces", raw_workspaces).items():
+        body = body if isinstance(body, dict) else {}
+        teams, services = body.get("teams"), body.get("services")
+        known[name] = (
+            {k for k in teams if isinstance(k, str)} if isinstance(teams, dict) else set(),
+            {k for k in services if isinstance(k, str)} if isinstance(services, dict) else set(),
+        )
+    return known
+
+
+def _check_scope_names(chk: _Checker, path: str, found: Mapping[str, Any], known: _Scopes) -> None:
+    """Names in rules must exist: a typo would silently switch a rule off."""
+    for j, ws in enumerate(found.get("workspace") or ()):
+        if ws not in known:
+            hint = _did_you_mean(ws, known) or f" (workspaces: {', '.join(known)})"
+            chk.error(f"{path}.workspace[{j}]", f"unknown workspace {_shown(ws)}{hint}")
+    scope = [w for w in found.get("workspace") or known if w in known]
+    if not scope:
+        return
+    where = ", ".join(scope)
+    for kind, index in (("team", 0), ("service", 1)):
+        names: set[str] = set().union(*(known[w][index] for w in scope))
+        for j, name in enumerate(found.get(kind) or ()):
+            if name not in names:
+                hint = _did_you_mean(name, names)
+                chk.error(f"{path}.{kind}[{j}]", f"unknown {kind} {_shown(name)}{hint} in {where}")
+
+
+def _scope_routing(chk: _Checker, path: str, value: Any, routing: Routing) -> dict[str, Any]:
+    """The routing settings this level sets explicitly (None: lift an inherited limit)."""
+    raw = chk.mapping(path, value, _SCOPE_ROUTING_FIELDS)
+    own: dict[str, Any] = {}
+    for name, item in raw.items():
+        where = f"{path}.{name}"
+        if item is None and name in _LIFTABLE:
+            own[name] = None
+            continue
+        parsed: Any
+        if name == "allowed_models":
+            listed = chk.strings(where, item)
+            models = [chk.model(f"{where}[{j}]", m) for j, m in enumerate(listed or ())]
+            parsed = tuple(dict.fromkeys(m for m in models if m)) if listed else None
+        elif name == "ceiling_tier":
+            parsed = _ceiling(chk, where, item, len(routing.tiers))
+        elif name == "default_model":
+            parsed = chk.model(where, item)
+        elif name in ("degrade_past_soft", "inject_prompt_cache_key"):
+            parsed = chk.flag(where, item)
+        elif name == "overdraft":
+            parsed = _overdraft(chk, where, item)
+        elif name in ("max_input_tokens", "max_session_input_tokens"):
+            parsed = chk.positive_int(where, item)
+        else:
+            parsed = chk.choice(where, item, CONTEXT_ACTIONS)
+        if parsed is not None:
+            own[name] = parsed
+    return own
+
+
+def _ceiling(chk: _Checker, path: str, value: Any, tiers: int) -> int | None:
+    if not tiers:
+        chk.error(path, "routing.tiers defines no tiers to put a ceiling on")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < tiers:
+        chk.error(path, f"must be a tier index from 0 to {tiers - 1}, got {_shown(value)}")
+        return None
+    return value
+
+
+def _overdraft(chk: _Checker, path: str, value: Any) -> Overdraft | None:
+    raw = chk.mapping(path, value, ("model", "usd"), required=("model", "usd"))
+    model = chk.model(f"{path}.model", raw["model"]) if "model" in raw else None
+    nanos = chk.money(f"{path}.usd", raw["usd"]) if "usd" in raw else None
+    return Overdraft(model, nanos) if model is not None and nanos is not None else None
+
+
+def _merged_routing(
+    chk: _Checker, path: str, own: Mapping[str, Any], base: RoutingSettings, routing: Routing
+) -> RoutingSettings:
+    """`base` with this level's settings on top, checked where this level changed something."""
+    merged = replace(base, **own)
+    if not own:
+        return merged
+    for label, model in (
+        ("default_model", merged.default_model),
+        ("overdraft.model", merged.overdraft.model if merged.overdraft else None),
+    ):
+        set_here = label.split(".")[0] in own
+        if model is None:
+            continue
+        if not merged.allows(model) and (set_here or "allowed_models" in own):
+            blame = label if set_here else "allowed_models"
+            allowed = ", ".join(merged.allowed_models or ())
+            chk.error(
+                f"{path}.{blame}", f"{label} {_shown(model)} is not in allowed_models ({allowed})"
+            )
+        tier, ceiling = routing.tier_of(model), merged.ceiling_tier
+        if (
+            tier is not None
+            and ceiling is not None
+            and tier < ceiling
+            and (set_here or "ceiling_tier" in own)
+        ):
+            blame = label if set_here else "ceiling_tier"
+            chk.error(
+                f"{path}.{blame}",
+                f"{label} {_shown(model)} is in tier {tier}, above ceiling_tier {ceiling}",
+            )
+    if not routing.ladder:
+        if own.get("degrade_past_soft"):
+            chk.warnings.append(
+                f"{path}.degrade_past_soft: routing.ladder is empty, so nothing can step down"
+            )
+        if own.get("on_context_exceeded") == "downgrade":
+            chk.warnings.append(
+                f"{path}.on_context_exceeded: routing.ladder is empty, so a downgrade always "
+                "ends in a refusal"
+            )
+    return merged
+
+
+def parse_policy(
+    doc: Any,
+    source: str = "policy.yaml",
+    base_dir: Path | None = None,
+    *,
+    prices: PriceTable | None = None,
+) -> Policy:
+    """A Policy from an already-parsed YAML document (a dict), or PolicyError.
+
+    `prices` (default: the bundled table) only decides which model names earn a warning.
+    """
+    chk = _Checker(base_dir or Path.cwd(), prices)
+    raw = chk.mapping("", doc, _TOP, required=("version", "workspaces"), features=_FEATURE_SECTIONS)
+    routing = _routing(chk, raw.get("routing"), _scopes(chk, raw.get("workspaces")))
     if "version" in raw and (isinstance(raw["version"], bool) or raw["version"] != VERSION):
         chk.error("version", f"unsupported version {_shown(raw['version'])} (this extproc reads 1)")
     tz = _timezone(chk, raw.get("timezone"))
@@ -595,12 +1233,16 @@ def parse_policy(doc: Any, source: str = "policy.yaml", base_dir: Path | None = 
     default_keys = _merge_limits(
         None, chk.rate_fields("defaults.key_rate_limits", draw.get("key_rate_limits"))
     )
+    own_routing = _scope_routing(chk, "defaults.routing", draw.get("routing"), routing)
+    default_routing = _merged_routing(
+        chk, "defaults.routing", own_routing, RoutingSettings(), routing
+    )
     workspaces: dict[str, Workspace] = {}
     if "workspaces" in raw and raw["workspaces"] in (None, {}):
         chk.error("workspaces", "must define at least one workspace")
     valid_defaults = {k: v for k, v in defaults.items() if v is not None}
     for name, body in chk.named("workspaces", raw.get("workspaces")).items():
-        ws = _workspace(chk, name, body, valid_defaults, default_keys)
+        ws = _workspace(chk, name, body, valid_defaults, default_keys, routing, default_routing)
         if ws is not None:
             workspaces[name] = ws
     webhooks = _webhooks(chk, raw.get("alerts"))
@@ -613,10 +1255,11 @@ def parse_policy(doc: Any, source: str = "policy.yaml", base_dir: Path | None = 
         webhooks=webhooks,
         source=source,
         warnings=tuple(f"{source}: {w}" for w in chk.warnings),
+        routing=routing,
     )
 
 
-def load_policy(path: str | Path) -> Policy:
+def load_policy(path: str | Path, *, prices: PriceTable | None = None) -> Policy:
     """Read and validate a policy file; PolicyError lists every problem found."""
     source = str(path)
     try:
@@ -625,11 +1268,15 @@ def load_policy(path: str | Path) -> Policy:
         raise PolicyError([f"{source}: cannot read: {exc.strerror}"]) from None
     except UnicodeDecodeError:
         raise PolicyError([f"{source}: not UTF-8 text"]) from None
-    return parse_policy_text(text, source, Path(path).resolve().parent)
+    return parse_policy_text(text, source, Path(path).resolve().parent, prices=prices)
 
 
 def parse_policy_text(
-    text: str, source: str = "policy.yaml", base_dir: Path | None = None
+    text: str,
+    source: str = "policy.yaml",
+    base_dir: Path | None = None,
+    *,
+    prices: PriceTable | None = None,
 ) -> Policy:
     loader = _Loader(text)
     try:
@@ -642,7 +1289,7 @@ def parse_policy_text(
     if doc is None:
         raise PolicyError([f"{source}: empty file (expected version: 1 and workspaces:)"])
     try:
-        policy = parse_policy(doc, source, base_dir)
+        policy = parse_policy(doc, source, base_dir, prices=prices)
     except PolicyError as exc:
         raise PolicyError([*duplicates, *exc.problems]) from None
     if duplicates:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import redis.asyncio as aioredis
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -25,11 +25,14 @@ from extproc import guard
 from extproc.alerts import Alert, Alerter
 from extproc.budget import Budgets
 from extproc.exchange import Deps, Exchange, Reply
+from extproc.h2grpc import HEALTH_CHECK_PATH, GrpcServer, Route, health_route
 from extproc.keys import KeyCache, KeyStore
 from extproc.ledger import Ledger
 from extproc.policy import Policy, PolicyError, PolicyWatcher, load_policy
 from extproc.prices import PriceTable
+from extproc.redis_client import AsyncClient, make_client
 from extproc.settings import Settings
+from extproc.telemetry import Telemetry
 from extproc.tokens import count_text
 
 log = logging.getLogger("extproc.server")
@@ -67,12 +70,121 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[msgs.ProcessingResponse]:
         exchange = Exchange(self._deps)
+        clock = time.perf_counter_ns
         try:
             async for request in request_iterator:
+                began = clock()
                 reply = dispatch(exchange, request)
-                yield reply if isinstance(reply, msgs.ProcessingResponse) else await reply
+                if not isinstance(reply, msgs.ProcessingResponse):
+                    reply = await reply
+                exchange.busy_ns += clock() - began
+                yield reply
         finally:
             exchange.close()
+
+
+_PROCESS_PATH = f"/{SERVICE_NAME}/Process"
+_CONSTANT_REPLIES = {
+    id(reply): reply.SerializeToString()
+    for reply in (
+        msgs.CONTINUE_REQUEST_HEADERS,
+        msgs.CONTINUE_METERED_REQUEST_HEADERS,
+        msgs.CONTINUE_REQUEST_BODY,
+        msgs.CONTINUE_RESPONSE_HEADERS,
+        msgs.CONTINUE_RESPONSE_BODY,
+        msgs.SKIP_REST,
+    )
+}
+
+
+def _serialize(reply: msgs.ProcessingResponse) -> bytes:
+    return _CONSTANT_REPLIES.get(id(reply)) or reply.SerializeToString()
+
+
+class ExtProcStream:
+    """One ext_proc stream on our own HTTP/2 transport: bytes in, bytes out, same Exchange."""
+
+    __slots__ = ("exchange",)
+
+    def __init__(self, deps: Deps) -> None:
+        self.exchange = Exchange(deps)
+
+    def on_message(self, data: bytes) -> bytes | Awaitable[bytes]:
+        began = time.perf_counter_ns()
+        reply = dispatch(self.exchange, msgs.ProcessingRequest.FromString(data))
+        if isinstance(reply, msgs.ProcessingResponse):
+            out = _serialize(reply)
+            self.exchange.busy_ns += time.perf_counter_ns() - began
+            return out
+        return self._later(reply, began)
+
+    async def _later(self, pending: Awaitable[msgs.ProcessingResponse], began: int) -> bytes:
+        out = _serialize(await pending)
+        self.exchange.busy_ns += time.perf_counter_ns() - began
+        return out
+
+    def on_end(self, cancelled: bool) -> None:
+        # Envoy ends every ext_proc stream with RST_STREAM once the HTTP request is done, so
+        # `cancelled` is the normal case; the exchange itself knows whether it finished.
+        self.exchange.close()
+
+
+class H2Transport:
+    """The default: our HTTP/2 gRPC server, about 30 µs of CPU per message instead of ~240."""
+
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+        self._serving = True
+        self._server = GrpcServer(
+            {
+                _PROCESS_PATH: Route(lambda: ExtProcStream(deps)),
+                HEALTH_CHECK_PATH: health_route(self._health),
+            },
+            max_message_bytes=deps.settings.max_body_bytes * 2 + (1 << 20),
+        )
+
+    def _health(self, service: str) -> int:
+        if service not in ("", SERVICE_NAME):
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        if self._serving:
+            return health_pb2.HealthCheckResponse.SERVING
+        return health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def start(self, settings: Settings) -> None:
+        await self._server.start(settings.listen)
+
+    async def stop(self, grace: float) -> None:
+        self._serving = False
+        await self._server.close(grace)
+
+
+class GrpcioTransport:
+    """grpcio's own asyncio server: the reference implementation (`transport: grpcio`)."""
+
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+        self._health = health_aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self, settings: Settings) -> None:
+        server = grpc.aio.server(options=_grpc_options(settings))
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+            ExternalProcessor(self._deps), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        port = server.add_insecure_port(settings.listen)
+        if port == 0 and not settings.listen.startswith("unix:"):
+            raise OSError(f"cannot listen on {settings.listen}")
+        await server.start()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        await self._health.set("", serving)
+        await self._health.set(SERVICE_NAME, serving)
+        self._server = server
+
+    async def stop(self, grace: float) -> None:
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
 
 
 def upstream_keys(policy: Policy) -> dict[str, str]:
@@ -123,7 +235,7 @@ class Governor:
             self.alerter.send(Alert("soft_limit", workspace, scope, text, {}))
 
 
-def build_deps(settings: Settings, client: aioredis.Redis) -> tuple[Deps, Governor]:
+def build_deps(settings: Settings, client: AsyncClient) -> tuple[Deps, Governor]:
     prices = PriceTable.load(settings.prices or None)
     deps = Deps(
         settings=settings,
@@ -132,6 +244,7 @@ def build_deps(settings: Settings, client: aioredis.Redis) -> tuple[Deps, Govern
         ledger=None,  # type: ignore[arg-type]  # set below: the ledger reports to the governor
         executor=ThreadPoolExecutor(max_workers=2, thread_name_prefix="extproc-count"),
     )
+    deps.telemetry = Telemetry.from_env()
     governor = Governor(deps, Alerter(lambda event: governor.webhooks(event)))
     deps.ledger = Ledger(
         client,
@@ -159,7 +272,7 @@ def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
 
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run the sidecar until SIGTERM/SIGINT (or `stop` is set)."""
-    client = aioredis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
+    client = make_client(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
     deps, governor = build_deps(settings, client)
     count_text("warm up the tokenizer", "gpt-5")
     count_text("warm up the tokenizer", "gpt-3.5-turbo")
@@ -170,20 +283,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         watcher = PolicyWatcher(settings.policy, governor.apply)
         background.append(asyncio.create_task(watcher.run(), name="policy-watcher"))
 
-    server = grpc.aio.server(options=_grpc_options(settings))
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessor(deps), server
-    )
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(settings.listen)
-    if port == 0 and not settings.listen.startswith("unix:"):
-        raise OSError(f"cannot listen on {settings.listen}")
-    await server.start()
-    serving = health_pb2.HealthCheckResponse.SERVING
-    await health.set("", serving)
-    await health.set(SERVICE_NAME, serving)
-    log.info("extproc listening on %s", settings.listen)
+    transport = H2Transport(deps) if settings.transport == "h2" else GrpcioTransport(deps)
+    await transport.start(settings)
+    log.info("extproc listening on %s (%s transport)", settings.listen, settings.transport)
     print(f"extproc listening on {settings.listen}", flush=True)
 
     stop = stop or asyncio.Event()
@@ -193,11 +295,11 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     await stop.wait()
 
     log.info("shutting down: draining in-flight streams for up to %ss", settings.grace_seconds)
-    await health.enter_graceful_shutdown()
-    await server.stop(settings.grace_seconds)
+    await transport.stop(settings.grace_seconds)
     await deps.ledger.close()
     for task in background:
         task.cancel()
     await governor.alerter.drain()
+    deps.telemetry.shutdown()
     await client.aclose()
     deps.executor.shutdown(wait=False)

@@ -22,9 +22,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
+
 from extproc import envoy_config
 
 READY_TIMEOUT = 30.0
+CLUSTER_SLOTS = 16384
 
 
 def free_port() -> int:
@@ -112,6 +115,76 @@ class Child:
             self.proc.wait()
 
 
+def _slot_ranges(nodes: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal slot ranges, one per primary, covering every slot."""
+    bounds = [CLUSTER_SLOTS * i // nodes for i in range(nodes + 1)]
+    return [(bounds[i], bounds[i + 1] - 1) for i in range(nodes)]
+
+
+def _cluster_ok(clients: list[redis.Redis]) -> bool:
+    return all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO") for c in clients)
+
+
+def start_cluster(directory: Path, nodes: int = 3) -> tuple[list[Child], str]:
+    """Start a Redis Cluster of `nodes` primaries; returns the children and the cluster URL.
+
+    What `redis-cli --cluster create` does, spelled out so no extra tool is needed: distinct
+    config epochs (no collision to resolve), one slot range per node, every node introduced
+    to the first, then wait until each node itself reports the cluster healthy.
+    """
+    children: list[Child] = []
+    try:
+        ports: list[tuple[int, int]] = []
+        for i in range(nodes):
+            port, bus = free_port(), free_port()
+            node_dir = directory / f"node{i}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            child = Child(
+                f"redis-node{i}",
+                [
+                    redis_server_binary(),
+                    "--port", str(port),
+                    "--cluster-port", str(bus),
+                    "--bind", "127.0.0.1",
+                    "--dir", str(node_dir),
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", str(node_dir / "nodes.conf"),
+                    "--cluster-node-timeout", "5000",
+                    "--appendonly", "yes",
+                    "--save", "",
+                    "--protected-mode", "no",
+                ],
+            )  # fmt: skip
+            children.append(child)
+            ports.append((port, bus))
+        for child in children:
+            child.wait_for_line("Ready to accept connections")
+        clients = [redis.Redis(port=port, socket_timeout=5) for port, _bus in ports]
+        try:
+            for i, (client, (first, last)) in enumerate(
+                zip(clients, _slot_ranges(nodes), strict=True)
+            ):
+                client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+            for port, bus in ports[1:]:
+                clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port, bus)
+            deadline = time.monotonic() + READY_TIMEOUT
+            while not _cluster_ok(clients):
+                if time.monotonic() > deadline:
+                    logs = "\n".join(c.output() for c in children)
+                    raise TimeoutError(f"redis cluster not ok in {READY_TIMEOUT}s:\n{logs}")
+                time.sleep(0.05)  # polling a readiness probe, not synchronising on time
+        finally:
+            for client in clients:
+                client.close()
+    except BaseException:
+        for child in children:
+            child.stop()
+        raise
+    hosts = ",".join(f"127.0.0.1:{port}" for port, _bus in ports)
+    return children, f"redis+cluster://{hosts}"
+
+
 @dataclass
 class StackConfig:
     listen_port: int = 10000
@@ -122,6 +195,7 @@ class StackConfig:
     sidecar_env: dict[str, str] = field(default_factory=dict)
     envoy_concurrency: int = 1
     sidecars: int = 1  # replicas sharing one Redis behind one Envoy
+    redis_cluster_nodes: int = 0  # >0: start a Redis Cluster of that many primaries instead
 
 
 class Stack:
@@ -149,7 +223,10 @@ class Stack:
         cfg = self.config
         data = cfg.data_dir.resolve()
         data.mkdir(parents=True, exist_ok=True)
-        if not cfg.redis_url:
+        if not cfg.redis_url and cfg.redis_cluster_nodes:
+            nodes, self.redis_url = start_cluster(data / "cluster", cfg.redis_cluster_nodes)
+            self.children.update((node.name, node) for node in nodes)
+        elif not cfg.redis_url:
             self.start_redis(data / "redis")
         if not cfg.upstream_url:
             port = free_port()
@@ -256,8 +333,9 @@ class Stack:
             child = self.children.get(name)
             if child:
                 child.stop()
-        if "redis" in self.children:
-            self.children["redis"].stop()
+        for name, child in self.children.items():
+            if name == "redis" or name.startswith("redis-node"):
+                child.stop()
 
     def __enter__(self) -> Stack:
         return self.start()

@@ -32,8 +32,11 @@ for _, rid in ipairs(redis.call('ZRANGEBYSCORE', resv_k, '-inf', now, 'LIMIT', 0
   if d then
     local parts = {}
     for s in string.gmatch(d, '[^|]+') do parts[#parts + 1] = s end
-    for i = 3, #parts do
-      redis.call('HINCRBY', p .. ':held:' .. parts[1], parts[i], '-' .. parts[2])
+    -- HINCRBY refuses "-0": a zero-cost reservation (free model, empty input) holds nothing.
+    if parts[2] ~= '0' then
+      for i = 3, #parts do
+        redis.call('HINCRBY', p .. ':held:' .. parts[1], parts[i], '-' .. parts[2])
+      end
     end
     redis.call('HDEL', data_k, rid)
   end

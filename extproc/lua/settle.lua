@@ -22,8 +22,11 @@ if resv ~= '' then
   if d then
     local parts = {}
     for s in string.gmatch(d, '[^|]+') do parts[#parts + 1] = s end
-    for i = 3, #parts do
-      redis.call('HINCRBY', p .. ':held:' .. parts[1], parts[i], '-' .. parts[2])
+    -- HINCRBY refuses "-0": a zero-cost reservation (free model, empty input) holds nothing.
+    if parts[2] ~= '0' then
+      for i = 3, #parts do
+        redis.call('HINCRBY', p .. ':held:' .. parts[1], parts[i], '-' .. parts[2])
+      end
     end
     redis.call('HDEL', data_k, resv)
   end

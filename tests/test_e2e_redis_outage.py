@@ -1,0 +1,160 @@
+"""End to end: Redis goes away mid-traffic and comes back.
+
+Each workspace picks its answer to an outage: `closed` refuses with a 503 the SDKs retry,
+`open` keeps serving on local books and says so in a header. Either way the sidecar must
+keep answering promptly, and every settlement it could not write must reach Redis exactly
+once when Redis returns (the spool is replayed; the settle script refuses duplicates).
+Real Envoy, two sidecar replicas, the simulator, a real Redis stopped and restarted on the
+same port and data directory (AOF on, so what was written before the outage survives).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+import redis
+
+from extproc.ledger import prefix_for
+from extproc.stack import Stack, temporary_stack
+from tests.conftest import all_records, wait_record
+
+RID = "x-extproc-request-id"
+REQUEST_TIMEOUT = 10.0
+# Envoy gives the sidecar 5 s per ext_proc message; an answer must come well before that.
+PROMPT = 4.0
+
+POLICY = """
+version: 1
+timezone: UTC
+defaults:
+  period: month
+  default_output_cap: 64
+workspaces:
+  shut:
+    budget_usd: 1000
+    on_redis_down: closed
+    upstream: {key_env: TEST_UPSTREAM_KEY}
+    services:
+      bot: {}
+  flow:
+    budget_usd: 1000
+    on_redis_down: open
+    upstream: {key_env: TEST_UPSTREAM_KEY}
+    services:
+      bot: {}
+"""
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+@pytest.fixture(scope="module")
+def ostack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
+    policy.write_text(POLICY)
+    env = {"EXTPROC_POLICY": str(policy), "TEST_UPSTREAM_KEY": "sk-upstream-outage"}
+    with temporary_stack(sidecar_env=env, sidecars=2) as s:
+        s.policy_path = policy  # type: ignore[attr-defined]
+        yield s
+
+
+def new_key(stack: Stack, workspace: str) -> dict:
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "extproc", "keys", "create",
+            "--workspace", workspace, "--service", "bot", "--json",
+            "--redis-url", stack.redis_url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "EXTPROC_POLICY": str(stack.policy_path)},  # type: ignore[attr-defined]
+    )  # fmt: skip
+    return json.loads(out.stdout)
+
+
+def post(stack: Stack, key: dict, *, stream: bool = False) -> tuple[httpx.Response, float]:
+    """One chat request, read to the end; returns the response and how long it took."""
+    body = {**CHAT, "stream": True} if stream else CHAT
+    started = time.monotonic()
+    resp = httpx.post(
+        f"{stack.base_url}/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {key['key']}"},
+        timeout=REQUEST_TIMEOUT,
+    )
+    return resp, time.monotonic() - started
+
+
+def spent(r: redis.Redis, workspace: str) -> int:
+    period = datetime.now(UTC).strftime("%Y-%m")
+    return int(r.hget(f"{prefix_for(workspace)}:spent:{period}", "ws") or 0)
+
+
+def test_outage_fails_closed_or_open_per_workspace_and_the_spool_replays(
+    ostack: Stack,
+) -> None:
+    shut, flow, cold = new_key(ostack, "shut"), new_key(ostack, "flow"), new_key(ostack, "flow")
+    before = redis.Redis.from_url(ostack.redis_url)
+    try:
+        for key in (shut, flow):  # four each: both replicas cache both keys (round robin)
+            for _ in range(4):
+                resp, _took = post(ostack, key)
+                assert resp.status_code == 200
+                wait_record(before, resp.headers[RID])
+        spent_before = spent(before, "flow")
+    finally:
+        before.close()
+
+    ostack.stop_redis()
+    try:
+        refused = [post(ostack, shut) for _ in range(4)]
+        admitted = [post(ostack, flow) for _ in range(4)]
+        streamed = [post(ostack, flow, stream=True) for _ in range(2)]
+        unknown, unknown_took = post(ostack, cold)
+    finally:
+        ostack.restart_redis()
+
+    for resp, took in [*refused, *admitted, *streamed, (unknown, unknown_took)]:
+        assert took < PROMPT, (resp.status_code, took)
+    for resp, _took in refused:
+        assert resp.status_code == 503
+        error = resp.json()["error"]
+        assert (error["type"], error["code"]) == ("server_error", "budget_store_unavailable")
+        assert resp.headers["retry-after"] == "2"
+    for resp, _took in [*admitted, *streamed]:
+        assert resp.status_code == 200
+        assert "budget store unavailable" in resp.headers["x-extproc-budget-warning"]
+    for resp, _took in streamed:
+        assert resp.text.rstrip().endswith("data: [DONE]")
+    assert unknown.status_code == 503  # an uncached key cannot be checked at all
+    assert unknown.json()["error"]["code"] == "budget_store_unavailable"
+
+    after = redis.Redis.from_url(ostack.redis_url)
+    try:
+        records = [
+            wait_record(after, resp.headers[RID], timeout=30)
+            for resp, _took in [*refused, *admitted, *streamed]
+        ]
+        for resp, _took in [*refused, *admitted, *streamed]:
+            assert len(all_records(after, resp.headers[RID])) == 1
+        for record in records[: len(refused)]:
+            assert (record["workspace"], record["outcome"], record["cost_nanos"]) == (
+                "shut",
+                "rejected",
+                0,
+            )
+        served = records[len(refused) :]
+        assert {r["workspace"] for r in served} == {"flow"}
+        assert all(r["cost_nanos"] > 0 for r in served)
+        assert spent(after, "flow") == spent_before + sum(r["cost_nanos"] for r in served)
+        resp, _took = post(ostack, shut)  # and the closed workspace is back
+        assert resp.status_code == 200
+    finally:
+        after.close()

@@ -1,0 +1,386 @@
+"""The spend report: its arithmetic as plain functions, then the command against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from extproc.budget import Budgets, Decision, Plan, plan_request
+from extproc.keys import Identity
+from extproc.ledger import Ledger
+from extproc.periods import period_at
+from extproc.policy import parse_policy_text
+from extproc.prices import PriceTable
+from extproc.redis_client import make_client
+from extproc.spend import (
+    Row,
+    build_report,
+    days_in,
+    forecast,
+    parse_now,
+    render_table,
+    report_keys,
+    runs_out_at,
+    select_period,
+)
+from extproc.stack import Child, free_port, redis_server_binary
+from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
+
+BERLIN = ZoneInfo("Europe/Berlin")
+USD = 1_000_000_000
+POLICY_TEXT = """
+version: 1
+timezone: Europe/Berlin
+defaults:
+  hard_limit: 110%
+  default_output_cap: 100
+workspaces:
+  dev:
+    budget_usd: 100
+    upstream: {key_env: TEST_UPSTREAM}
+    teams:
+      platform: {budget_usd: 60}
+      web: {}
+    services:
+      cli: {team: platform, budget_usd: 40}
+      bot: {}
+  ci:
+    budget_usd: 50
+    period: week
+    upstream: {key_env: TEST_UPSTREAM}
+    services:
+      runner: {}
+"""
+POLICY = parse_policy_text(POLICY_TEXT)
+
+
+def berlin(*args: int) -> datetime:
+    return datetime(*args, tzinfo=BERLIN)  # type: ignore[misc]
+
+
+def ms(when: datetime) -> int:
+    return int(when.timestamp() * 1000)
+
+
+# --- arithmetic ----------------------------------------------------------------------------
+
+
+def test_forecast_extends_the_average_pace_to_the_end_of_the_period() -> None:
+    assert forecast(25 * USD, Fraction(1, 4)) == 100 * USD
+    assert forecast(26 * USD, 0.325) == 80 * USD  # a float share of the period
+    assert forecast(1, Fraction(1, 3)) == 3
+    assert forecast(550 * USD + 1, Fraction(1, 3)) == 1650 * USD + 3  # exact, never a float
+    assert forecast(0, 0.5) == 0
+    assert forecast(7, 0.0) == 7  # no time elapsed: no pace to extend
+    assert forecast(7, 1.0) == 7  # a finished period is what it is
+
+
+@pytest.mark.parametrize(
+    ("year", "month", "days"),
+    [(2026, 11, 30), (2026, 12, 31), (2027, 2, 28), (2026, 10, 31)],  # October: DST ends
+)
+def test_runs_out_date_follows_the_pace_whatever_the_month_length(
+    year: int, month: int, days: int
+) -> None:
+    period = period_at("month", ms(berlin(year, month, 10)), BERLIN)
+    assert days_in(period) == days
+    elapsed = Fraction(9, days)  # 9 whole days gone on the 10th at midnight
+    assert period.elapsed_fraction(berlin(year, month, 10)) == pytest.approx(float(elapsed))
+    # $200 in 9 days is $22.22 a day: the $550 hard limit falls 24.75 days in.
+    out = runs_out_at(200 * USD, 550 * USD, elapsed, period)
+    assert out == berlin(year, month, 25, 18)
+
+
+def test_runs_out_is_none_when_the_pace_does_not_reach_the_limit_this_period() -> None:
+    period = period_at("month", ms(berlin(2026, 11, 10)), BERLIN)
+    assert runs_out_at(100 * USD, 550 * USD, Fraction(9, 30), period) is None  # day 49.5
+    assert runs_out_at(0, 550 * USD, Fraction(9, 30), period) is None
+    assert runs_out_at(100 * USD, 550 * USD, Fraction(0), period) is None
+    # Already past the limit: the average pace crossed it before now.
+    passed = runs_out_at(600 * USD, 550 * USD, Fraction(9, 30), period)
+    assert passed == berlin(2026, 11, 9, 6)
+
+
+def test_previous_period_across_a_year_boundary() -> None:
+    new_year = ms(berlin(2027, 1, 1, 0, 30))  # still 2026 in UTC
+    assert datetime.fromtimestamp(new_year / 1000, UTC).year == 2026
+    month = select_period("month", "previous", new_year, BERLIN)
+    assert (month.id, month.start, month.end) == (
+        "2026-12",
+        berlin(2026, 12, 1),
+        berlin(2027, 1, 1),
+    )
+    assert select_period("month", "current", new_year, BERLIN).id == "2027-01"
+    assert select_period("day", "previous", new_year, BERLIN).id == "2026-12-31"
+    assert select_period("week", "today", new_year, BERLIN).id == "2027-01-01"
+    monday = ms(berlin(2027, 1, 4, 9))
+    assert select_period("week", "current", monday, BERLIN).id == "2027-W01"
+    week = select_period("week", "previous", monday, BERLIN)
+    assert (week.id, week.start) == ("2026-W53", berlin(2026, 12, 28))
+    keys = report_keys(POLICY, berlin(2027, 1, 4, 9), "previous")
+    assert keys == ["{ws:dev}:spent:2026-12", "{ws:ci}:spent:2026-W53", "{ws:_}:spent:2026-12"]
+
+
+def test_the_policy_time_zone_decides_which_period_is_read() -> None:
+    instant = datetime(2026, 11, 30, 23, 30, tzinfo=UTC)  # Dec 1, 00:30 in Berlin
+    nov = {"ws": 90 * USD, "#requests": 9}
+    dec = {"ws": 1 * USD, "#requests": 1}
+    hashes = {"{ws:dev}:spent:2026-11": nov, "{ws:dev}:spent:2026-12": dec}
+    row = build_report(POLICY, hashes, instant).rows[0]
+    assert (row.period.id, row.spent_nanos, row.requests) == ("2026-12", 1 * USD, 1)
+    assert row.forecast_nanos == 1 * USD * 31 * 48  # half an hour of a 31-day month
+    utc = parse_policy_text(POLICY_TEXT.replace("Europe/Berlin", "UTC"))
+    row = build_report(utc, hashes, instant).rows[0]
+    assert (row.period.id, row.spent_nanos) == ("2026-11", 90 * USD)
+    assert "{ws:dev}:day:2026-12-01" in report_keys(POLICY, instant, "today")
+
+
+def test_parse_now_reads_wall_clock_time_in_the_policy_zone() -> None:
+    assert parse_now("2026-11-10T12:00", BERLIN) == berlin(2026, 11, 10, 12)
+    assert parse_now("2026-11-10T11:00:00Z", BERLIN) == berlin(2026, 11, 10, 12)
+    assert parse_now("2026-11-10T12:00:00+01:00", BERLIN).tzinfo is BERLIN
+
+
+# --- the report ----------------------------------------------------------------------------
+
+NOW = berlin(2026, 11, 10, 18)  # 9.75 of 30 days: 13/40 of November gone
+HASHES = {
+    "{ws:dev}:spent:2026-11": {
+        "ws": 27_300_000_000,
+        "#requests": 4,
+        "team:platform": 26 * USD,
+        "team:web": 1_300_000_000,
+        "svc:cli": 26 * USD,
+        "svc:bot": 1_300_000_000,
+        "key:key_a": 26 * USD,
+        "key:key_b": 1_300_000_000,
+        "model:gpt-4o-mini": 27_300_000_000,
+    },
+    "{ws:dev}:held:2026-11": {"ws": 210_000, "team:platform": 210_000, "svc:cli": 210_000},
+    "{ws:dev}:day:2026-11-10": {"ws": 2 * USD, "svc:cli": 2 * USD},
+}
+
+
+def by_name(rows: tuple[Row, ...]) -> dict[tuple[str, str], Row]:
+    return {(r.workspace, r.name): r for r in rows}
+
+
+def test_report_per_service_with_shares_forecasts_and_zero_rows() -> None:
+    report = build_report(POLICY, HASHES, NOW, by="service")
+    assert [(r.workspace, r.kind, r.name) for r in report.rows] == [
+        ("dev", "workspace", "dev"),
+        ("dev", "service", "cli"),
+        ("dev", "service", "bot"),
+        ("ci", "workspace", "ci"),
+        ("ci", "service", "runner"),
+    ]
+    rows = by_name(report.rows)
+    dev, cli, bot = rows["dev", "dev"], rows["dev", "cli"], rows["dev", "bot"]
+    assert (dev.requests, dev.held_nanos, dev.forecast_nanos) == (4, 210_000, 84 * USD)
+    assert str(dev.share_pct) == "27.3" and dev.runs_out is None and not dev.over_budget
+    # cli: $26 of its own $40, heading for $80; its $44 hard limit falls on day 16.5.
+    assert (cli.budget_nanos, cli.hard_nanos, cli.forecast_nanos) == (40 * USD, 44 * USD, 80 * USD)
+    assert cli.share_pct == 65 and cli.held_nanos == 210_000 and cli.over_budget
+    assert cli.runs_out is not None and cli.runs_out.date().isoformat() == "2026-11-17"
+    # bot has no budget: its share is of the workspace's, and its reservations are not tracked.
+    assert (bot.budget_nanos, bot.share_base_nanos, bot.held_nanos) == (None, 100 * USD, None)
+    assert bot.share_pct == Decimal("1.3") and bot.runs_out is None
+    ci = rows["ci", "ci"]
+    assert (ci.period.id, ci.spent_nanos, ci.requests, ci.forecast_nanos) == ("2026-W46", 0, 0, 0)
+    assert rows["ci", "runner"].spent_nanos == 0
+    totals = report.totals
+    assert (totals.spent_nanos, totals.requests, totals.budget_nanos) == (
+        27_300_000_000,
+        4,
+        150 * USD,
+    )
+    assert (totals.held_nanos, totals.forecast_nanos) == (210_000, 84 * USD)
+
+
+def test_report_per_team_key_and_model() -> None:
+    teams = by_name(build_report(POLICY, HASHES, NOW, by="team").rows)
+    assert teams["dev", "platform"].budget_nanos == 60 * USD
+    assert teams["dev", "platform"].hard_nanos == 66 * USD
+    assert teams["dev", "web"].share_base_nanos == 100 * USD
+    assert ("ci", "platform") not in teams
+    keys = by_name(build_report(POLICY, HASHES, NOW, by="key").rows)
+    assert keys["dev", "key_b"].spent_nanos == 1_300_000_000
+    assert keys["dev", "key_b"].held_nanos is None
+    models = build_report(POLICY, HASHES, NOW, by="model").rows
+    assert [(r.kind, r.name, r.spent_nanos) for r in models if r.kind == "model"] == [
+        ("model", "gpt-4o-mini", 27_300_000_000)
+    ]
+
+
+def test_previous_period_has_no_forecast_and_nothing_in_flight() -> None:
+    hashes = {"{ws:dev}:spent:2026-10": {"ws": 120 * USD, "#requests": 7}}
+    report = build_report(POLICY, hashes, NOW, selection="previous")
+    dev = report.rows[0]
+    assert (dev.period.id, dev.spent_nanos, dev.requests) == ("2026-10", 120 * USD, 7)
+    assert (dev.forecast_nanos, dev.held_nanos, dev.runs_out) == (None, None, None)
+    assert dev.limit_reached and dev.share_pct == 120
+    assert (report.totals.forecast_nanos, report.totals.held_nanos) == (None, None)
+
+
+def test_today_compares_with_a_days_share_of_the_budget() -> None:
+    report = build_report(POLICY, HASHES, NOW, selection="today")
+    rows = by_name(report.rows)
+    dev, ci = rows["dev", "dev"], rows["ci", "ci"]
+    assert dev.period.id == "2026-11-10" and dev.requests is None
+    assert dev.budget_nanos == 100 * USD // 30 and ci.budget_nanos == 50 * USD // 7
+    assert dev.spent_nanos == 2 * USD and dev.forecast_nanos == 2_666_666_667  # 18h of 24h
+    assert dev.hard_nanos is None and dev.runs_out is None
+    assert report.totals.requests is None
+
+
+def test_unattributed_spend_gets_a_row_only_when_there_is_some() -> None:
+    assert all(r.workspace != "_" for r in build_report(POLICY, HASHES, NOW).rows)
+    hashes = {**HASHES, "{ws:_}:spent:2026-11": {"ws": 5 * USD, "#requests": 2}}
+    report = build_report(POLICY, hashes, NOW)
+    row = report.rows[-1]
+    assert (row.workspace, row.spent_nanos, row.budget_nanos, row.share_pct) == (
+        "_",
+        5 * USD,
+        None,
+        None,
+    )
+    assert report.totals.spent_nanos == 32_300_000_000
+    assert "(unattributed)" in render_table(report)
+
+
+def test_table_shows_money_to_the_cent_and_the_outlook() -> None:
+    text = render_table(build_report(POLICY, HASHES, NOW, by="service"))
+    lines = text.splitlines()
+    assert lines[0] == "spend, current period, as of 2026-11-10 18:00 Europe/Berlin"
+    cli = next(line for line in lines if "svc cli" in line)
+    assert "$26.00" in cli and "$40.00" in cli and "65.0%" in cli and "runs out 2026-11-17" in cli
+    total = lines[-1].split()
+    assert total[:5] == ["TOTAL", "$27.30", "4", "$150.00", "18.2%"]
+
+
+# --- the command against Redis -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    child = Child(
+        "redis",
+        [
+            redis_server_binary(),
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--dir", str(tmp_path_factory.mktemp("redis")),
+            "--save", "",
+            "--appendonly", "no",
+            "--protected-mode", "no",
+        ],
+    )  # fmt: skip
+    try:
+        child.wait_for_line("Ready to accept connections")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        child.stop()
+
+
+def settled(p: Plan, cost: int, request_id: str, now_ms: int) -> Settlement:
+    local = datetime.fromtimestamp(now_ms / 1000, BERLIN)
+    scopes = [
+        ScopeCharge(scope=s.scope, soft_nanos=-1 if s.soft_nanos is None else s.soft_nanos)
+        for s in p.scopes
+    ]
+    return Settlement(
+        prefix=p.prefix,
+        period=p.period.id,
+        day=local.strftime("%Y-%m-%d"),
+        hour=local.strftime("%Y-%m-%dT%H"),
+        scopes=[*scopes, ScopeCharge(scope="model:gpt-4o-mini", soft_nanos=-1)],
+        record=UsageRecord(request_id=request_id, cost_nanos=cost, workspace=p.workspace),
+    )
+
+
+def test_spend_command_reports_what_the_ledger_settled(redis_url: str, tmp_path: Path) -> None:
+    now_ms = ms(NOW)
+    prices = PriceTable.load()
+
+    def plan(service: str, key: str) -> Plan:
+        identity = Identity(key, "dev", None, service, None, 0)
+        return plan_request(
+            POLICY,
+            identity,
+            model="gpt-4o-mini",
+            counted_input=1000,
+            output_cap=None,
+            prices=prices,
+            now_ms=now_ms,
+        )
+
+    cli, bot = plan("cli", "key_a"), plan("bot", "key_b")
+
+    async def write() -> Decision:
+        client = make_client(redis_url)
+        ledger = Ledger(client, spool_dir=tmp_path / "spool")
+        await ledger.start()
+        try:
+            first = settled(cli, 10 * USD, "r1", now_ms)
+            for s in (first, settled(cli, 9 * USD, "r2", now_ms), first):
+                ledger.submit(s)
+            ledger.submit(settled(cli, 7 * USD, "r3", now_ms))
+            ledger.submit(settled(bot, 1_300_000_000, "r4", now_ms))
+            await ledger.drain()
+            return await Budgets(client).reserve(cli, False, now_ms)  # still in flight
+        finally:
+            await ledger.close()
+            await client.aclose()
+
+    assert asyncio.run(write()).allowed
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(POLICY_TEXT)
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "extproc", "spend", "--json", "--by", "service"),
+            *("--now", "2026-11-10T17:00:00Z", "--policy", str(policy_file)),
+            *("--redis-url", redis_url),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+    )
+    report = json.loads(out.stdout)
+    assert (report["period"], report["generated_at"]) == ("current", "2026-11-10T18:00:00+01:00")
+    fields = ("spent_usd", "requests", "budget_usd", "share_pct", "share_of", "held_usd")
+    fields += ("forecast_usd", "over_budget", "runs_out_on")
+    rows = {(r["workspace"], r["name"]): [r[f] for f in fields] for r in report["rows"]}
+    assert rows == {
+        ("dev", "dev"): ["27.3", 4, "100", "27.30", "own", "0.00021", "84", False, None],
+        # $26 of its own $40 in 13/40 of the month: $80 by the end, its $44 hard limit on the
+        # 17th (16.5 days in).
+        ("dev", "cli"): ["26", None, "40", "65.00", "own", "0.00021", "80", True, "2026-11-17"],
+        # No budget of its own: a share of the workspace's, reservations not tracked.
+        ("dev", "bot"): ["1.3", None, None, "1.30", "workspace", None, "4", False, None],
+        ("ci", "ci"): ["0", 0, "50", "0.00", "own", "0", "0", False, None],
+        ("ci", "runner"): ["0", None, None, "0.00", "workspace", None, "0", False, None],
+    }
+    by_id = {r["name"]: r for r in report["rows"]}
+    assert (by_id["dev"]["period_id"], by_id["ci"]["period_id"]) == ("2026-11", "2026-W46")
+    assert by_id["cli"]["hard_limit_usd"] == "44"
+    assert report["totals"] == {
+        "spent_usd": "27.3",
+        "requests": 4,
+        "budget_usd": "150",
+        "share_pct": "18.20",
+        "held_usd": "0.00021",
+        "forecast_usd": "84",
+    }
