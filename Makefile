@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@# xds-protos bundles an older copy of the opentelemetry.proto package in the same
+	@# directory; whichever wheel lands last wins. The OTLP exporter needs the real one.
+	$(PY) -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
+		"opentelemetry-proto==$$($(PY) -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 	@touch $(STAMP)
 
 run: install

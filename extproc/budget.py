@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from extproc.keys import Identity
@@ -64,6 +64,8 @@ class Plan:
     rates: tuple[RateScope, ...]
     reserve_nanos: int
     tokens: int  # what the request counts against tokens-per-minute limits
+    counted_input: int = 0  # the request's input tokens (the session guard adds them up)
+    service: str = ""
 
 
 def scaled_limit(budget: int | None, ws: Workspace, limit_nanos: int) -> int | None:
@@ -139,7 +141,28 @@ def plan_request(
         rates=tuple(rates),
         reserve_nanos=reserve,
         tokens=counted_input + cap,
+        counted_input=counted_input,
+        service=identity.service,
     )
+
+
+def with_overdraft(plan: Plan, nanos: int) -> Plan:
+    """The same plan with every hard cap raised by the overdraft (the cheap model's room)."""
+    scopes = tuple(
+        replace(s, hard_nanos=s.hard_nanos + nanos) if s.hard_nanos is not None else s
+        for s in plan.scopes
+    )
+    return replace(plan, scopes=scopes)
+
+
+def overdraft_left(denial: Decision, overdraft_nanos: int) -> int:
+    """What remains of the overdraft beyond the hard cap that refused the request."""
+    scope = denial.denied
+    standing = denial.standings[0] if denial.standings else None
+    if not isinstance(scope, ScopeLimit) or scope.hard_nanos is None or standing is None:
+        return 0
+    used = standing.spent_nanos + standing.held_nanos
+    return max(scope.hard_nanos + overdraft_nanos - used, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +196,11 @@ class Decision:
     limit: int = 0
     standings: tuple[Standing, ...] = ()
     first_denial: bool = False
+    session_tokens: int = 0  # the session's input tokens so far, this request included
+
+    @property
+    def over_soft(self) -> bool:
+        return any(s.over_soft for s in self.standings)
 
     @property
     def binding(self) -> Standing | None:
@@ -186,7 +214,7 @@ class Decision:
         )
 
 
-def _args(plan: Plan, reservation_id: str, now_ms: int) -> list[Any]:
+def _args(plan: Plan, reservation_id: str, now_ms: int, session: str = "") -> list[Any]:
     capped = [s for s in plan.scopes if s.hard_nanos is not None]
     args: list[Any] = [
         now_ms,
@@ -203,6 +231,7 @@ def _args(plan: Plan, reservation_id: str, now_ms: int) -> list[Any]:
     args.append(len(plan.rates))
     for r in plan.rates:
         args += [r.scope, -1 if r.rpm is None else r.rpm, -1 if r.tpm is None else r.tpm]
+    args += [session, plan.counted_input]
     return args
 
 
@@ -215,7 +244,8 @@ def decide(plan: Plan, reservation_id: str, reply: list[bytes], now_ms: int) -> 
         standings = tuple(
             Standing(s, int(reply[1 + 2 * i]), int(reply[2 + 2 * i])) for i, s in enumerate(capped)
         )
-        return Decision(True, "ok", reservation_id, standings=standings)
+        session = int(reply[1 + 2 * len(capped)]) if len(reply) > 1 + 2 * len(capped) else 0
+        return Decision(True, "ok", reservation_id, standings=standings, session_tokens=session)
     if kind == "revoked":
         return Decision(False, "revoked")
     if kind == "rate":
@@ -250,15 +280,28 @@ class Budgets:
         # process admitted while Redis was away.
         self._known: dict[tuple[str, str, str], int] = {}
         self._local: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self._levels: dict[tuple[str, str], str] = {}
 
-    async def reserve(self, plan: Plan, fail_open: bool, now_ms: int) -> Decision:
+    def level(self, identity: Identity) -> str:
+        """'soft' once the caller's last reservation found a budget past its soft limit.
+
+        Routing must pick the model before the reservation (the model sets the price), so
+        it uses where the caller stood last time; the hard limit is always checked fresh.
+        """
+        return self._levels.get((identity.workspace, identity.service), "ok")
+
+    async def reserve(
+        self, plan: Plan, fail_open: bool, now_ms: int, *, session: str = ""
+    ) -> Decision:
         rid = uuid.uuid4().hex
         try:
-            reply = await RESERVE(self._redis, [plan.prefix], _args(plan, rid, now_ms))
+            reply = await RESERVE(self._redis, [plan.prefix], _args(plan, rid, now_ms, session))
         except UNAVAILABLE as exc:
             log.warning("budget: redis unavailable for %s (%s)", plan.workspace, exc)
             return self._reserve_locally(plan) if fail_open else Decision(False, "redis_down")
         decision = decide(plan, rid, reply, now_ms)
+        if decision.allowed and plan.service:
+            self._levels[(plan.workspace, plan.service)] = "soft" if decision.over_soft else "ok"
         if decision.allowed:
             # Fresh figures replace the local books of these scopes only: admissions made
             # for other workspaces while Redis was away are not in any figure yet.

@@ -26,6 +26,8 @@ class EnvoyPorts:
     sidecars: tuple[str, ...]  # "host:port" or "unix:/path", one per replica
     upstream_url: str  # http://127.0.0.1:8080 or https://api.openai.com
     direct: int | None = None  # a listener without ext_proc, for the benchmark
+    # More upstream clusters by name, reachable through the sidecar's x-extproc-route.
+    routes: tuple[tuple[str, str], ...] = ()
 
 
 def _address(target: str) -> dict[str, Any]:
@@ -72,6 +74,12 @@ def render(ports: EnvoyPorts, template: Path = ENVOY_YAML) -> dict[str, Any]:
         {"endpoint": {"address": _address(addr)}} for addr in ports.sidecars
     ]
     _upstream_cluster(clusters["openai_upstream"], ports.upstream_url)
+    for name, url in ports.routes:
+        extra = copy.deepcopy(clusters["openai_upstream"])
+        extra["name"] = extra["load_assignment"]["cluster_name"] = name
+        extra.pop("transport_socket", None)
+        _upstream_cluster(extra, url)
+        static["clusters"].append(extra)
     if urlsplit(ports.upstream_url).scheme == "https":
         for vh in _hcm(listener)["route_config"]["virtual_hosts"]:
             for route in vh["routes"]:

@@ -86,18 +86,25 @@ def header_mutation(
 
 
 def replace_request_body(
-    body: bytes, set_headers: Mapping[str, str], remove: Iterable[str] = ()
+    body: bytes | None,
+    set_headers: Mapping[str, str],
+    remove: Iterable[str] = (),
+    *,
+    clear_route_cache: bool = False,
 ) -> pb.ProcessingResponse:
-    """Swap the buffered request body; headers are still held by Envoy, so they can change too."""
-    return pb.ProcessingResponse(
-        request_body=pb.BodyResponse(
-            response=pb.CommonResponse(
-                status=pb.CommonResponse.CONTINUE_AND_REPLACE,
-                header_mutation=header_mutation(set_headers, remove),
-                body_mutation=pb.BodyMutation(body=body),
-            )
-        )
+    """Change the buffered request (body and/or headers, which Envoy still holds).
+
+    `clear_route_cache` makes Envoy match the route again after our header change: that
+    is how a routed model reaches a different upstream cluster.
+    """
+    common = pb.CommonResponse(
+        header_mutation=header_mutation(set_headers, remove),
+        clear_route_cache=clear_route_cache,
     )
+    if body is not None:
+        common.status = pb.CommonResponse.CONTINUE_AND_REPLACE
+        common.body_mutation.body = body
+    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
 
 
 def response_headers(set_headers: Mapping[str, str], *, stream: bool) -> pb.ProcessingResponse:

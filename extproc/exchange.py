@@ -18,20 +18,44 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from extproc import envoy_msgs as msgs
 from extproc import guard
-from extproc.budget import Budgets, Decision, Plan, plan_request
+from extproc.budget import (
+    Budgets,
+    Decision,
+    Plan,
+    overdraft_left,
+    plan_request,
+    with_overdraft,
+)
+from extproc.cachehygiene import MIN_CACHEABLE_TOKENS, Prefix, prefix_of
 from extproc.keys import MISSING, Identity, KeyCache
 from extproc.ledger import Ledger, prefix_for
-from extproc.metering import Observed, PreparedRequest, prepare_request, settle
+from extproc.metering import (
+    Observed,
+    PreparedRequest,
+    finalize,
+    parse_request,
+    prepare_request,
+    settle,
+)
 from extproc.periods import period_at
 from extproc.policy import Policy
-from extproc.prices import PriceTable
+from extproc.prices import PriceTable, nanos_per_token
+from extproc.rewrite import apply_route
+from extproc.routing import (
+    BudgetState,
+    RouteDecision,
+    decide_route,
+    prompt_cache_key,
+    traits_for,
+)
 from extproc.settings import Settings
 from extproc.telemetry import RequestTelemetry, Telemetry
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
@@ -53,8 +77,13 @@ _REQUEST_HEADERS = frozenset(
         "session-id",
         "traceparent",
         "tracestate",
+        "x-task",
     }
 )
+ROUTE_HEADER = "x-extproc-route"
+DOWNGRADE_STEPS = frozenset({"degrade", "overdraft", "context"})
+_ANNOUNCED: set[tuple[str, str, str, str]] = set()
+"""Downgrades already logged by this process: one human-readable line per scope and step."""
 _RESPONSE_HEADERS = frozenset({":status", "content-type"})
 _RID = "x-extproc-request-id"
 
@@ -107,11 +136,14 @@ class Exchange:
         "_identity",
         "_meter",
         "_plan",
+        "_prefix",
         "_prepared",
         "_record",
         "_request_chunks",
+        "_route_decision",
         "_start_ns",
         "_started",
+        "_task",
         "_trace",
         "busy_ns",
         "seen",
@@ -122,6 +154,9 @@ class Exchange:
         self._started = time.monotonic()
         self._start_ns = time.time_ns()
         self._trace: tuple[str | None, str | None] = (None, None)
+        self._task: str | None = None
+        self._route_decision: RouteDecision | None = None
+        self._prefix: Prefix | None = None
         self._record: UsageRecord | None = None
         self.busy_ns = (
             0  # time the sidecar spent on this request's phases (the stream handler adds)
@@ -155,6 +190,7 @@ class Exchange:
         seen.session_id = h.get("session_id") or h.get("session-id") or ""
         self._content_encoding = h.get("content-encoding", "")
         self._trace = (h.get("traceparent"), h.get("tracestate"))
+        self._task = h.get("x-task")
         if msg.end_of_stream:
             return self._reject(
                 OpenAIError(
@@ -167,6 +203,9 @@ class Exchange:
             )
         keys = self._deps.keys
         if keys is None or self._deps.policy is None:
+            spoofed = _spoofed(msg)
+            if spoofed:
+                return msgs.forward_request_headers({}, ["accept-encoding", *spoofed])
             return msgs.CONTINUE_METERED_REQUEST_HEADERS
         secret = guard.bearer(h.get("authorization", ""))
         identity = keys.get(secret)
@@ -217,15 +256,16 @@ class Exchange:
         raw = b"".join(self._request_chunks)
         self._request_chunks.clear()
         settings = self._deps.settings
+        governed = self._identity is not None
         job = partial(
-            prepare_request,
+            parse_request if governed else prepare_request,
             self._endpoint,
             raw,
             self._content_encoding,
             max_body_bytes=settings.max_body_bytes,
             count=self._deps.count,
         )
-        if len(raw) > settings.offload_bytes or self._identity is not None:
+        if len(raw) > settings.offload_bytes or governed:
             return self._prepare_async(job, offload=len(raw) > settings.offload_bytes)
         try:
             prepared = job()
@@ -245,47 +285,149 @@ class Exchange:
                 prepared = job()
         except OpenAIError as err:
             return self._bad_request(err)
-        if self._identity is not None:
-            refusal = await self._reserve(prepared)
-            if refusal is not None:
-                return refusal
-        return self._forward(prepared)
+        if self._identity is None:
+            return self._forward(prepared)
+        self.seen.facts = prepared.facts
+        self.seen.counted_input_tokens = prepared.counted_input_tokens
+        route = self._route(prepared, BudgetState(self._deps.budgets.level(self._identity)))  # type: ignore[union-attr]
+        if route.refuse is not None:
+            return self._reject(route.refuse)
+        route_or_refusal = await self._reserve(prepared, route)
+        if isinstance(route_or_refusal, msgs.ProcessingResponse):
+            return route_or_refusal
+        route = route_or_refusal
+        self._route_decision = route
+        self.seen.routed_model = route.model
+        rewritten = route.changed and apply_route(
+            self.seen.endpoint,
+            prepared.parsed or {},
+            route,
+            prompt_cache_key(self._identity, self.seen.session_id),
+        )
+        self._prefix = await self._fingerprint(prepared)
+        prepared = finalize(prepared, rewritten=bool(rewritten))
+        if route.route:
+            # A routed request must be re-matched by Envoy against the new header.
+            prepared = replace(
+                prepared, set_headers={**prepared.set_headers, ROUTE_HEADER: route.route}
+            )
+        self._note_downgrades(route)
+        return self._forward(prepared, clear_route_cache=route.route is not None)
 
-    async def _reserve(self, prepared: PreparedRequest) -> msgs.ProcessingResponse | None:
+    async def _fingerprint(self, prepared: PreparedRequest) -> Prefix | None:
+        """The (routed) request's cacheable prefix; hashed off the event loop when big."""
+        endpoint, body = self._endpoint, prepared.parsed
+        if endpoint is None or body is None or prepared.counted_input_tokens < MIN_CACHEABLE_TOKENS:
+            return None
+        model = str(body.get("model", ""))
+        count = self._deps.count
+        job = partial(
+            prefix_of, endpoint, body, prepared.counted_input_tokens, lambda t: count(t, model)
+        )
+        if prepared.counted_input_tokens * 4 > self._deps.settings.offload_bytes:
+            return await asyncio.get_running_loop().run_in_executor(self._deps.executor, job)
+        return job()
+
+    def _route(
+        self, prepared: PreparedRequest, budget: BudgetState, session_tokens: int = 0
+    ) -> RouteDecision:
+        policy, identity = self._deps.policy, self._identity
+        assert policy is not None and identity is not None
+        traits = traits_for(
+            policy,
+            identity,
+            self.seen.endpoint,
+            prepared.facts,
+            prepared.counted_input_tokens,
+            task=self._task,
+        )
+        return decide_route(policy, identity, traits, budget, session_tokens)
+
+    async def _reserve(
+        self, prepared: PreparedRequest, route: RouteDecision
+    ) -> RouteDecision | msgs.ProcessingResponse:
+        """Reserve for the routed request; at the hard limit, try the overdraft model once."""
         deps = self._deps
         policy, identity, budgets = deps.policy, self._identity, deps.budgets
         assert policy is not None and identity is not None and budgets is not None
         now = deps.now_ms()
-        facts = prepared.facts
-        self.seen.facts = facts
-        self.seen.counted_input_tokens = prepared.counted_input_tokens
-        plan = plan_request(
-            policy,
-            identity,
-            model=facts.model,
+        ws = policy.workspaces[identity.workspace]
+        fail_open = ws.on_redis_down == "open"
+        plan = self._plan_for(prepared, route, now)
+        decision = await budgets.reserve(plan, fail_open, now, session=self.seen.session_id)
+        settings = policy.routing_for(identity.workspace, identity.service)
+        if decision.reason == "budget" and settings.overdraft is not None:
+            left = overdraft_left(decision, settings.overdraft.nanos)
+            retry = self._route(prepared, BudgetState("hard", left))
+            if retry.refuse is None:
+                plan = with_overdraft(
+                    self._plan_for(prepared, retry, now), settings.overdraft.nanos
+                )
+                decision = await budgets.reserve(plan, fail_open, now, session=self.seen.session_id)
+                route = retry
+        self._plan, self._decision = plan, decision
+        if not decision.allowed:
+            error, headers = guard.denial(decision, plan, policy.timezone)
+            if decision.reason == "budget" and decision.first_denial:
+                log.warning("hard limit reached: %s", error.message)
+            return self._reject(error, headers)
+        cap = settings.max_session_input_tokens
+        if cap is not None and decision.session_tokens > cap:
+            # The session's running total is known only now, from the reservation itself.
+            before = decision.session_tokens - prepared.counted_input_tokens
+            guarded = self._route(prepared, BudgetState(budgets.level(identity)), before)
+            if guarded.refuse is not None:
+                return self._reject(guarded.refuse)
+            route = guarded
+        return route
+
+    def _plan_for(self, prepared: PreparedRequest, route: RouteDecision, now: int) -> Plan:
+        deps = self._deps
+        assert deps.policy is not None and self._identity is not None
+        return plan_request(
+            deps.policy,
+            self._identity,
+            model=route.model,
             counted_input=prepared.counted_input_tokens,
-            output_cap=facts.output_cap,
+            output_cap=route.max_output_tokens or prepared.facts.output_cap,
             prices=deps.prices,
             now_ms=now,
         )
-        ws = policy.workspaces[identity.workspace]
-        decision = await budgets.reserve(plan, ws.on_redis_down == "open", now)
-        self._plan, self._decision = plan, decision
-        if decision.allowed:
-            return None
-        error, headers = guard.denial(decision, plan, policy.timezone)
-        if decision.reason == "budget" and decision.first_denial:
-            log.warning("hard limit reached: %s", error.message)
-        return self._reject(error, headers)
 
-    def _forward(self, prepared: PreparedRequest) -> msgs.ProcessingResponse:
+    def _note_downgrades(self, route: RouteDecision) -> None:
+        identity = self._identity
+        assert identity is not None
+        for step in route.steps:
+            if step.kind in DOWNGRADE_STEPS and step.to_model and step.to_model != step.from_model:
+                self._deps.telemetry.downgrade(
+                    identity.workspace, identity.service, step.from_model, step.to_model
+                )
+                key = (identity.workspace, identity.service, step.kind, step.to_model)
+                if key not in _ANNOUNCED:
+                    _ANNOUNCED.add(key)
+                    log.warning(
+                        "%s/%s: %s %s -> %s (%s)",
+                        identity.workspace,
+                        identity.service,
+                        step.kind,
+                        step.from_model,
+                        step.to_model,
+                        step.why,
+                    )
+
+    def _forward(
+        self, prepared: PreparedRequest, *, clear_route_cache: bool = False
+    ) -> msgs.ProcessingResponse:
         self._prepared = prepared
         self.seen.facts = prepared.facts
         self.seen.counted_input_tokens = prepared.counted_input_tokens
-        if prepared.body is None:
+        if prepared.body is None and not prepared.set_headers:
             return msgs.CONTINUE_REQUEST_BODY
         return msgs.replace_request_body(
-            prepared.body, prepared.set_headers, prepared.remove_headers
+            prepared.body,
+            prepared.set_headers,
+            prepared.remove_headers,
+            clear_route_cache=clear_route_cache,
         )
 
     def _bad_request(self, err: OpenAIError) -> msgs.ProcessingResponse:
@@ -319,6 +461,12 @@ class Exchange:
         headers = {_RID: self.seen.request_id}
         if self._identity is not None:
             headers.update(guard.visibility_headers(self._identity, self._decision))
+        route = self._route_decision
+        if route is not None:
+            headers["x-extproc-model-requested"] = route.requested_model
+            headers["x-extproc-model-served"] = route.model
+            if route.steps:
+                headers["x-extproc-routing"] = route.header_value()
         if msg.end_of_stream:
             self.seen.response_finished = True
             self._finish()
@@ -369,6 +517,10 @@ class Exchange:
             seen.served_model = seen.served_model or seen.stream.served_model
         seen.duration_ms = int((time.monotonic() - self._started) * 1000)
         record = settle(seen, deps.prices, deps.count)
+        route = self._route_decision
+        if route is not None and route.steps:
+            record.routing = route.header_value()
+            record.rule = next((st.rule for st in route.steps if st.kind == "rule" and st.rule), "")
         deps.ledger.submit(self._settlement(record))
         self._record = record
         if record.estimated or record.price_fallback:
@@ -419,8 +571,10 @@ class Exchange:
                     scope=f"model:{record.model_served or record.model_requested}", soft_nanos=-1
                 )
             )
+        if record.session_id and identity is not None:
+            scopes.append(ScopeCharge(scope=f"sess:{record.session_id[:128]}", soft_nanos=-1))
         local = datetime.fromtimestamp(now / 1000, tz)
-        return Settlement(
+        settlement = Settlement(
             prefix=prefix_for(record.workspace),
             reservation_id=self._decision.reservation_id if self._decision else "",
             period=period.id,
@@ -429,6 +583,20 @@ class Exchange:
             scopes=scopes,
             record=record,
         )
+        if identity is not None and record.input_tokens:
+            settlement.hygiene_scope = f"svc:{identity.service}"
+            prefix = self._prefix
+            if prefix is not None and not record.estimated:
+                price, _known = deps.prices.price_for(record.model_served or "unknown")
+                settlement.prefix_fingerprint = prefix.fingerprint
+                settlement.prefix_tokens = prefix.tokens
+                settlement.miss_nanos_per_token = nanos_per_token(price.input) - nanos_per_token(
+                    price.cached_input
+                )
+        return settlement
+
+    def _steps(self) -> tuple[Any, ...]:
+        return self._route_decision.steps if self._route_decision is not None else ()
 
     def close(self) -> None:
         """The ext_proc stream ended: settle the exchange if nothing has yet, then report it."""
@@ -443,6 +611,8 @@ class Exchange:
             verdict, reason = "denied", "bad_request"
         elif denied is not None:
             verdict, reason = "denied", denied.reason
+        elif any(step.kind in DOWNGRADE_STEPS for step in self._steps()):
+            verdict, reason = "downgraded", None
         else:
             verdict, reason = ("estimated" if record.estimated else "allowed"), None
         self._deps.telemetry.observe(
@@ -453,7 +623,7 @@ class Exchange:
                 traceparent=self._trace[0],
                 tracestate=self._trace[1],
                 decision=verdict,
-                rule=None,
+                rule=record.rule or None,
                 denial_reason=reason,
                 denial_scope=denied.denied.scope if denied and denied.denied else None,
                 sidecar_overhead_ns=self.busy_ns,

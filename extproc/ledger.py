@@ -163,6 +163,14 @@ class Ledger:
         ]
         for scope in s.scopes:
             args += [scope.scope, scope.soft_nanos]
+        args += [
+            s.hygiene_scope,
+            s.prefix_fingerprint,
+            s.prefix_tokens,
+            s.record.input_tokens,
+            s.record.cached_input_tokens,
+            s.miss_nanos_per_token,
+        ]
         return args
 
     async def _write(self, batch: list[Settlement]) -> int:

@@ -116,6 +116,7 @@ class Observed:
     response_finished: bool = False
     usage: Usage | None = None
     served_model: str | None = None
+    routed_model: str | None = None  # what routing sent upstream (when the answer never said)
     stream: StreamOutcome | None = None
     rejected: OpenAIError | None = None
     duration_ms: int = 0
@@ -158,7 +159,7 @@ def settle(
     """
     facts = seen.facts
     requested = facts.model if facts else ""
-    served = seen.served_model or requested
+    served = seen.served_model or seen.routed_model or requested
     outcome, estimate = _outcome(seen)
     usage = seen.usage
     if estimate:

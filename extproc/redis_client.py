@@ -7,7 +7,7 @@ the one `redis_url` setting, `redis+cluster://host:port,host:port` (`rediss+clus
 TLS), so there is never a second setting to keep in agreement with the URL.
 
 Retries are the same for both and short on purpose (redis-py's defaults differ by
-constructor: none for `from_url`, three with backoff and re-discovery for a cluster). Every
+constructor: none for `from_url`, ten with backoff and re-discovery for a cluster). Every
 caller has a better answer than waiting for Redis (a workspace fails open or closed, the
 ledger spools to disk), so one immediate retry covers a connection the server just closed,
 and a timeout is not retried at all: Envoy gives each ext_proc message a few seconds.

@@ -195,6 +195,8 @@ class StackConfig:
     sidecar_env: dict[str, str] = field(default_factory=dict)
     envoy_concurrency: int = 1
     sidecars: int = 1  # replicas sharing one Redis behind one Envoy
+    # Extra upstream clusters, each a simulator of its own: {route name: None}.
+    extra_upstreams: tuple[str, ...] = ()
     redis_cluster_nodes: int = 0  # >0: start a Redis Cluster of that many primaries instead
 
 
@@ -205,6 +207,7 @@ class Stack:
         self.redis_url = config.redis_url or ""
         self.upstream_url = config.upstream_url or ""
         self.sidecar_addrs: list[str] = []
+        self.routes: dict[str, str] = {}
         self.admin_port = 0
 
     @property
@@ -229,16 +232,18 @@ class Stack:
         elif not cfg.redis_url:
             self.start_redis(data / "redis")
         if not cfg.upstream_url:
-            port = free_port()
-            sim = self._spawn(
-                "simulator",
-                [sys.executable, "-m", "extproc.simulator", "--port", str(port)],
-            )
-            sim.wait_for_line("listening")
-            self.upstream_url = f"http://127.0.0.1:{port}"
+            self.upstream_url = self._start_simulator("simulator")
+        for name in cfg.extra_upstreams:
+            self.routes[name] = self._start_simulator(f"simulator-{name}")
         for i in range(cfg.sidecars):
             self.start_sidecar("sidecar" if i == 0 else f"sidecar{i + 1}")
         self.start_envoy(data)
+
+    def _start_simulator(self, name: str) -> str:
+        port = free_port()
+        sim = self._spawn(name, [sys.executable, "-m", "extproc.simulator", "--port", str(port)])
+        sim.wait_for_line("listening")
+        return f"http://127.0.0.1:{port}"
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         child = Child(name, argv, env)
@@ -298,6 +303,7 @@ class Stack:
             sidecars=tuple(self.sidecar_addrs),
             upstream_url=self.upstream_url,
             direct=cfg.direct_port,
+            routes=tuple(self.routes.items()),
         )
         path = envoy_config.write(ports, data / "envoy.rendered.yaml")
         child = self._spawn(
@@ -329,7 +335,9 @@ class Stack:
             time.sleep(0.05)  # polling a readiness probe, not synchronising on time
 
     def stop(self) -> None:
-        for name in ("envoy", *[n for n in self.children if n.startswith("sidecar")], "simulator"):
+        simulators = [n for n in self.children if n.startswith("simulator")]
+        sidecars = [n for n in self.children if n.startswith("sidecar")]
+        for name in ("envoy", *sidecars, *simulators):
             child = self.children.get(name)
             if child:
                 child.stop()

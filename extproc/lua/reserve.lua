@@ -5,9 +5,12 @@
 --          slot, so the script runs on one Redis Cluster node.
 -- ARGV     now_ms, reservation_id, amount_nanos, ttl_ms, tokens, key_id, period_id,
 --          n_scopes, (scope, hard_cap_nanos or -1) * n_scopes,
---          n_rates, (scope, rpm or -1, tpm or -1) * n_rates
+--          n_rates, (scope, rpm or -1, tpm or -1) * n_rates,
+--          session_id ("" for none), session_input_tokens
 --
--- Returns  {"ok", spent_1, held_1, ..., spent_n, held_n}   (before this reservation)
+-- Returns  {"ok", spent_1, held_1, ..., spent_n, held_n, session_total}
+--          (spent/held before this reservation; session_total: the session's input tokens
+--          including this request, "0" without a session)
 --          {"revoked"}
 --          {"rate", scope, "rpm"|"tpm", retry_after_ms, limit, used}
 --          {"budget", scope, spent, held, first_denial ("1"/"0")}
@@ -69,6 +72,8 @@ for j = 1, nr do
   end
 end
 
+local session, session_tokens = ARGV[i], ARGV[i + 1]
+
 local out = {'ok'}
 local amt = tonumber(amount)
 for j = 1, n do
@@ -91,4 +96,12 @@ for j = 1, nr do
   redis.call('HINCRBY', rl_k, rates[j] .. ':t', tokens)
 end
 if nr > 0 then redis.call('PEXPIRE', rl_k, 120000) end
+-- A session's input tokens over its life (context-growth guard); idle sessions fade.
+if session ~= nil and session ~= '' then
+  local sk = p .. ':sess:' .. session
+  out[#out + 1] = tostring(redis.call('INCRBY', sk, session_tokens))
+  redis.call('EXPIRE', sk, 86400)
+else
+  out[#out + 1] = '0'
+end
 return out

@@ -6,7 +6,9 @@
 --
 -- KEYS[1]  the workspace's key prefix, e.g. "{ws:dev}"
 -- ARGV     request_id, reservation_id, period_id, day_id, hour_id, actual_nanos, record,
---          ledger_maxlen, n, (scope, soft_nanos or -1) * n
+--          ledger_maxlen, n, (scope, soft_nanos or -1) * n,
+--          hygiene_scope, prefix_fingerprint, prefix_tokens, input_tokens, cached_tokens,
+--          miss_nanos_per_token
 --
 -- Returns  {"dup"} or {"ok", scope_newly_over_soft, ...}
 local p = KEYS[1]
@@ -50,6 +52,28 @@ for j = 0, n - 1 do
   end
 end
 redis.call('HINCRBY', spent_k, '#requests', 1)
+
+-- Prompt-cache hygiene: a prefix seen in the last 15 minutes should have been cached.
+local h = 10 + 2 * n
+local who = ARGV[h]
+if who ~= nil and who ~= '' then
+  local fp, ptoks, input, cached, rate = ARGV[h + 1], tonumber(ARGV[h + 2]), ARGV[h + 3],
+    tonumber(ARGV[h + 4]), tonumber(ARGV[h + 5])
+  redis.call('HINCRBY', spent_k, 'input_tokens:' .. who, input)
+  redis.call('HINCRBY', spent_k, 'cached_tokens:' .. who, cached)
+  if fp ~= '' then
+    local fk = p .. ':prefix:' .. fp
+    if redis.call('EXISTS', fk) == 1 then
+      redis.call('HINCRBY', spent_k, 'repeat_tokens:' .. who, ptoks)
+      local missed = ptoks - cached
+      if missed > 0 then
+        redis.call('HINCRBY', spent_k, 'cachemiss_tokens:' .. who, missed)
+        redis.call('HINCRBY', spent_k, 'cachemiss_nanos:' .. who, missed * rate)
+      end
+    end
+    redis.call('SET', fk, '1', 'EX', 900)
+  end
+end
 redis.call('EXPIRE', day_k, 3456000)
 redis.call('EXPIRE', hour_k, 1209600)
 redis.call('XADD', p .. ':ledger', 'MAXLEN', '~', ARGV[8], '*', 'r', ARGV[7])

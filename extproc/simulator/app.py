@@ -219,7 +219,13 @@ class App:
         if path == "/_sim/requests":
             # Test introspection: what the upstream actually received (headers, model).
             recent = [
-                {"method": r.method, "path": r.path, "headers": r.headers, "model": r.model}
+                {
+                    "method": r.method,
+                    "path": r.path,
+                    "headers": r.headers,
+                    "model": r.model,
+                    "body": r.body,
+                }
                 for r in self.seen[-64:]
             ]
             return await self._json(request, out, {"requests": recent}, faults)

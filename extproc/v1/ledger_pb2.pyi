@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class UsageRecord(_message.Message):
-    __slots__ = ("request_id", "time_ms", "endpoint", "model_requested", "model_served", "stream", "status", "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "counted_input_tokens", "cost_nanos", "price_family", "price_fallback", "price_version", "estimated", "outcome", "error_code", "workspace", "team", "service", "key_id", "session_id", "envoy_request_id", "duration_ms", "output_cap")
+    __slots__ = ("request_id", "time_ms", "endpoint", "model_requested", "model_served", "stream", "status", "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "counted_input_tokens", "cost_nanos", "price_family", "price_fallback", "price_version", "estimated", "outcome", "error_code", "workspace", "team", "service", "key_id", "session_id", "envoy_request_id", "duration_ms", "output_cap", "routing", "rule")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class UsageRecord(_message.Message):
     ENVOY_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_CAP_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     time_ms: int
     endpoint: str
@@ -62,7 +64,9 @@ class UsageRecord(_message.Message):
     envoy_request_id: str
     duration_ms: int
     output_cap: int
-    def __init__(self, request_id: _Optional[str] = ..., time_ms: _Optional[int] = ..., endpoint: _Optional[str] = ..., model_requested: _Optional[str] = ..., model_served: _Optional[str] = ..., stream: _Optional[bool] = ..., status: _Optional[int] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., counted_input_tokens: _Optional[int] = ..., cost_nanos: _Optional[int] = ..., price_family: _Optional[str] = ..., price_fallback: _Optional[bool] = ..., price_version: _Optional[str] = ..., estimated: _Optional[bool] = ..., outcome: _Optional[str] = ..., error_code: _Optional[str] = ..., workspace: _Optional[str] = ..., team: _Optional[str] = ..., service: _Optional[str] = ..., key_id: _Optional[str] = ..., session_id: _Optional[str] = ..., envoy_request_id: _Optional[str] = ..., duration_ms: _Optional[int] = ..., output_cap: _Optional[int] = ...) -> None: ...
+    routing: str
+    rule: str
+    def __init__(self, request_id: _Optional[str] = ..., time_ms: _Optional[int] = ..., endpoint: _Optional[str] = ..., model_requested: _Optional[str] = ..., model_served: _Optional[str] = ..., stream: _Optional[bool] = ..., status: _Optional[int] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., counted_input_tokens: _Optional[int] = ..., cost_nanos: _Optional[int] = ..., price_family: _Optional[str] = ..., price_fallback: _Optional[bool] = ..., price_version: _Optional[str] = ..., estimated: _Optional[bool] = ..., outcome: _Optional[str] = ..., error_code: _Optional[str] = ..., workspace: _Optional[str] = ..., team: _Optional[str] = ..., service: _Optional[str] = ..., key_id: _Optional[str] = ..., session_id: _Optional[str] = ..., envoy_request_id: _Optional[str] = ..., duration_ms: _Optional[int] = ..., output_cap: _Optional[int] = ..., routing: _Optional[str] = ..., rule: _Optional[str] = ...) -> None: ...
 
 class ScopeCharge(_message.Message):
     __slots__ = ("scope", "soft_nanos")
@@ -73,7 +77,7 @@ class ScopeCharge(_message.Message):
     def __init__(self, scope: _Optional[str] = ..., soft_nanos: _Optional[int] = ...) -> None: ...
 
 class Settlement(_message.Message):
-    __slots__ = ("prefix", "reservation_id", "period", "day", "hour", "scopes", "record")
+    __slots__ = ("prefix", "reservation_id", "period", "day", "hour", "scopes", "record", "hygiene_scope", "prefix_fingerprint", "prefix_tokens", "miss_nanos_per_token")
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     PERIOD_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +85,10 @@ class Settlement(_message.Message):
     HOUR_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
+    HYGIENE_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MISS_NANOS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     prefix: str
     reservation_id: str
     period: str
@@ -88,4 +96,8 @@ class Settlement(_message.Message):
     hour: str
     scopes: _containers.RepeatedCompositeFieldContainer[ScopeCharge]
     record: UsageRecord
-    def __init__(self, prefix: _Optional[str] = ..., reservation_id: _Optional[str] = ..., period: _Optional[str] = ..., day: _Optional[str] = ..., hour: _Optional[str] = ..., scopes: _Optional[_Iterable[_Union[ScopeCharge, _Mapping]]] = ..., record: _Optional[_Union[UsageRecord, _Mapping]] = ...) -> None: ...
+    hygiene_scope: str
+    prefix_fingerprint: str
+    prefix_tokens: int
+    miss_nanos_per_token: int
+    def __init__(self, prefix: _Optional[str] = ..., reservation_id: _Optional[str] = ..., period: _Optional[str] = ..., day: _Optional[str] = ..., hour: _Optional[str] = ..., scopes: _Optional[_Iterable[_Union[ScopeCharge, _Mapping]]] = ..., record: _Optional[_Union[UsageRecord, _Mapping]] = ..., hygiene_scope: _Optional[str] = ..., prefix_fingerprint: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., miss_nanos_per_token: _Optional[int] = ...) -> None: ...
