@@ -44,7 +44,14 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure(stack: Stack, direct_port: int, rounds: int, requests: int, concurrency: int) -> dict:
+def measure(
+    stack: Stack,
+    direct_port: int,
+    rounds: int,
+    requests: int,
+    concurrency: int,
+    key: str = "sk-bench",
+) -> dict:
     sidecar_pid = stack.children["sidecar"].proc.pid
     result: dict[str, dict] = {}
     for name in ("direct", "extproc"):
@@ -91,21 +98,95 @@ def main(argv: list[str] | None = None) -> int:
         direct = free_port()
         cfg = StackConfig(listen_port=free_port(), data_dir=Path(tmp), direct_port=direct)
         with Stack(cfg) as stack:
-            # Warm both paths (connections, tokenizer, Redis script).
+            # Warm both paths (connections, tokenizer, Redis scripts).
             measure(stack, direct, 1, 100, 4)
             report["c1"] = measure(stack, direct, args.rounds, args.requests, 1)
             report["c32"] = measure(stack, direct, args.rounds, args.requests * 2, 32)
-    report["counting"] = counting_figures()
+    with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
+        # The same, with budgets enforced: a policy, a virtual key, a reservation per request.
+        policy = Path(tmp) / "policy.yaml"
+        policy.write_text(BENCH_POLICY)
+        direct = free_port()
+        cfg = StackConfig(
+            listen_port=free_port(),
+            data_dir=Path(tmp),
+            direct_port=direct,
+            sidecar_env={"EXTPROC_POLICY": str(policy), "BENCH_UPSTREAM_KEY": "sk-bench"},
+        )
+        with Stack(cfg) as stack:
+            key = _bench_key(stack.redis_url, policy)
+            measure(stack, direct, 1, 100, 4, key)
+            report["c1_enforced"] = measure(stack, direct, args.rounds, args.requests, 1, key)
+    report["counting"] = {**counting_figures(), **request_path_figures()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print_report(report)
     return 0
 
 
+BENCH_POLICY = """
+version: 1
+workspaces:
+  bench:
+    budget_usd: 1000000
+    upstream: {key_env: BENCH_UPSTREAM_KEY}
+    rate_limits: {rpm: 100000000}
+    services:
+      load: {budget_usd: 500000}
+"""
+
+
+def _bench_key(redis_url: str, policy: Path) -> str:
+    import redis.asyncio as aioredis
+
+    from extproc.keys import KeyStore
+    from extproc.policy import load_policy
+
+    async def create() -> str:
+        client = aioredis.from_url(redis_url)
+        try:
+            secret, _ = await KeyStore(client).create("bench", "load", policy=load_policy(policy))
+        finally:
+            await client.aclose()
+        return secret
+
+    return asyncio.run(create())
+
+
+def request_path_figures() -> dict[str, float]:
+    """Sidecar CPU for the whole request body phase of a Codex-like 200k-token request:
+    decode (zstd), strict JSON parse, count, once cold and once with the history seen."""
+    import zstandard
+
+    from bench.bench_counting import codex_body
+    from extproc.metering import parse_request
+    from extproc.tokens import count_text
+    from extproc.wire.endpoints import ENDPOINTS
+
+    endpoint = ENDPOINTS["/v1/responses"]
+    body = codex_body(200_000)
+    first = zstandard.compress(json.dumps(body).encode())
+    body["input"].append({"role": "user", "content": "and one more thing"})
+    raw = json.dumps(body).encode()
+    second = zstandard.compress(raw)
+
+    def run(data: bytes) -> float:
+        start = time.process_time()
+        parse_request(endpoint, data, "zstd", max_body_bytes=64 << 20, count=count_text)
+        return (time.process_time() - start) * 1000
+
+    cold = run(first)
+    warm = min(run(second) for _ in range(3))
+    return {
+        f"request body phase, cold ({len(raw) // 1024} KiB JSON, zstd)": cold,
+        "request body phase, history seen + 1 turn": warm,
+    }
+
+
 def print_report(report: dict) -> None:
     print(f"\nextproc bench ({report['machine']}, {report['time']})")
     print(f"{'':10} {'path':8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'sidecar CPU µs/req':>19}")
-    for level in ("c1", "c32"):
+    for level in ("c1", "c32", "c1_enforced"):
         for name in ("direct", "extproc"):
             r = report[level][name]
             print(

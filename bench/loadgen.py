@@ -11,10 +11,10 @@ import asyncio
 import time
 
 
-def _request(host: str, port: int, path: str, body: bytes) -> bytes:
+def _request(host: str, port: int, path: str, body: bytes, key: str) -> bytes:
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        "Content-Type: application/json\r\nAuthorization: Bearer sk-bench\r\n"
+        f"Content-Type: application/json\r\nAuthorization: Bearer {key}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
@@ -34,10 +34,16 @@ async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: 
 
 
 async def run_closed_loop(
-    host: str, port: int, path: str, body: bytes, requests: int, concurrency: int
+    host: str,
+    port: int,
+    path: str,
+    body: bytes,
+    requests: int,
+    concurrency: int,
+    key: str = "sk-bench",
 ) -> tuple[list[float], float]:
     """Send `requests` requests over `concurrency` connections; (latencies, wall seconds)."""
-    req = _request(host, port, path, body)
+    req = _request(host, port, path, body, key)
     latencies: list[float] = []
     remaining = requests
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from extproc.fastredis import FastRedis
 from extproc.prices import NANOS_PER_DOLLAR
 from extproc.redis_client import UNAVAILABLE, AsyncClient
 from extproc.scripts import SETTLE
@@ -91,7 +92,7 @@ def _entry_key(entry_id: bytes) -> tuple[int, int]:
 class Ledger:
     def __init__(
         self,
-        client: AsyncClient,
+        client: AsyncClient | FastRedis,
         *,
         max_records: int = 1_000_000,
         spool_dir: str | Path = ".data/spool",

@@ -54,6 +54,8 @@ ALERT_EVENTS = frozenset({"soft_limit", "hard_limit", "burn_rate"})
 # up to 2**53 nano-dollars (about $9M). These caps keep budget x hard limit below that.
 MAX_BUDGET_USD = Decimal(1_000_000)
 MAX_LIMIT_FRACTION = Decimal(5)
+# burn_alert_multiple: past 100x the usual day an alert would only come once the money is gone.
+MAX_BURN_MULTIPLE = Decimal(100)
 
 _DEFAULTS: dict[str, Any] = {
     "period": "month",
@@ -61,6 +63,8 @@ _DEFAULTS: dict[str, Any] = {
     "hard_limit": Decimal("1.1"),
     "default_output_cap": 4096,
     "on_redis_down": "closed",
+    "burn_alert_multiple": Decimal(3),
+    "burn_alert_min_usd": Decimal(1),
 }
 _TOP = ("version", "timezone", "defaults", "workspaces", "alerts")
 # Feature sections come after the core ones and are named apart in "unknown field" hints.
@@ -311,6 +315,9 @@ class Workspace:
     teams: dict[str, Team]
     services: dict[str, Service]
     routing: RoutingSettings = RoutingSettings()
+    # Burn-rate alerts: today heading for >= multiple x a usual day, >= min spent (no pennies).
+    burn_alert_multiple: Decimal = Decimal(3)
+    burn_alert_min_nanos: int = NANOS_PER_DOLLAR
 
 
 @dataclass(frozen=True, slots=True)
@@ -659,7 +666,46 @@ def _settings(chk: _Checker, path: str, raw: Mapping[str, Any]) -> dict[str, Any
         out["on_redis_down"] = chk.choice(
             f"{path}.on_redis_down", raw["on_redis_down"], ON_REDIS_DOWN
         )
+    if "burn_alert_multiple" in raw:
+        out["burn_alert_multiple"] = _burn_multiple(
+            chk, f"{path}.burn_alert_multiple", raw["burn_alert_multiple"]
+        )
+    if "burn_alert_min_usd" in raw:
+        out["burn_alert_min_usd"] = _burn_floor(
+            chk, f"{path}.burn_alert_min_usd", raw["burn_alert_min_usd"]
+        )
     return out
+
+
+def _burn_multiple(chk: _Checker, path: str, value: Any) -> Decimal | None:
+    """How many usual days today may be heading for before it alerts: above 1, at most 100."""
+    multiple: Decimal | None = None
+    if isinstance(value, Decimal) and value.is_finite():
+        multiple = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        multiple = Decimal(value)
+    elif isinstance(value, str) and _PLAIN_DECIMAL.fullmatch(value.strip()):
+        multiple = Decimal(value.strip())
+    if multiple is None or not 1 < multiple <= MAX_BURN_MULTIPLE:
+        chk.error(
+            path,
+            f"must be a number above 1 and at most {MAX_BURN_MULTIPLE} (3 alerts at three "
+            f"times the usual daily spend), got {_shown(value)}",
+        )
+        return None
+    return multiple
+
+
+def _burn_floor(chk: _Checker, path: str, value: Any) -> Decimal | None:
+    """While less than this is spent today, nothing alerts; 0 means any amount."""
+    if isinstance(value, str) and _PLAIN_DECIMAL.fullmatch(value.strip()):
+        number: Any = Decimal(value.strip())
+    else:
+        number = None if isinstance(value, bool) else value
+    if isinstance(number, int | Decimal) and number == 0:
+        return Decimal(0)
+    nanos = chk.money(path, value)
+    return None if nanos is None else Decimal(nanos) / NANOS_PER_DOLLAR
 
 
 def _check_order(
@@ -790,6 +836,8 @@ def _workspace(
         teams=teams,
         services=services,
         routing=ws_routing,
+        burn_alert_multiple=merged["burn_alert_multiple"],
+        burn_alert_min_nanos=int(merged["burn_alert_min_usd"] * NANOS_PER_DOLLAR),
     )
 
 

@@ -24,13 +24,15 @@ from extproc import envoy_msgs as msgs
 from extproc import guard
 from extproc.alerts import Alert, Alerter
 from extproc.budget import Budgets
+from extproc.burn import BurnWatch
 from extproc.exchange import Deps, Exchange, Reply
+from extproc.fastredis import FastRedis, supports_url
 from extproc.h2grpc import HEALTH_CHECK_PATH, GrpcServer, Route, health_route
 from extproc.keys import KeyCache, KeyStore
 from extproc.ledger import Ledger
 from extproc.policy import Policy, PolicyError, PolicyWatcher, load_policy
 from extproc.prices import PriceTable
-from extproc.redis_client import AsyncClient, make_client
+from extproc.redis_client import AsyncClient, is_cluster, make_client
 from extproc.settings import Settings
 from extproc.telemetry import Telemetry
 from extproc.tokens import count_text
@@ -235,7 +237,10 @@ class Governor:
             self.alerter.send(Alert("soft_limit", workspace, scope, text, {}))
 
 
-def build_deps(settings: Settings, client: AsyncClient) -> tuple[Deps, Governor]:
+def build_deps(
+    settings: Settings, client: AsyncClient, hot: FastRedis | None = None
+) -> tuple[Deps, Governor]:
+    """`hot` serves the two calls on every request (reserve, settle); `client` all the rest."""
     prices = PriceTable.load(settings.prices or None)
     deps = Deps(
         settings=settings,
@@ -247,7 +252,7 @@ def build_deps(settings: Settings, client: AsyncClient) -> tuple[Deps, Governor]
     deps.telemetry = Telemetry.from_env()
     governor = Governor(deps, Alerter(lambda event: governor.webhooks(event)))
     deps.ledger = Ledger(
-        client,
+        hot or client,
         max_records=settings.ledger_max_records,
         spool_dir=settings.spool_dir,
         on_soft_alert=governor.on_soft_alert,
@@ -255,7 +260,7 @@ def build_deps(settings: Settings, client: AsyncClient) -> tuple[Deps, Governor]
     if settings.policy:
         governor.apply(load_policy(settings.policy))
         deps.keys = KeyCache(KeyStore(client))
-        deps.budgets = Budgets(client)
+        deps.budgets = Budgets(hot or client)
     return deps, governor
 
 
@@ -273,7 +278,10 @@ def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run the sidecar until SIGTERM/SIGINT (or `stop` is set)."""
     client = make_client(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
-    deps, governor = build_deps(settings, client)
+    hot = None
+    if not is_cluster(settings.redis_url) and supports_url(settings.redis_url):
+        hot = FastRedis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
+    deps, governor = build_deps(settings, client, hot)
     count_text("warm up the tokenizer", "gpt-5")
     count_text("warm up the tokenizer", "gpt-3.5-turbo")
     await deps.ledger.start()
@@ -282,6 +290,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         background.append(asyncio.create_task(deps.keys.run(), name="key-cache"))
         watcher = PolicyWatcher(settings.policy, governor.apply)
         background.append(asyncio.create_task(watcher.run(), name="policy-watcher"))
+        burn = BurnWatch(client, lambda: deps.policy, governor.alerter, deps.telemetry)
+        background.append(asyncio.create_task(burn.run(), name="burn-watch"))
 
     transport = H2Transport(deps) if settings.transport == "h2" else GrpcioTransport(deps)
     await transport.start(settings)
@@ -302,4 +312,6 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     await governor.alerter.drain()
     deps.telemetry.shutdown()
     await client.aclose()
+    if hot is not None:
+        await hot.aclose()
     deps.executor.shutdown(wait=False)

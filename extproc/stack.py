@@ -59,6 +59,29 @@ def envoy_binary() -> str:
     return found
 
 
+def redis_child(port: int, directory: Path, *, persist: bool = False) -> Child:
+    """A Redis-protocol server on loopback, ready to serve; AOF on when `persist`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    child = Child(
+        "redis",
+        [
+            redis_server_binary(),
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--dir", str(directory),
+            "--appendonly", "yes" if persist else "no",
+            "--save", "",
+            "--protected-mode", "no",
+        ],
+    )  # fmt: skip
+    try:
+        child.wait_for_line("Ready to accept connections")
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
 class Child:
     """A child process whose output is kept (for failure messages) and watched for a line."""
 
@@ -251,20 +274,7 @@ class Stack:
         return child
 
     def _redis(self, port: int, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        child = self._spawn(
-            "redis",
-            [
-                redis_server_binary(),
-                "--port", str(port),
-                "--bind", "127.0.0.1",
-                "--dir", str(directory),
-                "--appendonly", "yes",
-                "--save", "",
-                "--protected-mode", "no",
-            ],
-        )  # fmt: skip
-        child.wait_for_line("Ready to accept connections")
+        self.children["redis"] = redis_child(port, directory, persist=True)
 
     def start_redis(self, directory: Path) -> None:
         port = free_port()

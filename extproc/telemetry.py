@@ -294,7 +294,7 @@ class _Instruments:
         self.burn_rate = meter.create_gauge(
             "extproc.burn_rate.ratio",
             unit="1",
-            description="Spend rate relative to the rate that would exactly use the budget.",
+            description="Today's projected spend divided by a usual day (trailing same weekdays).",
         )
 
 

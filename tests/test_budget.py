@@ -23,7 +23,7 @@ from extproc.ledger import Ledger, ledger_key
 from extproc.policy import RateLimits, load_policy, parse_policy_text
 from extproc.prices import PriceTable
 from extproc.redis_client import AsyncClient, make_client
-from extproc.stack import Child, free_port, redis_server_binary
+from extproc.stack import Child, free_port, redis_child
 from extproc.usage import Usage
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 
@@ -195,24 +195,7 @@ def test_plan_takes_the_team_from_the_policy_over_the_key() -> None:
 
 
 def start_redis(port: int, directory: Path) -> Child:
-    child = Child(
-        "redis",
-        [
-            redis_server_binary(),
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(directory),
-            "--save", "",
-            "--appendonly", "no",
-            "--protected-mode", "no",
-        ],
-    )  # fmt: skip
-    try:
-        child.wait_for_line("Ready to accept connections")
-    except BaseException:
-        child.stop()
-        raise
-    return child
+    return redis_child(port, directory)
 
 
 @pytest.fixture(scope="module")

@@ -284,7 +284,7 @@ def _plan(workspace: str) -> Plan:
 
 
 async def _await_ledger(client: object, workspace: str, request_id: str) -> None:
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 45
     stream = ledger_key(prefix_for(workspace))
     while time.monotonic() < deadline:
         with contextlib.suppress(*UNAVAILABLE):
@@ -305,13 +305,13 @@ async def _ride_out(nodes: list[Child], url: str, spool: Path) -> None:
     listener = asyncio.create_task(cache.run())
     await ledger.start()
     try:
-        await asyncio.wait_for(cache.ready.wait(), 10)
+        await asyncio.wait_for(cache.ready.wait(), 30)
         for node in nodes:
             node.stop()
         resubscribed = cache.next_change()
         for ws in ("ops", "dev", "burst"):  # one settlement per node
             ledger.submit(_settlement(ws, f"during-{ws}"))
-        await asyncio.wait_for(ledger.drain(), 10)  # hangs if the writer task died
+        await asyncio.wait_for(ledger.drain(), 30)  # hangs if the writer task died
         assert ledger.spooled == 3
         budgets = Budgets(client)
         assert (await budgets.reserve(_plan("ops"), False, int(time.time() * 1000))).reason == (
@@ -325,7 +325,7 @@ async def _ride_out(nodes: list[Child], url: str, spool: Path) -> None:
             nodes[-1].wait_for_line("Ready to accept connections")
         for ws in ("ops", "dev", "burst"):
             await _await_ledger(client, ws, f"during-{ws}")
-        await asyncio.wait_for(resubscribed, 20)
+        await asyncio.wait_for(resubscribed, 45)
         assert not listener.done() and ledger.spooled == 3
     finally:
         listener.cancel()

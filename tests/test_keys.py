@@ -30,7 +30,7 @@ from extproc.keys import (
     revoked_set_key,
 )
 from extproc.policy import load_policy
-from extproc.stack import Child, free_port, redis_server_binary
+from extproc.stack import free_port, redis_child
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = load_policy(ROOT / "examples" / "policy.yaml")
@@ -52,20 +52,8 @@ class FakeClock:
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
-    child = Child(
-        "redis",
-        [
-            redis_server_binary(),
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(tmp_path_factory.mktemp("redis")),
-            "--save", "",
-            "--appendonly", "no",
-            "--protected-mode", "no",
-        ],
-    )  # fmt: skip
+    child = redis_child(port, tmp_path_factory.mktemp("redis"))
     try:
-        child.wait_for_line("Ready to accept connections")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         child.stop()

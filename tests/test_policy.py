@@ -94,7 +94,10 @@ def test_example_policy_loads_with_exact_limits_and_overrides() -> None:
     assert codex.key_rate_limits == RateLimits(rpm=30, tpm=400_000)
     assert policy.service("dev", "nope") is None and policy.service("nope", "codex-cli") is None
     assert [(w.url, w.events) for w in policy.webhooks] == [
-        ("http://127.0.0.1:9099/extproc-alerts", frozenset({"soft_limit", "hard_limit"}))
+        (
+            "http://127.0.0.1:9099/extproc-alerts",
+            frozenset({"soft_limit", "hard_limit", "burn_rate"}),
+        )
     ]
 
 

@@ -7,10 +7,13 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from fractions import Fraction
+from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -23,16 +26,22 @@ from extproc.policy import parse_policy_text
 from extproc.prices import PriceTable
 from extproc.redis_client import make_client
 from extproc.spend import (
+    SELECTIONS,
     Row,
     build_report,
     days_in,
     forecast,
     parse_now,
+    render_burn,
+    render_cache,
     render_table,
+    render_text,
     report_keys,
+    report_reads,
     runs_out_at,
     select_period,
 )
+from extproc.spend_html import axis_usd, chart_svg, chart_top, nice_step, render_html
 from extproc.stack import Child, free_port, redis_server_binary
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 
@@ -384,3 +393,286 @@ def test_spend_command_reports_what_the_ledger_settled(redis_url: str, tmp_path:
         "held_usd": "0.00021",
         "forecast_usd": "84",
     }
+
+
+# --- burn, sessions, prompt cache and the HTML page ------------------------------------------
+
+SESSIONS = {f"sess:s{i:02d}": (i + 1) * 100_000_000 for i in range(12)}
+CACHE = {
+    "input_tokens:svc:cli": 10_000,
+    "cached_tokens:svc:cli": 2_500,
+    "repeat_tokens:svc:cli": 6_000,
+    "cachemiss_tokens:svc:cli": 3_500,
+    "cachemiss_nanos:svc:cli": 262_500,
+    "input_tokens:svc:bot": 1_000,
+    "cached_tokens:svc:bot": 0,
+}
+RICH = {
+    **HASHES,
+    "{ws:dev}:spent:2026-11": {**HASHES["{ws:dev}:spent:2026-11"], **SESSIONS, **CACHE},
+    "{ws:dev}:day:2026-11-10": {"ws": 2 * USD, "svc:cli": 2 * USD, "sess:s11": 400_000_000},
+    "{ws:dev}:hour:2026-11-10T17": {"ws": USD, "svc:cli": USD},
+    **{f"{{ws:dev}}:day:2026-11-0{d}": {"ws": USD // 4, "svc:cli": USD // 4} for d in range(3, 10)},
+}
+
+
+def test_by_session_lists_the_ten_costliest_with_what_today_added() -> None:
+    report = build_report(POLICY, RICH, NOW, by="session")
+    sessions = [r for r in report.rows if r.kind == "session"]
+    assert [r.name for r in sessions] == [f"s{i:02d}" for i in range(11, 1, -1)]
+    top = sessions[0]
+    assert (top.spent_nanos, top.today_nanos, top.forecast_nanos) == (
+        1_200_000_000,
+        4 * 10**8,
+        None,
+    )
+    assert sessions[1].today_nanos == 0
+    assert all(r.workspace == "dev" for r in sessions)  # ci has no sessions
+    assert "{ws:dev}:day:2026-11-10" in report_keys(POLICY, NOW, "current", "session")
+    lines = render_table(report).splitlines()
+    assert any("sess s11" in line and "today $0.40" in line for line in lines)
+    row = next(r for r in report.to_dict()["rows"] if r["name"] == "s11")
+    assert (row["kind"], row["spent_usd"], row["today_usd"]) == ("session", "1.2", "0.4")
+
+
+def test_prompt_cache_section_per_service() -> None:
+    report = build_report(POLICY, RICH, NOW)
+    assert [(c.workspace, c.service) for c in report.cache] == [("dev", "cli"), ("dev", "bot")]
+    cli = report.cache[0]
+    assert cli.hit_pct == 25 and (cli.repeat_tokens, cli.miss_tokens) == (6_000, 3_500)
+    assert report.to_dict()["cache"][0] == {
+        "workspace": "dev",
+        "service": "cli",
+        "period_id": "2026-11",
+        "input_tokens": 10_000,
+        "cached_tokens": 2_500,
+        "hit_rate_pct": "25.00",
+        "repeat_prefix_tokens": 6_000,
+        "missed_tokens": 3_500,
+        "missed_usd": "0.0002625",
+    }
+    text = render_cache(report)
+    assert render_text(report).endswith(text)
+    cache_line = next(line.split() for line in text.splitlines() if line.startswith("dev  "))
+    assert cache_line[:3] == ["dev", "cli", "2026-11"]
+    assert cache_line[3:] == ["10,000", "2,500", "25.0%", "6,000", "3,500", "$0.00"]
+    # `today` still reports the period's counters, read field by field.
+    reads = report_reads(POLICY, NOW, "today")
+    assert "cachemiss_nanos:svc:cli" in reads["{ws:dev}:spent:2026-11"]
+
+
+def test_burn_section_projects_today_and_flags_an_alert() -> None:
+    report = build_report(POLICY, RICH, NOW)
+    assert report.burn is not None
+    burn = {(b.workspace, b.scope): b for b in report.burn}
+    dev = burn["dev", "ws"]
+    # 18:00: the last hour cost $1, so six more hours add $6 to today's $2; a usual day
+    # (the 3rd to the 9th) is $0.25.
+    assert (dev.today_nanos, dev.projected_nanos, dev.baseline_nanos) == (
+        2 * USD,
+        8 * USD,
+        USD // 4,
+    )
+    assert dev.ratio == 32 and dev.alert
+    assert not burn["ci", "ws"].alert and burn["ci", "ws"].baseline is None
+    as_json = report.to_dict()["burn"][0]
+    assert (as_json["ratio"], as_json["alert"], as_json["projected_usd"]) == ("32.00", True, "8")
+    text = render_burn(report).splitlines()
+    assert text[0].startswith("burn today, as of 18:00")
+    dev_line = next(line.split() for line in text if line.startswith("dev "))
+    assert dev_line[:6] == ["dev", "$2.00", "$8.00", "$0.25", "32.00x", "ALERT"]
+    assert build_report(POLICY, RICH, NOW, selection="previous").burn is None
+    assert build_report(POLICY, RICH, NOW, selection="previous").to_dict()["burn"] is None
+
+
+class PageCheck(HTMLParser):
+    """What a browser would fetch, and what each SVG draws."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.svgs: list[dict[str, list[dict[str, str | None]]]] = []
+        self.tags: list[str] = []
+        self.external: list[str] = []
+        self.open: list[str] = []
+
+    VOID = frozenset({"meta", "br", "hr", "img", "input", "link", "wbr"})
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        if tag not in self.VOID:
+            self.open.append(tag)
+        found = dict(attrs)
+        for name in ("src", "href", "xlink:href"):
+            if found.get(name):
+                self.external.append(f"{tag} {name}={found[name]}")
+        if tag == "svg":
+            self.svgs.append({})
+        elif self.svgs and "svg" in self.open:
+            for cls in (found.get("class") or "").split():
+                self.svgs[-1].setdefault(f"{tag}.{cls}", []).append(found)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
+        if tag not in self.VOID:
+            self.open.pop()
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.open and self.open[-1] == tag, (tag, self.open[-5:])
+        self.open.pop()
+
+
+def check_page(page: str) -> PageCheck:
+    parser = PageCheck()
+    parser.feed(page)
+    parser.close()
+    assert parser.open == [] and parser.tags[0] == "html"
+    assert not {"script", "link", "img", "iframe", "object", "embed"} & set(parser.tags)
+    assert parser.external == [] and "url(http" not in page and "@import" not in page
+    return parser
+
+
+def test_html_page_draws_one_burn_chart_per_workspace() -> None:
+    report = build_report(POLICY, RICH, NOW, by="service")
+    dev_chart = next(c for c in report.charts if c.workspace == "dev")
+    assert [d.isoformat() for d, _n in dev_chart.daily][:2] == ["2026-11-01", "2026-11-02"]
+    assert len(dev_chart.daily) == 10 and dev_chart.spent_nanos == 7 * USD // 4 + 2 * USD
+    page = render_html(report)
+    parser = check_page(page)
+    assert len(parser.svgs) == len(POLICY.workspaces) == 2
+    for svg in parser.svgs:
+        (budget,) = svg["line.budget-line"]
+        (soft,) = svg["line.soft-line"]
+        (hard,) = svg["line.hard-line"]
+        # SVG y grows downwards: hard limit above the budget above the 75% soft limit.
+        assert float(hard["y1"] or 0) < float(budget["y1"] or 0) < float(soft["y1"] or 0)
+        assert "polyline.spend-line" in svg
+    dev = parser.svgs[0]
+    assert dev["line.budget-line"][0]["data-usd"] == "$100"
+    assert dev["line.soft-line"][0]["data-usd"] == "$75"
+    assert {"line.forecast-line", "line.pace-line", "line.now-line"} <= dev.keys()
+    assert "runs out" not in page or "2026-11-17" in page
+    assert "<h3>Burn today</h3>" in page and "<h3>Prompt cache</h3>" in page
+    assert '<tr class="alert">' in page  # dev is burning 32 usual days today
+    previous = check_page(render_html(build_report(POLICY, RICH, NOW, selection="previous")))
+    assert len(previous.svgs) == 2 and "line.forecast-line" not in previous.svgs[0]
+
+
+def test_chart_keeps_a_runaway_pace_from_flattening_the_limits() -> None:
+    report = build_report(POLICY, RICH, NOW)
+    chart = next(c for c in report.charts if c.workspace == "dev")
+    assert chart.burn_forecast_nanos == 193_300_000_000  # within twice the $110 hard limit
+    assert chart_top(chart) == chart.burn_forecast_nanos
+    runaway = replace(chart, burn_forecast_nanos=5_000 * USD)
+    assert chart_top(runaway) == chart.hard_nanos  # the pace line leaves the chart, clipped
+    svg = chart_svg(runaway)
+    assert 'class="pace-line" clip-path="url(#plot-dev)"' in svg and "$5,000.00" in svg
+    assert nice_step(110 * USD) == 50 * USD and nice_step(7) == 1
+    assert (axis_usd(50 * USD), axis_usd(250_000_000), axis_usd(1_500 * USD)) == (
+        "$50",
+        "$0.25",
+        "$1,500",
+    )
+
+
+def test_spend_command_shows_sessions_cache_and_burn_and_writes_html(
+    redis_url: str, tmp_path: Path
+) -> None:
+    url = redis_url.rsplit("/", 1)[0] + "/1"  # a database of its own
+    prices = PriceTable.load()
+
+    def write(service: str, when: datetime, cost: int, rid: str, **extra: Any) -> Settlement:
+        identity = Identity(f"key_{service}", "dev", None, service, None, 0)
+        p = plan_request(
+            POLICY,
+            identity,
+            model="gpt-4o-mini",
+            counted_input=1000,
+            output_cap=None,
+            prices=prices,
+            now_ms=ms(when),
+        )
+        s = settled(p, cost, rid, ms(when))
+        s.scopes.append(ScopeCharge(scope=f"sess:{extra.pop('session')}", soft_nanos=-1))
+        s.hygiene_scope = f"svc:{service}"
+        for name, value in extra.items():
+            setattr(s, name, value)
+        s.record.input_tokens, s.record.cached_input_tokens = 3_000, extra.get("cached", 0)
+        return s
+
+    settlements = [
+        write("cli", berlin(2026, 11, d, 12), USD, f"h{d}", session=f"day{d}") for d in range(3, 10)
+    ]
+    hot = {"prefix_fingerprint": "f00d", "prefix_tokens": 2_000, "miss_nanos_per_token": 75}
+    settlements += [
+        write("cli", berlin(2026, 11, 10, 17, 10), 5 * USD, "t1", session="loop", **hot),
+        write("cli", berlin(2026, 11, 10, 17, 20), 5 * USD, "t2", session="loop", **hot),
+        write("bot", berlin(2026, 11, 10, 17, 30), USD, "t3", session="chat"),
+    ]
+
+    async def settle_all() -> int:
+        client = make_client(url)
+        ledger = Ledger(client, spool_dir=tmp_path / "spool")
+        await ledger.start()
+        try:
+            for s in settlements:
+                ledger.submit(s)
+            await ledger.drain()
+            return ledger.written
+        finally:
+            await ledger.close()
+            await client.aclose()
+
+    assert asyncio.run(settle_all()) == len(settlements)
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(POLICY_TEXT)
+    page = tmp_path / "spend.html"
+
+    def spend(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                *(sys.executable, "-m", "extproc", "spend", *args),
+                *("--now", "2026-11-10T18:00", "--policy", str(policy_file)),
+                *("--redis-url", url),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PATH": "/usr/bin:/bin"},
+            cwd=tmp_path,
+        )
+
+    report = json.loads(spend("--json", "--by", "session", "--html", str(page)).stdout)
+    sessions = [(r["name"], r["spent_usd"], r["today_usd"]) for r in report["rows"]]
+    # dev, its nine sessions costliest first (ties by name), then ci, which has none.
+    assert sessions[1:4] == [("loop", "10", "10"), ("chat", "1", "1"), ("day3", "1", "0")]
+    assert [name for name, _spent, _today in sessions][-2:] == ["day9", "ci"]
+    assert len(sessions) == 1 + 9 + 1
+    cache = {c["service"]: c for c in report["cache"]}
+    # The second call re-sent the 2,000-token prefix and none of it was billed as cached.
+    assert cache["cli"]["repeat_prefix_tokens"] == 2_000
+    assert (cache["cli"]["missed_tokens"], cache["cli"]["missed_usd"]) == (2_000, "0.00015")
+    assert cache["cli"]["hit_rate_pct"] == "0.00" and cache["bot"]["repeat_prefix_tokens"] == 0
+    burn = {(b["workspace"], b["scope"]): b for b in report["burn"]}
+    # $11 today, all of it in the last hour: $11 + 6 x $11 against a usual $1 day.
+    assert burn["dev", "ws"]["projected_usd"] == "77" and burn["dev", "ws"]["ratio"] == "77.00"
+    assert burn["dev", "ws"]["alert"] and burn["dev", "svc:cli"]["alert"]
+    assert burn["dev", "ws"]["baseline_days"][0] == "2026-11-09"
+    # cli has spent $17 of its $44 hard limit; at $10 an hour the rest goes by 20:42 tonight.
+    assert burn["dev", "svc:cli"]["runs_out_on"] == "2026-11-10"
+    parsed = check_page(page.read_text("utf-8"))
+    assert len(parsed.svgs) == 2
+    text = spend("--by", "session").stdout
+    assert "sess loop" in text and "77.00x" in text and "ALERT" in text and "prompt cache" in text
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("by", [None, "session", "service"])
+def test_every_selection_renders_as_text_json_and_html(selection: str, by: str | None) -> None:
+    report = build_report(POLICY, RICH, NOW, selection=selection, by=by)
+    assert render_text(report).startswith("spend, ")
+    assert json.loads(json.dumps(report.to_dict()))["period"] == selection
+    assert len(check_page(render_html(report)).svgs) == 2
+    assert (report.burn is None) == (selection == "previous")
+    if by == "session" and selection == "today":
+        # Ranked by what each session spent today, read from today's day hash.
+        assert [r.name for r in report.rows if r.kind == "session"] == ["s11"]
