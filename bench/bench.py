@@ -61,7 +61,13 @@ def measure(
             cpu0 = cpu_seconds(sidecar_pid)
             lat, secs = asyncio.run(
                 run_closed_loop(
-                    "127.0.0.1", port, "/v1/chat/completions", SMALL_BODY, requests, concurrency
+                    "127.0.0.1",
+                    port,
+                    "/v1/chat/completions",
+                    SMALL_BODY,
+                    requests,
+                    concurrency,
+                    key,
                 )
             )
             r = result[name]
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--requests", type=int, default=500, help="per round and path, at c=1")
+    parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     args = parser.parse_args(argv)
 
@@ -96,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, object] = {"machine": f"{os.cpu_count()} cores", "time": time.ctime()}
     with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
         direct = free_port()
-        cfg = StackConfig(listen_port=free_port(), data_dir=Path(tmp), direct_port=direct)
+        cfg = StackConfig(
+            listen_port=free_port(),
+            data_dir=Path(tmp),
+            direct_port=direct,
+            envoy_concurrency=args.envoy_concurrency,
+        )
         with Stack(cfg) as stack:
             # Warm both paths (connections, tokenizer, Redis scripts).
             measure(stack, direct, 1, 100, 4)
@@ -112,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             data_dir=Path(tmp),
             direct_port=direct,
             sidecar_env={"EXTPROC_POLICY": str(policy), "BENCH_UPSTREAM_KEY": "sk-bench"},
+            envoy_concurrency=args.envoy_concurrency,
         )
         with Stack(cfg) as stack:
             key = _bench_key(stack.redis_url, policy)
