@@ -289,7 +289,12 @@ class Exchange:
             return self._forward(prepared)
         self.seen.facts = prepared.facts
         self.seen.counted_input_tokens = prepared.counted_input_tokens
-        route = self._route(prepared, BudgetState(self._deps.budgets.level(self._identity)))  # type: ignore[union-attr]
+        if not self.seen.session_id and prepared.facts.prompt_cache_key:
+            # No session header: a client-chosen prompt_cache_key marks the conversation.
+            self.seen.session_id = f"pck:{prepared.facts.prompt_cache_key}"
+        budgets = self._deps.budgets
+        assert budgets is not None
+        route = self._route(prepared, BudgetState(budgets.level(self._identity)))
         if route.refuse is not None:
             return self._reject(route.refuse)
         route_or_refusal = await self._reserve(prepared, route)

@@ -56,6 +56,12 @@ workspaces:
       nocache: {routing: {inject_prompt_cache_key: false}}
       agent:
         routing: {max_session_input_tokens: 120, on_context_exceeded: reject}
+  over:
+    budget_usd: "0.002"
+    upstream: {key_env: TEST_UPSTREAM}
+    routing: {overdraft: {model: gpt-5-nano, usd: "0.0005"}}
+    services:
+      bot: {}
   ladder:
     budget_usd: "0.002"
     hard_limit: 500%
@@ -235,3 +241,35 @@ def test_uncached_repeat_prefix_is_counted_as_a_cache_miss(
     assert 1024 <= missed <= rec["input_tokens"]
     assert int(spent[b"cachemiss_nanos:svc:nocache"]) > 0
     assert int(spent[b"input_tokens:svc:nocache"]) >= 2 * rec["input_tokens"] - 8
+
+
+def test_hard_limit_keeps_the_overdraft_model_open_then_stops(
+    rstack: Stack, rclient: redis.Redis
+) -> None:
+    key = key_for(rstack, "over", "bot")
+    served, statuses = [], []
+    for _ in range(60):
+        resp = httpx.post(
+            f"{rstack.base_url}/responses",
+            json={"model": "gpt-5.1-codex", "input": "work"},
+            headers={"authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        statuses.append(resp.status_code)
+        if resp.status_code != 200:
+            break
+        wait_record(rclient, resp.headers[RID])
+        served.append(resp.headers["x-extproc-model-served"])
+    assert served[0] == "gpt-5.1-codex"
+    assert "gpt-5-nano" in served
+    first_nano = served.index("gpt-5-nano")
+    assert set(served[first_nano:]) == {"gpt-5-nano"}
+    assert statuses[-1] == 429
+    assert resp.json()["error"]["code"] == "insufficient_quota"
+    from datetime import UTC, datetime
+
+    month = datetime.now(UTC).strftime("%Y-%m")
+    spent = int(rclient.hget("{ws:over}:spent:" + month, "ws"))
+    # Budget $0.002 at a 100% hard limit, plus the $0.0005 overdraft; one nano answer of slack
+    # because the simulator's reasoning tokens exceed the reserved default output cap.
+    assert 2_000_000 < spent <= 2_500_000 + 40_000
