@@ -48,7 +48,7 @@ from extproc.metering import (
 from extproc.periods import period_at
 from extproc.policy import Policy
 from extproc.prices import PriceTable, nanos_per_token
-from extproc.rewrite import apply_route
+from extproc.rewrite import apply_route, set_output_cap
 from extproc.routing import (
     BudgetState,
     RouteDecision,
@@ -303,12 +303,21 @@ class Exchange:
         route = route_or_refusal
         self._route_decision = route
         self.seen.routed_model = route.model
+        body = prepared.parsed or {}
         rewritten = route.changed and apply_route(
             self.seen.endpoint,
-            prepared.parsed or {},
+            body,
             route,
             prompt_cache_key(self._identity, self.seen.session_id),
         )
+        ws = self._deps.policy.workspaces[self._identity.workspace]  # type: ignore[union-attr]
+        if (
+            ws.enforce_output_cap
+            and route.max_output_tokens is None
+            and not prepared.facts.output_cap
+        ):
+            # Reserved for default_output_cap: make the upstream stop there too.
+            rewritten = set_output_cap(self.seen.endpoint, body, ws.default_output_cap) or rewritten
         self._prefix = await self._fingerprint(prepared)
         prepared = finalize(prepared, rewritten=bool(rewritten))
         if route.route:

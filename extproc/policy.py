@@ -62,6 +62,7 @@ _DEFAULTS: dict[str, Any] = {
     "soft_limit": Decimal("0.75"),
     "hard_limit": Decimal("1.1"),
     "default_output_cap": 4096,
+    "enforce_output_cap": False,
     "on_redis_down": "closed",
     "burn_alert_multiple": Decimal(3),
     "burn_alert_min_usd": Decimal(1),
@@ -318,6 +319,10 @@ class Workspace:
     # Burn-rate alerts: today heading for >= multiple x a usual day, >= min spent (no pennies).
     burn_alert_multiple: Decimal = Decimal(3)
     burn_alert_min_nanos: int = NANOS_PER_DOLLAR
+    # Write default_output_cap into requests that set no output cap: the reservation then
+    # bounds the actual cost, so settled spend cannot pass the hard cap even for reasoning
+    # models (whose hidden reasoning tokens count as output).
+    enforce_output_cap: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -662,6 +667,10 @@ def _settings(chk: _Checker, path: str, raw: Mapping[str, Any]) -> dict[str, Any
         out["default_output_cap"] = chk.positive_int(
             f"{path}.default_output_cap", raw["default_output_cap"]
         )
+    if "enforce_output_cap" in raw:
+        out["enforce_output_cap"] = chk.flag(
+            f"{path}.enforce_output_cap", raw["enforce_output_cap"]
+        )
     if "on_redis_down" in raw:
         out["on_redis_down"] = chk.choice(
             f"{path}.on_redis_down", raw["on_redis_down"], ON_REDIS_DOWN
@@ -829,6 +838,7 @@ def _workspace(
         soft_nanos=_scaled(budget, soft),
         hard_nanos=_scaled(budget, hard),
         default_output_cap=merged["default_output_cap"],
+        enforce_output_cap=bool(merged["enforce_output_cap"]),
         on_redis_down=merged["on_redis_down"],
         upstream=upstream,
         rate_limits=rate_limits,

@@ -38,13 +38,8 @@ def apply_route(
         else:
             body["reasoning_effort"] = effort
         changed = True
-    cap = decision.max_output_tokens
-    field = _OUTPUT_CAP_FIELD.get(endpoint)
-    if cap is not None and field is not None:
-        if endpoint == "chat.completions" and "max_tokens" in body and field not in body:
-            field = "max_tokens"  # keep the client's own (older) field rather than send both
-        body[field] = cap
-        changed = True
+    if decision.max_output_tokens is not None:
+        changed |= set_output_cap(endpoint, body, decision.max_output_tokens)
     if (
         decision.inject_prompt_cache_key
         and cache_key
@@ -54,3 +49,14 @@ def apply_route(
         body["prompt_cache_key"] = cache_key
         changed = True
     return changed
+
+
+def set_output_cap(endpoint: str, body: dict[str, Any], cap: int) -> bool:
+    """Write the endpoint's output-cap field; False where the endpoint has none."""
+    field = _OUTPUT_CAP_FIELD.get(endpoint)
+    if field is None:
+        return False
+    if endpoint == "chat.completions" and "max_tokens" in body and field not in body:
+        field = "max_tokens"  # keep the client's own (older) field rather than send both
+    body[field] = cap
+    return True

@@ -58,6 +58,7 @@ workspaces:
         routing: {max_session_input_tokens: 120, on_context_exceeded: reject}
   over:
     budget_usd: "0.002"
+    enforce_output_cap: true
     upstream: {key_env: TEST_UPSTREAM}
     routing: {overdraft: {model: gpt-5-nano, usd: "0.0005"}}
     services:
@@ -270,6 +271,7 @@ def test_hard_limit_keeps_the_overdraft_model_open_then_stops(
 
     month = datetime.now(UTC).strftime("%Y-%m")
     spent = int(rclient.hget("{ws:over}:spent:" + month, "ws"))
-    # Budget $0.002 at a 100% hard limit, plus the $0.0005 overdraft; one nano answer of slack
-    # because the simulator's reasoning tokens exceed the reserved default output cap.
-    assert 2_000_000 < spent <= 2_500_000 + 40_000
+    # Budget $0.002 at a 100% hard limit plus the $0.0005 overdraft, and not a nano-dollar
+    # more: enforce_output_cap makes every answer stop within what was reserved for it.
+    assert 2_000_000 < spent <= 2_500_000
+    assert seen_by(rstack.upstream_url)[-1]["body"]["max_output_tokens"] == 64
