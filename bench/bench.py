@@ -53,12 +53,19 @@ def measure(
     key: str = "sk-bench",
 ) -> dict:
     sidecar_pid = stack.children["sidecar"].proc.pid
+    envoy_pid = stack.children["envoy"].proc.pid
     result: dict[str, dict] = {}
     for name in ("direct", "extproc"):
-        result[name] = {"latencies": [], "seconds": 0.0, "requests": 0, "sidecar_cpu": 0.0}
+        result[name] = {
+            "latencies": [],
+            "seconds": 0.0,
+            "requests": 0,
+            "sidecar_cpu": 0.0,
+            "envoy_cpu": 0.0,
+        }
     for _ in range(rounds):
         for name, port in (("direct", direct_port), ("extproc", stack.config.listen_port)):
-            cpu0 = cpu_seconds(sidecar_pid)
+            cpu0, envoy0 = cpu_seconds(sidecar_pid), cpu_seconds(envoy_pid)
             lat, secs = asyncio.run(
                 run_closed_loop(
                     "127.0.0.1",
@@ -72,6 +79,7 @@ def measure(
             )
             r = result[name]
             r["sidecar_cpu"] += cpu_seconds(sidecar_pid) - cpu0
+            r["envoy_cpu"] += cpu_seconds(envoy_pid) - envoy0
             r["latencies"] += lat
             r["seconds"] += secs
             r["requests"] += len(lat)
@@ -82,6 +90,7 @@ def measure(
             "p99_ms": pct(r["latencies"], 0.99) * 1000,
             "rps": r["requests"] / r["seconds"],
             "sidecar_cpu_us_per_req": r["sidecar_cpu"] / r["requests"] * 1e6,
+            "envoy_cpu_us_per_req": r["envoy_cpu"] / r["requests"] * 1e6,
         }
     d, e = summary["direct"], summary["extproc"]
     summary["added_p50_ms"] = e["p50_ms"] - d["p50_ms"]
@@ -198,17 +207,20 @@ def request_path_figures() -> dict[str, float]:
 
 def print_report(report: dict) -> None:
     print(f"\nextproc bench ({report['machine']}, {report['time']})")
-    print(f"{'':10} {'path':8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'sidecar CPU µs/req':>19}")
+    print(
+        f"{'':12} {'path':8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} "
+        f"{'sidecar CPU µs/req':>19} {'Envoy CPU µs/req':>17}"
+    )
     for level in ("c1", "c32", "c1_enforced"):
         for name in ("direct", "extproc"):
             r = report[level][name]
             print(
-                f"{level:10} {name:8} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['rps']:8.0f} "
-                f"{r['sidecar_cpu_us_per_req']:19.0f}"
+                f"{level:12} {name:8} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['rps']:8.0f} "
+                f"{r['sidecar_cpu_us_per_req']:19.0f} {r['envoy_cpu_us_per_req']:17.0f}"
             )
         s = report[level]
         print(
-            f"{level:10} added p50 {s['added_p50_ms']:+.3f} ms, p99 {s['added_p99_ms']:+.3f} ms, "
+            f"{level:12} added p50 {s['added_p50_ms']:+.3f} ms, p99 {s['added_p99_ms']:+.3f} ms, "
             f"throughput ratio {s['throughput_ratio']:.2f}"
         )
     print("\ncounting (sidecar CPU, ms):")
