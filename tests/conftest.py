@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import openai
@@ -11,7 +16,7 @@ import pytest
 import redis
 
 from extproc.ledger import LEDGERS_KEY, ledger_key, prefix_for, record_to_dict
-from extproc.stack import Stack, temporary_stack
+from extproc.stack import Stack, free_port, redis_child, temporary_stack
 from extproc.v1.ledger_pb2 import UsageRecord
 
 # Small enough to test the limit cheaply, still well above Envoy's 1 MiB default buffer.
@@ -72,3 +77,60 @@ def wait_record(r: redis.Redis, request_id: str, timeout: float = 15.0) -> dict[
         # Wake on the next write to any known ledger; new ledgers are picked up each turn.
         watch = {UNATTRIBUTED_LEDGER: b"0", **last}
         r.xread(watch, block=max(1, int(min(left, 0.5) * 1000)))
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A bare Redis-protocol server of its own for a test module (no stack around it)."""
+    port = free_port()
+    child = redis_child(port, tmp_path_factory.mktemp("redis"))
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        child.stop()
+
+
+class Hooks:
+    """A real webhook receiver: records every JSON body POSTed to it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.arrived = threading.Condition()
+        hooks = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                with hooks.arrived:
+                    hooks.bodies.append(json.loads(body))
+                    hooks.arrived.notify_all()
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.bodies) >= count, timeout), self.bodies
+            return list(self.bodies)
+
+
+def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `extproc ...` against a stack's Redis and policy, as an operator would."""
+    return subprocess.run(
+        [sys.executable, "-m", "extproc", *args, "--redis-url", stack.redis_url],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "EXTPROC_POLICY": str(stack.policy_path)},  # type: ignore[attr-defined]
+    )
+
+
+def new_key(stack: Stack, workspace: str, service: str) -> dict[str, Any]:
+    out = cli(stack, "keys", "create", "--workspace", workspace, "--service", service, "--json")
+    return json.loads(out.stdout)

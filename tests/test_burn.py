@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -41,9 +39,9 @@ from extproc.ledger import Ledger
 from extproc.policy import PolicyError, parse_policy_text
 from extproc.prices import PriceTable
 from extproc.redis_client import make_client
-from extproc.stack import Child, free_port, redis_server_binary
 from extproc.telemetry import Telemetry
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
+from tests.conftest import Hooks
 
 BERLIN = ZoneInfo("Europe/Berlin")
 USD = 1_000_000_000
@@ -267,50 +265,6 @@ def test_reads_are_one_field_list_per_hash() -> None:
 
 
 # --- a week of traffic in Redis, two replicas watching ---------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    child = Child(
-        "redis",
-        [
-            redis_server_binary(),
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(tmp_path_factory.mktemp("redis")),
-            "--save", "",
-            "--appendonly", "no",
-            "--protected-mode", "no",
-        ],
-    )  # fmt: skip
-    try:
-        child.wait_for_line("Ready to accept connections")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        child.stop()
-
-
-class Hooks:
-    """A real webhook receiver: records every JSON body POSTed to it."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        hooks = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                hooks.bodies.append(json.loads(body))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 @pytest.fixture

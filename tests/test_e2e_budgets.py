@@ -10,9 +10,7 @@ import asyncio
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -23,7 +21,7 @@ import redis
 from extproc.ledger import ledger_key, prefix_for
 from extproc.stack import Stack, temporary_stack
 from extproc.v1.ledger_pb2 import UsageRecord
-from tests.conftest import wait_record
+from tests.conftest import Hooks, cli, new_key, wait_record
 
 RID = "x-extproc-request-id"
 UPSTREAM_KEY = "sk-upstream-real-dev"
@@ -63,36 +61,6 @@ alerts:
 """
 
 
-class Hooks:
-    """A real webhook receiver: records every JSON body POSTed to it."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict] = []
-        self.arrived = threading.Condition()
-        hooks = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                with hooks.arrived:
-                    hooks.bodies.append(json.loads(body))
-                    hooks.arrived.notify_all()
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait_for(self, count: int, timeout: float = 15.0) -> list[dict]:
-        with self.arrived:
-            assert self.arrived.wait_for(lambda: len(self.bodies) >= count, timeout), self.bodies
-            return list(self.bodies)
-
-
 @pytest.fixture(scope="module")
 def hooks() -> Iterator[Hooks]:
     h = Hooks()
@@ -115,21 +83,6 @@ def rclient(bstack: Stack) -> Iterator[redis.Redis]:
     r = redis.Redis.from_url(bstack.redis_url)
     yield r
     r.close()
-
-
-def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "extproc", *args, "--redis-url", stack.redis_url],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PATH": "/usr/bin:/bin", "EXTPROC_POLICY": str(stack.policy_path)},  # type: ignore[attr-defined]
-    )
-
-
-def new_key(stack: Stack, workspace: str, service: str) -> dict:
-    out = cli(stack, "keys", "create", "--workspace", workspace, "--service", service, "--json")
-    return json.loads(out.stdout)
 
 
 def sdk(stack: Stack, key: str) -> openai.OpenAI:

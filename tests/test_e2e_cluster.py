@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -30,6 +28,7 @@ from extproc.periods import period_at
 from extproc.redis_client import UNAVAILABLE, make_client, make_sync_client, parse_cluster_url
 from extproc.stack import Child, Stack, start_cluster, temporary_stack
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
+from tests.conftest import cli, new_key
 
 RID = "x-extproc-request-id"
 WORKSPACES = ("ops", "dev", "burst")  # {ws:ops}, {ws:dev}, {ws:burst}: three slot ranges
@@ -77,21 +76,6 @@ def rc(cstack: Stack) -> Iterator[redis.RedisCluster]:
     assert isinstance(r, redis.RedisCluster)
     yield r
     r.close()
-
-
-def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "extproc", *args, "--redis-url", stack.redis_url],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PATH": "/usr/bin:/bin", "EXTPROC_POLICY": str(stack.policy_path)},  # type: ignore[attr-defined]
-    )
-
-
-def new_key(stack: Stack, workspace: str, service: str) -> dict:
-    out = cli(stack, "keys", "create", "--workspace", workspace, "--service", service, "--json")
-    return json.loads(out.stdout)
 
 
 def auth(key: dict) -> dict[str, str]:

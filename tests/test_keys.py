@@ -30,7 +30,7 @@ from extproc.keys import (
     revoked_set_key,
 )
 from extproc.policy import load_policy
-from extproc.stack import free_port, redis_child
+from extproc.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = load_policy(ROOT / "examples" / "policy.yaml")
@@ -47,16 +47,6 @@ class FakeClock:
 
     def advance(self, ms: int) -> None:
         self.ms += ms
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    child = redis_child(port, tmp_path_factory.mktemp("redis"))
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        child.stop()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -42,7 +41,6 @@ from extproc.spend import (
     select_period,
 )
 from extproc.spend_html import axis_usd, chart_svg, chart_top, nice_step, render_html
-from extproc.stack import Child, free_port, redis_server_binary
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -278,28 +276,6 @@ def test_table_shows_money_to_the_cent_and_the_outlook() -> None:
 
 
 # --- the command against Redis -----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    child = Child(
-        "redis",
-        [
-            redis_server_binary(),
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(tmp_path_factory.mktemp("redis")),
-            "--save", "",
-            "--appendonly", "no",
-            "--protected-mode", "no",
-        ],
-    )  # fmt: skip
-    try:
-        child.wait_for_line("Ready to accept connections")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        child.stop()
 
 
 def settled(p: Plan, cost: int, request_id: str, now_ms: int) -> Settlement:
