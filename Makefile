@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-tools run test lint format bench proto clean
+.PHONY: install system-tools codex-cli run test lint format bench proto clean
 
 install: $(STAMP)
 
@@ -36,7 +36,13 @@ system-tools:
 			$$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-test: install system-tools lint
+# The real Codex CLI (npm ships its native binary), for the end-to-end test that drives it.
+CODEX := .tools/node_modules/.bin/codex
+codex-cli: $(CODEX)
+$(CODEX):
+	npm install --silent --no-audit --no-fund --prefix .tools @openai/codex
+
+test: install system-tools codex-cli lint
 	$(PY) -m pytest -q
 
 lint: install

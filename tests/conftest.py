@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -61,22 +61,28 @@ def all_records(r: redis.Redis, request_id: str) -> list[dict[str, Any]]:
     ]
 
 
-def wait_record(r: redis.Redis, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
-    """The ledger is written asynchronously: block on the Redis streams until the record lands."""
+def wait_for(
+    r: redis.Redis, match: Callable[[UsageRecord], bool], what: str, timeout: float = 15.0
+) -> dict[str, Any]:
+    """The ledger is written asynchronously: block on the Redis streams until a record matches."""
     deadline = time.monotonic() + timeout
     last: dict[bytes, bytes] = {}
     while True:
         for stream in _streams(r):
             for entry_id, rec in _records(r.xrange(stream, min=last.get(stream, b"0"))):
-                if rec.request_id == request_id:
+                if match(rec):
                     return record_to_dict(rec)
                 last[stream] = entry_id
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AssertionError(f"no ledger record for {request_id} within {timeout}s")
+            raise AssertionError(f"no ledger record for {what} within {timeout}s")
         # Wake on the next write to any known ledger; new ledgers are picked up each turn.
         watch = {UNATTRIBUTED_LEDGER: b"0", **last}
         r.xread(watch, block=max(1, int(min(left, 0.5) * 1000)))
+
+
+def wait_record(r: redis.Redis, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
+    return wait_for(r, lambda rec: rec.request_id == request_id, request_id, timeout)
 
 
 @pytest.fixture(scope="module")
