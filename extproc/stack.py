@@ -59,7 +59,7 @@ def envoy_binary() -> str:
     return found
 
 
-def redis_child(port: int, directory: Path, *, persist: bool = False) -> Child:
+def redis_child(port: int, directory: Path, *extra: str, persist: bool = False) -> Child:
     """A Redis-protocol server on loopback, ready to serve; AOF on when `persist`."""
     directory.mkdir(parents=True, exist_ok=True)
     child = Child(
@@ -72,6 +72,7 @@ def redis_child(port: int, directory: Path, *, persist: bool = False) -> Child:
             "--appendonly", "yes" if persist else "no",
             "--save", "",
             "--protected-mode", "no",
+            *extra,
         ],
     )  # fmt: skip
     try:

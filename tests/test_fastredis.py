@@ -32,33 +32,14 @@ from extproc.policy import parse_policy_text
 from extproc.prices import PriceTable
 from extproc.redis_client import UNAVAILABLE
 from extproc.scripts import RESERVE, SETTLE, LuaScript
-from extproc.stack import Child, free_port, redis_server_binary
+from extproc.stack import Child, free_port, redis_child
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 
 T = TypeVar("T")
 
 
 def start_redis(port: int, directory: Path, *extra: str) -> Child:
-    directory.mkdir(parents=True, exist_ok=True)
-    child = Child(
-        "redis",
-        [
-            redis_server_binary(),
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(directory),
-            "--save", "",
-            "--appendonly", "no",
-            "--protected-mode", "no",
-            *extra,
-        ],
-    )  # fmt: skip
-    try:
-        child.wait_for_line("Ready to accept connections")
-    except BaseException:
-        child.stop()
-        raise
-    return child
+    return redis_child(port, directory, *extra)
 
 
 @pytest.fixture(scope="module")
