@@ -16,6 +16,7 @@ so a revoked key stops spending even before every cache has heard about it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import logging
@@ -473,9 +474,16 @@ class KeyCache:
             except UNAVAILABLE as exc:
                 self.ready.clear()
                 log.warning("key cache: change channel lost (%s); retrying in %.1fs", exc, backoff)
+            except Exception:
+                # redis-py's pub/sub can fail in other ways while a connection dies under it
+                # (seen: AttributeError on a closed writer). The listener must outlive them all:
+                # without it, revocations reach this replica only through the revoked-set check.
+                self.ready.clear()
+                log.exception("key cache: change channel failed; retrying in %.1fs", backoff)
             finally:
                 if pubsub is not None:
-                    await pubsub.aclose()
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 

@@ -234,6 +234,9 @@ class Ledger:
         except UNAVAILABLE as exc:
             log.debug("ledger: redis unavailable: %s", exc)
             return False
+        except Exception:
+            log.exception("ledger: spool replay failed; will retry")
+            return False
         return True
 
     async def _run(self) -> None:
@@ -247,6 +250,11 @@ class Ledger:
                 except UNAVAILABLE as exc:
                     healthy = False
                     log.warning("ledger: redis write failed, spooling (%s)", exc)
+                except Exception:
+                    # Whatever a client library throws, the writer must live on and the
+                    # records must land somewhere: the spool keeps them for the replay.
+                    healthy = False
+                    log.exception("ledger: unexpected write failure, spooling")
             if batch:
                 self._spool.append(batch)
                 self.spooled += len(batch)
