@@ -70,6 +70,23 @@ def header_map(headers: pb.HttpHeaders, wanted: frozenset[str]) -> dict[str, str
     return found
 
 
+def request_header_map(
+    headers: pb.HttpHeaders, wanted: frozenset[str], claimed_prefix: str
+) -> tuple[dict[str, str], list[str]]:
+    """`header_map`, plus the names of headers under `claimed_prefix`, in the same one pass:
+    those are ours to write, so whatever a client sent under them is stripped."""
+    found: dict[str, str] = {}
+    claimed: list[str] = []
+    for h in headers.headers.headers:
+        key = h.key
+        if key in wanted:
+            if key not in found:
+                found[key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+        elif key.startswith(claimed_prefix):
+            claimed.append(key)
+    return found, claimed
+
+
 def header_mutation(
     set_headers: Mapping[str, str] | None = None, remove: Iterable[str] = ()
 ) -> pb.HeaderMutation:

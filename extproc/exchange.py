@@ -121,11 +121,6 @@ def unmetered_key(method: str, path: str) -> str:
     return f"{method} {'/'.join(parts)[:128]}"
 
 
-def _spoofed(msg: msgs.pb.HttpHeaders) -> list[str]:
-    """Attribution headers a client sent itself: stripped, never trusted."""
-    return [h.key for h in msg.headers.headers if h.key.startswith("x-extproc-")]
-
-
 class Exchange:
     __slots__ = (
         "_closed",
@@ -175,7 +170,8 @@ class Exchange:
     # -- request headers: which endpoint, which caller ----------------------------------
 
     def on_request_headers(self, msg: msgs.pb.HttpHeaders) -> Reply:
-        h = msgs.header_map(msg, _REQUEST_HEADERS)
+        # Attribution headers a client sent itself are collected to be stripped, never trusted.
+        h, spoofed = msgs.request_header_map(msg, _REQUEST_HEADERS, "x-extproc-")
         method, path = h.get(":method", ""), h.get(":path", "")
         endpoint = endpoint_for(method, path)
         if endpoint is None:
@@ -203,15 +199,14 @@ class Exchange:
             )
         keys = self._deps.keys
         if keys is None or self._deps.policy is None:
-            spoofed = _spoofed(msg)
             if spoofed:
                 return msgs.forward_request_headers({}, ["accept-encoding", *spoofed])
             return msgs.CONTINUE_METERED_REQUEST_HEADERS
         secret = guard.bearer(h.get("authorization", ""))
         identity = keys.get(secret)
         if identity is MISSING:
-            return self._resolve_then_admit(keys, secret, _spoofed(msg))
-        return self._admit(identity, _spoofed(msg))  # type: ignore[arg-type]
+            return self._resolve_then_admit(keys, secret, spoofed)
+        return self._admit(identity, spoofed)  # type: ignore[arg-type]
 
     async def _resolve_then_admit(
         self, keys: KeyCache, secret: str, spoofed: list[str]
@@ -616,7 +611,7 @@ class Exchange:
         """The ext_proc stream ended: settle the exchange if nothing has yet, then report it."""
         self._finish()
         record = self._record
-        if record is None:
+        if record is None or not self._deps.telemetry.enabled:
             return
         self._record = None
         decision = self._decision
