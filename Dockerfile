@@ -49,7 +49,7 @@ ENV PATH=/opt/extproc/venv/bin:$PATH \
 
 # Bake in both vocabularies (o200k_base, cl100k_base) where tiktoken looks at run time
 # (TIKTOKEN_CACHE_DIR above), readable by the unprivileged user.
-RUN python -c "from extproc.tokens import get_encoding; get_encoding('o200k_base'); get_encoding('cl100k_base')" \
+RUN python -c "from extproc.metering.tokens import get_encoding; get_encoding('o200k_base'); get_encoding('cl100k_base')" \
     && chmod -R a+rX "$TIKTOKEN_CACHE_DIR"
 
 # Numeric, so that Kubernetes' runAsNonRoot can check it without reading /etc/passwd.

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import run_closed_loop  # noqa: E402
-from extproc.stack import Stack, StackConfig, free_port  # noqa: E402
+from extproc.devstack.stack import Stack, StackConfig, free_port  # noqa: E402
 
 SMALL_BODY = json.dumps(
     {
@@ -161,8 +161,8 @@ workspaces:
 def _bench_key(redis_url: str, policy: Path) -> str:
     import redis.asyncio as aioredis
 
-    from extproc.keys import KeyStore
-    from extproc.policy import load_policy
+    from extproc.governance.keys import KeyStore
+    from extproc.governance.policy import load_policy
 
     async def create() -> str:
         client = aioredis.from_url(redis_url)
@@ -181,8 +181,8 @@ def request_path_figures() -> dict[str, float]:
     import zstandard
 
     from bench.bench_counting import codex_body
-    from extproc.metering import parse_request
-    from extproc.tokens import count_text
+    from extproc.metering.decisions import parse_request
+    from extproc.metering.tokens import count_text
     from extproc.wire.endpoints import ENDPOINTS
 
     endpoint = ENDPOINTS["/v1/responses"]

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from extproc.tokens import TokenCounter, get_encoding  # noqa: E402
+from extproc.metering.tokens import TokenCounter, get_encoding  # noqa: E402
 
 ENCODING = "o200k_base"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

@@ -1,4 +1,4 @@
-"""Server CPU per gRPC message: grpcio's aio server vs `extproc.h2grpc`, same trivial servicer.
+"""Server CPU per gRPC message: grpcio's aio server vs `extproc.dataplane.h2grpc`, one servicer.
 
 Why: the sidecar's budget is about 1 ms added per HTTP request and grpcio alone costs more
 than that. This measures only the gRPC server's process (user + system CPU from /proc),
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import run_closed_loop  # noqa: E402
-from extproc.stack import Child, envoy_binary, free_port  # noqa: E402
+from extproc.devstack.stack import Child, envoy_binary, free_port  # noqa: E402
 
 MESSAGES_PER_CALL = 4
 ECHO_PATH = "/bench.Echo/Chat"
@@ -93,7 +93,7 @@ class _OursExtProc:
 
 
 async def _serve_ours(listen: str, stop: asyncio.Event) -> None:
-    from extproc.h2grpc import GrpcServer, Route
+    from extproc.dataplane.h2grpc import GrpcServer, Route
 
     server = GrpcServer({ECHO_PATH: Route(_OursEcho), EXT_PROC_PATH: Route(_OursExtProc)})
     await server.start(listen)

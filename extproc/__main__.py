@@ -1,3 +1,3 @@
-from extproc.cli import main
+from extproc.cli.main import main
 
 raise SystemExit(main())

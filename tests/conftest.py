@@ -15,8 +15,8 @@ import openai
 import pytest
 import redis
 
-from extproc.ledger import LEDGERS_KEY, ledger_key, prefix_for, record_to_dict
-from extproc.stack import Stack, free_port, redis_child, temporary_stack
+from extproc.devstack.stack import Stack, free_port, redis_child, temporary_stack
+from extproc.metering.ledger import LEDGERS_KEY, ledger_key, prefix_for, record_to_dict
 from extproc.v1.ledger_pb2 import UsageRecord
 
 # Small enough to test the limit cheaply, still well above Envoy's 1 MiB default buffer.

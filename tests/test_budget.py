@@ -17,14 +17,21 @@ from zoneinfo import ZoneInfo
 import pytest
 import redis
 
-from extproc.budget import RESERVATION_TTL_MS, Budgets, Decision, Plan, RateScope, plan_request
-from extproc.keys import Identity
-from extproc.ledger import Ledger, ledger_key
-from extproc.policy import RateLimits, load_policy, parse_policy_text
-from extproc.prices import PriceTable
-from extproc.redis_client import AsyncClient, make_client
-from extproc.stack import Child, free_port, redis_child
-from extproc.usage import Usage
+from extproc.devstack.stack import Child, free_port, redis_child
+from extproc.governance.budget import (
+    RESERVATION_TTL_MS,
+    Budgets,
+    Decision,
+    Plan,
+    RateScope,
+    plan_request,
+)
+from extproc.governance.keys import Identity
+from extproc.governance.policy import RateLimits, load_policy, parse_policy_text
+from extproc.metering.ledger import Ledger, ledger_key
+from extproc.metering.prices import PriceTable
+from extproc.metering.usage import Usage
+from extproc.store.clients import AsyncClient, make_client
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 
 ROOT = Path(__file__).resolve().parent.parent

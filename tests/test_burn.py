@@ -19,9 +19,11 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from extproc.alerts import Alerter
-from extproc.budget import plan_request
-from extproc.burn import (
+from extproc.governance.budget import plan_request
+from extproc.governance.keys import Identity
+from extproc.governance.policy import PolicyError, parse_policy_text
+from extproc.insight.alerts import Alerter
+from extproc.insight.burn import (
     ALERT_TTL_S,
     Baseline,
     Burn,
@@ -34,12 +36,10 @@ from extproc.burn import (
     clock_at,
     project_day,
 )
-from extproc.keys import Identity
-from extproc.ledger import Ledger
-from extproc.policy import PolicyError, parse_policy_text
-from extproc.prices import PriceTable
-from extproc.redis_client import make_client
-from extproc.telemetry import Telemetry
+from extproc.insight.telemetry import Telemetry
+from extproc.metering.ledger import Ledger
+from extproc.metering.prices import PriceTable
+from extproc.store.clients import make_client
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 from tests.conftest import Hooks
 

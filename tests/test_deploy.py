@@ -34,10 +34,10 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from extproc.policy import load_policy
-from extproc.server import SERVICE_NAME
+from extproc.dataplane.server import SERVICE_NAME
+from extproc.governance.policy import load_policy
+from extproc.insight.telemetry import exporter_names, prometheus_address
 from extproc.settings import load_settings
-from extproc.telemetry import exporter_names, prometheus_address
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -955,7 +955,9 @@ def test_dockerfile_bakes_in_tokenizers_and_runs_unprivileged() -> None:
     assert any("pip install ." in rest for stage in stages for inst, rest in stage if inst == "RUN")
     runs = [i for i, (inst, rest) in enumerate(final) if inst == "RUN"]
     assert any("tzdata" in final[i][1] for i in runs)
-    warm_up = next(i for i in runs if "from extproc.tokens import get_encoding" in final[i][1])
+    warm_up = next(
+        i for i in runs if "from extproc.metering.tokens import get_encoding" in final[i][1]
+    )
     assert "get_encoding('o200k_base')" in final[warm_up][1]
     assert "get_encoding('cl100k_base')" in final[warm_up][1]
     env: dict[str, int] = {}

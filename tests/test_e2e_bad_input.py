@@ -11,8 +11,8 @@ import openai
 import pytest
 import redis
 
-from extproc.ledger import UNMETERED_KEY
-from extproc.stack import Stack
+from extproc.devstack.stack import Stack
+from extproc.metering.ledger import UNMETERED_KEY
 from tests.conftest import E2E_MAX_BODY, wait_record
 
 RID = "x-extproc-request-id"

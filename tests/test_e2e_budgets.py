@@ -18,8 +18,8 @@ import openai
 import pytest
 import redis
 
-from extproc.ledger import ledger_key, prefix_for
-from extproc.stack import Stack, temporary_stack
+from extproc.devstack.stack import Stack, temporary_stack
+from extproc.metering.ledger import ledger_key, prefix_for
 from extproc.v1.ledger_pb2 import UsageRecord
 from tests.conftest import Hooks, cli, new_key, wait_record
 

@@ -21,12 +21,12 @@ import openai
 import pytest
 import redis
 
-from extproc.budget import Budgets, Plan, ScopeLimit
-from extproc.keys import KeyCache, KeyStore
-from extproc.ledger import LEDGERS_KEY, Ledger, ledger_key, prefix_for
-from extproc.periods import period_at
-from extproc.redis_client import UNAVAILABLE, make_client, make_sync_client, parse_cluster_url
-from extproc.stack import Child, Stack, start_cluster, temporary_stack
+from extproc.devstack.stack import Child, Stack, start_cluster, temporary_stack
+from extproc.governance.budget import Budgets, Plan, ScopeLimit
+from extproc.governance.keys import KeyCache, KeyStore
+from extproc.governance.periods import period_at
+from extproc.metering.ledger import LEDGERS_KEY, Ledger, ledger_key, prefix_for
+from extproc.store.clients import UNAVAILABLE, make_client, make_sync_client, parse_cluster_url
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 from tests.conftest import cli, new_key
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from extproc.stack import Stack, temporary_stack
+from extproc.devstack.stack import Stack, temporary_stack
 from tests.conftest import all_records, new_key, wait_for
 
 CODEX = Path(__file__).resolve().parents[1] / ".tools" / "node_modules" / ".bin" / "codex"

@@ -17,9 +17,9 @@ import pytest
 import redis
 import zstandard
 
-from extproc.prices import PriceTable
-from extproc.stack import Stack
-from extproc.usage import Usage
+from extproc.devstack.stack import Stack
+from extproc.metering.prices import PriceTable
+from extproc.metering.usage import Usage
 from tests.conftest import all_records, wait_record
 
 PRICES = PriceTable.load()

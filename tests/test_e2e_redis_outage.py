@@ -21,8 +21,8 @@ import httpx
 import pytest
 import redis
 
-from extproc.ledger import prefix_for
-from extproc.stack import Stack, temporary_stack
+from extproc.devstack.stack import Stack, temporary_stack
+from extproc.metering.ledger import prefix_for
 from tests.conftest import all_records, wait_record
 
 RID = "x-extproc-request-id"

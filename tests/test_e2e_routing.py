@@ -16,7 +16,7 @@ import openai
 import pytest
 import redis
 
-from extproc.stack import Stack, temporary_stack
+from extproc.devstack.stack import Stack, temporary_stack
 from tests.conftest import wait_record
 
 RID = "x-extproc-request-id"

@@ -8,7 +8,7 @@ import threading
 import httpx
 import redis
 
-from extproc.stack import temporary_stack
+from extproc.devstack.stack import temporary_stack
 from tests.conftest import wait_record
 
 RID = "x-extproc-request-id"

@@ -35,7 +35,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
 
-from extproc.stack import Child, Stack, free_port, temporary_stack
+from extproc.devstack.stack import Child, Stack, free_port, temporary_stack
 
 UPSTREAM_KEY = "sk-upstream-telemetry"
 POLICY = """

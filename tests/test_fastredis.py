@@ -24,15 +24,22 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from extproc.budget import Budgets, plan_request
-from extproc.fastredis import Endpoint, FastRedis, encode, parse_reply, parse_url, supports_url
-from extproc.keys import Identity
-from extproc.ledger import Ledger
-from extproc.policy import parse_policy_text
-from extproc.prices import PriceTable
-from extproc.redis_client import UNAVAILABLE
-from extproc.scripts import RESERVE, SETTLE, LuaScript
-from extproc.stack import Child, free_port, redis_child
+from extproc.devstack.stack import Child, free_port, redis_child
+from extproc.governance.budget import Budgets, plan_request
+from extproc.governance.keys import Identity
+from extproc.governance.policy import parse_policy_text
+from extproc.governance.scripts import RESERVE, SETTLE, LuaScript
+from extproc.metering.ledger import Ledger
+from extproc.metering.prices import PriceTable
+from extproc.store.clients import UNAVAILABLE
+from extproc.store.fastredis import (
+    Endpoint,
+    FastRedis,
+    encode,
+    parse_reply,
+    parse_url,
+    supports_url,
+)
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 
 T = TypeVar("T")

@@ -1,4 +1,4 @@
-"""extproc.h2grpc against real HTTP/2 peers: grpcio's client, Envoy, and hand-built frames.
+"""extproc.dataplane.h2grpc against real HTTP/2 peers: grpcio's client, Envoy, hand-built frames.
 
 grpcio and Envoy are independent HTTP/2 + gRPC implementations, so agreeing with them
 is what matters. Hand-built frames reach what neither of them sends: padding,
@@ -27,7 +27,7 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.h2grpc import (
+from extproc.dataplane.h2grpc import (
     HEALTH_CHECK_PATH,
     GrpcError,
     GrpcServer,
@@ -35,12 +35,18 @@ from extproc.h2grpc import (
     Status,
     health_route,
 )
-from extproc.h2grpc import frames as fr
-from extproc.h2grpc.hpack import HeaderDecoder, HpackError, encode_int, encode_literal
-from extproc.h2grpc.huffman import CODES, LENGTHS, HuffmanError, huffman_decode, huffman_encode
-from extproc.h2grpc.responses import percent_encode
+from extproc.dataplane.h2grpc import frames as fr
+from extproc.dataplane.h2grpc.hpack import HeaderDecoder, HpackError, encode_int, encode_literal
+from extproc.dataplane.h2grpc.huffman import (
+    CODES,
+    LENGTHS,
+    HuffmanError,
+    huffman_decode,
+    huffman_encode,
+)
+from extproc.dataplane.h2grpc.responses import percent_encode
+from extproc.devstack.stack import envoy_binary, free_port
 from extproc.simulator import Simulator
-from extproc.stack import envoy_binary, free_port
 
 ECHO = "/test.Echo/Chat"
 UNARY = "/test.Echo/Once"

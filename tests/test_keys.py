@@ -16,7 +16,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from extproc.keys import (
+from extproc.devstack.stack import free_port
+from extproc.governance.keys import (
     CHANNEL,
     HASH_PREFIX,
     IDS_KEY,
@@ -29,8 +30,7 @@ from extproc.keys import (
     hash_secret,
     revoked_set_key,
 )
-from extproc.policy import load_policy
-from extproc.stack import free_port
+from extproc.governance.policy import load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = load_policy(ROOT / "examples" / "policy.yaml")

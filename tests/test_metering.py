@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from extproc.metering import Observed, prepare_request, settle
-from extproc.prices import PriceTable
-from extproc.tokens import count_text
-from extproc.usage import Usage
+from extproc.metering.decisions import Observed, prepare_request, settle
+from extproc.metering.prices import PriceTable
+from extproc.metering.tokens import count_text
+from extproc.metering.usage import Usage
 from extproc.wire.endpoints import ENDPOINTS, StreamOutcome
 from extproc.wire.errors import OpenAIError
 

@@ -13,8 +13,8 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 
-from extproc import cli_admin
-from extproc.policy import (
+from extproc.cli import admin as cli_admin
+from extproc.governance.policy import (
     Policy,
     PolicyError,
     PolicyWatcher,
@@ -405,7 +405,7 @@ def test_watcher_reloads_changes_and_keeps_the_old_policy_on_errors(
         assert seen[-1].workspaces["dev"].budget_nanos == 250 * B
         write_atomically(path, with_value(f"{DEV}.budget_usd", 250))  # same content, new inode
         assert await watcher.poll_once() is False
-        with caplog.at_level(logging.ERROR, logger="extproc.policy"):
+        with caplog.at_level(logging.ERROR, logger="extproc.governance.policy"):
             write_atomically(path, with_value(f"{DEV}.budget_usd", "-5"))
             assert await watcher.poll_once() is False
         assert "workspaces.dev.budget_usd" in caplog.text

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.prices import (
+from extproc.metering.prices import (
     NANOS_PER_DOLLAR,
     Charge,
     Price,
@@ -15,7 +15,7 @@ from extproc.prices import (
     PriceTableError,
     default_table,
 )
-from extproc.usage import Usage
+from extproc.metering.usage import Usage
 
 REQUIRED_FAMILIES = (
     "gpt-5",

@@ -6,8 +6,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from extproc.cli_admin import redacted
-from extproc.redis_client import (
+from extproc.cli.admin import redacted
+from extproc.store.clients import (
     ClusterURL,
     is_cluster,
     make_client,

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.keys import Identity
-from extproc.policy import (
+from extproc.governance.keys import Identity
+from extproc.governance.policy import (
     ENDPOINT_NAMES,
     Overdraft,
     Policy,
@@ -22,7 +22,7 @@ from extproc.policy import (
     load_policy,
     parse_policy_text,
 )
-from extproc.routing import (
+from extproc.routing.decide import (
     BudgetState,
     RouteDecision,
     Step,

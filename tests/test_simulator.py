@@ -19,12 +19,12 @@ import pytest
 import zstandard
 from openai import OpenAI
 
+from extproc.metering.tokens import count_text, get_encoding
 from extproc.simulator import Simulator
 from extproc.simulator.caching import BLOCK, PromptCache
 from extproc.simulator.faults import Faults, FaultSyntaxError, parse_faults
 from extproc.simulator.plan import output_budget
 from extproc.simulator.text import WORDS, output_text
-from extproc.tokens import count_text, get_encoding
 
 RESPONSE_EVENTS = [
     "response.created",

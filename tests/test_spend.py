@@ -17,14 +17,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from extproc.budget import Budgets, Decision, Plan, plan_request
-from extproc.keys import Identity
-from extproc.ledger import Ledger
-from extproc.periods import period_at
-from extproc.policy import parse_policy_text
-from extproc.prices import PriceTable
-from extproc.redis_client import make_client
-from extproc.spend import (
+from extproc.governance.budget import Budgets, Decision, Plan, plan_request
+from extproc.governance.keys import Identity
+from extproc.governance.periods import period_at
+from extproc.governance.policy import parse_policy_text
+from extproc.insight.spend import (
     SELECTIONS,
     Row,
     build_report,
@@ -40,7 +37,10 @@ from extproc.spend import (
     runs_out_at,
     select_period,
 )
-from extproc.spend_html import axis_usd, chart_svg, chart_top, nice_step, render_html
+from extproc.insight.spend_html import axis_usd, chart_svg, chart_top, nice_step, render_html
+from extproc.metering.ledger import Ledger
+from extproc.metering.prices import PriceTable
+from extproc.store.clients import make_client
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 
 BERLIN = ZoneInfo("Europe/Berlin")

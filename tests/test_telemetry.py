@@ -19,9 +19,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CollectorRegistry, generate_latest
 
+from extproc.devstack.stack import free_port
+from extproc.insight.telemetry import RequestTelemetry, Telemetry, prometheus_address
 from extproc.settings import ConfigError
-from extproc.stack import free_port
-from extproc.telemetry import RequestTelemetry, Telemetry, prometheus_address
 from extproc.v1.ledger_pb2 import UsageRecord
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -301,7 +301,9 @@ def test_metrics_accumulate_over_requests(harness: Harness) -> None:
     assert p["extproc.downgrades"] == {
         labels(workspace="dev", service="cli", from_model="gpt-5", to_model="gpt-5-mini"): 1
     }
-    assert p["extproc.budget.utilization.ratio"] == {labels(workspace="dev", scope="ws"): 0.42}
+    assert p["extproc.budget.utilization.ratio"] == {
+        labels(workspace="dev", scope="ws"): 0.42
+    }
     assert p["extproc.burn_rate.ratio"] == {labels(workspace="dev", service="cli"): 1.5}
 
     duration = p["extproc.request.duration"][labels(endpoint="chat.completions")]

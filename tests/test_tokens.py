@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import regex
 
-from extproc.tokens import (
+from extproc.metering.tokens import (
     TokenCounter,
     count_text,
     default_counter,
@@ -192,7 +192,7 @@ def test_every_planned_cut_keeps_the_count_exact(encoding: str) -> None:
 
 
 def test_character_classes_match_the_pretokenizer() -> None:
-    from extproc import tokens
+    from extproc.metering import tokens
 
     every_char = "".join(map(chr, range(0x110000)))
     assert set(regex.findall(r"\p{White_Space}", every_char)) == tokens._WHITE_SPACE

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from extproc.tokens import count_text
-from extproc.usage import Usage
+from extproc.metering.tokens import count_text
+from extproc.metering.usage import Usage
 from extproc.wire.endpoints import (
     ENDPOINTS,
     Endpoint,

@@ -13,7 +13,7 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from extproc.tokens import encoding_name_for_model, get_encoding
+from extproc.metering.tokens import encoding_name_for_model, get_encoding
 
 MESSAGE = (-1, -2, -3)
 NAME = (-4,)

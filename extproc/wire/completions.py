@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from extproc.usage import Usage
+from extproc.metering.usage import Usage
 from extproc.wire.chat import ChoicesMeter, request_stream_usage, usage_and_model
 from extproc.wire.endpoints import (
     RequestFacts,

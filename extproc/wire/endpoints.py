@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from extproc.usage import Usage
+from extproc.metering.usage import Usage
 from extproc.wire.bodies import json_kind
 from extproc.wire.errors import OpenAIError, invalid_request
 from extproc.wire.sse import SSEEvent, SSEParser

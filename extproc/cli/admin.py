@@ -1,0 +1,307 @@
+"""Admin commands: `check-config` for the budget policy, `keys` for virtual API keys.
+
+Kept apart from the sidecar's own commands because these run on an operator's laptop or
+in a deploy pipeline, against a Redis and a policy file, never on the request path.
+Exit codes: 0 done, 1 refused or Redis unreachable, 2 bad arguments or an invalid policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from extproc.metering.prices import NANOS_PER_DOLLAR
+
+STATE_FILE = Path(".data") / "stack.json"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_POLICY = Path("examples") / "policy.yaml"
+_DURATION = re.compile(r"(\d+)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in "90s", "15m", "24h" or "7d"."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (use a number and a unit: 90s, 15m, 24h, 7d)"
+        )
+    return int(match[1]) * _UNIT_SECONDS[match[2]]
+
+
+def redis_url(arg: str | None) -> str:
+    """--redis-url, else EXTPROC_REDIS_URL, else the running `make run` stack's, else local."""
+    if arg:
+        return arg
+    if os.environ.get("EXTPROC_REDIS_URL"):
+        return os.environ["EXTPROC_REDIS_URL"]
+    if STATE_FILE.exists():
+        try:
+            return str(json.loads(STATE_FILE.read_text())["redis_url"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return DEFAULT_REDIS_URL
+
+
+def policy_path(arg: str | None) -> Path | None:
+    if arg:
+        return Path(arg)
+    if os.environ.get("EXTPROC_POLICY"):
+        return Path(os.environ["EXTPROC_POLICY"])
+    return DEFAULT_POLICY if DEFAULT_POLICY.exists() else None
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    hosts = parts.netloc.rpartition("@")[2]  # "h1:1,h2:2" for a cluster: not one port
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
+
+
+def _usd(nanos: int) -> str:
+    return f"${Decimal(nanos) / NANOS_PER_DOLLAR:,f}"
+
+
+def _when(ms: int) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"extproc: {message}", file=sys.stderr)
+    return code
+
+
+# --- check-config ------------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from extproc.governance.policy import PolicyError, load_policy
+
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        count = len(exc.problems)
+        print(f"{count} problem{'s' if count != 1 else ''}; policy not usable", file=sys.stderr)
+        return 2
+    workspaces = ", ".join(
+        f"{ws.name} {_usd(ws.budget_nanos)}/{ws.period}" for ws in policy.workspaces.values()
+    )
+    teams = sum(len(ws.teams) for ws in policy.workspaces.values())
+    services = sum(len(ws.services) for ws in policy.workspaces.values())
+    hooks = len(policy.webhooks)
+    print(
+        f"ok: {len(policy.workspaces)} workspaces ({workspaces}), {teams} teams, "
+        f"{services} services, {hooks} webhook{'s' if hooks != 1 else ''}; "
+        f"periods in {policy.timezone.key}"
+    )
+    for warning in policy.warnings:
+        print(f"warning: {warning}")
+    for ws in policy.workspaces.values():
+        try:
+            ws.upstream.read_key()
+        except PolicyError as exc:
+            reason = str(exc).removeprefix("upstream key: ")
+            print(f"warning: workspaces.{ws.name}.upstream: {reason} (in this environment)")
+    return 0
+
+
+# --- keys --------------------------------------------------------------------------------
+
+
+def _run_with_store(args: argparse.Namespace, action: Callable[[Any], Awaitable[int]]) -> int:
+    from extproc.governance.keys import KeyStore, KeyStoreError
+    from extproc.store.clients import UNAVAILABLE, make_client
+
+    url = redis_url(args.redis_url)
+
+    async def go() -> int:
+        client = make_client(url, socket_connect_timeout=3, socket_timeout=10)
+        try:
+            return await action(KeyStore(client))
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(go())
+    except KeyStoreError as exc:
+        return _fail(str(exc), 1)
+    except UNAVAILABLE as exc:
+        return _fail(f"Redis at {redacted(url)}: {exc}", 1)
+
+
+def _identity_json(secret: str, identity: Any, **extra: Any) -> str:
+    return json.dumps(
+        {
+            "key": secret,
+            "key_id": identity.key_id,
+            "workspace": identity.workspace,
+            "team": identity.team,
+            "service": identity.service,
+            "owner": identity.owner,
+            **extra,
+        },
+        indent=2,
+    )
+
+
+def _print_new_key(secret: str, identity: Any) -> None:
+    team = f", team {identity.team}" if identity.team else ""
+    print(f"{identity.key_id}  workspace {identity.workspace}{team}, service {identity.service}")
+    print(secret)
+    print("This is the only time the key is shown: store it in your secret manager now.")
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from extproc.governance.policy import PolicyError, load_policy
+
+    policy = None
+    path = policy_path(args.policy)
+    if path is not None:
+        try:
+            policy = load_policy(path)
+        except PolicyError as exc:
+            return _fail(f"the policy used to check names is invalid:\n{exc}", 2)
+    else:
+        print("extproc: no policy file found; names are not checked", file=sys.stderr)
+
+    async def action(store: Any) -> int:
+        secret, identity = await store.create(
+            args.workspace, args.service, args.team, args.owner, policy=policy
+        )
+        if args.json:
+            print(_identity_json(secret, identity))
+        else:
+            _print_new_key(secret, identity)
+        return 0
+
+    return _run_with_store(args, action)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    async def action(store: Any) -> int:
+        infos = await store.list(args.workspace)
+        if args.json:
+            print(json.dumps([i.to_dict() for i in infos], indent=2))
+            return 0
+        header = ("KEY ID", "STATUS", "WORKSPACE", "TEAM", "SERVICE", "OWNER", "CREATED", "EXPIRES")
+        rows = [header] + [
+            (
+                i.key_id,
+                i.status + (f" -> {i.replaced_by}" if i.replaced_by else ""),
+                i.workspace,
+                i.team or "-",
+                i.service,
+                i.owner or "-",
+                _when(i.created_ms),
+                _when(i.expires_ms),
+            )
+            for i in infos
+        ]
+        widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        return 0
+
+    return _run_with_store(args, action)
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    async def action(store: Any) -> int:
+        secret, identity = await store.rotate(args.key_id, args.overlap)
+        old = await store.info(args.key_id)
+        old_expires = old.expires_ms if old else 0
+        if args.json:
+            print(
+                _identity_json(secret, identity, replaces=args.key_id, old_expires_ms=old_expires)
+            )
+        else:
+            _print_new_key(secret, identity)
+            print(f"{args.key_id} keeps working until {_when(old_expires)}.")
+        return 0
+
+    return _run_with_store(args, action)
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    async def action(store: Any) -> int:
+        info = await store.revoke(args.key_id)
+        if args.json:
+            print(json.dumps(info.to_dict(), indent=2))
+        else:
+            print(f"revoked {info.key_id} (workspace {info.workspace}, service {info.service})")
+        return 0
+
+    return _run_with_store(args, action)
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add `check-config` and `keys` to the `extproc` command line."""
+    p = sub.add_parser("check-config", help="validate a budget policy file")
+    p.add_argument("file", help="policy YAML")
+    p.set_defaults(func=cmd_check_config)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--redis-url", help="else EXTPROC_REDIS_URL, else .data/stack.json, else local"
+    )
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    keys = sub.add_parser("keys", help="create, list, rotate and revoke virtual API keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+
+    p = ksub.add_parser("create", parents=[common], help="issue a key (shown once)")
+    p.add_argument("--workspace", required=True)
+    p.add_argument("--service", required=True)
+    p.add_argument("--team", help="default: the service's team in the policy")
+    p.add_argument("--owner", help="person or system responsible, e.g. an email")
+    p.add_argument(
+        "--policy", help="checks the names; else EXTPROC_POLICY, else examples/policy.yaml"
+    )
+    p.set_defaults(func=cmd_keys_create)
+
+    p = ksub.add_parser("list", parents=[common], help="list keys (never the keys themselves)")
+    p.add_argument("--workspace")
+    p.set_defaults(func=cmd_keys_list)
+
+    p = ksub.add_parser("rotate", parents=[common], help="new key; the old one works a while")
+    p.add_argument("key_id")
+    p.add_argument(
+        "--overlap",
+        type=parse_duration,
+        default=parse_duration("24h"),
+        help="how long the old key keeps working: 90s, 15m, 24h (default), 7d",
+    )
+    p.set_defaults(func=cmd_keys_rotate)
+
+    p = ksub.add_parser("revoke", parents=[common], help="refuse a key from now on")
+    p.add_argument("key_id")
+    p.set_defaults(func=cmd_keys_revoke)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (`python -m extproc.cli.admin ...`)."""
+    parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""The gRPC side: Envoy's ExternalProcessor service, health, and orderly shutdown.
+
+The stream handler only orchestrates: it routes each ext_proc message to the request's
+`Exchange` and sends back what that returns. On SIGTERM the health service turns
+NOT_SERVING first (so Envoy and Kubernetes stop sending new streams), in-flight
+streams get `grace_seconds` to finish, and the ledger is drained before exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from extproc.dataplane import envoy_msgs as msgs
+from extproc.dataplane.exchange import Deps, Exchange, Reply
+from extproc.dataplane.h2grpc import HEALTH_CHECK_PATH, GrpcServer, Route, health_route
+from extproc.governance import guard
+from extproc.governance.budget import Budgets
+from extproc.governance.keys import KeyCache, KeyStore
+from extproc.governance.policy import Policy, PolicyError, PolicyWatcher, load_policy
+from extproc.insight.alerts import Alert, Alerter
+from extproc.insight.burn import BurnWatch
+from extproc.insight.telemetry import Telemetry
+from extproc.metering.ledger import Ledger
+from extproc.metering.prices import PriceTable
+from extproc.metering.tokens import count_text
+from extproc.settings import Settings
+from extproc.store.clients import AsyncClient, is_cluster, make_client
+from extproc.store.fastredis import FastRedis, supports_url
+
+log = logging.getLogger("extproc.dataplane.server")
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+_TRAILERS = {
+    "request_trailers": msgs.ProcessingResponse(request_trailers=msgs.pb.TrailersResponse()),
+    "response_trailers": msgs.ProcessingResponse(response_trailers=msgs.pb.TrailersResponse()),
+}
+
+
+def dispatch(exchange: Exchange, request: msgs.ProcessingRequest) -> Reply:
+    """Route one ext_proc message to the phase of the request's exchange."""
+    kind = request.WhichOneof("request")
+    if kind == "request_headers":
+        return exchange.on_request_headers(request.request_headers)
+    if kind == "request_body":
+        return exchange.on_request_body(request.request_body)
+    if kind == "response_headers":
+        return exchange.on_response_headers(request.response_headers)
+    if kind == "response_body":
+        return exchange.on_response_body(request.response_body)
+    return _TRAILERS.get(kind or "", msgs.CONTINUE_RESPONSE_BODY)
+
+
+class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+
+    async def Process(
+        self,
+        request_iterator: AsyncIterator[msgs.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[msgs.ProcessingResponse]:
+        exchange = Exchange(self._deps)
+        clock = time.perf_counter_ns
+        try:
+            async for request in request_iterator:
+                began = clock()
+                reply = dispatch(exchange, request)
+                if not isinstance(reply, msgs.ProcessingResponse):
+                    reply = await reply
+                exchange.busy_ns += clock() - began
+                yield reply
+        finally:
+            exchange.close()
+
+
+_PROCESS_PATH = f"/{SERVICE_NAME}/Process"
+_CONSTANT_REPLIES = {
+    id(reply): reply.SerializeToString()
+    for reply in (
+        msgs.CONTINUE_REQUEST_HEADERS,
+        msgs.CONTINUE_METERED_REQUEST_HEADERS,
+        msgs.CONTINUE_REQUEST_BODY,
+        msgs.CONTINUE_RESPONSE_HEADERS,
+        msgs.CONTINUE_RESPONSE_BODY,
+        msgs.SKIP_REST,
+    )
+}
+
+
+def _serialize(reply: msgs.ProcessingResponse) -> bytes:
+    return _CONSTANT_REPLIES.get(id(reply)) or reply.SerializeToString()
+
+
+class ExtProcStream:
+    """One ext_proc stream on our own HTTP/2 transport: bytes in, bytes out, same Exchange."""
+
+    __slots__ = ("exchange",)
+
+    def __init__(self, deps: Deps) -> None:
+        self.exchange = Exchange(deps)
+
+    def on_message(self, data: bytes) -> bytes | Awaitable[bytes]:
+        began = time.perf_counter_ns()
+        reply = dispatch(self.exchange, msgs.ProcessingRequest.FromString(data))
+        if isinstance(reply, msgs.ProcessingResponse):
+            out = _serialize(reply)
+            self.exchange.busy_ns += time.perf_counter_ns() - began
+            return out
+        return self._later(reply, began)
+
+    async def _later(self, pending: Awaitable[msgs.ProcessingResponse], began: int) -> bytes:
+        out = _serialize(await pending)
+        self.exchange.busy_ns += time.perf_counter_ns() - began
+        return out
+
+    def on_end(self, cancelled: bool) -> None:
+        # Envoy ends every ext_proc stream with RST_STREAM once the HTTP request is done, so
+        # `cancelled` is the normal case; the exchange itself knows whether it finished.
+        self.exchange.close()
+
+
+class H2Transport:
+    """The default: our HTTP/2 gRPC server, about 30 µs of CPU per message instead of ~240."""
+
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+        self._serving = True
+        self._server = GrpcServer(
+            {
+                _PROCESS_PATH: Route(lambda: ExtProcStream(deps)),
+                HEALTH_CHECK_PATH: health_route(self._health),
+            },
+            max_message_bytes=deps.settings.max_body_bytes * 2 + (1 << 20),
+        )
+
+    def _health(self, service: str) -> int:
+        if service not in ("", SERVICE_NAME):
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        if self._serving:
+            return health_pb2.HealthCheckResponse.SERVING
+        return health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def start(self, settings: Settings) -> None:
+        await self._server.start(settings.listen)
+
+    async def stop(self, grace: float) -> None:
+        self._serving = False
+        await self._server.close(grace)
+
+
+class GrpcioTransport:
+    """grpcio's own asyncio server: the reference implementation (`transport: grpcio`)."""
+
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+        self._health = health_aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self, settings: Settings) -> None:
+        server = grpc.aio.server(options=_grpc_options(settings))
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+            ExternalProcessor(self._deps), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        port = server.add_insecure_port(settings.listen)
+        if port == 0 and not settings.listen.startswith("unix:"):
+            raise OSError(f"cannot listen on {settings.listen}")
+        await server.start()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        await self._health.set("", serving)
+        await self._health.set(SERVICE_NAME, serving)
+        self._server = server
+
+    async def stop(self, grace: float) -> None:
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+
+
+def upstream_keys(policy: Policy) -> dict[str, str]:
+    """Each workspace's real provider key, read once per policy load (never logged)."""
+    keys: dict[str, str] = {}
+    for name, ws in policy.workspaces.items():
+        try:
+            keys[name] = ws.upstream.read_key()
+        except PolicyError as exc:
+            log.error("workspace %s: %s; its requests will get 503", name, exc)
+    return keys
+
+
+class Governor:
+    """Holds the live policy and turns ledger events into alerts; swaps policy on reload."""
+
+    def __init__(self, deps: Deps, alerter: Alerter) -> None:
+        self.deps = deps
+        self.alerter = alerter
+
+    def apply(self, policy: Policy) -> None:
+        self.deps.upstream_keys = upstream_keys(policy)
+        self.deps.policy = policy
+        log.info("policy loaded: %s (%d workspaces)", policy.source, len(policy.workspaces))
+        for warning in policy.warnings:
+            log.warning("policy: %s", warning)
+
+    def webhooks(self, event: str) -> list[str]:
+        policy = self.deps.policy
+        if policy is None:
+            return []
+        return [w.url for w in policy.webhooks if not w.events or event in w.events]
+
+    def on_soft_alert(self, prefix: str, scopes: list[str]) -> None:
+        policy = self.deps.policy
+        workspace = prefix[len("{ws:") : -1]
+        ws = policy.workspaces.get(workspace) if policy else None
+        for scope in scopes:
+            if scope == "ws" and ws is not None:
+                text = (
+                    f"extproc: workspace {workspace} crossed its soft limit "
+                    f"(${guard.usd(ws.soft_nanos)} of a ${guard.usd(ws.budget_nanos)} "
+                    f"{ws.period}ly budget). Traffic keeps flowing; hard limit at "
+                    f"${guard.usd(ws.hard_nanos)}."
+                )
+            else:
+                text = f"extproc: {scope} in workspace {workspace} crossed its soft limit."
+            self.alerter.send(Alert("soft_limit", workspace, scope, text, {}))
+
+
+def build_deps(
+    settings: Settings, client: AsyncClient, hot: FastRedis | None = None
+) -> tuple[Deps, Governor]:
+    """`hot` serves the two calls on every request (reserve, settle); `client` all the rest."""
+    prices = PriceTable.load(settings.prices or None)
+    deps = Deps(
+        settings=settings,
+        prices=prices,
+        count=count_text,
+        ledger=None,  # type: ignore[arg-type]  # set below: the ledger reports to the governor
+        executor=ThreadPoolExecutor(max_workers=2, thread_name_prefix="extproc-count"),
+    )
+    deps.telemetry = Telemetry.from_env()
+    governor = Governor(deps, Alerter(lambda event: governor.webhooks(event)))
+    deps.ledger = Ledger(
+        hot or client,
+        max_records=settings.ledger_max_records,
+        spool_dir=settings.spool_dir,
+        on_soft_alert=governor.on_soft_alert,
+    )
+    if settings.policy:
+        governor.apply(load_policy(settings.policy))
+        deps.keys = KeyCache(KeyStore(client))
+        deps.budgets = Budgets(hot or client)
+    return deps, governor
+
+
+def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    # Envoy sends a buffered body as one gRPC message; gRPC's default 4 MiB cap would
+    # reject real Codex requests before our own limit could answer them properly.
+    limit = settings.max_body_bytes * 2 + (1 << 20)
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Run the sidecar until SIGTERM/SIGINT (or `stop` is set)."""
+    client = make_client(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
+    hot = None
+    if not is_cluster(settings.redis_url) and supports_url(settings.redis_url):
+        hot = FastRedis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
+    deps, governor = build_deps(settings, client, hot)
+    count_text("warm up the tokenizer", "gpt-5")
+    count_text("warm up the tokenizer", "gpt-3.5-turbo")
+    await deps.ledger.start()
+    background: list[asyncio.Task[None]] = []
+    if deps.keys is not None:
+        background.append(asyncio.create_task(deps.keys.run(), name="key-cache"))
+        watcher = PolicyWatcher(settings.policy, governor.apply)
+        background.append(asyncio.create_task(watcher.run(), name="policy-watcher"))
+        burn = BurnWatch(client, lambda: deps.policy, governor.alerter, deps.telemetry)
+        background.append(asyncio.create_task(burn.run(), name="burn-watch"))
+
+    transport = H2Transport(deps) if settings.transport == "h2" else GrpcioTransport(deps)
+    await transport.start(settings)
+    log.info("extproc listening on %s (%s transport)", settings.listen, settings.transport)
+    print(f"extproc listening on {settings.listen}", flush=True)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("shutting down: draining in-flight streams for up to %ss", settings.grace_seconds)
+    await transport.stop(settings.grace_seconds)
+    await deps.ledger.close()
+    for task in background:
+        task.cancel()
+    await governor.alerter.drain()
+    deps.telemetry.shutdown()
+    await client.aclose()
+    if hot is not None:
+        await hot.aclose()
+    deps.executor.shutdown(wait=False)

