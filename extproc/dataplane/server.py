@@ -12,8 +12,9 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
@@ -36,6 +37,7 @@ from extproc.metering.tokens import count_text
 from extproc.settings import Settings
 from extproc.store.clients import AsyncClient, is_cluster, make_client
 from extproc.store.fastredis import FastRedis, supports_url
+from extproc.store.schema import WORKSPACE_SCOPE
 
 log = logging.getLogger("extproc.dataplane.server")
 
@@ -201,31 +203,40 @@ def upstream_keys(policy: Policy) -> dict[str, str]:
 
 
 class Governor:
-    """Holds the live policy and turns ledger events into alerts; swaps policy on reload."""
+    """Holds the live policy, hands each new one to its subscribers, and turns the soft-limit
+    crossings the ledger reports into alerts.
 
-    def __init__(self, deps: Deps, alerter: Alerter) -> None:
-        self.deps = deps
-        self.alerter = alerter
+    It owns its own copy of the policy, so the ledger can report to it before the exchanges'
+    shared `Deps` exist (no half-built object patched afterwards).
+    """
+
+    def __init__(self) -> None:
+        self.policy: Policy | None = None
+        self.alerter = Alerter(self.webhooks)
+        self._subscribers: list[Callable[[Policy], None]] = []
+
+    def subscribe(self, on_policy: Callable[[Policy], None]) -> None:
+        self._subscribers.append(on_policy)
 
     def apply(self, policy: Policy) -> None:
-        self.deps.upstream_keys = upstream_keys(policy)
-        self.deps.policy = policy
+        for on_policy in self._subscribers:
+            on_policy(policy)
+        self.policy = policy
         log.info("policy loaded: %s (%d workspaces)", policy.source, len(policy.workspaces))
         for warning in policy.warnings:
             log.warning("policy: %s", warning)
 
     def webhooks(self, event: str) -> list[str]:
-        policy = self.deps.policy
+        policy = self.policy
         if policy is None:
             return []
         return [w.url for w in policy.webhooks if not w.events or event in w.events]
 
-    def on_soft_alert(self, prefix: str, scopes: list[str]) -> None:
-        policy = self.deps.policy
-        workspace = prefix[len("{ws:") : -1]
+    def on_soft_alert(self, workspace: str, scopes: list[str]) -> None:
+        policy = self.policy
         ws = policy.workspaces.get(workspace) if policy else None
         for scope in scopes:
-            if scope == "ws" and ws is not None:
+            if scope == WORKSPACE_SCOPE and ws is not None:
                 text = (
                     f"extproc: workspace {workspace} crossed its soft limit "
                     f"(${guard.usd(ws.soft_nanos)} of a ${guard.usd(ws.budget_nanos)} "
@@ -237,31 +248,44 @@ class Governor:
             self.alerter.send(Alert("soft_limit", workspace, scope, text, {}))
 
 
-def build_deps(
-    settings: Settings, client: AsyncClient, hot: FastRedis | None = None
-) -> tuple[Deps, Governor]:
+class Sidecar(NamedTuple):
+    """The shared parts of a running sidecar, with the concrete types the server drives."""
+
+    deps: Deps
+    governor: Governor
+    ledger: Ledger
+    keys: KeyCache | None
+
+
+def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = None) -> Sidecar:
     """`hot` serves the two calls on every request (reserve, settle); `client` all the rest."""
-    prices = PriceTable.load(settings.prices or None)
-    deps = Deps(
-        settings=settings,
-        prices=prices,
-        count=count_text,
-        ledger=None,  # type: ignore[arg-type]  # set below: the ledger reports to the governor
-        executor=ThreadPoolExecutor(max_workers=2, thread_name_prefix="extproc-count"),
-    )
-    deps.telemetry = Telemetry.from_env()
-    governor = Governor(deps, Alerter(lambda event: governor.webhooks(event)))
-    deps.ledger = Ledger(
+    governor = Governor()
+    ledger = Ledger(
         hot or client,
         max_records=settings.ledger_max_records,
         spool_dir=settings.spool_dir,
         on_soft_alert=governor.on_soft_alert,
     )
+    deps = Deps(
+        settings=settings,
+        prices=PriceTable.load(settings.prices or None),
+        count=count_text,
+        ledger=ledger,
+        executor=ThreadPoolExecutor(max_workers=2, thread_name_prefix="extproc-count"),
+        telemetry=Telemetry.from_env(),
+    )
+
+    def use(policy: Policy) -> None:
+        deps.upstream_keys = upstream_keys(policy)
+        deps.policy = policy
+
+    governor.subscribe(use)
+    keys = None
     if settings.policy:
         governor.apply(load_policy(settings.policy))
-        deps.keys = KeyCache(KeyStore(client))
+        deps.keys = keys = KeyCache(KeyStore(client))
         deps.budgets = Budgets(hot or client)
-    return deps, governor
+    return Sidecar(deps, governor, ledger, keys)
 
 
 def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -281,13 +305,13 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     hot = None
     if not is_cluster(settings.redis_url) and supports_url(settings.redis_url):
         hot = FastRedis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
-    deps, governor = build_deps(settings, client, hot)
+    deps, governor, ledger, keys = build_deps(settings, client, hot)
     count_text("warm up the tokenizer", "gpt-5")
     count_text("warm up the tokenizer", "gpt-3.5-turbo")
-    await deps.ledger.start()
+    await ledger.start()
     background: list[asyncio.Task[None]] = []
-    if deps.keys is not None:
-        background.append(asyncio.create_task(deps.keys.run(), name="key-cache"))
+    if keys is not None:
+        background.append(asyncio.create_task(keys.run(), name="key-cache"))
         watcher = PolicyWatcher(settings.policy, governor.apply)
         background.append(asyncio.create_task(watcher.run(), name="policy-watcher"))
         burn = BurnWatch(client, lambda: deps.policy, governor.alerter, deps.telemetry)
@@ -306,7 +330,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
 
     log.info("shutting down: draining in-flight streams for up to %ss", settings.grace_seconds)
     await transport.stop(settings.grace_seconds)
-    await deps.ledger.close()
+    await ledger.close()
     for task in background:
         task.cancel()
     await governor.alerter.drain()
