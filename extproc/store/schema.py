@@ -90,6 +90,21 @@ def revoked_key(workspace: str) -> str:
     return f"{workspace_prefix(workspace)}:{REVOKED}"
 
 
+def rate_minute_key(prefix: str, now_ms: int) -> str:
+    """The rate-limit counters of the minute `now_ms` falls in (the reserve script's key)."""
+    return f"{prefix}:{RATE_MINUTE}:{now_ms // 60000}"
+
+
+def rate_field(scope: str, kind: str) -> str:
+    """A scope's counter in the minute hash: kind "r" (requests) or "t" (tokens)."""
+    return f"{scope}:{kind}"
+
+
+def session_key(prefix: str, session_id: str) -> str:
+    """A session's input tokens over its life (the reserve script's context-growth guard)."""
+    return f"{prefix}:{SESSION}:{session_id}"
+
+
 def burn_alerted_key(workspace: str, day_id: str, scope: str) -> str:
     """Set once when a burn-rate alert for (day, scope) went out, by whichever replica."""
     return f"{workspace_prefix(workspace)}:{ALERTED}:burn:{day_id}:{scope}"
@@ -101,6 +116,9 @@ LEDGERS = "extproc:ledgers"
 """The set of per-workspace ledger streams, for readers (`extproc usage`, the spend report)."""
 UNMETERED = "{extproc:ledger}:unmetered"
 """Hash: `METHOD /path/*` -> requests seen on paths extproc does not meter."""
+
+ALERTS = "{extproc:alerts}:recent"
+"""Stream of the latest alerts (the console and `GET /admin/v1/alerts` read it)."""
 
 KEY_TAG = "{extproc:keys}"
 KEY_HASH_PREFIX = f"{KEY_TAG}:hash:"
@@ -151,6 +169,11 @@ def model_scope(model: str) -> str:
 def session_scope(session_id: str) -> str:
     """Session ids come from clients: bounded so one cannot grow a hash field without end."""
     return SESS + session_id[:SESSION_ID_MAX]
+
+
+def team_of(scope: str) -> str | None:
+    """The team a `team:T` scope names, else None."""
+    return scope.removeprefix(TEAM) if scope.startswith(TEAM) else None
 
 
 def is_key_scope(scope: str) -> bool:
