@@ -31,6 +31,7 @@ from extproc.governance.budget import (
     Decision,
     Plan,
     overdraft_left,
+    per_choice_cap,
     plan_request,
     with_overdraft,
 )
@@ -46,6 +47,7 @@ from extproc.metering.decisions import (
     parse_request,
     prepare_request,
     settle,
+    utf8_text,
 )
 from extproc.metering.ledger import Ledger, prefix_for
 from extproc.metering.prices import PriceTable, nanos_per_token
@@ -86,6 +88,19 @@ _ANNOUNCED: set[tuple[str, str, str, str]] = set()
 """Downgrades already logged by this process: one human-readable line per scope and step."""
 _RESPONSE_HEADERS = frozenset({":status", "content-type"})
 _RID = "x-extproc-request-id"
+INTERNAL_ERROR = OpenAIError(
+    500,
+    "extproc could not process this request; it was not forwarded. Retrying is safe.",
+    "server_error",
+    None,
+    "extproc_internal_error",
+)
+_CONTINUE_PHASE = {
+    "request_headers": msgs.CONTINUE_REQUEST_HEADERS,
+    "request_body": msgs.CONTINUE_REQUEST_BODY,
+    "response_headers": msgs.CONTINUE_RESPONSE_HEADERS,
+    "response_body": msgs.CONTINUE_RESPONSE_BODY,
+}
 
 
 def _now_ms() -> int:
@@ -286,7 +301,7 @@ class Exchange:
         self.seen.counted_input_tokens = prepared.counted_input_tokens
         if not self.seen.session_id and prepared.facts.prompt_cache_key:
             # No session header: a client-chosen prompt_cache_key marks the conversation.
-            self.seen.session_id = f"pck:{prepared.facts.prompt_cache_key}"
+            self.seen.session_id = utf8_text(f"pck:{prepared.facts.prompt_cache_key}")
         budgets = self._deps.budgets
         assert budgets is not None
         route = self._route(prepared, BudgetState(budgets.level(self._identity)))
@@ -311,8 +326,10 @@ class Exchange:
             and route.max_output_tokens is None
             and not prepared.facts.output_cap
         ):
-            # Reserved for default_output_cap: make the upstream stop there too.
-            rewritten = set_output_cap(self.seen.endpoint, body, ws.default_output_cap) or rewritten
+            # Reserved for default_output_cap over all outputs (`n`, `best_of`): make the
+            # upstream stop there too, each output getting its share.
+            cap = per_choice_cap(ws.default_output_cap, prepared.facts.choices)
+            rewritten = set_output_cap(self.seen.endpoint, body, cap) or rewritten
         self._prefix = await self._fingerprint(prepared)
         prepared = finalize(prepared, rewritten=bool(rewritten))
         if route.route:
@@ -401,6 +418,7 @@ class Exchange:
             output_cap=route.max_output_tokens or prepared.facts.output_cap,
             prices=deps.prices,
             now_ms=now,
+            choices=prepared.facts.choices,
         )
 
     def _note_downgrades(self, route: RouteDecision) -> None:
@@ -513,12 +531,44 @@ class Exchange:
             return msgs.CONTINUE_RESPONSE_BODY
         return msgs.replace_response_chunk(out)
 
+    def on_internal_error(self, phase: str) -> msgs.ProcessingResponse:
+        """A phase raised: refuse in OpenAI's shape before forwarding, pass through after."""
+        if phase in ("request_headers", "request_body") and self._endpoint is not None:
+            if self._closed:
+                # Already settled (the failure came after a rejection was built).
+                return msgs.immediate(500, INTERNAL_ERROR.body(), {_RID: self.seen.request_id})
+            return self._reject(INTERNAL_ERROR)
+        return _CONTINUE_PHASE.get(phase, msgs.CONTINUE_RESPONSE_BODY)
+
     # -- end -----------------------------------------------------------------------------
 
     def _finish(self) -> UsageRecord | None:
         if self._closed:
             return None
         self._closed = True
+        try:
+            return self._settle()
+        except Exception:
+            # The one record must land whatever broke: a bare one, marked, still attributed.
+            log.exception(
+                "request %s: settling failed; writing a bare record", self.seen.request_id
+            )
+            record = UsageRecord(
+                request_id=self.seen.request_id,
+                time_ms=self.seen.time_ms,
+                endpoint=self.seen.endpoint,
+                status=self.seen.status,
+                input_tokens=self.seen.counted_input_tokens,
+                counted_input_tokens=self.seen.counted_input_tokens,
+                estimated=True,
+                outcome="error",
+                error_code="extproc_internal_error",
+            )
+            self._deps.ledger.submit(self._settlement(record))
+            self._record = record
+            return record
+
+    def _settle(self) -> UsageRecord:
         deps, seen = self._deps, self.seen
         if self._meter is not None and seen.stream is None:
             seen.stream = self._meter.finish()

@@ -49,8 +49,36 @@ _TRAILERS = {
 
 
 def dispatch(exchange: Exchange, request: msgs.ProcessingRequest) -> Reply:
-    """Route one ext_proc message to the phase of the request's exchange."""
-    kind = request.WhichOneof("request")
+    """Route one ext_proc message to the phase of the request's exchange.
+
+    No exception leaves a phase: a bug or an input nobody foresaw must not turn into a
+    broken gRPC stream, which Envoy answers with an empty 500 (after the provider may
+    already have served, and billed, the request). The exchange answers instead: an
+    OpenAI-shaped 500 before forwarding, the response unchanged after; and it still
+    settles exactly once.
+    """
+    kind = request.WhichOneof("request") or ""
+    try:
+        reply = _phase(exchange, request, kind)
+    except Exception:
+        log.exception("extproc: %s phase failed", kind)
+        return exchange.on_internal_error(kind)
+    if isinstance(reply, msgs.ProcessingResponse):
+        return reply
+    return _guarded(exchange, reply, kind)
+
+
+async def _guarded(
+    exchange: Exchange, pending: Awaitable[msgs.ProcessingResponse], kind: str
+) -> msgs.ProcessingResponse:
+    try:
+        return await pending
+    except Exception:
+        log.exception("extproc: %s phase failed", kind)
+        return exchange.on_internal_error(kind)
+
+
+def _phase(exchange: Exchange, request: msgs.ProcessingRequest, kind: str) -> Reply:
     if kind == "request_headers":
         return exchange.on_request_headers(request.request_headers)
     if kind == "request_body":
@@ -59,7 +87,7 @@ def dispatch(exchange: Exchange, request: msgs.ProcessingRequest) -> Reply:
         return exchange.on_response_headers(request.response_headers)
     if kind == "response_body":
         return exchange.on_response_body(request.response_body)
-    return _TRAILERS.get(kind or "", msgs.CONTINUE_RESPONSE_BODY)
+    return _TRAILERS.get(kind, msgs.CONTINUE_RESPONSE_BODY)
 
 
 class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):

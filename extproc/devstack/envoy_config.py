@@ -28,6 +28,15 @@ class EnvoyPorts:
     direct: int | None = None  # a listener without ext_proc, for the benchmark
     # More upstream clusters by name, reachable through the sidecar's x-extproc-route.
     routes: tuple[tuple[str, str], ...] = ()
+    # Concurrent streams each cluster admits (circuit breakers); None keeps envoy.yaml's.
+    max_streams: int | None = None
+
+
+def _size_breakers(cluster: dict[str, Any], max_streams: int) -> None:
+    """Every in-flight call holds one request (and one HTTP/1.1 connection) per cluster."""
+    for threshold in cluster.get("circuit_breakers", {}).get("thresholds", []):
+        for key in ("max_connections", "max_pending_requests", "max_requests"):
+            threshold[key] = max_streams
 
 
 def _address(target: str) -> dict[str, Any]:
@@ -80,6 +89,9 @@ def render(ports: EnvoyPorts, template: Path = ENVOY_YAML) -> dict[str, Any]:
         extra.pop("transport_socket", None)
         _upstream_cluster(extra, url)
         static["clusters"].append(extra)
+    if ports.max_streams is not None:
+        for cluster in static["clusters"]:
+            _size_breakers(cluster, ports.max_streams)
     if urlsplit(ports.upstream_url).scheme == "https":
         for vh in _hcm(listener)["route_config"]["virtual_hosts"]:
             for route in vh["routes"]:

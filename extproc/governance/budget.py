@@ -84,10 +84,24 @@ def plan_request(
     output_cap: int | None,
     prices: PriceTable,
     now_ms: int,
+    choices: int = 1,
 ) -> Plan:
+    """What one request must reserve: its input plus its worst-case output, priced.
+
+    `output_cap` is per output (as the API defines it) and `choices` outputs are made
+    (`n`, `best_of`), so the hold covers `output_cap * choices` output tokens. Without a
+    cap, `default_output_cap` is the guess for the whole request when the workspace
+    enforces it (`enforce_output_cap` then writes a per-choice share of it into the body,
+    see `per_choice_cap`), and a guess per output otherwise.
+    """
     ws = policy.workspaces[identity.workspace]
     period = period_at(ws.period, now_ms, policy.timezone)
-    cap = output_cap if output_cap is not None else ws.default_output_cap
+    if output_cap is not None:
+        cap = output_cap * choices
+    elif ws.enforce_output_cap:
+        cap = per_choice_cap(ws.default_output_cap, choices) * choices
+    else:
+        cap = ws.default_output_cap * choices
     reserve = prices.charge(model, Usage(input_tokens=counted_input, output_tokens=cap)).nanos
     scopes = [
         ScopeLimit("ws", f"workspace {ws.name}", ws.budget_nanos, ws.soft_nanos, ws.hard_nanos)
@@ -144,6 +158,11 @@ def plan_request(
         counted_input=counted_input,
         service=identity.service,
     )
+
+
+def per_choice_cap(total: int, choices: int) -> int:
+    """The output cap to write per output so that `choices` outputs stay within `total`."""
+    return max(total // max(choices, 1), 1)
 
 
 def with_overdraft(plan: Plan, nanos: int) -> Plan:
