@@ -380,7 +380,13 @@ class Exchange:
         ws = policy.workspaces[identity.workspace]
         fail_open = ws.on_redis_down == "open"
         plan = self._plan_for(prepared, route, now)
-        decision = await budgets.reserve(plan, fail_open, now, session=self.seen.session_id)
+        decision = await budgets.reserve(
+            plan,
+            fail_open,
+            now,
+            session=self.seen.session_id,
+            orphan=self._orphan(prepared, route, plan),
+        )
         settings = policy.routing_for(identity.workspace, identity.service)
         if decision.reason == "budget" and settings.overdraft is not None:
             left = overdraft_left(decision, settings.overdraft.nanos)
@@ -389,7 +395,13 @@ class Exchange:
                 plan = with_overdraft(
                     self._plan_for(prepared, retry, now), settings.overdraft.nanos
                 )
-                decision = await budgets.reserve(plan, fail_open, now, session=self.seen.session_id)
+                decision = await budgets.reserve(
+                    plan,
+                    fail_open,
+                    now,
+                    session=self.seen.session_id,
+                    orphan=self._orphan(prepared, retry, plan),
+                )
                 route = retry
         self._plan, self._decision = plan, decision
         if not decision.allowed:
@@ -406,6 +418,29 @@ class Exchange:
                 return self._reject(guarded.refuse)
             route = guarded
         return route
+
+    def _orphan(self, prepared: PreparedRequest, route: RouteDecision, plan: Plan) -> bytes:
+        """The settlement to write if this request's hold expires unsettled (sidecar died).
+
+        Made now, while everything needed to bill and attribute it is at hand: the input we
+        counted, priced for the routed model, marked estimated; output is unknown. The hold
+        itself is released by the reaper, so no reservation id.
+        """
+        ghost = replace(
+            self.seen,
+            facts=prepared.facts,
+            counted_input_tokens=prepared.counted_input_tokens,
+            routed_model=route.model,
+            status=0,
+            response_finished=False,
+            stream=None,
+            usage=None,
+        )
+        record = settle(ghost, self._deps.prices, self._deps.count)
+        record.outcome = "orphaned"
+        if route.steps:
+            record.routing = route.header_value()
+        return self._settlement(record, plan, reservation_id="").SerializeToString()
 
     def _plan_for(self, prepared: PreparedRequest, route: RouteDecision, now: int) -> Plan:
         deps = self._deps
@@ -593,11 +628,13 @@ class Exchange:
             )
         return record
 
-    def _settlement(self, record: UsageRecord) -> Settlement:
+    def _settlement(
+        self, record: UsageRecord, plan: Plan | None = None, reservation_id: str | None = None
+    ) -> Settlement:
         deps = self._deps
         now = deps.now_ms()
         tz = deps.timezone
-        identity, plan = self._identity, self._plan
+        identity, plan = self._identity, plan or self._plan
         scopes: list[ScopeCharge] = []
         if identity is not None:
             record.workspace, record.service, record.key_id = (
@@ -635,7 +672,11 @@ class Exchange:
         local = datetime.fromtimestamp(now / 1000, tz)
         settlement = Settlement(
             prefix=prefix_for(record.workspace),
-            reservation_id=self._decision.reservation_id if self._decision else "",
+            reservation_id=(
+                reservation_id
+                if reservation_id is not None
+                else (self._decision.reservation_id if self._decision else "")
+            ),
             period=period.id,
             day=local.strftime("%Y-%m-%d"),
             hour=local.strftime("%Y-%m-%dT%H"),

@@ -25,12 +25,13 @@ from extproc.dataplane.exchange import Deps, Exchange, Reply
 from extproc.dataplane.h2grpc import HEALTH_CHECK_PATH, GrpcServer, Route, health_route
 from extproc.governance import guard
 from extproc.governance.budget import Budgets
+from extproc.governance.holds import tend_forever
 from extproc.governance.keys import KeyCache, KeyStore
 from extproc.governance.policy import Policy, PolicyError, PolicyWatcher, load_policy
 from extproc.insight.alerts import Alert, Alerter
 from extproc.insight.burn import BurnWatch
 from extproc.insight.telemetry import Telemetry
-from extproc.metering.ledger import Ledger
+from extproc.metering.ledger import Ledger, prefix_for
 from extproc.metering.prices import PriceTable
 from extproc.metering.tokens import count_text
 from extproc.settings import Settings
@@ -288,8 +289,17 @@ def build_deps(
     if settings.policy:
         governor.apply(load_policy(settings.policy))
         deps.keys = KeyCache(KeyStore(client))
-        deps.budgets = Budgets(hot or client)
+        deps.budgets = Budgets(
+            hot or client, hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1)
+        )
+        deps.ledger.on_settled = deps.budgets.settled
     return deps, governor
+
+
+def _prefixes(deps: Deps) -> list[str]:
+    """Every workspace whose expired holds this replica reaps (all of the policy's)."""
+    policy = deps.policy
+    return [prefix_for(name) for name in policy.workspaces] if policy else []
 
 
 def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -320,6 +330,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         background.append(asyncio.create_task(watcher.run(), name="policy-watcher"))
         burn = BurnWatch(client, lambda: deps.policy, governor.alerter, deps.telemetry)
         background.append(asyncio.create_task(burn.run(), name="burn-watch"))
+        assert deps.budgets is not None
+        holds = tend_forever(deps.budgets, lambda: _prefixes(deps), deps.ledger.submit, deps.now_ms)
+        background.append(asyncio.create_task(holds, name="holds"))
 
     transport = H2Transport(deps) if settings.transport == "h2" else GrpcioTransport(deps)
     await transport.start(settings)
