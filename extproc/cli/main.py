@@ -117,6 +117,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
             sidecar_env=env,
             console_port=console_port,
             console_env={"EXTPROC_ADMIN_TOKENS": admin_tokens},
+            # A CA bundle for an https UPSTREAM_URL other than the system's (a corporate proxy).
+            upstream_ca=os.environ.get("UPSTREAM_CA_FILE") or None,
         )
     )
     stopped = threading.Event()
