@@ -23,6 +23,7 @@ from extproc.dataplane.exchange import Deps, Exchange, Reply
 from extproc.dataplane.h2grpc import HEALTH_CHECK_PATH, GrpcServer, Route, health_route
 from extproc.governance import guard
 from extproc.governance.budget import Budgets
+from extproc.governance.holds import tend_forever
 from extproc.governance.keys import KeyCache, KeyStore
 from extproc.governance.policy import Policy, PolicyError, PolicyWatcher, load_policy
 from extproc.insight.alerts import Alert, Alerter, record_alert
@@ -34,7 +35,7 @@ from extproc.metering.tokens import count_text
 from extproc.settings import Settings
 from extproc.store.clients import AsyncClient, is_cluster, make_client
 from extproc.store.fastredis import FastRedis, supports_url
-from extproc.store.schema import WORKSPACE_SCOPE
+from extproc.store.schema import WORKSPACE_SCOPE, workspace_prefix
 
 log = logging.getLogger("extproc.dataplane.server")
 
@@ -48,8 +49,36 @@ _TRAILERS = {
 
 
 def dispatch(exchange: Exchange, request: msgs.ProcessingRequest) -> Reply:
-    """Route one ext_proc message to the phase of the request's exchange."""
-    kind = request.WhichOneof("request")
+    """Route one ext_proc message to the phase of the request's exchange.
+
+    No exception leaves a phase: a bug or an input nobody foresaw must not turn into a
+    broken gRPC stream, which Envoy answers with an empty 500 (after the provider may
+    already have served, and billed, the request). The exchange answers instead: an
+    OpenAI-shaped 500 before forwarding, the response unchanged after; and it still
+    settles exactly once.
+    """
+    kind = request.WhichOneof("request") or ""
+    try:
+        reply = _phase(exchange, request, kind)
+    except Exception:
+        log.exception("extproc: %s phase failed", kind)
+        return exchange.on_internal_error(kind)
+    if isinstance(reply, msgs.ProcessingResponse):
+        return reply
+    return _guarded(exchange, reply, kind)
+
+
+async def _guarded(
+    exchange: Exchange, pending: Awaitable[msgs.ProcessingResponse], kind: str
+) -> msgs.ProcessingResponse:
+    try:
+        return await pending
+    except Exception:
+        log.exception("extproc: %s phase failed", kind)
+        return exchange.on_internal_error(kind)
+
+
+def _phase(exchange: Exchange, request: msgs.ProcessingRequest, kind: str) -> Reply:
     if kind == "request_headers":
         return exchange.on_request_headers(request.request_headers)
     if kind == "request_body":
@@ -58,7 +87,7 @@ def dispatch(exchange: Exchange, request: msgs.ProcessingRequest) -> Reply:
         return exchange.on_response_headers(request.response_headers)
     if kind == "response_body":
         return exchange.on_response_body(request.response_body)
-    return _TRAILERS.get(kind or "", msgs.CONTINUE_RESPONSE_BODY)
+    return _TRAILERS.get(kind, msgs.CONTINUE_RESPONSE_BODY)
 
 
 _PROCESS_PATH = f"/{SERVICE_NAME}/Process"
@@ -204,6 +233,7 @@ class Sidecar(NamedTuple):
     governor: Governor
     ledger: Ledger
     keys: KeyCache | None
+    budgets: Budgets | None
 
 
 def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = None) -> Sidecar:
@@ -229,13 +259,23 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
         deps.policy = policy
 
     governor.subscribe(use)
-    keys = None
+    keys, budgets = None, None
     if settings.policy:
         governor.apply(load_policy(settings.policy))
         deps.keys = keys = KeyCache(KeyStore(client))
         deps.store = client
-        deps.budgets = Budgets(hot or client)
-    return Sidecar(deps, governor, ledger, keys)
+        budgets = Budgets(
+            hot or client, hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1)
+        )
+        deps.budgets = budgets
+        ledger.on_settled = budgets.settled
+    return Sidecar(deps, governor, ledger, keys, budgets)
+
+
+def _prefixes(deps: Deps) -> list[str]:
+    """Every workspace whose expired holds this replica reaps (all of the policy's)."""
+    policy = deps.policy
+    return [workspace_prefix(name) for name in policy.workspaces] if policy else []
 
 
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
@@ -244,7 +284,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     hot = None
     if not is_cluster(settings.redis_url) and supports_url(settings.redis_url):
         hot = FastRedis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
-    deps, governor, ledger, keys = build_deps(settings, client, hot)
+    deps, governor, ledger, keys, budgets = build_deps(settings, client, hot)
     count_text("warm up the tokenizer", "gpt-5")
     count_text("warm up the tokenizer", "gpt-3.5-turbo")
     await ledger.start()
@@ -255,6 +295,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         background.append(asyncio.create_task(watcher.run(), name="policy-watcher"))
         burn = BurnWatch(client, lambda: deps.policy, governor.alerter, deps.telemetry)
         background.append(asyncio.create_task(burn.run(), name="burn-watch"))
+        assert budgets is not None
+        holds = tend_forever(budgets, lambda: _prefixes(deps), ledger.submit, deps.now_ms)
+        background.append(asyncio.create_task(holds, name="holds"))
 
     transport = H2Transport(deps)
     await transport.start(settings)

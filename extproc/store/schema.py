@@ -13,7 +13,8 @@ Redis Cluster slot:
     {ws:W}:held:<period>      hash  scope -> nanos reserved by requests in flight
     {ws:W}:day:<YYYY-MM-DD>   hash  scope -> nanos spent that day
     {ws:W}:hour:<YYYY-MM-DDTHH> hash scope -> nanos spent that hour
-    {ws:W}:resv, :resv:data   reservations in flight (deadline zset, details hash)
+    {ws:W}:resv, :resv:data, :resv:orphan  reservations in flight (deadline zset, details
+                              hash, the settlement to write if the sidecar dies)
     {ws:W}:rl:<minute>        hash  rate-limit counters of one minute
     {ws:W}:sess:<session>     session's input tokens (context-growth guard)
     {ws:W}:seen:<request id>  settled once marker
@@ -37,7 +38,7 @@ UNATTRIBUTED = "_"
 # -- per-workspace keys ---------------------------------------------------------------------
 
 SPENT, HELD, DAY, HOUR = "spent", "held", "day", "hour"
-RESERVATIONS, RESERVATION_DATA = "resv", "resv:data"
+RESERVATIONS, RESERVATION_DATA, ORPHANS = "resv", "resv:data", "resv:orphan"
 RATE_MINUTE, SESSION, SEEN, PREFIX = "rl", "sess", "seen", "prefix"
 ALERTED, REVOKED, LEDGER = "alerted", "revoked", "ledger"
 LUA_SUFFIXES = frozenset(
@@ -48,6 +49,7 @@ LUA_SUFFIXES = frozenset(
         HOUR,
         RESERVATIONS,
         RESERVATION_DATA,
+        ORPHANS,
         RATE_MINUTE,
         SESSION,
         SEEN,
@@ -90,6 +92,11 @@ def revoked_key(workspace: str) -> str:
     return f"{workspace_prefix(workspace)}:{REVOKED}"
 
 
+def reservations_key(prefix: str) -> str:
+    """Reservations in flight: a sorted set of reservation ids by expiry."""
+    return f"{prefix}:{RESERVATIONS}"
+
+
 def rate_minute_key(prefix: str, now_ms: int) -> str:
     """The rate-limit counters of the minute `now_ms` falls in (the reserve script's key)."""
     return f"{prefix}:{RATE_MINUTE}:{now_ms // 60000}"
@@ -119,6 +126,9 @@ UNMETERED = "{extproc:ledger}:unmetered"
 
 ALERTS = "{extproc:alerts}:recent"
 """Stream of the latest alerts (the console and `GET /admin/v1/alerts` read it)."""
+
+AUDIT = "{extproc:admin}:audit"
+"""Stream of administrative actions taken through the console and its API."""
 
 KEY_TAG = "{extproc:keys}"
 KEY_HASH_PREFIX = f"{KEY_TAG}:hash:"

@@ -65,6 +65,7 @@ class FakeBudgets:
         now_ms: int,
         *,
         session: str = "",
+        orphan: Callable[[Plan], bytes] | None = None,
         overdraft_nanos: int | None = None,
         fallback: Callable[[int], Plan | None] | None = None,
     ) -> tuple[Plan, Decision, bool]:

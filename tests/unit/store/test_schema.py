@@ -71,8 +71,10 @@ def test_lua_scripts_use_only_the_schema_suffixes() -> None:
     """The scripts get the workspace prefix and append suffixes: each must be the schema's."""
     lua = resources.files("extproc.governance.lua")
     used: set[str] = set()
-    for name in ("reserve.lua", "settle.lua"):
-        source = lua.joinpath(name).read_text()
+    for script in lua.iterdir():
+        if not script.name.endswith(".lua"):
+            continue
+        source = script.read_text()
         used |= set(re.findall(r"\bp \.\. '(:[a-z:]+?):?'", source))
     assert used, "the pattern no longer matches how the scripts build keys"
     assert {suffix.strip(":") for suffix in used} <= schema.LUA_SUFFIXES
