@@ -43,6 +43,8 @@ class Settings:
     spool_dir: str = ".data/spool"
     # Seconds an in-flight stream gets to finish after SIGTERM.
     grace_seconds: float = 30.0
+    # Sidecar processes sharing the listen port (SO_REUSEPORT); 0: one per usable CPU.
+    workers: int = 0
 
 
 _ENV = {
@@ -53,16 +55,20 @@ _ENV = {
     "prices": "EXTPROC_PRICES",
     "policy": "EXTPROC_POLICY",
     "spool_dir": "EXTPROC_SPOOL_DIR",
+    "workers": "EXTPROC_WORKERS",
 }
 _CHOICES = {"bad_request": ("reject", "pass")}
+_ZERO_MEANS_AUTO = frozenset({"workers"})
 
 
 def _coerce(name: str, value: Any, expected: type, where: str) -> Any:
     if expected is int:
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{where}: {name}: must be a positive integer, got {value!r}")
+        least = 0 if name in _ZERO_MEANS_AUTO else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            what = "a whole number (0: automatic)" if least == 0 else "a positive integer"
+            raise ConfigError(f"{where}: {name}: must be {what}, got {value!r}")
     elif expected is float:
         try:
             value = float(value)
