@@ -24,7 +24,7 @@ from extproc.governance import guard
 from extproc.governance.budget import Budgets
 from extproc.governance.keys import KeyCache, KeyStore
 from extproc.governance.policy import Policy, PolicyError, PolicyWatcher, load_policy
-from extproc.insight.alerts import Alert, Alerter
+from extproc.insight.alerts import Alert, Alerter, record_alert
 from extproc.insight.burn import BurnWatch
 from extproc.insight.telemetry import Telemetry
 from extproc.metering.ledger import Ledger
@@ -199,7 +199,10 @@ def build_deps(
         executor=ThreadPoolExecutor(max_workers=2, thread_name_prefix="extproc-count"),
     )
     deps.telemetry = Telemetry.from_env()
-    governor = Governor(deps, Alerter(lambda event: governor.webhooks(event)))
+    alerter = Alerter(
+        lambda event: governor.webhooks(event), record=lambda alert: record_alert(client, alert)
+    )
+    governor = Governor(deps, alerter)
     deps.ledger = Ledger(
         hot or client,
         max_records=settings.ledger_max_records,
@@ -209,6 +212,7 @@ def build_deps(
     if settings.policy:
         governor.apply(load_policy(settings.policy))
         deps.keys = KeyCache(KeyStore(client))
+        deps.store = client
         deps.budgets = Budgets(hot or client)
     return deps, governor
 
