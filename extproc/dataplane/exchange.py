@@ -25,6 +25,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from extproc.dataplane import envoy_msgs as msgs
+from extproc.dataplane import selfservice
 from extproc.governance import guard
 from extproc.governance.budget import (
     Budgets,
@@ -107,6 +108,7 @@ class Deps:
     upstream_keys: dict[str, str] = field(default_factory=dict)
     now_ms: Callable[[], int] = _now_ms
     telemetry: Telemetry = field(default_factory=Telemetry)
+    store: Any = None  # the general Redis client (reads for paths the sidecar answers itself)
 
     @property
     def timezone(self) -> ZoneInfo:
@@ -173,6 +175,11 @@ class Exchange:
         # Attribution headers a client sent itself are collected to be stripped, never trusted.
         h, spoofed = msgs.request_header_map(msg, _REQUEST_HEADERS, "x-extproc-")
         method, path = h.get(":method", ""), h.get(":path", "")
+        if path.startswith(selfservice.PREFIX):
+            # Answered here, never forwarded: the developer's own view (see selfservice).
+            self._closed = True
+            self._deps.ledger.note_unmetered(unmetered_key(method, path))
+            return selfservice.answer(self._deps, method, path, h.get("authorization", ""))
         endpoint = endpoint_for(method, path)
         if endpoint is None:
             self._deps.ledger.note_unmetered(unmetered_key(method, path))
