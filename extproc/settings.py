@@ -45,6 +45,11 @@ class Settings:
     grace_seconds: float = 30.0
     # Sidecar processes sharing the listen port (SO_REUSEPORT); 0: one per usable CPU.
     workers: int = 0
+    # Seconds a budget hold lives without renewal. A live sidecar renews its holds every
+    # quarter of this; once a dead or hung sidecar's hold expires, any replica bills its
+    # estimate (outcome "orphaned") and releases it. Shorter: orphans billed and budget
+    # freed sooner; longer: more tolerance for a sidecar paused (GC, CPU starvation).
+    hold_expiry_seconds: float = 120.0
 
 
 _ENV = {
@@ -56,6 +61,8 @@ _ENV = {
     "policy": "EXTPROC_POLICY",
     "spool_dir": "EXTPROC_SPOOL_DIR",
     "workers": "EXTPROC_WORKERS",
+    "hold_expiry_seconds": "EXTPROC_HOLD_EXPIRY_SECONDS",
+    "grace_seconds": "EXTPROC_GRACE_SECONDS",
 }
 _CHOICES = {"bad_request": ("reject", "pass")}
 _ZERO_MEANS_AUTO = frozenset({"workers"})
