@@ -154,6 +154,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 from extproc.cli.admin import redis_url, register  # noqa: E402
+from extproc.cli.ledger import register_ledger  # noqa: E402
 from extproc.cli.route import register_route  # noqa: E402
 from extproc.console.cli import register_console  # noqa: E402
 from extproc.insight.spend import register_spend  # noqa: E402
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     register(sub)
     register_spend(sub)
     register_route(sub)
+    register_ledger(sub)
     register_console(sub)
     return parser
 
