@@ -232,6 +232,8 @@ class StackConfig:
     direct_port: int | None = None  # also expose Envoy without ext_proc (benchmark)
     sidecar_env: dict[str, str] = field(default_factory=dict)
     envoy_concurrency: int = 1
+    # Processes per sidecar (`workers`); tests keep 1 unless they test workers.
+    sidecar_workers: int = 1
     sidecars: int = 1  # replicas sharing one Redis behind one Envoy
     # Extra upstream clusters, each a simulator of its own: {route name: None}.
     extra_upstreams: tuple[str, ...] = ()
@@ -352,6 +354,7 @@ class Stack:
             "EXTPROC_REDIS_URL": self.redis_url,
             "EXTPROC_SPOOL_DIR": str((self.config.data_dir / "spool").resolve()),
             "PYTHONUNBUFFERED": "1",
+            "EXTPROC_WORKERS": str(self.config.sidecar_workers),
             **self.config.sidecar_env,
         }
         child = self._spawn(name, [sys.executable, "-m", "extproc", "serve"], env)
