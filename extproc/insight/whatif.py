@@ -30,6 +30,7 @@ from extproc.governance.policy import Policy
 from extproc.metering.prices import PriceTable
 from extproc.metering.usage import Usage
 from extproc.routing.decide import BudgetState, Traits, decide_route
+from extproc.store.schema import UNATTRIBUTED, team_of
 from extproc.v1.ledger_pb2 import UsageRecord
 
 DOWNGRADES = frozenset({"degrade", "overdraft", "context", "rule", "ceiling", "alias"})
@@ -120,7 +121,7 @@ def replay(candidate: Policy, records: Iterable[UsageRecord], prices: PriceTable
     tz = candidate.timezone
     out = WhatIf()
     for record in sorted(records, key=lambda r: (r.time_ms, r.request_id)):
-        if not record.workspace or record.workspace == "_":
+        if not record.workspace or record.workspace == UNATTRIBUTED:
             continue
         if record.outcome == "rejected":
             out.already_refused += 1
@@ -212,17 +213,18 @@ def replay(candidate: Policy, records: Iterable[UsageRecord], prices: PriceTable
 
 def plan_team(scopes: Iterable[Any]) -> str | None:
     for s in scopes:
-        if s.scope.startswith("team:"):
-            return str(s.scope).removeprefix("team:")
+        team = team_of(s.scope)
+        if team is not None:
+            return team
     return None
 
 
 async def ledger_since(client: Any, since_ms: int, limit: int = 1_000_000) -> list[UsageRecord]:
     """Every ledger record since `since_ms`, from every workspace's stream."""
-    from extproc.metering.ledger import LEDGERS_KEY
+    from extproc.store.schema import LEDGERS
 
     out: list[UsageRecord] = []
-    for stream in sorted(await client.smembers(LEDGERS_KEY)):
+    for stream in sorted(await client.smembers(LEDGERS)):
         start = f"{since_ms}-0"
         while len(out) < limit:
             rows = await client.xrange(stream, min=start, count=5000)
