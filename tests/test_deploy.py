@@ -341,6 +341,17 @@ def test_envoy_upstream_is_openai_over_verified_tls(overlay: str) -> None:
     assert validation["match_typed_subject_alt_names"][0]["matcher"] == {"exact": "api.openai.com"}
 
 
+def test_sidecar_liveness_probe_asks_the_liveness_service() -> None:
+    from extproc.dataplane.server import LIVENESS_SERVICE
+
+    _, _, sidecar = gateway(render("prod"))
+    probe = sidecar["livenessProbe"]
+    # Not the readiness service (NOT_SERVING while draining) and with a timeout: a hung
+    # sidecar must fail it, a draining one must not.
+    assert probe["grpc"]["service"] == LIVENESS_SERVICE
+    assert probe["timeoutSeconds"] <= 5
+
+
 def test_deployed_envoy_keeps_the_local_ext_proc_settings() -> None:
     local = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())
     deployed = envoy_config(render("prod"))
