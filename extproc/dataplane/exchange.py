@@ -49,7 +49,7 @@ from extproc.metering.decisions import (
     settle,
     utf8_text,
 )
-from extproc.metering.prices import PriceTable
+from extproc.metering.prices import PriceTable, usd
 from extproc.metering.settlement import UNGOVERNED, CachePrefix, Charged, settlement_for
 from extproc.routing.decide import (
     BudgetState,
@@ -605,7 +605,7 @@ class Exchange:
             record = self._finish()
             if record is None:
                 return msgs.CONTINUE_RESPONSE_BODY
-            cost = {"x-extproc-cost-usd": guard.usd_exact(record.cost_nanos)}
+            cost = {"x-extproc-cost-usd": usd(record.cost_nanos)}
             if record.estimated:
                 cost["x-extproc-cost-estimated"] = "true"
             return msgs.response_body_headers(cost)

@@ -17,14 +17,13 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from redis.exceptions import NoScriptError
 
 from extproc.governance.scripts import SETTLE
-from extproc.metering.prices import NANOS_PER_DOLLAR
+from extproc.metering.prices import usd
 from extproc.store.clients import UNAVAILABLE, AsyncClient
 from extproc.store.fastredis import FastRedis
 from extproc.store.schema import LEDGERS, UNATTRIBUTED, UNMETERED, ledger_key
@@ -38,7 +37,7 @@ _BATCH = 256
 def record_to_dict(record: UsageRecord) -> dict[str, Any]:
     """Plain JSON-ready dict (ints stay ints, unlike protobuf's JSON mapping of int64)."""
     out: dict[str, Any] = {f.name: getattr(record, f.name) for f in record.DESCRIPTOR.fields}
-    out["cost_usd"] = f"{(Decimal(record.cost_nanos) / NANOS_PER_DOLLAR).normalize():f}"
+    out["cost_usd"] = usd(record.cost_nanos)
     return out
 
 
