@@ -39,6 +39,9 @@ from extproc.store.schema import WORKSPACE_SCOPE, workspace_prefix
 log = logging.getLogger("extproc.dataplane.server")
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+LIVENESS_SERVICE = "extproc.liveness"
+"""Health service name for liveness probes: SERVING while the data path makes progress."""
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 _TRAILERS = {
@@ -154,6 +157,11 @@ class H2Transport:
         )
 
     def _health(self, service: str) -> int:
+        if service == LIVENESS_SERVICE:
+            # Draining is no reason to restart; a dead or wedged ledger writer is. A sidecar
+            # whose event loop is stuck does not answer at all: the probe's timeout catches it.
+            alive = self._deps.ledger.alive()
+            return health_pb2.HealthCheckResponse.SERVING if alive else NOT_SERVING
         if service not in ("", SERVICE_NAME):
             return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
         if self._serving:
