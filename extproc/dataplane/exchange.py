@@ -17,15 +17,14 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime
 from functools import partial
-from typing import Any, Protocol
-from zoneinfo import ZoneInfo
+from typing import Any
 
 from extproc.dataplane import envoy_msgs as msgs
 from extproc.dataplane import selfservice
+from extproc.dataplane.deps import Deps, KeyLookup
 from extproc.governance import guard
 from extproc.governance.budget import (
     Decision,
@@ -34,11 +33,10 @@ from extproc.governance.budget import (
     per_choice_cap,
     plan_request,
 )
-from extproc.governance.keys import MISSING, Identity, Lookup
+from extproc.governance.keys import MISSING, Identity
 from extproc.governance.periods import period_at
-from extproc.governance.policy import Policy
 from extproc.insight.cachehygiene import MIN_CACHEABLE_TOKENS, Prefix, prefix_of
-from extproc.insight.telemetry import RequestTelemetry, Telemetry
+from extproc.insight.telemetry import RequestTelemetry
 from extproc.insight.telemetry import verdict as request_verdict
 from extproc.metering.decisions import (
     Observed,
@@ -49,7 +47,7 @@ from extproc.metering.decisions import (
     settle,
     utf8_text,
 )
-from extproc.metering.prices import PriceTable, usd
+from extproc.metering.prices import usd
 from extproc.metering.settlement import UNGOVERNED, CachePrefix, Charged, settlement_for
 from extproc.routing.decide import (
     BudgetState,
@@ -59,7 +57,6 @@ from extproc.routing.decide import (
     traits_for,
 )
 from extproc.routing.rewrite import apply_route, set_output_cap
-from extproc.settings import Settings
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 from extproc.wire.endpoints import Endpoint, StreamMeter, endpoint_for
 from extproc.wire.errors import OpenAIError
@@ -110,66 +107,6 @@ _CONTINUE_PHASE = {
     "response_headers": msgs.CONTINUE_RESPONSE_HEADERS,
     "response_body": msgs.CONTINUE_RESPONSE_BODY,
 }
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class KeyLookup(Protocol):
-    """What an exchange asks of the key cache (`governance.keys.KeyCache`)."""
-
-    def get(self, secret: str) -> Lookup: ...
-
-    async def resolve(self, secret: str) -> Identity | None: ...
-
-
-class BudgetBook(Protocol):
-    """What an exchange asks of the budgets (`governance.budget.Budgets`)."""
-
-    def level(self, identity: Identity) -> str: ...
-
-    async def reserve_with_overdraft(
-        self,
-        plan: Plan,
-        fail_open: bool,
-        now_ms: int,
-        *,
-        session: str = "",
-        orphan: Callable[[Plan], bytes] | None = None,
-        overdraft_nanos: int | None = None,
-        fallback: Callable[[int], Plan | None] | None = None,
-    ) -> tuple[Plan, Decision, bool]: ...
-
-
-class SettlementSink(Protocol):
-    """Where finished requests go (`metering.ledger.Ledger`): never blocks, never raises."""
-
-    def submit(self, settlement: Settlement) -> None: ...
-
-    def note_unmetered(self, key: str) -> None: ...
-
-
-@dataclass(slots=True)
-class Deps:
-    """What every exchange shares. `policy` and `upstream_keys` change on hot reload."""
-
-    settings: Settings
-    prices: PriceTable
-    count: Callable[[str, str], int]
-    ledger: SettlementSink
-    executor: Executor
-    policy: Policy | None = None
-    keys: KeyLookup | None = None
-    budgets: BudgetBook | None = None
-    upstream_keys: dict[str, str] = field(default_factory=dict)
-    now_ms: Callable[[], int] = _now_ms
-    telemetry: Telemetry = field(default_factory=Telemetry)
-    store: Any = None  # the general Redis client (reads for paths the sidecar answers itself)
-
-    @property
-    def timezone(self) -> ZoneInfo:
-        return self.policy.timezone if self.policy else ZoneInfo("UTC")
 
 
 def unmetered_key(method: str, path: str) -> str:
