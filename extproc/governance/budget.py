@@ -28,7 +28,7 @@ from extproc.governance.policy import Policy, RateLimits, Service, Team, Workspa
 from extproc.governance.scripts import REAP, RESERVE
 from extproc.metering.prices import PriceTable
 from extproc.metering.usage import Usage
-from extproc.store.clients import UNAVAILABLE
+from extproc.store.clients import UNAVAILABLE, ScriptClient
 from extproc.store.schema import (
     WORKSPACE_SCOPE,
     key_scope,
@@ -334,7 +334,7 @@ def decide(plan: Plan, reservation_id: str, reply: list[bytes], now_ms: int) -> 
 class Budgets:
     """Reserve-before-forward against Redis, with each workspace's Redis-outage policy."""
 
-    def __init__(self, client: Any, *, hold_ttl_ms: int = RESERVATION_TTL_MS) -> None:
+    def __init__(self, client: ScriptClient, *, hold_ttl_ms: int = RESERVATION_TTL_MS) -> None:
         self._redis = client
         self.hold_ttl_ms = hold_ttl_ms
         # Holds this process owns and has not settled yet, by workspace prefix: renewed
