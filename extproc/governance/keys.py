@@ -270,6 +270,12 @@ class KeyStore:
             return None
         return await self.lookup_hash(hash_secret(secret), now_ms)
 
+    async def is_revoked(self, identity: Identity) -> bool:
+        """Whether the key was revoked, from the set the budget scripts check (one read)."""
+        return bool(
+            await self.client.sismember(revoked_set_key(identity.workspace), identity.key_id)
+        )
+
     async def lookup_hash(self, sha: str, now_ms: int | None = None) -> Identity | None:
         raw = await self.client.hgetall(HASH_PREFIX + sha)
         return _usable(_decoded(raw), self.now_ms() if now_ms is None else now_ms)

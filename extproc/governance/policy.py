@@ -42,6 +42,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from extproc.governance.passthrough import DEFAULT as DEFAULT_PASSTHROUGH
+from extproc.governance.passthrough import PassthroughPolicy, parse_passthrough
 from extproc.metering.prices import NANOS_PER_DOLLAR, PriceTable, default_table
 
 log = logging.getLogger("extproc.governance.policy")
@@ -70,7 +72,7 @@ _DEFAULTS: dict[str, Any] = {
 _TOP = ("version", "timezone", "defaults", "workspaces", "alerts")
 # Feature sections come after the core ones and are named apart in "unknown field" hints.
 _FEATURE_SECTIONS = ("routing",)
-_DEFAULT_FIELDS = (*_DEFAULTS, "key_rate_limits", "routing")
+_DEFAULT_FIELDS = (*_DEFAULTS, "key_rate_limits", "routing", "passthrough")
 _WORKSPACE_FIELDS = (
     "budget_usd",
     *_DEFAULT_FIELDS,
@@ -323,6 +325,8 @@ class Workspace:
     # bounds the actual cost, so settled spend cannot pass the hard cap even for reasoning
     # models (whose hidden reasoning tokens count as output).
     enforce_output_cap: bool = False
+    # Which other OpenAI endpoints this workspace may call through the gateway.
+    passthrough: PassthroughPolicy = DEFAULT_PASSTHROUGH
 
 
 @dataclass(frozen=True, slots=True)
@@ -805,6 +809,7 @@ def _workspace(
     default_key_limits: RateLimits | None,
     routing: Routing,
     default_routing: RoutingSettings,
+    default_passthrough: PassthroughPolicy = DEFAULT_PASSTHROUGH,
 ) -> Workspace | None:
     path = f"workspaces.{name}"
     before = len(chk.problems)
@@ -823,6 +828,9 @@ def _workspace(
     key_limits = _merge_limits(default_key_limits, own_keys)
     own_routing = _scope_routing(chk, f"{path}.routing", raw.get("routing"), routing)
     ws_routing = _merged_routing(chk, f"{path}.routing", own_routing, default_routing, routing)
+    passthrough = parse_passthrough(
+        f"{path}.passthrough", raw.get("passthrough"), default_passthrough, chk.error
+    )
     teams = _teams(chk, name, raw.get("teams"), budget)
     services = _services(
         chk, name, raw.get("services"), budget, teams, key_limits, routing, ws_routing
@@ -848,6 +856,7 @@ def _workspace(
         routing=ws_routing,
         burn_alert_multiple=merged["burn_alert_multiple"],
         burn_alert_min_nanos=int(merged["burn_alert_min_usd"] * NANOS_PER_DOLLAR),
+        passthrough=passthrough,
     )
 
 
@@ -1295,12 +1304,24 @@ def parse_policy(
     default_routing = _merged_routing(
         chk, "defaults.routing", own_routing, RoutingSettings(), routing
     )
+    default_passthrough = parse_passthrough(
+        "defaults.passthrough", draw.get("passthrough"), DEFAULT_PASSTHROUGH, chk.error
+    )
     workspaces: dict[str, Workspace] = {}
     if "workspaces" in raw and raw["workspaces"] in (None, {}):
         chk.error("workspaces", "must define at least one workspace")
     valid_defaults = {k: v for k, v in defaults.items() if v is not None}
     for name, body in chk.named("workspaces", raw.get("workspaces")).items():
-        ws = _workspace(chk, name, body, valid_defaults, default_keys, routing, default_routing)
+        ws = _workspace(
+            chk,
+            name,
+            body,
+            valid_defaults,
+            default_keys,
+            routing,
+            default_routing,
+            default_passthrough,
+        )
         if ws is not None:
             workspaces[name] = ws
     webhooks = _webhooks(chk, raw.get("alerts"))

@@ -33,6 +33,9 @@ log = logging.getLogger("extproc.metering.ledger")
 # The set of per-workspace ledger streams, for readers (`extproc usage`, the spend report).
 LEDGERS_KEY = "extproc:ledgers"
 UNMETERED_KEY = "{extproc:ledger}:unmetered"
+# Requests refused before anyone could be billed (no key, unknown key), counted by reason
+# instead of one record each: a flood of bad keys must cost a counter, not a ledger write.
+REFUSED_KEY = "{extproc:ledger}:refused"
 UNATTRIBUTED = "_"
 
 _BATCH = 256
@@ -108,7 +111,7 @@ class Ledger:
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
-        self._unmetered: Counter[str] = Counter()
+        self._unmetered: Counter[tuple[str, str]] = Counter()
         self._registered: set[str] = set()
         self.written = 0
         self.spooled = 0
@@ -123,7 +126,15 @@ class Ledger:
 
     def note_unmetered(self, key: str) -> None:
         """Count a request on a path we do not meter; flushed to Redis with the next write."""
-        self._unmetered[key] += 1
+        self._unmetered[(UNMETERED_KEY, key)] += 1
+
+    def note_refused(self, reason: str) -> None:
+        """Count a request refused before authentication; flushed like `note_unmetered`."""
+        self._unmetered[(REFUSED_KEY, reason)] += 1
+
+    async def refused(self) -> dict[str, int]:
+        raw = await self._redis.hgetall(REFUSED_KEY)
+        return {k.decode(): int(v) for k, v in raw.items()}
 
     async def unmetered(self) -> dict[str, int]:
         raw = await self._redis.hgetall(UNMETERED_KEY)
@@ -198,11 +209,11 @@ class Ledger:
         return written
 
     async def _pipeline(
-        self, batch: list[Settlement], unmetered: Counter[str], fresh: set[str]
+        self, batch: list[Settlement], unmetered: Counter[tuple[str, str]], fresh: set[str]
     ) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
-            for key, n in unmetered.items():
-                pipe.hincrby(UNMETERED_KEY, key, n)
+            for (hash_key, key), n in unmetered.items():
+                pipe.hincrby(hash_key, key, n)
             if fresh:
                 pipe.sadd(LEDGERS_KEY, *(ledger_key(prefix) for prefix in fresh))
             for s in batch:
