@@ -107,7 +107,12 @@ def cmd_stack(args: argparse.Namespace) -> int:
                 env[ws.upstream.key_env] = f"sk-simulated-{name}"
     stack = Stack(
         StackConfig(
-            listen_port=port, upstream_url=upstream, data_dir=Path(".data"), sidecar_env=env
+            listen_port=port,
+            upstream_url=upstream,
+            data_dir=Path(".data"),
+            sidecar_env=env,
+            # A CA bundle for an https UPSTREAM_URL other than the system's (a corporate proxy).
+            upstream_ca=os.environ.get("UPSTREAM_CA_FILE") or None,
         )
     )
     stopped = threading.Event()

@@ -25,6 +25,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from extproc.dataplane import envoy_msgs as msgs
+from extproc.dataplane import selfservice
 from extproc.dataplane.passthrough import PassthroughCall
 from extproc.governance import guard
 from extproc.governance.budget import (
@@ -123,6 +124,7 @@ class Deps:
     upstream_keys: dict[str, str] = field(default_factory=dict)
     now_ms: Callable[[], int] = _now_ms
     telemetry: Telemetry = field(default_factory=Telemetry)
+    store: Any = None  # the general Redis client (reads for paths the sidecar answers itself)
 
     @property
     def timezone(self) -> ZoneInfo:
@@ -196,6 +198,10 @@ class Exchange:
         # Attribution headers a client sent itself are collected to be stripped, never trusted.
         h, spoofed = msgs.request_header_map(msg, _REQUEST_HEADERS, "x-extproc-")
         method, path = h.get(":method", ""), h.get(":path", "")
+        if path.startswith(selfservice.PREFIX):
+            # Answered here, never forwarded: the developer's own view (see selfservice).
+            self._closed = True
+            return selfservice.answer(self._deps, method, path, h.get("authorization", ""))
         seen = self.seen
         seen.request_id = uuid.uuid4().hex
         seen.envoy_request_id = h.get("x-request-id", "")
