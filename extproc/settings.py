@@ -43,6 +43,11 @@ class Settings:
     spool_dir: str = ".data/spool"
     # Seconds an in-flight stream gets to finish after SIGTERM.
     grace_seconds: float = 30.0
+    # Seconds a budget hold lives without renewal. A live sidecar renews its holds every
+    # quarter of this; once a dead or hung sidecar's hold expires, any replica bills its
+    # estimate (outcome "orphaned") and releases it. Shorter: orphans billed and budget
+    # freed sooner; longer: more tolerance for a sidecar paused (GC, CPU starvation).
+    hold_expiry_seconds: float = 120.0
 
 
 _ENV = {
@@ -53,6 +58,8 @@ _ENV = {
     "prices": "EXTPROC_PRICES",
     "policy": "EXTPROC_POLICY",
     "spool_dir": "EXTPROC_SPOOL_DIR",
+    "hold_expiry_seconds": "EXTPROC_HOLD_EXPIRY_SECONDS",
+    "grace_seconds": "EXTPROC_GRACE_SECONDS",
 }
 _CHOICES = {"bad_request": ("reject", "pass")}
 

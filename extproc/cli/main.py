@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -105,12 +106,17 @@ def cmd_stack(args: argparse.Namespace) -> int:
         for name, ws in load_policy(policy_path).workspaces.items():
             if ws.upstream.key_env and not os.environ.get(ws.upstream.key_env):
                 env[ws.upstream.key_env] = f"sk-simulated-{name}"
+    console_port = int(os.environ.get("EXTPROC_CONSOLE_PORT", "10080"))
+    # The admin API needs a token: a fresh one per local stack unless the operator set one.
+    admin_tokens = os.environ.get("EXTPROC_ADMIN_TOKENS") or f"local:{secrets.token_urlsafe(24)}"
     stack = Stack(
         StackConfig(
             listen_port=port,
             upstream_url=upstream,
             data_dir=Path(".data"),
             sidecar_env=env,
+            console_port=console_port,
+            console_env={"EXTPROC_ADMIN_TOKENS": admin_tokens},
             # A CA bundle for an https UPSTREAM_URL other than the system's (a corporate proxy).
             upstream_ca=os.environ.get("UPSTREAM_CA_FILE") or None,
         )
@@ -132,6 +138,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
             f"  demo key        : {_demo_key(stack.redis_url, policy_path)}\n"
             f"  more keys       : .venv/bin/extproc keys create --workspace W --service S\n"
             f"  usage / spend   : .venv/bin/extproc usage --limit 10 ; .venv/bin/extproc spend\n"
+            f"  console         : {stack.console_login}   (one-time login link)\n"
+            f"  admin API       : {stack.console_url}/admin/v1 with 'Authorization: Bearer "
+            f"{admin_tokens.split(',')[0].partition(':')[2] or admin_tokens}'\n"
+            f"  my usage        : {stack.base_url.removesuffix('/v1')}/extproc/me\n"
             f"Ctrl-C stops everything.",
             flush=True,
         )
@@ -144,7 +154,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 from extproc.cli.admin import redis_url, register  # noqa: E402
+from extproc.cli.ledger import register_ledger  # noqa: E402
 from extproc.cli.route import register_route  # noqa: E402
+from extproc.console.cli import register_console  # noqa: E402
 from extproc.insight.spend import register_spend  # noqa: E402
 
 
@@ -172,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     register(sub)
     register_spend(sub)
     register_route(sub)
+    register_ledger(sub)
+    register_console(sub)
     return parser
 
 

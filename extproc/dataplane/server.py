@@ -22,12 +22,13 @@ from extproc.dataplane.exchange import Deps, Exchange, Reply
 from extproc.dataplane.h2grpc import HEALTH_CHECK_PATH, GrpcServer, Route, health_route
 from extproc.governance import guard
 from extproc.governance.budget import Budgets
+from extproc.governance.holds import tend_forever
 from extproc.governance.keys import KeyCache, KeyStore
 from extproc.governance.policy import Policy, PolicyError, PolicyWatcher, load_policy
 from extproc.insight.alerts import Alert, Alerter, record_alert
 from extproc.insight.burn import BurnWatch
 from extproc.insight.telemetry import Telemetry
-from extproc.metering.ledger import Ledger
+from extproc.metering.ledger import Ledger, prefix_for
 from extproc.metering.prices import PriceTable
 from extproc.metering.tokens import count_text
 from extproc.settings import Settings
@@ -46,8 +47,36 @@ _TRAILERS = {
 
 
 def dispatch(exchange: Exchange, request: msgs.ProcessingRequest) -> Reply:
-    """Route one ext_proc message to the phase of the request's exchange."""
-    kind = request.WhichOneof("request")
+    """Route one ext_proc message to the phase of the request's exchange.
+
+    No exception leaves a phase: a bug or an input nobody foresaw must not turn into a
+    broken gRPC stream, which Envoy answers with an empty 500 (after the provider may
+    already have served, and billed, the request). The exchange answers instead: an
+    OpenAI-shaped 500 before forwarding, the response unchanged after; and it still
+    settles exactly once.
+    """
+    kind = request.WhichOneof("request") or ""
+    try:
+        reply = _phase(exchange, request, kind)
+    except Exception:
+        log.exception("extproc: %s phase failed", kind)
+        return exchange.on_internal_error(kind)
+    if isinstance(reply, msgs.ProcessingResponse):
+        return reply
+    return _guarded(exchange, reply, kind)
+
+
+async def _guarded(
+    exchange: Exchange, pending: Awaitable[msgs.ProcessingResponse], kind: str
+) -> msgs.ProcessingResponse:
+    try:
+        return await pending
+    except Exception:
+        log.exception("extproc: %s phase failed", kind)
+        return exchange.on_internal_error(kind)
+
+
+def _phase(exchange: Exchange, request: msgs.ProcessingRequest, kind: str) -> Reply:
     if kind == "request_headers":
         return exchange.on_request_headers(request.request_headers)
     if kind == "request_body":
@@ -56,7 +85,7 @@ def dispatch(exchange: Exchange, request: msgs.ProcessingRequest) -> Reply:
         return exchange.on_response_headers(request.response_headers)
     if kind == "response_body":
         return exchange.on_response_body(request.response_body)
-    return _TRAILERS.get(kind or "", msgs.CONTINUE_RESPONSE_BODY)
+    return _TRAILERS.get(kind, msgs.CONTINUE_RESPONSE_BODY)
 
 
 _PROCESS_PATH = f"/{SERVICE_NAME}/Process"
@@ -213,8 +242,17 @@ def build_deps(
         governor.apply(load_policy(settings.policy))
         deps.keys = KeyCache(KeyStore(client))
         deps.store = client
-        deps.budgets = Budgets(hot or client)
+        deps.budgets = Budgets(
+            hot or client, hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1)
+        )
+        deps.ledger.on_settled = deps.budgets.settled
     return deps, governor
+
+
+def _prefixes(deps: Deps) -> list[str]:
+    """Every workspace whose expired holds this replica reaps (all of the policy's)."""
+    policy = deps.policy
+    return [prefix_for(name) for name in policy.workspaces] if policy else []
 
 
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
@@ -234,6 +272,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         background.append(asyncio.create_task(watcher.run(), name="policy-watcher"))
         burn = BurnWatch(client, lambda: deps.policy, governor.alerter, deps.telemetry)
         background.append(asyncio.create_task(burn.run(), name="burn-watch"))
+        assert deps.budgets is not None
+        holds = tend_forever(deps.budgets, lambda: _prefixes(deps), deps.ledger.submit, deps.now_ms)
+        background.append(asyncio.create_task(holds, name="holds"))
 
     transport = H2Transport(deps)
     await transport.start(settings)

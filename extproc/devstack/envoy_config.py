@@ -35,6 +35,15 @@ class EnvoyPorts:
     # "host:port" to connect to instead of the URL's host, which still names the provider for
     # SNI, certificate check and Host (tests: a simulator on loopback posing as api.openai.com).
     upstream_connect: str | None = None
+    # Concurrent streams each cluster admits (circuit breakers); None keeps envoy.yaml's.
+    max_streams: int | None = None
+
+
+def _size_breakers(cluster: dict[str, Any], max_streams: int) -> None:
+    """Every in-flight call holds one request (and one HTTP/1.1 connection) per cluster."""
+    for threshold in cluster.get("circuit_breakers", {}).get("thresholds", []):
+        for key in ("max_connections", "max_pending_requests", "max_requests"):
+            threshold[key] = max_streams
 
 
 def _address(target: str) -> dict[str, Any]:
@@ -106,6 +115,9 @@ def render(ports: EnvoyPorts, template: Path = ENVOY_YAML) -> dict[str, Any]:
         extra["type"] = upstream_type
         _upstream_cluster(extra, url, ports.upstream_ca)
         static["clusters"].append(extra)
+    if ports.max_streams is not None:
+        for cluster in static["clusters"]:
+            _size_breakers(cluster, ports.max_streams)
     if urlsplit(ports.upstream_url).scheme == "https":
         for vh in _hcm(listener)["route_config"]["virtual_hosts"]:
             for route in vh["routes"]:

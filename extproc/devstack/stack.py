@@ -236,6 +236,10 @@ class StackConfig:
     # Extra upstream clusters, each a simulator of its own: {route name: None}.
     extra_upstreams: tuple[str, ...] = ()
     redis_cluster_nodes: int = 0  # >0: start a Redis Cluster of that many primaries instead
+    # The console and admin API on a port of its own (0: none); `console_env` adds e.g.
+    # EXTPROC_ADMIN_TOKENS. The sidecar's EXTPROC_POLICY is passed on.
+    console_port: int = 0
+    console_env: dict[str, str] = field(default_factory=dict)
     # CA bundle verifying an https upstream's certificate; None: the system bundle.
     upstream_ca: str | None = None
     # With no upstream_url: the simulator speaks HTTPS and poses as the provider.
@@ -251,6 +255,8 @@ class Stack:
         self.sidecar_addrs: list[str] = []
         self.routes: dict[str, str] = {}
         self.admin_port = 0
+        self.console_url = ""
+        self.console_login = ""  # the one-time login URL the console printed
         # Where the simulator really listens, when upstream_url names the provider it poses as.
         self.upstream_connect: str | None = None
 
@@ -291,6 +297,24 @@ class Stack:
         for i in range(cfg.sidecars):
             self.start_sidecar("sidecar" if i == 0 else f"sidecar{i + 1}")
         self.start_envoy(data)
+        if cfg.console_port:
+            self.start_console(cfg.console_port)
+
+    def start_console(self, port: int) -> None:
+        env = {
+            **os.environ,
+            "EXTPROC_REDIS_URL": self.redis_url,
+            "PYTHONUNBUFFERED": "1",
+            **{k: v for k, v in self.config.sidecar_env.items() if k == "EXTPROC_POLICY"},
+            **self.config.console_env,
+        }
+        argv = [sys.executable, "-m", "extproc", "console", "--port", str(port), "--login-token"]
+        child = self._spawn("console", argv, env)
+        child.wait_for_line("console listening")
+        self.console_url = f"http://127.0.0.1:{port}"
+        self.console_login = next(
+            line.split("console: ", 1)[1] for line in child.lines if line.startswith("console: ")
+        )
 
     def _start_simulator(self, name: str, *tls_args: str) -> str:
         port = free_port()
@@ -380,7 +404,7 @@ class Stack:
     def stop(self) -> None:
         simulators = [n for n in self.children if n.startswith("simulator")]
         sidecars = [n for n in self.children if n.startswith("sidecar")]
-        for name in ("envoy", *sidecars, *simulators):
+        for name in ("console", "envoy", *sidecars, *simulators):
             child = self.children.get(name)
             if child:
                 child.stop()
