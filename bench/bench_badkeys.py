@@ -1,0 +1,202 @@
+"""A flood of bad keys must cost little: valid traffic's latency with and without one.
+
+One enforced stack (policy, a real virtual key). Each round measures valid requests at c=1
+alone, then the same while a flood of well-formed but unknown keys runs beside them (each a
+distinct key, so the negative cache never helps the attacker; the worst case). Alone and
+flooded alternate to cancel drift; the figure is the ratio of the medians. Also measured:
+Redis commands per bad-key request (INFO commandstats), and the ledger untouched by the flood.
+
+Run alone: `.venv/bin/python bench/bench_badkeys.py [--flood 10000]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.loadgen import run_closed_loop  # noqa: E402
+from extproc.devstack.stack import Stack, StackConfig, free_port  # noqa: E402
+
+BODY = json.dumps(
+    {
+        "model": "gpt-5-mini",
+        "messages": [{"role": "user", "content": "Fix the lint error in utils.py line 3."}],
+        "max_completion_tokens": 16,
+    }
+).encode()
+POLICY = """
+version: 1
+workspaces:
+  bench:
+    budget_usd: 1000000
+    upstream: {key_env: BENCH_UPSTREAM_KEY}
+    rate_limits: {rpm: 100000000}
+    services:
+      load: {}
+"""
+
+
+async def _flood(port: int, total: int, concurrency: int) -> tuple[int, float]:
+    """`total` requests, each with a fresh well-formed unknown key; (401s seen, seconds)."""
+    refused = 0
+    remaining = total
+
+    async def worker() -> None:
+        nonlocal refused, remaining
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while remaining > 0:
+                remaining -= 1
+                key = "sk-ext-" + secrets.token_urlsafe(30)[:40]
+                head = (
+                    f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Content-Type: application/json\r\nAuthorization: Bearer {key}\r\n"
+                    f"Content-Length: {len(BODY)}\r\n\r\n"
+                ).encode()
+                writer.write(head + BODY)
+                reply = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line[15:])
+                        for line in reply.split(b"\r\n")
+                        if line[:15].lower() == b"content-length:"
+                    ),
+                    0,
+                )
+                if length:
+                    await reader.readexactly(length)
+                refused += reply[9:12] == b"401"
+        finally:
+            writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return refused, time.perf_counter() - start
+
+
+def _flood_process(port: int, total: int, concurrency: int, out: Any) -> None:
+    out.put(asyncio.run(_flood(port, total, concurrency)))
+
+
+def _valid_beside_flood(
+    port: int, key: str, flood: int, flood_concurrency: int
+) -> tuple[list[float], int, float]:
+    """Valid requests at c=1 for as long as a flood runs in another process (so the load
+    generator's own CPU is not what slows the valid requests down)."""
+    results: Any = multiprocessing.Queue()
+    proc = multiprocessing.Process(
+        target=_flood_process, args=(port, flood, flood_concurrency, results)
+    )
+    proc.start()
+    latencies: list[float] = []
+    while proc.is_alive() and results.empty():
+        lat, _secs = asyncio.run(
+            run_closed_loop("127.0.0.1", port, "/v1/chat/completions", BODY, 20, 1, key)
+        )
+        latencies += lat
+    refused, seconds = results.get()
+    proc.join()
+    return latencies, refused, seconds
+
+
+def _redis_commands(stack: Stack) -> int:
+    import redis
+
+    r = redis.Redis.from_url(stack.redis_url)
+    try:
+        stats = r.info("commandstats")
+    finally:
+        r.close()
+    return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_"))
+
+
+def _ledger_size(stack: Stack) -> int:
+    import redis
+
+    from extproc.metering.ledger import LEDGERS_KEY
+
+    r = redis.Redis.from_url(stack.redis_url)
+    try:
+        return sum(int(r.xlen(s)) for s in r.smembers(LEDGERS_KEY))
+    finally:
+        r.close()
+
+
+def bad_key_figures(
+    rounds: int = 3, flood: int = 10_000, valid: int = 300, flood_concurrency: int = 8
+) -> dict[str, float]:
+    from bench.bench import _bench_key
+
+    with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
+        policy = Path(tmp) / "policy.yaml"
+        policy.write_text(POLICY)
+        cfg = StackConfig(
+            listen_port=free_port(),
+            data_dir=Path(tmp),
+            sidecar_env={"EXTPROC_POLICY": str(policy), "BENCH_UPSTREAM_KEY": "sk-bench"},
+        )
+        with Stack(cfg) as stack:
+            key = _bench_key(stack.redis_url, policy)
+            port = stack.config.listen_port
+            asyncio.run(
+                run_closed_loop("127.0.0.1", port, "/v1/chat/completions", BODY, 100, 2, key)
+            )
+            alone: list[float] = []
+            flooded: list[float] = []
+            refused = 0
+            flood_seconds = 0.0
+            per_round = flood // rounds
+            # Redis cost of bad keys alone (no valid traffic in the window).
+            commands0 = _redis_commands(stack)
+            ledger0 = _ledger_size(stack)
+            n, _secs = asyncio.run(_flood(port, 1000, flood_concurrency))
+            commands_per_bad = (_redis_commands(stack) - commands0) / max(n, 1)
+            ledger_growth = _ledger_size(stack) - ledger0
+            for _ in range(rounds):
+                lat, _ = asyncio.run(
+                    run_closed_loop("127.0.0.1", port, "/v1/chat/completions", BODY, valid, 1, key)
+                )
+                alone += lat
+                lat, got, secs = _valid_beside_flood(port, key, per_round, flood_concurrency)
+                flooded += lat
+                refused += got
+                flood_seconds += secs
+    p50_alone = statistics.median(alone) * 1000
+    p50_flooded = statistics.median(flooded) * 1000
+    return {
+        "valid p50 ms, alone": p50_alone,
+        "valid p50 ms, beside the flood": p50_flooded,
+        "p50 ratio (flooded / alone)": p50_flooded / p50_alone,
+        "bad-key requests refused (401)": float(refused),
+        "bad-key requests per second": refused / flood_seconds if flood_seconds else 0.0,
+        "Redis commands per bad-key request": commands_per_bad,
+        "ledger records written by 1,000 bad keys": float(ledger_growth),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--flood", type=int, default=10_000)
+    parser.add_argument("--valid", type=int, default=300, help="valid requests per round, c=1")
+    args = parser.parse_args(argv)
+    figures = bad_key_figures(args.rounds, args.flood, args.valid)
+    for name, value in figures.items():
+        print(f"  {name:45} {value:10.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
