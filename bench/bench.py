@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             measure(stack, direct, 1, 100, 4, key)
             report["c1_enforced"] = measure(stack, direct, args.rounds, args.requests, 1, key)
     report["counting"] = {**counting_figures(), **request_path_figures()}
+    from bench.bench_badkeys import bad_key_figures
+
+    report["bad_keys"] = bad_key_figures()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print_report(report)
@@ -223,6 +226,9 @@ def print_report(report: dict) -> None:
             f"{level:12} added p50 {s['added_p50_ms']:+.3f} ms, p99 {s['added_p99_ms']:+.3f} ms, "
             f"throughput ratio {s['throughput_ratio']:.2f}"
         )
+    print("\nbad-key flood (10,000 distinct unknown keys beside valid traffic):")
+    for k, v in report.get("bad_keys", {}).items():
+        print(f"  {k:48} {v:10.3f}")
     print("\ncounting (sidecar CPU, ms):")
     for k, v in report["counting"].items():
         print(f"  {k:48} {v:8.2f}")

@@ -1,10 +1,13 @@
 """A flood of bad keys must cost little: valid traffic's latency with and without one.
 
 One enforced stack (policy, a real virtual key). Each round measures valid requests at c=1
-alone, then the same while a flood of well-formed but unknown keys runs beside them (each a
-distinct key, so the negative cache never helps the attacker; the worst case). Alone and
-flooded alternate to cancel drift; the figure is the ratio of the medians. Also measured:
-Redis commands per bad-key request (INFO commandstats), and the ledger untouched by the flood.
+alone, then the same while a flood of well-formed but unknown keys runs beside them from
+another process, open-loop at a fixed rate (each a distinct key, so the negative cache never
+helps the attacker; the worst case). Alone and flooded alternate to cancel drift; the figure
+is the ratio of the medians. Also measured, with an unpaced burst of 1,000 bad keys: Redis
+commands, sidecar and Envoy CPU per bad-key request, and ledger records written (none).
+On two shared cores an unpaced flood takes CPU from everything else whatever it costs per
+request; the per-request costs say what rate a given machine absorbs.
 
 Run alone: `.venv/bin/python bench/bench_badkeys.py [--flood 10000]`.
 """
@@ -48,17 +51,23 @@ workspaces:
 """
 
 
-async def _flood(port: int, total: int, concurrency: int) -> tuple[int, float]:
-    """`total` requests, each with a fresh well-formed unknown key; (401s seen, seconds)."""
+async def _flood(port: int, total: int, concurrency: int, rate: float) -> tuple[int, float]:
+    """`total` requests, each with a fresh well-formed unknown key, sent open-loop at `rate`
+    per second (0: as fast as `concurrency` connections go); (401s seen, seconds)."""
     refused = 0
-    remaining = total
+    sent = 0
+    start = time.perf_counter()
 
     async def worker() -> None:
-        nonlocal refused, remaining
+        nonlocal refused, sent
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            while remaining > 0:
-                remaining -= 1
+            while sent < total:
+                due = start + sent / rate if rate else 0.0
+                sent += 1
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # pacing the load, not synchronising a test
                 key = "sk-ext-" + secrets.token_urlsafe(30)[:40]
                 head = (
                     f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -81,23 +90,22 @@ async def _flood(port: int, total: int, concurrency: int) -> tuple[int, float]:
         finally:
             writer.close()
 
-    start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return refused, time.perf_counter() - start
 
 
-def _flood_process(port: int, total: int, concurrency: int, out: Any) -> None:
-    out.put(asyncio.run(_flood(port, total, concurrency)))
+def _flood_process(port: int, total: int, concurrency: int, rate: float, out: Any) -> None:
+    out.put(asyncio.run(_flood(port, total, concurrency, rate)))
 
 
 def _valid_beside_flood(
-    port: int, key: str, flood: int, flood_concurrency: int
+    port: int, key: str, flood: int, flood_concurrency: int, rate: float
 ) -> tuple[list[float], int, float]:
     """Valid requests at c=1 for as long as a flood runs in another process (so the load
     generator's own CPU is not what slows the valid requests down)."""
     results: Any = multiprocessing.Queue()
     proc = multiprocessing.Process(
-        target=_flood_process, args=(port, flood, flood_concurrency, results)
+        target=_flood_process, args=(port, flood, flood_concurrency, rate, results)
     )
     proc.start()
     latencies: list[float] = []
@@ -135,9 +143,13 @@ def _ledger_size(stack: Stack) -> int:
 
 
 def bad_key_figures(
-    rounds: int = 3, flood: int = 10_000, valid: int = 300, flood_concurrency: int = 8
+    rounds: int = 3,
+    flood: int = 10_000,
+    valid: int = 300,
+    flood_concurrency: int = 16,
+    rate: float = 250.0,
 ) -> dict[str, float]:
-    from bench.bench import _bench_key
+    from bench.bench import _bench_key, cpu_seconds
 
     with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
         policy = Path(tmp) / "policy.yaml"
@@ -159,9 +171,12 @@ def bad_key_figures(
             flood_seconds = 0.0
             per_round = flood // rounds
             # Redis cost of bad keys alone (no valid traffic in the window).
-            commands0 = _redis_commands(stack)
-            ledger0 = _ledger_size(stack)
-            n, _secs = asyncio.run(_flood(port, 1000, flood_concurrency))
+            sidecar, envoy = (stack.children[n].proc.pid for n in ("sidecar", "envoy"))
+            commands0, ledger0 = _redis_commands(stack), _ledger_size(stack)
+            cpu0, envoy0 = cpu_seconds(sidecar), cpu_seconds(envoy)
+            n, _secs = asyncio.run(_flood(port, 1000, flood_concurrency, 0.0))
+            sidecar_us = (cpu_seconds(sidecar) - cpu0) / max(n, 1) * 1e6
+            envoy_us = (cpu_seconds(envoy) - envoy0) / max(n, 1) * 1e6
             commands_per_bad = (_redis_commands(stack) - commands0) / max(n, 1)
             ledger_growth = _ledger_size(stack) - ledger0
             for _ in range(rounds):
@@ -169,7 +184,7 @@ def bad_key_figures(
                     run_closed_loop("127.0.0.1", port, "/v1/chat/completions", BODY, valid, 1, key)
                 )
                 alone += lat
-                lat, got, secs = _valid_beside_flood(port, key, per_round, flood_concurrency)
+                lat, got, secs = _valid_beside_flood(port, key, per_round, flood_concurrency, rate)
                 flooded += lat
                 refused += got
                 flood_seconds += secs
@@ -182,6 +197,8 @@ def bad_key_figures(
         "bad-key requests refused (401)": float(refused),
         "bad-key requests per second": refused / flood_seconds if flood_seconds else 0.0,
         "Redis commands per bad-key request": commands_per_bad,
+        "sidecar CPU µs per bad-key request": sidecar_us,
+        "Envoy CPU µs per bad-key request": envoy_us,
         "ledger records written by 1,000 bad keys": float(ledger_growth),
     }
 
@@ -191,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--flood", type=int, default=10_000)
     parser.add_argument("--valid", type=int, default=300, help="valid requests per round, c=1")
+    parser.add_argument("--rate", type=float, default=250.0, help="bad-key requests per second")
     args = parser.parse_args(argv)
-    figures = bad_key_figures(args.rounds, args.flood, args.valid)
+    figures = bad_key_figures(args.rounds, args.flood, args.valid, rate=args.rate)
     for name, value in figures.items():
         print(f"  {name:45} {value:10.3f}")
     return 0

@@ -240,7 +240,7 @@ def build_deps(
     )
     if settings.policy:
         governor.apply(load_policy(settings.policy))
-        deps.keys = KeyCache(KeyStore(client))
+        deps.keys = KeyCache(KeyStore(client, hot=hot))
         deps.store = client
         deps.budgets = Budgets(
             hot or client, hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1)

@@ -234,9 +234,13 @@ def _mint() -> tuple[str, str, str]:
 class KeyStore:
     """Virtual keys in Redis. Every write is one atomic script plus a change notice."""
 
-    def __init__(self, client: AsyncClient, *, now_ms: Clock = wall_ms) -> None:
+    def __init__(self, client: AsyncClient, *, now_ms: Clock = wall_ms, hot: Any = None) -> None:
         self.client = client
         self.now_ms = now_ms
+        # The lean client (store.fastredis), when there is one, serves the request path's
+        # single lookups: a flood of unknown keys costs one cheap read each (~5x less CPU
+        # than redis-py's), and nothing else.
+        self.hot = hot
         self._create = client.register_script(_CREATE)
         self._rotate = client.register_script(_ROTATE)
         self._revoke = client.register_script(_REVOKE)
@@ -277,7 +281,11 @@ class KeyStore:
         )
 
     async def lookup_hash(self, sha: str, now_ms: int | None = None) -> Identity | None:
-        raw = await self.client.hgetall(HASH_PREFIX + sha)
+        if self.hot is not None:
+            flat = await self.hot.execute_command("HGETALL", HASH_PREFIX + sha)
+            raw: Mapping[Any, Any] = dict(zip(flat[::2], flat[1::2], strict=True))
+        else:
+            raw = await self.client.hgetall(HASH_PREFIX + sha)
         return _usable(_decoded(raw), self.now_ms() if now_ms is None else now_ms)
 
     async def lookup_hashes(self, shas: Iterable[str]) -> dict[str, Identity | None]:
