@@ -133,11 +133,11 @@ def _redis_commands(stack: Stack) -> int:
 def _ledger_size(stack: Stack) -> int:
     import redis
 
-    from extproc.metering.ledger import LEDGERS_KEY
+    from extproc.store.schema import LEDGERS
 
     r = redis.Redis.from_url(stack.redis_url)
     try:
-        return sum(int(r.xlen(s)) for s in r.smembers(LEDGERS_KEY))
+        return sum(int(r.xlen(s)) for s in r.smembers(LEDGERS))
     finally:
         r.close()
 

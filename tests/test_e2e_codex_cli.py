@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from extproc.devstack.stack import Stack, temporary_stack
-from extproc.metering.ledger import REFUSED_KEY
+from extproc.store.schema import REFUSED
 from tests.conftest import all_records, new_key, wait_for
 
 CODEX = Path(__file__).resolve().parents[1] / ".tools" / "node_modules" / ".bin" / "codex"
@@ -64,7 +64,7 @@ def test_codex_exec_runs_and_its_turn_is_billed(
         'wire_api = "responses"\n' + ("supports_websockets = true\n" if websockets else "")
     )
     r = redis.Redis.from_url(cstack.redis_url)
-    refused_before = int(r.hget(REFUSED_KEY, "websocket_upgrade") or 0)
+    refused_before = int(r.hget(REFUSED, "websocket_upgrade") or 0)
     run = subprocess.run(
         [str(CODEX), "exec", "--skip-git-repo-check", "say hello"],
         cwd=tmp_path,
@@ -81,7 +81,7 @@ def test_codex_exec_runs_and_its_turn_is_billed(
     try:
         rec = wait_for(r, lambda rec: rec.session_id == session.group(1), "the codex session")
         count = len(all_records(r, rec["request_id"]))
-        refused = int(r.hget(REFUSED_KEY, "websocket_upgrade") or 0) - refused_before
+        refused = int(r.hget(REFUSED, "websocket_upgrade") or 0) - refused_before
     finally:
         r.close()
     assert (refused > 0) is websockets

@@ -28,7 +28,7 @@ import pytest
 import redis
 
 from extproc.devstack.stack import Stack, temporary_stack
-from extproc.metering.ledger import LEDGERS_KEY, REFUSED_KEY, ledger_key, prefix_for
+from extproc.store.schema import LEDGERS, REFUSED, ledger_key, workspace_prefix
 from extproc.v1.ledger_pb2 import UsageRecord
 from tests.conftest import cli, new_key, wait_for
 
@@ -228,7 +228,7 @@ def _dechunk(data: bytes) -> bytes:
 
 
 def records_for(r: redis.Redis, workspace: str, envoy_request_id: str) -> list[UsageRecord]:
-    stream = ledger_key(prefix_for(workspace))
+    stream = ledger_key(workspace_prefix(workspace))
     return [
         rec
         for _id, fields in r.xrange(stream)
@@ -506,8 +506,8 @@ def test_websocket_upgrade_is_refused_with_426(
 def test_bad_keys_cost_a_counter_not_a_record(
     estack: Stack, upstream: RecordingUpstream, r: redis.Redis, dev_key: dict[str, Any]
 ) -> None:
-    before = int(r.hget(REFUSED_KEY, "invalid_api_key") or 0)
-    streams_before = {s: r.xlen(s) for s in r.smembers(LEDGERS_KEY)}
+    before = int(r.hget(REFUSED, "invalid_api_key") or 0)
+    streams_before = {s: r.xlen(s) for s in r.smembers(LEDGERS)}
     start = upstream.count()
     bad = "sk-ext-" + "x" * 40
     with httpx.Client(base_url=estack.base_url, timeout=30) as http:
@@ -526,8 +526,8 @@ def test_bad_keys_cost_a_counter_not_a_record(
         timeout=30,
     )
     wait_for(r, lambda x: x.request_id == ok.headers[RID], "flush")
-    assert int(r.hget(REFUSED_KEY, "invalid_api_key") or 0) == before + 50
-    grown = {s: r.xlen(s) - streams_before.get(s, 0) for s in r.smembers(LEDGERS_KEY)}
+    assert int(r.hget(REFUSED, "invalid_api_key") or 0) == before + 50
+    grown = {s: r.xlen(s) - streams_before.get(s, 0) for s in r.smembers(LEDGERS)}
     assert sum(grown.values()) == 1  # only the valid request's record
 
 

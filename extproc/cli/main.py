@@ -17,7 +17,10 @@ STATE_FILE = Path(".data") / "stack.json"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from extproc.dataplane.server import serve
+    from extproc.dataplane.workers import supervise, worker_count
     from extproc.settings import ConfigError, load_settings
 
     try:
@@ -25,13 +28,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"extproc: {exc}", file=sys.stderr)
         return 2
+    if args.workers is not None:
+        if args.workers < 0:
+            print("extproc: --workers: must be 0 (one per CPU) or more", file=sys.stderr)
+            return 2
+        settings = dataclasses.replace(settings, workers=args.workers)
+    count = worker_count(settings)
+    if count > 1 and not args.reuse_port:
+        try:
+            return asyncio.run(supervise(settings, count, args.config))
+        except ConfigError as exc:
+            print(f"extproc: {exc}", file=sys.stderr)
+            return 2
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, reuse_port=args.reuse_port))
     return 0
 
 
@@ -92,6 +107,7 @@ def _demo_key(redis_url_: str, policy_path: Path) -> str:
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
+    from extproc.dataplane.workers import available_cpus
     from extproc.devstack.stack import Stack, StackConfig
     from extproc.governance.policy import load_policy
 
@@ -106,6 +122,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
         for name, ws in load_policy(policy_path).workspaces.items():
             if ws.upstream.key_env and not os.environ.get(ws.upstream.key_env):
                 env[ws.upstream.key_env] = f"sk-simulated-{name}"
+    # One sidecar worker and one Envoy worker thread per usable CPU, unless told otherwise.
+    workers = int(os.environ.get("EXTPROC_WORKERS") or 0) or available_cpus()
     console_port = int(os.environ.get("EXTPROC_CONSOLE_PORT", "10080"))
     # The admin API needs a token: a fresh one per local stack unless the operator set one.
     admin_tokens = os.environ.get("EXTPROC_ADMIN_TOKENS") or f"local:{secrets.token_urlsafe(24)}"
@@ -115,6 +133,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
             upstream_url=upstream,
             data_dir=Path(".data"),
             sidecar_env=env,
+            sidecar_workers=workers,
+            envoy_concurrency=workers,
             console_port=console_port,
             console_env={"EXTPROC_ADMIN_TOKENS": admin_tokens},
             # A CA bundle for an https UPSTREAM_URL other than the system's (a corporate proxy).
@@ -155,6 +175,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 from extproc.cli.admin import redis_url, register  # noqa: E402
 from extproc.cli.ledger import register_ledger  # noqa: E402
+from extproc.cli.reconcile import register_reconcile  # noqa: E402
 from extproc.cli.route import register_route  # noqa: E402
 from extproc.console.cli import register_console  # noqa: E402
 from extproc.insight.spend import register_spend  # noqa: E402
@@ -166,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the ext_proc gRPC sidecar")
     p.add_argument("--config", help="settings YAML (or EXTPROC_CONFIG)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="sidecar processes sharing the port (default: settings `workers`, else one per CPU)",
+    )
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a worker
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("simulate", help="run the OpenAI-compatible upstream simulator")
@@ -185,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_spend(sub)
     register_route(sub)
     register_ledger(sub)
+    register_reconcile(sub)
     register_console(sub)
     return parser
 
