@@ -149,7 +149,8 @@ def bad_key_figures(
     flood_concurrency: int = 16,
     rate: float = 250.0,
 ) -> dict[str, float]:
-    from bench.bench import _bench_key, cpu_seconds
+    from bench import procstat
+    from bench.bench import _bench_key
 
     with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
         policy = Path(tmp) / "policy.yaml"
@@ -171,12 +172,14 @@ def bad_key_figures(
             flood_seconds = 0.0
             per_round = flood // rounds
             # Redis cost of bad keys alone (no valid traffic in the window).
-            sidecar, envoy = (stack.children[n].proc.pid for n in ("sidecar", "envoy"))
+            # The sidecar may run as a supervisor with worker processes: count the tree.
+            sidecar = procstat.tree(stack.children["sidecar"].proc.pid)
+            envoy = [stack.children["envoy"].proc.pid]
             commands0, ledger0 = _redis_commands(stack), _ledger_size(stack)
-            cpu0, envoy0 = cpu_seconds(sidecar), cpu_seconds(envoy)
+            cpu0, envoy0 = procstat.cpu_seconds(sidecar), procstat.cpu_seconds(envoy)
             n, _secs = asyncio.run(_flood(port, 1000, flood_concurrency, 0.0))
-            sidecar_us = (cpu_seconds(sidecar) - cpu0) / max(n, 1) * 1e6
-            envoy_us = (cpu_seconds(envoy) - envoy0) / max(n, 1) * 1e6
+            sidecar_us = (procstat.cpu_seconds(sidecar) - cpu0) / max(n, 1) * 1e6
+            envoy_us = (procstat.cpu_seconds(envoy) - envoy0) / max(n, 1) * 1e6
             commands_per_bad = (_redis_commands(stack) - commands0) / max(n, 1)
             ledger_growth = _ledger_size(stack) - ledger0
             for _ in range(rounds):
