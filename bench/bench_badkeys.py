@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import run_closed_loop  # noqa: E402
+from bench.loadgen import build_request, one, run_closed_loop  # noqa: E402
 from extproc.devstack.stack import Stack, StackConfig, free_port  # noqa: E402
 
 BODY = json.dumps(
@@ -69,29 +69,18 @@ async def _flood(port: int, total: int, concurrency: int, rate: float) -> tuple[
                 if delay > 0:
                     await asyncio.sleep(delay)  # pacing the load, not synchronising a test
                 key = "sk-ext-" + secrets.token_urlsafe(30)[:40]
-                head = (
-                    f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                    f"Content-Type: application/json\r\nAuthorization: Bearer {key}\r\n"
-                    f"Content-Length: {len(BODY)}\r\n\r\n"
-                ).encode()
-                writer.write(head + BODY)
-                reply = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    (
-                        int(line[15:])
-                        for line in reply.split(b"\r\n")
-                        if line[:15].lower() == b"content-length:"
-                    ),
-                    0,
-                )
-                if length:
-                    await reader.readexactly(length)
-                refused += reply[9:12] == b"401"
+                req = build_request("127.0.0.1", port, "/v1/chat/completions", BODY, key)
+                status = await one(reader, writer, req)
+                refused += status == 401
         finally:
             writer.close()
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return refused, time.perf_counter() - start
+
+
+def _valid_request(port: int, key: str) -> bytes:
+    return build_request("127.0.0.1", port, "/v1/chat/completions", BODY, key)
 
 
 def _flood_process(port: int, total: int, concurrency: int, rate: float, out: Any) -> None:
@@ -111,7 +100,7 @@ def _valid_beside_flood(
     latencies: list[float] = []
     while proc.is_alive() and results.empty():
         lat, _secs = asyncio.run(
-            run_closed_loop("127.0.0.1", port, "/v1/chat/completions", BODY, 20, 1, key)
+            run_closed_loop("127.0.0.1", port, _valid_request(port, key), 20, 1)
         )
         latencies += lat
     refused, seconds = results.get()
@@ -163,9 +152,7 @@ def bad_key_figures(
         with Stack(cfg) as stack:
             key = _bench_key(stack.redis_url, policy)
             port = stack.config.listen_port
-            asyncio.run(
-                run_closed_loop("127.0.0.1", port, "/v1/chat/completions", BODY, 100, 2, key)
-            )
+            asyncio.run(run_closed_loop("127.0.0.1", port, _valid_request(port, key), 100, 2))
             alone: list[float] = []
             flooded: list[float] = []
             refused = 0
@@ -184,7 +171,7 @@ def bad_key_figures(
             ledger_growth = _ledger_size(stack) - ledger0
             for _ in range(rounds):
                 lat, _ = asyncio.run(
-                    run_closed_loop("127.0.0.1", port, "/v1/chat/completions", BODY, valid, 1, key)
+                    run_closed_loop("127.0.0.1", port, _valid_request(port, key), valid, 1)
                 )
                 alone += lat
                 lat, got, secs = _valid_beside_flood(port, key, per_round, flood_concurrency, rate)
