@@ -61,7 +61,7 @@ from extproc.metering.decisions import (
     utf8_text,
 )
 from extproc.metering.passthrough import PassthroughSeen, settle_passthrough
-from extproc.metering.prices import PriceTable
+from extproc.metering.prices import PriceTable, usd
 from extproc.metering.settlement import UNGOVERNED, CachePrefix, Charged, settlement_for
 from extproc.routing.decide import (
     BudgetState,
@@ -106,6 +106,13 @@ _ANNOUNCED: set[tuple[str, str, str, str]] = set()
 """Downgrades already logged by this process: one human-readable line per scope and step."""
 _RESPONSE_HEADERS = frozenset({":status", "content-type"})
 _RID = "x-extproc-request-id"
+MISSING_BODY = OpenAIError(
+    400,
+    "This endpoint needs a JSON request body; the request had none.",
+    "invalid_request_error",
+    None,
+    "missing_body",
+)
 INTERNAL_ERROR = OpenAIError(
     500,
     "extproc could not process this request; it was not forwarded. Retrying is safe.",
@@ -344,15 +351,9 @@ class Exchange:
         if target.kind is Kind.METERED:
             self._endpoint = target.endpoint
             if end_of_stream:
-                return self._reject(
-                    OpenAIError(
-                        400,
-                        "This endpoint needs a JSON request body; the request had none.",
-                        "invalid_request_error",
-                        None,
-                        "missing_body",
-                    )
-                )
+                # Refused for want of a body only once the caller is known: the record of
+                # the refusal is attributed to its key like any other.
+                return self._reject(MISSING_BODY)
             if not add and not remove:
                 return msgs.CONTINUE_METERED_REQUEST_HEADERS
             return msgs.forward_request_headers(add, ["accept-encoding", *remove])
@@ -732,7 +733,7 @@ class Exchange:
             record = self._finish()
             if record is None:
                 return msgs.CONTINUE_RESPONSE_BODY
-            cost = {"x-extproc-cost-usd": guard.usd_exact(record.cost_nanos)}
+            cost = {"x-extproc-cost-usd": usd(record.cost_nanos)}
             if record.estimated:
                 cost["x-extproc-cost-estimated"] = "true"
             return msgs.response_body_headers(cost)
@@ -765,9 +766,7 @@ class Exchange:
         record = self._finish()
         if record is None:
             return msgs.CONTINUE_RESPONSE_BODY
-        return msgs.response_body_headers(
-            {"x-extproc-cost-usd": guard.usd_exact(record.cost_nanos)}
-        )
+        return msgs.response_body_headers({"x-extproc-cost-usd": usd(record.cost_nanos)})
 
     def on_internal_error(self, phase: str) -> msgs.ProcessingResponse:
         """A phase raised: refuse in OpenAI's shape before forwarding, pass through after.
