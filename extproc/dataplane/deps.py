@@ -34,6 +34,8 @@ class KeyLookup(Protocol):
 
     async def resolve(self, secret: str) -> Identity | None: ...
 
+    async def is_revoked(self, identity: Identity) -> bool: ...
+
 
 class BudgetBook(Protocol):
     """What an exchange asks of the budgets (`governance.budget.Budgets`)."""
@@ -59,6 +61,8 @@ class SettlementSink(Protocol):
     def submit(self, settlement: Settlement) -> None: ...
 
     def note_unmetered(self, key: str) -> None: ...
+
+    def note_refused(self, reason: str) -> None: ...
 
 
 @dataclass(slots=True)

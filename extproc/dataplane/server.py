@@ -270,7 +270,7 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
     keys, budgets = None, None
     if settings.policy:
         governor.apply(load_policy(settings.policy))
-        deps.keys = keys = KeyCache(KeyStore(client))
+        deps.keys = keys = KeyCache(KeyStore(client, hot=hot))
         deps.store = client
         budgets = Budgets(
             hot or client, hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1)
