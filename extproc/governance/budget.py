@@ -21,12 +21,14 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from extproc.governance.keys import Identity
 from extproc.governance.periods import Period, period_at
 from extproc.governance.policy import Policy, RateLimits, Service, Team, Workspace
 from extproc.governance.scripts import REAP, RESERVE
 from extproc.metering.prices import PriceTable
+from extproc.metering.settlement import UNGOVERNED, Charged
 from extproc.metering.usage import Usage
 from extproc.store.clients import UNAVAILABLE, ScriptClient
 from extproc.store.schema import (
@@ -196,6 +198,26 @@ def plan_request(
 def per_choice_cap(total: int, choices: int) -> int:
     """The output cap to write per output so that `choices` outputs stay within `total`."""
     return max(total // max(choices, 1), 1)
+
+
+def charges_for(
+    policy: Policy | None, identity: Identity | None, plan: Plan | None, now_ms: int, tz: ZoneInfo
+) -> tuple[tuple[Charged, ...], str]:
+    """Where a finished request's cost counts, and the budget period it counts in.
+
+    With a plan: the scopes its reservation checked. Forwarded without one (`bad_request:
+    pass`): the same scopes a reservation would have checked, its team's included.
+    Unattributed traffic: the workspace scope of the unattributed books, by month.
+    """
+    if plan is not None:
+        return tuple(Charged(s.scope, s.soft_nanos) for s in plan.scopes), plan.period.id
+    ws = policy.workspaces.get(identity.workspace) if policy and identity else None
+    if ws is None or identity is None:
+        return UNGOVERNED, period_at("month", now_ms, tz).id
+    limits = charged_scopes(ws, identity)
+    return tuple(Charged(s.scope, s.soft_nanos) for s in limits), period_at(
+        ws.period, now_ms, tz
+    ).id
 
 
 def with_overdraft(plan: Plan, nanos: int) -> Plan:

@@ -62,6 +62,7 @@ from extproc.wire.errors import OpenAIError
 
 BUDGET_LEVELS = ("ok", "soft", "hard")
 ASSUMED_EFFORT = "medium"
+DOWNGRADE_STEPS = frozenset({"degrade", "overdraft", "context"})
 STEP_KINDS = ("alias", "rule", "ceiling", "allowed", "context", "degrade", "overdraft")
 _EFFORT_RANK = {effort: rank for rank, effort in enumerate(EFFORTS)}
 _EFFORT_ENDPOINTS = frozenset({"responses", "chat.completions"})
@@ -144,6 +145,19 @@ class RouteDecision:
     refuse: OpenAIError | None
     inject_prompt_cache_key: bool = False
     notes: tuple[str, ...] = ()  # what was considered and left alone, for explanations
+
+    @property
+    def downgraded(self) -> bool:
+        """Served a cheaper model than asked because of budget or context (not by a rule)."""
+        return any(step.kind in DOWNGRADE_STEPS for step in self.steps)
+
+    def downgrades(self) -> list[Step]:
+        """The downgrade steps that actually changed the model."""
+        return [
+            s
+            for s in self.steps
+            if s.kind in DOWNGRADE_STEPS and s.to_model and s.to_model != s.from_model
+        ]
 
     @property
     def changed(self) -> bool:
