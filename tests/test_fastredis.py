@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,24 +47,6 @@ T = TypeVar("T")
 
 def start_redis(port: int, directory: Path, *extra: str) -> Child:
     return redis_child(port, directory, *extra)
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    child = start_redis(port := free_port(), tmp_path_factory.mktemp("redis"))
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        child.stop()
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    client.flushall()
-    client.script_flush()
-    yield client
-    client.close()
 
 
 def run(url: str, body: Callable[[FastRedis], Awaitable[T]], **options: Any) -> T:
