@@ -31,10 +31,10 @@ from extproc.governance.policy import RateLimits, load_policy, parse_policy_text
 from extproc.metering.ledger import Ledger
 from extproc.metering.prices import PriceTable
 from extproc.metering.settlement import Charged, settlement_for
-from extproc.metering.usage import Usage
 from extproc.store.clients import AsyncClient, make_client
 from extproc.store.schema import ledger_key
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
+from extproc.wire.usage import Usage
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = load_policy(ROOT / "examples" / "policy.yaml")

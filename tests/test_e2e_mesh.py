@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 
 from extproc.devstack.stack import ProviderTls, Stack, temporary_stack
 from extproc.metering.prices import PriceTable
-from extproc.metering.usage import Usage
+from extproc.wire.usage import Usage
 from tests.conftest import all_records, new_key, wait_record
 
 PROVIDER = "api.openai.com"

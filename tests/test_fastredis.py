@@ -28,7 +28,6 @@ from extproc.devstack.stack import Child, free_port, redis_child
 from extproc.governance.budget import Budgets, plan_request
 from extproc.governance.keys import Identity
 from extproc.governance.policy import parse_policy_text
-from extproc.governance.scripts import RESERVE, SETTLE, LuaScript
 from extproc.metering.ledger import Ledger
 from extproc.metering.prices import PriceTable
 from extproc.store.clients import UNAVAILABLE
@@ -40,6 +39,7 @@ from extproc.store.fastredis import (
     parse_url,
     supports_url,
 )
+from extproc.store.scripts import RESERVE, SETTLE, LuaScript
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 
 T = TypeVar("T")
