@@ -206,3 +206,16 @@ def test_a_number_beyond_a_double_is_400_naming_the_param_when_rewritten() -> No
         encode_json(body)
     assert (info.value.status, info.value.param) == (400, "temperature")
     assert info.value.code == "number_out_of_range"
+
+
+def test_every_integer_field_of_the_ledger_is_64_bit() -> None:
+    from google.protobuf.descriptor import FieldDescriptor
+
+    from extproc.v1.ledger_pb2 import ScopeCharge, Settlement
+
+    narrow = {FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_SINT32}
+    for message in (UsageRecord, ScopeCharge, Settlement):
+        fields = message.DESCRIPTOR.fields
+        assert not [f.name for f in fields if f.type in narrow], message.DESCRIPTOR.name
+    record = UsageRecord(output_cap=2**31, status=2**40)
+    assert UsageRecord.FromString(record.SerializeToString()).output_cap == 2**31
