@@ -410,7 +410,12 @@ def envoyfilter() -> dict[str, Any]:
     return doc
 
 
-def test_envoy_validates_the_envoyfilter_patches(tmp_path: Path) -> None:
+def envoyfilter_gateway() -> tuple[dict[str, Any], dict[str, Any], str, str]:
+    """An egress gateway's Envoy with the EnvoyFilter's patches applied as Istio applies them.
+
+    Returns the config, the inserted ext_proc filter config, and the sidecar's and provider's
+    cluster names (Istio's names for them).
+    """
     patches = envoyfilter()["spec"]["configPatches"]
     by_kind = {
         (p["applyTo"], p["patch"]["operation"]): p for p in patches if p["applyTo"] != "CLUSTER"
@@ -434,22 +439,28 @@ def test_envoy_validates_the_envoyfilter_patches(tmp_path: Path) -> None:
     # Istio's name for the Service's cluster: outbound|port||host.
     assert sidecar_cluster == f"outbound|{NAMES.grpc_port}||{NAMES.grpc_host}"
     upstream_cluster = f"outbound|443||{NAMES.provider}"
-    hcm = by_kind["NETWORK_FILTER", "MERGE"]["patch"]["value"]["typed_config"]
     config = assembled(
         ext_proc,
         by_kind["LISTENER", "MERGE"]["patch"]["value"],
-        hcm,
+        by_kind["NETWORK_FILTER", "MERGE"]["patch"]["value"]["typed_config"],
         clusters[NAMES.grpc_host]["patch"]["value"],
         clusters[NAMES.provider]["patch"]["value"],
         sidecar_cluster,
         upstream_cluster,
     )
+    return config, ext_proc, sidecar_cluster, upstream_cluster
+
+
+def test_envoy_validates_the_envoyfilter_patches(tmp_path: Path) -> None:
+    config, ext_proc, sidecar_cluster, _ = envoyfilter_gateway()
     validate(config, tmp_path)
     # And it is our filter, setting for setting, other than where it sends its gRPC.
     ours = copy.deepcopy(mesh.load_source().ext_proc)
     ours["grpc_service"]["envoy_grpc"]["cluster_name"] = sidecar_cluster
     assert ext_proc == ours
-    assert {k: v for k, v in hcm.items() if k != "@type"} == mesh.load_source().hcm
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    for key, value in mesh.load_source().hcm.items():
+        assert manager["typed_config"][key] == value, key
 
 
 # ---------------------------------------------------------------------------------------------
