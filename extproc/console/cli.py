@@ -4,9 +4,7 @@ imported only when the command runs, not by every `extproc` invocation)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 
 def cmd_console(args: argparse.Namespace) -> int:
@@ -23,12 +21,10 @@ def cmd_console(args: argparse.Namespace) -> int:
         print(f"extproc: {exc}", file=sys.stderr)
         return 2
     auth = Auth(tokens)
-    shadow = args.shadow_policy or os.environ.get("EXTPROC_SHADOW_POLICY")
     state = ConsoleState(
         redis_url=redis_url(args.redis_url),
         policy_path=policy_path(args.policy),
         auth=auth,
-        shadow_policy_path=Path(shadow) if shadow else None,
     )
     app = create_app(state)
     base = f"http://{args.host}:{args.port}"
@@ -46,7 +42,6 @@ def register_console(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=10080)
     p.add_argument("--policy", help="else EXTPROC_POLICY, else examples/policy.yaml")
-    p.add_argument("--shadow-policy", help="else EXTPROC_SHADOW_POLICY (compared on a page)")
     p.add_argument("--redis-url", help="else EXTPROC_REDIS_URL, else .data/stack.json, else local")
     p.add_argument(
         "--login-token", action="store_true", help="print a one-time browser login URL at start"

@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo
 
 from extproc.dataplane import envoy_msgs as msgs
 from extproc.dataplane import selfservice
-from extproc.governance import guard
+from extproc.governance import guard, shadow
 from extproc.governance.budget import (
     Decision,
     Plan,
@@ -158,6 +158,7 @@ class Deps:
     upstream_keys: dict[str, str] = field(default_factory=dict)
     now_ms: Callable[[], int] = _now_ms
     telemetry: Telemetry = field(default_factory=Telemetry)
+    shadow: Policy | None = None  # evaluated beside `policy`, never enforced
     store: Any = None  # the general Redis client (reads for paths the sidecar answers itself)
 
     @property
@@ -656,6 +657,8 @@ class Exchange:
             seen.served_model = seen.served_model or seen.stream.served_model
         seen.duration_ms = int((time.monotonic() - self._started) * 1000)
         record = settle(seen, deps.prices, deps.count)
+        if deps.shadow is not None:
+            record.shadow = self._shadow_verdict()
         route = self._route_decision
         if route is not None and route.steps:
             record.routing = route.header_value()
@@ -672,6 +675,32 @@ class Exchange:
                 record.price_fallback,
             )
         return record
+
+    def _shadow_verdict(self) -> str:
+        """The shadow policy's decision on this request (see governance.shadow)."""
+        identity, facts, deps = self._identity, self.seen.facts, self._deps
+        if identity is None or facts is None or deps.shadow is None:
+            return ""
+        decision = self._decision
+        used = {
+            st.scope.scope: st.spent_nanos + st.held_nanos
+            for st in (decision.standings if decision else ())
+        }
+        try:
+            return shadow.verdict(
+                deps.shadow,
+                identity,
+                self.seen.endpoint,
+                facts,
+                self.seen.counted_input_tokens,
+                used,
+                deps.prices,
+                deps.now_ms(),
+                task=self._task,
+            )
+        except Exception:  # a shadow must never cost the real request anything
+            log.exception("shadow policy evaluation failed")
+            return "error"
 
     def _settlement(
         self, record: UsageRecord, plan: Plan | None = None, reservation_id: str | None = None
