@@ -4,6 +4,7 @@ imported only when the command runs, not by every `extproc` invocation)."""
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 
 
@@ -32,8 +33,16 @@ def cmd_console(args: argparse.Namespace) -> int:
         print("extproc: no admin token (EXTPROC_ADMIN_TOKENS or _FILE): API closed", flush=True)
     if args.login_token:
         print(f"console: {base}/login?token={auth.mint_login()}", flush=True)
+    # Bound here, before "listening" is printed: a client that reads that line can connect
+    # at once (its connection waits in the backlog until uvicorn serves).
+    try:
+        sock = socket.create_server((args.host, args.port), reuse_port=False)
+    except OSError as exc:
+        print(f"extproc: console cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
     print(f"console listening on {base}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 
