@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo
 
 from extproc.dataplane import envoy_msgs as msgs
 from extproc.dataplane import selfservice
+from extproc.dataplane.passthrough import PassthroughCall
 from extproc.governance import guard, shadow
 from extproc.governance.budget import (
     Decision,
@@ -34,7 +35,17 @@ from extproc.governance.budget import (
     per_choice_cap,
     plan_request,
 )
+from extproc.governance.credentials import (
+    CLIENT_CREDENTIALS,
+    MISSING_KEY,
+    UPGRADE_HEADERS,
+    WEBSOCKET_REFUSED,
+    credentials_present,
+    is_upgrade,
+    presented_key,
+)
 from extproc.governance.keys import MISSING, Identity, Lookup
+from extproc.governance.models import list_body, models_for, retrieve_body
 from extproc.governance.periods import period_at
 from extproc.governance.policy import Policy
 from extproc.insight.cachehygiene import MIN_CACHEABLE_TOKENS, Prefix, prefix_of
@@ -49,6 +60,7 @@ from extproc.metering.decisions import (
     settle,
     utf8_text,
 )
+from extproc.metering.passthrough import PassthroughSeen, settle_passthrough
 from extproc.metering.prices import PriceTable, usd
 from extproc.metering.settlement import UNGOVERNED, CachePrefix, Charged, settlement_for
 from extproc.routing.decide import (
@@ -61,8 +73,9 @@ from extproc.routing.decide import (
 from extproc.routing.rewrite import apply_route, set_output_cap
 from extproc.settings import Settings
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
-from extproc.wire.endpoints import Endpoint, StreamMeter, endpoint_for
+from extproc.wire.endpoints import Endpoint, StreamMeter
 from extproc.wire.errors import OpenAIError
+from extproc.wire.paths import MODELS_PATH, Kind, Target, classify
 
 log = logging.getLogger("extproc.dataplane.exchange")
 
@@ -82,6 +95,9 @@ _REQUEST_HEADERS = frozenset(
         "x-task",
         "originator",
         "user-agent",
+        "content-type",
+        *CLIENT_CREDENTIALS,
+        *UPGRADE_HEADERS,
     }
 )
 ROUTE_HEADER = "x-extproc-route"
@@ -123,6 +139,8 @@ class KeyLookup(Protocol):
 
     async def resolve(self, secret: str) -> Identity | None: ...
 
+    async def is_revoked(self, identity: Identity) -> bool: ...
+
 
 class BudgetBook(Protocol):
     """What an exchange asks of the budgets (`governance.budget.Budgets`)."""
@@ -149,6 +167,8 @@ class SettlementSink(Protocol):
 
     def note_unmetered(self, key: str) -> None: ...
 
+    def note_refused(self, reason: str) -> None: ...
+
 
 @dataclass(slots=True)
 class Deps:
@@ -173,6 +193,17 @@ class Deps:
         return self.policy.timezone if self.policy else ZoneInfo("UTC")
 
 
+def unknown_url(target: Target) -> OpenAIError:
+    """OpenAI's answer for a path it does not serve; we refuse what we cannot classify."""
+    return OpenAIError(
+        404,
+        f"Invalid URL ({target.method} {target.path[:200]})",
+        "invalid_request_error",
+        None,
+        "unknown_url",
+    )
+
+
 def unmetered_key(method: str, path: str) -> str:
     """Group unmetered traffic by resource, not by id: `GET /v1/responses/*`."""
     parts = path.split("?", 1)[0].split("/")
@@ -191,7 +222,7 @@ class Exchange:
         "_endpoint",
         "_identity",
         "_meter",
-        "_no_body",
+        "_pass",
         "_plan",
         "_prefix",
         "_prepared",
@@ -200,6 +231,7 @@ class Exchange:
         "_route_decision",
         "_start_ns",
         "_started",
+        "_target",
         "_task",
         "_trace",
         "busy_ns",
@@ -228,8 +260,9 @@ class Exchange:
         self._content_encoding = ""
         self._request_chunks: list[bytes] = []
         self._closed = False
-        self._no_body = False
         self._codex = False
+        self._target: Target | None = None
+        self._pass: PassthroughCall | None = None
 
     # -- request headers: which endpoint, which caller ----------------------------------
 
@@ -242,14 +275,7 @@ class Exchange:
             self._closed = True
             self._deps.ledger.note_unmetered(unmetered_key(method, path))
             return selfservice.answer(self._deps, method, path, h.get("authorization", ""))
-        endpoint = endpoint_for(method, path)
-        if endpoint is None:
-            self._deps.ledger.note_unmetered(unmetered_key(method, path))
-            self._closed = True
-            return msgs.SKIP_REST
-        self._endpoint = endpoint
         seen = self.seen
-        seen.endpoint = endpoint.name
         seen.request_id = uuid.uuid4().hex
         seen.envoy_request_id = h.get("x-request-id", "")
         seen.session_id = h.get("session_id") or h.get("session-id") or ""
@@ -257,24 +283,28 @@ class Exchange:
         self._trace = (h.get("traceparent"), h.get("tracestate"))
         self._task = h.get("x-task")
         self._codex = guard.is_codex(h.get("originator", ""), h.get("user-agent", ""))
-        # Refused for want of a body only once the caller is known: the record of the
-        # refusal is attributed to its key like any other.
-        self._no_body = msg.end_of_stream
+        if is_upgrade(h):
+            return self._refuse_unbilled(WEBSOCKET_REFUSED, "websocket_upgrade")
+        target = classify(method, path)
+        self._target = target
+        seen.endpoint = target.name or "unknown"
+        remove = [*spoofed]
         keys = self._deps.keys
         if keys is None or self._deps.policy is None:
-            if self._no_body:
-                return self._reject(MISSING_BODY)
-            if spoofed:
-                return msgs.forward_request_headers({}, ["accept-encoding", *spoofed])
-            return msgs.CONTINUE_METERED_REQUEST_HEADERS
-        secret = guard.bearer(h.get("authorization", ""))
+            # Metering-only mode (no policy, no keys): nothing to swap, the client's own
+            # credential goes upstream. Production deployments always run with a policy.
+            return self._route_target(h, remove, {}, end_of_stream=msg.end_of_stream)
+        remove += credentials_present(h)
+        secret = presented_key(h)
+        if not secret:
+            return self._refuse_unbilled(MISSING_KEY, "missing_key")
         identity = keys.get(secret)
         if identity is MISSING:
-            return self._resolve_then_admit(keys, secret, spoofed)
-        return self._admit(identity, spoofed)  # type: ignore[arg-type]
+            return self._resolve_then_admit(keys, secret, h, remove, msg.end_of_stream)
+        return self._admit(identity, h, remove, msg.end_of_stream)  # type: ignore[arg-type]
 
     async def _resolve_then_admit(
-        self, keys: KeyLookup, secret: str, spoofed: list[str]
+        self, keys: KeyLookup, secret: str, h: dict[str, str], remove: list[str], eos: bool
     ) -> msgs.ProcessingResponse:
         try:
             identity = await keys.resolve(secret)
@@ -283,12 +313,16 @@ class Exchange:
             return self._reject(
                 guard.denial(Decision(False, "redis_down"), None, self._deps.timezone)[0]
             )
-        return self._admit(identity, spoofed)
+        reply = self._admit(identity, h, remove, eos)
+        return reply if isinstance(reply, msgs.ProcessingResponse) else await reply
 
-    def _admit(self, identity: Identity | None, spoofed: list[str]) -> msgs.ProcessingResponse:
+    def _admit(
+        self, identity: Identity | None, h: dict[str, str], remove: list[str], eos: bool
+    ) -> Reply:
         policy = self._deps.policy
         if identity is None or policy is None or identity.workspace not in policy.workspaces:
-            return self._reject(guard.UNKNOWN_KEY)
+            return self._refuse_unbilled(guard.UNKNOWN_KEY, "invalid_api_key")
+        self._identity = identity
         upstream_key = self._deps.upstream_keys.get(identity.workspace)
         if not upstream_key:
             return self._reject(
@@ -300,16 +334,103 @@ class Exchange:
                     "upstream_credential_missing",
                 )
             )
-        self._identity = identity
-        if self._no_body:
-            return self._reject(MISSING_BODY)
-        return msgs.forward_request_headers(
-            {"authorization": f"Bearer {upstream_key}"}, ["accept-encoding", *spoofed]
+        return self._route_target(
+            h, remove, {"authorization": f"Bearer {upstream_key}"}, end_of_stream=eos
         )
+
+    def _route_target(
+        self, h: dict[str, str], remove: list[str], add: dict[str, str], *, end_of_stream: bool
+    ) -> Reply:
+        """Where the (authenticated) request goes: metered, passed through, answered, refused."""
+        target = self._target
+        assert target is not None
+        if target.kind is Kind.UNKNOWN:
+            return self._reject(unknown_url(target))
+        if target.forward_path != h.get(":path"):
+            # The provider gets the canonical spelling: exactly the endpoint we metered.
+            add[":path"] = target.forward_path
+        if target.kind is Kind.METERED:
+            self._endpoint = target.endpoint
+            if end_of_stream:
+                # Refused for want of a body only once the caller is known: the record of
+                # the refusal is attributed to its key like any other.
+                return self._reject(MISSING_BODY)
+            if not add and not remove:
+                return msgs.CONTINUE_METERED_REQUEST_HEADERS
+            return msgs.forward_request_headers(add, ["accept-encoding", *remove])
+        api = target.api
+        assert api is not None
+        identity, policy = self._identity, self._deps.policy
+        if identity is not None and policy is not None:
+            refusal = policy.workspaces[identity.workspace].passthrough.refusal(api, target.name)
+            if refusal is not None:
+                return self._reject(refusal)
+        seen = self.seen
+        self._pass = PassthroughCall(
+            PassthroughSeen(
+                seen.request_id, seen.time_ms, target, seen.envoy_request_id, seen.session_id
+            )
+        )
+        if identity is not None and policy is not None and target.path.startswith(MODELS_PATH):
+            return self._answer_models(policy, identity, target)
+        json_body = h.get("content-type", "").startswith("application/json") and not end_of_stream
+        reply = self._pass.forward(add, remove, json_body=json_body)
+        if identity is None or self._deps.keys is None:
+            return reply
+        return self._unless_revoked(self._deps.keys, identity, reply)
+
+    async def _unless_revoked(
+        self, keys: KeyLookup, identity: Identity, reply: msgs.ProcessingResponse
+    ) -> msgs.ProcessingResponse:
+        """Passthrough calls hold no reservation, so the budget scripts' revocation check never
+        runs for them: ask the revoked set directly, so a revocation is immediate here too."""
+        try:
+            revoked = await keys.is_revoked(identity)
+        except Exception:
+            log.exception("revocation check failed")
+            policy = self._deps.policy
+            ws = policy.workspaces.get(identity.workspace) if policy else None
+            if ws is not None and ws.on_redis_down == "open":
+                return reply
+            return self._reject(
+                guard.denial(Decision(False, "redis_down"), None, self._deps.timezone)[0]
+            )
+        if revoked:
+            self._pass = None
+            return self._reject(guard.UNKNOWN_KEY)
+        return reply
+
+    def _answer_models(
+        self, policy: Policy, identity: Identity, target: Target
+    ) -> msgs.ProcessingResponse:
+        models = models_for(policy, identity, self._deps.prices.families())
+        if target.path == MODELS_PATH:
+            status, body = 200, list_body(models)
+        else:
+            status, body = retrieve_body(models, target.path.rsplit("/", 1)[1])
+        assert self._pass is not None
+        self._pass.seen.answered_locally = True
+        self.seen.status = self._pass.seen.status = status
+        self.seen.response_finished = True
+        self._finish()
+        headers = {_RID: self.seen.request_id, **guard.visibility_headers(identity, None)}
+        return msgs.immediate(status, body, headers)
+
+    def _refuse_unbilled(self, err: OpenAIError, reason: str) -> msgs.ProcessingResponse:
+        """Refuse before anyone is identified: a counter, not a ledger record.
+
+        Nothing reached the provider and nobody can be billed, and a flood of bad keys must
+        cost the platform one counter increment each, not a ledger write.
+        """
+        self._closed = True
+        self._deps.ledger.note_refused(reason)
+        return msgs.immediate(err.status, err.body(), {_RID: self.seen.request_id})
 
     # -- request body: parse, count, reserve --------------------------------------------
 
     def on_request_body(self, msg: msgs.pb.HttpBody) -> Reply:
+        if self._pass is not None:
+            return self._pass.on_request_body(msg)
         if self._endpoint is None:
             return msgs.CONTINUE_REQUEST_BODY
         self._request_chunks.append(msg.body)
@@ -565,6 +686,8 @@ class Exchange:
     # -- response -----------------------------------------------------------------------
 
     def on_response_headers(self, msg: msgs.pb.HttpHeaders) -> Reply:
+        if self._pass is not None:
+            return self._passthrough_response_headers(msg)
         if self._endpoint is None:
             return msgs.CONTINUE_RESPONSE_HEADERS
         h = msgs.header_map(msg, _RESPONSE_HEADERS)
@@ -589,9 +712,14 @@ class Exchange:
         if sse:
             strip = self._prepared is not None and self._prepared.injected_usage
             self._meter = self._endpoint.stream_meter(strip_usage_chunk=strip)
+            if strip:
+                # The usage chunk we asked for is cut out: a declared length would be wrong.
+                return msgs.response_headers(headers, stream=True, remove=("content-length",))
         return msgs.response_headers(headers, stream=sse)
 
     def on_response_body(self, msg: msgs.pb.HttpBody) -> Reply:
+        if self._pass is not None:
+            return self._passthrough_response_body(msg)
         if self._endpoint is None:
             return msgs.CONTINUE_RESPONSE_BODY
         meter = self._meter
@@ -618,9 +746,39 @@ class Exchange:
             return msgs.CONTINUE_RESPONSE_BODY
         return msgs.replace_response_chunk(out)
 
+    def _passthrough_response_headers(self, msg: msgs.pb.HttpHeaders) -> msgs.ProcessingResponse:
+        assert self._pass is not None
+        done = self._pass.on_response_headers(msg)
+        self.seen.status = self._pass.seen.status
+        headers = {_RID: self.seen.request_id}
+        if self._identity is not None:
+            headers.update(guard.visibility_headers(self._identity, None))
+        if done:
+            # Nothing more to read: the body (a file download, say) streams straight through.
+            self.seen.response_finished = True
+            self._finish()
+        return msgs.response_headers(headers, stream=False)
+
+    def _passthrough_response_body(self, msg: msgs.pb.HttpBody) -> msgs.ProcessingResponse:
+        assert self._pass is not None
+        if not self._pass.on_response_body(msg):
+            return msgs.CONTINUE_RESPONSE_BODY
+        self.seen.response_finished = True
+        record = self._finish()
+        if record is None:
+            return msgs.CONTINUE_RESPONSE_BODY
+        return msgs.response_body_headers({"x-extproc-cost-usd": usd(record.cost_nanos)})
+
     def on_internal_error(self, phase: str) -> msgs.ProcessingResponse:
-        """A phase raised: refuse in OpenAI's shape before forwarding, pass through after."""
-        if phase in ("request_headers", "request_body") and self._endpoint is not None:
+        """A phase raised: refuse in OpenAI's shape before forwarding, pass through after.
+
+        A request whose headers phase failed is refused whatever it was for: its credentials
+        have not been swapped, so continuing would send the caller's key upstream.
+        """
+        before = phase == "request_headers" or (
+            phase == "request_body" and self._endpoint is not None
+        )
+        if before:
             if self._closed:
                 # Already settled (the failure came after a rejection was built).
                 return msgs.immediate(500, INTERNAL_ERROR.body(), {_RID: self.seen.request_id})
@@ -662,9 +820,13 @@ class Exchange:
             seen.usage = seen.usage or seen.stream.usage
             seen.served_model = seen.served_model or seen.stream.served_model
         seen.duration_ms = int((time.monotonic() - self._started) * 1000)
-        record = settle(seen, deps.prices, deps.count)
-        if deps.shadow is not None:
-            record.shadow = self._shadow_verdict()
+        if self._pass is not None:
+            self._pass.seen.duration_ms = seen.duration_ms
+            record = settle_passthrough(self._pass.seen, deps.prices)
+        else:
+            record = settle(seen, deps.prices, deps.count)
+            if deps.shadow is not None:
+                record.shadow = self._shadow_verdict()
         route = self._route_decision
         if route is not None and route.steps:
             record.routing = route.header_value()

@@ -269,7 +269,7 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
     keys, budgets = None, None
     if settings.policy:
         governor.apply(load_policy(settings.policy))
-        deps.keys = keys = KeyCache(KeyStore(client))
+        deps.keys = keys = KeyCache(KeyStore(client, hot=hot))
         deps.store = client
         if settings.shadow_policy:
             deps.shadow = load_policy(settings.shadow_policy)

@@ -26,7 +26,7 @@ from extproc.governance.scripts import SETTLE
 from extproc.metering.prices import usd
 from extproc.store.clients import UNAVAILABLE, AsyncClient
 from extproc.store.fastredis import FastRedis
-from extproc.store.schema import LEDGERS, UNATTRIBUTED, UNMETERED, ledger_key
+from extproc.store.schema import LEDGERS, REFUSED, UNATTRIBUTED, UNMETERED, ledger_key
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 
 log = logging.getLogger("extproc.metering.ledger")
@@ -95,7 +95,7 @@ class Ledger:
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
-        self._unmetered: Counter[str] = Counter()
+        self._unmetered: Counter[tuple[str, str]] = Counter()
         self._registered: set[str] = set()
         # Told (prefix, reservation id) once a settlement is in Redis: its hold is released
         # and no longer needs renewing (see Budgets.renew).
@@ -129,7 +129,15 @@ class Ledger:
 
     def note_unmetered(self, key: str) -> None:
         """Count a request on a path we do not meter; flushed to Redis with the next write."""
-        self._unmetered[key] += 1
+        self._unmetered[(UNMETERED, key)] += 1
+
+    def note_refused(self, reason: str) -> None:
+        """Count a request refused before authentication; flushed like `note_unmetered`."""
+        self._unmetered[(REFUSED, reason)] += 1
+
+    async def refused(self) -> dict[str, int]:
+        raw = await self._redis.hgetall(REFUSED)
+        return {k.decode(): int(v) for k, v in raw.items()}
 
     async def unmetered(self) -> dict[str, int]:
         raw = await self._redis.hgetall(UNMETERED)
@@ -208,11 +216,11 @@ class Ledger:
         return written
 
     async def _pipeline(
-        self, batch: list[Settlement], unmetered: Counter[str], fresh: set[str]
+        self, batch: list[Settlement], unmetered: Counter[tuple[str, str]], fresh: set[str]
     ) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
-            for key, n in unmetered.items():
-                pipe.hincrby(UNMETERED, key, n)
+            for (hash_key, key), n in unmetered.items():
+                pipe.hincrby(hash_key, key, n)
             if fresh:
                 pipe.sadd(LEDGERS, *(ledger_key(prefix) for prefix in fresh))
             for s in batch:
