@@ -57,13 +57,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from extproc.metering.ledger import Ledger, record_to_dict
+    from extproc.metering.ledger import recent_records, record_to_dict
     from extproc.store.clients import make_client
 
     async def fetch() -> list[dict[str, object]]:
         client = make_client(redis_url(args.redis_url), socket_connect_timeout=2)
         try:
-            records = await Ledger(client).recent(args.limit)
+            records = await recent_records(client, args.limit)
         finally:
             await client.aclose()
         return [record_to_dict(r) for r in records]

@@ -17,21 +17,18 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from dataclasses import replace
 from functools import partial
-from typing import Any, Protocol
-from zoneinfo import ZoneInfo
 
 from extproc.dataplane import envoy_msgs as msgs
 from extproc.dataplane import selfservice
+from extproc.dataplane.deps import Deps, KeyLookup
 from extproc.dataplane.passthrough import PassthroughCall
-from extproc.governance import guard, shadow
+from extproc.dataplane.settling import Settling
+from extproc.governance import guard
 from extproc.governance.budget import (
     Decision,
     Plan,
-    charged_scopes,
     per_choice_cap,
     plan_request,
 )
@@ -44,25 +41,20 @@ from extproc.governance.credentials import (
     is_upgrade,
     presented_key,
 )
-from extproc.governance.keys import MISSING, Identity, Lookup
+from extproc.governance.keys import MISSING, Identity
 from extproc.governance.models import list_body, models_for, retrieve_body
-from extproc.governance.periods import period_at
 from extproc.governance.policy import Policy
 from extproc.insight.cachehygiene import MIN_CACHEABLE_TOKENS, Prefix, prefix_of
-from extproc.insight.telemetry import RequestTelemetry, Telemetry
-from extproc.insight.telemetry import verdict as request_verdict
 from extproc.metering.decisions import (
     Observed,
     PreparedRequest,
     finalize,
     parse_request,
     prepare_request,
-    settle,
     utf8_text,
 )
-from extproc.metering.passthrough import PassthroughSeen, settle_passthrough
-from extproc.metering.prices import PriceTable, usd
-from extproc.metering.settlement import UNGOVERNED, CachePrefix, Charged, settlement_for
+from extproc.metering.passthrough import PassthroughSeen
+from extproc.metering.prices import usd
 from extproc.routing.decide import (
     BudgetState,
     RouteDecision,
@@ -71,10 +63,15 @@ from extproc.routing.decide import (
     traits_for,
 )
 from extproc.routing.rewrite import apply_route, set_output_cap
-from extproc.settings import Settings
-from extproc.v1.ledger_pb2 import Settlement, UsageRecord
+from extproc.v1.ledger_pb2 import UsageRecord
 from extproc.wire.endpoints import Endpoint, StreamMeter
-from extproc.wire.errors import OpenAIError
+from extproc.wire.errors import (
+    INTERNAL_ERROR,
+    MISSING_BODY,
+    OpenAIError,
+    unknown_url,
+    upstream_credential_missing,
+)
 from extproc.wire.paths import MODELS_PATH, Kind, Target, classify
 
 log = logging.getLogger("extproc.dataplane.exchange")
@@ -101,107 +98,14 @@ _REQUEST_HEADERS = frozenset(
     }
 )
 ROUTE_HEADER = "x-extproc-route"
-DOWNGRADE_STEPS = frozenset({"degrade", "overdraft", "context"})
-_ANNOUNCED: set[tuple[str, str, str, str]] = set()
-"""Downgrades already logged by this process: one human-readable line per scope and step."""
 _RESPONSE_HEADERS = frozenset({":status", "content-type"})
 _RID = "x-extproc-request-id"
-MISSING_BODY = OpenAIError(
-    400,
-    "This endpoint needs a JSON request body; the request had none.",
-    "invalid_request_error",
-    None,
-    "missing_body",
-)
-INTERNAL_ERROR = OpenAIError(
-    500,
-    "extproc could not process this request; it was not forwarded. Retrying is safe.",
-    "server_error",
-    None,
-    "extproc_internal_error",
-)
 _CONTINUE_PHASE = {
     "request_headers": msgs.CONTINUE_REQUEST_HEADERS,
     "request_body": msgs.CONTINUE_REQUEST_BODY,
     "response_headers": msgs.CONTINUE_RESPONSE_HEADERS,
     "response_body": msgs.CONTINUE_RESPONSE_BODY,
 }
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class KeyLookup(Protocol):
-    """What an exchange asks of the key cache (`governance.keys.KeyCache`)."""
-
-    def get(self, secret: str) -> Lookup: ...
-
-    async def resolve(self, secret: str) -> Identity | None: ...
-
-    async def is_revoked(self, identity: Identity) -> bool: ...
-
-
-class BudgetBook(Protocol):
-    """What an exchange asks of the budgets (`governance.budget.Budgets`)."""
-
-    def level(self, identity: Identity) -> str: ...
-
-    async def reserve_with_overdraft(
-        self,
-        plan: Plan,
-        fail_open: bool,
-        now_ms: int,
-        *,
-        session: str = "",
-        orphan: Callable[[Plan], bytes] | None = None,
-        overdraft_nanos: int | None = None,
-        fallback: Callable[[int], Plan | None] | None = None,
-    ) -> tuple[Plan, Decision, bool]: ...
-
-
-class SettlementSink(Protocol):
-    """Where finished requests go (`metering.ledger.Ledger`): never blocks, never raises."""
-
-    def submit(self, settlement: Settlement) -> None: ...
-
-    def note_unmetered(self, key: str) -> None: ...
-
-    def note_refused(self, reason: str) -> None: ...
-
-
-@dataclass(slots=True)
-class Deps:
-    """What every exchange shares. `policy` and `upstream_keys` change on hot reload."""
-
-    settings: Settings
-    prices: PriceTable
-    count: Callable[[str, str], int]
-    ledger: SettlementSink
-    executor: Executor
-    policy: Policy | None = None
-    keys: KeyLookup | None = None
-    budgets: BudgetBook | None = None
-    upstream_keys: dict[str, str] = field(default_factory=dict)
-    now_ms: Callable[[], int] = _now_ms
-    telemetry: Telemetry = field(default_factory=Telemetry)
-    shadow: Policy | None = None  # evaluated beside `policy`, never enforced
-    store: Any = None  # the general Redis client (reads for paths the sidecar answers itself)
-
-    @property
-    def timezone(self) -> ZoneInfo:
-        return self.policy.timezone if self.policy else ZoneInfo("UTC")
-
-
-def unknown_url(target: Target) -> OpenAIError:
-    """OpenAI's answer for a path it does not serve; we refuse what we cannot classify."""
-    return OpenAIError(
-        404,
-        f"Invalid URL ({target.method} {target.path[:200]})",
-        "invalid_request_error",
-        None,
-        "unknown_url",
-    )
 
 
 def unmetered_key(method: str, path: str) -> str:
@@ -212,7 +116,7 @@ def unmetered_key(method: str, path: str) -> str:
     return f"{method} {'/'.join(parts)[:128]}"
 
 
-class Exchange:
+class Exchange(Settling):
     __slots__ = (
         "_closed",
         "_codex",
@@ -325,15 +229,7 @@ class Exchange:
         self._identity = identity
         upstream_key = self._deps.upstream_keys.get(identity.workspace)
         if not upstream_key:
-            return self._reject(
-                OpenAIError(
-                    503,
-                    f"Workspace {identity.workspace} has no upstream credential configured.",
-                    "server_error",
-                    None,
-                    "upstream_credential_missing",
-                )
-            )
+            return self._reject(upstream_credential_missing(identity.workspace))
         return self._route_target(
             h, remove, {"authorization": f"Bearer {upstream_key}"}, end_of_stream=eos
         )
@@ -345,7 +241,7 @@ class Exchange:
         target = self._target
         assert target is not None
         if target.kind is Kind.UNKNOWN:
-            return self._reject(unknown_url(target))
+            return self._reject(unknown_url(target.method, target.path))
         if target.forward_path != h.get(":path"):
             # The provider gets the canonical spelling: exactly the endpoint we metered.
             add[":path"] = target.forward_path
@@ -504,13 +400,19 @@ class Exchange:
             cap = per_choice_cap(ws.default_output_cap, prepared.facts.choices)
             rewritten = set_output_cap(self.seen.endpoint, body, cap) or rewritten
         self._prefix = await self._fingerprint(prepared)
-        prepared = finalize(prepared, rewritten=bool(rewritten))
+        try:
+            prepared = finalize(prepared, rewritten=bool(rewritten))
+        except OpenAIError as err:  # a number JSON cannot carry back (1e999), say
+            return self._bad_request(err)
         if route.route:
             # A routed request must be re-matched by Envoy against the new header.
             prepared = replace(
                 prepared, set_headers={**prepared.set_headers, ROUTE_HEADER: route.route}
             )
-        self._note_downgrades(route)
+        for step in route.downgrades():
+            self._deps.telemetry.announce_downgrade(
+                self._identity.workspace, self._identity.service, step
+            )
         return self._forward(prepared, clear_route_cache=route.route is not None)
 
     async def _fingerprint(self, prepared: PreparedRequest) -> Prefix | None:
@@ -590,29 +492,6 @@ class Exchange:
             route = guarded
         return route
 
-    def _orphan(self, prepared: PreparedRequest, route: RouteDecision, plan: Plan) -> bytes:
-        """The settlement to write if this request's hold expires unsettled (sidecar died).
-
-        Made now, while everything needed to bill and attribute it is at hand: the input we
-        counted, priced for the routed model, marked estimated; output is unknown. The hold
-        itself is released by the reaper, so no reservation id.
-        """
-        ghost = replace(
-            self.seen,
-            facts=prepared.facts,
-            counted_input_tokens=prepared.counted_input_tokens,
-            routed_model=route.model,
-            status=0,
-            response_finished=False,
-            stream=None,
-            usage=None,
-        )
-        record = settle(ghost, self._deps.prices, self._deps.count)
-        record.outcome = "orphaned"
-        if route.steps:
-            record.routing = route.header_value()
-        return self._settlement(record, plan, reservation_id="").SerializeToString()
-
     def _plan_for(self, prepared: PreparedRequest, route: RouteDecision, now: int) -> Plan:
         deps = self._deps
         assert deps.policy is not None and self._identity is not None
@@ -626,27 +505,6 @@ class Exchange:
             now_ms=now,
             choices=prepared.facts.choices,
         )
-
-    def _note_downgrades(self, route: RouteDecision) -> None:
-        identity = self._identity
-        assert identity is not None
-        for step in route.steps:
-            if step.kind in DOWNGRADE_STEPS and step.to_model and step.to_model != step.from_model:
-                self._deps.telemetry.downgrade(
-                    identity.workspace, identity.service, step.from_model, step.to_model
-                )
-                key = (identity.workspace, identity.service, step.kind, step.to_model)
-                if key not in _ANNOUNCED:
-                    _ANNOUNCED.add(key)
-                    log.warning(
-                        "%s/%s: %s %s -> %s (%s)",
-                        identity.workspace,
-                        identity.service,
-                        step.kind,
-                        step.from_model,
-                        step.to_model,
-                        step.why,
-                    )
 
     def _forward(
         self, prepared: PreparedRequest, *, clear_route_cache: bool = False
@@ -784,163 +642,3 @@ class Exchange:
                 return msgs.immediate(500, INTERNAL_ERROR.body(), {_RID: self.seen.request_id})
             return self._reject(INTERNAL_ERROR)
         return _CONTINUE_PHASE.get(phase, msgs.CONTINUE_RESPONSE_BODY)
-
-    # -- end -----------------------------------------------------------------------------
-
-    def _finish(self) -> UsageRecord | None:
-        if self._closed:
-            return None
-        self._closed = True
-        try:
-            return self._settle()
-        except Exception:
-            # The one record must land whatever broke: a bare one, marked, still attributed.
-            log.exception(
-                "request %s: settling failed; writing a bare record", self.seen.request_id
-            )
-            record = UsageRecord(
-                request_id=self.seen.request_id,
-                time_ms=self.seen.time_ms,
-                endpoint=self.seen.endpoint,
-                status=self.seen.status,
-                input_tokens=self.seen.counted_input_tokens,
-                counted_input_tokens=self.seen.counted_input_tokens,
-                estimated=True,
-                outcome="error",
-                error_code="extproc_internal_error",
-            )
-            self._deps.ledger.submit(self._settlement(record))
-            self._record = record
-            return record
-
-    def _settle(self) -> UsageRecord:
-        deps, seen = self._deps, self.seen
-        if self._meter is not None and seen.stream is None:
-            seen.stream = self._meter.finish()
-            seen.usage = seen.usage or seen.stream.usage
-            seen.served_model = seen.served_model or seen.stream.served_model
-        seen.duration_ms = int((time.monotonic() - self._started) * 1000)
-        if self._pass is not None:
-            self._pass.seen.duration_ms = seen.duration_ms
-            record = settle_passthrough(self._pass.seen, deps.prices)
-        else:
-            record = settle(seen, deps.prices, deps.count)
-            if deps.shadow is not None:
-                record.shadow = self._shadow_verdict()
-        route = self._route_decision
-        if route is not None and route.steps:
-            record.routing = route.header_value()
-            record.rule = next((st.rule for st in route.steps if st.kind == "rule" and st.rule), "")
-        deps.ledger.submit(self._settlement(record))
-        self._record = record
-        if record.estimated or record.price_fallback:
-            log.warning(
-                "request %s billed %s nanos: outcome=%s estimated=%s fallback_price=%s",
-                record.request_id,
-                record.cost_nanos,
-                record.outcome,
-                record.estimated,
-                record.price_fallback,
-            )
-        return record
-
-    def _shadow_verdict(self) -> str:
-        """The shadow policy's decision on this request (see governance.shadow)."""
-        identity, facts, deps = self._identity, self.seen.facts, self._deps
-        if identity is None or facts is None or deps.shadow is None:
-            return ""
-        decision = self._decision
-        used = {
-            st.scope.scope: st.spent_nanos + st.held_nanos
-            for st in (decision.standings if decision else ())
-        }
-        try:
-            return shadow.verdict(
-                deps.shadow,
-                identity,
-                self.seen.endpoint,
-                facts,
-                self.seen.counted_input_tokens,
-                used,
-                deps.prices,
-                deps.now_ms(),
-                task=self._task,
-            )
-        except Exception:  # a shadow must never cost the real request anything
-            log.exception("shadow policy evaluation failed")
-            return "error"
-
-    def _settlement(
-        self, record: UsageRecord, plan: Plan | None = None, reservation_id: str | None = None
-    ) -> Settlement:
-        """Attribute the record and charge it to the scopes its reservation checked."""
-        deps, identity, plan = self._deps, self._identity, plan or self._plan
-        now = deps.now_ms()
-        tz = deps.timezone
-        charged: tuple[Charged, ...] = UNGOVERNED
-        period_kind = "month"
-        if identity is not None:
-            record.workspace, record.service, record.key_id = (
-                identity.workspace,
-                identity.service,
-                identity.key_id,
-            )
-            record.team = identity.team or ""
-            ws = deps.policy.workspaces.get(identity.workspace) if deps.policy else None
-            if plan is None and ws is not None:
-                # Forwarded without a reservation (`bad_request: pass`): still charged to
-                # every scope a reservation would have checked, its team's included.
-                limits = charged_scopes(ws, identity)
-                charged = tuple(Charged(s.scope, s.soft_nanos) for s in limits)
-                period_kind = ws.period
-        if plan is not None:
-            charged = tuple(Charged(s.scope, s.soft_nanos) for s in plan.scopes)
-            period_id = plan.period.id
-        else:
-            period_id = period_at(period_kind, now, tz).id
-        if reservation_id is None:
-            reservation_id = self._decision.reservation_id if self._decision else ""
-        prefix = self._prefix
-        return settlement_for(
-            record,
-            charged,
-            period_id=period_id,
-            local_time=datetime.fromtimestamp(now / 1000, tz),
-            prices=deps.prices,
-            reservation_id=reservation_id,
-            attributed=identity is not None,
-            prefix=None if prefix is None else CachePrefix(prefix.fingerprint, prefix.tokens),
-        )
-
-    def _steps(self) -> tuple[Any, ...]:
-        return self._route_decision.steps if self._route_decision is not None else ()
-
-    def close(self) -> None:
-        """The ext_proc stream ended: settle the exchange if nothing has yet, then report it."""
-        self._finish()
-        record = self._record
-        if record is None or not self._deps.telemetry.enabled:
-            return
-        self._record = None
-        decision = self._decision
-        denied = decision if decision is not None and not decision.allowed else None
-        verdict, reason = request_verdict(
-            record,
-            rejected=self.seen.rejected is not None,
-            denial_reason=denied.reason if denied is not None else None,
-            downgraded=any(step.kind in DOWNGRADE_STEPS for step in self._steps()),
-        )
-        self._deps.telemetry.observe(
-            RequestTelemetry(
-                record=record,
-                start_ns=self._start_ns,
-                end_ns=time.time_ns(),
-                traceparent=self._trace[0],
-                tracestate=self._trace[1],
-                decision=verdict,
-                rule=record.rule or None,
-                denial_reason=reason,
-                denial_scope=denied.denied.scope if denied and denied.denied else None,
-                sidecar_overhead_ns=self.busy_ns,
-            )
-        )

@@ -17,7 +17,8 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 
 from extproc.dataplane import envoy_msgs as msgs
-from extproc.dataplane.exchange import Deps, Exchange
+from extproc.dataplane.deps import Deps
+from extproc.dataplane.exchange import Exchange
 from extproc.dataplane.server import dispatch
 from extproc.governance.budget import Decision, Plan, Standing
 from extproc.governance.keys import Identity, Lookup
