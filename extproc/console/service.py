@@ -274,8 +274,8 @@ async def shadow_summary(client: Any, since_days: int = 1, recent: int = 50) -> 
     import time
     from collections import Counter
 
-    from extproc.governance.shadow import actual
     from extproc.insight.whatif import ledger_since
+    from extproc.routing.shadow import actual
 
     since_ms = int(time.time() * 1000) - since_days * 86_400_000
     records = [r for r in await ledger_since(client, since_ms) if r.shadow]

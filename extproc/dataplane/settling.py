@@ -13,7 +13,6 @@ from datetime import datetime
 
 from extproc.dataplane.deps import Deps
 from extproc.dataplane.passthrough import PassthroughCall
-from extproc.governance import shadow
 from extproc.governance.budget import Decision, Plan, charges_for
 from extproc.governance.keys import Identity
 from extproc.insight.cachehygiene import Prefix
@@ -22,6 +21,7 @@ from extproc.insight.telemetry import verdict as request_verdict
 from extproc.metering.decisions import Observed, PreparedRequest, bare_record, orphaned, settle
 from extproc.metering.passthrough import settle_passthrough
 from extproc.metering.settlement import CachePrefix, settlement_for
+from extproc.routing import shadow
 from extproc.routing.decide import RouteDecision
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 from extproc.wire.endpoints import StreamMeter
@@ -52,7 +52,7 @@ class Settling:
     seen: Observed
 
     def _shadow_verdict(self) -> str:
-        """The shadow policy's decision on this request (see governance.shadow), computed
+        """The shadow policy's decision on this request (see routing.shadow), computed
         with the spend the real reservation read; never enforced."""
         identity, facts, deps = self._identity, self.seen.facts, self._deps
         if identity is None or facts is None or deps.shadow is None:
