@@ -16,10 +16,13 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from extproc.metering.prices import usd
+
+if TYPE_CHECKING:
+    from extproc.governance.policy import Policy
 
 STATE_FILE = Path(".data") / "stack.json"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -80,9 +83,23 @@ def _when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _fail(message: str, code: int) -> int:
+def fail(message: str, code: int) -> int:
+    """Tell the operator what went wrong (no traceback) and give the exit code back."""
     print(f"extproc: {message}", file=sys.stderr)
     return code
+
+
+def load_policy_arg(arg: str | None) -> Policy | str:
+    """The policy `--policy` or EXTPROC_POLICY names, or why there is none to use."""
+    from extproc.governance.policy import PolicyError, load_policy
+
+    path = policy_path(arg)
+    if path is None:
+        return "no policy file: pass --policy or set EXTPROC_POLICY"
+    try:
+        return load_policy(path)
+    except PolicyError as exc:
+        return f"the policy is invalid:\n{exc}"
 
 
 # --- check-config ------------------------------------------------------------------------
@@ -140,9 +157,9 @@ def _run_with_store(args: argparse.Namespace, action: Callable[[Any], Awaitable[
     try:
         return asyncio.run(go())
     except KeyStoreError as exc:
-        return _fail(str(exc), 1)
+        return fail(str(exc), 1)
     except UNAVAILABLE as exc:
-        return _fail(f"Redis at {redacted(url)}: {exc}", 1)
+        return fail(f"Redis at {redacted(url)}: {exc}", 1)
 
 
 def _identity_json(secret: str, identity: Any, **extra: Any) -> str:
@@ -176,7 +193,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         try:
             policy = load_policy(path)
         except PolicyError as exc:
-            return _fail(f"the policy used to check names is invalid:\n{exc}", 2)
+            return fail(f"the policy used to check names is invalid:\n{exc}", 2)
     else:
         print("extproc: no policy file found; names are not checked", file=sys.stderr)
 
