@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.type.v3 import http_status_pb2
 
 ProcessingRequest = pb.ProcessingRequest
 ProcessingResponse = pb.ProcessingResponse
@@ -40,11 +39,9 @@ def forward_request_headers(
     set_headers: Mapping[str, str], remove: Iterable[str]
 ) -> pb.ProcessingResponse:
     """Headers for the upstream: the workspace's real key in, the caller's own claims out."""
-    return pb.ProcessingResponse(
-        request_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=header_mutation(set_headers, remove))
-        )
-    )
+    reply = pb.ProcessingResponse()
+    fill_mutation(reply.request_headers.response.header_mutation, set_headers, remove)
+    return reply
 
 
 SKIP_REST = pb.ProcessingResponse(
@@ -134,16 +131,33 @@ def header_value(value: str) -> bytes:
 def header_mutation(
     set_headers: Mapping[str, str] | None = None, remove: Iterable[str] = ()
 ) -> pb.HeaderMutation:
-    return pb.HeaderMutation(
-        set_headers=[
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=k, raw_value=header_value(v)),
-                append_action=_OVERWRITE,
-            )
-            for k, v in (set_headers or {}).items()
-        ],
-        remove_headers=list(remove),
-    )
+    """Set (overwrite) and remove headers."""
+    mutation = pb.HeaderMutation()
+    fill_mutation(mutation, set_headers, remove)
+    return mutation
+
+
+def fill_mutation(
+    mutation: pb.HeaderMutation,
+    set_headers: Mapping[str, str] | None = None,
+    remove: Iterable[str] = (),
+) -> None:
+    """Write the header changes into `mutation`, a field of the reply being built (and
+    marked present even when empty).
+
+    Built in place with `add()` and field assignment: about 3x less CPU than nested
+    constructor calls, each of which copies its submessage in again; every reply with
+    headers goes through here (a response's carries eight or so).
+    """
+    mutation.SetInParent()
+    if set_headers:
+        add = mutation.set_headers.add
+        for key, value in set_headers.items():
+            header = add(append_action=_OVERWRITE).header
+            header.key = key
+            header.raw_value = header_value(value)
+    if remove:
+        mutation.remove_headers.extend(remove)
 
 
 def replace_request_body(
@@ -158,14 +172,14 @@ def replace_request_body(
     `clear_route_cache` makes Envoy match the route again after our header change: that
     is how a routed model reaches a different upstream cluster.
     """
-    common = pb.CommonResponse(
-        header_mutation=header_mutation(set_headers, remove),
-        clear_route_cache=clear_route_cache,
-    )
+    reply = pb.ProcessingResponse()
+    common = reply.request_body.response
+    fill_mutation(common.header_mutation, set_headers, remove)
+    common.clear_route_cache = clear_route_cache
     if body is not None:
         common.status = pb.CommonResponse.CONTINUE_AND_REPLACE
         common.body_mutation.body = body
-    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+    return reply
 
 
 def response_headers(
@@ -173,11 +187,8 @@ def response_headers(
 ) -> pb.ProcessingResponse:
     """Add headers to the response; for SSE also switch its body to STREAMED, so every chunk
     reaches the client as soon as the sidecar has looked at it."""
-    reply = pb.ProcessingResponse(
-        response_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=header_mutation(set_headers, remove))
-        )
-    )
+    reply = pb.ProcessingResponse()
+    fill_mutation(reply.response_headers.response.header_mutation, set_headers, remove)
     if stream:
         reply.mode_override.CopyFrom(_STREAMED_BODY)
     return reply
@@ -193,11 +204,9 @@ def replace_response_chunk(chunk: bytes) -> pb.ProcessingResponse:
 
 def response_body_headers(set_headers: Mapping[str, str]) -> pb.ProcessingResponse:
     """Headers added while the buffered response body is held (they have not left Envoy yet)."""
-    return pb.ProcessingResponse(
-        response_body=pb.BodyResponse(
-            response=pb.CommonResponse(header_mutation=header_mutation(set_headers))
-        )
-    )
+    reply = pb.ProcessingResponse()
+    fill_mutation(reply.response_body.response.header_mutation, set_headers)
+    return reply
 
 
 def immediate(
@@ -205,11 +214,10 @@ def immediate(
 ) -> pb.ProcessingResponse:
     """Answer the client directly, in OpenAI's JSON error shape; the upstream is never called."""
     all_headers = {"content-type": "application/json", **(headers or {})}
-    return pb.ProcessingResponse(
-        immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=status),
-            headers=header_mutation(all_headers),
-            body=body,
-            details="extproc",
-        )
-    )
+    reply = pb.ProcessingResponse()
+    answer = reply.immediate_response
+    answer.status.code = status  # type: ignore[assignment]  # the enum field takes any int
+    fill_mutation(answer.headers, all_headers)
+    answer.body = body
+    answer.details = "extproc"
+    return reply

@@ -1,17 +1,15 @@
-"""Writes issued in one event-loop iteration leave in one socket write.
+"""h2 transport: writes issued in one event-loop iteration leave in one socket write.
 
-Under load the sidecar's replies that waited on Redis, and its Redis commands, come from
-many tasks the loop runs back to back; a send() each was the largest self-time item of
-the sidecar's profile. These tests pin the batching with a transport that records writes.
+Under load the sidecar's replies that waited on Redis come from many tasks the loop runs
+back to back; a send() each was the largest self-time item of the sidecar's profile.
+These tests pin the batching with a transport that records writes.
 """
 
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 from extproc.dataplane.h2grpc.http2 import H2Connection
-from extproc.store.fastredis import _Connection
 
 
 class RecordingTransport:
@@ -67,24 +65,3 @@ def test_h2_close_flushes_what_is_queued() -> None:
 
     writes = asyncio.run(scenario())
     assert len(writes) == 1 and writes[0].startswith(b"last words")
-
-
-def test_redis_commands_of_one_iteration_share_one_send() -> None:
-    async def scenario() -> tuple[list[bytes], list[bytes]]:
-        loop = asyncio.get_running_loop()
-        conn = _Connection(SimpleNamespace(_loop=loop, _socket_timeout=30.0), [])  # type: ignore[arg-type]
-        transport = RecordingTransport()
-        conn.connection_made(transport)  # type: ignore[arg-type]
-        first, second = loop.create_future(), loop.create_future()
-        conn.send(b"*1\r\n$4\r\nPING\r\n", first)
-        conn.send(b"*1\r\n$4\r\nTIME\r\n", second)
-        before = list(transport.writes)
-        await _next_iteration()
-        conn.data_received(b"+PONG\r\n*2\r\n$1\r\n1\r\n$1\r\n2\r\n")
-        assert await first == b"PONG"
-        assert await second == [b"1", b"2"]
-        return before, transport.writes
-
-    before, after = asyncio.run(scenario())
-    assert before == []
-    assert after == [b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nTIME\r\n"]
