@@ -4,7 +4,8 @@ One Envoy process serves two listeners that differ only by the ext_proc filter, 
 difference between them is what the sidecar costs. Rounds alternate between the two
 paths to cancel drift on a shared 2-core machine; ratios are the figures that matter.
 Also measured: sidecar CPU per request (from /proc) and the cost of counting a
-Codex-like 200k-token request, cold and with its history seen before.
+Codex-like 200k-token request, cold and with its history seen before, and the Redis bytes
+the ledger keeps per request (bench/bench_redis.py).
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from bench.bench_counting import counting_figures
+    from bench.bench_redis import redis_footprint
 
     report: dict[str, object] = {"machine": f"{os.cpu_count()} cores", "time": time.ctime()}
     with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             key = _bench_key(stack.redis_url, policy)
             measure(stack, direct, 1, 100, 4, key)
             report["c1_enforced"] = measure(stack, direct, args.rounds, args.requests, 1, key)
+            report["redis"] = redis_footprint(stack.redis_url)
     report["counting"] = {**counting_figures(), **request_path_figures()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
@@ -223,6 +226,12 @@ def print_report(report: dict) -> None:
             f"{level:12} added p50 {s['added_p50_ms']:+.3f} ms, p99 {s['added_p99_ms']:+.3f} ms, "
             f"throughput ratio {s['throughput_ratio']:.2f}"
         )
+    redis_bytes = report.get("redis")
+    if redis_bytes:
+        print(f"\nRedis bytes per request ({redis_bytes['records']} ledger records):")
+        for name, value in redis_bytes["bytes_per_request"].items():
+            print(f"  {name:48} {value:8.1f}")
+        print(f"  {'total':48} {redis_bytes['bytes_per_request_total']:8.1f}")
     print("\ncounting (sidecar CPU, ms):")
     for k, v in report["counting"].items():
         print(f"  {k:48} {v:8.2f}")

@@ -440,10 +440,37 @@ def test_network_policy_admits_clients_and_scrapes_but_not_ext_proc(overlay: str
     (redis,) = r.selected(redis_policy["spec"]["podSelector"]["matchLabels"])
     assert redis["metadata"]["name"] == "extproc-redis"
     (rule,) = redis_policy["spec"]["ingress"]
-    (peer,) = rule["from"]
-    assert [w["metadata"]["name"] for w in r.selected(peer["podSelector"]["matchLabels"])] == [
-        "extproc"
+    admitted = [
+        w["metadata"]["name"]
+        for peer in rule["from"]
+        for w in r.selected(peer["podSelector"]["matchLabels"])
     ]
+    assert sorted(admitted) == ["extproc", "extproc-ledger-shipper"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ledger_shipper_runs_once_with_a_volume_against_the_gateways_redis(
+    overlay: str,
+) -> None:
+    r = render(overlay)
+    shipper = r.get("StatefulSet", "extproc-ledger-shipper")
+    assert shipper["spec"]["replicas"] == 1
+    (container,) = shipper["spec"]["template"]["spec"]["containers"]
+    argv = container["command"]
+    assert argv[:3] == ["extproc", "ledger", "ship"]
+    directory = argv[argv.index("--dir") + 1]
+    (mount,) = container["volumeMounts"]
+    assert directory == mount["mountPath"]
+    (claim,) = shipper["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == mount["name"]
+    _, _, sidecar = gateway(r)
+    assert env_of(container)["EXTPROC_REDIS_URL"] == env_of(sidecar)["EXTPROC_REDIS_URL"]
+    assert container["image"] == sidecar["image"]
+    # The command line the manifest runs is one extproc accepts.
+    from extproc.cli.main import build_parser
+
+    args = build_parser().parse_args(argv[1:])
+    assert args.func.__name__ == "cmd_ship" and args.dir == directory
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
