@@ -20,20 +20,28 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Key name (after the workspace's "{ws:NAME}:" prefix) -> structure, first match wins.
-STRUCTURES = (
-    ("ledger stream", re.compile(r":ledger$")),
-    ("idempotency (seen sets)", re.compile(r":seen:")),
-    ("spend aggregates (spent/day/hour)", re.compile(r":(spent|day|hour):")),
-    ("holds (reservations)", re.compile(r":(resv|held)")),
-    ("rate-limit windows", re.compile(r":rl:")),
-    ("prompt-cache fingerprints", re.compile(r":prefix:")),
-    ("sessions", re.compile(r":sess:")),
-)
+
+def _structures() -> tuple[tuple[str, re.Pattern[str]], ...]:
+    """Key name (after the workspace's "{ws:NAME}:" prefix) -> structure, first match wins."""
+    from extproc.store import schema as k
+
+    def suffix(*names: str) -> re.Pattern[str]:
+        alternatives = "|".join(map(re.escape, names))
+        return re.compile(r"\}:(" + alternatives + r")(:|$)")
+
+    return (
+        ("ledger stream", suffix(k.LEDGER)),
+        ("idempotency (seen sets)", suffix(k.SEEN)),
+        ("spend aggregates (spent/day/hour)", suffix(k.SPENT, k.DAY, k.HOUR)),
+        ("holds (reservations)", suffix(k.RESERVATIONS, k.RESERVATION_DATA, k.ORPHANS, k.HELD)),
+        ("rate-limit windows", suffix(k.RATE_MINUTE)),
+        ("prompt-cache fingerprints", suffix(k.PREFIX)),
+        ("sessions", suffix(k.SESSION)),
+    )
 
 
 def structure_of(key: str) -> str:
-    for name, pattern in STRUCTURES:
+    for name, pattern in _structures():
         if pattern.search(key):
             return name
     return "other (keys, registry, alerts)"
@@ -46,13 +54,15 @@ def redis_footprint(redis_url: str) -> dict[str, Any]:
     r = redis.Redis.from_url(redis_url)
     try:
         sizes: Counter[str] = Counter()
-        records = 0
+        records = seen_members = 0
         for raw in r.scan_iter(count=1000):
             key = raw.decode()
             sizes[structure_of(key)] += int(r.memory_usage(key, samples=0) or 0)
-            if key.endswith(":ledger"):
+            kind = structure_of(key)
+            if kind == "ledger stream":
                 records += int(r.xlen(key))
-        seen_members = sum(int(r.scard(k)) for k in r.scan_iter(match="*:seen:*", count=1000))
+            elif kind == "idempotency (seen sets)":
+                seen_members += int(r.scard(key))
     finally:
         r.close()
     per_request = {
