@@ -103,6 +103,8 @@ def test_generated_manifests_are_current() -> None:
             f"{path.relative_to(mesh.REPO)} is stale against envoy/envoy.yaml: "
             "run python -m extproc.devstack.mesh"
         )
+        head = text[: text.index("apiVersion:")]
+        assert all(line.startswith("#") for line in head.splitlines()), head
 
 
 def test_generator_notes_what_a_target_cannot_carry(tmp_path: Path) -> None:
@@ -229,6 +231,15 @@ def eg_as_envoy(cluster_name: str) -> tuple[dict[str, Any], dict[str, Any], dict
     return filter_config, cluster, listener
 
 
+def default_priority(cluster: dict[str, Any]) -> dict[str, Any]:
+    """`cluster` with `priority: DEFAULT` left implicit, as Envoy Gateway's thresholds are."""
+    out = copy.deepcopy(cluster)
+    for threshold in out.get("circuit_breakers", {}).get("thresholds", []):
+        if threshold.get("priority") == "DEFAULT":
+            del threshold["priority"]
+    return out
+
+
 def test_envoy_gateway_policies_carry_our_ext_proc_settings() -> None:
     source = mesh.load_source()
     filter_config, cluster, listener = eg_as_envoy(mesh.SIDECAR_CLUSTER)
@@ -237,7 +248,7 @@ def test_envoy_gateway_policies_carry_our_ext_proc_settings() -> None:
     ours["grpc_service"].pop("timeout")
     ours.pop("mutation_rules")
     assert filter_config == ours
-    assert cluster == {k: v for k, v in source.sidecar.items()}
+    assert cluster == default_priority(source.sidecar)
     assert listener == source.listener
     specs = eg_policies()
     backend = specs["BackendTrafficPolicy"]
@@ -247,6 +258,10 @@ def test_envoy_gateway_policies_carry_our_ext_proc_settings() -> None:
     assert (
         _seconds(backend["timeout"]["tcp"]["connectTimeout"]) == source.upstream["connect_timeout"]
     )
+    if "circuit_breakers" in source.upstream:
+        thresholds = default_priority(source.upstream)["circuit_breakers"]["thresholds"]
+        inverse = {CIRCUIT[k]: v for k, v in backend["circuitBreaker"].items()}
+        assert [inverse] == thresholds
     http = backend["timeout"]["http"]
     assert _seconds(http["requestTimeout"]) == source.route["timeout"]
     assert _seconds(http["streamIdleTimeout"]) == source.route["idle_timeout"]

@@ -142,9 +142,15 @@ class _Translation:
         self.notes.append(f"{where} = {_flow(value)}: {why}")
 
 
-def _flow(value: Any) -> str:
-    text = yaml.safe_dump(value, default_flow_style=True, width=1000)
-    return text.strip().removesuffix("...").strip()
+def _flow(value: Any, limit: int = 60) -> str:
+    """`value` on one short line for a comment: long ones shortened to their top-level keys."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000)
+    text = " ".join(text.strip().removesuffix("...").split())
+    if len(text) <= limit:
+        return text
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: ..." for k in value) + "}"
+    return text[: limit - 3] + "..."
 
 
 def _duration(value: str) -> str:
