@@ -55,8 +55,10 @@ format: install
 	$(VENV)/bin/ruff check --fix extproc tests bench
 	$(VENV)/bin/ruff format extproc tests bench
 
+# Full run by default; `make bench BENCH_ARGS=--quick` for direction while iterating.
+BENCH_ARGS ?=
 bench: install
-	$(PY) bench/bench.py
+	$(PY) bench/bench.py $(BENCH_ARGS)
 
 # Regenerate the Python code for our own protobuf API (committed, so installs need no codegen).
 proto: install

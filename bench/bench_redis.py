@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000)
     args = parser.parse_args(argv)
 
-    from bench.bench import BENCH_POLICY, SMALL_BODY, _bench_key
-    from bench.loadgen import run_closed_loop
+    from bench.bench import BENCH_POLICY, HOST, LOADS, PATH, _bench_key
+    from bench.loadgen import build_request, run_closed_loop
     from extproc.devstack.stack import Stack, StackConfig, free_port
 
     with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
@@ -98,12 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         with Stack(cfg) as stack:
             key = _bench_key(stack.redis_url, policy)
-            asyncio.run(
-                run_closed_loop(
-                    "127.0.0.1", cfg.listen_port, "/v1/chat/completions", SMALL_BODY,
-                    args.requests, 8, key,
-                )
-            )  # fmt: skip
+            body, headers = LOADS["json"]
+            request = build_request(HOST, cfg.listen_port, PATH, body, key, headers)
+            asyncio.run(run_closed_loop(HOST, cfg.listen_port, request, args.requests, 8))
             report = redis_footprint(stack.redis_url)
     print(report)
     return 0

@@ -15,12 +15,11 @@ import re
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from extproc.metering.prices import NANOS_PER_DOLLAR
+from extproc.metering.prices import usd
 
 STATE_FILE = Path(".data") / "stack.json"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -72,7 +71,7 @@ def redacted(url: str) -> str:
 
 
 def _usd(nanos: int) -> str:
-    return f"${Decimal(nanos) / NANOS_PER_DOLLAR:,f}"
+    return usd(nanos, sign=True, grouped=True)
 
 
 def _when(ms: int) -> str:

@@ -57,13 +57,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from extproc.metering.ledger import Ledger, record_to_dict
+    from extproc.metering.ledger import recent_records, record_to_dict
     from extproc.store.clients import make_client
 
     async def fetch() -> list[dict[str, object]]:
         client = make_client(redis_url(args.redis_url), socket_connect_timeout=2)
         try:
-            records = await Ledger(client).recent(args.limit)
+            records = await recent_records(client, args.limit)
         finally:
             await client.aclose()
         return [record_to_dict(r) for r in records]
@@ -175,10 +175,11 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 from extproc.cli.admin import redis_url, register  # noqa: E402
 from extproc.cli.ledger import register_ledger  # noqa: E402
+from extproc.cli.policy import register_policy  # noqa: E402
 from extproc.cli.reconcile import register_reconcile  # noqa: E402
 from extproc.cli.route import register_route  # noqa: E402
+from extproc.cli.spend import register_spend  # noqa: E402
 from extproc.console.cli import register_console  # noqa: E402
-from extproc.insight.spend import register_spend  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_ledger(sub)
     register_reconcile(sub)
     register_console(sub)
+    register_policy(sub)
     return parser
 
 

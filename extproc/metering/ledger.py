@@ -17,17 +17,15 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from redis.exceptions import NoScriptError
 
 from extproc.governance.scripts import SETTLE
-from extproc.metering.prices import NANOS_PER_DOLLAR
-from extproc.store.clients import UNAVAILABLE, AsyncClient
-from extproc.store.fastredis import FastRedis
-from extproc.store.schema import LEDGERS, UNATTRIBUTED, UNMETERED, ledger_key
+from extproc.metering.prices import usd
+from extproc.store.clients import UNAVAILABLE, AsyncClient, ScriptClient
+from extproc.store.schema import LEDGERS, REFUSED, UNATTRIBUTED, UNMETERED, ledger_key
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 
 log = logging.getLogger("extproc.metering.ledger")
@@ -46,7 +44,7 @@ _REPLAY_LOOKBACK_MS = 300_000
 def record_to_dict(record: UsageRecord) -> dict[str, Any]:
     """Plain JSON-ready dict (ints stay ints, unlike protobuf's JSON mapping of int64)."""
     out: dict[str, Any] = {f.name: getattr(record, f.name) for f in record.DESCRIPTOR.fields}
-    out["cost_usd"] = f"{(Decimal(record.cost_nanos) / NANOS_PER_DOLLAR).normalize():f}"
+    out["cost_usd"] = usd(record.cost_nanos)
     return out
 
 
@@ -100,10 +98,33 @@ def _entry_key(entry_id: bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+async def unmetered_counts(client: AsyncClient) -> dict[str, int]:
+    """Requests seen on paths extproc does not meter, by `METHOD /path/*`."""
+    raw = await client.hgetall(UNMETERED)
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+async def refused_counts(client: AsyncClient) -> dict[str, int]:
+    """Requests refused before authentication, by reason."""
+    raw = await client.hgetall(REFUSED)
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+async def recent_records(client: AsyncClient, limit: int) -> list[UsageRecord]:
+    """The newest records across every workspace's ledger, newest first."""
+    streams = sorted(await client.smembers(LEDGERS))
+    rows: list[tuple[tuple[int, int], bytes]] = []
+    for stream in streams:
+        for entry_id, fields in await client.xrevrange(stream, count=limit):
+            rows.append((_entry_key(entry_id), fields[b"r"]))
+    rows.sort(key=lambda row: row[0], reverse=True)
+    return [UsageRecord.FromString(raw) for _key, raw in rows[:limit]]
+
+
 class Ledger:
     def __init__(
         self,
-        client: AsyncClient | FastRedis,
+        client: ScriptClient,
         *,
         max_records: int = 1_000_000,
         spool_dir: str | Path = ".data/spool",
@@ -119,11 +140,12 @@ class Ledger:
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
-        self._unmetered: Counter[str] = Counter()
+        self._unmetered: Counter[tuple[str, str]] = Counter()
         self._registered: set[str] = set()
         # Told (prefix, reservation id) once a settlement is in Redis: its hold is released
         # and no longer needs renewing (see Budgets.renew).
         self.on_settled: Callable[[str, str], None] | None = None
+        self._turned = time.monotonic()  # when the writer last went round its loop
         self.written = 0
         self.spooled = 0
 
@@ -135,13 +157,28 @@ class Ledger:
         self._idle.clear()
         self._queue.put_nowait(settlement)
 
+    def alive(self, max_stall_seconds: float = 60.0) -> bool:
+        """False once the writer has died or sat on pending records for `max_stall_seconds`.
+
+        The liveness probe asks this: a sidecar whose event loop still answers but whose
+        records no longer reach Redis or the spool is hung where it matters, and only a
+        restart (its spool replayed on start) gets the records moving again.
+        """
+        task = self._task
+        if task is None:
+            return True
+        if task.done():
+            return False
+        waiting = not self._queue.empty()
+        return not waiting or time.monotonic() - self._turned < max_stall_seconds
+
     def note_unmetered(self, key: str) -> None:
         """Count a request on a path we do not meter; flushed to Redis with the next write."""
-        self._unmetered[key] += 1
+        self._unmetered[(UNMETERED, key)] += 1
 
-    async def unmetered(self) -> dict[str, int]:
-        raw = await self._redis.hgetall(UNMETERED)
-        return {k.decode(): int(v) for k, v in raw.items()}
+    def note_refused(self, reason: str) -> None:
+        """Count a request refused before authentication; flushed like `note_unmetered`."""
+        self._unmetered[(REFUSED, reason)] += 1
 
     async def drain(self) -> None:
         """Wait until every submitted settlement is in Redis or in the spool."""
@@ -153,16 +190,6 @@ class Ledger:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-
-    async def recent(self, limit: int) -> list[UsageRecord]:
-        """The newest records across every workspace's ledger, newest first."""
-        streams = sorted(await self._redis.smembers(LEDGERS))
-        rows: list[tuple[tuple[int, int], bytes]] = []
-        for stream in streams:
-            for entry_id, fields in await self._redis.xrevrange(stream, count=limit):
-                rows.append((_entry_key(entry_id), fields[b"r"]))
-        rows.sort(key=lambda row: row[0], reverse=True)
-        return [UsageRecord.FromString(raw) for _key, raw in rows[:limit]]
 
     def _settle_args(self, s: Settlement) -> list[Any]:
         args: list[Any] = [
@@ -218,11 +245,11 @@ class Ledger:
         return written
 
     async def _pipeline(
-        self, batch: list[Settlement], unmetered: Counter[str], fresh: set[str]
+        self, batch: list[Settlement], unmetered: Counter[tuple[str, str]], fresh: set[str]
     ) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
-            for key, n in unmetered.items():
-                pipe.hincrby(UNMETERED, key, n)
+            for (hash_key, key), n in unmetered.items():
+                pipe.hincrby(hash_key, key, n)
             if fresh:
                 pipe.sadd(LEDGERS, *(ledger_key(prefix) for prefix in fresh))
             for s in batch:
@@ -311,6 +338,7 @@ class Ledger:
             if batch:
                 self._spool.append(batch)
                 self.spooled += len(batch)
+            self._turned = time.monotonic()
             if self._queue.empty():
                 self._idle.set()
             if not healthy:
