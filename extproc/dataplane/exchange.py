@@ -105,6 +105,8 @@ class Deps:
     keys: KeyCache | None = None
     budgets: Budgets | None = None
     upstream_keys: dict[str, str] = field(default_factory=dict)
+    # Why a workspace has no key: "environment variable X is not set" (names only).
+    upstream_missing: dict[str, str] = field(default_factory=dict)
     now_ms: Callable[[], int] = _now_ms
     telemetry: Telemetry = field(default_factory=Telemetry)
 
@@ -127,6 +129,7 @@ class Exchange:
         "_content_encoding",
         "_decision",
         "_deps",
+        "_end_ns",
         "_endpoint",
         "_identity",
         "_meter",
@@ -148,6 +151,7 @@ class Exchange:
         self._deps = deps
         self._started = time.monotonic()
         self._start_ns = time.time_ns()
+        self._end_ns = 0
         self._trace: tuple[str | None, str | None] = (None, None)
         self._task: str | None = None
         self._route_decision: RouteDecision | None = None
@@ -226,10 +230,13 @@ class Exchange:
             return self._reject(guard.UNKNOWN_KEY)
         upstream_key = self._deps.upstream_keys.get(identity.workspace)
         if not upstream_key:
+            # Says what the operator must set (a variable or file name, never a value).
+            missing = self._deps.upstream_missing.get(identity.workspace, "not configured")
             return self._reject(
                 OpenAIError(
                     503,
-                    f"Workspace {identity.workspace} has no upstream credential configured.",
+                    f"Workspace {identity.workspace} has no upstream credential: {missing}. "
+                    "The gateway's operator must provide it where the sidecar runs.",
                     "server_error",
                     None,
                     "upstream_credential_missing",
@@ -519,6 +526,9 @@ class Exchange:
         if self._closed:
             return None
         self._closed = True
+        # The span ends here, before the reply that releases the response to the client is
+        # sent; the ext_proc stream itself closes later, after the client may have its answer.
+        self._end_ns = time.time_ns()
         deps, seen = self._deps, self.seen
         if self._meter is not None and seen.stream is None:
             seen.stream = self._meter.finish()
@@ -628,7 +638,7 @@ class Exchange:
             RequestTelemetry(
                 record=record,
                 start_ns=self._start_ns,
-                end_ns=time.time_ns(),
+                end_ns=self._end_ns,
                 traceparent=self._trace[0],
                 tracestate=self._trace[1],
                 decision=verdict,

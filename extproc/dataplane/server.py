@@ -189,15 +189,18 @@ class GrpcioTransport:
             await self._server.stop(grace)
 
 
-def upstream_keys(policy: Policy) -> dict[str, str]:
-    """Each workspace's real provider key, read once per policy load (never logged)."""
+def upstream_keys(policy: Policy) -> tuple[dict[str, str], dict[str, str]]:
+    """Each workspace's real provider key, read once per policy load (never logged), and
+    for each workspace without one, where it was looked for (for the 503 and the log)."""
     keys: dict[str, str] = {}
+    missing: dict[str, str] = {}
     for name, ws in policy.workspaces.items():
         try:
             keys[name] = ws.upstream.read_key()
         except PolicyError as exc:
+            missing[name] = str(exc).removeprefix("upstream key: ")
             log.error("workspace %s: %s; its requests will get 503", name, exc)
-    return keys
+    return keys, missing
 
 
 class Governor:
@@ -208,7 +211,7 @@ class Governor:
         self.alerter = alerter
 
     def apply(self, policy: Policy) -> None:
-        self.deps.upstream_keys = upstream_keys(policy)
+        self.deps.upstream_keys, self.deps.upstream_missing = upstream_keys(policy)
         self.deps.policy = policy
         log.info("policy loaded: %s (%d workspaces)", policy.source, len(policy.workspaces))
         for warning in policy.warnings:

@@ -844,7 +844,7 @@ def cmd_spend(args: argparse.Namespace) -> int:
     from extproc.insight.spend_html import render_html
     from extproc.store.clients import UNAVAILABLE, make_sync_client
 
-    path = policy_path(args.policy)
+    path = policy_path(args.policy, args.stack)
     if path is None:
         return _fail("no policy file: pass --policy or set EXTPROC_POLICY", 2)
     try:
@@ -855,7 +855,7 @@ def cmd_spend(args: argparse.Namespace) -> int:
         now = parse_now(args.now, policy.timezone) if args.now else datetime.now(policy.timezone)
     except ValueError:
         return _fail(f"--now: not an ISO 8601 time: {args.now!r}", 2)
-    url = redis_url(args.redis_url)
+    url = redis_url(args.redis_url, args.stack)
     keys = report_keys(policy, now, args.period, args.by)
     try:
         client = make_sync_client(url, socket_connect_timeout=3, socket_timeout=10)
@@ -893,9 +893,18 @@ def register_spend(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         choices=tuple(GROUPS),
         help=f"also break each workspace down (session: the {TOP_SESSIONS} costliest)",
     )
-    p.add_argument("--period", choices=SELECTIONS, default="current")
-    p.add_argument("--policy", help="else EXTPROC_POLICY, else examples/policy.yaml")
-    p.add_argument("--redis-url", help="else EXTPROC_REDIS_URL, else .data/stack.json, else local")
+    p.add_argument(
+        "--period",
+        choices=SELECTIONS,
+        default="current",
+        help="which budget period (default: current)",
+    )
+    p.add_argument(
+        "--policy", help="else EXTPROC_POLICY, else the stack's, else examples/policy.yaml"
+    )
+    from extproc.cli.admin import add_stack_options
+
+    add_stack_options(p)
     p.add_argument("--now", help="report as of this ISO 8601 time (for tests; default: the clock)")
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page here")
     p.set_defaults(func=cmd_spend)
