@@ -301,9 +301,7 @@ def test_metrics_accumulate_over_requests(harness: Harness) -> None:
     assert p["extproc.downgrades"] == {
         labels(workspace="dev", service="cli", from_model="gpt-5", to_model="gpt-5-mini"): 1
     }
-    assert p["extproc.budget.utilization.ratio"] == {
-        labels(workspace="dev", scope="ws"): 0.42
-    }
+    assert p["extproc.budget.utilization.ratio"] == {labels(workspace="dev", scope="ws"): 0.42}
     assert p["extproc.burn_rate.ratio"] == {labels(workspace="dev", service="cli"): 1.5}
 
     duration = p["extproc.request.duration"][labels(endpoint="chat.completions")]
