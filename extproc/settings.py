@@ -41,11 +41,13 @@ class Settings:
     ledger_max_records: int = 1_000_000
     # Where records wait when Redis is unreachable, replayed when it returns.
     spool_dir: str = ".data/spool"
-    # gRPC server: "h2" (ours, built for Envoy's ext_proc streams; ~7x less CPU per message)
-    # or "grpcio" (the reference implementation).
-    transport: str = "h2"
     # Seconds an in-flight stream gets to finish after SIGTERM.
     grace_seconds: float = 30.0
+    # Seconds a budget hold lives without renewal. A live sidecar renews its holds every
+    # quarter of this; once a dead or hung sidecar's hold expires, any replica bills its
+    # estimate (outcome "orphaned") and releases it. Shorter: orphans billed and budget
+    # freed sooner; longer: more tolerance for a sidecar paused (GC, CPU starvation).
+    hold_expiry_seconds: float = 120.0
 
 
 _ENV = {
@@ -55,10 +57,11 @@ _ENV = {
     "bad_request": "EXTPROC_BAD_REQUEST",
     "prices": "EXTPROC_PRICES",
     "policy": "EXTPROC_POLICY",
-    "transport": "EXTPROC_TRANSPORT",
     "spool_dir": "EXTPROC_SPOOL_DIR",
+    "hold_expiry_seconds": "EXTPROC_HOLD_EXPIRY_SECONDS",
+    "grace_seconds": "EXTPROC_GRACE_SECONDS",
 }
-_CHOICES = {"bad_request": ("reject", "pass"), "transport": ("h2", "grpcio")}
+_CHOICES = {"bad_request": ("reject", "pass")}
 
 
 def _coerce(name: str, value: Any, expected: type, where: str) -> Any:

@@ -26,6 +26,7 @@ from extproc.governance.budget import (
     RateScope,
     plan_request,
 )
+from extproc.governance.holds import tend_once
 from extproc.governance.keys import Identity
 from extproc.governance.policy import RateLimits, load_policy, parse_policy_text
 from extproc.metering.ledger import Ledger, ledger_key
@@ -67,6 +68,7 @@ workspaces:
       runner: {}
 """
 )
+TTL = RESERVATION_TTL_MS
 NOV_10 = int(datetime(2026, 11, 10, 12, 0, 15, tzinfo=BERLIN).timestamp() * 1000)
 
 
@@ -307,30 +309,43 @@ def test_concurrent_reserves_grant_exactly_what_the_cap_has_room_for(
     assert r.zcard("{ws:dev}:resv") == 10
 
 
-def test_an_unsettled_reservation_is_reclaimed_after_its_ttl(
+def test_an_unsettled_hold_is_reaped_after_its_expiry_and_its_orphan_billed(
     r: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
     p = plan(who("dev", "cli"))
+    orphan = settlement(p, Decision(True, "ok"), 4_321, "crashed")
+    orphan.record.outcome = "orphaned"
 
-    async def body(books: Books) -> list[int]:
-        held = []
-        crashed = await books.budgets.reserve(p, False, NOV_10)  # its sidecar dies here
-        held.append(nanos(r, "{ws:dev}:held:2026-11", "ws"))
-        await books.budgets.reserve(p, False, NOV_10 + RESERVATION_TTL_MS - 1)
-        held.append(nanos(r, "{ws:dev}:held:2026-11", "ws"))
-        later = await books.budgets.reserve(p, False, NOV_10 + RESERVATION_TTL_MS)
-        held.append(nanos(r, "{ws:dev}:held:2026-11", "ws"))
-        # The reclaimed request's settlement still bills; it releases nothing twice.
-        await books.settle(settlement(p, crashed, 5_000, "late"))
-        held.append(nanos(r, "{ws:dev}:held:2026-11", "ws"))
+    async def body(books: Books) -> list[object]:
+        seen: list[object] = []
+        # Its sidecar dies right after this: nobody renews or settles the hold.
+        crashed = await books.budgets.reserve(p, False, NOV_10, orphan=orphan.SerializeToString())
+        books.budgets.settled(p.prefix, crashed.reservation_id)  # forget it: "dead"
+        seen.append(nanos(r, "{ws:dev}:held:2026-11", "ws"))
+        early = await tend_once(books.budgets, [p.prefix], books.ledger.submit, NOV_10 + TTL - 1)
+        seen.append(early)
+        later = await books.budgets.reserve(p, False, NOV_10 + TTL - 1)
+        seen.append(nanos(r, "{ws:dev}:held:2026-11", "ws"))
+        reaped = await tend_once(books.budgets, [p.prefix], books.ledger.submit, NOV_10 + TTL)
+        await books.ledger.drain()
+        seen.append(reaped)
+        seen.append(nanos(r, "{ws:dev}:held:2026-11", "ws"))
+        # The live sidecar's hold was renewed in the same round, so it survives the next.
+        await tend_once(books.budgets, [p.prefix], books.ledger.submit, NOV_10 + 2 * TTL - 2)
+        seen.append(nanos(r, "{ws:dev}:held:2026-11", "ws"))
+        # A settlement arriving after its orphan was billed is a duplicate: billed once.
+        await books.settle(settlement(p, crashed, 5_000, "crashed"))
         await books.settle(settlement(p, later, 7_000, "b"))
-        held.append(nanos(r, "{ws:dev}:held:2026-11", "ws"))
-        return held
+        seen.append(nanos(r, "{ws:dev}:held:2026-11", "ws"))
+        return seen
 
-    # Not a millisecond early; then the crashed one goes and only the second is left.
-    assert run(redis_url, tmp_path, body) == [R, 2 * R, 2 * R, 2 * R, R]
-    assert r.zcard("{ws:dev}:resv") == 1
-    assert nanos(r, "{ws:dev}:spent:2026-11", "ws") == 12_000
+    # Not a millisecond early; then the crashed one goes and only the live one is left.
+    assert run(redis_url, tmp_path, body) == [R, 0, 2 * R, 1, R, R, 0]
+    assert r.zcard("{ws:dev}:resv") == 0
+    assert r.hlen("{ws:dev}:resv:orphan") == 0
+    assert nanos(r, "{ws:dev}:spent:2026-11", "ws") == 4_321 + 7_000
+    records = [UsageRecord.FromString(f[b"r"]) for _id, f in r.xrange(ledger_key(p.prefix))]
+    assert [(x.request_id, x.outcome) for x in records] == [("crashed", "orphaned"), ("b", "")]
 
 
 def test_spend_of_one_month_does_not_count_against_the_next(

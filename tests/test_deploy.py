@@ -359,6 +359,11 @@ def test_deployed_envoy_keeps_the_local_ext_proc_settings() -> None:
     assert egress[buffer] == local_egress[buffer]
     options = "typed_extension_protocol_options"
     assert cluster(deployed, "extproc")[options] == cluster(local, "extproc")[options]
+    # Long-lived streams: neither cluster keeps Envoy's default 1,024-request breaker.
+    for name in ("extproc", "openai_upstream"):
+        (limits,) = cluster(deployed, name)["circuit_breakers"]["thresholds"]
+        assert limits["max_requests"] >= 10_000
+        assert limits["max_connections"] >= 10_000
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

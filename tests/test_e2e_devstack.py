@@ -99,7 +99,9 @@ class Checkout:
         proc = subprocess.Popen(
             [sys.executable, "-m", "extproc", "stack"],
             cwd=self.cwd,
-            env=self.env(EXTPROC_PORT=str(port), **extra),
+            env=self.env(
+                EXTPROC_PORT=str(port), **{"EXTPROC_CONSOLE_PORT": str(free_port()), **extra}
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

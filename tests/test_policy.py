@@ -251,7 +251,12 @@ CASES: list[tuple[dict[str, Any], str]] = [
     bad(f"{DEV}.teams", ["platform"], "must be a mapping of names, got a list"),
     bad(f"{DEV}.teams.platform.budget_usd", "x", f'{MONEY} "x"'),
     bad(f"{DEV}.teams.platform.rate_limits.tpm", 1.5, "must be a positive integer, got 1.5"),
-    bad(f"{DEV}.teams.platform.owner", "x", "unknown field (known: budget_usd, rate_limits)"),
+    bad(
+        f"{DEV}.teams.platform.owner",
+        "x",
+        "unknown field (known: budget_usd, rate_limits, contact)",
+    ),
+    bad(f"{DEV}.teams.platform.contact", "", 'must be a non-empty string, got ""'),
     bad(f"{SVC}.team", "plat", 'unknown team "plat" (teams in dev: platform, web)'),
     bad(f"{SVC}.team", 7, "must be a non-empty string, got 7"),
     bad(f"{SVC}.key_rate_limits.tpm", -3, "must be a positive integer, got -3"),

@@ -109,6 +109,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 from extproc.cli.admin import add_stack_options, redis_url, register  # noqa: E402
 from extproc.cli.route import register_route  # noqa: E402
+from extproc.console.cli import register_console  # noqa: E402
 from extproc.insight.spend import register_spend  # noqa: E402
 
 
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     register(sub)
     register_spend(sub)
     register_route(sub)
+    register_console(sub)
     return parser
 
 

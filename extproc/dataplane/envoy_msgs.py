@@ -87,13 +87,34 @@ def request_header_map(
     return found, claimed
 
 
+MAX_HEADER_VALUE = 1024
+"""Echoed values (model names, routing notes) longer than this are cut: a client-chosen
+model name must not push a response past Envoy's header size limit."""
+
+
+def header_value(value: str) -> bytes:
+    """A header value Envoy accepts whatever text it carries.
+
+    Visible ASCII passes unchanged (every value we write ourselves). Anything else (a
+    client's full-width model name, a control character, a lone surrogate) is percent-encoded as
+    UTF-8, the way RFC 8187 carries non-ASCII in headers: a mutation Envoy rejects would
+    turn a served, billable response into an empty 500.
+    """
+    if len(value) > MAX_HEADER_VALUE:
+        value = value[:MAX_HEADER_VALUE] + "..."
+    if value.isascii() and value.isprintable():
+        return value.encode("ascii")
+    raw = value.encode("utf-8", "surrogatepass")
+    return b"".join(bytes((b,)) if 0x20 <= b < 0x7F and b != 0x25 else b"%%%02X" % b for b in raw)
+
+
 def header_mutation(
     set_headers: Mapping[str, str] | None = None, remove: Iterable[str] = ()
 ) -> pb.HeaderMutation:
     return pb.HeaderMutation(
         set_headers=[
             base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=k, raw_value=v.encode("latin-1")),
+                header=base_pb2.HeaderValue(key=k, raw_value=header_value(v)),
                 append_action=_OVERWRITE,
             )
             for k, v in (set_headers or {}).items()

@@ -25,12 +25,14 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from extproc.dataplane import envoy_msgs as msgs
+from extproc.dataplane import selfservice
 from extproc.governance import guard
 from extproc.governance.budget import (
     Budgets,
     Decision,
     Plan,
     overdraft_left,
+    per_choice_cap,
     plan_request,
     with_overdraft,
 )
@@ -46,6 +48,7 @@ from extproc.metering.decisions import (
     parse_request,
     prepare_request,
     settle,
+    utf8_text,
 )
 from extproc.metering.ledger import Ledger, prefix_for
 from extproc.metering.prices import PriceTable, nanos_per_token
@@ -86,6 +89,19 @@ _ANNOUNCED: set[tuple[str, str, str, str]] = set()
 """Downgrades already logged by this process: one human-readable line per scope and step."""
 _RESPONSE_HEADERS = frozenset({":status", "content-type"})
 _RID = "x-extproc-request-id"
+INTERNAL_ERROR = OpenAIError(
+    500,
+    "extproc could not process this request; it was not forwarded. Retrying is safe.",
+    "server_error",
+    None,
+    "extproc_internal_error",
+)
+_CONTINUE_PHASE = {
+    "request_headers": msgs.CONTINUE_REQUEST_HEADERS,
+    "request_body": msgs.CONTINUE_REQUEST_BODY,
+    "response_headers": msgs.CONTINUE_RESPONSE_HEADERS,
+    "response_body": msgs.CONTINUE_RESPONSE_BODY,
+}
 
 
 def _now_ms() -> int:
@@ -109,6 +125,7 @@ class Deps:
     upstream_missing: dict[str, str] = field(default_factory=dict)
     now_ms: Callable[[], int] = _now_ms
     telemetry: Telemetry = field(default_factory=Telemetry)
+    store: Any = None  # the general Redis client (reads for paths the sidecar answers itself)
 
     @property
     def timezone(self) -> ZoneInfo:
@@ -177,6 +194,11 @@ class Exchange:
         # Attribution headers a client sent itself are collected to be stripped, never trusted.
         h, spoofed = msgs.request_header_map(msg, _REQUEST_HEADERS, "x-extproc-")
         method, path = h.get(":method", ""), h.get(":path", "")
+        if path.startswith(selfservice.PREFIX):
+            # Answered here, never forwarded: the developer's own view (see selfservice).
+            self._closed = True
+            self._deps.ledger.note_unmetered(unmetered_key(method, path))
+            return selfservice.answer(self._deps, method, path, h.get("authorization", ""))
         endpoint = endpoint_for(method, path)
         if endpoint is None:
             self._deps.ledger.note_unmetered(unmetered_key(method, path))
@@ -293,7 +315,7 @@ class Exchange:
         self.seen.counted_input_tokens = prepared.counted_input_tokens
         if not self.seen.session_id and prepared.facts.prompt_cache_key:
             # No session header: a client-chosen prompt_cache_key marks the conversation.
-            self.seen.session_id = f"pck:{prepared.facts.prompt_cache_key}"
+            self.seen.session_id = utf8_text(f"pck:{prepared.facts.prompt_cache_key}")
         budgets = self._deps.budgets
         assert budgets is not None
         route = self._route(prepared, BudgetState(budgets.level(self._identity)))
@@ -318,8 +340,10 @@ class Exchange:
             and route.max_output_tokens is None
             and not prepared.facts.output_cap
         ):
-            # Reserved for default_output_cap: make the upstream stop there too.
-            rewritten = set_output_cap(self.seen.endpoint, body, ws.default_output_cap) or rewritten
+            # Reserved for default_output_cap over all outputs (`n`, `best_of`): make the
+            # upstream stop there too, each output getting its share.
+            cap = per_choice_cap(ws.default_output_cap, prepared.facts.choices)
+            rewritten = set_output_cap(self.seen.endpoint, body, cap) or rewritten
         self._prefix = await self._fingerprint(prepared)
         prepared = finalize(prepared, rewritten=bool(rewritten))
         if route.route:
@@ -370,7 +394,13 @@ class Exchange:
         ws = policy.workspaces[identity.workspace]
         fail_open = ws.on_redis_down == "open"
         plan = self._plan_for(prepared, route, now)
-        decision = await budgets.reserve(plan, fail_open, now, session=self.seen.session_id)
+        decision = await budgets.reserve(
+            plan,
+            fail_open,
+            now,
+            session=self.seen.session_id,
+            orphan=self._orphan(prepared, route, plan),
+        )
         settings = policy.routing_for(identity.workspace, identity.service)
         if decision.reason == "budget" and settings.overdraft is not None:
             left = overdraft_left(decision, settings.overdraft.nanos)
@@ -379,7 +409,13 @@ class Exchange:
                 plan = with_overdraft(
                     self._plan_for(prepared, retry, now), settings.overdraft.nanos
                 )
-                decision = await budgets.reserve(plan, fail_open, now, session=self.seen.session_id)
+                decision = await budgets.reserve(
+                    plan,
+                    fail_open,
+                    now,
+                    session=self.seen.session_id,
+                    orphan=self._orphan(prepared, retry, plan),
+                )
                 route = retry
         self._plan, self._decision = plan, decision
         if not decision.allowed:
@@ -397,6 +433,29 @@ class Exchange:
             route = guarded
         return route
 
+    def _orphan(self, prepared: PreparedRequest, route: RouteDecision, plan: Plan) -> bytes:
+        """The settlement to write if this request's hold expires unsettled (sidecar died).
+
+        Made now, while everything needed to bill and attribute it is at hand: the input we
+        counted, priced for the routed model, marked estimated; output is unknown. The hold
+        itself is released by the reaper, so no reservation id.
+        """
+        ghost = replace(
+            self.seen,
+            facts=prepared.facts,
+            counted_input_tokens=prepared.counted_input_tokens,
+            routed_model=route.model,
+            status=0,
+            response_finished=False,
+            stream=None,
+            usage=None,
+        )
+        record = settle(ghost, self._deps.prices, self._deps.count)
+        record.outcome = "orphaned"
+        if route.steps:
+            record.routing = route.header_value()
+        return self._settlement(record, plan, reservation_id="").SerializeToString()
+
     def _plan_for(self, prepared: PreparedRequest, route: RouteDecision, now: int) -> Plan:
         deps = self._deps
         assert deps.policy is not None and self._identity is not None
@@ -408,6 +467,7 @@ class Exchange:
             output_cap=route.max_output_tokens or prepared.facts.output_cap,
             prices=deps.prices,
             now_ms=now,
+            choices=prepared.facts.choices,
         )
 
     def _note_downgrades(self, route: RouteDecision) -> None:
@@ -520,6 +580,15 @@ class Exchange:
             return msgs.CONTINUE_RESPONSE_BODY
         return msgs.replace_response_chunk(out)
 
+    def on_internal_error(self, phase: str) -> msgs.ProcessingResponse:
+        """A phase raised: refuse in OpenAI's shape before forwarding, pass through after."""
+        if phase in ("request_headers", "request_body") and self._endpoint is not None:
+            if self._closed:
+                # Already settled (the failure came after a rejection was built).
+                return msgs.immediate(500, INTERNAL_ERROR.body(), {_RID: self.seen.request_id})
+            return self._reject(INTERNAL_ERROR)
+        return _CONTINUE_PHASE.get(phase, msgs.CONTINUE_RESPONSE_BODY)
+
     # -- end -----------------------------------------------------------------------------
 
     def _finish(self) -> UsageRecord | None:
@@ -529,6 +598,29 @@ class Exchange:
         # The span ends here, before the reply that releases the response to the client is
         # sent; the ext_proc stream itself closes later, after the client may have its answer.
         self._end_ns = time.time_ns()
+        try:
+            return self._settle()
+        except Exception:
+            # The one record must land whatever broke: a bare one, marked, still attributed.
+            log.exception(
+                "request %s: settling failed; writing a bare record", self.seen.request_id
+            )
+            record = UsageRecord(
+                request_id=self.seen.request_id,
+                time_ms=self.seen.time_ms,
+                endpoint=self.seen.endpoint,
+                status=self.seen.status,
+                input_tokens=self.seen.counted_input_tokens,
+                counted_input_tokens=self.seen.counted_input_tokens,
+                estimated=True,
+                outcome="error",
+                error_code="extproc_internal_error",
+            )
+            self._deps.ledger.submit(self._settlement(record))
+            self._record = record
+            return record
+
+    def _settle(self) -> UsageRecord:
         deps, seen = self._deps, self.seen
         if self._meter is not None and seen.stream is None:
             seen.stream = self._meter.finish()
@@ -553,11 +645,13 @@ class Exchange:
             )
         return record
 
-    def _settlement(self, record: UsageRecord) -> Settlement:
+    def _settlement(
+        self, record: UsageRecord, plan: Plan | None = None, reservation_id: str | None = None
+    ) -> Settlement:
         deps = self._deps
         now = deps.now_ms()
         tz = deps.timezone
-        identity, plan = self._identity, self._plan
+        identity, plan = self._identity, plan or self._plan
         scopes: list[ScopeCharge] = []
         if identity is not None:
             record.workspace, record.service, record.key_id = (
@@ -595,7 +689,11 @@ class Exchange:
         local = datetime.fromtimestamp(now / 1000, tz)
         settlement = Settlement(
             prefix=prefix_for(record.workspace),
-            reservation_id=self._decision.reservation_id if self._decision else "",
+            reservation_id=(
+                reservation_id
+                if reservation_id is not None
+                else (self._decision.reservation_id if self._decision else "")
+            ),
             period=period.id,
             day=local.strftime("%Y-%m-%d"),
             hour=local.strftime("%Y-%m-%dT%H"),

@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -42,6 +43,9 @@ environment:
                    simulator, which accepts any credential)
   EXTPROC_POLICY   budget policy file (default: examples/policy.yaml)
   EXTPROC_CONFIG   sidecar settings file (optional)
+  EXTPROC_CONSOLE_PORT  web console and admin API (default: EXTPROC_PORT + 80; 0: none)
+  EXTPROC_ADMIN_TOKENS  admin API tokens, name:token,... (default: a fresh one per run)
+  UPSTREAM_CA_FILE CA bundle for an https UPSTREAM_URL other than the system's
   OTEL_*           OpenTelemetry exporters for the sidecar (see README)
 Ctrl-C stops everything; `rm -rf .data/<port>` afterwards resets that stack's data."""
 
@@ -50,7 +54,7 @@ class StackRefused(Exception):
     """The stack cannot start here; the message says why and what to do."""
 
 
-def port_problem(port: int, host: str = "127.0.0.1") -> str | None:
+def port_problem(port: int, host: str = "127.0.0.1", var: str = "EXTPROC_PORT") -> str | None:
     """Why `port` cannot be ours, or None.
 
     The probe binds without SO_REUSEPORT, so it fails exactly when another listener holds
@@ -58,7 +62,7 @@ def port_problem(port: int, host: str = "127.0.0.1") -> str | None:
     SO_REUSEADDR keeps a previous run's connections in TIME_WAIT from counting as taken.
     """
     if not 0 < port < 65536:
-        return f"EXTPROC_PORT={port} is not a TCP port (1-65535)"
+        return f"{var}={port} is not a TCP port (1-65535)"
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -67,7 +71,7 @@ def port_problem(port: int, host: str = "127.0.0.1") -> str | None:
             if exc.errno == errno.EADDRINUSE:
                 return (
                     f"port {port} is already in use (another `make run`, or another program); "
-                    f"stop it, or pick another port: EXTPROC_PORT={port + 1} make run"
+                    f"stop it, or pick another port: {var}={port + 1} make run"
                 )
             return f"cannot listen on {host}:{port}: {exc.strerror}"
     return None
@@ -193,6 +197,16 @@ def demo_key(redis_url: str, policy: Any, data_dir: Path) -> tuple[str, str, str
     return asyncio.run(go())
 
 
+def _console_lines(stack: Any, admin_tokens: str) -> str:
+    if not getattr(stack, "console_url", ""):
+        return ""
+    token = admin_tokens.split(",")[0].partition(":")[2] or admin_tokens
+    return (
+        f"  console         : {stack.console_login}   (one-time login link)\n"
+        f"  admin API       : {stack.console_url}/admin/v1 with 'Authorization: Bearer {token}'\n"
+    )
+
+
 def main(env: dict[str, str] | None = None) -> int:
     """Run the stack until Ctrl-C or SIGTERM. Exit 2: refused before anything started."""
     from extproc.devstack.stack import Stack, StackConfig
@@ -212,10 +226,19 @@ def main(env: dict[str, str] | None = None) -> int:
     except PolicyError as exc:
         err(f"extproc: the policy is invalid (EXTPROC_POLICY={policy_path}):\n{exc}")
         return 2
-    problem = port_problem(port)
-    if problem:
-        err(f"extproc: {problem}")
+    raw_console = env.get("EXTPROC_CONSOLE_PORT") or str(port + 80)
+    if not raw_console.isdigit():
+        err(f"extproc: EXTPROC_CONSOLE_PORT must be a port number, got {raw_console!r}")
         return 2
+    console_port = int(raw_console)
+    wanted = [(port, "EXTPROC_PORT")] + [(console_port, "EXTPROC_CONSOLE_PORT")] * bool(
+        console_port
+    )
+    for taken, var in wanted:
+        problem = port_problem(taken, var=var)
+        if problem:
+            err(f"extproc: {problem}")
+            return 2
     data_dir = (DATA_ROOT / str(port)).resolve()
     lock = DataLock(data_dir)
     try:
@@ -224,7 +247,17 @@ def main(env: dict[str, str] | None = None) -> int:
         err(f"extproc: {exc}")
         return 2
     try:
-        return _run(Stack, StackConfig, policy, policy_path, port, upstream, data_dir, env, err)
+        return _run(
+            Stack,
+            StackConfig,
+            policy,
+            policy_path,
+            (port, console_port),
+            upstream,
+            data_dir,
+            env,
+            err,
+        )
     finally:
         lock.release()
 
@@ -234,7 +267,7 @@ def _run(
     config_cls: Any,
     policy: Any,
     policy_path: Path,
-    port: int,
+    ports: tuple[int, int],
     upstream: str | None,
     data_dir: Path,
     env: dict[str, str],
@@ -251,12 +284,19 @@ def _run(
     else:
         for line in credential_warnings(policy, env):
             err(line)
+    port, console_port = ports
+    # The admin API needs a token: a fresh one per local stack unless the operator set one.
+    admin_tokens = env.get("EXTPROC_ADMIN_TOKENS") or f"local:{secrets.token_urlsafe(24)}"
     stack = stack_cls(
         config_cls(
             listen_port=port,
             upstream_url=upstream,
             data_dir=data_dir,
             sidecar_env=sidecar_env,
+            console_port=console_port,
+            console_env={"EXTPROC_ADMIN_TOKENS": admin_tokens},
+            # A CA bundle for an https UPSTREAM_URL other than the system's (a corporate proxy).
+            upstream_ca=env.get("UPSTREAM_CA_FILE") or None,
             log_echo=lambda name: LogEcho(name, err),
         )
     )
@@ -292,6 +332,8 @@ def _run(
             f"{', same as last run' if reused else ''})\n"
             f"  more keys       : {exe} keys create --workspace W --service S\n"
             f"  usage / spend   : {exe} usage --limit 10 ; {exe} spend\n"
+            f"{_console_lines(stack, admin_tokens)}"
+            f"  my usage        : {stack.base_url.removesuffix('/v1')}/extproc/me\n"
             f"Warnings and errors of the sidecar and Envoy appear below. Ctrl-C stops everything.",
             flush=True,
         )

@@ -221,6 +221,20 @@ def start_cluster(directory: Path, nodes: int = 3) -> tuple[list[Child], str]:
     return children, f"redis+cluster://{hosts}"
 
 
+@dataclass(frozen=True)
+class ProviderTls:
+    """Serve the simulator over HTTPS as the provider: what a mesh e2e test stands up.
+
+    Envoy then reaches it as it reaches api.openai.com in production: TLS with SNI
+    `server_name`, the certificate checked against `ca` and required to name the host.
+    """
+
+    cert: Path
+    key: Path
+    ca: Path
+    server_name: str = "api.openai.com"
+
+
 @dataclass
 class StackConfig:
     listen_port: int = 10000
@@ -236,6 +250,14 @@ class StackConfig:
     redis_cluster_nodes: int = 0  # >0: start a Redis Cluster of that many primaries instead
     # For a child's name, a callback that sees each of its output lines live (`make run`).
     log_echo: Callable[[str], Callable[[str], None]] | None = None
+    # The console and admin API on a port of its own (0: none); `console_env` adds e.g.
+    # EXTPROC_ADMIN_TOKENS. The sidecar's EXTPROC_POLICY is passed on.
+    console_port: int = 0
+    console_env: dict[str, str] = field(default_factory=dict)
+    # CA bundle verifying an https upstream's certificate; None: the system bundle.
+    upstream_ca: str | None = None
+    # With no upstream_url: the simulator speaks HTTPS and poses as the provider.
+    provider_tls: ProviderTls | None = None
 
 
 class Stack:
@@ -247,6 +269,10 @@ class Stack:
         self.sidecar_addrs: list[str] = []
         self.routes: dict[str, str] = {}
         self.admin_port = 0
+        self.console_url = ""
+        self.console_login = ""  # the one-time login URL the console printed
+        # Where the simulator really listens, when upstream_url names the provider it poses as.
+        self.upstream_connect: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -269,19 +295,47 @@ class Stack:
             self.children.update((node.name, node) for node in nodes)
         elif not cfg.redis_url:
             self.start_redis(data / "redis")
-        if not cfg.upstream_url:
+        if not cfg.upstream_url and cfg.provider_tls:
+            tls = cfg.provider_tls
+            self.upstream_connect = self._start_simulator(
+                "simulator",
+                "--tls-cert", str(tls.cert),
+                "--tls-key", str(tls.key),
+                "--tls-server-name", tls.server_name,
+            ).split("://", 1)[1]  # fmt: skip
+            self.upstream_url = f"https://{tls.server_name}"
+        elif not cfg.upstream_url:
             self.upstream_url = self._start_simulator("simulator")
         for name in cfg.extra_upstreams:
             self.routes[name] = self._start_simulator(f"simulator-{name}")
         for i in range(cfg.sidecars):
             self.start_sidecar("sidecar" if i == 0 else f"sidecar{i + 1}")
         self.start_envoy(data)
+        if cfg.console_port:
+            self.start_console(cfg.console_port)
 
-    def _start_simulator(self, name: str) -> str:
+    def start_console(self, port: int) -> None:
+        env = {
+            **os.environ,
+            "EXTPROC_REDIS_URL": self.redis_url,
+            "PYTHONUNBUFFERED": "1",
+            **{k: v for k, v in self.config.sidecar_env.items() if k == "EXTPROC_POLICY"},
+            **self.config.console_env,
+        }
+        argv = [sys.executable, "-m", "extproc", "console", "--port", str(port), "--login-token"]
+        child = self._spawn("console", argv, env)
+        child.wait_for_line("console listening")
+        self.console_url = f"http://127.0.0.1:{port}"
+        self.console_login = next(
+            line.split("console: ", 1)[1] for line in child.lines if line.startswith("console: ")
+        )
+
+    def _start_simulator(self, name: str, *tls_args: str) -> str:
         port = free_port()
-        sim = self._spawn(name, [sys.executable, "-m", "extproc.simulator", "--port", str(port)])
+        argv = [sys.executable, "-m", "extproc.simulator", "--port", str(port), *tls_args]
+        sim = self._spawn(name, argv)
         sim.wait_for_line("listening")
-        return f"http://127.0.0.1:{port}"
+        return f"{'https' if tls_args else 'http'}://127.0.0.1:{port}"
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         echo = self.config.log_echo(name) if self.config.log_echo else None
@@ -330,6 +384,8 @@ class Stack:
             upstream_url=self.upstream_url,
             direct=cfg.direct_port,
             routes=tuple(self.routes.items()),
+            upstream_ca=str(cfg.provider_tls.ca) if cfg.provider_tls else cfg.upstream_ca,
+            upstream_connect=self.upstream_connect,
         )
         path = envoy_config.write(ports, data / "envoy.rendered.yaml")
         child = self._spawn(
@@ -363,7 +419,7 @@ class Stack:
     def stop(self) -> None:
         simulators = [n for n in self.children if n.startswith("simulator")]
         sidecars = [n for n in self.children if n.startswith("sidecar")]
-        for name in ("envoy", *sidecars, *simulators):
+        for name in ("console", "envoy", *sidecars, *simulators):
             child = self.children.get(name)
             if child:
                 child.stop()

@@ -24,7 +24,7 @@ from typing import Any
 from extproc.governance.keys import Identity
 from extproc.governance.periods import Period, period_at
 from extproc.governance.policy import Policy, RateLimits, Workspace
-from extproc.governance.scripts import RESERVE
+from extproc.governance.scripts import REAP, RESERVE
 from extproc.metering.ledger import prefix_for
 from extproc.metering.prices import PriceTable
 from extproc.metering.usage import Usage
@@ -32,9 +32,13 @@ from extproc.store.clients import UNAVAILABLE
 
 log = logging.getLogger("extproc.governance.budget")
 
-RESERVATION_TTL_MS = 20 * 60 * 1000
-"""Longer than any sane request, streamed agent turns included; a reservation older than
-this belongs to a sidecar that died and is reclaimed by the next reserve call."""
+RESERVATION_TTL_MS = 120 * 1000
+"""How long a hold lives unless its sidecar renews it (`hold_expiry_seconds` overrides).
+
+A live sidecar renews the holds of its requests in flight every quarter of this, so a
+streamed agent turn can run for hours; a hold that expires belongs to a sidecar that died
+or hung, and any replica's reaper then writes its estimated record and releases it."""
+REAP_BATCH = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +88,24 @@ def plan_request(
     output_cap: int | None,
     prices: PriceTable,
     now_ms: int,
+    choices: int = 1,
 ) -> Plan:
+    """What one request must reserve: its input plus its worst-case output, priced.
+
+    `output_cap` is per output (as the API defines it) and `choices` outputs are made
+    (`n`, `best_of`), so the hold covers `output_cap * choices` output tokens. Without a
+    cap, `default_output_cap` is the guess for the whole request when the workspace
+    enforces it (`enforce_output_cap` then writes a per-choice share of it into the body,
+    see `per_choice_cap`), and a guess per output otherwise.
+    """
     ws = policy.workspaces[identity.workspace]
     period = period_at(ws.period, now_ms, policy.timezone)
-    cap = output_cap if output_cap is not None else ws.default_output_cap
+    if output_cap is not None:
+        cap = output_cap * choices
+    elif ws.enforce_output_cap:
+        cap = per_choice_cap(ws.default_output_cap, choices) * choices
+    else:
+        cap = ws.default_output_cap * choices
     reserve = prices.charge(model, Usage(input_tokens=counted_input, output_tokens=cap)).nanos
     scopes = [
         ScopeLimit("ws", f"workspace {ws.name}", ws.budget_nanos, ws.soft_nanos, ws.hard_nanos)
@@ -144,6 +162,11 @@ def plan_request(
         counted_input=counted_input,
         service=identity.service,
     )
+
+
+def per_choice_cap(total: int, choices: int) -> int:
+    """The output cap to write per output so that `choices` outputs stay within `total`."""
+    return max(total // max(choices, 1), 1)
 
 
 def with_overdraft(plan: Plan, nanos: int) -> Plan:
@@ -214,13 +237,21 @@ class Decision:
         )
 
 
-def _args(plan: Plan, reservation_id: str, now_ms: int, session: str = "") -> list[Any]:
+def _args(
+    plan: Plan,
+    reservation_id: str,
+    now_ms: int,
+    session: str = "",
+    *,
+    ttl_ms: int = RESERVATION_TTL_MS,
+    orphan: bytes = b"",
+) -> list[Any]:
     capped = [s for s in plan.scopes if s.hard_nanos is not None]
     args: list[Any] = [
         now_ms,
         reservation_id,
         plan.reserve_nanos,
-        RESERVATION_TTL_MS,
+        ttl_ms,
         plan.tokens,
         plan.key_id,
         plan.period.id,
@@ -231,7 +262,7 @@ def _args(plan: Plan, reservation_id: str, now_ms: int, session: str = "") -> li
     args.append(len(plan.rates))
     for r in plan.rates:
         args += [r.scope, -1 if r.rpm is None else r.rpm, -1 if r.tpm is None else r.tpm]
-    args += [session, plan.counted_input]
+    args += [session, plan.counted_input, orphan]
     return args
 
 
@@ -274,8 +305,12 @@ def decide(plan: Plan, reservation_id: str, reply: list[bytes], now_ms: int) -> 
 class Budgets:
     """Reserve-before-forward against Redis, with each workspace's Redis-outage policy."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, *, hold_ttl_ms: int = RESERVATION_TTL_MS) -> None:
         self._redis = client
+        self.hold_ttl_ms = hold_ttl_ms
+        # Holds this process owns and has not settled yet, by workspace prefix: renewed
+        # until the ledger has written their settlement (`settled`).
+        self._owned: defaultdict[str, set[str]] = defaultdict(set)
         # Fail-open books: last known spend+held per (prefix, period, scope), plus what this
         # process admitted while Redis was away.
         self._known: dict[tuple[str, str, str], int] = {}
@@ -291,15 +326,26 @@ class Budgets:
         return self._levels.get((identity.workspace, identity.service), "ok")
 
     async def reserve(
-        self, plan: Plan, fail_open: bool, now_ms: int, *, session: str = ""
+        self,
+        plan: Plan,
+        fail_open: bool,
+        now_ms: int,
+        *,
+        session: str = "",
+        orphan: bytes = b"",
     ) -> Decision:
+        """Hold the plan's worst case. `orphan` is the serialized estimated settlement that
+        any replica writes if this hold expires unsettled (see `reap`)."""
         rid = uuid.uuid4().hex
+        args = _args(plan, rid, now_ms, session, ttl_ms=self.hold_ttl_ms, orphan=orphan)
         try:
-            reply = await RESERVE(self._redis, [plan.prefix], _args(plan, rid, now_ms, session))
+            reply = await RESERVE(self._redis, [plan.prefix], args)
         except UNAVAILABLE as exc:
             log.warning("budget: redis unavailable for %s (%s)", plan.workspace, exc)
             return self._reserve_locally(plan) if fail_open else Decision(False, "redis_down")
         decision = decide(plan, rid, reply, now_ms)
+        if decision.allowed:
+            self._owned[plan.prefix].add(rid)
         if decision.allowed and plan.service:
             self._levels[(plan.workspace, plan.service)] = "soft" if decision.over_soft else "ok"
         if decision.allowed:
@@ -324,3 +370,43 @@ class Budgets:
         for s in standings:
             self._local[(plan.prefix, plan.period.id, s.scope.scope)] += plan.reserve_nanos
         return Decision(True, "ok_local", "", standings=tuple(standings))
+
+    # -- holds in flight: renewed while owned, reaped by anyone once expired -----------------
+
+    def settled(self, prefix: str, reservation_id: str) -> None:
+        """The ledger wrote this hold's settlement: stop renewing it."""
+        owned = self._owned.get(prefix)
+        if owned is not None:
+            owned.discard(reservation_id)
+            if not owned:
+                del self._owned[prefix]
+
+    @property
+    def owned(self) -> int:
+        return sum(len(rids) for rids in self._owned.values())
+
+    async def renew(self, now_ms: int) -> None:
+        """Push the expiry of every hold this process still owns (one command per workspace).
+
+        `XX`: a hold already reaped (this process was paused longer than the expiry) is not
+        brought back; its estimated record stands and the late settlement is a duplicate.
+        """
+        expiry = now_ms + self.hold_ttl_ms
+        for prefix, rids in list(self._owned.items()):
+            if not rids:
+                continue
+            members: list[Any] = []
+            for rid in rids:
+                members += [expiry, rid]
+            await self._redis.execute_command("ZADD", f"{prefix}:resv", "XX", *members)
+
+    async def reap(self, prefixes: Any, now_ms: int) -> list[bytes]:
+        """Release expired holds of these workspaces; their estimated settlements, to write."""
+        found: list[bytes] = []
+        for prefix in prefixes:
+            while True:
+                batch = await REAP(self._redis, [prefix], [now_ms, REAP_BATCH])
+                found.extend(batch)
+                if len(batch) < REAP_BATCH:
+                    break
+        return found

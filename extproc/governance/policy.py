@@ -78,8 +78,9 @@ _WORKSPACE_FIELDS = (
     "rate_limits",
     "teams",
     "services",
+    "contact",
 )
-_TEAM_FIELDS = ("budget_usd", "rate_limits")
+_TEAM_FIELDS = ("budget_usd", "rate_limits", "contact")
 _SERVICE_FIELDS = ("team", "budget_usd", "rate_limits", "key_rate_limits", "routing")
 _UPSTREAM_FIELDS = ("key_env", "key_file", "base_url")
 _RATE_FIELDS = ("rpm", "tpm")
@@ -173,6 +174,8 @@ class Team:
     name: str
     budget_nanos: int | None
     rate_limits: RateLimits | None
+    # Whom a refused developer should ask (a channel, an email): shown in every refusal.
+    contact: str | None = None
 
 
 def model_key(model: str) -> str:
@@ -323,6 +326,13 @@ class Workspace:
     # bounds the actual cost, so settled spend cannot pass the hard cap even for reasoning
     # models (whose hidden reasoning tokens count as output).
     enforce_output_cap: bool = False
+    # Whom a refused developer should ask, when their team names no contact of its own.
+    contact: str | None = None
+
+    def contact_for(self, team: str | None) -> str | None:
+        """The team's contact, else the workspace's."""
+        own = self.teams[team].contact if team and team in self.teams else None
+        return own or self.contact
 
 
 @dataclass(frozen=True, slots=True)
@@ -751,7 +761,8 @@ def _teams(chk: _Checker, ws: str, value: Any, budget: int | None) -> dict[str, 
         raw = chk.mapping(path, body, _TEAM_FIELDS)
         own_budget = chk.optional_money(path, raw)
         limits = _merge_limits(None, chk.rate_fields(f"{path}.rate_limits", raw.get("rate_limits")))
-        teams[name] = Team(name, own_budget, limits)
+        contact = chk.text(f"{path}.contact", raw["contact"]) if "contact" in raw else None
+        teams[name] = Team(name, own_budget, limits, contact)
         if budget and own_budget and own_budget > budget:
             chk.warnings.append(f"{path}.budget_usd: larger than the budget of workspace {ws}")
     return teams
@@ -848,6 +859,7 @@ def _workspace(
         routing=ws_routing,
         burn_alert_multiple=merged["burn_alert_multiple"],
         burn_alert_min_nanos=int(merged["burn_alert_min_usd"] * NANOS_PER_DOLLAR),
+        contact=chk.text(f"{path}.contact", raw["contact"]) if "contact" in raw else None,
     )
 
 

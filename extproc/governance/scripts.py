@@ -40,3 +40,4 @@ class LuaScript:
 
 RESERVE = LuaScript("reserve")
 SETTLE = LuaScript("settle")
+REAP = LuaScript("reap")

@@ -11,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("extproc.insight.alerts")
 
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+ALERTS_KEY = "{extproc:alerts}:recent"
+"""Stream of the latest alerts (the console and `GET /admin/v1/alerts` read it)."""
+ALERTS_KEPT = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,29 @@ class Alert:
         ).encode()
 
 
+async def record_alert(client: Any, alert: Alert) -> None:
+    """Keep the alert where people can look it up later, not only in a chat channel."""
+    fields = {
+        "time_ms": str(time.time_ns() // 1_000_000),
+        "event": alert.event,
+        "workspace": alert.workspace,
+        "scope": alert.scope,
+        "text": alert.text,
+    }
+    await client.xadd(ALERTS_KEY, fields, maxlen=ALERTS_KEPT, approximate=True)
+
+
+async def recent_alerts(client: Any, limit: int = 100) -> list[dict[str, Any]]:
+    """The newest alerts first."""
+    rows = await client.xrevrange(ALERTS_KEY, count=limit)
+    out = []
+    for _id, raw in rows:
+        item = {k.decode(): v.decode() for k, v in raw.items()}
+        item["time_ms"] = int(item.get("time_ms", "0"))
+        out.append(item)
+    return out
+
+
 def _post(url: str, body: bytes, timeout: float) -> int:
     request = urllib.request.Request(
         url, data=body, headers={"content-type": "application/json"}, method="POST"
@@ -59,9 +86,12 @@ class Alerter:
         *,
         delays: tuple[float, ...] = RETRY_DELAYS,
         timeout: float = 5.0,
+        record: Callable[[Alert], Awaitable[None]] | None = None,
     ) -> None:
-        """`targets(event)` gives the webhook URLs subscribed to an event (policy may reload)."""
+        """`targets(event)` gives the webhook URLs subscribed to an event (policy may reload);
+        `record`, when given, also keeps each alert (in Redis, for the console)."""
         self._targets = targets
+        self._record = record
         self._delays = delays
         self._timeout = timeout
         self._tasks: set[asyncio.Task[None]] = set()
@@ -70,10 +100,21 @@ class Alerter:
 
     def send(self, alert: Alert) -> None:
         log.warning("alert %s: %s", alert.event, alert.text)
-        for url in self._targets(alert.event):
-            task = asyncio.get_running_loop().create_task(self._deliver(url, alert))
+        loop = asyncio.get_running_loop()
+        if self._record is not None:
+            task = loop.create_task(self._keep(alert))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        for url in self._targets(alert.event):
+            task = loop.create_task(self._deliver(url, alert))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _keep(self, alert: Alert) -> None:
+        try:
+            await self._record(alert)  # type: ignore[misc]
+        except Exception as exc:  # the webhook still goes out; the record is best effort
+            log.warning("alert not recorded in Redis: %s", exc)
 
     async def _deliver(self, url: str, alert: Alert) -> None:
         body = alert.payload()

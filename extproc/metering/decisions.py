@@ -145,6 +145,19 @@ def _outcome(seen: Observed) -> tuple[str, bool]:
     return "missing_usage", True
 
 
+def utf8_text(value: str) -> str:
+    """`value` as valid UTF-8 text: lone surrogates (a JSON "\\ud800" escape) become U+FFFD.
+
+    Client-chosen strings (model names, cache keys) end up in the protobuf record and in
+    Redis arguments, and both refuse text that is not valid UTF-8.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
+    return value
+
+
 def settle(
     seen: Observed,
     prices: PriceTable,
@@ -158,8 +171,8 @@ def settle(
     errors without usage and requests we rejected ourselves cost nothing, visibly so.
     """
     facts = seen.facts
-    requested = facts.model if facts else ""
-    served = seen.served_model or seen.routed_model or requested
+    requested = utf8_text(facts.model) if facts else ""
+    served = utf8_text(seen.served_model or seen.routed_model or requested)
     outcome, estimate = _outcome(seen)
     usage = seen.usage
     if estimate:
@@ -184,7 +197,7 @@ def settle(
         counted_input_tokens=seen.counted_input_tokens,
         estimated=estimate,
         outcome=outcome,
-        session_id=seen.session_id,
+        session_id=utf8_text(seen.session_id),
         envoy_request_id=seen.envoy_request_id,
         duration_ms=seen.duration_ms,
         output_cap=(facts.output_cap or 0) if facts else 0,

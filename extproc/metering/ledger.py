@@ -110,6 +110,9 @@ class Ledger:
         self._idle.set()
         self._unmetered: Counter[str] = Counter()
         self._registered: set[str] = set()
+        # Told (prefix, reservation id) once a settlement is in Redis: its hold is released
+        # and no longer needs renewing (see Budgets.renew).
+        self.on_settled: Callable[[str, str], None] | None = None
         self.written = 0
         self.spooled = 0
 
@@ -187,6 +190,10 @@ class Ledger:
             self._unmetered.update(unmetered)
             raise
         self._registered |= fresh
+        if self.on_settled is not None:
+            for s in batch:
+                if s.reservation_id:
+                    self.on_settled(s.prefix, s.reservation_id)
         written = 0
         for settlement, result in zip(batch, results[len(results) - len(batch) :], strict=True):
             if not result or result[0] != b"ok":

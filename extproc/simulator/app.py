@@ -62,6 +62,7 @@ class SeenRequest:
     model: str | None
     query: str = ""
     raw_body: bytes = field(default=b"", repr=False)
+    server_name: str | None = None  # the TLS SNI the request arrived under
 
     @property
     def json(self) -> dict[str, Any] | None:
@@ -126,6 +127,7 @@ class App:
                 model if isinstance(model, str) else None,
                 request.query,
                 request.body,
+                request.server_name,
             )
         )
         if len(self.seen) > self.max_seen:
@@ -225,6 +227,7 @@ class App:
                     "headers": r.headers,
                     "model": r.model,
                     "body": r.body,
+                    "server_name": r.server_name,
                 }
                 for r in self.seen[-64:]
             ]

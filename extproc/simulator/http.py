@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ class Request:
     headers: dict[str, str]
     body: bytes
     received_at: float = field(default_factory=time.perf_counter)
+    # The TLS server name (SNI) the client asked for; None over plain HTTP or without SNI.
+    server_name: str | None = None
 
 
 class Responder:
@@ -152,9 +155,15 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> b
     return await reader.readexactly(size) if size > 0 else b""
 
 
+def _server_name(writer: asyncio.StreamWriter) -> str | None:
+    tls = writer.get_extra_info("ssl_object")
+    return getattr(tls, "requested_server_name", None) if tls is not None else None
+
+
 async def _serve_connection(
     handler: Handler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
+    server_name = _server_name(writer)
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -163,7 +172,8 @@ async def _serve_connection(
                 writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = await _read_body(reader, headers)
             responder = Responder(writer, keep_alive)
-            await handler(Request(method, path, query, headers, body), responder)
+            request = Request(method, path, query, headers, body, server_name=server_name)
+            await handler(request, responder)
             if responder.closed or not keep_alive:
                 break
     except BadRequest:
@@ -176,16 +186,39 @@ async def _serve_connection(
             await writer.wait_closed()
 
 
+def tls_context(cert: str, key: str, server_name: str | None = None) -> ssl.SSLContext:
+    """A server TLS context; with `server_name`, handshakes asking for another name fail.
+
+    A real provider serves its certificate only for its own name. Refusing any other SNI
+    (or none) is how a test proves the gateway sends the provider's name, not an address.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+
+    def remember(tls: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> int | None:
+        tls.requested_server_name = name  # type: ignore[attr-defined]
+        if server_name is not None and name != server_name:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        return None
+
+    context.sni_callback = remember  # type: ignore[assignment]
+    return context
+
+
 class HttpServer:
     """Accepts connections and tracks them so close() can end keep-alive sessions."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, tls: ssl.SSLContext | None = None) -> None:
         self._handler = handler
+        self._tls = tls
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._accept, host, port, limit=_MAX_HEAD)
+        self._server = await asyncio.start_server(
+            self._accept, host, port, limit=_MAX_HEAD, ssl=self._tls
+        )
         return int(self._server.sockets[0].getsockname()[1])
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

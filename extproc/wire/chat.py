@@ -15,6 +15,7 @@ from extproc.wire.endpoints import (
     RequestFacts,
     SSEMeter,
     StreamOutcome,
+    choices_of,
     compact_json,
     load_json,
     missing,
@@ -22,6 +23,7 @@ from extproc.wire.endpoints import (
     optional_bool,
     optional_count,
     optional_list,
+    optional_object,
     optional_str,
     read_usage,
     require_model,
@@ -164,6 +166,8 @@ class ChatCompletions:
         legacy_cap = optional_count(body, "max_tokens")
         tools = optional_list(body, "tools")
         functions = optional_list(body, "functions")
+        # Not an object: the upstream would ignore include_usage and we would bill a guess.
+        optional_object(body, "stream_options")
         return RequestFacts(
             model=model,
             stream=stream,
@@ -172,6 +176,7 @@ class ChatCompletions:
             previous_response_id=None,
             reasoning_effort=optional_str(body.get("reasoning_effort"), "reasoning_effort"),
             has_tools=bool(tools or functions),
+            choices=choices_of(body, "n"),
         )
 
     def input_texts(self, body: dict[str, Any]) -> Iterator[str]:

@@ -15,8 +15,10 @@ from extproc.wire.chat import ChoicesMeter, request_stream_usage, usage_and_mode
 from extproc.wire.endpoints import (
     RequestFacts,
     check_prompt_like,
+    choices_of,
     optional_bool,
     optional_count,
+    optional_object,
     optional_str,
     require_model,
     token_array_length,
@@ -37,6 +39,7 @@ class Completions:
         model = require_model(body)
         stream = optional_bool(body, "stream")
         check_prompt_like(body, "prompt", required=False)
+        optional_object(body, "stream_options")
         return RequestFacts(
             model=model,
             stream=stream,
@@ -45,6 +48,8 @@ class Completions:
             previous_response_id=None,
             reasoning_effort=None,
             has_tools=False,
+            # best_of candidates are generated (and billed) server-side; n are returned.
+            choices=choices_of(body, "n", "best_of"),
         )
 
     def input_texts(self, body: dict[str, Any]) -> Iterator[str]:

@@ -32,6 +32,9 @@ class RequestFacts:
     previous_response_id: str | None
     reasoning_effort: str | None
     has_tools: bool
+    # How many outputs one request asks for (`n`, `best_of`): the output cap applies to
+    # each, so the worst case the budget must hold is `output_cap * choices`.
+    choices: int = 1
 
 
 @dataclass(slots=True)
@@ -105,20 +108,56 @@ def optional_bool(body: dict[str, Any], key: str) -> bool:
     return value
 
 
-def optional_count(body: dict[str, Any], key: str) -> int | None:
+INT32_MAX = 2**31 - 1
+"""The largest value OpenAI accepts for its integer parameters (they are int32 upstream)."""
+
+
+def optional_count(
+    body: dict[str, Any], key: str, *, minimum: int = 0, maximum: int = INT32_MAX
+) -> int | None:
+    """An optional integer parameter within [minimum, maximum]; a 400 naming it otherwise.
+
+    Out-of-range values are refused here, before anything is reserved or recorded, with
+    OpenAI's own wording: a value no provider would accept must not reach the budget
+    arithmetic (or an int field of the usage record) at all.
+    """
     value = body.get(key)
     if value is None:
         return None
     if type(value) is not int:
         raise wrong_type(key, "an integer", value)
-    if value < 0:
+    if value < minimum:
         raise invalid_request(
-            f"Invalid '{key}': integer below minimum value. Expected a value >= 0, "
+            f"Invalid '{key}': integer below minimum value. Expected a value >= {minimum}, "
             f"but got {value} instead.",
             param=key,
             code="integer_below_min_value",
         )
+    if value > maximum:
+        raise invalid_request(
+            f"Invalid '{key}': integer above maximum value. Expected a value <= {maximum}, "
+            f"but got {value} instead.",
+            param=key,
+            code="integer_above_max_value",
+        )
     return value
+
+
+MAX_CHOICES = 128
+"""OpenAI's ceiling for `n` (and, far above its own limit of 20, for `best_of`)."""
+
+
+def choices_of(body: dict[str, Any], *keys: str) -> int:
+    """How many outputs the request asks for: the largest of `keys` (`n`, `best_of`)."""
+    found = [optional_count(body, key, minimum=1, maximum=MAX_CHOICES) for key in keys]
+    return max([c for c in found if c is not None], default=1)
+
+
+def optional_object(body: dict[str, Any], key: str) -> dict[str, Any] | None:
+    value = body.get(key)
+    if value is None or isinstance(value, dict):
+        return value
+    raise wrong_type(key, "an object", value)
 
 
 def optional_str(value: Any, param: str) -> str | None:

@@ -21,6 +21,7 @@ from extproc.wire.endpoints import (
     optional_bool,
     optional_count,
     optional_list,
+    optional_object,
     optional_str,
     read_usage,
     require_model,
@@ -147,6 +148,7 @@ class Responses:
         if reasoning is not None and not isinstance(reasoning, dict):
             raise wrong_type("reasoning", "an object", reasoning)
         effort = optional_str((reasoning or {}).get("effort"), "reasoning.effort")
+        optional_object(body, "stream_options")
         return RequestFacts(
             model=model,
             stream=stream,

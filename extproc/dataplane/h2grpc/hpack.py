@@ -81,6 +81,7 @@ _STATIC_LEN = len(STATIC_TABLE)
 ENTRY_OVERHEAD = 32
 DEFAULT_TABLE_SIZE = 4096
 _MAX_INT_SHIFT = 28
+_NO_LIMIT = 1 << 62
 # Envoy sends `:path` as a Huffman literal without indexing on every stream: remember
 # recent short decodings instead of decoding the same bytes each time.
 _HUFFMAN_CACHE: dict[bytes, bytes] = {}
@@ -90,6 +91,14 @@ _HUFFMAN_CACHE_MAX_LEN = 256
 
 class HpackError(ValueError):
     """The block cannot be decoded: a connection error (COMPRESSION_ERROR) in HTTP/2."""
+
+
+class HeaderListTooLarge(Exception):
+    """The decoded list exceeds the limit we advertised: a stream error, not a connection one.
+
+    Raised only after the whole block was decoded, so the dynamic table stays in step
+    with the peer's encoder and the connection can go on.
+    """
 
 
 def encode_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
@@ -202,22 +211,31 @@ class HeaderDecoder:
             old_name, old_value = entries.pop()
             self._size -= len(old_name) + len(old_value) + ENTRY_OVERHEAD
 
-    def decode(self, block: bytes) -> list[Header]:
-        """All header fields of one complete block, in order; updates the dynamic table."""
+    def decode(self, block: bytes, max_list_size: int | None = None) -> list[Header]:
+        """All header fields of one complete block, in order; updates the dynamic table.
+
+        With `max_list_size` (SETTINGS_MAX_HEADER_LIST_SIZE), fields past the limit are
+        decoded but not kept, and `HeaderListTooLarge` is raised at the end: a small
+        block of indexed references cannot expand into a huge list in memory.
+        """
         headers: list[Header] = []
         pos = 0
         end = len(block)
+        budget = limit = _NO_LIMIT if max_list_size is None else max_list_size
         try:
             while pos < end:
                 first = block[pos]
                 if first & 0x80:
                     index, pos = _read_int(block, pos, 0x7F)
-                    headers.append(self._lookup(index))
+                    field = self._lookup(index)
+                    budget -= len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
+                    if budget >= 0:
+                        headers.append(field)
                     continue
                 if first & 0x40:
                     mask = 0x3F
                 elif first & 0x20:
-                    if headers:
+                    if budget != limit:
                         raise HpackError("table size update after a header field")
                     size, pos = _read_int(block, pos, 0x1F)
                     self._resize(size)
@@ -232,7 +250,11 @@ class HeaderDecoder:
                 value, pos = _read_string(block, pos)
                 if mask == 0x3F:
                     self._add(name, value)
-                headers.append((name, value))
+                budget -= len(name) + len(value) + ENTRY_OVERHEAD
+                if budget >= 0:
+                    headers.append((name, value))
         except IndexError:
             raise HpackError("truncated HPACK block") from None
+        if budget < 0:
+            raise HeaderListTooLarge(f"header list above {max_list_size} bytes")
         return headers

@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 
 from extproc.dataplane.h2grpc.api import Route
-from extproc.dataplane.h2grpc.connection import H2Connection
+from extproc.dataplane.h2grpc.http2 import H2Connection
+from extproc.dataplane.h2grpc.rpc import GrpcConnection
 
 
 def parse_listen(listen: str) -> tuple[str | None, int]:
@@ -51,8 +52,8 @@ class GrpcServer:
     def connection_count(self) -> int:
         return len(self._connections)
 
-    def _connection(self) -> H2Connection:
-        return H2Connection(
+    def _connection(self) -> GrpcConnection:
+        return GrpcConnection(
             self._routes, self.max_message_bytes, self._connections, self._stream_closed
         )
 

@@ -6,7 +6,8 @@
 -- ARGV     now_ms, reservation_id, amount_nanos, ttl_ms, tokens, key_id, period_id,
 --          n_scopes, (scope, hard_cap_nanos or -1) * n_scopes,
 --          n_rates, (scope, rpm or -1, tpm or -1) * n_rates,
---          session_id ("" for none), session_input_tokens
+--          session_id ("" for none), session_input_tokens, orphan_settlement
+--          (the serialized Settlement to write if the hold expires unsettled; "" for none)
 --
 -- Returns  {"ok", spent_1, held_1, ..., spent_n, held_n, session_total}
 --          (spent/held before this reservation; session_total: the session's input tokens
@@ -22,28 +23,12 @@ local now = tonumber(ARGV[1])
 local id, amount, ttl, tokens = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local key_id, period = ARGV[6], ARGV[7]
 local resv_k, data_k = p .. ':resv', p .. ':resv:data'
+-- Holds whose sidecar never settled them (killed, hung) are not reclaimed here but by
+-- reap.lua, which any replica runs: it also writes each one's estimated usage record.
 local spent_k, held_k = p .. ':spent:' .. period, p .. ':held:' .. period
 
 if key_id ~= '' and redis.call('SISMEMBER', p .. ':revoked', key_id) == 1 then
   return {'revoked'}
-end
-
--- Reclaim reservations whose sidecar never settled them (crashed, killed): a crash must
--- never block a workspace for good.
-for _, rid in ipairs(redis.call('ZRANGEBYSCORE', resv_k, '-inf', now, 'LIMIT', 0, 100)) do
-  local d = redis.call('HGET', data_k, rid)
-  if d then
-    local parts = {}
-    for s in string.gmatch(d, '[^|]+') do parts[#parts + 1] = s end
-    -- HINCRBY refuses "-0": a zero-cost reservation (free model, empty input) holds nothing.
-    if parts[2] ~= '0' then
-      for i = 3, #parts do
-        redis.call('HINCRBY', p .. ':held:' .. parts[1], parts[i], '-' .. parts[2])
-      end
-    end
-    redis.call('HDEL', data_k, rid)
-  end
-  redis.call('ZREM', resv_k, rid)
 end
 
 local i = 8
@@ -72,7 +57,7 @@ for j = 1, nr do
   end
 end
 
-local session, session_tokens = ARGV[i], ARGV[i + 1]
+local session, session_tokens, orphan = ARGV[i], ARGV[i + 1], ARGV[i + 2]
 
 local out = {'ok'}
 local amt = tonumber(amount)
@@ -91,6 +76,7 @@ end
 for j = 1, n do redis.call('HINCRBY', held_k, scopes[j], amount) end
 redis.call('ZADD', resv_k, now + ttl, id)
 redis.call('HSET', data_k, id, period .. '|' .. amount .. '|' .. table.concat(scopes, '|'))
+if orphan ~= nil and orphan ~= '' then redis.call('HSET', p .. ':resv:orphan', id, orphan) end
 for j = 1, nr do
   redis.call('HINCRBY', rl_k, rates[j] .. ':r', 1)
   redis.call('HINCRBY', rl_k, rates[j] .. ':t', tokens)

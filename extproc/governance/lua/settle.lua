@@ -1,8 +1,9 @@
 -- Settle one request: release its reservation, add the actual cost to every scope it is
 -- attributed to, and append its usage record to the workspace's ledger, in one round trip.
 -- A request id seen before is refused, so a replayed settlement (spool, retry) never bills
--- twice. A reservation that already expired and was reclaimed is simply gone: the actual
--- cost is still added, because the money was still spent.
+-- twice. A reservation that already expired and was reaped is simply gone: the actual cost
+-- is still added, because the money was still spent (unless the reaper already wrote this
+-- request's estimated record: then this one is a duplicate, see reap.lua).
 --
 -- KEYS[1]  the workspace's key prefix, e.g. "{ws:dev}"
 -- ARGV     request_id, reservation_id, period_id, day_id, hour_id, actual_nanos, record,
@@ -32,6 +33,7 @@ if resv ~= '' then
     end
     redis.call('HDEL', data_k, resv)
   end
+  redis.call('HDEL', p .. ':resv:orphan', resv)
   redis.call('ZREM', p .. ':resv', resv)
 end
 

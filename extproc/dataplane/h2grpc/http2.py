@@ -1,63 +1,62 @@
-"""One HTTP/2 connection carrying gRPC calls, server side, as a plain `asyncio.Protocol`.
+"""The HTTP/2 layer of one server connection (RFC 9113), as a plain `asyncio.Protocol`.
 
-Envoy keeps a single h2c connection to us and multiplexes one stream per HTTP request,
-each stream carrying a handful of small messages that each wait for a reply. So the
-work per message must be tiny: frames are parsed straight out of the bytes the transport
-hands us (no per-frame objects), a synchronous reply is written as one pre-built DATA
-frame, and everything written while handling one read goes out in a single write.
+This layer knows frames, settings, stream states and flow control; it knows nothing
+about gRPC. The layer above (`rpc.GrpcConnection`) subclasses it and fills in four
+hooks: a request's headers arrived (`_open_stream`), payload bytes arrived
+(`_stream_data`), the peer half-closed (`_stream_remote_end`), a stream ended
+(`_stream_closed`). Everything written while handling one read goes out in one write.
 
-Receive windows are huge (2^31-1) and credited as frames are read: back-pressure comes
-from the gRPC layer (Envoy waits for each reply; messages are capped), and one slow
-stream can then never starve the others of connection window. Send windows are the
-peer's and are honoured strictly: output that does not fit waits per stream until a
-WINDOW_UPDATE or SETTINGS change opens the window again.
+Receive flow control is real: each stream gets `STREAM_WINDOW` bytes and the
+connection `CONN_WINDOW`; credit goes back to the peer as bytes are consumed. The layer
+above may *hold* bytes it cannot consume yet (its handler is busy, or its output is
+blocked), and held bytes are not credited until released, so a peer that outruns its
+handler stalls on the window instead of filling our memory. Send windows are the peer's
+and honoured strictly: output that does not fit waits per stream for a WINDOW_UPDATE.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
-from inspect import CORO_CREATED
+from collections.abc import Callable
 from struct import Struct
-from typing import Any, cast
+from typing import cast
 
 from extproc.dataplane.h2grpc import frames as fr
-from extproc.dataplane.h2grpc.api import GrpcError, GrpcStream, Route, Status
-from extproc.dataplane.h2grpc.hpack import HeaderDecoder, HpackError
-from extproc.dataplane.h2grpc.responses import (
-    OK_TRAILERS,
-    RESPONSE_HEADERS,
-    trailers,
-    trailers_only,
-)
+from extproc.dataplane.h2grpc.hpack import Header, HeaderDecoder, HeaderListTooLarge, HpackError
 
 log = logging.getLogger("extproc.dataplane.h2grpc")
 
-RECV_WINDOW = fr.MAX_WINDOW
-WINDOW_REFILL = 1 << 30
+STREAM_WINDOW = 1 << 20
+CONN_WINDOW = 64 << 20
+# Credit goes back once half a window is consumed: small messages never cost an update.
+STREAM_REFILL = STREAM_WINDOW // 2
+CONN_REFILL = CONN_WINDOW // 2
 MAX_RECV_FRAME = 1 << 20
 MAX_CONCURRENT_STREAMS = 100_000
-MAX_HEADER_BLOCK = 1 << 20
+# Decoded size (RFC 9113 6.5.2: names + values + 32 per field). Envoy's ext_proc client
+# sends a few hundred bytes; 32 KiB leaves room for custom initial metadata.
+MAX_HEADER_LIST = 32 << 10
 SERVER_SETTINGS = {
     fr.SETTINGS_ENABLE_PUSH: 0,
     fr.SETTINGS_MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-    fr.SETTINGS_INITIAL_WINDOW_SIZE: RECV_WINDOW,
+    fr.SETTINGS_INITIAL_WINDOW_SIZE: STREAM_WINDOW,
     fr.SETTINGS_MAX_FRAME_SIZE: MAX_RECV_FRAME,
+    fr.SETTINGS_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
 }
-_SERVER_PREFACE = fr.settings(SERVER_SETTINGS) + fr.window_update(
-    0, RECV_WINDOW - fr.DEFAULT_WINDOW
-)
 
 _unpack_header = fr.FRAME_HEADER.unpack_from
 _pack_header = fr.FRAME_HEADER.pack
-_pack_data_and_prefix = Struct(">HBBBLBL").pack  # DATA frame header + gRPC message prefix
-_pack_prefix = Struct(">BL").pack
 _unpack_setting = Struct(">HL").unpack_from
 _unpack_u32 = Struct(">L").unpack_from
-_END_HEADERS_AND_STREAM = fr.FLAG_END_HEADERS | fr.FLAG_END_STREAM
+END_HEADERS_AND_STREAM = fr.FLAG_END_HEADERS | fr.FLAG_END_STREAM
+
+_REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":path", b":authority"))
+# RFC 9113 8.2.2: connection-specific fields make a request malformed.
+_CONNECTION_FIELDS = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
+)
 
 
 class ConnectionFailure(Exception):
@@ -69,40 +68,76 @@ class ConnectionFailure(Exception):
         self.reason = reason
 
 
-class _Stream:
+class Malformed(ValueError):
+    """A malformed request (RFC 9113 8.1.1): a stream error of type PROTOCOL_ERROR."""
+
+
+def request_head(headers: list[Header]) -> tuple[bytes, bytes]:
+    """(:method, :path) of a well-formed request header list, else `Malformed`.
+
+    Pseudo-fields come first, each known one at most once, :method, :scheme and a
+    non-empty :path present; names are lowercase; no connection-specific fields.
+    """
+    seen: dict[bytes, bytes] = {}
+    regular = False
+    for name, value in headers:
+        if name[:1] == b":":
+            if regular:
+                raise Malformed(f"pseudo-header {name!r} after a regular field")
+            if name not in _REQUEST_PSEUDO:
+                raise Malformed(f"pseudo-header {name!r} not allowed in a request")
+            if name in seen:
+                raise Malformed(f"pseudo-header {name!r} repeated")
+            seen[name] = value
+            continue
+        regular = True
+        if name.lower() != name or not name:
+            raise Malformed(f"header name {name!r} is not lowercase")
+        if name in _CONNECTION_FIELDS or (name == b"te" and value != b"trailers"):
+            raise Malformed(f"connection-specific header {name!r}")
+    method = seen.get(b":method")
+    path = seen.get(b":path")
+    if method is None or path is None or b":scheme" not in seen:
+        raise Malformed("request without :method, :scheme and :path")
+    if not path:
+        raise Malformed("empty :path")
+    return method, path
+
+
+def check_trailers(headers: list[Header]) -> None:
+    for name, _value in headers:
+        if name[:1] == b":":
+            raise Malformed(f"pseudo-header {name!r} in trailers")
+        if name.lower() != name:
+            raise Malformed(f"header name {name!r} is not lowercase")
+
+
+class H2Stream:
+    """HTTP/2 state of one stream; the gRPC layer subclasses it with its own slots."""
+
     __slots__ = (
-        "busy",
         "done",
-        "handler",
         "headers_sent",
-        "inbox",
+        "held",
         "out",
         "out_off",
-        "pending",
-        "rbuf",
+        "recv_credit",
         "recv_window",
         "remote_closed",
         "send_window",
         "sid",
-        "task",
         "trailers",
-        "unary",
     )
 
-    def __init__(self, sid: int, handler: GrpcStream, unary: bool, send_window: int) -> None:
+    def __init__(self, sid: int, send_window: int) -> None:
         self.sid = sid
-        self.handler = handler
-        self.unary = unary
         self.send_window = send_window
-        self.recv_window = RECV_WINDOW
-        self.rbuf: bytearray | None = None  # a gRPC message split across DATA frames
-        self.inbox: deque[bytes] = deque()  # messages waiting while a reply is awaited
-        self.busy = False
-        self.task: asyncio.Task[None] | None = None
-        self.pending: Awaitable[Any] | None = None  # what `task` awaits for the handler
+        self.recv_window = STREAM_WINDOW
+        self.recv_credit = 0  # consumed, not yet given back to the peer
+        self.held = 0  # received, not consumed: the layer above is not ready for it
         self.remote_closed = False
         self.headers_sent = False
-        self.out: deque[memoryview] = deque()  # prefix, body, prefix, body... beyond the window
+        self.out: deque[memoryview] = deque()  # output beyond the send window
         self.out_off = 0
         self.trailers: bytes | None = None  # sent once `out` drains
         self.done = False
@@ -113,31 +148,32 @@ class H2Connection(asyncio.Protocol):
 
     def __init__(
         self,
-        routes: dict[bytes, Route],
-        max_message_bytes: int,
         registry: set[H2Connection],
         on_stream_closed: Callable[[], None],
+        *,
+        max_header_list: int = MAX_HEADER_LIST,
     ) -> None:
-        self._routes = routes
-        self._max_message = max_message_bytes
         self._registry = registry
         self._on_stream_closed = on_stream_closed
-        self._loop = asyncio.get_running_loop()
+        self._max_header_list = max_header_list
+        # Huffman can stretch a rare byte to 30 bits: the compressed block may be bigger.
+        self._max_header_block = 4 * max_header_list + 4096
         self._closed = False
         self._handshake = 0  # 0: waiting for the preface, 1: for the first SETTINGS, 2: done
         self._buf = bytearray()
         self._need = 0
         self._batch: list[bytes] | None = None
-        self._streams: dict[int, _Stream] = {}
-        self._blocked: dict[int, _Stream] = {}
+        self._streams: dict[int, H2Stream] = {}
+        self._blocked: dict[int, H2Stream] = {}
         self._last_sid = 0
-        self._goaway_sid: int | None = None
+        self._goaway_sid: int | None = None  # we said GOAWAY: no new streams
+        self._peer_gone = False  # the peer said GOAWAY: close once our streams end
         self._decoder = HeaderDecoder()
         self._cont_sid = 0
         self._cont_flags = 0
         self._cont_buf = bytearray()
-        self._recv_window = RECV_WINDOW
-        self._recv_unacked = 0
+        self._recv_window = CONN_WINDOW
+        self._recv_credit = 0
         self._send_window = fr.DEFAULT_WINDOW
         self._peer_initial_window = fr.DEFAULT_WINDOW
         self._peer_max_frame = fr.DEFAULT_MAX_FRAME
@@ -146,12 +182,41 @@ class H2Connection(asyncio.Protocol):
     def stream_count(self) -> int:
         return len(self._streams)
 
+    # -- hooks for the layer above ----------------------------------------------------
+
+    def _open_stream(
+        self, sid: int, method: bytes, path: bytes, headers: list[Header], end_stream: bool
+    ) -> H2Stream | None:
+        """A well-formed request arrived: return its stream, or None having answered it."""
+        raise NotImplementedError
+
+    def _refuse_stream(self, sid: int, end_stream: bool, reason: str) -> None:
+        """Answer a request we will not serve (its header list is too large)."""
+        self._write(fr.rst_stream(sid, fr.ErrorCode.REFUSED_STREAM))
+
+    def _stream_data(self, st: H2Stream, data: bytes, start: int, end: int) -> None:
+        """Payload bytes data[start:end] (padding removed) of an open stream."""
+        raise NotImplementedError
+
+    def _stream_remote_end(self, st: H2Stream) -> None:
+        """The peer half-closed the stream (END_STREAM on DATA or trailers)."""
+        raise NotImplementedError
+
+    def _stream_closed(self, st: H2Stream, cancelled: bool) -> None:
+        """The stream is gone from the connection (answered, reset or connection lost)."""
+
+    def _ready_for_more(self, st: H2Stream) -> bool:
+        """Whether bytes held for `st` may be credited now that its output drained."""
+        return True
+
     # -- transport callbacks ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._registry.add(self)
-        self._transport.write(_SERVER_PREFACE)
+        self._transport.write(
+            fr.settings(SERVER_SETTINGS) + fr.window_update(0, CONN_WINDOW - fr.DEFAULT_WINDOW)
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -194,39 +259,17 @@ class H2Connection(asyncio.Protocol):
         if batch and not self._closed:
             self._transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
 
-    def _headers(self, sid: int, block: bytes, flags: int) -> bytes:
+    @staticmethod
+    def _headers(sid: int, block: bytes, flags: int) -> bytes:
         n = len(block)
         return _pack_header(n >> 8, n & 0xFF, fr.HEADERS, flags, sid) + block
 
-    def _reply(self, st: _Stream, msg: bytes) -> None:
-        size = len(msg) + 5
-        if (
-            not st.out
-            and size <= st.send_window
-            and size <= self._send_window
-            and size <= self._peer_max_frame
-        ):
-            st.send_window -= size
-            self._send_window -= size
-            frame = _pack_data_and_prefix(size >> 8, size & 0xFF, fr.DATA, 0, st.sid, 0, size - 5)
-            if st.headers_sent:
-                self._write(frame + msg)
-            else:
-                st.headers_sent = True
-                self._write(
-                    b"".join(
-                        (self._headers(st.sid, RESPONSE_HEADERS, fr.FLAG_END_HEADERS), frame, msg)
-                    )
-                )
-            return
-        if not st.headers_sent:
-            st.headers_sent = True
-            self._write(self._headers(st.sid, RESPONSE_HEADERS, fr.FLAG_END_HEADERS))
-        st.out.append(memoryview(_pack_prefix(0, size - 5)))
-        st.out.append(memoryview(msg))
+    def _queue(self, st: H2Stream, *parts: bytes) -> None:
+        """Append DATA payload to the stream's output and send what the windows allow."""
+        st.out.extend(memoryview(p) for p in parts)
         self._flush_stream(st)
 
-    def _flush_stream(self, st: _Stream) -> None:
+    def _flush_stream(self, st: H2Stream) -> None:
         """Send as much queued output of `st` as both windows allow, then its trailers."""
         out = st.out
         parts: list[bytes | memoryview] = []
@@ -257,8 +300,11 @@ class H2Connection(asyncio.Protocol):
         self._blocked.pop(sid, None)
         if out:
             self._blocked[sid] = st
-        elif st.trailers is not None:
+            return
+        if st.trailers is not None:
             self._send_trailers(st, st.trailers, cancelled=False)
+        elif st.held and self._ready_for_more(st):
+            self._release(st)
 
     def _flush_blocked(self) -> None:
         for st in list(self._blocked.values()):
@@ -267,62 +313,60 @@ class H2Connection(asyncio.Protocol):
             if not st.done:
                 self._flush_stream(st)
 
-    def _send_trailers(self, st: _Stream, block: bytes, *, cancelled: bool) -> None:
-        self._write(self._headers(st.sid, block, _END_HEADERS_AND_STREAM))
+    def _send_trailers(self, st: H2Stream, block: bytes, *, cancelled: bool) -> None:
+        """End the stream with this header block; reset the peer's half if still open."""
+        self._write(self._headers(st.sid, block, END_HEADERS_AND_STREAM))
         if not st.remote_closed:
             self._write(fr.rst_stream(st.sid, fr.ErrorCode.NO_ERROR))
         self._close_stream(st, cancelled)
 
+    # -- receive credit -------------------------------------------------------------------
+
+    def _hold(self, st: H2Stream, n: int) -> None:
+        """Keep n received bytes of `st` uncredited until `_release`."""
+        st.held += n
+        st.recv_credit -= n
+        self._recv_credit -= n
+
+    def _release(self, st: H2Stream) -> None:
+        """The layer above consumed what it held: credit it back to the peer."""
+        n = st.held
+        st.held = 0
+        st.recv_credit += n
+        self._recv_credit += n
+        self._return_credit(st)
+
+    def _return_credit(self, st: H2Stream | None) -> None:
+        if st is not None and st.recv_credit >= STREAM_REFILL and not st.remote_closed:
+            self._write(fr.window_update(st.sid, st.recv_credit))
+            st.recv_window += st.recv_credit
+            st.recv_credit = 0
+        if self._recv_credit >= CONN_REFILL:
+            self._write(fr.window_update(0, self._recv_credit))
+            self._recv_window += self._recv_credit
+            self._recv_credit = 0
+
     # -- stream life ----------------------------------------------------------------------
 
-    def _finish(self, st: _Stream) -> None:
-        """All replies issued: end with grpc-status 0 once the queued output is out."""
-        if st.done:
-            return
-        if not st.headers_sent:
-            self._send_trailers(st, RESPONSE_HEADERS + OK_TRAILERS, cancelled=False)
-        elif st.out:
-            st.trailers = OK_TRAILERS
-        else:
-            self._send_trailers(st, OK_TRAILERS, cancelled=False)
-
-    def _fail(self, st: _Stream, status: int, message: str) -> None:
-        if st.done:
-            return
-        mid_message = st.out_off > 0 or len(st.out) % 2 == 1
-        st.out.clear()
-        if mid_message:
-            self._write(fr.rst_stream(st.sid, fr.ErrorCode.INTERNAL_ERROR))
-            self._close_stream(st, cancelled=True)
-        elif st.headers_sent:
-            self._send_trailers(st, trailers(status, message), cancelled=True)
-        else:
-            self._send_trailers(st, trailers_only(status, message), cancelled=True)
-
-    def _reset(self, st: _Stream, code: fr.ErrorCode) -> None:
+    def _reset(self, st: H2Stream, code: fr.ErrorCode) -> None:
         self._write(fr.rst_stream(st.sid, code))
         self._close_stream(st, cancelled=True)
 
-    def _close_stream(self, st: _Stream, cancelled: bool) -> None:
+    def _close_stream(self, st: H2Stream, cancelled: bool) -> None:
         st.done = True
         st.out.clear()
-        st.inbox.clear()
+        if st.held:
+            self._recv_credit += st.held  # the stream is gone; the connection gets it back
+            st.held = 0
         self._streams.pop(st.sid, None)
         self._blocked.pop(st.sid, None)
-        task = st.task
-        st.task = None
-        if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
-            pending = st.pending
-            if inspect.iscoroutine(pending) and inspect.getcoroutinestate(pending) == CORO_CREATED:
-                pending.close()  # the task never started: no "never awaited" warning
-        st.pending = None
-        try:
-            st.handler.on_end(cancelled)
-        except Exception:
-            log.exception("h2grpc: on_end failed for stream %d", st.sid)
+        self._stream_closed(st, cancelled)
         self._on_stream_closed()
-        if self._goaway_sid is not None and not self._streams and not self._closed:
+        if (self._goaway_sid is not None or self._peer_gone) and not self._streams:
+            self._close_transport()
+
+    def _close_transport(self) -> None:
+        if not self._closed:
             self._flush_batch()
             self._closed = True
             self._transport.close()
@@ -330,136 +374,6 @@ class H2Connection(asyncio.Protocol):
     def _cancel_all(self) -> None:
         for st in list(self._streams.values()):
             self._close_stream(st, cancelled=True)
-
-    def _remote_end(self, st: _Stream) -> None:
-        st.remote_closed = True
-        if st.trailers is not None:
-            return
-        if st.rbuf:
-            self._fail(st, Status.INTERNAL, "stream ended inside a message")
-        elif st.busy:
-            return
-        elif st.unary:
-            self._fail(st, Status.INTERNAL, "unary call without a request message")
-        else:
-            self._finish(st)
-
-    # -- messages ---------------------------------------------------------------------
-
-    def _messages(self, st: _Stream, data: bytes, pos: int, end: int) -> None:
-        """Deliver the complete gRPC messages in data[pos:end]; keep a partial tail."""
-        while pos < end:
-            if end - pos < 5:
-                st.rbuf = bytearray(data[pos:end])
-                return
-            flag = data[pos]
-            size = _unpack_u32(data, pos + 1)[0]
-            if flag or size > self._max_message:
-                self._refuse_message(st, flag, size)
-                return
-            stop = pos + 5 + size
-            if stop > end:
-                st.rbuf = bytearray(data[pos:end])
-                return
-            self._deliver(st, data[pos + 5 : stop])
-            if st.done:
-                return
-            pos = stop
-
-    def _buffered_messages(self, st: _Stream) -> None:
-        rbuf = st.rbuf
-        assert rbuf is not None
-        while len(rbuf) >= 5:
-            flag = rbuf[0]
-            size = _unpack_u32(rbuf, 1)[0]
-            if flag or size > self._max_message:
-                self._refuse_message(st, flag, size)
-                return
-            stop = 5 + size
-            if len(rbuf) < stop:
-                return
-            msg = bytes(rbuf[5:stop])
-            del rbuf[:stop]
-            self._deliver(st, msg)
-            if st.done:
-                return
-        if not rbuf:
-            st.rbuf = None
-
-    def _refuse_message(self, st: _Stream, flag: int, size: int) -> None:
-        if flag:
-            self._fail(st, Status.UNIMPLEMENTED, "compressed messages are not supported")
-        else:
-            self._fail(
-                st,
-                Status.RESOURCE_EXHAUSTED,
-                f"message of {size} bytes exceeds the limit of {self._max_message}",
-            )
-
-    def _deliver(self, st: _Stream, msg: bytes) -> None:
-        if st.busy:
-            st.inbox.append(msg)
-            return
-        if st.trailers is not None:
-            return
-        try:
-            result = st.handler.on_message(msg)
-        except GrpcError as exc:
-            self._fail(st, exc.status, exc.message)
-            return
-        except Exception:
-            log.exception("h2grpc: on_message failed on stream %d", st.sid)
-            self._fail(st, Status.INTERNAL, "internal error")
-            return
-        if type(result) is bytes:
-            self._reply(st, result)
-            if st.unary:
-                self._finish(st)
-            return
-        if result is None or isinstance(result, bytes | bytearray | memoryview):
-            if result is not None:
-                self._reply(st, bytes(result))
-            if st.unary:
-                self._finish(st)
-            return
-        st.busy = True
-        st.pending = result
-        st.task = self._loop.create_task(self._drive(st, result))
-
-    async def _drive(self, st: _Stream, pending: Awaitable[Any]) -> None:
-        """Await one reply, then keep serving queued messages in order until none is left."""
-        try:
-            while True:
-                result = await pending
-                if st.done:
-                    return
-                if result is not None:
-                    self._reply(st, bytes(result))
-                if st.unary:
-                    self._finish(st)
-                    return
-                while st.inbox:
-                    result = st.handler.on_message(st.inbox.popleft())
-                    if result is not None and not isinstance(
-                        result, bytes | bytearray | memoryview
-                    ):
-                        pending = st.pending = result
-                        break
-                    if result is not None:
-                        self._reply(st, bytes(result))
-                else:
-                    st.busy = False
-                    st.task = None
-                    st.pending = None
-                    if st.remote_closed:
-                        self._finish(st)
-                    return
-        except GrpcError as exc:
-            self._fail(st, exc.status, exc.message)
-        except Exception:
-            if not st.done:
-                log.exception("h2grpc: on_message failed on stream %d", st.sid)
-                self._fail(st, Status.INTERNAL, "internal error")
 
     # -- frames -------------------------------------------------------------------------
 
@@ -532,39 +446,33 @@ class H2Connection(asyncio.Protocol):
         self._recv_window -= length
         if self._recv_window < 0:
             raise ConnectionFailure(fr.ErrorCode.FLOW_CONTROL_ERROR, "connection window exceeded")
-        self._recv_unacked += length
-        if self._recv_unacked >= WINDOW_REFILL:
-            self._write(fr.window_update(0, self._recv_unacked))
-            self._recv_window += self._recv_unacked
-            self._recv_unacked = 0
+        self._recv_credit += length
         st = self._streams.get(sid)
         if st is None:
             if sid == 0 or sid > self._last_sid:
                 raise ConnectionFailure(fr.ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream")
+            self._return_credit(None)
             return
         if st.remote_closed:
             self._reset(st, fr.ErrorCode.STREAM_CLOSED)
             return
         st.recv_window -= length
-        if st.recv_window < RECV_WINDOW - WINDOW_REFILL:
-            if st.recv_window < 0:
-                self._reset(st, fr.ErrorCode.FLOW_CONTROL_ERROR)
-                return
-            self._write(fr.window_update(sid, RECV_WINDOW - st.recv_window))
-            st.recv_window = RECV_WINDOW
+        if st.recv_window < 0:
+            self._reset(st, fr.ErrorCode.FLOW_CONTROL_ERROR)
+            return
+        st.recv_credit += length
         if flags & fr.FLAG_PADDED:
             if length == 0 or data[start] >= length:
                 raise ConnectionFailure(fr.ErrorCode.PROTOCOL_ERROR, "bad DATA padding")
             end -= data[start]
             start += 1
         if start < end:
-            if st.rbuf is None:
-                self._messages(st, data, start, end)
-            else:
-                st.rbuf += memoryview(data)[start:end]
-                self._buffered_messages(st)
+            self._stream_data(st, data, start, end)
         if flags & fr.FLAG_END_STREAM and not st.done:
-            self._remote_end(st)
+            st.remote_closed = True
+            self._stream_remote_end(st)
+        if st.recv_credit >= STREAM_REFILL or self._recv_credit >= CONN_REFILL:
+            self._return_credit(None if st.done else st)
 
     def _on_headers(self, flags: int, sid: int, data: bytes, start: int, end: int) -> None:
         if sid == 0:
@@ -578,6 +486,8 @@ class H2Connection(asyncio.Protocol):
             if end - start < 5:
                 raise ConnectionFailure(fr.ErrorCode.FRAME_SIZE_ERROR, "short HEADERS priority")
             start += 5
+        if end - start > self._max_header_block:
+            raise ConnectionFailure(fr.ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
         if flags & fr.FLAG_END_HEADERS:
             self._on_header_block(sid, data[start:end], bool(flags & fr.FLAG_END_STREAM))
         else:
@@ -589,7 +499,7 @@ class H2Connection(asyncio.Protocol):
         if not self._cont_sid or sid != self._cont_sid:
             raise ConnectionFailure(fr.ErrorCode.PROTOCOL_ERROR, "unexpected CONTINUATION")
         self._cont_buf += memoryview(data)[start:end]
-        if len(self._cont_buf) > MAX_HEADER_BLOCK:
+        if len(self._cont_buf) > self._max_header_block:
             raise ConnectionFailure(fr.ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
         if flags & fr.FLAG_END_HEADERS:
             block = bytes(self._cont_buf)
@@ -598,51 +508,58 @@ class H2Connection(asyncio.Protocol):
             self._on_header_block(sid, block, bool(self._cont_flags & fr.FLAG_END_STREAM))
 
     def _on_header_block(self, sid: int, block: bytes, end_stream: bool) -> None:
+        too_large = False
         try:
-            headers = self._decoder.decode(block)
+            headers = self._decoder.decode(block, self._max_header_list)
+        except HeaderListTooLarge:
+            headers, too_large = [], True  # decoded in full: the table stays in step
         except HpackError as exc:
             raise ConnectionFailure(fr.ErrorCode.COMPRESSION_ERROR, str(exc)) from None
         st = self._streams.get(sid)
         if st is not None:
-            if not end_stream or st.remote_closed:
-                self._reset(st, fr.ErrorCode.PROTOCOL_ERROR)
-            else:
-                self._remote_end(st)
+            self._on_trailers(st, headers, end_stream, too_large)
             return
         if sid <= self._last_sid:
-            return
+            return  # a stream we closed already; its block only mattered to the table
         if sid % 2 == 0:
             raise ConnectionFailure(fr.ErrorCode.PROTOCOL_ERROR, "even stream id from a client")
         self._last_sid = sid
-        if self._goaway_sid is not None or len(self._streams) >= MAX_CONCURRENT_STREAMS:
+        if self._goaway_sid is not None or self._peer_gone:
             self._write(fr.rst_stream(sid, fr.ErrorCode.REFUSED_STREAM))
             return
-        path = b""
-        for name, value in headers:
-            if name == b":path":
-                path = value
-                break
-        route = self._routes.get(path)
-        if route is None:
-            self._reject(
-                sid, end_stream, Status.UNIMPLEMENTED, f"unknown method {path.decode('latin-1')}"
-            )
+        if len(self._streams) >= MAX_CONCURRENT_STREAMS:
+            self._write(fr.rst_stream(sid, fr.ErrorCode.REFUSED_STREAM))
+            return
+        if too_large:
+            self._refuse_stream(sid, end_stream, "request header list too large")
             return
         try:
-            handler = route.factory()
-        except Exception:
-            log.exception("h2grpc: stream factory for %r failed", path)
-            self._reject(sid, end_stream, Status.INTERNAL, "internal error")
+            method, path = request_head(headers)
+        except Malformed as exc:
+            log.warning("h2grpc: malformed request on stream %d: %s", sid, exc)
+            self._write(fr.rst_stream(sid, fr.ErrorCode.PROTOCOL_ERROR))
             return
-        st = _Stream(sid, handler, route.unary, self._peer_initial_window)
+        st = self._open_stream(sid, method, path, headers, end_stream)
+        if st is None:
+            return
         self._streams[sid] = st
         if end_stream:
-            self._remote_end(st)
+            st.remote_closed = True
+            self._stream_remote_end(st)
 
-    def _reject(self, sid: int, end_stream: bool, status: Status, message: str) -> None:
-        self._write(self._headers(sid, trailers_only(status, message), _END_HEADERS_AND_STREAM))
-        if not end_stream:
-            self._write(fr.rst_stream(sid, fr.ErrorCode.NO_ERROR))
+    def _on_trailers(
+        self, st: H2Stream, headers: list[Header], end_stream: bool, too_large: bool
+    ) -> None:
+        if not end_stream or st.remote_closed or too_large:
+            self._reset(st, fr.ErrorCode.PROTOCOL_ERROR)
+            return
+        try:
+            check_trailers(headers)
+        except Malformed:
+            self._reset(st, fr.ErrorCode.PROTOCOL_ERROR)
+            return
+        st.remote_closed = True
+        self._stream_remote_end(st)
 
     def _on_window_update(self, sid: int, data: bytes, start: int, end: int) -> None:
         if end - start != 4:
@@ -722,19 +639,22 @@ class H2Connection(asyncio.Protocol):
             self._close_stream(st, cancelled=True)
 
     def _on_goaway(self, sid: int, data: bytes, start: int, end: int) -> None:
+        """The peer opens no more streams. NO_ERROR: serve the open ones, then close;
+        an error code: the peer is tearing the connection down, so cancel them now."""
         if sid:
             raise ConnectionFailure(fr.ErrorCode.PROTOCOL_ERROR, "GOAWAY on a stream")
         if end - start < 8:
             raise ConnectionFailure(fr.ErrorCode.FRAME_SIZE_ERROR, "GOAWAY length")
         code = _unpack_u32(data, start + 4)[0]
+        self._peer_gone = True
         if code != fr.ErrorCode.NO_ERROR:
             log.warning(
                 "h2grpc: peer sent GOAWAY code %d: %r", code, bytes(data[start + 8 : end])[:200]
             )
+            for st in list(self._streams.values()):
+                self._close_stream(st, cancelled=True)
         if not self._streams:
-            self._flush_batch()
-            self._closed = True
-            self._transport.close()
+            self._close_transport()
 
     def _on_priority(self, sid: int, start: int, end: int) -> None:
         if sid == 0:
@@ -754,17 +674,14 @@ class H2Connection(asyncio.Protocol):
         self._goaway_sid = self._last_sid
         self._write(fr.goaway(self._last_sid, fr.ErrorCode.NO_ERROR))
         if not self._streams:
-            self._closed = True
-            self._transport.close()
+            self._close_transport()
 
     def abort(self) -> None:
         """Cancel every remaining stream and close now (end of the shutdown grace)."""
         for st in list(self._streams.values()):
             self._write(fr.rst_stream(st.sid, fr.ErrorCode.CANCEL))
             self._close_stream(st, cancelled=True)
-        if not self._closed:
-            self._closed = True
-            self._transport.close()
+        self._close_transport()
 
     def _abort(self, code: fr.ErrorCode, reason: str) -> None:
         if self._closed:

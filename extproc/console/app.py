@@ -1,0 +1,82 @@
+"""The console web app: FastAPI for the admin API and the pages, served by uvicorn.
+
+`extproc console` runs it on a port of its own (never the egress port): the platform team
+reaches it inside the cluster or through a port-forward, developers never need it.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from extproc.console.state import ConsoleState
+from extproc.governance.keys import KeyStoreError
+from extproc.store.clients import UNAVAILABLE
+
+log = logging.getLogger("extproc.console")
+
+
+def _error(status: int, message: str, code: str) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "code": code}}, status_code=status
+    )
+
+
+def create_app(state: ConsoleState) -> FastAPI:
+    from extproc.console import api, pages
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        if state.redis is None:
+            state.connect()
+        yield
+        await state.redis.aclose()
+
+    app = FastAPI(
+        title="extproc admin API",
+        version="1",
+        description="Keys, spend, usage, policy and alerts of an extproc gateway. "
+        "Authenticate with `Authorization: Bearer <admin token>`.",
+        openapi_url="/admin/v1/openapi.json",
+        docs_url=None,  # Swagger UI loads its script from a CDN; the JSON document is enough
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.console = state
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Any:
+        if request.url.path.startswith("/admin/") or exc.status_code != 401:
+            if not request.url.path.startswith("/admin/"):
+                return pages.error_page(request, exc.status_code, str(exc.detail))
+            codes = {401: "unauthorized", 404: "not_found", 503: "unavailable"}
+            return _error(exc.status_code, str(exc.detail), codes.get(exc.status_code, "error"))
+        return pages.login_redirect(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error(400, f"{where}: {first.get('msg', 'invalid')}", "invalid_request")
+
+    @app.exception_handler(KeyStoreError)
+    async def refused(request: Request, exc: KeyStoreError) -> Any:
+        if request.url.path.startswith("/admin/"):
+            return _error(400, str(exc), "key_refused")
+        return pages.error_page(request, 400, str(exc))
+
+    for kind in UNAVAILABLE:
+
+        @app.exception_handler(kind)
+        async def redis_down(request: Request, exc: Exception) -> JSONResponse:
+            return _error(503, f"Redis unavailable: {exc}", "store_unavailable")
+
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    return app

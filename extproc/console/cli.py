@@ -1,0 +1,58 @@
+"""`extproc console`: start the console and admin API (kept light: the web stack is
+imported only when the command runs, not by every `extproc` invocation)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from extproc.cli.admin import policy_path, redis_url
+    from extproc.console.app import create_app
+    from extproc.console.auth import Auth, AuthConfigError, tokens_from_env
+    from extproc.console.state import ConsoleState
+
+    try:
+        tokens = tokens_from_env()
+    except AuthConfigError as exc:
+        print(f"extproc: {exc}", file=sys.stderr)
+        return 2
+    auth = Auth(tokens)
+    shadow = args.shadow_policy or os.environ.get("EXTPROC_SHADOW_POLICY")
+    state = ConsoleState(
+        redis_url=redis_url(args.redis_url, args.stack),
+        policy_path=policy_path(args.policy, args.stack),
+        auth=auth,
+        shadow_policy_path=Path(shadow) if shadow else None,
+    )
+    app = create_app(state)
+    base = f"http://{args.host}:{args.port}"
+    if not tokens and not args.login_token:
+        print("extproc: no admin token (EXTPROC_ADMIN_TOKENS or _FILE): API closed", flush=True)
+    if args.login_token:
+        print(f"console: {base}/login?token={auth.mint_login()}", flush=True)
+    print(f"console listening on {base}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def register_console(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("console", help="serve the web console and the admin API")
+    from extproc.cli.admin import add_stack_options
+
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=10080, help="port (default %(default)s)")
+    p.add_argument(
+        "--policy", help="else EXTPROC_POLICY, else the stack's, else examples/policy.yaml"
+    )
+    p.add_argument("--shadow-policy", help="else EXTPROC_SHADOW_POLICY (compared on a page)")
+    add_stack_options(p)
+    p.add_argument(
+        "--login-token", action="store_true", help="print a one-time browser login URL at start"
+    )
+    p.set_defaults(func=cmd_console)

@@ -1,0 +1,239 @@
+"""What the admin API, the web console and the CLI share: one implementation of each action.
+
+Keys go through `KeyStore` (the same calls `extproc keys` makes), the spend figures through
+`extproc.insight.spend.build_report` (the same report `extproc spend --json` prints), usage
+through one ledger query. Each function takes its Redis client and policy as arguments, so
+the HTTP layer stays a thin translation of requests into these calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from extproc.governance.keys import Identity, KeyInfo, KeyStore
+from extproc.governance.policy import Policy, PolicyError, load_policy
+from extproc.insight.spend import Report, build_report, read_hashes, report_keys, report_reads
+from extproc.metering.ledger import LEDGERS_KEY, ledger_key, prefix_for, record_to_dict
+from extproc.v1.ledger_pb2 import UsageRecord
+
+USAGE_FILTERS = ("workspace", "team", "service", "key_id", "model", "outcome")
+MAX_PAGE = 500
+SCAN_CHUNK = 500
+SCAN_CAP = 100_000
+"""Ledger entries one usage query may examine: a narrow filter over a huge ledger returns a
+short page and a cursor rather than holding Redis for seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageQuery:
+    workspace: str | None = None
+    team: str | None = None
+    service: str | None = None
+    key_id: str | None = None
+    model: str | None = None
+    outcome: str | None = None
+    since_ms: int | None = None
+    until_ms: int | None = None
+    limit: int = 100
+    cursor: str | None = None  # an entry id: the page starts strictly before it
+
+    def matches(self, r: UsageRecord) -> bool:
+        if self.team and r.team != self.team:
+            return False
+        if self.service and r.service != self.service:
+            return False
+        if self.key_id and r.key_id != self.key_id:
+            return False
+        if self.model and self.model not in (r.model_requested, r.model_served):
+            return False
+        if self.outcome and r.outcome != self.outcome:
+            return False
+        if self.since_ms is not None and r.time_ms < self.since_ms:
+            return False
+        return not (self.until_ms is not None and r.time_ms >= self.until_ms)
+
+
+def _entry(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def query_usage(client: Any, q: UsageQuery) -> dict[str, Any]:
+    """One page of ledger records matching `q`, newest first, and the cursor of the next."""
+    if q.workspace:
+        streams = [ledger_key(prefix_for(q.workspace))]
+    else:
+        streams = sorted(_text(s) for s in await client.smembers(LEDGERS_KEY))
+    limit = max(1, min(q.limit, MAX_PAGE))
+    top = f"({q.cursor}" if q.cursor else "+"
+    if q.until_ms is not None and not q.cursor:
+        top = f"({q.until_ms}-0"
+    bottom = f"{q.since_ms}-0" if q.since_ms is not None else "-"
+    heads: dict[str, str] = dict.fromkeys(streams, top)
+    low: dict[str, tuple[int, int]] = {}
+    found: list[tuple[tuple[int, int], UsageRecord]] = []
+    scanned = 0
+    exhausted: set[str] = set()
+
+    def confirmed() -> list[tuple[tuple[int, int], UsageRecord]]:
+        # Records are final only down to the highest of the open streams' lowest ids:
+        # below it, a later chunk of another stream could still bring a newer record.
+        open_ = [low[s] for s in streams if s not in exhausted and s in low]
+        if len(open_) < len(streams) - len(exhausted):
+            return []
+        mark = max(open_, default=(-1, -1))
+        return [row for row in found if row[0] >= mark]
+
+    while len(exhausted) < len(streams) and scanned < SCAN_CAP:
+        for stream in streams:
+            if stream in exhausted:
+                continue
+            rows = await client.xrevrange(stream, max=heads[stream], min=bottom, count=SCAN_CHUNK)
+            if len(rows) < SCAN_CHUNK:
+                exhausted.add(stream)
+            scanned += len(rows)
+            for entry_id, fields in rows:
+                record = UsageRecord.FromString(fields[b"r"])
+                if q.matches(record):
+                    found.append((_entry(entry_id), record))
+            if rows:
+                heads[stream] = f"({_text(rows[-1][0])}"
+                low[stream] = _entry(rows[-1][0])
+        found.sort(key=lambda row: row[0], reverse=True)
+        if len(confirmed()) > limit:
+            break
+    final = found if len(exhausted) == len(streams) else confirmed()
+    page = final[:limit]
+    more = len(final) > limit or len(exhausted) < len(streams)
+    cursor = f"{page[-1][0][0]}-{page[-1][0][1]}" if page and more else None
+    if not page and more:
+        # Nothing matched within the scan cap: continue from where the scan stopped.
+        mark = max((low[s] for s in streams if s not in exhausted and s in low), default=None)
+        cursor = f"{mark[0]}-{mark[1]}" if mark else None
+    return {
+        "records": [record_to_dict(r) for _key, r in page],
+        "next_cursor": cursor,
+        "scanned": scanned,
+    }
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# --- spend ---------------------------------------------------------------------------------
+
+
+def spend_report(
+    sync_client_factory: Callable[[], Any],
+    policy: Policy,
+    now: datetime | None = None,
+    *,
+    period: str = "current",
+    by: str | None = None,
+) -> Report:
+    """The report of `extproc spend` (same reads, same builder): `.to_dict()` is its --json."""
+    now = now or datetime.now(policy.timezone)
+    keys = report_keys(policy, now, period, by)
+    client = sync_client_factory()
+    try:
+        hashes = read_hashes(client, keys, report_reads(policy, now, period))
+    finally:
+        client.close()
+    return build_report(policy, hashes, now, selection=period, by=by)
+
+
+async def spend_report_async(
+    sync_client_factory: Callable[[], Any],
+    policy: Policy,
+    now: datetime | None = None,
+    *,
+    period: str = "current",
+    by: str | None = None,
+) -> Report:
+    """`spend_report` off the event loop (the report's reads use the blocking client)."""
+    return await asyncio.to_thread(
+        spend_report, sync_client_factory, policy, now, period=period, by=by
+    )
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def new_key_dict(secret: str, identity: Identity, **extra: Any) -> dict[str, Any]:
+    return {
+        "key": secret,
+        "key_id": identity.key_id,
+        "workspace": identity.workspace,
+        "team": identity.team,
+        "service": identity.service,
+        "owner": identity.owner,
+        **extra,
+    }
+
+
+async def create_key(
+    store: KeyStore,
+    policy: Policy | None,
+    workspace: str,
+    service: str,
+    team: str | None = None,
+    owner: str | None = None,
+) -> dict[str, Any]:
+    secret, identity = await store.create(workspace, service, team, owner, policy=policy)
+    return new_key_dict(secret, identity)
+
+
+async def rotate_key(store: KeyStore, key_id: str, overlap_seconds: float) -> dict[str, Any]:
+    secret, identity = await store.rotate(key_id, overlap_seconds)
+    old = await store.info(key_id)
+    return new_key_dict(
+        secret, identity, replaces=key_id, old_expires_ms=old.expires_ms if old else 0
+    )
+
+
+async def revoke_key(store: KeyStore, key_id: str) -> KeyInfo:
+    return await store.revoke(key_id)
+
+
+# --- policy --------------------------------------------------------------------------------
+
+
+def validate_policy_text(text: str) -> dict[str, Any]:
+    """Check a candidate policy; every problem names its field."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="extproc-policy-") as tmp:
+        path = Path(tmp) / "candidate.yaml"
+        path.write_text(text, "utf-8")
+        try:
+            policy = load_policy(path)
+        except PolicyError as exc:
+            problems = [p.removeprefix(f"{path}: ") for p in exc.problems]
+            return {"valid": False, "problems": problems, "warnings": []}
+    return {
+        "valid": True,
+        "problems": [],
+        "warnings": list(policy.warnings),
+        "workspaces": sorted(policy.workspaces),
+    }
+
+
+def policy_summary(policy: Policy, text: str) -> dict[str, Any]:
+    return {
+        "source": policy.source,
+        "timezone": policy.timezone.key,
+        "workspaces": sorted(policy.workspaces),
+        "text": text,
+    }
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, default=str)

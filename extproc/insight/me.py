@@ -1,0 +1,219 @@
+"""A developer's own view: `GET /extproc/v1/me` on the gateway, answered by the sidecar.
+
+Developers should not need the platform team's console to learn why a call was refused or
+how much room is left. The sidecar already knows the caller (the virtual key) and the
+policy, so it answers from the same Redis hashes the budget scripts keep: every scope that
+binds the key with spent / soft / hard / remaining and when the period resets, the rate
+limits and this minute's usage, and the key's own last requests. Nothing about another key,
+team or service is ever read into the answer: records are filtered by the caller's key id.
+
+`me_view` is a pure function of what was read (tested without Redis); `read_me` does the
+reads in one pipelined round trip plus one bounded ledger scan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from extproc.governance.budget import Plan, plan_request
+from extproc.governance.keys import Identity
+from extproc.governance.policy import Policy
+from extproc.metering.ledger import ledger_key, prefix_for, record_to_dict
+from extproc.metering.prices import NANOS_PER_DOLLAR, PriceTable
+from extproc.v1.ledger_pb2 import UsageRecord
+
+RECENT = 20
+SCAN_LIMIT = 2_000
+"""Ledger entries examined for the caller's last requests: bounds the cost of one call on a
+busy workspace (a key idle for longer than that shows fewer than 20)."""
+
+ME_PATH = "/extproc/v1/me"
+ME_PAGE_PATH = "/extproc/me"
+
+
+def _usd(nanos: int | None) -> str | None:
+    if nanos is None:
+        return None
+    from decimal import Decimal
+
+    return f"{(Decimal(nanos) / NANOS_PER_DOLLAR).normalize():f}"
+
+
+@dataclass(frozen=True, slots=True)
+class MeReads:
+    """Everything `me_view` needs, as read from Redis."""
+
+    spent: Mapping[str, int]
+    held: Mapping[str, int]
+    rate_usage: Mapping[str, int]
+    records: Sequence[UsageRecord]
+    session_tokens: Mapping[str, int]
+
+
+def plan_for(policy: Policy, identity: Identity, prices: PriceTable, now_ms: int) -> Plan:
+    """The scopes and rate limits that bind the key (the same plan a request would get)."""
+    return plan_request(
+        policy, identity, model="", counted_input=0, output_cap=0, prices=prices, now_ms=now_ms
+    )
+
+
+def minute_key(prefix: str, now_ms: int) -> str:
+    return f"{prefix}:rl:{now_ms // 60000}"
+
+
+def _why(record: UsageRecord) -> str | None:
+    if record.outcome == "rejected":
+        return record.error_code or "rejected"
+    if record.routing:
+        return record.routing
+    return None
+
+
+def request_row(record: UsageRecord) -> dict[str, Any]:
+    """One of the caller's requests, as the developer sees it."""
+    return {
+        "request_id": record.request_id,
+        "time": datetime.fromtimestamp(record.time_ms / 1000).astimezone().isoformat(),
+        "time_ms": record.time_ms,
+        "endpoint": record.endpoint,
+        "model_requested": record.model_requested,
+        "model_served": record.model_served,
+        "input_tokens": record.input_tokens,
+        "cached_input_tokens": record.cached_input_tokens,
+        "output_tokens": record.output_tokens,
+        "cost_usd": _usd(record.cost_nanos),
+        "cost_nanos": record.cost_nanos,
+        "status": record.status,
+        "outcome": record.outcome,
+        "why": _why(record),
+        "session_id": record.session_id,
+    }
+
+
+def me_view(
+    policy: Policy, identity: Identity, plan: Plan, reads: MeReads, now_ms: int
+) -> dict[str, Any]:
+    """The JSON answer of `/extproc/v1/me`: a pure function of the policy and the reads."""
+    tz = policy.timezone
+    ws = policy.workspaces[identity.workspace]
+    budgets = []
+    for s in plan.scopes:
+        spent = reads.spent.get(s.scope, 0)
+        held = reads.held.get(s.scope, 0)
+        remaining = None if s.hard_nanos is None else max(s.hard_nanos - spent - held, 0)
+        budgets.append(
+            {
+                "scope": s.scope,
+                "label": s.label,
+                "period": plan.period.id,
+                "spent_usd": _usd(spent),
+                "held_usd": _usd(held),
+                "budget_usd": _usd(s.budget_nanos),
+                "soft_usd": _usd(s.soft_nanos),
+                "hard_usd": _usd(s.hard_nanos),
+                "remaining_usd": _usd(remaining),
+                "spent_nanos": spent,
+                "hard_nanos": s.hard_nanos,
+                "over_soft": s.soft_nanos is not None and spent >= s.soft_nanos,
+                "resets_at": plan.period.end.isoformat(),
+            }
+        )
+    minute_end = (now_ms // 60000 + 1) * 60000
+    rates = []
+    for r in plan.rates:
+        rates.append(
+            {
+                "scope": r.scope,
+                "label": r.label,
+                "rpm": r.rpm,
+                "tpm": r.tpm,
+                "requests_this_minute": reads.rate_usage.get(f"{r.scope}:r", 0),
+                "tokens_this_minute": reads.rate_usage.get(f"{r.scope}:t", 0),
+                "resets_at": datetime.fromtimestamp(minute_end / 1000, tz).isoformat(),
+            }
+        )
+    mine = [r for r in reads.records if r.key_id == identity.key_id][:RECENT]
+    sessions: dict[str, dict[str, Any]] = {}
+    for record in mine:
+        if record.session_id and record.session_id not in sessions:
+            sid = record.session_id
+            sessions[sid] = {
+                "session_id": sid,
+                "spent_usd": _usd(reads.spent.get(f"sess:{sid[:128]}", 0)),
+                "input_tokens": reads.session_tokens.get(sid, 0),
+            }
+    contact = ws.contact_for(plan_team(plan))
+    return {
+        "identity": {
+            "key_id": identity.key_id,
+            "workspace": identity.workspace,
+            "team": plan_team(plan),
+            "service": identity.service,
+            "owner": identity.owner,
+            "expires_at": (
+                datetime.fromtimestamp(identity.expires_ms / 1000, tz).isoformat()
+                if identity.expires_ms
+                else None
+            ),
+        },
+        "contact": contact,
+        "period": {
+            "id": plan.period.id,
+            "start": plan.period.start.isoformat(),
+            "resets_at": plan.period.end.isoformat(),
+        },
+        "budgets": budgets,
+        "rate_limits": rates,
+        "sessions": list(sessions.values()),
+        "recent_requests": [request_row(r) for r in mine],
+    }
+
+
+def plan_team(plan: Plan) -> str | None:
+    for s in plan.scopes:
+        if s.scope.startswith("team:"):
+            return s.scope.removeprefix("team:")
+    return None
+
+
+def _ints(raw: Sequence[Any], names: Sequence[str]) -> dict[str, int]:
+    return {n: int(v) for n, v in zip(names, raw, strict=True) if v is not None}
+
+
+async def read_me(
+    client: Any, policy: Policy, identity: Identity, plan: Plan, now_ms: int
+) -> MeReads:
+    """The reads behind `me_view`: one pipeline for the hashes, one bounded ledger scan."""
+    prefix = prefix_for(identity.workspace)
+    fields = [s.scope for s in plan.scopes]
+    rate_fields = [f"{r.scope}:{k}" for r in plan.rates for k in ("r", "t")]
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.hmget(f"{prefix}:spent:{plan.period.id}", fields)
+        pipe.hmget(f"{prefix}:held:{plan.period.id}", fields)
+        if rate_fields:
+            pipe.hmget(minute_key(prefix, now_ms), rate_fields)
+        pipe.xrevrange(ledger_key(prefix), count=SCAN_LIMIT)
+        results = await pipe.execute()
+    spent, held = _ints(results[0], fields), _ints(results[1], fields)
+    rate_usage = _ints(results[2], rate_fields) if rate_fields else {}
+    records = [UsageRecord.FromString(f[b"r"]) for _id, f in results[-1]]
+    mine = [r for r in records if r.key_id == identity.key_id][:RECENT]
+    sids = list(dict.fromkeys(r.session_id for r in mine if r.session_id))
+    session_tokens: dict[str, int] = {}
+    if sids:
+        sess_fields = [f"sess:{sid[:128]}" for sid in sids]
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.hmget(f"{prefix}:spent:{plan.period.id}", sess_fields)
+            for sid in sids:
+                pipe.get(f"{prefix}:sess:{sid}")
+            more = await pipe.execute()
+        spent.update(_ints(more[0], sess_fields))
+        session_tokens = {sid: int(v) for sid, v in zip(sids, more[1:], strict=True) if v}
+    return MeReads(spent, held, rate_usage, mine, session_tokens)
+
+
+def record_dicts(records: Sequence[UsageRecord]) -> list[dict[str, Any]]:
+    return [record_to_dict(r) for r in records]

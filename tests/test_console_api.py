@@ -1,0 +1,258 @@
+"""The admin API against a real stack: every endpoint, and who may call it.
+
+Real Envoy, sidecar, Redis and simulator, plus the console process (uvicorn) started by the
+stack as `make run` starts it; httpx is the API client, the openai SDK makes the traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+import redis
+
+from extproc.devstack.stack import Stack, free_port, temporary_stack
+from tests.conftest import cli, new_key, wait_record
+
+ADMIN = "ops-token-0123456789abcdef"
+OTHER_ADMIN = "second-token-abcdef0123456789"
+
+POLICY = """
+version: 1
+timezone: UTC
+defaults: {default_output_cap: 64}
+workspaces:
+  dev:
+    budget_usd: 100
+    upstream: {key_env: TEST_UPSTREAM}
+    teams:
+      platform: {budget_usd: 40}
+      data: {}
+    services:
+      cli: {team: platform}
+      etl: {team: data}
+  prod:
+    budget_usd: 500
+    upstream: {key_env: TEST_UPSTREAM}
+    services:
+      api: {}
+"""
+
+
+@pytest.fixture(scope="module")
+def cstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
+    policy.write_text(POLICY)
+    env = {"EXTPROC_POLICY": str(policy), "TEST_UPSTREAM": "sk-upstream"}
+    with temporary_stack(
+        sidecar_env=env,
+        console_port=free_port(),
+        console_env={"EXTPROC_ADMIN_TOKENS": f"alice:{ADMIN},bob:{OTHER_ADMIN}"},
+    ) as s:
+        s.policy_path = policy  # type: ignore[attr-defined]
+        yield s
+
+
+@pytest.fixture(scope="module")
+def api(cstack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=cstack.console_url + "/admin/v1",
+        headers={"authorization": f"Bearer {ADMIN}"},
+        timeout=30,
+    ) as client:
+        yield client
+
+
+def test_openapi_document_describes_every_endpoint(cstack: Stack) -> None:
+    doc = httpx.get(cstack.console_url + "/admin/v1/openapi.json", timeout=10).json()
+    paths = set(doc["paths"])
+    for path in (
+        "/admin/v1/keys",
+        "/admin/v1/keys/{key_id}/rotate",
+        "/admin/v1/keys/{key_id}/revoke",
+        "/admin/v1/spend",
+        "/admin/v1/usage",
+        "/admin/v1/policy",
+        "/admin/v1/policy/validate",
+        "/admin/v1/alerts",
+        "/admin/v1/audit",
+    ):
+        assert path in paths, path
+    assert not any(p.startswith("/keys") or p == "/" for p in paths)  # pages stay out
+
+
+def test_admin_api_refuses_everyone_without_an_admin_token(cstack: Stack) -> None:
+    dev = new_key(cstack, "dev", "cli")
+    base = cstack.console_url + "/admin/v1"
+    for headers in (
+        {},
+        {"authorization": f"Bearer {dev['key']}"},  # a developer's virtual key
+        {"authorization": "Bearer not-the-token-000000000"},
+        {"authorization": ADMIN},  # no scheme
+    ):
+        for method, path in (("GET", "/keys"), ("GET", "/usage"), ("POST", "/keys")):
+            resp = httpx.request(method, base + path, headers=headers, json={}, timeout=10)
+            assert resp.status_code == 401, (headers, path, resp.text)
+            assert resp.json()["error"]["code"] == "unauthorized"
+
+
+def test_admin_token_is_not_a_virtual_key(cstack: Stack) -> None:
+    client = openai.OpenAI(base_url=cstack.base_url, api_key=ADMIN, max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+    me = httpx.get(
+        cstack.base_url.removesuffix("/v1") + "/extproc/v1/me",
+        headers={"authorization": f"Bearer {ADMIN}"},
+        timeout=10,
+    )
+    assert me.status_code == 401
+
+
+def test_key_lifecycle_through_the_api_works_at_the_gateway(
+    cstack: Stack, api: httpx.Client
+) -> None:
+    made = api.post("/keys", json={"workspace": "dev", "service": "etl", "owner": "carol"})
+    assert made.status_code == 201, made.text
+    key = made.json()
+    assert key["team"] == "data" and key["key"].startswith("sk-ext-")
+    listed = {k["key_id"]: k for k in api.get("/keys", params={"workspace": "dev"}).json()}
+    assert listed[key["key_id"]]["status"] == "active"
+    assert all(k["workspace"] == "dev" for k in listed.values())
+    assert key["key"] not in json.dumps(listed)
+
+    sdk = openai.OpenAI(base_url=cstack.base_url, api_key=key["key"], max_retries=0)
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    sdk.chat.completions.create(**chat)
+
+    rotated = api.post(f"/keys/{key['key_id']}/rotate", json={"overlap_seconds": 0}).json()
+    assert rotated["replaces"] == key["key_id"]
+    new_sdk = openai.OpenAI(base_url=cstack.base_url, api_key=rotated["key"], max_retries=0)
+    new_sdk.chat.completions.create(**chat)
+    with pytest.raises(openai.AuthenticationError):
+        sdk.chat.completions.create(**chat)  # overlap 0: the old key stopped at once
+
+    revoked = api.post(f"/keys/{rotated['key_id']}/revoke")
+    assert revoked.json()["status"] == "revoked"
+    with pytest.raises(openai.AuthenticationError):
+        new_sdk.chat.completions.create(**chat)
+
+    refused = api.post("/keys", json={"workspace": "dev", "service": "nope"})
+    assert refused.status_code == 400
+    assert 'unknown service "nope"' in refused.json()["error"]["message"]
+    missing = api.post("/keys/key_000000000000/revoke")
+    assert missing.status_code == 400
+
+
+def test_every_admin_action_is_audited_with_who(cstack: Stack, api: httpx.Client) -> None:
+    made = api.post("/keys", json={"workspace": "prod", "service": "api"}).json()
+    other = httpx.post(
+        cstack.console_url + "/admin/v1/keys/" + made["key_id"] + "/revoke",
+        headers={"authorization": f"Bearer {OTHER_ADMIN}"},
+        timeout=10,
+    )
+    assert other.status_code == 200
+    entries = api.get("/audit", params={"limit": 50}).json()
+    create = next(
+        e for e in entries if e["action"] == "keys.create" and e["target"] == made["key_id"]
+    )
+    revoke = next(
+        e for e in entries if e["action"] == "keys.revoke" and e["target"] == made["key_id"]
+    )
+    assert create["who"] == "alice" and revoke["who"] == "bob"
+    assert create["detail"]["workspace"] == "prod"
+    assert revoke["time_ms"] >= create["time_ms"] > 0
+    assert made["key"] not in json.dumps(entries)
+
+
+def test_spend_equals_the_cli_figures(cstack: Stack, api: httpx.Client) -> None:
+    r = redis.Redis.from_url(cstack.redis_url)
+    key = new_key(cstack, "dev", "cli")
+    sdk = openai.OpenAI(base_url=cstack.base_url, api_key=key["key"], max_retries=0)
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "count me"}]
+    )
+    wait_record(r, raw.headers["x-extproc-request-id"])
+    now = "2026-12-01T12:00:00"
+    from_api = api.get("/spend", params={"by": "team", "now": now}).json()
+    from_cli = json.loads(cli(cstack, "spend", "--json", "--by", "team", "--now", now).stdout)
+    assert from_api["rows"] == from_cli["rows"] and from_api["totals"] == from_cli["totals"]
+    live = api.get("/spend").json()
+    dev = next(row for row in live["rows"] if row["name"] == "dev")
+    assert float(dev["spent_usd"]) > 0
+    assert api.get("/spend", params={"by": "nope"}).status_code == 400
+
+
+def test_usage_filters_and_pages(cstack: Stack, api: httpx.Client) -> None:
+    r = redis.Redis.from_url(cstack.redis_url)
+    a, b = new_key(cstack, "dev", "cli"), new_key(cstack, "prod", "api")
+    ids: dict[str, list[str]] = {a["key_id"]: [], b["key_id"]: []}
+    for key in (a, b, a, a, b):
+        sdk = openai.OpenAI(base_url=cstack.base_url, api_key=key["key"], max_retries=0)
+        raw = sdk.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "page me"}]
+        )
+        ids[key["key_id"]].append(raw.headers["x-extproc-request-id"])
+    for rid in ids[a["key_id"]] + ids[b["key_id"]]:
+        wait_record(r, rid)
+
+    page1 = api.get("/usage", params={"key_id": a["key_id"], "limit": 2}).json()
+    assert [x["request_id"] for x in page1["records"]] == ids[a["key_id"]][::-1][:2]
+    assert page1["next_cursor"]
+    page2 = api.get(
+        "/usage", params={"key_id": a["key_id"], "limit": 2, "cursor": page1["next_cursor"]}
+    ).json()
+    assert [x["request_id"] for x in page2["records"]] == ids[a["key_id"]][:1]
+    assert page2["next_cursor"] is None
+
+    prod = api.get("/usage", params={"workspace": "prod", "service": "api"}).json()["records"]
+    assert {x["key_id"] for x in prod} == {b["key_id"]}
+    team = api.get("/usage", params={"team": "platform", "limit": 500}).json()["records"]
+    assert team and all(x["team"] == "platform" for x in team)
+    none = api.get("/usage", params={"outcome": "rejected", "model": "no-such-model"}).json()
+    assert none["records"] == []
+    future = api.get("/usage", params={"since": "2099-01-01T00:00:00"}).json()
+    assert future["records"] == []
+    assert api.get("/usage", params={"cursor": "drop table"}).status_code == 400
+
+
+def test_policy_in_force_and_validation(cstack: Stack, api: httpx.Client) -> None:
+    current = api.get("/policy").json()
+    assert current["workspaces"] == ["dev", "prod"]
+    assert "budget_usd: 500" in current["text"]
+    ok = api.post("/policy/validate", json={"text": POLICY}).json()
+    assert ok["valid"] is True and ok["workspaces"] == ["dev", "prod"]
+    bad = api.post(
+        "/policy/validate", json={"text": POLICY.replace("budget_usd: 500", "budget_usd: lots")}
+    ).json()
+    assert bad["valid"] is False
+    assert any(p.startswith("workspaces.prod.budget_usd") for p in bad["problems"])
+
+
+def test_alerts_are_listed(cstack: Stack, api: httpx.Client) -> None:
+    r = redis.Redis.from_url(cstack.redis_url)
+    r.xadd(
+        "{extproc:alerts}:recent",
+        {"time_ms": "1", "event": "soft_limit", "workspace": "dev", "scope": "ws", "text": "t"},
+    )
+    alerts = api.get("/alerts").json()
+    assert alerts[0]["event"] == "soft_limit" and alerts[0]["workspace"] == "dev"
+
+
+def test_console_refuses_a_bad_admin_secret(tmp_path: pytest.TempPathFactory) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "extproc", "console", "--port", "1"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "EXTPROC_ADMIN_TOKENS": "alice:short"},
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "EXTPROC_ADMIN_TOKENS: entry 1: token shorter than 16 characters" in out.stderr
+    assert "Traceback" not in out.stderr

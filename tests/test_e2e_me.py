@@ -1,0 +1,134 @@
+"""End to end: `GET /extproc/v1/me` through the real gateway, authenticated by the virtual key.
+
+Real Envoy, sidecar, Redis and simulator; the openai SDK makes the traffic and httpx asks
+the gateway what it knows about the caller.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+import redis
+
+from extproc.devstack.stack import Stack, temporary_stack
+from tests.conftest import new_key, wait_record
+
+POLICY = """
+version: 1
+timezone: UTC
+defaults: {default_output_cap: 64}
+workspaces:
+  dev:
+    budget_usd: 100
+    contact: "#platform-help"
+    upstream: {key_env: TEST_UPSTREAM}
+    teams:
+      platform: {budget_usd: 40, contact: "alice@example.com"}
+      data: {budget_usd: 30}
+    services:
+      cli: {team: platform, key_rate_limits: {rpm: 50}}
+      etl: {team: data}
+"""
+
+
+@pytest.fixture(scope="module")
+def mstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
+    policy.write_text(POLICY)
+    env = {"EXTPROC_POLICY": str(policy), "TEST_UPSTREAM": "sk-upstream"}
+    with temporary_stack(sidecar_env=env) as s:
+        s.policy_path = policy  # type: ignore[attr-defined]
+        yield s
+
+
+def me(stack: Stack, key: str | None) -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    url = stack.base_url.removesuffix("/v1") + "/extproc/v1/me"
+    return httpx.get(url, headers=headers, timeout=10)
+
+
+def test_me_shows_own_standing_and_only_own_requests(mstack: Stack) -> None:
+    r = redis.Redis.from_url(mstack.redis_url)
+    mine = new_key(mstack, "dev", "cli")
+    other = new_key(mstack, "dev", "etl")
+    client = openai.OpenAI(base_url=mstack.base_url, api_key=mine["key"], max_retries=0)
+    raws = [
+        client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": f"hello {i}"}],
+            extra_headers={"session_id": "sess-me-1"},
+        )
+        for i in range(3)
+    ]
+    theirs = openai.OpenAI(base_url=mstack.base_url, api_key=other["key"], max_retries=0)
+    their_raw = theirs.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "secret project"}]
+    )
+    records = [wait_record(r, raw.headers["x-extproc-request-id"]) for raw in raws]
+    wait_record(r, their_raw.headers["x-extproc-request-id"])
+
+    resp = me(mstack, mine["key"])
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["identity"] == {
+        "key_id": mine["key_id"],
+        "workspace": "dev",
+        "team": "platform",
+        "service": "cli",
+        "owner": None,
+        "expires_at": None,
+    }
+    assert body["contact"] == "alice@example.com"  # the team's own contact wins
+    scopes = {b["scope"]: b for b in body["budgets"]}
+    assert set(scopes) == {"ws", "team:platform", "svc:cli", f"key:{mine['key_id']}"}
+    spent_mine = sum(rec["cost_nanos"] for rec in records)
+    assert scopes[f"key:{mine['key_id']}"]["spent_nanos"] == spent_mine
+    assert scopes["team:platform"]["spent_nanos"] == spent_mine
+    assert scopes["team:platform"]["hard_usd"] == "44"  # 110% of 40
+    team = scopes["team:platform"]
+    assert Decimal(team["remaining_usd"]) == Decimal(44) - Decimal(spent_mine) / 10**9
+    assert team["resets_at"] == body["period"]["resets_at"]
+    rates = {r["scope"]: r for r in body["rate_limits"]}
+    assert rates[f"key:{mine['key_id']}"]["rpm"] == 50
+    assert rates[f"key:{mine['key_id']}"]["requests_this_minute"] >= 1
+    ids = [row["request_id"] for row in body["recent_requests"]]
+    assert ids == [rec["request_id"] for rec in reversed(records)]  # newest first
+    row = body["recent_requests"][0]
+    assert row["model_requested"] == "gpt-4o-mini"
+    assert row["cost_nanos"] == records[-1]["cost_nanos"]
+    assert body["sessions"][0]["session_id"] == "sess-me-1"
+    assert body["sessions"][0]["input_tokens"] > 0
+    assert their_raw.headers["x-extproc-request-id"] not in resp.text
+    assert other["key_id"] not in resp.text
+    assert "svc:etl" not in resp.text and "team:data" not in resp.text
+
+
+def test_me_refuses_wrong_keys_and_never_reaches_upstream(mstack: Stack) -> None:
+    before = httpx.get(f"{mstack.upstream_url}/_sim/requests", timeout=10).json()["requests"]
+    for key in (None, "sk-ext-" + "x" * 40, "admin-token-is-not-a-key"):
+        resp = me(mstack, key)
+        assert resp.status_code == 401
+        assert resp.json()["error"]["code"] == "invalid_api_key"
+    revoked = new_key(mstack, "dev", "cli")
+    assert me(mstack, revoked["key"]).status_code == 200
+    from tests.conftest import cli
+
+    cli(mstack, "keys", "revoke", revoked["key_id"])
+    assert me(mstack, revoked["key"]).status_code == 401
+    after = httpx.get(f"{mstack.upstream_url}/_sim/requests", timeout=10).json()["requests"]
+    assert len(after) == len(before)
+
+
+def test_me_page_is_served_by_the_gateway_with_no_key_in_it(mstack: Stack) -> None:
+    url = mstack.base_url.removesuffix("/v1") + "/extproc/me"
+    resp = httpx.get(url, timeout=10)
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/html")
+    assert 'type="password"' in resp.text and "/extproc/v1/me" in resp.text
+    bad = httpx.post(url, content=json.dumps({}), timeout=10)
+    assert bad.status_code == 405
