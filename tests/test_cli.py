@@ -113,6 +113,7 @@ def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...],
         ("keys", "rotate", "key_0123456789ab"),
         ("keys", "revoke", "key_0123456789ab"),
         ("usage", "--stack", "1"),
+        ("console",),
     ]
     dead = [(*argv, "--redis-url", dead_redis) for argv in no_stack[:8]]
     bad_args: list[tuple[str, ...]] = [
@@ -136,6 +137,7 @@ def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...],
          "--input-tokens", "-3", "--policy", str(EXAMPLE)),
         ("check-config",),
         ("stack", "--port", "1"),
+        ("console", "--port", "web"),
     ]  # fmt: skip
     bad_files: list[tuple[str, ...]] = [
         ("check-config", f[name]) for name in ("missing", "dir", "broken", "invalid", "binary")
