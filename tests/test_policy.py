@@ -93,12 +93,7 @@ def test_example_policy_loads_with_exact_limits_and_overrides() -> None:
     # rpm from the service, tpm inherited from defaults
     assert codex.key_rate_limits == RateLimits(rpm=30, tpm=400_000)
     assert policy.service("dev", "nope") is None and policy.service("nope", "codex-cli") is None
-    assert [(w.url, w.events) for w in policy.webhooks] == [
-        (
-            "http://127.0.0.1:9099/extproc-alerts",
-            frozenset({"soft_limit", "hard_limit", "burn_rate"}),
-        )
-    ]
+    assert policy.webhooks == ()  # the example ships the Slack hook commented out
 
 
 def test_built_in_defaults_apply_without_a_defaults_section() -> None:
@@ -449,7 +444,7 @@ def test_check_config_ok_with_warnings(capsys: pytest.CaptureFixture[str]) -> No
     out = capsys.readouterr().out.splitlines()
     assert out[0] == (
         "ok: 3 workspaces (dev $500/month, ci $1,000/month, prod $5,000/month), 7 teams, "
-        "9 services, 1 webhook; periods in Europe/Berlin"
+        "9 services, 0 webhooks; periods in Europe/Berlin"
     )
 
 
