@@ -1,4 +1,4 @@
-"""Server CPU per gRPC message: grpcio's aio server vs `extproc.dataplane.h2grpc`, one servicer.
+"""Server CPU per gRPC message: grpcio's aio server, grpclib and `extproc.dataplane.h2grpc`.
 
 Why: the sidecar's budget is about 1 ms added per HTTP request and grpcio alone costs more
 than that. This measures only the gRPC server's process (user + system CPU from /proc),
@@ -13,6 +13,7 @@ Two drivers:
                    one at a time (Envoy's pattern), without Envoy.
 
     .venv/bin/python bench/bench_h2grpc.py [--driver envoy|grpc] [--requests N]
+        [--impl all|ours|grpcio|grpclib]
 """
 
 from __future__ import annotations
@@ -130,11 +131,58 @@ async def _serve_grpcio(listen: str, stop: asyncio.Event) -> None:
     await server.stop(0)
 
 
+async def _serve_grpclib(listen: str, stop: asyncio.Event) -> None:
+    """grpclib: pure-Python HTTP/2 (the `h2` package) and gRPC, the other asyncio option."""
+    from grpclib.const import Cardinality, Handler
+    from grpclib.encoding.base import CodecBase
+    from grpclib.server import Server, Stream
+
+    class RawCodec(CodecBase):
+        """Bytes in, bytes out: neither server under test parses protobuf in the echo case."""
+
+        __content_subtype__ = "proto"
+
+        def encode(self, message: Any, message_type: Any) -> bytes:
+            return message
+
+        def decode(self, data: bytes, message_type: Any) -> Any:
+            return data
+
+    async def echo(stream: Stream[bytes, bytes]) -> None:
+        async for message in stream:
+            _Counter.messages += 1
+            await stream.send_message(message)
+
+    async def ext_proc(stream: Stream[bytes, bytes]) -> None:
+        async for message in stream:
+            _Counter.messages += 1
+            await stream.send_message(ext_proc_reply(message))
+
+    class Service:
+        def __mapping__(self) -> dict[str, Handler]:
+            bidi = Cardinality.STREAM_STREAM
+            return {
+                ECHO_PATH: Handler(echo, bidi, bytes, bytes),
+                EXT_PROC_PATH: Handler(ext_proc, bidi, bytes, bytes),
+            }
+
+    host, port = listen.rsplit(":", 1)
+    server = Server([Service()], codec=RawCodec())
+    await server.start(host, int(port))
+    print("ready", flush=True)
+    await stop.wait()
+    server.close()
+    await server.wait_closed()
+
+
+_SERVERS = {"ours": _serve_ours, "grpcio": _serve_grpcio, "grpclib": _serve_grpclib}
+
+
 def serve(impl: str, listen: str, loop_kind: str) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await (_serve_ours if impl == "ours" else _serve_grpcio)(listen, stop)
+        await _SERVERS[impl](listen, stop)
         print(f"messages {_Counter.messages}", flush=True)
 
     if loop_kind == "uvloop":
@@ -323,21 +371,21 @@ def main() -> int:
     parser.add_argument("--driver", choices=("envoy", "grpc"), default="envoy")
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--impl", choices=("both", "ours", "grpcio"), default="both")
+    parser.add_argument("--impl", choices=("all", *_SERVERS), default="all")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
-    parser.add_argument("--serve", choices=("ours", "grpcio"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=tuple(_SERVERS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, f"127.0.0.1:{args.port}", args.loop)
         return 0
-    impls = ("grpcio", "ours") if args.impl == "both" else (args.impl,)
+    impls = ("grpcio", "grpclib", "ours") if args.impl == "all" else (args.impl,)
     for impl in impls:
         result = measure(impl, args)
         figures = "  ".join(
             f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
         )
-        print(f"{impl:7s} driver={args.driver} loop={args.loop}  {figures}", flush=True)
+        print(f"{impl:8s} driver={args.driver} loop={args.loop}  {figures}", flush=True)
     return 0
 
 

@@ -43,6 +43,8 @@ class Settings:
     spool_dir: str = ".data/spool"
     # Seconds an in-flight stream gets to finish after SIGTERM.
     grace_seconds: float = 30.0
+    # Sidecar processes sharing the listen port (SO_REUSEPORT); 0: one per usable CPU.
+    workers: int = 0
     # Seconds a budget hold lives without renewal. A live sidecar renews its holds every
     # quarter of this; once a dead or hung sidecar's hold expires, any replica bills its
     # estimate (outcome "orphaned") and releases it. Shorter: orphans billed and budget
@@ -58,18 +60,22 @@ _ENV = {
     "prices": "EXTPROC_PRICES",
     "policy": "EXTPROC_POLICY",
     "spool_dir": "EXTPROC_SPOOL_DIR",
+    "workers": "EXTPROC_WORKERS",
     "hold_expiry_seconds": "EXTPROC_HOLD_EXPIRY_SECONDS",
     "grace_seconds": "EXTPROC_GRACE_SECONDS",
 }
 _CHOICES = {"bad_request": ("reject", "pass")}
+_ZERO_MEANS_AUTO = frozenset({"workers"})
 
 
 def _coerce(name: str, value: Any, expected: type, where: str) -> Any:
     if expected is int:
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{where}: {name}: must be a positive integer, got {value!r}")
+        least = 0 if name in _ZERO_MEANS_AUTO else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            what = "a whole number (0: automatic)" if least == 0 else "a positive integer"
+            raise ConfigError(f"{where}: {name}: must be {what}, got {value!r}")
     elif expected is float:
         try:
             value = float(value)

@@ -1,5 +1,6 @@
-"""End to end: a request through Envoy becomes an OTLP span in the caller's trace, and
-its tokens reach a real Prometheus through the sidecar's scrape endpoint.
+"""End to end: a request through Envoy becomes an OTLP span in the caller's trace and an
+`extproc.usage` log event carrying its usage record, and its tokens reach a real
+Prometheus through the sidecar's scrape endpoint.
 
 The sidecar exports over OTLP/HTTP (protobuf), and in a second stack over OTLP/gRPC, to a
 receiver in this process that decodes what arrives with the official OTLP protobuf types;
@@ -8,34 +9,25 @@ Prometheus is Debian's `prometheus` binary scraping the sidecar every second.
 
 from __future__ import annotations
 
-import gzip
 import json
 import secrets
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
-    ExportMetricsServiceRequest,
-    ExportMetricsServiceResponse,
-)
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
 
 from extproc.devstack.stack import Child, Stack, free_port, temporary_stack
+from extproc.v1.ledger_pb2 import UsageRecord
+from tests.otlp import WAIT_S, OtlpReceiver
 
 UPSTREAM_KEY = "sk-upstream-telemetry"
 POLICY = """
@@ -52,100 +44,6 @@ workspaces:
       prom: {}
 """
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "trace me please"}]}
-WAIT_S = 20.0
-
-
-def _value(v: AnyValue) -> Any:
-    kind = v.WhichOneof("value")
-    return getattr(v, kind) if kind else None
-
-
-def _attrs(kvs: Any) -> dict[str, Any]:
-    return {kv.key: _value(kv.value) for kv in kvs if isinstance(kv, KeyValue)}
-
-
-@dataclass
-class ReceivedSpan:
-    resource: dict[str, Any]
-    scope: str
-    span: OtlpSpan
-
-    @property
-    def attributes(self) -> dict[str, Any]:
-        return _attrs(self.span.attributes)
-
-
-@dataclass
-class OtlpReceiver:
-    """An OTLP/HTTP endpoint: /v1/traces and /v1/metrics, protobuf, gzip or not."""
-
-    spans: list[ReceivedSpan] = field(default_factory=list)
-    metric_names: set[str] = field(default_factory=set)
-    arrived: threading.Condition = field(default_factory=threading.Condition)
-
-    def start(self) -> int:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                if self.headers.get("content-encoding") == "gzip":
-                    body = gzip.decompress(body)
-                if self.path == "/v1/traces":
-                    receiver.add_traces(ExportTraceServiceRequest.FromString(body))
-                    reply = ExportTraceServiceResponse().SerializeToString()
-                elif self.path == "/v1/metrics":
-                    receiver.add_metrics(ExportMetricsServiceRequest.FromString(body))
-                    reply = ExportMetricsServiceResponse().SerializeToString()
-                else:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self.server.server_address[1]
-
-    def add_traces(self, req: ExportTraceServiceRequest) -> None:
-        with self.arrived:
-            for rs in req.resource_spans:
-                resource = _attrs(rs.resource.attributes)
-                for ss in rs.scope_spans:
-                    self.spans.extend(ReceivedSpan(resource, ss.scope.name, s) for s in ss.spans)
-            self.arrived.notify_all()
-
-    def add_metrics(self, req: ExportMetricsServiceRequest) -> None:
-        with self.arrived:
-            for rm in req.resource_metrics:
-                for sm in rm.scope_metrics:
-                    self.metric_names.update(m.name for m in sm.metrics)
-            self.arrived.notify_all()
-
-    def wait_span(self, trace_id: str) -> ReceivedSpan:
-        wanted = bytes.fromhex(trace_id)
-        with self.arrived:
-            found: list[ReceivedSpan] = []
-
-            def match() -> bool:
-                found[:] = [s for s in self.spans if s.span.trace_id == wanted]
-                return bool(found)
-
-            assert self.arrived.wait_for(match, WAIT_S), f"no span of trace {trace_id}"
-            (span,) = found
-            return span
-
-    def wait_metric(self, name: str) -> None:
-        with self.arrived:
-            assert self.arrived.wait_for(lambda: name in self.metric_names, WAIT_S), sorted(
-                self.metric_names
-            )
 
 
 @dataclass
@@ -169,6 +67,8 @@ def telemetered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Telemetere
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_LOGS_EXPORTER": "otlp",
+        "OTEL_BLRP_SCHEDULE_DELAY": "100",
         "OTEL_SERVICE_NAME": "extproc-e2e",
         "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=e2e",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
@@ -179,7 +79,7 @@ def telemetered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Telemetere
         with temporary_stack(sidecar_env=env) as stack:
             yield Telemetered(stack, otlp, metrics_port, policy)
     finally:
-        otlp.server.shutdown()
+        otlp.stop()
 
 
 def new_key(t: Telemetered, service: str) -> dict[str, str]:
@@ -214,10 +114,12 @@ def test_request_span_joins_the_callers_trace(telemetered: Telemetered) -> None:
         key["key"],
         {"traceparent": f"00-{trace_id}-{parent_id}-01", "tracestate": "caller=ci"},
     )
-    after_ns = time.time_ns()
     usage = resp.json()["usage"]
 
     got = telemetered.otlp.wait_span(trace_id)
+    # The span ends when Envoy closes the ext_proc stream, which may be just after the
+    # client has its response: bound it by the moment the span was seen, not by the reply.
+    after_ns = time.time_ns()
     span, attrs = got.span, got.attributes
     assert span.name == "chat gpt-4o-mini"
     assert span.kind == OtlpSpan.SPAN_KIND_CLIENT
@@ -259,7 +161,13 @@ class GrpcOtlpReceiver(OtlpReceiver):
 
         import grpc
         from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+            ExportMetricsServiceResponse,
+        )
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceResponse,
+        )
 
         receiver = self
 
@@ -315,6 +223,38 @@ def test_otlp_over_grpc_delivers_spans_and_metrics(grpc_otlp: Telemetered) -> No
     assert got.attributes["extproc.request_id"] == resp.headers["x-extproc-request-id"]
     assert got.attributes["gen_ai.usage.output_tokens"] == resp.json()["usage"]["completion_tokens"]
     grpc_otlp.otlp.wait_metric("extproc.tokens")
+
+
+def test_usage_record_arrives_as_otlp_log_event(
+    telemetered: Telemetered,
+) -> None:
+    key = new_key(telemetered, "cli")
+    resp = chat(telemetered, key["key"])
+    request_id = resp.headers["x-extproc-request-id"]
+    usage = resp.json()["usage"]
+
+    got = telemetered.otlp.wait_log(request_id)
+    attrs = got.attributes
+    assert got.log.event_name == "extproc.usage"
+    assert got.scope == "extproc.usage"
+    assert got.resource["service.name"] == "extproc-e2e"
+    assert attrs["event.name"] == "extproc.usage"
+    # The record's fields, every one, under their own names; money stays exact.
+    record_fields = {f.name for f in UsageRecord.DESCRIPTOR.fields}
+    assert record_fields <= attrs.keys()
+    assert attrs["input_tokens"] == usage["prompt_tokens"]
+    assert attrs["output_tokens"] == usage["completion_tokens"]
+    assert attrs["cost_nanos"] > 0
+    assert Decimal(attrs["cost_usd"]) == Decimal(attrs["cost_nanos"]).scaleb(-9)
+    assert attrs["cost_usd"] == resp.headers["x-extproc-cost-usd"]
+    assert (attrs["workspace"], attrs["team"], attrs["service"], attrs["key_id"]) == (
+        "dev",
+        "platform",
+        "cli",
+        key["key_id"],
+    )
+    assert attrs["outcome"] == "completed"
+    assert key["key"] not in repr(got.log) and UPSTREAM_KEY not in repr(got.log)
 
 
 @dataclass

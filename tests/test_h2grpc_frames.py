@@ -20,6 +20,7 @@ from h2grpc_support import (
 
 from extproc.dataplane.h2grpc import Status
 from extproc.dataplane.h2grpc import frames as fr
+from extproc.dataplane.h2grpc.hpack import encode_int, encode_literal
 from extproc.dataplane.h2grpc.http2 import CONN_WINDOW, MAX_HEADER_LIST, STREAM_WINDOW
 
 
@@ -272,3 +273,176 @@ async def test_reset_before_an_async_reply_starts_leaves_no_stray_coroutine() ->
     assert streams.all[0].ends == [True]
     assert ran == []
     assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+# -- hardening: header limits, malformed requests, GOAWAY, receive windows ---------------
+
+
+def fields(*pairs: tuple[bytes, bytes]) -> bytes:
+    return b"".join(encode_literal(name, value) for name, value in pairs)
+
+
+_POST, _HTTP = (b":method", b"POST"), (b":scheme", b"http")
+_PATH = (b":path", ECHO.encode())
+MALFORMED = {
+    "no-path": fields(_POST, _HTTP),
+    "no-scheme": fields(_POST, _PATH),
+    "empty-path": fields(_POST, _HTTP, (b":path", b"")),
+    "pseudo-after-regular": fields(_POST, _HTTP, (b"te", b"trailers"), _PATH),
+    "response-pseudo": fields(_POST, _HTTP, _PATH, (b":status", b"200")),
+    "repeated-path": fields(_POST, _HTTP, _PATH, _PATH),
+    "uppercase-name": fields(_POST, _HTTP, _PATH, (b"Content-Type", b"application/grpc")),
+    "connection-header": fields(_POST, _HTTP, _PATH, (b"connection", b"keep-alive")),
+    "te-not-trailers": fields(_POST, _HTTP, _PATH, (b"te", b"gzip")),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+@async_test
+async def test_raw_malformed_request_is_a_stream_error(case: str) -> None:
+    """RFC 9113 8.1.1: PROTOCOL_ERROR for that stream only; no handler is created, and the
+    connection (and its HPACK state) carries on serving."""
+    streams = Streams()
+    async with serving({ECHO: streams.route()}) as server:
+        client = await RawClient.connect(server.port)
+        client.headers(1, MALFORMED[case], end_stream=True)
+        assert (await client.response(1)).rst == fr.ErrorCode.PROTOCOL_ERROR
+        client.headers(3, request_block(ECHO.encode()))
+        client.data(3, grpc_message(b"still here"), end_stream=True)
+        after = await client.response(3)
+        client.close()
+    assert after.messages == [b"still here"] and after.status == 0
+    assert [seen.messages for seen in streams.all] == [[b"still here"]]
+
+
+@async_test
+async def test_raw_non_post_and_bad_trailers() -> None:
+    streams = Streams()
+    async with serving({ECHO: streams.route()}) as server:
+        client = await RawClient.connect(server.port)
+        client.headers(1, fields((b":method", b"GET"), _HTTP, _PATH), end_stream=True)
+        get = await client.response(1)
+        client.headers(3, request_block(ECHO.encode()))
+        client.data(3, grpc_message(b"one"))
+        await client.until(fr.DATA, 3)
+        client.headers(3, fields((b":path", b"/sneaky")), end_stream=True)
+        trailers = await client.response(3)
+        client.close()
+    assert get.status == Status.UNIMPLEMENTED
+    assert trailers.rst == fr.ErrorCode.PROTOCOL_ERROR
+    assert streams.all[0].ends == [True]
+
+
+@async_test
+async def test_raw_header_list_over_the_advertised_limit() -> None:
+    """Refused with RESOURCE_EXHAUSTED; the block was still decoded, so an indexed field
+    added by the refused block is usable on the next stream."""
+    streams = Streams()
+    async with serving({ECHO: streams.route()}) as server:
+        client = await RawClient.connect(server.port)
+        huge = b"a" * MAX_HEADER_LIST
+        remembered = encode_int(0, 6, 0x40) + encode_literal(b"x-id", b"42")[1:]
+        client.headers(1, request_block(ECHO.encode()) + remembered + fields((b"x-big", huge)))
+        refused = await client.response(1)
+        client.headers(3, request_block(ECHO.encode()) + b"\xbe")  # index 62: x-id: 42
+        client.data(3, grpc_message(b"fine"), end_stream=True)
+        fine = await client.response(3)
+        client.close()
+    assert refused.status == Status.RESOURCE_EXHAUSTED
+    assert fine.messages == [b"fine"]
+    assert len(streams.all) == 1
+
+
+@async_test
+async def test_raw_peer_goaway_finishes_open_streams_then_closes() -> None:
+    loop = asyncio.get_running_loop()
+    gate: asyncio.Future[bytes] = loop.create_future()
+    streams = Streams(lambda data: gate)
+    async with serving({ECHO: streams.route()}) as server:
+        client = await RawClient.connect(server.port)
+        client.headers(1, request_block(ECHO.encode()))
+        client.data(1, grpc_message(b"slow"), end_stream=True)
+        client.send(fr.GOAWAY, 0, 0, fr.goaway(0, fr.ErrorCode.NO_ERROR)[9:])
+        client.headers(3, request_block(ECHO.encode()), end_stream=True)
+        assert (await client.response(3)).rst == fr.ErrorCode.REFUSED_STREAM
+        assert server.connection_count == 1
+        gate.set_result(b"answered")
+        served = await client.response(1)
+        assert await client.reader.read() == b""  # nothing open any more: closed
+        client.close()
+    assert served.messages == [b"answered"] and served.status == 0
+    assert streams.all[0].ends == [False]
+
+
+@async_test
+async def test_raw_peer_goaway_with_an_error_cancels_streams() -> None:
+    never: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    streams = Streams(lambda data: never)
+    async with serving({ECHO: streams.route()}) as server:
+        client = await RawClient.connect(server.port)
+        client.headers(1, request_block(ECHO.encode()))
+        client.data(1, grpc_message(b"wait"))
+        await client.barrier()
+        client.send(fr.GOAWAY, 0, 0, fr.goaway(1, fr.ErrorCode.INTERNAL_ERROR)[9:])
+        await streams.all[0].ended.wait()
+        assert await client.reader.read() == b""
+        client.close()
+        assert server.active_streams == 0
+    assert streams.all[0].ends == [True]
+
+
+def window_updates(frames: list[tuple[int, int, int, bytes]], sid: int) -> int:
+    return sum(
+        int.from_bytes(p, "big") for t, _f, s, p in frames if t == fr.WINDOW_UPDATE and s == sid
+    )
+
+
+@async_test
+async def test_raw_receive_window_holds_bytes_while_the_handler_is_busy() -> None:
+    """Back-pressure: a busy stream's window is not credited, so a peer that outruns its
+    handler stalls at STREAM_WINDOW queued bytes; the credit comes once they are served.
+    A stream whose handler keeps up gets credit as it goes."""
+    loop = asyncio.get_running_loop()
+    gate: asyncio.Future[bytes] = loop.create_future()
+    chunk = grpc_message(b"q" * 60_000)  # 60,005 bytes
+    count = STREAM_WINDOW // len(chunk)  # as many as the window allows
+    async with serving({ECHO: Streams(lambda d: gate if d == b"first" else b"").route()}) as srv:
+        client = await RawClient.connect(srv.port)
+        client.headers(1, request_block(ECHO.encode()))
+        client.data(1, grpc_message(b"first"))
+        for _ in range(count - 1):
+            client.data(1, chunk)
+        held = await client.barrier()
+        assert window_updates(held, 1) == 0
+        assert srv.active_streams == 1
+        gate.set_result(b"done")
+        served = await client.until(fr.WINDOW_UPDATE, 1)
+        assert window_updates(served, 1) == (count - 1) * len(chunk) + len(grpc_message(b"first"))
+        # Same bytes to a stream that is never busy: credited while they arrive.
+        client.headers(3, request_block(ECHO.encode()))
+        for _ in range(count - 1):
+            client.data(3, grpc_message(b"z" * 60_000))
+        flowing = await client.barrier()
+        assert window_updates(flowing, 3) >= STREAM_WINDOW // 2
+        client.close()
+    assert sum(1 for t, _f, s, _p in served if t == fr.DATA and s == 1) >= 1
+
+
+@async_test
+async def test_raw_stream_window_is_enforced() -> None:
+    never: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    async with serving({ECHO: Streams(lambda data: never).route()}) as server:
+        client = await RawClient.connect(server.port)
+        client.headers(1, request_block(ECHO.encode()))
+        client.data(1, grpc_message(b"x"))
+        payload = bytes(16_000)
+        sent = len(grpc_message(b"x"))
+        while sent + len(payload) <= STREAM_WINDOW:
+            client.data(1, payload)
+            sent += len(payload)
+        client.data(1, bytes(STREAM_WINDOW - sent + 1))  # one byte past the window
+        response = await client.response(1)
+        assert response.rst == fr.ErrorCode.FLOW_CONTROL_ERROR
+        # The connection window got the stream's held bytes back when the stream went.
+        assert server.connection_count == 1
+        client.close()

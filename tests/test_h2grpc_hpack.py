@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
+import hpack
 import pytest
 
-from extproc.dataplane.h2grpc.hpack import HeaderDecoder, HpackError, encode_int
+from extproc.dataplane.h2grpc.hpack import HeaderDecoder, HeaderListTooLarge, HpackError, encode_int
 from extproc.dataplane.h2grpc.huffman import (
     CODES,
     LENGTHS,
@@ -154,3 +157,72 @@ def test_hpack_size_update_shrinks_table_and_integers_round_trip() -> None:
 def test_grpc_message_percent_encoding() -> None:
     assert percent_encode("plain text") == b"plain text"
     assert percent_encode("50% é\n") == b"50%25 %C3%A9%0A"
+
+
+# -- the `hpack` package's encoder as an oracle -----------------------------------------
+
+# Names and values a real peer sends, plus bytes that push Huffman to its long codes.
+_NAMES = [
+    b":path",
+    b":authority",
+    b"content-type",
+    b"te",
+    b"grpc-timeout",
+    b"user-agent",
+    b"x-request-id",
+    b"x-envoy-expected-rq-timeout-ms",
+    b"authorization",
+    b"cookie",
+]
+_ALPHABET = bytes(range(256))
+
+
+def _random_value(rng: random.Random) -> bytes:
+    kind = rng.random()
+    if kind < 0.4:
+        return rng.choice([b"", b"application/grpc", b"trailers", b"/a/b", b"gzip"])
+    if kind < 0.8:
+        return bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz0123456789-_/.")
+                     for _ in range(rng.randrange(0, 300)))  # fmt: skip
+    return bytes(rng.choice(_ALPHABET) for _ in range(rng.randrange(0, 80)))
+
+
+def _random_headers(rng: random.Random) -> list[hpack.HeaderTuple]:
+    headers: list[hpack.HeaderTuple] = []
+    for _ in range(rng.randrange(1, 25)):
+        name = rng.choice(_NAMES) if rng.random() < 0.7 else _random_value(rng).lower() or b"x"
+        value = _random_value(rng)
+        cls = hpack.NeverIndexedHeaderTuple if rng.random() < 0.1 else hpack.HeaderTuple
+        headers.append(cls(name, value))
+    return headers
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_hpack_decoder_agrees_with_the_hpack_package_encoder(seed: int) -> None:
+    """Hundreds of blocks from an independent encoder over one connection's life: Huffman
+    on and off, indexed and never-indexed fields, table evictions and size updates."""
+    rng = random.Random(seed)
+    encoder = hpack.Encoder()
+    ours = HeaderDecoder()
+    for _ in range(150):
+        if rng.random() < 0.1:
+            encoder.header_table_size = rng.choice([0, 64, 256, 1024, 4096])
+        headers = _random_headers(rng)
+        block = encoder.encode(headers, huffman=rng.random() < 0.7)
+        assert ours.decode(block) == [(bytes(n), bytes(v)) for n, v in headers]
+        assert ours.table == [(bytes(n), bytes(v)) for n, v in encoder.header_table.dynamic_entries]
+
+
+def test_hpack_header_list_limit_keeps_the_table_in_step() -> None:
+    """Over the limit: an error for that block only; the next block still decodes, because
+    the fields past the limit were decoded (and indexed) all the same."""
+    encoder = hpack.Encoder()
+    ours = HeaderDecoder()
+    big = [(b"x-big-%02d" % i, b"v" * 100) for i in range(20)]  # 20 x (8 + 100 + 32) bytes
+    with pytest.raises(HeaderListTooLarge):
+        ours.decode(encoder.encode(big), max_list_size=1000)
+    again = encoder.encode(big)  # all indexed references now: 20 bytes for 2,800
+    assert len(again) == 20
+    assert ours.decode(again, max_list_size=2800) == big
+    with pytest.raises(HeaderListTooLarge):
+        ours.decode(again, max_list_size=2799)

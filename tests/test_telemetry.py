@@ -479,3 +479,25 @@ def test_observe_is_cheap(capsys: pytest.CaptureFixture[str]) -> None:
         print(f"\nobserve(): {enabled_us:.1f} us/call enabled, {disabled_us:.2f} us/call disabled")
     assert enabled_us < 1000
     assert disabled_us < 5
+
+
+def test_usage_log_events_need_their_own_exporter_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An OTLP endpoint alone exports no per-request log events; OTEL_LOGS_EXPORTER does."""
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_LOGS_EXPORTER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("EXTPROC_PROMETHEUS_PORT", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    assert not Telemetry.from_env().enabled
+    monkeypatch.setenv("OTEL_LOGS_EXPORTER", "otlp")
+    telemetry = Telemetry.from_env()
+    try:
+        assert telemetry.enabled
+    finally:
+        telemetry.shutdown()
+    monkeypatch.setenv("OTEL_LOGS_EXPORTER", "bogus")
+    with pytest.raises(ConfigError, match="OTEL_LOGS_EXPORTER"):
+        Telemetry.from_env()

@@ -18,7 +18,10 @@ from zoneinfo import ZoneInfo
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from extproc.dataplane.server import serve
+    from extproc.dataplane.workers import supervise, worker_count
     from extproc.settings import ConfigError, load_settings
 
     try:
@@ -26,13 +29,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"extproc: {exc}", file=sys.stderr)
         return 2
+    if args.workers is not None:
+        if args.workers < 0:
+            print("extproc: --workers: must be 0 (one per CPU) or more", file=sys.stderr)
+            return 2
+        settings = dataclasses.replace(settings, workers=args.workers)
+    count = worker_count(settings)
+    if count > 1 and not args.reuse_port:
+        try:
+            return asyncio.run(supervise(settings, count, args.config))
+        except ConfigError as exc:
+            print(f"extproc: {exc}", file=sys.stderr)
+            return 2
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, reuse_port=args.reuse_port))
     return 0
 
 
@@ -108,6 +123,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 from extproc.cli.admin import add_stack_options, redis_url, register  # noqa: E402
+from extproc.cli.ledger import register_ledger  # noqa: E402
+from extproc.cli.reconcile import register_reconcile  # noqa: E402
 from extproc.cli.route import register_route  # noqa: E402
 from extproc.console.cli import register_console  # noqa: E402
 from extproc.insight.spend import register_spend  # noqa: E402
@@ -121,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the ext_proc gRPC sidecar")
     p.add_argument("--config", help="settings YAML (or EXTPROC_CONFIG)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="sidecar processes sharing the port (default: settings `workers`, else one per CPU)",
+    )
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a worker
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("simulate", help="run the OpenAI-compatible upstream simulator")
@@ -151,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     register(sub)
     register_spend(sub)
     register_route(sub)
+    register_ledger(sub)
+    register_reconcile(sub)
     register_console(sub)
     return parser
 

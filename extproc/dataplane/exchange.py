@@ -81,6 +81,8 @@ _REQUEST_HEADERS = frozenset(
         "traceparent",
         "tracestate",
         "x-task",
+        "originator",
+        "user-agent",
     }
 )
 ROUTE_HEADER = "x-extproc-route"
@@ -143,6 +145,7 @@ def unmetered_key(method: str, path: str) -> str:
 class Exchange:
     __slots__ = (
         "_closed",
+        "_codex",
         "_content_encoding",
         "_decision",
         "_deps",
@@ -187,6 +190,7 @@ class Exchange:
         self._content_encoding = ""
         self._request_chunks: list[bytes] = []
         self._closed = False
+        self._codex = False
 
     # -- request headers: which endpoint, which caller ----------------------------------
 
@@ -213,6 +217,7 @@ class Exchange:
         self._content_encoding = h.get("content-encoding", "")
         self._trace = (h.get("traceparent"), h.get("tracestate"))
         self._task = h.get("x-task")
+        self._codex = guard.is_codex(h.get("originator", ""), h.get("user-agent", ""))
         if msg.end_of_stream:
             return self._reject(
                 OpenAIError(
@@ -515,6 +520,8 @@ class Exchange:
     def _reject(
         self, err: OpenAIError, headers: dict[str, str] | None = None
     ) -> msgs.ProcessingResponse:
+        contact = guard.contact_of(self._deps.policy, self._identity)
+        err = guard.for_client(err, codex=self._codex, contact=contact)
         self.seen.rejected = err
         self.seen.status = err.status
         self.seen.response_finished = True

@@ -159,8 +159,8 @@ class H2Transport:
             return health_pb2.HealthCheckResponse.SERVING
         return health_pb2.HealthCheckResponse.NOT_SERVING
 
-    async def start(self, settings: Settings) -> None:
-        await self._server.start(settings.listen)
+    async def start(self, settings: Settings, *, reuse_port: bool = False) -> None:
+        await self._server.start(settings.listen, reuse_port=reuse_port)
 
     async def stop(self, grace: float) -> None:
         self._serving = False
@@ -258,8 +258,14 @@ def _prefixes(deps: Deps) -> list[str]:
     return [prefix_for(name) for name in policy.workspaces] if policy else []
 
 
-async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    """Run the sidecar until SIGTERM/SIGINT (or `stop` is set)."""
+async def serve(
+    settings: Settings, *, stop: asyncio.Event | None = None, reuse_port: bool = False
+) -> None:
+    """Run the sidecar until SIGTERM/SIGINT (or `stop` is set).
+
+    `reuse_port`: this process is one of several workers sharing the port
+    (`dataplane.workers`); each runs this same function and shares only Redis.
+    """
     client = make_client(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
     hot = None
     if not is_cluster(settings.redis_url) and supports_url(settings.redis_url):
@@ -280,7 +286,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         background.append(asyncio.create_task(holds, name="holds"))
 
     transport = H2Transport(deps)
-    await transport.start(settings)
+    await transport.start(settings, reuse_port=reuse_port)
     log.info("extproc listening on %s", settings.listen)
     print(f"extproc listening on {settings.listen}", flush=True)
 

@@ -43,6 +43,7 @@ environment:
                    simulator, which accepts any credential)
   EXTPROC_POLICY   budget policy file (default: examples/policy.yaml)
   EXTPROC_CONFIG   sidecar settings file (optional)
+  EXTPROC_WORKERS  sidecar worker processes and Envoy threads (default: one per CPU)
   EXTPROC_CONSOLE_PORT  web console and admin API (default: EXTPROC_PORT + 80; 0: none)
   EXTPROC_ADMIN_TOKENS  admin API tokens, name:token,... (default: a fresh one per run)
   UPSTREAM_CA_FILE CA bundle for an https UPSTREAM_URL other than the system's
@@ -285,6 +286,11 @@ def _run(
         for line in credential_warnings(policy, env):
             err(line)
     port, console_port = ports
+    from extproc.dataplane.workers import available_cpus
+
+    # One sidecar worker and one Envoy worker thread per usable CPU, unless told otherwise.
+    raw_workers = env.get("EXTPROC_WORKERS") or "0"
+    workers = (int(raw_workers) if raw_workers.isdigit() else 0) or available_cpus()
     # The admin API needs a token: a fresh one per local stack unless the operator set one.
     admin_tokens = env.get("EXTPROC_ADMIN_TOKENS") or f"local:{secrets.token_urlsafe(24)}"
     stack = stack_cls(
@@ -293,6 +299,8 @@ def _run(
             upstream_url=upstream,
             data_dir=data_dir,
             sidecar_env=sidecar_env,
+            sidecar_workers=workers,
+            envoy_concurrency=workers,
             console_port=console_port,
             console_env={"EXTPROC_ADMIN_TOKENS": admin_tokens},
             # A CA bundle for an https UPSTREAM_URL other than the system's (a corporate proxy).

@@ -244,6 +244,8 @@ class StackConfig:
     direct_port: int | None = None  # also expose Envoy without ext_proc (benchmark)
     sidecar_env: dict[str, str] = field(default_factory=dict)
     envoy_concurrency: int = 1
+    # Processes per sidecar (`workers`); tests keep 1 unless they test workers.
+    sidecar_workers: int = 1
     sidecars: int = 1  # replicas sharing one Redis behind one Envoy
     # Extra upstream clusters, each a simulator of its own: {route name: None}.
     extra_upstreams: tuple[str, ...] = ()
@@ -258,6 +260,28 @@ class StackConfig:
     upstream_ca: str | None = None
     # With no upstream_url: the simulator speaks HTTPS and poses as the provider.
     provider_tls: ProviderTls | None = None
+    # A sidecar that dies (crash, kill -9, OOM) is started again on its address, and the
+    # stack says so. One that exits cleanly (SIGTERM drained) is left down.
+    restart_sidecars: bool = True
+    # Concurrent streams Envoy admits per cluster (circuit breakers); None: EXTPROC_MAX_STREAMS
+    # from the environment, else envoy.yaml's own figure.
+    max_streams: int | None = None
+
+
+def raise_fd_limit() -> int:
+    """Lift this process's open-file limit to its hard limit; children inherit it.
+
+    Every in-flight LLM stream holds a client socket and an upstream socket in Envoy, plus a
+    socket in the simulator: thousands of concurrent streams need more than the usual 1,024.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class Stack:
@@ -269,6 +293,10 @@ class Stack:
         self.sidecar_addrs: list[str] = []
         self.routes: dict[str, str] = {}
         self.admin_port = 0
+        self._stopping = False
+        # (sidecar name, how it died) for every restart, newest last; `restarted` wakes on it.
+        self.restarts: list[tuple[str, str]] = []
+        self.restarted = threading.Condition()
         self.console_url = ""
         self.console_login = ""  # the one-time login URL the console printed
         # Where the simulator really listens, when upstream_url names the provider it poses as.
@@ -288,6 +316,7 @@ class Stack:
 
     def _start(self) -> None:
         cfg = self.config
+        raise_fd_limit()
         data = cfg.data_dir.resolve()
         data.mkdir(parents=True, exist_ok=True)
         if not cfg.redis_url and cfg.redis_cluster_nodes:
@@ -361,18 +390,51 @@ class Stack:
 
     def start_sidecar(self, name: str, port: int | None = None) -> str:
         addr = f"127.0.0.1:{port or free_port()}"
+        self._run_sidecar(name, addr)
+        self.sidecar_addrs.append(addr)
+        if self.config.restart_sidecars:
+            threading.Thread(
+                target=self._supervise, args=(name, addr), daemon=True, name=f"{name}-watch"
+            ).start()
+        return addr
+
+    def _supervise(self, name: str, addr: str) -> None:
+        """Restart the sidecar `name` whenever it dies, until the stack stops."""
+        while True:
+            code = self.children[name].proc.wait()
+            if self._stopping or code == 0:
+                return
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            print(f"extproc stack: {name} died ({how}); restarting it on {addr}", flush=True)
+            try:
+                self._run_sidecar(name, addr)
+            except (RuntimeError, TimeoutError) as exc:
+                print(f"extproc stack: {name} could not be restarted: {exc}", flush=True)
+                return
+            print(f"extproc stack: {name} is back on {addr}", flush=True)
+            with self.restarted:
+                self.restarts.append((name, how))
+                self.restarted.notify_all()
+
+    def wait_restarted(self, count: int, timeout: float = READY_TIMEOUT) -> list[tuple[str, str]]:
+        """Block until `count` sidecar restarts have completed (tests)."""
+        with self.restarted:
+            if not self.restarted.wait_for(lambda: len(self.restarts) >= count, timeout):
+                raise TimeoutError(f"no sidecar restart within {timeout}s")
+            return list(self.restarts)
+
+    def _run_sidecar(self, name: str, addr: str) -> None:
         env = {
             **os.environ,
             "EXTPROC_LISTEN": addr,
             "EXTPROC_REDIS_URL": self.redis_url,
             "EXTPROC_SPOOL_DIR": str((self.config.data_dir / "spool").resolve()),
             "PYTHONUNBUFFERED": "1",
+            "EXTPROC_WORKERS": str(self.config.sidecar_workers),
             **self.config.sidecar_env,
         }
         child = self._spawn(name, [sys.executable, "-m", "extproc", "serve"], env)
         child.wait_for_line("extproc listening")
-        self.sidecar_addrs.append(addr)
-        return addr
 
     def start_envoy(self, data: Path) -> None:
         cfg = self.config
@@ -386,6 +448,7 @@ class Stack:
             routes=tuple(self.routes.items()),
             upstream_ca=str(cfg.provider_tls.ca) if cfg.provider_tls else cfg.upstream_ca,
             upstream_connect=self.upstream_connect,
+            max_streams=cfg.max_streams or _env_int("EXTPROC_MAX_STREAMS"),
         )
         path = envoy_config.write(ports, data / "envoy.rendered.yaml")
         child = self._spawn(
@@ -417,6 +480,7 @@ class Stack:
             time.sleep(0.05)  # polling a readiness probe, not synchronising on time
 
     def stop(self) -> None:
+        self._stopping = True
         simulators = [n for n in self.children if n.startswith("simulator")]
         sidecars = [n for n in self.children if n.startswith("sidecar")]
         for name in ("console", "envoy", *sidecars, *simulators):
@@ -432,6 +496,15 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 @contextlib.contextmanager

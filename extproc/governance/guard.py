@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 from extproc.governance.budget import Decision, Plan
 from extproc.governance.keys import Identity
+from extproc.governance.policy import Policy
 from extproc.metering.prices import NANOS_PER_DOLLAR
 from extproc.wire.errors import OpenAIError
 
@@ -33,6 +34,50 @@ UNKNOWN_KEY = OpenAIError(
     None,
     "invalid_api_key",
 )
+
+
+REFUSED_STATUSES = frozenset({401, 402, 403, 413, 429})
+"""Refusals of who the caller is or what they may spend: each must reach the person."""
+
+
+def is_codex(originator: str, user_agent: str) -> bool:
+    """Codex CLI names itself in `originator` (codex_cli_rs, codex_exec, ...) and its UA."""
+    return originator.startswith("codex") or user_agent.lower().startswith("codex")
+
+
+def contact_of(policy: Policy | None, identity: Identity | None) -> str | None:
+    """Whom the caller should ask: their team's contact, else their workspace's."""
+    if policy is None or identity is None:
+        return None
+    ws = policy.workspaces.get(identity.workspace)
+    if ws is None:
+        return None
+    service = ws.services.get(identity.service)
+    team = (service.team if service and service.team else None) or identity.team
+    return ws.contact_for(team)
+
+
+def for_client(err: OpenAIError, *, codex: bool, contact: str | None) -> OpenAIError:
+    """The refusal as this client should get it: whom to ask in every message, and for
+    Codex CLI a status it shows at once.
+
+    Measured with the real Codex CLI: it answers `429 insufficient_quota` with its own
+    "Quota exceeded. Check your plan and billing details." (sending people to OpenAI's
+    billing page, not to us), other 429s with "exceeded retry limit" and no reason, and
+    401/402/403 with our message only after six requests. A 400 prints our JSON body after
+    exactly one request, so Codex gets its refusals as 400 with the same `type` and `code`.
+    SDK clients keep OpenAI's statuses (429 quota and rate limits, 401, 403, 413): their
+    retry logic depends on them, and the exception text carries the same message.
+    """
+    if err.status not in REFUSED_STATUSES:
+        return err
+    message = err.message
+    if contact and contact not in message:
+        message = f"{message} Whom to ask: {contact}."
+    status = 400 if codex else err.status
+    if status == err.status and message == err.message:
+        return err
+    return OpenAIError(status, message, err.type, err.param, err.code)
 
 
 def usd(nanos: int) -> str:

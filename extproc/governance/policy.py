@@ -49,7 +49,7 @@ log = logging.getLogger("extproc.governance.policy")
 VERSION = 1
 PERIODS = ("month", "week", "day")
 ON_REDIS_DOWN = ("closed", "open")
-ALERT_EVENTS = frozenset({"soft_limit", "hard_limit", "burn_rate"})
+ALERT_EVENTS = frozenset({"soft_limit", "hard_limit", "burn_rate", "reconcile_drift"})
 # Budgets live in Redis and are compared inside Lua, whose numbers are doubles: exact only
 # up to 2**53 nano-dollars (about $9M). These caps keep budget x hard limit below that.
 MAX_BUDGET_USD = Decimal(1_000_000)
@@ -82,7 +82,7 @@ _WORKSPACE_FIELDS = (
 )
 _TEAM_FIELDS = ("budget_usd", "rate_limits", "contact")
 _SERVICE_FIELDS = ("team", "budget_usd", "rate_limits", "key_rate_limits", "routing")
-_UPSTREAM_FIELDS = ("key_env", "key_file", "base_url")
+_UPSTREAM_FIELDS = ("key_env", "key_file", "base_url", "project_id")
 _RATE_FIELDS = ("rpm", "tpm")
 # Names end up in Redis keys and hash tags: no braces, spaces, dots or colons.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -146,6 +146,9 @@ class Upstream:
     key_env: str | None
     key_file: str | None
     base_url: str | None
+    # The provider's project the key belongs to (OpenAI "proj_..."): how `extproc reconcile`
+    # finds this workspace in the organization's Usage and Costs APIs.
+    project_id: str | None = None
 
     def read_key(self, env: Mapping[str, str] | None = None) -> str:
         """The real provider key. Errors name where it was looked for, never its value."""
@@ -660,9 +663,12 @@ def _upstream(chk: _Checker, path: str, value: Any) -> Upstream | None:
             key_file = str(chk.base_dir / Path(key_file).expanduser())
     if raw.get("base_url") is not None:
         base_url = chk.url(f"{path}.base_url", raw["base_url"])
+    project_id = None
+    if raw.get("project_id") is not None:
+        project_id = chk.text(f"{path}.project_id", raw["project_id"])
     if not isinstance(value, dict):
         return None
-    return Upstream(key_env=key_env, key_file=key_file, base_url=base_url)
+    return Upstream(key_env=key_env, key_file=key_file, base_url=base_url, project_id=project_id)
 
 
 def _settings(chk: _Checker, path: str, raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
+from extproc.books.events import UsageEvents, usage_events
 from extproc.settings import ConfigError
 from extproc.v1.ledger_pb2 import UsageRecord
 
@@ -303,6 +304,7 @@ class Telemetry:
 
     __slots__ = (
         "_closers",
+        "_events",
         "_meter_provider",
         "_metrics",
         "_tracer",
@@ -317,8 +319,10 @@ class Telemetry:
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
         capture_content: bool = False,
+        usage_events: UsageEvents | None = None,
     ) -> None:
         self._tracer_provider = tracer_provider
+        self._events = usage_events
         self._meter_provider = meter_provider
         self._tracer = tracer_provider.get_tracer(SCOPE) if tracer_provider else None
         self._metrics = _Instruments(meter_provider) if meter_provider else None
@@ -326,7 +330,9 @@ class Telemetry:
         # Prompts and completions never reach this module; the flag is kept for callers
         # that might one day pass content and must ask first.
         self.capture_content = capture_content
-        self.enabled = self._tracer is not None or self._metrics is not None
+        self.enabled = (
+            self._tracer is not None or self._metrics is not None or self._events is not None
+        )
 
     @classmethod
     def from_env(cls) -> Telemetry:
@@ -343,10 +349,13 @@ class Telemetry:
             return cls()
         traces = exporter_names(env, "TRACES")
         metrics = exporter_names(env, "METRICS")
+        # One event per request is a volume to opt into: logs need OTEL_LOGS_EXPORTER itself.
+        logs = exporter_names(env, "LOGS") if env.get("OTEL_LOGS_EXPORTER", "").strip() else ()
         prometheus = prometheus_address(env.get("EXTPROC_PROMETHEUS_PORT", ""))
-        if not traces and not metrics and prometheus is None:
+        if not traces and not metrics and not logs and prometheus is None:
             return cls()
         resource = service_resource()
+        events = usage_events(logs, resource, lambda: _otlp_exporter("LOGS", env))
         tracer_provider = None
         if traces:
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -361,7 +370,9 @@ class Telemetry:
             readers.append(reader)
             closers.append(close)
         meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-        telemetry = cls(tracer_provider=tracer_provider, meter_provider=meter_provider)
+        telemetry = cls(
+            tracer_provider=tracer_provider, meter_provider=meter_provider, usage_events=events
+        )
         telemetry._closers = closers
         return telemetry
 
@@ -375,6 +386,8 @@ class Telemetry:
                 self._span(t)
             if self._metrics is not None:
                 self._record(t)
+            if self._events is not None:
+                self._events.emit(t.record, t.end_ns)
         except Exception:
             log.exception("telemetry for request %s dropped", t.record.request_id)
 
@@ -431,6 +444,9 @@ class Telemetry:
         self._metrics = None
         tracer_provider, self._tracer_provider = self._tracer_provider, None
         meter_provider, self._meter_provider = self._meter_provider, None
+        events, self._events = self._events, None
+        if events is not None:
+            events.shutdown()
         if tracer_provider is not None:
             tracer_provider.shutdown()
         if meter_provider is not None:
@@ -484,6 +500,7 @@ _OTLP_PACKAGES = {"http/protobuf": "http", "grpc": "grpc"}
 _OTLP_CLASSES = {
     "TRACES": ("trace_exporter", "OTLPSpanExporter"),
     "METRICS": ("metric_exporter", "OTLPMetricExporter"),
+    "LOGS": ("_log_exporter", "OTLPLogExporter"),
 }
 
 

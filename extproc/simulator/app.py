@@ -16,6 +16,7 @@ from email.utils import formatdate
 from typing import Any
 
 from extproc.simulator import chat, completions, embeddings, responses
+from extproc.simulator.admin import COSTS_PATH, USAGE_PATHS, AdminError, UsageBook
 from extproc.simulator.bodies import BodyError, decode_body, parse_json_object
 from extproc.simulator.caching import PromptCache
 from extproc.simulator.faults import HEADER, Faults, FaultSyntaxError, error_body, parse_faults
@@ -103,6 +104,7 @@ class App:
         self.seen = seen
         self.max_seen = max_seen
         self.cache = PromptCache()
+        self.book = UsageBook()
 
     async def handle(self, request: Request, out: Responder) -> None:
         try:
@@ -195,6 +197,14 @@ class App:
                 request, out, 400, "missing_required_parameter", message, required
             )
         plan = plan_request(kind, body, request.headers, self.cache)
+        self.book.record(
+            "completions",
+            request.headers.get("authorization", ""),
+            plan.model,
+            plan.input_tokens,
+            plan.cached_tokens,
+            plan.output_tokens,
+        )
         if body.get("stream") is True:
             return await self._stream(request, out, stream(body, plan, faults), faults, plan)
         await self._json(request, out, build(body, plan, faults), faults, plan.input_tokens)
@@ -210,6 +220,10 @@ class App:
         inputs = plain_inputs(body["input"], body["model"])
         served = request.headers.get(SERVED_MODEL_HEADER) or body["model"]
         answer = embeddings.build(body, inputs, served, faults)
+        tokens = sum(map(len, inputs))
+        self.book.record(
+            "embeddings", request.headers.get("authorization", ""), served, tokens, 0, 0
+        )
         await self._json(request, out, answer, faults, sum(map(len, inputs)))
 
     async def _get(self, request: Request, out: Responder, path: str, faults: Faults) -> None:
@@ -232,6 +246,15 @@ class App:
                 for r in self.seen[-64:]
             ]
             return await self._json(request, out, {"requests": recent}, faults)
+        if path in USAGE_PATHS or path == COSTS_PATH:
+            try:
+                answer = self.book.answer(
+                    path, request.query, request.headers.get("authorization", "")
+                )
+            except AdminError as exc:
+                return await self._error(request, out, exc.status, message=exc.message,
+                                         param=exc.param)  # fmt: skip
+            return await self._json(request, out, answer, faults)
         if path.startswith("/v1/models/"):
             return await self._json(request, out, _model(path.removeprefix("/v1/models/")), faults)
         await self._error(request, out, 404, message=f"Invalid URL (GET {request.path})")

@@ -61,7 +61,8 @@ class GrpcServer:
         if self._drained is not None and self.active_streams == 0:
             self._drained.set()
 
-    async def start(self, listen: str) -> None:
+    async def start(self, listen: str, *, reuse_port: bool = False) -> None:
+        """Listen on `listen`; `reuse_port` joins other processes bound with SO_REUSEPORT."""
         loop = asyncio.get_running_loop()
         if listen.startswith("unix:"):
             self._server = await loop.create_unix_server(self._connection, unix_path(listen))
@@ -69,7 +70,7 @@ class GrpcServer:
         else:
             host, port = parse_listen(listen)
             self._server = await loop.create_server(
-                self._connection, host, port, reuse_address=True
+                self._connection, host, port, reuse_address=True, reuse_port=reuse_port or None
             )
             self.port = self._server.sockets[0].getsockname()[1]
 

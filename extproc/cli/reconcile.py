@@ -1,0 +1,168 @@
+"""`extproc reconcile`: the ledger of one day against OpenAI's Usage and Costs APIs.
+
+Exit codes: 0 the books agree, 3 they drift (reported, alerted), 1 Redis or the provider
+could not be read, 2 the command or the policy is wrong. Nightly from cron or a CronJob,
+`--date` defaulting to yesterday (UTC), the last complete day the provider reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from extproc.cli.admin import policy_path, redacted, redis_url
+
+DRIFT_EXIT = 3
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"extproc: {message}", file=sys.stderr)
+    return code
+
+
+def render_text(rec: Any) -> str:
+    from extproc.books.records import usd
+
+    lines = [f"reconciliation of {rec.day.isoformat()} (UTC) with the provider's bill"]
+    for row in rec.rows:
+        name = row.workspace or "(no workspace)"
+        project = row.project_id or "(no upstream.project_id)"
+        lines.append(
+            f"  {name:16} {project:30} provider ${usd(row.provider_nanos):>14}  "
+            f"ledger ${usd(row.ledger_nanos):>14}  drift ${usd(row.drift_nanos)}"
+        )
+        lines += [f"      ! {finding}" for finding in row.findings]
+    verdict = "in agreement" if not rec.drifted else f"DRIFT ${usd(rec.drift_nanos)}"
+    lines.append(f"  total: {verdict}")
+    return "\n".join(lines)
+
+
+def _alert(policy: Any, rec: Any) -> int:
+    """One webhook alert per drifting workspace (policy `alerts`, event reconcile_drift)."""
+    from extproc.books.records import usd
+    from extproc.insight.alerts import Alert, Alerter
+
+    def targets(event: str) -> list[str]:
+        return [w.url for w in policy.webhooks if event in w.events]
+
+    alerts = [
+        Alert(
+            event="reconcile_drift",
+            workspace=row.workspace or "",
+            scope="ws",
+            text=(
+                f"extproc reconcile {rec.day.isoformat()}: {row.workspace or row.project_id} "
+                f"drifts by ${usd(row.drift_nanos)} from the provider's bill. "
+                + " ".join(row.findings)
+            ),
+            details={"day": rec.day.isoformat(), **row.to_dict()},
+        )
+        for row in rec.drifted
+    ]
+    if not alerts or not targets("reconcile_drift"):
+        return 0
+
+    async def deliver() -> int:
+        alerter = Alerter(targets, delays=(0.5, 1.0, 2.0))
+        for alert in alerts:
+            alerter.send(alert)
+        await alerter.drain()
+        return alerter.failed
+
+    return asyncio.run(deliver())
+
+
+def _metric(rec: Any) -> None:
+    """`extproc.reconcile.drift.usd` per workspace, when OTEL metrics exporting is set up."""
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    from extproc.insight.telemetry import _metric_reader, exporter_names, service_resource
+
+    names = exporter_names(os.environ, "METRICS")
+    if not names:
+        return
+    provider = MeterProvider(
+        resource=service_resource(),
+        metric_readers=[_metric_reader(name, os.environ) for name in names],
+    )
+    gauge = provider.get_meter("extproc").create_gauge(
+        "extproc.reconcile.drift.usd",
+        unit="{USD}",
+        description="Provider's bill minus the ledger, per workspace and UTC day.",
+    )
+    for row in rec.rows:
+        labels = {"workspace": row.workspace or "", "project_id": row.project_id or ""}
+        gauge.set(row.drift_nanos / 1e9, {**labels, "day": rec.day.isoformat()})
+    provider.shutdown()  # flushes the one collection
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from extproc.books.reconcile import DEFAULT_BASE_URL, AdminClient, ProviderError, reconcile
+    from extproc.books.records import records_between
+    from extproc.governance.policy import PolicyError, load_policy
+    from extproc.settings import ConfigError
+    from extproc.store.clients import UNAVAILABLE, make_sync_client
+
+    path = policy_path(args.policy)
+    if path is None:
+        return _fail("no policy file: pass --policy or set EXTPROC_POLICY", 2)
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        return _fail(f"the policy is invalid:\n{exc}", 2)
+    admin_key = os.environ.get("OPENAI_ADMIN_KEY", "").strip()
+    if not admin_key:
+        return _fail("OPENAI_ADMIN_KEY is not set (an organization admin key, sk-admin-...)", 2)
+    try:
+        day = (
+            date.fromisoformat(args.date)
+            if args.date
+            else (datetime.now(UTC) - timedelta(days=1)).date()
+        )
+    except ValueError:
+        return _fail(f"--date: not a YYYY-MM-DD date: {args.date!r}", 2)
+    projects = {name: ws.upstream.project_id for name, ws in policy.workspaces.items()}
+    base_url = args.base_url or os.environ.get("OPENAI_ADMIN_BASE_URL") or DEFAULT_BASE_URL
+    try:
+        provider = AdminClient(admin_key, base_url).day(day)
+    except ProviderError as exc:
+        return _fail(f"the provider's admin API: {exc}", 1)
+    url = redis_url(args.redis_url)
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    try:
+        client = make_sync_client(url, socket_connect_timeout=3, socket_timeout=30)
+        try:
+            records = records_between(client, start, start + timedelta(days=1))
+        finally:
+            client.close()
+    except UNAVAILABLE as exc:
+        return _fail(f"Redis at {redacted(url)}: {exc}", 1)
+    rec = reconcile(day, projects, provider, records)
+    print(json.dumps(rec.to_dict(), indent=2) if args.json else render_text(rec))
+    undelivered = _alert(policy, rec)
+    if undelivered:
+        print(f"extproc: {undelivered} drift alerts could not be delivered", file=sys.stderr)
+    try:
+        _metric(rec)
+    except ConfigError as exc:
+        print(f"extproc: drift metric not exported: {exc}", file=sys.stderr)
+    return DRIFT_EXIT if rec.drifted else 0
+
+
+def register_reconcile(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add `reconcile` to the `extproc` command line."""
+    p = sub.add_parser(
+        "reconcile",
+        help="compare a day of the ledger with OpenAI's Usage and Costs APIs (OPENAI_ADMIN_KEY)",
+    )
+    p.add_argument("--date", help="UTC day, YYYY-MM-DD (default: yesterday)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--policy", help="else EXTPROC_POLICY, else examples/policy.yaml")
+    p.add_argument("--base-url", help="else OPENAI_ADMIN_BASE_URL, else https://api.openai.com/v1")
+    p.add_argument("--redis-url", help="else EXTPROC_REDIS_URL, else .data/stack.json, else local")
+    p.set_defaults(func=cmd_reconcile)

@@ -1,0 +1,243 @@
+"""Several sidecar processes behind one listening port, so every core does work.
+
+One Python process runs on one core; Envoy runs one worker thread per core. With
+`workers: N` (default: the CPUs this process may use, cgroup limit included) the
+`extproc serve` process becomes a supervisor: it starts N worker processes that each
+bind the same port with SO_REUSEPORT and share nothing but Redis, so the kernel spreads
+Envoy's connections across them. The supervisor serves no traffic. It:
+
+- relays the workers' output and says "extproc listening" once every worker is ready;
+- restarts a worker that dies (backing off if it keeps dying at once);
+- forwards SIGTERM/SIGINT, waits for the workers to drain (each turns its health
+  check NOT_SERVING and finishes in-flight streams), and exits once they have.
+
+SO_REUSEPORT lets any process of the same user join the port silently, so the
+supervisor first binds the port *without* it: if something already listens there, it
+stops with an error instead of sharing traffic with a stranger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from extproc.dataplane.h2grpc.server import parse_listen
+from extproc.settings import ConfigError, Settings
+
+log = logging.getLogger("extproc.dataplane.workers")
+
+READY_LINE = "extproc listening on"
+WORKER_ENV = "EXTPROC_WORKER_ID"
+READY_TIMEOUT = 60.0
+_RESTART_BACKOFF_MAX = 5.0
+_QUICK_DEATH = 5.0  # a worker dying sooner than this after start counts as crash-looping
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on, capped by a cgroup v2 CPU quota (a pod's limit)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    return max(1, cpus)
+
+
+def worker_count(settings: Settings) -> int:
+    return settings.workers or available_cpus()
+
+
+def reserve_port(listen: str) -> tuple[str, socket.socket]:
+    """Check nobody listens on `listen`, pick the port if it is 0, and hold it for the workers.
+
+    Returns the concrete host:port and a bound (not listening) SO_REUSEPORT socket that
+    keeps the port ours until the workers have joined it.
+    """
+    if listen.startswith("unix:"):
+        raise ConfigError(f"workers > 1 needs a TCP listen address (host:port), got {listen!r}")
+    host, port = parse_listen(listen)
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _type, _proto, _name, address = infos[0]
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.bind(address)  # no SO_REUSEPORT: fails if anyone holds the port
+    except OSError as exc:
+        probe.close()
+        raise ConfigError(f"listen: cannot bind {listen}: {exc.strerror}") from None
+    port = probe.getsockname()[1]
+    probe.close()
+    held = socket.socket(family, socket.SOCK_STREAM)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    held.bind((address[0], port, *address[2:]))
+    shown = f"[{address[0]}]" if family == socket.AF_INET6 else address[0]
+    return f"{shown}:{port}", held
+
+
+class Worker:
+    """One worker process and the task relaying its output."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready = asyncio.Event()
+        self.started = 0.0
+        self.relay: asyncio.Task[None] | None = None
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, count: int, config_path: str | None) -> None:
+        self.settings = settings
+        self.count = count
+        self.config_path = config_path
+        self.listen = settings.listen
+        self.workers = [Worker(i) for i in range(count)]
+        self.stopping = False
+        self._crashes = 0
+
+    def _argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "extproc", "serve", "--workers", "1", "--reuse-port"]
+        if self.config_path:
+            argv += ["--config", self.config_path]
+        return argv
+
+    def _env(self, worker: Worker) -> dict[str, str]:
+        return {
+            **os.environ,
+            "EXTPROC_LISTEN": self.listen,
+            "EXTPROC_WORKERS": "1",
+            WORKER_ENV: str(worker.index),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    async def _spawn(self, worker: Worker) -> None:
+        worker.ready.clear()
+        worker.started = time.monotonic()
+        worker.proc = await asyncio.create_subprocess_exec(
+            *self._argv(),
+            env=self._env(worker),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        worker.relay = asyncio.create_task(self._relay(worker, worker.proc))
+
+    async def _relay(self, worker: Worker, proc: asyncio.subprocess.Process) -> None:
+        """Copy the worker's output to ours, line by line, and notice its ready line."""
+        assert proc.stdout is not None
+        out = sys.stdout
+        while line := await proc.stdout.readline():
+            text = line.decode("utf-8", "replace")
+            if text.startswith(READY_LINE):
+                worker.ready.set()
+                text = f"extproc worker {worker.index} (pid {proc.pid}) ready\n"
+            out.write(text)
+            out.flush()
+
+    async def start(self) -> None:
+        for worker in self.workers:
+            await self._spawn(worker)
+        all_ready = asyncio.ensure_future(asyncio.gather(*(w.ready.wait() for w in self.workers)))
+        exits = [asyncio.create_task(w.proc.wait()) for w in self.workers if w.proc]
+        await asyncio.wait(
+            [all_ready, *exits], timeout=READY_TIMEOUT, return_when="FIRST_COMPLETED"
+        )
+        for task in (all_ready, *exits):
+            task.cancel()
+        if not all(w.ready.is_set() for w in self.workers):
+            exited = any(w.proc and w.proc.returncode is not None for w in self.workers)
+            await self.stop(grace=5.0)
+            what = "exited" if exited else "did not start"
+            raise RuntimeError(f"a sidecar worker {what} before it was ready")
+
+    async def watch(self) -> None:
+        """Restart any worker that dies while we are not stopping."""
+        while not self.stopping:
+            procs = {asyncio.create_task(w.proc.wait()): w for w in self.workers if w.proc}
+            done, pending = await asyncio.wait(procs, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if self.stopping:
+                return
+            for task in done:
+                worker = procs[task]
+                code = task.result()
+                lived = time.monotonic() - worker.started
+                self._crashes = self._crashes + 1 if lived < _QUICK_DEATH else 0
+                delay = min(_RESTART_BACKOFF_MAX, 0.1 * 2 ** max(0, self._crashes - 1))
+                log.error(
+                    "sidecar worker %d (pid %s) exited with %s after %.1fs; restarting in %.1fs",
+                    worker.index, worker.proc.pid if worker.proc else "?", code, lived, delay,
+                )  # fmt: skip
+                await asyncio.sleep(delay)  # back-off between restarts, not synchronisation
+                if self.stopping:
+                    return
+                await self._spawn(worker)
+
+    def signal_all(self, sig: int) -> None:
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.send_signal(sig)
+
+    async def stop(self, grace: float) -> None:
+        """Forward SIGTERM; workers drain for up to `grace`; kill whatever outlives that."""
+        self.stopping = True
+        self.signal_all(signal.SIGTERM)
+        procs = [w.proc for w in self.workers if w.proc is not None]
+        waits = [asyncio.create_task(p.wait()) for p in procs]
+        if waits:
+            _done, pending = await asyncio.wait(waits, timeout=grace + 10.0)
+            if pending:
+                self.signal_all(signal.SIGKILL)
+                await asyncio.wait(pending)
+        relays = [w.relay for w in self.workers if w.relay is not None]
+        if relays:
+            await asyncio.wait(relays, timeout=5.0)
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGTERM if the supervisor dies, so none is left orphaned."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+async def supervise(settings: Settings, count: int, config_path: str | None) -> int:
+    listen, held = reserve_port(settings.listen)
+    supervisor = Supervisor(settings, count, config_path)
+    supervisor.listen = listen
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await supervisor.start()
+    except RuntimeError as exc:
+        held.close()
+        print(f"extproc: {exc}", file=sys.stderr, flush=True)
+        return 1
+    held.close()  # the workers hold the port now
+    log.info("extproc listening on %s with %d workers", listen, count)
+    print(f"{READY_LINE} {listen} ({count} workers)", flush=True)
+    watcher = asyncio.create_task(supervisor.watch())
+    await stop.wait()
+    log.info("shutting down: %d workers draining for up to %ss", count, settings.grace_seconds)
+    await supervisor.stop(settings.grace_seconds)
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    return 0

@@ -1,0 +1,213 @@
+"""The books: records read back by time window, FOCUS rows, and the shipper's exactly-once
+guarantee under kill -9 (a real Redis-protocol server, the real settle script, the real
+`extproc ledger ship` process)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import random
+import signal
+import subprocess
+import sys
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import redis
+
+from extproc.books.export import FOCUS_COLUMNS, focus_row, write
+from extproc.books.records import RecordFilter, records_between, total_nanos
+from extproc.books.shipper import Shipper, read_shipped
+from extproc.devstack.stack import Child
+from extproc.metering.ledger import Ledger, prefix_for
+from extproc.store.clients import make_client
+from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
+
+T0 = datetime(2026, 11, 30, 23, 58, tzinfo=UTC)
+
+
+def record(
+    n: int, *, at: datetime = T0, workspace: str = "eng", cost: int | None = None
+) -> UsageRecord:
+    return UsageRecord(
+        request_id=f"req-{workspace}-{n:05d}",
+        time_ms=int((at + timedelta(seconds=n)).timestamp() * 1000),
+        endpoint="responses",
+        model_requested="gpt-5",
+        model_served="gpt-5-2025-08-07",
+        status=200,
+        input_tokens=1000 + n,
+        cached_input_tokens=n % 500,
+        output_tokens=50 + n % 17,
+        reasoning_tokens=n % 11,
+        cost_nanos=cost if cost is not None else 1_234_567 + 7 * n,
+        price_family="gpt-5",
+        price_version="2025-08-07",
+        outcome="completed",
+        workspace=workspace,
+        team="platform",
+        service="bot",
+        key_id=f"k{n % 3}",
+        duration_ms=300,
+    )
+
+
+def settlement(r: UsageRecord) -> Settlement:
+    day = datetime.fromtimestamp(r.time_ms / 1000, UTC)
+    return Settlement(
+        prefix=prefix_for(r.workspace),
+        period=day.strftime("%Y-%m"),
+        day=day.strftime("%Y-%m-%d"),
+        hour=day.strftime("%Y-%m-%dT%H"),
+        scopes=[ScopeCharge(scope="ws", soft_nanos=-1)],
+        record=r,
+    )
+
+
+def write_ledger(url: str, records: list[UsageRecord], spool: Path) -> None:
+    """Through the sidecar's own writer and settle script, as production writes them."""
+
+    async def run() -> None:
+        client = make_client(url)
+        ledger = Ledger(client, spool_dir=spool)
+        await ledger.start()
+        for r in records:
+            ledger.submit(settlement(r))
+        await ledger.close()
+        await client.aclose()
+        assert ledger.written == len(records)
+
+    asyncio.run(run())
+
+
+@pytest.fixture
+def r(redis_url: str) -> redis.Redis:
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    return client
+
+
+# --- reading back, FOCUS --------------------------------------------------------------------
+
+
+def test_records_between_is_a_half_open_window_across_workspaces(
+    redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    eng = [record(n) for n in range(0, 300, 3)]
+    ops = [record(n, workspace="ops") for n in range(1, 300, 3)]
+    write_ledger(redis_url, eng + ops, tmp_path)
+    since, until = T0 + timedelta(seconds=30), T0 + timedelta(seconds=90)
+    got = records_between(r, since, until)
+    expected = sorted(
+        (x for x in eng + ops if since.timestamp() * 1000 <= x.time_ms < until.timestamp() * 1000),
+        key=lambda x: x.time_ms,
+    )
+    assert [x.request_id for x in got] == [x.request_id for x in expected]
+    assert {x.workspace for x in got} == {"eng", "ops"}
+    only_ops = records_between(r, since, until, RecordFilter(workspace="ops", key_id="k1"))
+    assert only_ops and all(x.workspace == "ops" and x.key_id == "k1" for x in only_ops)
+    assert records_between(r, T0 - timedelta(days=1), T0) == []
+
+
+def test_focus_billed_cost_sums_to_the_nano_dollar() -> None:
+    records = [record(n, cost=random.Random(n).randrange(0, 10**12)) for n in range(200)]
+    out = io.StringIO()
+    assert write(records, "focus", out) == 200
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert tuple(rows[0]) == FOCUS_COLUMNS
+    billed = sum(Decimal(row["BilledCost"]) for row in rows)
+    assert billed == Decimal(total_nanos(records)).scaleb(-9)
+    assert all(row["BilledCost"] == row["EffectiveCost"] == row["ListCost"] for row in rows)
+
+
+def test_focus_row_carries_attribution_and_periods() -> None:
+    row = focus_row(record(120))  # 2026-11-30T23:58 + 120 s: the next day and month
+    assert row["ChargePeriodStart"] == "2026-12-01T00:00:00.000Z"
+    assert row["ChargePeriodEnd"] == "2026-12-01T00:00:00.300Z"
+    assert (row["BillingPeriodStart"], row["BillingPeriodEnd"]) == (
+        "2026-12-01T00:00:00.000Z",
+        "2027-01-01T00:00:00.000Z",
+    )
+    assert row["ChargeCategory"] == "Usage"
+    assert row["ConsumedQuantity"] == str(1120 + 50 + 120 % 17)
+    assert row["ConsumedUnit"] == "Tokens"
+    assert row["ServiceName"] == "OpenAI Responses API"
+    assert row["ResourceId"] == "k0"
+    assert json.loads(row["Tags"]) == {
+        "workspace": "eng",
+        "team": "platform",
+        "service": "bot",
+        "key_id": "k0",
+        "model": "gpt-5-2025-08-07",
+    }
+    assert Decimal(row["BilledCost"]) == Decimal(1_234_567 + 840).scaleb(-9)
+
+
+# --- the shipper ------------------------------------------------------------------------------
+
+
+def test_ship_writes_daily_files_once_and_resumes(
+    redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    first = [record(n) for n in range(0, 240)]  # crosses midnight UTC at n=120
+    write_ledger(redis_url, first, tmp_path / "spool")
+    out = tmp_path / "books"
+    stats = Shipper(r, out, batch=64).run(once=True)
+    assert stats.shipped == stats.acked == 240
+    assert sorted(p.name for p in out.iterdir()) == [
+        "usage-2026-11-30.jsonl",
+        "usage-2026-12-01.jsonl",
+    ]
+    more = [record(n, workspace="ops") for n in range(50)]
+    write_ledger(redis_url, more, tmp_path / "spool")
+    assert Shipper(r, out, batch=64).run(once=True).shipped == 50  # only what is new
+    shipped = list(read_shipped(out))
+    assert Counter(x["request_id"] for x in shipped) == Counter(x.request_id for x in first + more)
+    assert sum(x["cost_nanos"] for x in shipped) == total_nanos(first + more)
+
+
+def _ship(redis_url: str, out: Path, pause: str | None) -> Child:
+    env = {"PATH": "/usr/bin:/bin", "EXTPROC_LOG_LEVEL": "WARNING"}
+    if pause:
+        env["EXTPROC_SHIP_TEST_PAUSE"] = pause
+    return Child(
+        "shipper",
+        [sys.executable, "-m", "extproc", "ledger", "ship", "--dir", str(out), "--batch", "100",
+         "--redis-url", redis_url, "--consumer", f"pod-{pause}"],
+        env=env,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("pause", ["mid-write", "before-ack"])
+def test_ship_survives_kill_9_with_no_loss_and_no_duplicate(
+    redis_url: str, r: redis.Redis, tmp_path: Path, pause: str
+) -> None:
+    records = [record(n) for n in range(350)]
+    write_ledger(redis_url, records, tmp_path / "spool")
+    out = tmp_path / "books"
+    child = _ship(redis_url, out, pause)
+    child.wait_for_line(f"ship: paused at {pause}")
+    child.stop(signal.SIGKILL)
+    on_disk = (out / "usage-2026-11-30.jsonl").read_bytes()
+    if pause == "mid-write":  # half a batch written, the last line torn, nothing acknowledged
+        assert 0 < on_disk.count(b"\n") < 100 and not on_disk.endswith(b"\n")
+    else:  # a whole batch on disk and fsynced, still pending in Redis
+        assert on_disk.count(b"\n") == 100
+    pending = r.xpending(f"{prefix_for('eng')}:ledger", "extproc-shipper")["pending"]
+    assert pending == 100
+    # A replacement under another name claims what the dead one left pending.
+    done = subprocess.run(
+        [sys.executable, "-m", "extproc", "ledger", "ship", "--dir", str(out), "--once",
+         "--batch", "100", "--redis-url", redis_url, "--consumer", "pod-new"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "shipped" in done.stderr
+    shipped = list(read_shipped(out))
+    assert Counter(x["request_id"] for x in shipped) == Counter(x.request_id for x in records)
+    assert sum(x["cost_nanos"] for x in shipped) == total_nanos(records)
+    assert r.xpending(f"{prefix_for('eng')}:ledger", "extproc-shipper")["pending"] == 0

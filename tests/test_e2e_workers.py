@@ -1,0 +1,147 @@
+"""End to end with two sidecar worker processes behind one port (and two Envoy threads).
+
+The workers share nothing but Redis, so what must hold is what holds for one process:
+every request metered exactly, once. On top: a worker that dies is replaced while the
+other keeps serving, and SIGTERM to the supervisor drains in-flight streams in every
+worker before it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import redis
+
+from extproc.devstack.stack import Stack, temporary_stack
+from tests.conftest import all_records, wait_record
+from tests.test_e2e_metering import RID, assert_exact, chat_usage
+
+WORKERS = 2
+
+
+def worker_pids(stack: Stack) -> list[int]:
+    parent = stack.children["sidecar"].proc.pid
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return sorted(int(pid) for pid in children)
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with temporary_stack(sidecar_workers=WORKERS, envoy_concurrency=WORKERS) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def r(stack: Stack) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(stack.redis_url)
+    yield client
+    client.close()
+
+
+def one_request(stack: Stack, i: int) -> tuple[str, str, object]:
+    client = openai.OpenAI(base_url=stack.base_url, api_key="sk-test", max_retries=0, timeout=30)
+    model = "gpt-4o-mini"
+    messages = [{"role": "user", "content": f"request {i}: say something"}]
+    if i % 2:
+        raw = client.chat.completions.with_raw_response.create(
+            model=model,
+            messages=messages,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(raw.parse())
+        usage = chunks[-1].usage
+    else:
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=messages)  # type: ignore[arg-type]
+        usage = raw.parse().usage
+    return raw.headers[RID], model, usage
+
+
+def test_two_workers_meter_every_request_exactly_once(stack: Stack, r: redis.Redis) -> None:
+    assert len(worker_pids(stack)) == WORKERS
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: one_request(stack, i), range(40)))
+    assert len({rid for rid, _m, _u in results}) == 40
+    for rid, model, usage in results:
+        assert_exact(wait_record(r, rid), model, chat_usage(usage))
+        assert len(all_records(r, rid)) == 1
+
+
+def test_a_dead_worker_is_replaced_and_traffic_goes_on(stack: Stack, r: redis.Redis) -> None:
+    before = worker_pids(stack)
+    sidecar = stack.children["sidecar"]
+    seen = len(sidecar.lines)
+    os.kill(before[0], signal.SIGKILL)
+    sidecar.wait_for_line("exited with -9")
+    assert any("restarting" in line for line in sidecar.lines[seen:])
+    sidecar.wait_for_line(f"extproc worker 0 (pid {_next_pid(stack, before)}) ready")
+    after = worker_pids(stack)
+    assert len(after) == WORKERS and before[0] not in after and before[1] in after
+    for i in range(6):
+        rid, model, usage = one_request(stack, 100 + i)
+        assert_exact(wait_record(r, rid), model, chat_usage(usage))
+
+
+def _next_pid(stack: Stack, before: list[int]) -> int:
+    """The replacement's pid, once the supervisor has forked it."""
+    for _ in range(600):
+        fresh = [pid for pid in worker_pids(stack) if pid not in before]
+        if fresh:
+            return fresh[0]
+        threading.Event().wait(0.05)  # polling the process table for the new child
+    raise AssertionError("no replacement worker was started")
+
+
+def test_sigterm_drains_every_worker() -> None:
+    with temporary_stack(sidecar_workers=WORKERS, envoy_concurrency=WORKERS) as stack:
+        sidecar = stack.children["sidecar"]
+        workers = worker_pids(stack)
+        first_events = threading.Semaphore(0)
+        done: list[tuple[dict[str, str], list[str]]] = []
+
+        def stream() -> None:
+            body = {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "a long answer please"}],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            hdrs = {"x-sim-fault": "event-delay-ms=40", "x-sim-output-tokens": "20"}
+            lines: list[str] = []
+            url = f"{stack.base_url}/chat/completions"
+            with httpx.stream("POST", url, json=body, headers=hdrs, timeout=30) as resp:
+                for line in resp.iter_lines():
+                    lines.append(line)
+                    if len(lines) == 1:
+                        first_events.release()
+                done.append((dict(resp.headers), lines))
+
+        clients = [threading.Thread(target=stream) for _ in range(6)]
+        for client in clients:
+            client.start()
+        for _ in clients:
+            assert first_events.acquire(timeout=15)
+        sidecar.proc.send_signal(signal.SIGTERM)  # the supervisor only: it forwards
+        for client in clients:
+            client.join(30)
+            assert not client.is_alive()
+        assert sidecar.proc.wait(30) == 0
+        assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+        assert len(done) == 6
+        r = redis.Redis.from_url(stack.redis_url)
+        try:
+            for headers, lines in done:
+                assert [line for line in lines if line][-1] == "data: [DONE]"
+                rec = wait_record(r, headers[RID])
+                assert rec["outcome"] == "completed" and rec["estimated"] is False
+                assert rec["output_tokens"] == 20
+        finally:
+            r.close()
