@@ -114,6 +114,9 @@ def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...],
         ("keys", "revoke", "key_0123456789ab"),
         ("usage", "--stack", "1"),
         ("console",),
+        ("ledger", "export", "--since", "2026-01-01"),
+        ("ledger", "ship", "--dir", f["dir"], "--once"),
+        ("reconcile",),
     ]
     dead = [(*argv, "--redis-url", dead_redis) for argv in no_stack[:8]]
     bad_args: list[tuple[str, ...]] = [
@@ -138,6 +141,10 @@ def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...],
         ("check-config",),
         ("stack", "--port", "1"),
         ("console", "--port", "web"),
+        ("ledger",),
+        ("ledger", "export", "--since", "the dawn of time", "--redis-url", dead_redis),
+        ("ledger", "export", "--since", "2026-01-01", "--format", "xml"),
+        ("reconcile", "--date", "someday", "--redis-url", dead_redis),
     ]  # fmt: skip
     bad_files: list[tuple[str, ...]] = [
         ("check-config", f[name]) for name in ("missing", "dir", "broken", "invalid", "binary")
