@@ -24,11 +24,13 @@ $(STAMP): pyproject.toml
 run: install
 	$(PY) -m extproc stack
 
-# Real Prometheus (telemetry e2e) and kubectl's built-in kustomize (deploy tests), from Debian.
+# Real Prometheus (telemetry e2e), kubectl's built-in kustomize (deploy tests) and Chromium
+# (console browser tests, driven by Playwright from PyPI: no browser download), from Debian.
 system-tools:
 	@missing=""; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		echo "installing from Debian:$$missing"; \
@@ -53,8 +55,10 @@ format: install
 	$(VENV)/bin/ruff check --fix extproc tests bench
 	$(VENV)/bin/ruff format extproc tests bench
 
+# Full run by default; `make bench BENCH_ARGS=--quick` for direction while iterating.
+BENCH_ARGS ?=
 bench: install
-	$(PY) bench/bench.py
+	$(PY) bench/bench.py $(BENCH_ARGS)
 
 # Regenerate the Python code for our own protobuf API (committed, so installs need no codegen).
 proto: install

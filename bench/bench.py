@@ -1,10 +1,19 @@
 """`make bench`: Envoy direct vs Envoy + extproc, in the same run, against the simulator.
 
-One Envoy process serves two listeners that differ only by the ext_proc filter, so the
-difference between them is what the sidecar costs. Rounds alternate between the two
-paths to cancel drift on a shared 2-core machine; ratios are the figures that matter.
-Also measured: sidecar CPU per request (from /proc) and the cost of counting a
-Codex-like 200k-token request, cold and with its history seen before.
+One Envoy serves two listeners that differ only by the ext_proc filter, so the
+difference between them is what the sidecar costs. Each figure is the median of at
+least three rounds, and each round runs both paths back to back, in alternating order,
+so the drift of a shared machine hits both sides alike; the spread (min-max over
+rounds) is printed next to every median.
+
+Matrix: budgets enforced (policy, virtual key, reservation and settlement in Redis)
+and metering only; concurrency 1, 16 and 32; a small JSON chat completion and a
+50-event SSE stream. Then: enforced with 2 sidecar workers (and 2 Envoy threads)
+against 1, and memory per open stream with 1,000 long streams held open at once.
+CPU per request (sidecar process tree, Envoy) and RSS come from /proc.
+
+    .venv/bin/python bench/bench.py            # full run (~15 min on 2 cores)
+    .venv/bin/python bench/bench.py --quick    # direction only, ~3 min
 """
 
 from __future__ import annotations
@@ -17,135 +26,40 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import run_closed_loop  # noqa: E402
+from bench import procstat  # noqa: E402
+from bench.loadgen import build_request, run_closed_loop, streams_held_open  # noqa: E402
 from extproc.devstack.stack import Stack, StackConfig, free_port  # noqa: E402
 
-SMALL_BODY = json.dumps(
-    {
-        "model": "gpt-5-mini",
-        "messages": [{"role": "user", "content": "Fix the lint error in utils.py line 3."}],
-        "max_completion_tokens": 16,
-    }
-).encode()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def measure(
-    stack: Stack,
-    direct_port: int,
-    rounds: int,
-    requests: int,
-    concurrency: int,
-    key: str = "sk-bench",
-) -> dict:
-    sidecar_pid = stack.children["sidecar"].proc.pid
-    envoy_pid = stack.children["envoy"].proc.pid
-    result: dict[str, dict] = {}
-    for name in ("direct", "extproc"):
-        result[name] = {
-            "latencies": [],
-            "seconds": 0.0,
-            "requests": 0,
-            "sidecar_cpu": 0.0,
-            "envoy_cpu": 0.0,
-        }
-    for _ in range(rounds):
-        for name, port in (("direct", direct_port), ("extproc", stack.config.listen_port)):
-            cpu0, envoy0 = cpu_seconds(sidecar_pid), cpu_seconds(envoy_pid)
-            lat, secs = asyncio.run(
-                run_closed_loop(
-                    "127.0.0.1",
-                    port,
-                    "/v1/chat/completions",
-                    SMALL_BODY,
-                    requests,
-                    concurrency,
-                    key,
-                )
-            )
-            r = result[name]
-            r["sidecar_cpu"] += cpu_seconds(sidecar_pid) - cpu0
-            r["envoy_cpu"] += cpu_seconds(envoy_pid) - envoy0
-            r["latencies"] += lat
-            r["seconds"] += secs
-            r["requests"] += len(lat)
-    summary = {}
-    for name, r in result.items():
-        summary[name] = {
-            "p50_ms": statistics.median(r["latencies"]) * 1000,
-            "p99_ms": pct(r["latencies"], 0.99) * 1000,
-            "rps": r["requests"] / r["seconds"],
-            "sidecar_cpu_us_per_req": r["sidecar_cpu"] / r["requests"] * 1e6,
-            "envoy_cpu_us_per_req": r["envoy_cpu"] / r["requests"] * 1e6,
-        }
-    d, e = summary["direct"], summary["extproc"]
-    summary["added_p50_ms"] = e["p50_ms"] - d["p50_ms"]
-    summary["added_p99_ms"] = e["p99_ms"] - d["p99_ms"]
-    summary["throughput_ratio"] = e["rps"] / d["rps"]
-    return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=500, help="per round and path, at c=1")
-    parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
-    args = parser.parse_args(argv)
-
-    from bench.bench_counting import counting_figures
-
-    report: dict[str, object] = {"machine": f"{os.cpu_count()} cores", "time": time.ctime()}
-    with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
-        direct = free_port()
-        cfg = StackConfig(
-            listen_port=free_port(),
-            data_dir=Path(tmp),
-            direct_port=direct,
-            envoy_concurrency=args.envoy_concurrency,
-        )
-        with Stack(cfg) as stack:
-            # Warm both paths (connections, tokenizer, Redis scripts).
-            measure(stack, direct, 1, 100, 4)
-            report["c1"] = measure(stack, direct, args.rounds, args.requests, 1)
-            report["c32"] = measure(stack, direct, args.rounds, args.requests * 2, 32)
-    with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
-        # The same, with budgets enforced: a policy, a virtual key, a reservation per request.
-        policy = Path(tmp) / "policy.yaml"
-        policy.write_text(BENCH_POLICY)
-        direct = free_port()
-        cfg = StackConfig(
-            listen_port=free_port(),
-            data_dir=Path(tmp),
-            direct_port=direct,
-            sidecar_env={"EXTPROC_POLICY": str(policy), "BENCH_UPSTREAM_KEY": "sk-bench"},
-            envoy_concurrency=args.envoy_concurrency,
-        )
-        with Stack(cfg) as stack:
-            key = _bench_key(stack.redis_url, policy)
-            measure(stack, direct, 1, 100, 4, key)
-            report["c1_enforced"] = measure(stack, direct, args.rounds, args.requests, 1, key)
-    report["counting"] = {**counting_figures(), **request_path_figures()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print_report(report)
-    return 0
-
-
+HOST = "127.0.0.1"
+PATH = "/v1/chat/completions"
+_MESSAGES = [{"role": "user", "content": "Fix the lint error in utils.py line 3."}]
+LOADS: dict[str, tuple[bytes, dict[str, str]]] = {
+    "json": (
+        json.dumps(
+            {"model": "gpt-5-mini", "messages": _MESSAGES, "max_completion_tokens": 16}
+        ).encode(),
+        {},
+    ),
+    # 46 output tokens: role, 46 deltas, finish, usage and [DONE] make 50 events.
+    "sse": (
+        json.dumps(
+            {
+                "model": "gpt-4o-mini",
+                "messages": _MESSAGES,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        ).encode(),
+        {"x-sim-output-tokens": "46"},
+    ),
+}
 BENCH_POLICY = """
 version: 1
 workspaces:
@@ -156,6 +70,117 @@ workspaces:
     services:
       load: {budget_usd: 500000}
 """
+
+
+@dataclass(frozen=True)
+class Plan:
+    rounds: int
+    requests: dict[int, int]  # per round and path, by concurrency (JSON; SSE gets a third)
+    open_streams: int
+    stream_event_ms: int
+
+
+FULL = Plan(rounds=3, requests={1: 400, 16: 1500, 32: 2000}, open_streams=1000, stream_event_ms=300)
+QUICK = Plan(rounds=3, requests={1: 100, 16: 300, 32: 400}, open_streams=500, stream_event_ms=100)
+
+
+class Bench:
+    """One stack (a setup): its processes, key and the two ports."""
+
+    def __init__(self, stack: Stack, direct: int, key: str) -> None:
+        self.stack = stack
+        self.ports = {"direct": direct, "extproc": stack.config.listen_port}
+        self.key = key
+        self.envoy = stack.children["envoy"].proc.pid
+        self.sidecar = stack.children["sidecar"].proc.pid
+
+    def request(self, path: str, load: str, extra: dict[str, str] | None = None) -> bytes:
+        body, headers = LOADS[load]
+        return build_request(
+            HOST, self.ports[path], PATH, body, self.key, {**headers, **(extra or {})}
+        )
+
+    def one_round(self, path: str, load: str, requests: int, concurrency: int) -> dict[str, float]:
+        sidecar = procstat.tree(self.sidecar)
+        cpu0, envoy0 = procstat.cpu_seconds(sidecar), procstat.cpu_seconds([self.envoy])
+        latencies, wall = asyncio.run(
+            run_closed_loop(HOST, self.ports[path], self.request(path, load), requests, concurrency)
+        )
+        cpu, envoy = (
+            procstat.cpu_seconds(sidecar) - cpu0,
+            procstat.cpu_seconds([self.envoy]) - envoy0,
+        )
+        latencies.sort()
+        n = len(latencies)
+        return {
+            "p50_ms": statistics.median(latencies) * 1e3,
+            "p99_ms": latencies[min(n - 1, int(0.99 * n))] * 1e3,
+            "rps": n / wall,
+            "sidecar_cpu_us": cpu / n * 1e6,
+            "envoy_cpu_us": envoy / n * 1e6,
+        }
+
+    def cell(self, load: str, concurrency: int, plan: Plan) -> dict[str, Any]:
+        """`plan.rounds` rounds, direct and extproc back to back, the order alternating."""
+        requests = plan.requests[concurrency] // (3 if load == "sse" else 1)
+        self.one_round("direct", load, max(50, requests // 5), concurrency)  # warm both
+        self.one_round("extproc", load, max(50, requests // 5), concurrency)
+        rounds = []
+        for i in range(plan.rounds):
+            order = ("direct", "extproc") if i % 2 == 0 else ("extproc", "direct")
+            rounds.append(
+                {path: self.one_round(path, load, requests, concurrency) for path in order}
+            )
+        return summarise(rounds)
+
+    def memory_per_stream(self, plan: Plan) -> dict[str, float]:
+        """RSS growth of the sidecar tree and Envoy with `open_streams` streams open at once."""
+        fault = {"x-sim-fault": f"event-delay-ms={plan.stream_event_ms}"}
+        request = self.request("extproc", "sse", fault)
+        count = plan.open_streams
+
+        async def hold() -> tuple[int, int, int, int]:
+            sidecar = procstat.tree(self.sidecar)
+            base = procstat.rss_bytes(sidecar), procstat.rss_bytes([self.envoy])
+            async with streams_held_open(HOST, self.ports["extproc"], request, count) as tasks:
+                samples = []
+                for _ in range(5):  # RSS moves as the allocator works: keep the peak
+                    samples.append((procstat.rss_bytes(sidecar), procstat.rss_bytes([self.envoy])))
+                    await asyncio.sleep(plan.stream_event_ms / 4000)
+                held = max(s[0] for s in samples), max(s[1] for s in samples)
+            assert all(t.result() == 200 for t in tasks), "a held stream failed"
+            return (*base, *held)
+
+        asyncio.run(hold())  # warm-up: the allocator's arenas grow once
+        side0, envoy0, side1, envoy1 = asyncio.run(hold())
+        return {
+            "streams": count,
+            "sidecar_kib_per_stream": (side1 - side0) / count / 1024,
+            "envoy_kib_per_stream": (envoy1 - envoy0) / count / 1024,
+            "sidecar_rss_mib_idle": side0 / 2**20,
+        }
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarise(rounds: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    def per_round(fn: Any) -> dict[str, float]:
+        return spread([fn(r["direct"], r["extproc"]) for r in rounds])
+
+    return {
+        "rounds": rounds,
+        "direct_p50_ms": per_round(lambda d, e: d["p50_ms"]),
+        "extproc_p50_ms": per_round(lambda d, e: e["p50_ms"]),
+        "added_p50_ms": per_round(lambda d, e: e["p50_ms"] - d["p50_ms"]),
+        "added_p99_ms": per_round(lambda d, e: e["p99_ms"] - d["p99_ms"]),
+        "direct_rps": per_round(lambda d, e: d["rps"]),
+        "extproc_rps": per_round(lambda d, e: e["rps"]),
+        "throughput_ratio": per_round(lambda d, e: e["rps"] / d["rps"]),
+        "sidecar_cpu_us": per_round(lambda d, e: e["sidecar_cpu_us"]),
+        "envoy_extra_cpu_us": per_round(lambda d, e: e["envoy_cpu_us"] - d["envoy_cpu_us"]),
+    }
 
 
 def _bench_key(redis_url: str, policy: Path) -> str:
@@ -175,57 +200,134 @@ def _bench_key(redis_url: str, policy: Path) -> str:
     return asyncio.run(create())
 
 
-def request_path_figures() -> dict[str, float]:
-    """Sidecar CPU for the whole request body phase of a Codex-like 200k-token request:
-    decode (zstd), strict JSON parse, count, once cold and once with the history seen."""
-    import zstandard
-
-    from bench.bench_counting import codex_body
-    from extproc.metering.decisions import parse_request
-    from extproc.metering.tokens import count_text
-    from extproc.wire.endpoints import ENDPOINTS
-
-    endpoint = ENDPOINTS["/v1/responses"]
-    body = codex_body(200_000)
-    first = zstandard.compress(json.dumps(body).encode())
-    body["input"].append({"role": "user", "content": "and one more thing"})
-    raw = json.dumps(body).encode()
-    second = zstandard.compress(raw)
-
-    def run(data: bytes) -> float:
-        start = time.process_time()
-        parse_request(endpoint, data, "zstd", max_body_bytes=64 << 20, count=count_text)
-        return (time.process_time() - start) * 1000
-
-    cold = run(first)
-    warm = min(run(second) for _ in range(3))
-    return {
-        f"request body phase, cold ({len(raw) // 1024} KiB JSON, zstd)": cold,
-        "request body phase, history seen + 1 turn": warm,
-    }
-
-
-def print_report(report: dict) -> None:
-    print(f"\nextproc bench ({report['machine']}, {report['time']})")
-    print(
-        f"{'':12} {'path':8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} "
-        f"{'sidecar CPU µs/req':>19} {'Envoy CPU µs/req':>17}"
-    )
-    for level in ("c1", "c32", "c1_enforced"):
-        for name in ("direct", "extproc"):
-            r = report[level][name]
-            print(
-                f"{level:12} {name:8} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['rps']:8.0f} "
-                f"{r['sidecar_cpu_us_per_req']:19.0f} {r['envoy_cpu_us_per_req']:17.0f}"
-            )
-        s = report[level]
-        print(
-            f"{level:12} added p50 {s['added_p50_ms']:+.3f} ms, p99 {s['added_p99_ms']:+.3f} ms, "
-            f"throughput ratio {s['throughput_ratio']:.2f}"
+def run_setup(
+    enforced: bool, workers: int, levels: tuple[int, ...], plan: Plan, memory: bool
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
+        env = {}
+        policy = Path(tmp) / "policy.yaml"
+        if enforced:
+            policy.write_text(BENCH_POLICY)
+            env = {"EXTPROC_POLICY": str(policy), "BENCH_UPSTREAM_KEY": "sk-bench"}
+        direct = free_port()
+        config = StackConfig(
+            listen_port=free_port(),
+            data_dir=Path(tmp),
+            direct_port=direct,
+            sidecar_env=env,
+            sidecar_workers=workers,
+            envoy_concurrency=workers,
         )
-    print("\ncounting (sidecar CPU, ms):")
-    for k, v in report["counting"].items():
-        print(f"  {k:48} {v:8.2f}")
+        with Stack(config) as stack:
+            key = _bench_key(stack.redis_url, policy) if enforced else "sk-bench"
+            bench = Bench(stack, direct, key)
+            cells = {}
+            for load in LOADS:
+                for c in levels:
+                    name = f"{load} c={c}"
+                    cells[name] = bench.cell(load, c, plan)
+                    print(f"  {label(enforced, workers)} {name}: {line(cells[name])}", flush=True)
+            result: dict[str, Any] = {"cells": cells}
+            if memory:
+                result["memory"] = bench.memory_per_stream(plan)
+            return result
+
+
+def label(enforced: bool, workers: int) -> str:
+    return f"{'enforced' if enforced else 'metering'}, {workers} worker{'s' * (workers > 1)}"
+
+
+def fmt(s: dict[str, float], digits: int = 2, sign: bool = False, pct: bool = False) -> str:
+    k = 100 if pct else 1
+    spec = f"{'+' if sign else ''}.{digits}f"
+    median = format(s["median"] * k, spec)
+    return f"{median} [{s['min'] * k:.{digits}f}, {s['max'] * k:.{digits}f}]"
+
+
+def line(c: dict[str, Any]) -> str:
+    return (
+        f"added p50 {fmt(c['added_p50_ms'], sign=True)} ms, "
+        f"ratio {fmt(c['throughput_ratio'], 0, pct=True)} %, "
+        f"sidecar {c['sidecar_cpu_us']['median']:.0f} µs/req"
+    )
+
+
+def markdown(report: dict[str, Any]) -> str:
+    out = [
+        f"`make bench` ({report['kind']} run, {report['machine']}, {report['time']}; "
+        f"median of {report['rounds']} alternating rounds, [min, max] over rounds)",
+        "",
+        "| setup | load | c | p50 direct ms | p50 extproc ms | added p50 ms | req/s direct |"
+        " req/s extproc | extproc/direct % | sidecar CPU µs/req | Envoy extra CPU µs/req |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for setup, result in report["setups"].items():
+        for name, c in result["cells"].items():
+            load, level = name.split(" c=")
+            out.append(
+                f"| {setup} | {load} | {level} | {c['direct_p50_ms']['median']:.2f} | "
+                f"{c['extproc_p50_ms']['median']:.2f} | {fmt(c['added_p50_ms'], sign=True)} | "
+                f"{c['direct_rps']['median']:,.0f} | {c['extproc_rps']['median']:,.0f} | "
+                f"{fmt(c['throughput_ratio'], 0, pct=True)} | {fmt(c['sidecar_cpu_us'], 0)} | "
+                f"{fmt(c['envoy_extra_cpu_us'], 0, sign=True)} |"
+            )
+    memory = [(setup, r["memory"]) for setup, r in report["setups"].items() if "memory" in r]
+    if memory:
+        out += [
+            "",
+            "| setup | open SSE streams | sidecar KiB/stream | Envoy KiB/stream |"
+            " sidecar RSS idle MiB |",
+            "|---|---|---|---|---|",
+        ]
+        for setup, m in memory:
+            out.append(
+                f"| {setup} | {m['streams']:,} | {m['sidecar_kib_per_stream']:.1f} | "
+                f"{m['envoy_kib_per_stream']:.1f} | {m['sidecar_rss_mib_idle']:.0f} |"
+            )
+    if "counting" in report:
+        out += ["", "| counting (sidecar CPU) | ms |", "|---|---|"]
+        out += [f"| {k} | {v:.2f} |" for k, v in report["counting"].items()]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests: direction only")
+    parser.add_argument("--rounds", type=int, help="rounds per figure (at least 3)")
+    parser.add_argument("--no-workers", action="store_true", help="skip the 2-worker setup")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.rounds:
+        if args.rounds < 3:
+            parser.error("--rounds: a median needs at least 3 rounds")
+        plan = Plan(args.rounds, plan.requests, plan.open_streams, plan.stream_event_ms)
+    report: dict[str, Any] = {
+        "kind": "quick" if args.quick else "full",
+        "machine": f"{os.cpu_count()} cores",
+        "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rounds": plan.rounds,
+        "setups": {},
+    }
+    setups = [(True, 1, (1, 16, 32), True), (False, 1, (1, 16, 32), False)]
+    if not args.no_workers:
+        setups.append((True, 2, (16, 32), True))
+    for enforced, workers, levels, memory in setups:
+        print(f"{label(enforced, workers)}:", flush=True)
+        report["setups"][label(enforced, workers)] = run_setup(
+            enforced, workers, levels, plan, memory
+        )
+    if not args.quick:
+        from bench.bench_counting import counting_figures, request_path_figures
+
+        report["counting"] = {**counting_figures(), **request_path_figures()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    out.with_suffix(".md").write_text(table)
+    print("\n" + table)
+    return 0
 
 
 if __name__ == "__main__":

@@ -166,6 +166,35 @@ def counting_figures() -> dict[str, float]:
     return {f"{name} ({tokens} tok)": ms for name, tokens, ms, _ in measure()}
 
 
+def request_path_figures() -> dict[str, float]:
+    """Sidecar CPU for the whole request body phase of a Codex-like 200k-token request:
+    decode (zstd), strict JSON parse, count, once cold and once with the history seen."""
+    import zstandard
+
+    from extproc.metering.decisions import parse_request
+    from extproc.metering.tokens import count_text
+    from extproc.wire.endpoints import ENDPOINTS
+
+    endpoint = ENDPOINTS["/v1/responses"]
+    body = codex_body(200_000)
+    first = zstandard.compress(json.dumps(body).encode())
+    body["input"].append({"role": "user", "content": "and one more thing"})
+    raw = json.dumps(body).encode()
+    second = zstandard.compress(raw)
+
+    def run(data: bytes) -> float:
+        start = time.process_time()
+        parse_request(endpoint, data, "zstd", max_body_bytes=64 << 20, count=count_text)
+        return (time.process_time() - start) * 1000
+
+    cold = run(first)
+    warm = min(run(second) for _ in range(3))
+    return {
+        f"request body phase, cold ({len(raw) // 1024} KiB JSON, zstd)": cold,
+        "request body phase, history seen + 1 turn": warm,
+    }
+
+
 def main() -> int:
     get_encoding(ENCODING)
     rows = measure()

@@ -36,7 +36,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import run_closed_loop  # noqa: E402
+from bench.loadgen import build_request, run_closed_loop  # noqa: E402
 from extproc.devstack.stack import Child, envoy_binary, free_port  # noqa: E402
 
 MESSAGES_PER_CALL = 4
@@ -330,13 +330,14 @@ def measure(impl: str, args: argparse.Namespace) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as tmp:
             if args.driver == "envoy":
                 with envoy_in_front(port, Path(tmp)) as listen:
-                    url = "/v1/chat/completions"
-                    run = run_closed_loop  # warm-up, then the measured run
-                    asyncio.run(run("127.0.0.1", listen, url, CHAT_BODY, 200, args.concurrency))
+                    req = build_request(
+                        "127.0.0.1", listen, "/v1/chat/completions", CHAT_BODY, "sk-bench"
+                    )
+                    asyncio.run(run_closed_loop("127.0.0.1", listen, req, 200, args.concurrency))
                     before = cpu_seconds(server.proc.pid)
                     t0 = time.perf_counter()
                     latencies, _wall = asyncio.run(
-                        run("127.0.0.1", listen, url, CHAT_BODY, args.requests, args.concurrency)
+                        run_closed_loop("127.0.0.1", listen, req, args.requests, args.concurrency)
                     )
                     wall = time.perf_counter() - t0
                     cpu = cpu_seconds(server.proc.pid) - before

@@ -16,7 +16,8 @@ import pytest
 import redis
 
 from extproc.devstack.stack import Stack, free_port, redis_child, temporary_stack
-from extproc.metering.ledger import LEDGERS_KEY, ledger_key, prefix_for, record_to_dict
+from extproc.metering.ledger import record_to_dict
+from extproc.store.schema import LEDGERS, ledger_key, workspace_prefix
 from extproc.v1.ledger_pb2 import UsageRecord
 
 # Small enough to test the limit cheaply, still well above Envoy's 1 MiB default buffer.
@@ -45,11 +46,11 @@ def _records(rows: list[Any]) -> list[tuple[bytes, UsageRecord]]:
     return [(entry_id, UsageRecord.FromString(fields[b"r"])) for entry_id, fields in rows]
 
 
-UNATTRIBUTED_LEDGER = ledger_key(prefix_for("")).encode()
+UNATTRIBUTED_LEDGER = ledger_key(workspace_prefix("")).encode()
 
 
 def _streams(r: redis.Redis) -> list[bytes]:
-    return sorted(r.smembers(LEDGERS_KEY))
+    return sorted(r.smembers(LEDGERS))
 
 
 def all_records(r: redis.Redis, request_id: str) -> list[dict[str, Any]]:

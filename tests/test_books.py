@@ -24,8 +24,9 @@ from extproc.books.export import FOCUS_COLUMNS, focus_row, write
 from extproc.books.records import RecordFilter, records_between, total_nanos
 from extproc.books.shipper import Shipper, read_shipped
 from extproc.devstack.stack import Child
-from extproc.metering.ledger import Ledger, prefix_for
+from extproc.metering.ledger import Ledger
 from extproc.store.clients import make_client
+from extproc.store.schema import ledger_key, workspace_prefix
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 
 T0 = datetime(2026, 11, 30, 23, 58, tzinfo=UTC)
@@ -60,7 +61,7 @@ def record(
 def settlement(r: UsageRecord) -> Settlement:
     day = datetime.fromtimestamp(r.time_ms / 1000, UTC)
     return Settlement(
-        prefix=prefix_for(r.workspace),
+        prefix=workspace_prefix(r.workspace),
         period=day.strftime("%Y-%m"),
         day=day.strftime("%Y-%m-%d"),
         hour=day.strftime("%Y-%m-%dT%H"),
@@ -198,7 +199,7 @@ def test_ship_survives_kill_9_with_no_loss_and_no_duplicate(
         assert 0 < on_disk.count(b"\n") < 100 and not on_disk.endswith(b"\n")
     else:  # a whole batch on disk and fsynced, still pending in Redis
         assert on_disk.count(b"\n") == 100
-    pending = r.xpending(f"{prefix_for('eng')}:ledger", "extproc-shipper")["pending"]
+    pending = r.xpending(ledger_key(workspace_prefix("eng")), "extproc-shipper")["pending"]
     assert pending == 100
     # A replacement under another name claims what the dead one left pending.
     done = subprocess.run(
@@ -210,4 +211,4 @@ def test_ship_survives_kill_9_with_no_loss_and_no_duplicate(
     shipped = list(read_shipped(out))
     assert Counter(x["request_id"] for x in shipped) == Counter(x.request_id for x in records)
     assert sum(x["cost_nanos"] for x in shipped) == total_nanos(records)
-    assert r.xpending(f"{prefix_for('eng')}:ledger", "extproc-shipper")["pending"] == 0
+    assert r.xpending(ledger_key(workspace_prefix("eng")), "extproc-shipper")["pending"] == 0

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from extproc.devstack.stack import Stack
-from extproc.metering.ledger import UNMETERED_KEY
+from extproc.store.schema import UNMETERED
 from tests.conftest import E2E_MAX_BODY, wait_record
 
 RID = "x-extproc-request-id"
@@ -121,13 +121,13 @@ def test_empty_body_on_metered_path(stack: Stack) -> None:
 def test_unmetered_paths_pass_through_and_are_counted(
     stack: Stack, redis_client: redis.Redis, client: openai.OpenAI
 ) -> None:
-    before = int(redis_client.hget(UNMETERED_KEY, "GET /v1/models") or 0)
+    before = int(redis_client.hget(UNMETERED, "GET /v1/models") or 0)
     models = client.models.list()
     assert any(m.id for m in models.data)
     # The count is flushed with the next ledger write: make one, then wait for it.
     raw = client.embeddings.with_raw_response.create(model="text-embedding-3-small", input="x")
     wait_record(redis_client, raw.headers[RID])
-    assert int(redis_client.hget(UNMETERED_KEY, "GET /v1/models") or 0) == before + 1
+    assert int(redis_client.hget(UNMETERED, "GET /v1/models") or 0) == before + 1
 
 
 def test_sidecar_keeps_serving_after_bad_input(stack: Stack, client: openai.OpenAI) -> None:

@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from extproc.devstack.stack import Stack, temporary_stack
-from extproc.metering.ledger import ledger_key, prefix_for
+from extproc.store.schema import ledger_key, workspace_prefix
 from extproc.v1.ledger_pb2 import UsageRecord
 from tests.conftest import Hooks, cli, new_key, wait_record
 
@@ -174,9 +174,8 @@ def test_rate_limit_gives_retry_after_and_openai_headers(bstack: Stack) -> None:
 
 
 def _ledger(r: redis.Redis, workspace: str) -> list[UsageRecord]:
-    return [
-        UsageRecord.FromString(f[b"r"]) for _id, f in r.xrange(ledger_key(prefix_for(workspace)))
-    ]
+    stream = ledger_key(workspace_prefix(workspace))
+    return [UsageRecord.FromString(f[b"r"]) for _id, f in r.xrange(stream)]
 
 
 def test_burst_never_settles_past_the_hard_cap(bstack: Stack, rclient: redis.Redis) -> None:
@@ -206,7 +205,7 @@ def test_burst_never_settles_past_the_hard_cap(bstack: Stack, rclient: redis.Red
         wait_record(rclient, r.headers[RID])
     records = [r for r in _ledger(rclient, "burst") if r.outcome != "rejected"]
     assert sorted(r.request_id for r in records) == sorted(r.headers[RID] for r in ok)
-    settled = int(rclient.hget(f"{prefix_for('burst')}:spent:{_period()}", "ws"))
+    settled = int(rclient.hget(f"{workspace_prefix('burst')}:spent:{_period()}", "ws"))
     assert settled == sum(r.cost_nanos for r in records)
     assert settled <= 348_000
 

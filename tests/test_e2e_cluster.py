@@ -25,8 +25,9 @@ from extproc.devstack.stack import Child, Stack, start_cluster, temporary_stack
 from extproc.governance.budget import Budgets, Plan, ScopeLimit
 from extproc.governance.keys import KeyCache, KeyStore
 from extproc.governance.periods import period_at
-from extproc.metering.ledger import LEDGERS_KEY, Ledger, ledger_key, prefix_for
+from extproc.metering.ledger import Ledger
 from extproc.store.clients import UNAVAILABLE, make_client, make_sync_client, parse_cluster_url
+from extproc.store.schema import LEDGERS, ledger_key, workspace_prefix
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 from tests.conftest import cli, new_key
 
@@ -83,7 +84,7 @@ def auth(key: dict) -> dict[str, str]:
 
 
 def ledger_records(r: redis.RedisCluster, workspace: str) -> list[UsageRecord]:
-    stream = ledger_key(prefix_for(workspace))
+    stream = ledger_key(workspace_prefix(workspace))
     return [UsageRecord.FromString(fields[b"r"]) for _id, fields in r.xrange(stream)]
 
 
@@ -91,7 +92,7 @@ def wait_ledger(
     r: redis.RedisCluster, workspace: str, request_id: str, timeout: float = 15.0
 ) -> UsageRecord:
     """Block on one workspace's ledger (one stream, one slot: an XREAD a cluster accepts)."""
-    stream = ledger_key(prefix_for(workspace))
+    stream = ledger_key(workspace_prefix(workspace))
     deadline = time.monotonic() + timeout
     last: bytes | str = "0"
     while (left := deadline - time.monotonic()) > 0:
@@ -114,7 +115,7 @@ def test_workspaces_live_on_three_different_primaries(
     cluster = parse_cluster_url(cstack.redis_url)
     assert cluster is not None and len(cluster.nodes) == 3
     assert len(rc.get_primaries()) == 3
-    owners = {rc.get_node_from_key(prefix_for(ws)).name for ws in WORKSPACES}
+    owners = {rc.get_node_from_key(workspace_prefix(ws)).name for ws in WORKSPACES}
     assert len(owners) == 3
 
 
@@ -144,14 +145,14 @@ def test_traffic_to_every_node_is_billed_once_where_its_slot_lives(
         assert record.key_id == keys[ws]["key_id"]
         assert record.cost_nanos > 0
 
-    assert {ledger_key(prefix_for(ws)).encode() for ws in keys} <= rc.smembers(LEDGERS_KEY)
+    assert {ledger_key(workspace_prefix(ws)).encode() for ws in keys} <= rc.smembers(LEDGERS)
     for ws, key in keys.items():
-        node = rc.get_node_from_key(prefix_for(ws))
+        node = rc.get_node_from_key(workspace_prefix(ws))
         direct = redis.Redis(host=node.host, port=node.port)
         try:
-            stream = ledger_key(prefix_for(ws))
+            stream = ledger_key(workspace_prefix(ws))
             on_node = [UsageRecord.FromString(f[b"r"]) for _id, f in direct.xrange(stream)]
-            spent = direct.hget(f"{prefix_for(ws)}:spent:{period()}", f"key:{key['key_id']}")
+            spent = direct.hget(f"{workspace_prefix(ws)}:spent:{period()}", f"key:{key['key_id']}")
         finally:
             direct.close()
         mine = [rec for rec in on_node if rec.key_id == key["key_id"]]
@@ -183,7 +184,7 @@ def test_burst_never_settles_past_the_hard_cap(cstack: Stack, rc: redis.RedisClu
         wait_ledger(rc, "burst", r.headers[RID])
     records = [r for r in ledger_records(rc, "burst") if r.outcome != "rejected"]
     assert sorted(r.request_id for r in records) == sorted(r.headers[RID] for r in ok)
-    settled = int(rc.hget(f"{prefix_for('burst')}:spent:{period()}", "ws"))
+    settled = int(rc.hget(f"{workspace_prefix('burst')}:spent:{period()}", "ws"))
     assert settled == sum(r.cost_nanos for r in records)
     assert settled <= 348_000
 
@@ -233,7 +234,7 @@ def test_cli_reads_the_cluster(cstack: Stack, rc: redis.RedisCluster) -> None:
     assert {k["workspace"] for k in listed} <= set(WORKSPACES)
     text = cli(cstack, "keys", "list", "--workspace", "ops").stdout
     assert created["key_id"] in text
-    total = sum(rc.xlen(stream) for stream in rc.smembers(LEDGERS_KEY))
+    total = sum(rc.xlen(stream) for stream in rc.smembers(LEDGERS))
     rows = json.loads(cli(cstack, "usage", "--json", "--limit", "1000").stdout)
     assert len(rows) == total
     assert {r["workspace"] for r in rows} >= {"ops", "dev", "burst"}
@@ -243,7 +244,7 @@ def test_cli_reads_the_cluster(cstack: Stack, rc: redis.RedisCluster) -> None:
 def _settlement(workspace: str, request_id: str) -> Settlement:
     record = UsageRecord(request_id=request_id, workspace=workspace, cost_nanos=1_000)
     return Settlement(
-        prefix=prefix_for(workspace),
+        prefix=workspace_prefix(workspace),
         period=period(),
         day="d",
         hour="h",
@@ -257,7 +258,7 @@ def _plan(workspace: str) -> Plan:
     scope = ScopeLimit("ws", f"workspace {workspace}", 10**9, None, 10**9)
     return Plan(
         workspace=workspace,
-        prefix=prefix_for(workspace),
+        prefix=workspace_prefix(workspace),
         period=period_at("month", now, ZoneInfo("UTC")),
         key_id="key_outage",
         scopes=(scope,),
@@ -269,7 +270,7 @@ def _plan(workspace: str) -> Plan:
 
 async def _await_ledger(client: object, workspace: str, request_id: str) -> None:
     deadline = time.monotonic() + 45
-    stream = ledger_key(prefix_for(workspace))
+    stream = ledger_key(workspace_prefix(workspace))
     while time.monotonic() < deadline:
         with contextlib.suppress(*UNAVAILABLE):
             rows = await client.xread({stream: "0"}, block=500)  # type: ignore[attr-defined]

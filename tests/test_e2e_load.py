@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from extproc.devstack.stack import Stack, raise_fd_limit, temporary_stack
-from extproc.metering.ledger import LEDGERS_KEY
+from extproc.store.schema import LEDGERS
 from extproc.v1.ledger_pb2 import UsageRecord
 from tests.conftest import new_key
 
@@ -145,7 +145,7 @@ async def run_calls(
 
 def ledger(r: redis.Redis) -> dict[str, list[UsageRecord]]:
     found: dict[str, list[UsageRecord]] = {}
-    for stream in r.smembers(LEDGERS_KEY):
+    for stream in r.smembers(LEDGERS):
         for _id, fields in r.xrange(stream):
             rec = UsageRecord.FromString(fields[b"r"])
             found.setdefault(rec.request_id, []).append(rec)

@@ -240,6 +240,25 @@ def test_mesh_host_is_metered_like_the_gateways_own_name(mstack: Stack, pki_dir:
     assert metered(mesh) == metered(own)
 
 
+def test_mesh_host_with_a_provider_key_is_refused(mstack: Stack, pki_dir: Path) -> None:
+    # A workload that somehow holds the real key still cannot use it through the mesh route.
+    client = openai.OpenAI(
+        base_url=mstack.base_url,
+        api_key=UPSTREAM_KEY,
+        max_retries=0,
+        timeout=30,
+        default_headers={"Host": PROVIDER},
+    )
+    marker = uuid.uuid4().hex
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, extra_headers={MARKER: marker}
+        )
+    assert refused.value.code == "invalid_api_key"
+    seen = provider_requests(mstack, pki_dir / "good-ca.pem")
+    assert not [r for r in seen if r["headers"].get(MARKER) == marker]
+
+
 def test_mesh_host_streams_over_tls_and_is_billed(mstack: Stack, pki_dir: Path) -> None:
     key = new_key(mstack, "prod", "mesh-workload")
     client = openai.OpenAI(

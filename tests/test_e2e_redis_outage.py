@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from extproc.devstack.stack import Stack, temporary_stack
-from extproc.metering.ledger import prefix_for
+from extproc.store.schema import workspace_prefix
 from tests.conftest import all_records, wait_record
 
 RID = "x-extproc-request-id"
@@ -94,7 +94,7 @@ def post(stack: Stack, key: dict, *, stream: bool = False) -> tuple[httpx.Respon
 
 def spent(r: redis.Redis, workspace: str) -> int:
     period = datetime.now(UTC).strftime("%Y-%m")
-    return int(r.hget(f"{prefix_for(workspace)}:spent:{period}", "ws") or 0)
+    return int(r.hget(f"{workspace_prefix(workspace)}:spent:{period}", "ws") or 0)
 
 
 def test_outage_fails_closed_or_open_per_workspace_and_the_spool_replays(

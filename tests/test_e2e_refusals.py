@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from extproc.devstack.stack import Stack, temporary_stack
-from extproc.metering.ledger import ledger_key, prefix_for
+from extproc.store.schema import ledger_key, workspace_prefix
 from extproc.v1.ledger_pb2 import UsageRecord
 from tests.conftest import new_key, wait_for
 
@@ -61,7 +61,7 @@ def rstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def records_of(stack: Stack, workspace: str, key_id: str) -> list[UsageRecord]:
     r = redis.Redis.from_url(stack.redis_url)
     try:
-        rows = r.xrange(ledger_key(prefix_for(workspace)))
+        rows = r.xrange(ledger_key(workspace_prefix(workspace)))
     finally:
         r.close()
     found = [UsageRecord.FromString(f[b"r"]) for _id, f in rows]

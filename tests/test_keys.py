@@ -17,20 +17,17 @@ import redis
 import redis.asyncio as aioredis
 
 from extproc.devstack.stack import free_port
+from extproc.governance import guard
 from extproc.governance.keys import (
-    CHANNEL,
-    HASH_PREFIX,
-    IDS_KEY,
     MISSING,
     Identity,
     KeyCache,
     KeyStore,
     KeyStoreError,
-    bearer_secret,
     hash_secret,
-    revoked_set_key,
 )
 from extproc.governance.policy import load_policy
+from extproc.store.schema import KEY_IDS, KEYS_CHANNEL, key_hash, revoked_key
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = load_policy(ROOT / "examples" / "policy.yaml")
@@ -104,7 +101,7 @@ def everything_in(r: redis.Redis) -> bytes:
 def test_create_stores_only_the_hash_and_announces_it(r: redis.Redis, redis_url: str) -> None:
     async def body(store: KeyStore) -> tuple[str, Identity, list[Any]]:
         pubsub = store.client.pubsub()
-        await pubsub.subscribe(CHANNEL)
+        await pubsub.subscribe(KEYS_CHANNEL)
         await pubsub.get_message(timeout=5)  # subscribe confirmation
         secret, identity = await store.create("dev", "codex-cli", owner="ana@example.com")
         notice = await pubsub.get_message(timeout=5)
@@ -128,7 +125,7 @@ def test_create_stores_only_the_hash_and_announces_it(r: redis.Redis, redis_url:
         b"revoked": b"0",
         b"replaced_by": b"",
     }
-    assert r.hgetall(IDS_KEY) == {identity.key_id.encode(): sha.encode()}
+    assert r.hgetall(KEY_IDS) == {identity.key_id.encode(): sha.encode()}
     assert notices[0]["data"] == f"create {identity.key_id} {sha}".encode()
     dump = everything_in(r)
     assert secret.encode() not in dump and secret[7:].encode() not in dump
@@ -173,7 +170,7 @@ def test_policy_checks_names_and_fills_in_the_team(r: redis.Redis, redis_url: st
         'unknown team "sales" in dev (teams: platform, web, data)',
         'service "codex-cli" belongs to team "platform", not "web"',
     ]
-    assert len(r.hgetall(IDS_KEY)) == 1
+    assert len(r.hgetall(KEY_IDS)) == 1
 
 
 # --- rotation ----------------------------------------------------------------------------
@@ -233,9 +230,9 @@ def test_rotation_never_extends_an_earlier_deadline(r: redis.Redis, redis_url: s
     async def body(store: KeyStore) -> None:
         secret, identity = await store.create("dev", "codex-cli")
         sha = hash_secret(secret)
-        await store.client.hset(HASH_PREFIX + sha, "expires_ms", str(T0 + 1000))
+        await store.client.hset(key_hash(sha), "expires_ms", str(T0 + 1000))
         await store.rotate(identity.key_id, 7 * 86400)
-        assert (await store.client.hget(HASH_PREFIX + sha, "expires_ms")) == str(T0 + 1000).encode()
+        assert (await store.client.hget(key_hash(sha), "expires_ms")) == str(T0 + 1000).encode()
         _, other = await store.create("dev", "codex-cli")
         await store.revoke(other.key_id)
         with pytest.raises(KeyStoreError, match=f"cannot rotate {other.key_id}: it is revoked"):
@@ -275,8 +272,8 @@ def test_revoke_is_immediate_everywhere(r: redis.Redis, redis_url: str) -> None:
         return identity.key_id, secret
 
     key_id, secret = run(redis_url, body)
-    assert r.smembers(revoked_set_key("prod")) == {key_id.encode()}
-    assert revoked_set_key("prod") == "{ws:prod}:revoked"
+    assert r.smembers(revoked_key("prod")) == {key_id.encode()}
+    assert revoked_key("prod") == "{ws:prod}:revoked"
     assert secret.encode() not in everything_in(r)
 
 
@@ -298,7 +295,7 @@ def test_cache_reloads_everything_after_reconnecting(r: redis.Redis, redis_url: 
             await asyncio.wait_for(cache.ready.wait(), 5)
             assert await cache.resolve(secret) == identity
             # A change whose notice this cache never receives...
-            await store.client.hset(HASH_PREFIX + hash_secret(secret), "revoked", "1")
+            await store.client.hset(key_hash(hash_secret(secret)), "revoked", "1")
             assert cache.get(secret) == identity
             # ...is picked up when the subscription comes back.
             await store.client.client_kill_filter(_type="pubsub")
@@ -372,10 +369,10 @@ def test_positive_entries_are_rechecked_after_their_ttl(r: redis.Redis, redis_ur
     run(redis_url, body, clock)
 
 
-def test_bearer_secret() -> None:
-    assert bearer_secret("Bearer sk-ext-abc") == "sk-ext-abc"
-    assert bearer_secret("bearer   sk-ext-abc ") == "sk-ext-abc"
-    assert [bearer_secret(v) for v in (None, "", "Bearer", "Basic abc", "sk-ext-abc")] == [None] * 5
+def test_bearer_token_is_what_the_data_path_looks_up() -> None:
+    assert guard.bearer("Bearer sk-ext-abc") == "sk-ext-abc"
+    assert guard.bearer("bearer   sk-ext-abc ") == "sk-ext-abc"
+    assert [guard.bearer(v) for v in ("", "Bearer", "Basic abc", "sk-ext-abc")] == [""] * 4
 
 
 # --- list and the command line -----------------------------------------------------------
@@ -440,7 +437,7 @@ def test_cli_create_list_rotate_revoke(r: redis.Redis, redis_url: str) -> None:
     new = json.loads(rotated.stdout)
     assert new["replaces"] == created["key_id"] and new["team"] == "platform"
     old_expires = new["old_expires_ms"]
-    info = r.hget(HASH_PREFIX + hash_secret(created["key"]), "expires_ms")
+    info = r.hget(key_hash(hash_secret(created["key"])), "expires_ms")
     assert info == str(old_expires).encode()
 
     revoked = cli(redis_url, "keys", "revoke", new["key_id"])

@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from extproc.metering.ledger import LEDGERS_KEY
 from extproc.metering.prices import NANOS_PER_DOLLAR
+from extproc.store.schema import LEDGERS
 from extproc.v1.ledger_pb2 import UsageRecord
 
 PAGE = 1000
@@ -62,7 +62,7 @@ def _text(value: bytes | str) -> str:
 
 
 def ledger_streams(client: Any) -> list[str]:
-    return sorted(_text(s) for s in client.smembers(LEDGERS_KEY))
+    return sorted(_text(s) for s in client.smembers(LEDGERS))
 
 
 def stream_records(client: Any, stream: str, since_ms: int) -> Iterator[UsageRecord]:

@@ -46,6 +46,7 @@ def _alert(policy: Any, rec: Any) -> int:
     """One webhook alert per drifting workspace (policy `alerts`, event reconcile_drift)."""
     from extproc.books.records import usd
     from extproc.insight.alerts import Alert, Alerter
+    from extproc.store.schema import WORKSPACE_SCOPE
 
     def targets(event: str) -> list[str]:
         return [w.url for w in policy.webhooks if event in w.events]
@@ -54,7 +55,7 @@ def _alert(policy: Any, rec: Any) -> int:
         Alert(
             event="reconcile_drift",
             workspace=row.workspace or "",
-            scope="ws",
+            scope=WORKSPACE_SCOPE,
             text=(
                 f"extproc reconcile {rec.day.isoformat()}: {row.workspace or row.project_id} "
                 f"drifts by ${usd(row.drift_nanos)} from the provider's bill. "

@@ -10,7 +10,8 @@ import json
 import time
 from typing import Any
 
-AUDIT_KEY = "{extproc:admin}:audit"
+from extproc.store.schema import AUDIT
+
 AUDIT_KEPT = 10_000
 
 
@@ -22,13 +23,13 @@ async def audit(client: Any, who: str, action: str, target: str = "", **detail: 
         "target": target,
         "detail": json.dumps(detail, default=str, sort_keys=True),
     }
-    await client.xadd(AUDIT_KEY, fields, maxlen=AUDIT_KEPT, approximate=True)
+    await client.xadd(AUDIT, fields, maxlen=AUDIT_KEPT, approximate=True)
 
 
 async def recent(client: Any, limit: int = 100) -> list[dict[str, Any]]:
     """The newest entries first."""
     out = []
-    for _id, raw in await client.xrevrange(AUDIT_KEY, count=limit):
+    for _id, raw in await client.xrevrange(AUDIT, count=limit):
         item: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
         item["time_ms"] = int(item["time_ms"])
         item["detail"] = json.loads(item.get("detail") or "{}")

@@ -72,6 +72,20 @@ def login_redirect(request: Request) -> RedirectResponse:
     return RedirectResponse("/login", status_code=303)
 
 
+_ICON = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    '<rect width="16" height="16" rx="3" fill="#263238"/>'
+    '<rect x="3" y="9" width="3" height="4" fill="#8bc34a"/>'
+    '<rect x="7" y="6" width="3" height="7" fill="#ffc107"/>'
+    '<rect x="11" y="3" width="3" height="10" fill="#f44336"/></svg>'
+)
+
+
+@router.get("/favicon.ico")
+async def favicon() -> Response:
+    return Response(_ICON, media_type="image/svg+xml", headers={"cache-control": "max-age=86400"})
+
+
 # --- login ---------------------------------------------------------------------------------
 
 

@@ -18,7 +18,8 @@ from typing import Any
 from extproc.governance.keys import Identity, KeyInfo, KeyStore
 from extproc.governance.policy import Policy, PolicyError, load_policy
 from extproc.insight.spend import Report, build_report, read_hashes, report_keys, report_reads
-from extproc.metering.ledger import LEDGERS_KEY, ledger_key, prefix_for, record_to_dict
+from extproc.metering.ledger import record_to_dict
+from extproc.store.schema import LEDGERS, ledger_key, workspace_prefix
 from extproc.v1.ledger_pb2 import UsageRecord
 
 USAGE_FILTERS = ("workspace", "team", "service", "key_id", "model", "outcome")
@@ -67,9 +68,9 @@ def _entry(entry_id: bytes | str) -> tuple[int, int]:
 async def query_usage(client: Any, q: UsageQuery) -> dict[str, Any]:
     """One page of ledger records matching `q`, newest first, and the cursor of the next."""
     if q.workspace:
-        streams = [ledger_key(prefix_for(q.workspace))]
+        streams = [ledger_key(workspace_prefix(q.workspace))]
     else:
-        streams = sorted(_text(s) for s in await client.smembers(LEDGERS_KEY))
+        streams = sorted(_text(s) for s in await client.smembers(LEDGERS))
     limit = max(1, min(q.limit, MAX_PAGE))
     top = f"({q.cursor}" if q.cursor else "+"
     if q.until_ms is not None and not q.cursor:

@@ -21,26 +21,25 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from extproc.dataplane import envoy_msgs as msgs
 from extproc.dataplane import selfservice
 from extproc.governance import guard
 from extproc.governance.budget import (
-    Budgets,
     Decision,
     Plan,
-    overdraft_left,
+    charged_scopes,
     per_choice_cap,
     plan_request,
-    with_overdraft,
 )
-from extproc.governance.keys import MISSING, Identity, KeyCache
+from extproc.governance.keys import MISSING, Identity, Lookup
 from extproc.governance.periods import period_at
 from extproc.governance.policy import Policy
 from extproc.insight.cachehygiene import MIN_CACHEABLE_TOKENS, Prefix, prefix_of
 from extproc.insight.telemetry import RequestTelemetry, Telemetry
+from extproc.insight.telemetry import verdict as request_verdict
 from extproc.metering.decisions import (
     Observed,
     PreparedRequest,
@@ -50,8 +49,8 @@ from extproc.metering.decisions import (
     settle,
     utf8_text,
 )
-from extproc.metering.ledger import Ledger, prefix_for
-from extproc.metering.prices import PriceTable, nanos_per_token
+from extproc.metering.prices import PriceTable
+from extproc.metering.settlement import UNGOVERNED, CachePrefix, Charged, settlement_for
 from extproc.routing.decide import (
     BudgetState,
     RouteDecision,
@@ -61,7 +60,7 @@ from extproc.routing.decide import (
 )
 from extproc.routing.rewrite import apply_route, set_output_cap
 from extproc.settings import Settings
-from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
+from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 from extproc.wire.endpoints import Endpoint, StreamMeter, endpoint_for
 from extproc.wire.errors import OpenAIError
 
@@ -110,6 +109,40 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class KeyLookup(Protocol):
+    """What an exchange asks of the key cache (`governance.keys.KeyCache`)."""
+
+    def get(self, secret: str) -> Lookup: ...
+
+    async def resolve(self, secret: str) -> Identity | None: ...
+
+
+class BudgetBook(Protocol):
+    """What an exchange asks of the budgets (`governance.budget.Budgets`)."""
+
+    def level(self, identity: Identity) -> str: ...
+
+    async def reserve_with_overdraft(
+        self,
+        plan: Plan,
+        fail_open: bool,
+        now_ms: int,
+        *,
+        session: str = "",
+        orphan: Callable[[Plan], bytes] | None = None,
+        overdraft_nanos: int | None = None,
+        fallback: Callable[[int], Plan | None] | None = None,
+    ) -> tuple[Plan, Decision, bool]: ...
+
+
+class SettlementSink(Protocol):
+    """Where finished requests go (`metering.ledger.Ledger`): never blocks, never raises."""
+
+    def submit(self, settlement: Settlement) -> None: ...
+
+    def note_unmetered(self, key: str) -> None: ...
+
+
 @dataclass(slots=True)
 class Deps:
     """What every exchange shares. `policy` and `upstream_keys` change on hot reload."""
@@ -117,11 +150,11 @@ class Deps:
     settings: Settings
     prices: PriceTable
     count: Callable[[str, str], int]
-    ledger: Ledger
+    ledger: SettlementSink
     executor: Executor
     policy: Policy | None = None
-    keys: KeyCache | None = None
-    budgets: Budgets | None = None
+    keys: KeyLookup | None = None
+    budgets: BudgetBook | None = None
     upstream_keys: dict[str, str] = field(default_factory=dict)
     # Why a workspace has no key: "environment variable X is not set" (names only).
     upstream_missing: dict[str, str] = field(default_factory=dict)
@@ -240,7 +273,7 @@ class Exchange:
         return self._admit(identity, spoofed)  # type: ignore[arg-type]
 
     async def _resolve_then_admit(
-        self, keys: KeyCache, secret: str, spoofed: list[str]
+        self, keys: KeyLookup, secret: str, spoofed: list[str]
     ) -> msgs.ProcessingResponse:
         try:
             identity = await keys.resolve(secret)
@@ -398,30 +431,28 @@ class Exchange:
         now = deps.now_ms()
         ws = policy.workspaces[identity.workspace]
         fail_open = ws.on_redis_down == "open"
-        plan = self._plan_for(prepared, route, now)
-        decision = await budgets.reserve(
-            plan,
+        settings = policy.routing_for(identity.workspace, identity.service)
+        retried: list[RouteDecision] = []
+
+        def overdraft_plan(left: int) -> Plan | None:
+            retry = self._route(prepared, BudgetState("hard", left))
+            if retry.refuse is not None:
+                return None
+            retried.append(retry)
+            return self._plan_for(prepared, retry, now)
+
+        plan, decision, used_overdraft = await budgets.reserve_with_overdraft(
+            self._plan_for(prepared, route, now),
             fail_open,
             now,
             session=self.seen.session_id,
-            orphan=self._orphan(prepared, route, plan),
+            # The plan just offered by the fallback, if any, goes with its own route.
+            orphan=lambda p: self._orphan(prepared, retried[-1] if retried else route, p),
+            overdraft_nanos=settings.overdraft.nanos if settings.overdraft else None,
+            fallback=overdraft_plan,
         )
-        settings = policy.routing_for(identity.workspace, identity.service)
-        if decision.reason == "budget" and settings.overdraft is not None:
-            left = overdraft_left(decision, settings.overdraft.nanos)
-            retry = self._route(prepared, BudgetState("hard", left))
-            if retry.refuse is None:
-                plan = with_overdraft(
-                    self._plan_for(prepared, retry, now), settings.overdraft.nanos
-                )
-                decision = await budgets.reserve(
-                    plan,
-                    fail_open,
-                    now,
-                    session=self.seen.session_id,
-                    orphan=self._orphan(prepared, retry, plan),
-                )
-                route = retry
+        if used_overdraft:
+            route = retried[-1]
         self._plan, self._decision = plan, decision
         if not decision.allowed:
             error, headers = guard.denial(decision, plan, policy.timezone)
@@ -655,11 +686,12 @@ class Exchange:
     def _settlement(
         self, record: UsageRecord, plan: Plan | None = None, reservation_id: str | None = None
     ) -> Settlement:
-        deps = self._deps
+        """Attribute the record and charge it to the scopes its reservation checked."""
+        deps, identity, plan = self._deps, self._identity, plan or self._plan
         now = deps.now_ms()
         tz = deps.timezone
-        identity, plan = self._identity, plan or self._plan
-        scopes: list[ScopeCharge] = []
+        charged: tuple[Charged, ...] = UNGOVERNED
+        period_kind = "month"
         if identity is not None:
             record.workspace, record.service, record.key_id = (
                 identity.workspace,
@@ -667,57 +699,31 @@ class Exchange:
                 identity.key_id,
             )
             record.team = identity.team or ""
+            ws = deps.policy.workspaces.get(identity.workspace) if deps.policy else None
+            if plan is None and ws is not None:
+                # Forwarded without a reservation (`bad_request: pass`): still charged to
+                # every scope a reservation would have checked, its team's included.
+                limits = charged_scopes(ws, identity)
+                charged = tuple(Charged(s.scope, s.soft_nanos) for s in limits)
+                period_kind = ws.period
         if plan is not None:
-            scopes = [
-                ScopeCharge(scope=s.scope, soft_nanos=-1 if s.soft_nanos is None else s.soft_nanos)
-                for s in plan.scopes
-            ]
-            period = plan.period
+            charged = tuple(Charged(s.scope, s.soft_nanos) for s in plan.scopes)
+            period_id = plan.period.id
         else:
-            kind = "month"
-            if deps.policy is not None and identity is not None:
-                ws = deps.policy.workspaces.get(identity.workspace)
-                kind = ws.period if ws else kind
-                scopes = [ScopeCharge(scope="ws", soft_nanos=-1)]
-                if identity.service:
-                    scopes.append(ScopeCharge(scope=f"svc:{identity.service}", soft_nanos=-1))
-                scopes.append(ScopeCharge(scope=f"key:{identity.key_id}", soft_nanos=-1))
-            else:
-                scopes = [ScopeCharge(scope="ws", soft_nanos=-1)]
-            period = period_at(kind, now, tz)
-        if record.model_served or record.model_requested:
-            scopes.append(
-                ScopeCharge(
-                    scope=f"model:{record.model_served or record.model_requested}", soft_nanos=-1
-                )
-            )
-        if record.session_id and identity is not None:
-            scopes.append(ScopeCharge(scope=f"sess:{record.session_id[:128]}", soft_nanos=-1))
-        local = datetime.fromtimestamp(now / 1000, tz)
-        settlement = Settlement(
-            prefix=prefix_for(record.workspace),
-            reservation_id=(
-                reservation_id
-                if reservation_id is not None
-                else (self._decision.reservation_id if self._decision else "")
-            ),
-            period=period.id,
-            day=local.strftime("%Y-%m-%d"),
-            hour=local.strftime("%Y-%m-%dT%H"),
-            scopes=scopes,
-            record=record,
+            period_id = period_at(period_kind, now, tz).id
+        if reservation_id is None:
+            reservation_id = self._decision.reservation_id if self._decision else ""
+        prefix = self._prefix
+        return settlement_for(
+            record,
+            charged,
+            period_id=period_id,
+            local_time=datetime.fromtimestamp(now / 1000, tz),
+            prices=deps.prices,
+            reservation_id=reservation_id,
+            attributed=identity is not None,
+            prefix=None if prefix is None else CachePrefix(prefix.fingerprint, prefix.tokens),
         )
-        if identity is not None and record.input_tokens:
-            settlement.hygiene_scope = f"svc:{identity.service}"
-            prefix = self._prefix
-            if prefix is not None and not record.estimated:
-                price, _known = deps.prices.price_for(record.model_served or "unknown")
-                settlement.prefix_fingerprint = prefix.fingerprint
-                settlement.prefix_tokens = prefix.tokens
-                settlement.miss_nanos_per_token = nanos_per_token(price.input) - nanos_per_token(
-                    price.cached_input
-                )
-        return settlement
 
     def _steps(self) -> tuple[Any, ...]:
         return self._route_decision.steps if self._route_decision is not None else ()
@@ -731,14 +737,12 @@ class Exchange:
         self._record = None
         decision = self._decision
         denied = decision if decision is not None and not decision.allowed else None
-        if denied is None and self.seen.rejected is not None:
-            verdict, reason = "denied", "bad_request"
-        elif denied is not None:
-            verdict, reason = "denied", denied.reason
-        elif any(step.kind in DOWNGRADE_STEPS for step in self._steps()):
-            verdict, reason = "downgraded", None
-        else:
-            verdict, reason = ("estimated" if record.estimated else "allowed"), None
+        verdict, reason = request_verdict(
+            record,
+            rejected=self.seen.rejected is not None,
+            denial_reason=denied.reason if denied is not None else None,
+            downgraded=any(step.kind in DOWNGRADE_STEPS for step in self._steps()),
+        )
         self._deps.telemetry.observe(
             RequestTelemetry(
                 record=record,

@@ -12,8 +12,9 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 from grpc_health.v1 import health_pb2
 
@@ -28,12 +29,13 @@ from extproc.governance.policy import Policy, PolicyError, PolicyWatcher, load_p
 from extproc.insight.alerts import Alert, Alerter, record_alert
 from extproc.insight.burn import BurnWatch
 from extproc.insight.telemetry import Telemetry
-from extproc.metering.ledger import Ledger, prefix_for
+from extproc.metering.ledger import Ledger
 from extproc.metering.prices import PriceTable
 from extproc.metering.tokens import count_text
 from extproc.settings import Settings
 from extproc.store.clients import AsyncClient, is_cluster, make_client
 from extproc.store.fastredis import FastRedis, supports_url
+from extproc.store.schema import WORKSPACE_SCOPE, workspace_prefix
 
 log = logging.getLogger("extproc.dataplane.server")
 
@@ -182,31 +184,40 @@ def upstream_keys(policy: Policy) -> tuple[dict[str, str], dict[str, str]]:
 
 
 class Governor:
-    """Holds the live policy and turns ledger events into alerts; swaps policy on reload."""
+    """Holds the live policy, hands each new one to its subscribers, and turns the soft-limit
+    crossings the ledger reports into alerts.
 
-    def __init__(self, deps: Deps, alerter: Alerter) -> None:
-        self.deps = deps
-        self.alerter = alerter
+    It owns its own copy of the policy, so the ledger can report to it before the exchanges'
+    shared `Deps` exist (no half-built object patched afterwards).
+    """
+
+    def __init__(self, *, record: Callable[[Alert], Awaitable[None]] | None = None) -> None:
+        self.policy: Policy | None = None
+        self.alerter = Alerter(self.webhooks, record=record)
+        self._subscribers: list[Callable[[Policy], None]] = []
+
+    def subscribe(self, on_policy: Callable[[Policy], None]) -> None:
+        self._subscribers.append(on_policy)
 
     def apply(self, policy: Policy) -> None:
-        self.deps.upstream_keys, self.deps.upstream_missing = upstream_keys(policy)
-        self.deps.policy = policy
+        for on_policy in self._subscribers:
+            on_policy(policy)
+        self.policy = policy
         log.info("policy loaded: %s (%d workspaces)", policy.source, len(policy.workspaces))
         for warning in policy.warnings:
             log.warning("policy: %s", warning)
 
     def webhooks(self, event: str) -> list[str]:
-        policy = self.deps.policy
+        policy = self.policy
         if policy is None:
             return []
         return [w.url for w in policy.webhooks if not w.events or event in w.events]
 
-    def on_soft_alert(self, prefix: str, scopes: list[str]) -> None:
-        policy = self.deps.policy
-        workspace = prefix[len("{ws:") : -1]
+    def on_soft_alert(self, workspace: str, scopes: list[str]) -> None:
+        policy = self.policy
         ws = policy.workspaces.get(workspace) if policy else None
         for scope in scopes:
-            if scope == "ws" and ws is not None:
+            if scope == WORKSPACE_SCOPE and ws is not None:
                 text = (
                     f"extproc: workspace {workspace} crossed its soft limit "
                     f"(${guard.usd(ws.soft_nanos)} of a ${guard.usd(ws.budget_nanos)} "
@@ -218,44 +229,56 @@ class Governor:
             self.alerter.send(Alert("soft_limit", workspace, scope, text, {}))
 
 
-def build_deps(
-    settings: Settings, client: AsyncClient, hot: FastRedis | None = None
-) -> tuple[Deps, Governor]:
+class Sidecar(NamedTuple):
+    """The shared parts of a running sidecar, with the concrete types the server drives."""
+
+    deps: Deps
+    governor: Governor
+    ledger: Ledger
+    keys: KeyCache | None
+    budgets: Budgets | None
+
+
+def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = None) -> Sidecar:
     """`hot` serves the two calls on every request (reserve, settle); `client` all the rest."""
-    prices = PriceTable.load(settings.prices or None)
-    deps = Deps(
-        settings=settings,
-        prices=prices,
-        count=count_text,
-        ledger=None,  # type: ignore[arg-type]  # set below: the ledger reports to the governor
-        executor=ThreadPoolExecutor(max_workers=2, thread_name_prefix="extproc-count"),
-    )
-    deps.telemetry = Telemetry.from_env()
-    alerter = Alerter(
-        lambda event: governor.webhooks(event), record=lambda alert: record_alert(client, alert)
-    )
-    governor = Governor(deps, alerter)
-    deps.ledger = Ledger(
+    governor = Governor(record=lambda alert: record_alert(client, alert))
+    ledger = Ledger(
         hot or client,
         max_records=settings.ledger_max_records,
         spool_dir=settings.spool_dir,
         on_soft_alert=governor.on_soft_alert,
     )
+    deps = Deps(
+        settings=settings,
+        prices=PriceTable.load(settings.prices or None),
+        count=count_text,
+        ledger=ledger,
+        executor=ThreadPoolExecutor(max_workers=2, thread_name_prefix="extproc-count"),
+        telemetry=Telemetry.from_env(),
+    )
+
+    def use(policy: Policy) -> None:
+        deps.upstream_keys, deps.upstream_missing = upstream_keys(policy)
+        deps.policy = policy
+
+    governor.subscribe(use)
+    keys, budgets = None, None
     if settings.policy:
         governor.apply(load_policy(settings.policy))
-        deps.keys = KeyCache(KeyStore(client))
+        deps.keys = keys = KeyCache(KeyStore(client))
         deps.store = client
-        deps.budgets = Budgets(
+        budgets = Budgets(
             hot or client, hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1)
         )
-        deps.ledger.on_settled = deps.budgets.settled
-    return deps, governor
+        deps.budgets = budgets
+        ledger.on_settled = budgets.settled
+    return Sidecar(deps, governor, ledger, keys, budgets)
 
 
 def _prefixes(deps: Deps) -> list[str]:
     """Every workspace whose expired holds this replica reaps (all of the policy's)."""
     policy = deps.policy
-    return [prefix_for(name) for name in policy.workspaces] if policy else []
+    return [workspace_prefix(name) for name in policy.workspaces] if policy else []
 
 
 async def serve(
@@ -270,19 +293,19 @@ async def serve(
     hot = None
     if not is_cluster(settings.redis_url) and supports_url(settings.redis_url):
         hot = FastRedis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
-    deps, governor = build_deps(settings, client, hot)
+    deps, governor, ledger, keys, budgets = build_deps(settings, client, hot)
     count_text("warm up the tokenizer", "gpt-5")
     count_text("warm up the tokenizer", "gpt-3.5-turbo")
-    await deps.ledger.start()
+    await ledger.start()
     background: list[asyncio.Task[None]] = []
-    if deps.keys is not None:
-        background.append(asyncio.create_task(deps.keys.run(), name="key-cache"))
+    if keys is not None:
+        background.append(asyncio.create_task(keys.run(), name="key-cache"))
         watcher = PolicyWatcher(settings.policy, governor.apply)
         background.append(asyncio.create_task(watcher.run(), name="policy-watcher"))
         burn = BurnWatch(client, lambda: deps.policy, governor.alerter, deps.telemetry)
         background.append(asyncio.create_task(burn.run(), name="burn-watch"))
-        assert deps.budgets is not None
-        holds = tend_forever(deps.budgets, lambda: _prefixes(deps), deps.ledger.submit, deps.now_ms)
+        assert budgets is not None
+        holds = tend_forever(budgets, lambda: _prefixes(deps), ledger.submit, deps.now_ms)
         background.append(asyncio.create_task(holds, name="holds"))
 
     transport = H2Transport(deps)
@@ -298,7 +321,7 @@ async def serve(
 
     log.info("shutting down: draining in-flight streams for up to %ss", settings.grace_seconds)
     await transport.stop(settings.grace_seconds)
-    await deps.ledger.close()
+    await ledger.close()
     for task in background:
         task.cancel()
     await governor.alerter.drain()

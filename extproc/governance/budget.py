@@ -18,17 +18,25 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from extproc.governance.keys import Identity
 from extproc.governance.periods import Period, period_at
-from extproc.governance.policy import Policy, RateLimits, Workspace
+from extproc.governance.policy import Policy, RateLimits, Service, Team, Workspace
 from extproc.governance.scripts import REAP, RESERVE
-from extproc.metering.ledger import prefix_for
 from extproc.metering.prices import PriceTable
 from extproc.metering.usage import Usage
 from extproc.store.clients import UNAVAILABLE
+from extproc.store.schema import (
+    WORKSPACE_SCOPE,
+    key_scope,
+    reservations_key,
+    service_scope,
+    team_scope,
+    workspace_prefix,
+)
 
 log = logging.getLogger("extproc.governance.budget")
 
@@ -79,6 +87,70 @@ def scaled_limit(budget: int | None, ws: Workspace, limit_nanos: int) -> int | N
     return budget * limit_nanos // ws.budget_nanos if ws.budget_nanos else budget
 
 
+def _team_and_service(ws: Workspace, identity: Identity) -> tuple[Team | None, Service | None]:
+    service = ws.services.get(identity.service)
+    # The policy's current team for the service wins over the one stamped on the key.
+    team_name = (service.team if service and service.team else None) or identity.team
+    return (ws.teams.get(team_name) if team_name else None), service
+
+
+def charged_scopes(ws: Workspace, identity: Identity) -> tuple[ScopeLimit, ...]:
+    """Every scope a caller's spend counts against: workspace, team, service, key.
+
+    The one scope builder: the reservation and the settlement must name the same scopes,
+    or spend reaches a budget the reservation never checked (or misses one it did).
+    """
+    team, service = _team_and_service(ws, identity)
+    scopes = [
+        ScopeLimit(
+            WORKSPACE_SCOPE, f"workspace {ws.name}", ws.budget_nanos, ws.soft_nanos, ws.hard_nanos
+        )
+    ]
+    if team is not None:
+        scopes.append(
+            ScopeLimit(
+                team_scope(team.name),
+                f"team {ws.name}/{team.name}",
+                team.budget_nanos,
+                scaled_limit(team.budget_nanos, ws, ws.soft_nanos),
+                scaled_limit(team.budget_nanos, ws, ws.hard_nanos),
+            )
+        )
+    if service is not None:
+        scopes.append(
+            ScopeLimit(
+                service_scope(service.name),
+                f"service {ws.name}/{service.name}",
+                service.budget_nanos,
+                scaled_limit(service.budget_nanos, ws, ws.soft_nanos),
+                scaled_limit(service.budget_nanos, ws, ws.hard_nanos),
+            )
+        )
+    key = key_scope(identity.key_id)
+    scopes.append(ScopeLimit(key, f"key {identity.key_id}", None, None, None))
+    return tuple(scopes)
+
+
+def _rates(ws: Workspace, identity: Identity) -> tuple[RateScope, ...]:
+    team, service = _team_and_service(ws, identity)
+    candidates: list[tuple[str, str, RateLimits | None]] = [
+        (WORKSPACE_SCOPE, f"workspace {ws.name}", ws.rate_limits)
+    ]
+    if team is not None:
+        candidates.append((team_scope(team.name), f"team {ws.name}/{team.name}", team.rate_limits))
+    key_limits = ws.key_rate_limits
+    if service is not None:
+        label = f"service {ws.name}/{service.name}"
+        candidates.append((service_scope(service.name), label, service.rate_limits))
+        key_limits = service.key_rate_limits  # already merged: defaults -> workspace -> service
+    candidates.append((key_scope(identity.key_id), f"key {identity.key_id}", key_limits))
+    return tuple(
+        RateScope(scope, label, limits.rpm, limits.tpm)
+        for scope, label, limits in candidates
+        if limits is not None and (limits.rpm is not None or limits.tpm is not None)
+    )
+
+
 def plan_request(
     policy: Policy,
     identity: Identity,
@@ -107,56 +179,13 @@ def plan_request(
     else:
         cap = ws.default_output_cap * choices
     reserve = prices.charge(model, Usage(input_tokens=counted_input, output_tokens=cap)).nanos
-    scopes = [
-        ScopeLimit("ws", f"workspace {ws.name}", ws.budget_nanos, ws.soft_nanos, ws.hard_nanos)
-    ]
-    rates: list[RateScope] = []
-
-    def rate(scope: str, label: str, limits: RateLimits | None) -> None:
-        if limits is not None and (limits.rpm is not None or limits.tpm is not None):
-            rates.append(RateScope(scope, label, limits.rpm, limits.tpm))
-
-    rate("ws", f"workspace {ws.name}", ws.rate_limits)
-    service = ws.services.get(identity.service)
-    # The policy's current team for the service wins over the one stamped on the key.
-    team_name = (service.team if service and service.team else None) or identity.team
-    team = ws.teams.get(team_name) if team_name else None
-    if team is not None:
-        label = f"team {ws.name}/{team.name}"
-        scopes.append(
-            ScopeLimit(
-                f"team:{team.name}",
-                label,
-                team.budget_nanos,
-                scaled_limit(team.budget_nanos, ws, ws.soft_nanos),
-                scaled_limit(team.budget_nanos, ws, ws.hard_nanos),
-            )
-        )
-        rate(f"team:{team.name}", label, team.rate_limits)
-    key_limits = ws.key_rate_limits
-    if service is not None:
-        label = f"service {ws.name}/{service.name}"
-        scopes.append(
-            ScopeLimit(
-                f"svc:{service.name}",
-                label,
-                service.budget_nanos,
-                scaled_limit(service.budget_nanos, ws, ws.soft_nanos),
-                scaled_limit(service.budget_nanos, ws, ws.hard_nanos),
-            )
-        )
-        rate(f"svc:{service.name}", label, service.rate_limits)
-        key_limits = service.key_rate_limits  # already merged: defaults -> workspace -> service
-    key_label = f"key {identity.key_id}"
-    scopes.append(ScopeLimit(f"key:{identity.key_id}", key_label, None, None, None))
-    rate(f"key:{identity.key_id}", key_label, key_limits)
     return Plan(
         workspace=ws.name,
-        prefix=prefix_for(ws.name),
+        prefix=workspace_prefix(ws.name),
         period=period,
         key_id=identity.key_id,
-        scopes=tuple(scopes),
-        rates=tuple(rates),
+        scopes=charged_scopes(ws, identity),
+        rates=_rates(ws, identity),
         reserve_nanos=reserve,
         tokens=counted_input + cap,
         counted_input=counted_input,
@@ -357,6 +386,38 @@ class Budgets:
                 self._local.pop(key, None)
         return decision
 
+    async def reserve_with_overdraft(
+        self,
+        plan: Plan,
+        fail_open: bool,
+        now_ms: int,
+        *,
+        session: str = "",
+        orphan: Callable[[Plan], bytes] | None = None,
+        overdraft_nanos: int | None = None,
+        fallback: Callable[[int], Plan | None] | None = None,
+    ) -> tuple[Plan, Decision, bool]:
+        """Reserve; refused at a hard cap, try once more with the overdraft.
+
+        `fallback` gets what is left of the overdraft beyond the cap that refused and
+        returns the (cheaper) plan to reserve instead, or None when nothing fits; `orphan`
+        makes a plan's orphan settlement (see `reserve`). Returns the plan reserved for,
+        the decision, and whether the fallback plan was used.
+        """
+
+        async def hold(p: Plan) -> Decision:
+            ghost = orphan(p) if orphan is not None else b""
+            return await self.reserve(p, fail_open, now_ms, session=session, orphan=ghost)
+
+        decision = await hold(plan)
+        if decision.reason != "budget" or overdraft_nanos is None or fallback is None:
+            return plan, decision, False
+        retry = fallback(overdraft_left(decision, overdraft_nanos))
+        if retry is None:
+            return plan, decision, False
+        retry = with_overdraft(retry, overdraft_nanos)
+        return retry, await hold(retry), True
+
     def _reserve_locally(self, plan: Plan) -> Decision:
         standings = []
         for s in plan.scopes:
@@ -398,7 +459,7 @@ class Budgets:
             members: list[Any] = []
             for rid in rids:
                 members += [expiry, rid]
-            await self._redis.execute_command("ZADD", f"{prefix}:resv", "XX", *members)
+            await self._redis.execute_command("ZADD", reservations_key(prefix), "XX", *members)
 
     async def reap(self, prefixes: Any, now_ms: int) -> list[bytes]:
         """Release expired holds of these workspaces; their estimated settlements, to write."""

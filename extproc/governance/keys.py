@@ -5,11 +5,11 @@ attributed and a single leaked key can be revoked without rotating the real prov
 that dozens of services share. Only the SHA-256 of a key is stored: a dump of Redis gives
 nobody a usable key.
 
-Keys live under one hash tag, `{extproc:keys}`, so every change is a single Lua script in
-one slot (Redis Cluster safe) that also publishes on the `extproc:keys` channel. Sidecars
+Keys live under one hash tag (see `store.schema`), so every change is a single Lua script in
+one slot (Redis Cluster safe) that also publishes on the key channel. Sidecars
 keep an in-process cache (KeyCache) that answers the request path with no I/O and drops
 entries as soon as a change is published. Revocation additionally adds the key id to
-`{ws:<workspace>}:revoked`, which the budget scripts check atomically with each reservation,
+the workspace's revoked set, which the budget scripts check atomically with each reservation,
 so a revoked key stops spending even before every cache has heard about it.
 """
 
@@ -31,14 +31,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from extproc.governance.policy import NAME_PATTERN, Policy
 from extproc.store.clients import UNAVAILABLE, AsyncClient, subscriber
+from extproc.store.schema import KEY_IDS, KEYS_CHANNEL, key_hash, revoked_key
 
 log = logging.getLogger("extproc.governance.keys")
 
 KEY_PREFIX = "sk-ext-"
 KEY_PATTERN = re.compile(r"sk-ext-[A-Za-z0-9_-]{40}")
-HASH_PREFIX = "{extproc:keys}:hash:"
-IDS_KEY = "{extproc:keys}:ids"
-CHANNEL = "extproc:keys"
 _MAX_OWNER = 200
 _ATTEMPTS = 3
 
@@ -90,11 +88,6 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def revoked_set_key(workspace: str) -> str:
-    """The set of revoked key ids the budget scripts check, in the workspace's own slot."""
-    return f"{{ws:{workspace}}}:revoked"
-
-
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -102,15 +95,6 @@ def hash_secret(secret: str) -> str:
 def well_formed(secret: str) -> bool:
     """Cheap shape check: anything else is refused without touching Redis."""
     return KEY_PATTERN.fullmatch(secret) is not None
-
-
-def bearer_secret(authorization: str | None) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header value, else None."""
-    if not authorization:
-        return None
-    scheme, _, token = authorization.strip().partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
 
 
 class KeyStoreError(ValueError):
@@ -259,7 +243,7 @@ class KeyStore:
             identity = Identity(key_id, workspace, team, service, owner or None, 0)
             fields = _new_fields(identity, self.now_ms())
             if await self._create(
-                keys=[HASH_PREFIX + sha, IDS_KEY], args=[key_id, sha, CHANNEL, *fields]
+                keys=[key_hash(sha), KEY_IDS], args=[key_id, sha, KEYS_CHANNEL, *fields]
             ):
                 return secret, identity
         raise KeyStoreError("could not mint a unique key id")  # pragma: no cover
@@ -271,7 +255,7 @@ class KeyStore:
         return await self.lookup_hash(hash_secret(secret), now_ms)
 
     async def lookup_hash(self, sha: str, now_ms: int | None = None) -> Identity | None:
-        raw = await self.client.hgetall(HASH_PREFIX + sha)
+        raw = await self.client.hgetall(key_hash(sha))
         return _usable(_decoded(raw), self.now_ms() if now_ms is None else now_ms)
 
     async def lookup_hashes(self, shas: Iterable[str]) -> dict[str, Identity | None]:
@@ -281,25 +265,25 @@ class KeyStore:
             return {}
         async with self.client.pipeline(transaction=False) as pipe:
             for sha in shas:
-                pipe.hgetall(HASH_PREFIX + sha)
+                pipe.hgetall(key_hash(sha))
             rows = await pipe.execute()
         now = self.now_ms()
         return {sha: _usable(_decoded(row), now) for sha, row in zip(shas, rows, strict=True)}
 
     async def info(self, key_id: str) -> KeyInfo | None:
-        sha = await self.client.hget(IDS_KEY, key_id)
+        sha = await self.client.hget(KEY_IDS, key_id)
         if sha is None:
             return None
-        fields = _decoded(await self.client.hgetall(HASH_PREFIX + _text(sha)))
+        fields = _decoded(await self.client.hgetall(key_hash(_text(sha))))
         return self._info(fields, self.now_ms()) if fields else None
 
     async def list(self, workspace: str | None = None) -> list[KeyInfo]:
-        ids = _decoded(await self.client.hgetall(IDS_KEY))
+        ids = _decoded(await self.client.hgetall(KEY_IDS))
         if not ids:
             return []
         async with self.client.pipeline(transaction=False) as pipe:
             for sha in ids.values():
-                pipe.hgetall(HASH_PREFIX + sha)
+                pipe.hgetall(key_hash(sha))
             rows = await pipe.execute()
         now = self.now_ms()
         infos = [self._info(_decoded(row), now) for row in rows if row]
@@ -312,7 +296,7 @@ class KeyStore:
         if overlap_seconds < 0:
             raise KeyStoreError(f"overlap must not be negative, got {overlap_seconds}")
         old_sha = await self._sha_of(key_id)
-        fields = _decoded(await self.client.hgetall(HASH_PREFIX + old_sha))
+        fields = _decoded(await self.client.hgetall(key_hash(old_sha)))
         if not fields:
             raise KeyStoreError(f"unknown key id {key_id}")
         old = _identity(fields)
@@ -323,7 +307,7 @@ class KeyStore:
             deadline = now + int(overlap_seconds * 1000)
             result = _text(
                 await self._rotate(
-                    keys=[HASH_PREFIX + old_sha, IDS_KEY, HASH_PREFIX + sha],
+                    keys=[key_hash(old_sha), KEY_IDS, key_hash(sha)],
                     args=[
                         key_id,
                         old_sha,
@@ -331,7 +315,7 @@ class KeyStore:
                         sha,
                         deadline,
                         now,
-                        CHANNEL,
+                        KEYS_CHANNEL,
                         *_new_fields(identity, now),
                     ],
                 )
@@ -350,19 +334,19 @@ class KeyStore:
     async def revoke(self, key_id: str) -> KeyInfo:
         """Refuse the key from now on. Idempotent."""
         sha = await self._sha_of(key_id)
-        workspace = await self.client.hget(HASH_PREFIX + sha, "workspace")
+        workspace = await self.client.hget(key_hash(sha), "workspace")
         if workspace is None:
             raise KeyStoreError(f"unknown key id {key_id}")
         # The budget scripts' set first: that is what stops spending atomically.
-        await self.client.sadd(revoked_set_key(_text(workspace)), key_id)
-        if not await self._revoke(keys=[HASH_PREFIX + sha, IDS_KEY], args=[key_id, sha, CHANNEL]):
+        await self.client.sadd(revoked_key(_text(workspace)), key_id)
+        if not await self._revoke(keys=[key_hash(sha), KEY_IDS], args=[key_id, sha, KEYS_CHANNEL]):
             raise KeyStoreError(f"unknown key id {key_id}")  # pragma: no cover
         info = await self.info(key_id)
         assert info is not None
         return info
 
     async def _sha_of(self, key_id: str) -> str:
-        sha = await self.client.hget(IDS_KEY, key_id)
+        sha = await self.client.hget(KEY_IDS, key_id)
         if sha is None:
             raise KeyStoreError(f"unknown key id {key_id}")
         return _text(sha)
@@ -468,7 +452,7 @@ class KeyCache:
             pubsub = None
             try:
                 pubsub = await subscriber(self.store.client)
-                await pubsub.subscribe(CHANNEL)
+                await pubsub.subscribe(KEYS_CHANNEL)
                 backoff = 0.1
                 await self._listen(pubsub)
             except UNAVAILABLE as exc:

@@ -17,11 +17,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from extproc.store.schema import ALERTS
+
 log = logging.getLogger("extproc.insight.alerts")
 
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-ALERTS_KEY = "{extproc:alerts}:recent"
-"""Stream of the latest alerts (the console and `GET /admin/v1/alerts` read it)."""
 ALERTS_KEPT = 1000
 
 
@@ -57,12 +57,12 @@ async def record_alert(client: Any, alert: Alert) -> None:
         "scope": alert.scope,
         "text": alert.text,
     }
-    await client.xadd(ALERTS_KEY, fields, maxlen=ALERTS_KEPT, approximate=True)
+    await client.xadd(ALERTS, fields, maxlen=ALERTS_KEPT, approximate=True)
 
 
 async def recent_alerts(client: Any, limit: int = 100) -> list[dict[str, Any]]:
     """The newest alerts first."""
-    rows = await client.xrevrange(ALERTS_KEY, count=limit)
+    rows = await client.xrevrange(ALERTS, count=limit)
     out = []
     for _id, raw in rows:
         item = {k.decode(): v.decode() for k, v in raw.items()}

@@ -46,9 +46,17 @@ from extproc.governance.periods import period_at
 from extproc.governance.policy import Policy, Workspace
 from extproc.insight.alerts import Alert
 from extproc.insight.telemetry import Telemetry
-from extproc.metering.ledger import prefix_for
 from extproc.metering.prices import NANOS_PER_DOLLAR
 from extproc.store.clients import UNAVAILABLE, AsyncClient
+from extproc.store.schema import (
+    WORKSPACE_SCOPE,
+    burn_alerted_key,
+    day_key,
+    hour_key,
+    service_scope,
+    spent_key,
+    workspace_prefix,
+)
 
 log = logging.getLogger("extproc.insight.burn")
 
@@ -123,20 +131,21 @@ def clock_at(now: datetime, policy: Policy) -> Clock:
 
 def scopes_of(ws: Workspace) -> list[tuple[str, str, int | None]]:
     """(scope field, service name or "" for the workspace, hard limit or None) to watch."""
-    out: list[tuple[str, str, int | None]] = [("ws", "", ws.hard_nanos)]
+    out: list[tuple[str, str, int | None]] = [(WORKSPACE_SCOPE, "", ws.hard_nanos)]
     for svc in ws.services.values():
-        out.append((f"svc:{svc.name}", svc.name, scaled_limit(svc.budget_nanos, ws, ws.hard_nanos)))
+        hard = scaled_limit(svc.budget_nanos, ws, ws.hard_nanos)
+        out.append((service_scope(svc.name), svc.name, hard))
     return out
 
 
 def _keys(ws: Workspace, clock: Clock, policy: Policy) -> dict[str, str]:
-    p = prefix_for(ws.name)
+    p = workspace_prefix(ws.name)
     period = period_at(ws.period, clock.now_ms, policy.timezone)
-    keys = {"today": f"{p}:day:{clock.today.isoformat()}", "spent": f"{p}:spent:{period.id}"}
+    keys = {"today": day_key(p, clock.today.isoformat()), "spent": spent_key(p, period.id)}
     for hour in clock.window_hours:
-        keys[f"hour:{hour}"] = f"{p}:hour:{hour}"
+        keys[f"hour:{hour}"] = hour_key(p, hour)
     for day in clock.history():
-        keys[f"day:{day.isoformat()}"] = f"{p}:day:{day.isoformat()}"
+        keys[f"day:{day.isoformat()}"] = day_key(p, day.isoformat())
     return keys
 
 
@@ -300,7 +309,7 @@ def burn_state(policy: Policy, hashes: Hashes, now: datetime) -> list[Burn]:
         keys = _keys(ws, clock, policy)
         period = period_at(ws.period, clock.now_ms, policy.timezone)
         history = {d: hashes.get(keys[f"day:{d.isoformat()}"], {}) for d in clock.history()}
-        available = {d for d, h in history.items() if "ws" in h}
+        available = {d for d, h in history.items() if WORKSPACE_SCOPE in h}
         today = hashes.get(keys["today"], {})
         spent = hashes.get(keys["spent"], {})
         window = [hashes.get(keys[f"hour:{h}"], {}) for h in clock.window_hours]
@@ -389,7 +398,7 @@ def burn_alert(b: Burn) -> Alert:
 
 
 def alerted_key(b: Burn) -> str:
-    return f"{prefix_for(b.workspace)}:alerted:burn:{b.day.isoformat()}:{b.scope}"
+    return burn_alerted_key(b.workspace, b.day.isoformat(), b.scope)
 
 
 # --- the watch -----------------------------------------------------------------------------

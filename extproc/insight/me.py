@@ -21,8 +21,19 @@ from typing import Any
 from extproc.governance.budget import Plan, plan_request
 from extproc.governance.keys import Identity
 from extproc.governance.policy import Policy
-from extproc.metering.ledger import ledger_key, prefix_for, record_to_dict
+from extproc.metering.ledger import record_to_dict
 from extproc.metering.prices import NANOS_PER_DOLLAR, PriceTable
+from extproc.store.schema import (
+    held_key,
+    ledger_key,
+    rate_field,
+    rate_minute_key,
+    session_key,
+    session_scope,
+    spent_key,
+    team_of,
+    workspace_prefix,
+)
 from extproc.v1.ledger_pb2 import UsageRecord
 
 RECENT = 20
@@ -58,10 +69,6 @@ def plan_for(policy: Policy, identity: Identity, prices: PriceTable, now_ms: int
     return plan_request(
         policy, identity, model="", counted_input=0, output_cap=0, prices=prices, now_ms=now_ms
     )
-
-
-def minute_key(prefix: str, now_ms: int) -> str:
-    return f"{prefix}:rl:{now_ms // 60000}"
 
 
 def _why(record: UsageRecord) -> str | None:
@@ -130,8 +137,8 @@ def me_view(
                 "label": r.label,
                 "rpm": r.rpm,
                 "tpm": r.tpm,
-                "requests_this_minute": reads.rate_usage.get(f"{r.scope}:r", 0),
-                "tokens_this_minute": reads.rate_usage.get(f"{r.scope}:t", 0),
+                "requests_this_minute": reads.rate_usage.get(rate_field(r.scope, "r"), 0),
+                "tokens_this_minute": reads.rate_usage.get(rate_field(r.scope, "t"), 0),
                 "resets_at": datetime.fromtimestamp(minute_end / 1000, tz).isoformat(),
             }
         )
@@ -142,7 +149,7 @@ def me_view(
             sid = record.session_id
             sessions[sid] = {
                 "session_id": sid,
-                "spent_usd": _usd(reads.spent.get(f"sess:{sid[:128]}", 0)),
+                "spent_usd": _usd(reads.spent.get(session_scope(sid), 0)),
                 "input_tokens": reads.session_tokens.get(sid, 0),
             }
     contact = ws.contact_for(plan_team(plan))
@@ -173,10 +180,7 @@ def me_view(
 
 
 def plan_team(plan: Plan) -> str | None:
-    for s in plan.scopes:
-        if s.scope.startswith("team:"):
-            return s.scope.removeprefix("team:")
-    return None
+    return next((team for s in plan.scopes if (team := team_of(s.scope))), None)
 
 
 def _ints(raw: Sequence[Any], names: Sequence[str]) -> dict[str, int]:
@@ -187,14 +191,14 @@ async def read_me(
     client: Any, policy: Policy, identity: Identity, plan: Plan, now_ms: int
 ) -> MeReads:
     """The reads behind `me_view`: one pipeline for the hashes, one bounded ledger scan."""
-    prefix = prefix_for(identity.workspace)
+    prefix = workspace_prefix(identity.workspace)
     fields = [s.scope for s in plan.scopes]
-    rate_fields = [f"{r.scope}:{k}" for r in plan.rates for k in ("r", "t")]
+    rate_fields = [rate_field(r.scope, k) for r in plan.rates for k in ("r", "t")]
     async with client.pipeline(transaction=False) as pipe:
-        pipe.hmget(f"{prefix}:spent:{plan.period.id}", fields)
-        pipe.hmget(f"{prefix}:held:{plan.period.id}", fields)
+        pipe.hmget(spent_key(prefix, plan.period.id), fields)
+        pipe.hmget(held_key(prefix, plan.period.id), fields)
         if rate_fields:
-            pipe.hmget(minute_key(prefix, now_ms), rate_fields)
+            pipe.hmget(rate_minute_key(prefix, now_ms), rate_fields)
         pipe.xrevrange(ledger_key(prefix), count=SCAN_LIMIT)
         results = await pipe.execute()
     spent, held = _ints(results[0], fields), _ints(results[1], fields)
@@ -204,11 +208,11 @@ async def read_me(
     sids = list(dict.fromkeys(r.session_id for r in mine if r.session_id))
     session_tokens: dict[str, int] = {}
     if sids:
-        sess_fields = [f"sess:{sid[:128]}" for sid in sids]
+        sess_fields = [session_scope(sid) for sid in sids]
         async with client.pipeline(transaction=False) as pipe:
-            pipe.hmget(f"{prefix}:spent:{plan.period.id}", sess_fields)
+            pipe.hmget(spent_key(prefix, plan.period.id), sess_fields)
             for sid in sids:
-                pipe.get(f"{prefix}:sess:{sid}")
+                pipe.get(session_key(prefix, sid))
             more = await pipe.execute()
         spent.update(_ints(more[0], sess_fields))
         session_tokens = {sid: int(v) for sid, v in zip(sids, more[1:], strict=True) if v}

@@ -35,21 +35,23 @@ from extproc.governance.budget import scaled_limit
 from extproc.governance.periods import Period, period_at, previous
 from extproc.governance.policy import Policy, Workspace
 from extproc.insight.burn import Burn, burn_reads, burn_state, ratio_text
-from extproc.metering.ledger import UNATTRIBUTED, prefix_for
 from extproc.metering.prices import NANOS_PER_DOLLAR
+from extproc.store.schema import (
+    CACHE_FIELDS,
+    GROUP_PREFIXES,
+    REQUESTS_FIELD,
+    UNATTRIBUTED,
+    WORKSPACE_SCOPE,
+    cache_field,
+    day_key,
+    held_key,
+    spent_key,
+    workspace_prefix,
+)
 
 SELECTIONS = ("current", "previous", "today")
-GROUPS = {
-    "team": "team:",
-    "service": "svc:",
-    "key": "key:",
-    "model": "model:",
-    "session": "sess:",
-}
-REQUESTS_FIELD = "#requests"
+GROUPS = GROUP_PREFIXES
 TOP_SESSIONS = 10
-CACHE_FIELDS = ("input_tokens", "cached_tokens", "repeat_tokens", "cachemiss_tokens")
-CACHE_FIELDS += ("cachemiss_nanos",)
 
 Hashes = Mapping[str, Mapping[str, int]]
 """Redis hash contents by key name, as read: field -> integer."""
@@ -276,7 +278,7 @@ class _Book:
 
     @property
     def prefix(self) -> str:
-        return prefix_for(self.name)
+        return workspace_prefix(self.name)
 
 
 def _books(policy: Policy) -> list[_Book]:
@@ -285,12 +287,12 @@ def _books(policy: Policy) -> list[_Book]:
 
 
 def _source_key(book: _Book, period: Period, selection: str) -> str:
-    kind = "day" if selection == "today" else "spent"
-    return f"{book.prefix}:{kind}:{period.id}"
+    key = day_key if selection == "today" else spent_key
+    return key(book.prefix, period.id)
 
 
 def _held_key(book: _Book, now_ms: int, tz: ZoneInfo) -> str:
-    return f"{book.prefix}:held:{period_at(book.period_kind, now_ms, tz).id}"
+    return held_key(book.prefix, period_at(book.period_kind, now_ms, tz).id)
 
 
 def _ms(now: datetime) -> int:
@@ -314,7 +316,7 @@ def report_keys(
 
 
 def _today_key(book: _Book, now_ms: int, tz: ZoneInfo) -> str:
-    return f"{book.prefix}:day:{period_at('day', now_ms, tz).id}"
+    return day_key(book.prefix, period_at("day", now_ms, tz).id)
 
 
 def _chart_period(book: _Book, selection: str, now_ms: int, tz: ZoneInfo) -> Period:
@@ -330,7 +332,7 @@ def _chart_days(period: Period, now: datetime) -> list[date]:
 
 
 def _cache_fields(ws: Workspace) -> tuple[str, ...]:
-    return tuple(f"{kind}:svc:{svc}" for svc in ws.services for kind in CACHE_FIELDS)
+    return tuple(cache_field(kind, svc) for svc in ws.services for kind in CACHE_FIELDS)
 
 
 def report_reads(
@@ -353,9 +355,9 @@ def report_reads(
             continue
         period = _chart_period(book, selection, now_ms, tz)
         for day in _chart_days(period, now):
-            want(f"{book.prefix}:day:{day.isoformat()}", ("ws",))
+            want(day_key(book.prefix, day.isoformat()), (WORKSPACE_SCOPE,))
         if selection == "today":
-            want(f"{book.prefix}:spent:{period.id}", _cache_fields(book.ws))
+            want(spent_key(book.prefix, period.id), _cache_fields(book.ws))
     return reads
 
 
@@ -508,11 +510,11 @@ def build_report(
             book,
             "workspace",
             book.name,
-            spent.get("ws", 0),
+            spent.get(WORKSPACE_SCOPE, 0),
             requests=None if selection == "today" else spent.get(REQUESTS_FIELD, 0),
             own_budget=ws.budget_nanos if ws else None,
             hard=ws.hard_nanos if ws else None,
-            held=None if held is None else held.get("ws", 0),
+            held=None if held is None else held.get(WORKSPACE_SCOPE, 0),
         )
         rows.append(row)
         totals["spent"] += row.spent_nanos
@@ -551,12 +553,12 @@ def _cache_rows(policy: Policy, hashes: Hashes, now: datetime, selection: str) -
     out: list[CacheRow] = []
     for book in _books(policy):
         period = _chart_period(book, selection, _ms(now), policy.timezone)
-        spent = hashes.get(f"{book.prefix}:spent:{period.id}", {})
-        marker = "input_tokens:svc:"
+        spent = hashes.get(spent_key(book.prefix, period.id), {})
+        marker = cache_field(CACHE_FIELDS[0], "")
         services = sorted(f.removeprefix(marker) for f in spent if f.startswith(marker))
         rows = []
         for svc in services:
-            counts = [spent.get(f"{kind}:svc:{svc}", 0) for kind in CACHE_FIELDS]
+            counts = [spent.get(cache_field(kind, svc), 0) for kind in CACHE_FIELDS]
             rows.append(CacheRow(book.name, svc, period, *counts))
         rows.sort(key=lambda r: (-r.miss_nanos, r.service))
         out += rows
@@ -579,7 +581,7 @@ def _charts(
             continue
         period = _chart_period(book, selection, now_ms, tz)
         daily = tuple(
-            (day, hashes.get(f"{book.prefix}:day:{day.isoformat()}", {}).get("ws", 0))
+            (day, hashes.get(day_key(book.prefix, day.isoformat()), {}).get(WORKSPACE_SCOPE, 0))
             for day in _chart_days(period, now)
         )
         current = selection != "previous"
@@ -591,7 +593,12 @@ def _charts(
             elapsed = Fraction(period.elapsed_fraction(now))
             average = forecast(sum(n for _d, n in daily), elapsed)
         at_pace = next(
-            (b.forecast_nanos for b in burn if b.workspace == book.name and b.scope == "ws"), None
+            (
+                b.forecast_nanos
+                for b in burn
+                if b.workspace == book.name and b.scope == WORKSPACE_SCOPE
+            ),
+            None,
         )
         charts.append(
             Chart(

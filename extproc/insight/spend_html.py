@@ -30,7 +30,7 @@ from extproc.insight.spend import (
     dollars,
     row_cells,
 )
-from extproc.metering.ledger import UNATTRIBUTED
+from extproc.store.schema import UNATTRIBUTED
 
 WIDTH, HEIGHT = 760, 300
 LEFT, RIGHT, TOP, BOTTOM = 76, 170, 14, 34

@@ -42,6 +42,7 @@ from opentelemetry.util.types import AttributeValue
 
 from extproc.books.events import UsageEvents, usage_events
 from extproc.settings import ConfigError
+from extproc.store.schema import is_key_scope
 from extproc.v1.ledger_pb2 import UsageRecord
 
 log = logging.getLogger("extproc.insight.telemetry")
@@ -82,6 +83,28 @@ class RequestTelemetry:
     denial_reason: str | None  # "budget" | "rate" | "revoked" | "redis_down" | "bad_request"
     denial_scope: str | None
     sidecar_overhead_ns: int
+
+
+def verdict(
+    record: UsageRecord,
+    *,
+    rejected: bool,
+    denial_reason: str | None,
+    downgraded: bool,
+) -> tuple[str, str | None]:
+    """How a finished request is reported: (decision, denial reason).
+
+    `denial_reason` is set when a budget decision refused the request; `rejected` when
+    the data path answered it itself for any reason (then without a budget decision it
+    was the request that was bad).
+    """
+    if denial_reason is None and rejected:
+        return "denied", "bad_request"
+    if denial_reason is not None:
+        return "denied", denial_reason
+    if downgraded:
+        return "downgraded", None
+    return ("estimated" if record.estimated else "allowed"), None
 
 
 # -- what a request looks like as a span: plain functions of the record ---------------------
@@ -172,7 +195,7 @@ def model_label(record: UsageRecord) -> str:
 def scope_label(scope: str | None) -> str:
     if not scope:
         return ""
-    return "key" if scope.startswith("key:") else scope
+    return "key" if is_key_scope(scope) else scope
 
 
 def token_counts(record: UsageRecord) -> tuple[tuple[str, int], ...]:
@@ -430,7 +453,7 @@ class Telemetry:
 
     def budget_utilization(self, workspace: str, scope: str, ratio: float) -> None:
         """Per budgeted scope; key scopes carry no budget and are not reported."""
-        if self._metrics is not None and not scope.startswith("key:"):
+        if self._metrics is not None and not is_key_scope(scope):
             self._metrics.utilization.set(ratio, {"workspace": workspace, "scope": scope})
 
     def burn_rate(self, workspace: str, service: str, ratio: float) -> None:

@@ -26,25 +26,12 @@ from extproc.governance.scripts import SETTLE
 from extproc.metering.prices import NANOS_PER_DOLLAR
 from extproc.store.clients import UNAVAILABLE, AsyncClient
 from extproc.store.fastredis import FastRedis
+from extproc.store.schema import LEDGERS, UNATTRIBUTED, UNMETERED, ledger_key
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 
 log = logging.getLogger("extproc.metering.ledger")
 
-# The set of per-workspace ledger streams, for readers (`extproc usage`, the spend report).
-LEDGERS_KEY = "extproc:ledgers"
-UNMETERED_KEY = "{extproc:ledger}:unmetered"
-UNATTRIBUTED = "_"
-
 _BATCH = 256
-
-
-def prefix_for(workspace: str) -> str:
-    """Every key of a workspace shares one hash tag: one slot, one node, atomic scripts."""
-    return "{ws:%s}" % (workspace or UNATTRIBUTED)
-
-
-def ledger_key(prefix: str) -> str:
-    return f"{prefix}:ledger"
 
 
 def record_to_dict(record: UsageRecord) -> dict[str, Any]:
@@ -81,7 +68,7 @@ class Spool:
 
 
 SoftAlert = Callable[[str, list[str]], None]
-"""Called with (workspace prefix, scopes that just crossed their soft limit)."""
+"""Called with (workspace name, scopes that just crossed their soft limit)."""
 
 
 def _entry_key(entry_id: bytes) -> tuple[int, int]:
@@ -129,7 +116,7 @@ class Ledger:
         self._unmetered[key] += 1
 
     async def unmetered(self) -> dict[str, int]:
-        raw = await self._redis.hgetall(UNMETERED_KEY)
+        raw = await self._redis.hgetall(UNMETERED)
         return {k.decode(): int(v) for k, v in raw.items()}
 
     async def drain(self) -> None:
@@ -145,7 +132,7 @@ class Ledger:
 
     async def recent(self, limit: int) -> list[UsageRecord]:
         """The newest records across every workspace's ledger, newest first."""
-        streams = sorted(await self._redis.smembers(LEDGERS_KEY))
+        streams = sorted(await self._redis.smembers(LEDGERS))
         rows: list[tuple[tuple[int, int], bytes]] = []
         for stream in streams:
             for entry_id, fields in await self._redis.xrevrange(stream, count=limit):
@@ -201,7 +188,7 @@ class Ledger:
             written += 1
             crossed = [scope.decode() for scope in result[1:]]
             if crossed and self._on_soft_alert is not None:
-                self._on_soft_alert(settlement.prefix, crossed)
+                self._on_soft_alert(settlement.record.workspace or UNATTRIBUTED, crossed)
         return written
 
     async def _pipeline(
@@ -209,9 +196,9 @@ class Ledger:
     ) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for key, n in unmetered.items():
-                pipe.hincrby(UNMETERED_KEY, key, n)
+                pipe.hincrby(UNMETERED, key, n)
             if fresh:
-                pipe.sadd(LEDGERS_KEY, *(ledger_key(prefix) for prefix in fresh))
+                pipe.sadd(LEDGERS, *(ledger_key(prefix) for prefix in fresh))
             for s in batch:
                 SETTLE.queue(pipe, [s.prefix], self._settle_args(s))
             return await pipe.execute()

@@ -1,0 +1,95 @@
+"""What the ledger writes for one finished request: the record and where its cost counts.
+
+A pure function of data, beside the ledger that ships it: the data plane decides *which*
+scopes a request is charged to (the same ones its reservation checked, see
+`governance.budget.charged_scopes`), this module adds the scopes every request carries
+(its model, its session) and the clock-derived buckets (period, day, hour), and prices the
+prompt-cache misses the settle script counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from extproc.metering.prices import PriceTable, nanos_per_token
+from extproc.store.schema import (
+    WORKSPACE_SCOPE,
+    model_scope,
+    service_scope,
+    session_scope,
+    workspace_prefix,
+)
+from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
+
+NO_SOFT_LIMIT = -1
+"""What the settle script reads as "this scope has no soft limit to alert on"."""
+
+
+@dataclass(frozen=True, slots=True)
+class Charged:
+    """One scope a request's cost is added to, and its soft limit (None: no alert)."""
+
+    scope: str
+    soft_nanos: int | None = None
+
+
+UNGOVERNED = (Charged(WORKSPACE_SCOPE),)
+"""Traffic no key attributes is still counted, against the unattributed workspace."""
+
+
+@dataclass(frozen=True, slots=True)
+class CachePrefix:
+    """The request's cacheable prompt prefix, as fingerprinted before forwarding."""
+
+    fingerprint: str
+    tokens: int
+
+
+def settlement_for(
+    record: UsageRecord,
+    charged: Sequence[Charged],
+    *,
+    period_id: str,
+    local_time: datetime,
+    prices: PriceTable,
+    reservation_id: str = "",
+    attributed: bool = False,
+    prefix: CachePrefix | None = None,
+) -> Settlement:
+    """The settlement of a finished request, its record already attributed and priced.
+
+    `attributed`: a key named the caller, so its session and its service's prompt-cache
+    counters are kept (unattributed traffic has no service to tell apart).
+    """
+    scopes = [
+        ScopeCharge(
+            scope=c.scope, soft_nanos=NO_SOFT_LIMIT if c.soft_nanos is None else c.soft_nanos
+        )
+        for c in charged
+    ]
+    model = record.model_served or record.model_requested
+    if model:
+        scopes.append(ScopeCharge(scope=model_scope(model), soft_nanos=NO_SOFT_LIMIT))
+    if record.session_id and attributed:
+        scopes.append(ScopeCharge(scope=session_scope(record.session_id), soft_nanos=NO_SOFT_LIMIT))
+    settlement = Settlement(
+        prefix=workspace_prefix(record.workspace),
+        reservation_id=reservation_id,
+        period=period_id,
+        day=local_time.strftime("%Y-%m-%d"),
+        hour=local_time.strftime("%Y-%m-%dT%H"),
+        scopes=scopes,
+        record=record,
+    )
+    if attributed and record.input_tokens:
+        settlement.hygiene_scope = service_scope(record.service)
+        if prefix is not None and not record.estimated:
+            price, _known = prices.price_for(record.model_served or "unknown")
+            settlement.prefix_fingerprint = prefix.fingerprint
+            settlement.prefix_tokens = prefix.tokens
+            settlement.miss_nanos_per_token = nanos_per_token(price.input) - nanos_per_token(
+                price.cached_input
+            )
+    return settlement

@@ -1,0 +1,194 @@
+"""Every Redis key and budget scope name extproc reads or writes, spelled once.
+
+Why one module: the sidecar (reserve, settle), the key store, the ledger readers, the spend
+report and the burn watch all meet in the same hashes. When each spelled the names itself
+they drifted (the settlement once charged scopes the reservation did not know). Everything
+else calls these functions; the Lua scripts get the workspace prefix from here and append
+the suffixes below, which `tests/unit/store/test_schema.py` holds against the scripts.
+
+Layout. Every key of one workspace shares the hash tag `{ws:NAME}`, so a script touches one
+Redis Cluster slot:
+
+    {ws:W}:spent:<period>     hash  scope -> nanos spent this budget period (+ counters)
+    {ws:W}:held:<period>      hash  scope -> nanos reserved by requests in flight
+    {ws:W}:day:<YYYY-MM-DD>   hash  scope -> nanos spent that day
+    {ws:W}:hour:<YYYY-MM-DDTHH> hash scope -> nanos spent that hour
+    {ws:W}:resv, :resv:data, :resv:orphan  reservations in flight (deadline zset, details
+                              hash, the settlement to write if the sidecar dies)
+    {ws:W}:rl:<minute>        hash  rate-limit counters of one minute
+    {ws:W}:sess:<session>     session's input tokens (context-growth guard)
+    {ws:W}:seen:<request id>  settled once marker
+    {ws:W}:prefix:<fingerprint> prompt prefix seen recently (cache hygiene)
+    {ws:W}:alerted:...        alert sent once markers (soft, hard, burn)
+    {ws:W}:revoked            set of revoked key ids
+    {ws:W}:ledger             stream of usage records
+
+Key store keys share `{extproc:keys}`; unattributed usage counters `{extproc:ledger}`.
+
+Scopes are the fields of the money hashes: `ws`, `team:T`, `svc:S`, `key:K`, `model:M`,
+`sess:S`; the settle script also keeps per-service prompt-cache counters
+(`input_tokens:svc:S`, ...).
+"""
+
+from __future__ import annotations
+
+UNATTRIBUTED = "_"
+"""The workspace name of traffic no key attributes (governance off)."""
+
+# -- per-workspace keys ---------------------------------------------------------------------
+
+SPENT, HELD, DAY, HOUR = "spent", "held", "day", "hour"
+RESERVATIONS, RESERVATION_DATA, ORPHANS = "resv", "resv:data", "resv:orphan"
+RATE_MINUTE, SESSION, SEEN, PREFIX = "rl", "sess", "seen", "prefix"
+ALERTED, REVOKED, LEDGER = "alerted", "revoked", "ledger"
+LUA_SUFFIXES = frozenset(
+    {
+        SPENT,
+        HELD,
+        DAY,
+        HOUR,
+        RESERVATIONS,
+        RESERVATION_DATA,
+        ORPHANS,
+        RATE_MINUTE,
+        SESSION,
+        SEEN,
+        PREFIX,
+        ALERTED,
+        REVOKED,
+        LEDGER,
+    }
+)
+"""The suffixes the Lua scripts append to the prefix they are given."""
+
+
+def workspace_prefix(workspace: str) -> str:
+    """Every key of a workspace shares one hash tag: one slot, one node, atomic scripts."""
+    return "{ws:%s}" % (workspace or UNATTRIBUTED)
+
+
+def spent_key(prefix: str, period_id: str) -> str:
+    return f"{prefix}:{SPENT}:{period_id}"
+
+
+def held_key(prefix: str, period_id: str) -> str:
+    return f"{prefix}:{HELD}:{period_id}"
+
+
+def day_key(prefix: str, day_id: str) -> str:
+    return f"{prefix}:{DAY}:{day_id}"
+
+
+def hour_key(prefix: str, hour_id: str) -> str:
+    return f"{prefix}:{HOUR}:{hour_id}"
+
+
+def ledger_key(prefix: str) -> str:
+    return f"{prefix}:{LEDGER}"
+
+
+def revoked_key(workspace: str) -> str:
+    """The set of revoked key ids the budget script checks, in the workspace's own slot."""
+    return f"{workspace_prefix(workspace)}:{REVOKED}"
+
+
+def reservations_key(prefix: str) -> str:
+    """Reservations in flight: a sorted set of reservation ids by expiry."""
+    return f"{prefix}:{RESERVATIONS}"
+
+
+def rate_minute_key(prefix: str, now_ms: int) -> str:
+    """The rate-limit counters of the minute `now_ms` falls in (the reserve script's key)."""
+    return f"{prefix}:{RATE_MINUTE}:{now_ms // 60000}"
+
+
+def rate_field(scope: str, kind: str) -> str:
+    """A scope's counter in the minute hash: kind "r" (requests) or "t" (tokens)."""
+    return f"{scope}:{kind}"
+
+
+def session_key(prefix: str, session_id: str) -> str:
+    """A session's input tokens over its life (the reserve script's context-growth guard)."""
+    return f"{prefix}:{SESSION}:{session_id}"
+
+
+def burn_alerted_key(workspace: str, day_id: str, scope: str) -> str:
+    """Set once when a burn-rate alert for (day, scope) went out, by whichever replica."""
+    return f"{workspace_prefix(workspace)}:{ALERTED}:burn:{day_id}:{scope}"
+
+
+# -- global keys ----------------------------------------------------------------------------
+
+LEDGERS = "extproc:ledgers"
+"""The set of per-workspace ledger streams, for readers (`extproc usage`, the spend report)."""
+UNMETERED = "{extproc:ledger}:unmetered"
+"""Hash: `METHOD /path/*` -> requests seen on paths extproc does not meter."""
+
+ALERTS = "{extproc:alerts}:recent"
+"""Stream of the latest alerts (the console and `GET /admin/v1/alerts` read it)."""
+
+AUDIT = "{extproc:admin}:audit"
+"""Stream of administrative actions taken through the console and its API."""
+
+KEY_TAG = "{extproc:keys}"
+KEY_HASH_PREFIX = f"{KEY_TAG}:hash:"
+KEY_IDS = f"{KEY_TAG}:ids"
+KEYS_CHANNEL = "extproc:keys"
+"""Pub/sub channel on which every key change is announced to the sidecars' caches."""
+
+
+def key_hash(secret_sha: str) -> str:
+    """The hash holding one virtual key's identity, named by its secret's SHA-256."""
+    return KEY_HASH_PREFIX + secret_sha
+
+
+# -- scopes (fields of the spent / held / day / hour hashes) --------------------------------
+
+WORKSPACE_SCOPE = "ws"
+REQUESTS_FIELD = "#requests"
+TEAM, SERVICE, KEY, MODEL, SESS = "team:", "svc:", "key:", "model:", "sess:"
+GROUP_PREFIXES = {"team": TEAM, "service": SERVICE, "key": KEY, "model": MODEL, "session": SESS}
+"""The spend report's `--by` groups and the scope prefix each reads."""
+CACHE_FIELDS = (
+    "input_tokens",
+    "cached_tokens",
+    "repeat_tokens",
+    "cachemiss_tokens",
+    "cachemiss_nanos",
+)
+"""Per-service prompt-cache counters the settle script keeps, as `<kind>:svc:<service>`."""
+SESSION_ID_MAX = 128
+
+
+def team_scope(team: str) -> str:
+    return TEAM + team
+
+
+def service_scope(service: str) -> str:
+    return SERVICE + service
+
+
+def key_scope(key_id: str) -> str:
+    return KEY + key_id
+
+
+def model_scope(model: str) -> str:
+    return MODEL + model
+
+
+def session_scope(session_id: str) -> str:
+    """Session ids come from clients: bounded so one cannot grow a hash field without end."""
+    return SESS + session_id[:SESSION_ID_MAX]
+
+
+def team_of(scope: str) -> str | None:
+    """The team a `team:T` scope names, else None."""
+    return scope.removeprefix(TEAM) if scope.startswith(TEAM) else None
+
+
+def is_key_scope(scope: str) -> bool:
+    return scope.startswith(KEY)
+
+
+def cache_field(kind: str, service: str) -> str:
+    return f"{kind}:{service_scope(service)}"
