@@ -117,6 +117,7 @@ def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...],
         ("ledger", "export", "--since", "2026-01-01"),
         ("ledger", "ship", "--dir", f["dir"], "--once"),
         ("reconcile",),
+        ("policy", "what-if", str(EXAMPLE)),
     ]
     dead = [(*argv, "--redis-url", dead_redis) for argv in no_stack[:8]]
     bad_args: list[tuple[str, ...]] = [
@@ -142,6 +143,9 @@ def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...],
         ("stack", "--port", "1"),
         ("console", "--port", "web"),
         ("ledger",),
+        ("policy",),
+        ("policy", "what-if", f["missing"], "--redis-url", dead_redis),
+        ("policy", "what-if", str(EXAMPLE), "--since", "forever", "--redis-url", dead_redis),
         ("ledger", "export", "--since", "the dawn of time", "--redis-url", dead_redis),
         ("ledger", "export", "--since", "2026-01-01", "--format", "xml"),
         ("reconcile", "--date", "someday", "--redis-url", dead_redis),

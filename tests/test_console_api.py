@@ -256,3 +256,35 @@ def test_console_refuses_a_bad_admin_secret(tmp_path: pytest.TempPathFactory) ->
     assert out.returncode == 2
     assert "EXTPROC_ADMIN_TOKENS: entry 1: token shorter than 16 characters" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_what_if_cli_and_api_agree_on_the_live_ledger(
+    cstack: Stack, api: httpx.Client, tmp_path: pytest.TempPathFactory
+) -> None:
+    key = new_key(cstack, "prod", "api")
+    sdk = openai.OpenAI(base_url=cstack.base_url, api_key=key["key"], max_retries=0)
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "what if"}]
+    )
+    r = redis.Redis.from_url(cstack.redis_url)
+    wait_record(r, raw.headers["x-extproc-request-id"])
+    # prod can no longer afford anything: every prod request it served is refused.
+    candidate = POLICY.replace("budget_usd: 500", 'budget_usd: "0.000001"')
+    path = tmp_path / "candidate.yaml"  # type: ignore[operator]
+    path.write_text(candidate)
+    from_api = api.post("/policy/what-if", json={"text": candidate, "since_days": 1}).json()
+    out = cli(cstack, "policy", "what-if", str(path), "--since", "1d", "--json")
+    from_cli = json.loads(out.stdout)
+    assert from_api["valid"] is True
+    for field in ("replayed_requests", "refused_requests", "actual_nanos", "candidate_nanos"):
+        assert from_api[field] == from_cli[field], field
+    prod = [
+        rec
+        for rec in api.get("/usage", params={"workspace": "prod", "limit": 500}).json()["records"]
+        if rec["outcome"] != "rejected"
+    ]
+    assert from_cli["refused_by"].get("insufficient_quota", 0) == len(prod) > 0
+    hard = next(s for s in from_cli["scopes"] if s["workspace"] == "prod" and s["scope"] == "ws")
+    assert hard["hard_crossed_on"] is not None and hard["spent_nanos"] == 0
+    bad = api.post("/policy/what-if", json={"text": "version: 1\n", "since_days": 1}).json()
+    assert bad["valid"] is False and bad["problems"]

@@ -236,3 +236,24 @@ def test_me_page_shows_only_the_callers_data(bstack: Stack, browser: object) -> 
         assert [e for e in tab.errors if "401" not in e] == [], tab.errors
     finally:
         tab.close()
+
+
+def test_what_if_page_replays_the_ledger(bstack: Stack, browser: object) -> None:
+    spend(bstack, "for the what-if", new_key(bstack, "prod", "api"))
+    tab = Page(browser)
+    try:
+        page = tab.page
+        _login(page, bstack)
+        page.goto(bstack.console_url + "/what-if")
+        current = page.locator("#candidate").input_value()
+        assert "budget_usd: 500" in current  # the policy in force, ready to edit
+        page.fill("#candidate", current.replace("budget_usd: 500", 'budget_usd: "0.000001"'))
+        page.fill('input[name="since"]', "1")
+        page.click("#whatif button")
+        page.wait_for_selector("#summary")
+        assert int(page.locator("#refused").inner_text()) >= 1
+        prod_hard = page.locator("#scopes tr", has_text="workspace prod").locator("td.hard")
+        assert prod_hard.first.inner_text() != "-"
+        assert tab.errors == [], tab.errors
+    finally:
+        tab.close()

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from extproc.dataplane.server import SERVICE_NAME
+from extproc.dataplane.server import LIVENESS_SERVICE, SERVICE_NAME
 from extproc.governance.policy import load_policy
 from extproc.insight.telemetry import exporter_names, prometheus_address
 from extproc.settings import load_settings
@@ -294,7 +294,7 @@ def test_sidecar_probes_ask_its_grpc_health_service(overlay: str) -> None:
     assert host == "0.0.0.0"
     assert declared_port(sidecar, port) == port
     assert sidecar["readinessProbe"]["grpc"] == {"port": port, "service": SERVICE_NAME}
-    assert sidecar["livenessProbe"]["grpc"] == {"port": port, "service": ""}
+    assert sidecar["livenessProbe"]["grpc"] == {"port": port, "service": LIVENESS_SERVICE}
     assert sidecar["startupProbe"]["grpc"]["port"] == port
 
 
@@ -339,6 +339,15 @@ def test_envoy_upstream_is_openai_over_verified_tls(overlay: str) -> None:
     validation = tls["common_tls_context"]["validation_context"]
     assert validation["trusted_ca"]["filename"]
     assert validation["match_typed_subject_alt_names"][0]["matcher"] == {"exact": "api.openai.com"}
+
+
+def test_sidecar_liveness_probe_asks_the_liveness_service() -> None:
+    _, _, sidecar = gateway(render("prod"))
+    probe = sidecar["livenessProbe"]
+    # Not the readiness service (NOT_SERVING while draining) and with a timeout: a hung
+    # sidecar must fail it, a draining one must not.
+    assert probe["grpc"]["service"] == LIVENESS_SERVICE
+    assert probe["timeoutSeconds"] <= 5
 
 
 def test_deployed_envoy_keeps_the_local_ext_proc_settings() -> None:

@@ -9,6 +9,7 @@ retry advice instead of an empty 500. The local stack restarts a dead sidecar by
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import Iterator
 
@@ -160,3 +161,48 @@ def test_the_local_stack_restarts_a_killed_sidecar(supervised: Stack) -> None:
     assert raw.http_response.status_code == 200
     assert wait_record(r, raw.headers[RID])["outcome"] == "completed"
     r.close()
+
+
+def test_liveness_catches_a_hung_sidecar_not_only_a_dead_one(supervised: Stack) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from extproc.dataplane.server import LIVENESS_SERVICE
+
+    addr = supervised.sidecar_addrs[0]
+    sidecar = supervised.children["sidecar"]
+    with grpc.insecure_channel(addr) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        ask = health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE)
+        assert stub.Check(ask, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        sidecar.proc.send_signal(signal.SIGSTOP)  # hung: alive, but answers nothing
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Check(ask, timeout=2)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            sidecar.proc.send_signal(signal.SIGCONT)
+        assert stub.Check(ask, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_liveness_fails_when_the_ledger_writer_dies() -> None:
+    import asyncio
+
+    from extproc.metering.ledger import Ledger
+
+    async def main() -> tuple[bool, bool]:
+        ledger = Ledger(redis_client_stub(), spool_dir="/nonexistent")
+        await ledger.start()
+        before = ledger.alive()
+        assert ledger._task is not None
+        ledger._task.cancel()  # what an escaped exception would do to the writer
+        with contextlib.suppress(asyncio.CancelledError):
+            await ledger._task
+        return before, ledger.alive()
+
+    assert asyncio.run(main()) == (True, False)
+
+
+def redis_client_stub() -> object:
+    """The writer never reaches Redis in this test: nothing is submitted."""
+    return object()

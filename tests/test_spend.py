@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from extproc.cli.spend import parse_now
 from extproc.governance.budget import Budgets, Decision, Plan, plan_request
 from extproc.governance.keys import Identity
 from extproc.governance.periods import period_at
@@ -27,7 +28,6 @@ from extproc.insight.spend import (
     build_report,
     days_in,
     forecast,
-    parse_now,
     render_burn,
     render_cache,
     render_table,
@@ -37,7 +37,7 @@ from extproc.insight.spend import (
     runs_out_at,
     select_period,
 )
-from extproc.insight.spend_html import axis_usd, chart_svg, chart_top, nice_step, render_html
+from extproc.insight.spend.html import axis_usd, chart_svg, chart_top, nice_step, render_html
 from extproc.metering.ledger import Ledger
 from extproc.metering.prices import PriceTable
 from extproc.store.clients import make_client

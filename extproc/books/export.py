@@ -19,8 +19,9 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any
 
-from extproc.books.records import model_of, usd
+from extproc.books.records import model_of
 from extproc.metering.ledger import record_to_dict
+from extproc.metering.prices import usd
 from extproc.v1.ledger_pb2 import UsageRecord
 
 FORMATS = ("jsonl", "csv", "focus")

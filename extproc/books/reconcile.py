@@ -31,8 +31,8 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-from extproc.books.records import model_of, usd
-from extproc.metering.prices import NANOS_PER_DOLLAR
+from extproc.books.records import model_of
+from extproc.metering.prices import NANOS_PER_DOLLAR, usd
 from extproc.v1.ledger_pb2 import UsageRecord
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"

@@ -13,10 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
-from extproc.metering.prices import NANOS_PER_DOLLAR
 from extproc.store.schema import LEDGERS
 from extproc.v1.ledger_pb2 import UsageRecord
 
@@ -100,8 +98,3 @@ def records_between(
 
 def total_nanos(records: Iterable[UsageRecord]) -> int:
     return sum(r.cost_nanos for r in records)
-
-
-def usd(nanos: int) -> str:
-    """Exact dollars as a decimal string, every nano-dollar kept: "0.000012345"."""
-    return f"{(Decimal(nanos) / NANOS_PER_DOLLAR).normalize():f}"

@@ -15,13 +15,12 @@ import re
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
 
-from extproc.metering.prices import NANOS_PER_DOLLAR
+from extproc.metering.prices import usd
 
 # The checkout's example policy, wherever the CLI is run from (editable install).
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "examples" / "policy.yaml"
@@ -97,7 +96,7 @@ def redacted(url: str) -> str:
 
 
 def _usd(nanos: int) -> str:
-    return f"${Decimal(nanos) / NANOS_PER_DOLLAR:,f}"
+    return usd(nanos, sign=True, grouped=True)
 
 
 def _when(ms: int, zone: ZoneInfo | None = None) -> str:

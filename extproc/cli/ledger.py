@@ -33,7 +33,8 @@ def _client(args: argparse.Namespace) -> Any:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from extproc.books.export import write
-    from extproc.books.records import RecordFilter, parse_instant, records_between, total_nanos, usd
+    from extproc.books.records import RecordFilter, parse_instant, records_between, total_nanos
+    from extproc.metering.prices import usd
     from extproc.store.clients import UNAVAILABLE
 
     try:

@@ -124,10 +124,11 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 from extproc.cli.admin import add_stack_options, redis_url, register  # noqa: E402
 from extproc.cli.ledger import register_ledger  # noqa: E402
+from extproc.cli.policy import register_policy  # noqa: E402
 from extproc.cli.reconcile import register_reconcile  # noqa: E402
 from extproc.cli.route import register_route  # noqa: E402
+from extproc.cli.spend import register_spend  # noqa: E402
 from extproc.console.cli import register_console  # noqa: E402
-from extproc.insight.spend import register_spend  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_ledger(sub)
     register_reconcile(sub)
     register_console(sub)
+    register_policy(sub)
     return parser
 
 

@@ -26,7 +26,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def render_text(rec: Any) -> str:
-    from extproc.books.records import usd
+    from extproc.metering.prices import usd
 
     lines = [f"reconciliation of {rec.day.isoformat()} (UTC) with the provider's bill"]
     for row in rec.rows:
@@ -44,8 +44,8 @@ def render_text(rec: Any) -> str:
 
 def _alert(policy: Any, rec: Any) -> int:
     """One webhook alert per drifting workspace (policy `alerts`, event reconcile_drift)."""
-    from extproc.books.records import usd
     from extproc.insight.alerts import Alert, Alerter
+    from extproc.metering.prices import usd
     from extproc.store.schema import WORKSPACE_SCOPE
 
     def targets(event: str) -> list[str]:

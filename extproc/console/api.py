@@ -62,6 +62,11 @@ class PolicyCandidate(BaseModel):
     text: str = Field(description="the candidate policy file, YAML")
 
 
+class WhatIfRequest(BaseModel):
+    text: str = Field(description="the candidate policy file, YAML")
+    since_days: int = Field(30, ge=1, le=400, description="replay the ledger of these days")
+
+
 @router.get("/keys", summary="List virtual keys (never the keys themselves)")
 async def list_keys(who: Admin, st: State, workspace: str | None = None) -> list[dict[str, Any]]:
     infos = await KeyStore(st.redis).list(workspace)
@@ -175,6 +180,14 @@ async def validate_policy(
 ) -> dict[str, Any]:
     result = service.validate_policy_text(body.text)
     await audit(st.redis, who, "policy.validate", "", valid=result["valid"])
+    return result
+
+
+@router.post("/policy/what-if", summary="Replay the ledger under a candidate policy")
+async def what_if(who: Admin, st: State, body: WhatIfRequest) -> dict[str, Any]:
+    result = await service.what_if(st.redis, body.text, body.since_days)
+    await audit(st.redis, who, "policy.what-if", "", since_days=body.since_days,
+                valid=result["valid"])  # fmt: skip
     return result
 
 

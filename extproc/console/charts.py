@@ -9,21 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date
-from decimal import Decimal
 from html import escape
 
 from markupsafe import Markup
 
-from extproc.metering.prices import NANOS_PER_DOLLAR
+from extproc.metering.prices import usd as money
 
 WIDTH = 420
 BAR_HEIGHT = 18
 
 
 def usd(nanos: int | None) -> str:
-    if nanos is None:
-        return "-"
-    return f"${(Decimal(nanos) / NANOS_PER_DOLLAR).quantize(Decimal('0.01')):,}"
+    return "-" if nanos is None else money(nanos, cents=True, sign=True, grouped=True)
 
 
 def _x(nanos: int, top: int) -> float:

@@ -253,3 +253,27 @@ async def alerts(request: Request, who: Who) -> HTMLResponse:
 async def audit_page(request: Request, who: Who) -> HTMLResponse:
     st = state_of(request)
     return render(request, "audit.html", who, entries=await recent(st.redis, 200))
+
+
+# --- what-if -------------------------------------------------------------------------------
+
+
+@router.get("/what-if", response_class=HTMLResponse)
+async def what_if_form(request: Request, who: Who) -> HTMLResponse:
+    st = state_of(request)
+    return render(request, "whatif.html", who, text=st.policy_text(), since=30, result=None)
+
+
+@router.post("/what-if", response_class=HTMLResponse)
+async def what_if(
+    request: Request,
+    who: Who,
+    text: Annotated[str, Form()],
+    csrf: Annotated[str, Form()],
+    since: Annotated[int, Form(ge=1, le=400)] = 30,
+) -> HTMLResponse:
+    _check_csrf(who, csrf)
+    st = state_of(request)
+    result = await service.what_if(st.redis, text, since)
+    await audit(st.redis, who.who, "policy.what-if", "", since_days=since, via="console")
+    return render(request, "whatif.html", who, text=text, since=since, result=result)

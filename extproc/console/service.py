@@ -238,3 +238,29 @@ def policy_summary(policy: Policy, text: str) -> dict[str, Any]:
 
 def dumps(value: Any) -> str:
     return json.dumps(value, indent=2, default=str)
+
+
+# --- what-if -------------------------------------------------------------------------------
+
+
+async def what_if(client: Any, text: str, since_days: int) -> dict[str, Any]:
+    """Replay the ledger of the last `since_days` under the candidate policy `text`."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from extproc.insight.whatif import ledger_since, replay
+    from extproc.metering.prices import PriceTable
+
+    with tempfile.TemporaryDirectory(prefix="extproc-whatif-") as tmp:
+        path = Path(tmp) / "candidate.yaml"
+        path.write_text(text, "utf-8")
+        try:
+            candidate = load_policy(path)
+        except PolicyError as exc:
+            problems = [p.removeprefix(f"{path}: ") for p in exc.problems]
+            return {"valid": False, "problems": problems}
+    since_ms = int(time.time() * 1000) - since_days * 86_400_000
+    records = await ledger_since(client, since_ms)
+    result = await asyncio.to_thread(replay, candidate, records, PriceTable.load())
+    return {"valid": True, "since_days": since_days, **result.to_dict()}

@@ -49,7 +49,7 @@ from extproc.metering.decisions import (
     settle,
     utf8_text,
 )
-from extproc.metering.prices import PriceTable
+from extproc.metering.prices import PriceTable, usd
 from extproc.metering.settlement import UNGOVERNED, CachePrefix, Charged, settlement_for
 from extproc.routing.decide import (
     BudgetState,
@@ -90,6 +90,13 @@ _ANNOUNCED: set[tuple[str, str, str, str]] = set()
 """Downgrades already logged by this process: one human-readable line per scope and step."""
 _RESPONSE_HEADERS = frozenset({":status", "content-type"})
 _RID = "x-extproc-request-id"
+MISSING_BODY = OpenAIError(
+    400,
+    "This endpoint needs a JSON request body; the request had none.",
+    "invalid_request_error",
+    None,
+    "missing_body",
+)
 INTERNAL_ERROR = OpenAIError(
     500,
     "extproc could not process this request; it was not forwarded. Retrying is safe.",
@@ -186,6 +193,7 @@ class Exchange:
         "_endpoint",
         "_identity",
         "_meter",
+        "_no_body",
         "_plan",
         "_prefix",
         "_prepared",
@@ -223,6 +231,7 @@ class Exchange:
         self._content_encoding = ""
         self._request_chunks: list[bytes] = []
         self._closed = False
+        self._no_body = False
         self._codex = False
 
     # -- request headers: which endpoint, which caller ----------------------------------
@@ -251,18 +260,13 @@ class Exchange:
         self._trace = (h.get("traceparent"), h.get("tracestate"))
         self._task = h.get("x-task")
         self._codex = guard.is_codex(h.get("originator", ""), h.get("user-agent", ""))
-        if msg.end_of_stream:
-            return self._reject(
-                OpenAIError(
-                    400,
-                    "This endpoint needs a JSON request body; the request had none.",
-                    "invalid_request_error",
-                    None,
-                    "missing_body",
-                )
-            )
+        # Refused for want of a body only once the caller is known: the record of the
+        # refusal is attributed to its key like any other.
+        self._no_body = msg.end_of_stream
         keys = self._deps.keys
         if keys is None or self._deps.policy is None:
+            if self._no_body:
+                return self._reject(MISSING_BODY)
             if spoofed:
                 return msgs.forward_request_headers({}, ["accept-encoding", *spoofed])
             return msgs.CONTINUE_METERED_REQUEST_HEADERS
@@ -303,6 +307,8 @@ class Exchange:
                 )
             )
         self._identity = identity
+        if self._no_body:
+            return self._reject(MISSING_BODY)
         return msgs.forward_request_headers(
             {"authorization": f"Bearer {upstream_key}"}, ["accept-encoding", *spoofed]
         )
@@ -606,7 +612,7 @@ class Exchange:
             record = self._finish()
             if record is None:
                 return msgs.CONTINUE_RESPONSE_BODY
-            cost = {"x-extproc-cost-usd": guard.usd_exact(record.cost_nanos)}
+            cost = {"x-extproc-cost-usd": usd(record.cost_nanos)}
             if record.estimated:
                 cost["x-extproc-cost-estimated"] = "true"
             return msgs.response_body_headers(cost)

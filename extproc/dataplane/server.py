@@ -21,7 +21,6 @@ from grpc_health.v1 import health_pb2
 from extproc.dataplane import envoy_msgs as msgs
 from extproc.dataplane.exchange import Deps, Exchange, Reply
 from extproc.dataplane.h2grpc import HEALTH_CHECK_PATH, GrpcServer, Route, health_route
-from extproc.governance import guard
 from extproc.governance.budget import Budgets
 from extproc.governance.holds import tend_forever
 from extproc.governance.keys import KeyCache, KeyStore
@@ -30,7 +29,7 @@ from extproc.insight.alerts import Alert, Alerter, record_alert
 from extproc.insight.burn import BurnWatch
 from extproc.insight.telemetry import Telemetry
 from extproc.metering.ledger import Ledger
-from extproc.metering.prices import PriceTable
+from extproc.metering.prices import PriceTable, usd
 from extproc.metering.tokens import count_text
 from extproc.settings import Settings
 from extproc.store.clients import AsyncClient, is_cluster, make_client
@@ -40,6 +39,9 @@ from extproc.store.schema import WORKSPACE_SCOPE, workspace_prefix
 log = logging.getLogger("extproc.dataplane.server")
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+LIVENESS_SERVICE = "extproc.liveness"
+"""Health service name for liveness probes: SERVING while the data path makes progress."""
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 _TRAILERS = {
@@ -155,6 +157,11 @@ class H2Transport:
         )
 
     def _health(self, service: str) -> int:
+        if service == LIVENESS_SERVICE:
+            # Draining is no reason to restart; a dead or wedged ledger writer is. A sidecar
+            # whose event loop is stuck does not answer at all: the probe's timeout catches it.
+            alive = self._deps.ledger.alive()
+            return health_pb2.HealthCheckResponse.SERVING if alive else NOT_SERVING
         if service not in ("", SERVICE_NAME):
             return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
         if self._serving:
@@ -220,9 +227,9 @@ class Governor:
             if scope == WORKSPACE_SCOPE and ws is not None:
                 text = (
                     f"extproc: workspace {workspace} crossed its soft limit "
-                    f"(${guard.usd(ws.soft_nanos)} of a ${guard.usd(ws.budget_nanos)} "
+                    f"(${usd(ws.soft_nanos, cents=True)} of a ${usd(ws.budget_nanos, cents=True)} "
                     f"{ws.period}ly budget). Traffic keeps flowing; hard limit at "
-                    f"${guard.usd(ws.hard_nanos)}."
+                    f"${usd(ws.hard_nanos, cents=True)}."
                 )
             else:
                 text = f"extproc: {scope} in workspace {workspace} crossed its soft limit."

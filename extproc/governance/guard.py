@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from decimal import ROUND_HALF_UP, Decimal
 from zoneinfo import ZoneInfo
 
 from extproc.governance.budget import Decision, Plan
 from extproc.governance.keys import Identity
 from extproc.governance.policy import Policy
-from extproc.metering.prices import NANOS_PER_DOLLAR
+from extproc.metering.prices import usd
 from extproc.wire.errors import OpenAIError
 
 UNKNOWN_KEY = OpenAIError(
@@ -80,16 +79,6 @@ def for_client(err: OpenAIError, *, codex: bool, contact: str | None) -> OpenAIE
     return OpenAIError(status, message, err.type, err.param, err.code)
 
 
-def usd(nanos: int) -> str:
-    """Dollars to the cent for people; ledgers keep the nanos."""
-    cents = (Decimal(nanos) / NANOS_PER_DOLLAR).quantize(Decimal("0.01"), ROUND_HALF_UP)
-    return f"{cents}"
-
-
-def usd_exact(nanos: int) -> str:
-    return f"{(Decimal(nanos) / NANOS_PER_DOLLAR).normalize():f}"
-
-
 def bearer(authorization: str) -> str:
     scheme, _, token = authorization.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
@@ -136,14 +125,14 @@ def denial(
         return OpenAIError(429, message, unit, None, "rate_limit_exceeded"), headers
     scope = decision.denied
     standing = decision.standings[0] if decision.standings else None
-    spent = usd(standing.spent_nanos) if standing else "?"
+    spent = usd(standing.spent_nanos, cents=True) if standing else "?"
     reset = _reset_text(plan.period.end_ms, tz)
     budget = scope.budget_nanos if scope else None  # type: ignore[union-attr]
     hard = scope.hard_nanos if scope else None  # type: ignore[union-attr]
     message = (
         f"Budget exhausted for {scope.label if scope else plan.workspace}: "  # type: ignore[union-attr]
-        f"${spent} spent of a ${usd(hard or 0)} hard limit"
-        f"{f' (budget ${usd(budget)})' if budget else ''} for period {plan.period.id}. "
+        f"${spent} spent of a ${usd(hard or 0, cents=True)} hard limit"
+        f"{f' (budget ${usd(budget, cents=True)})' if budget else ''} for period {plan.period.id}. "
         f"It resets at {reset}. Ask your platform team to raise the budget if this is expected."
     )
     headers = {
@@ -163,7 +152,7 @@ def visibility_headers(identity: Identity, decision: Decision | None) -> dict[st
     if binding is not None and binding.scope.budget_nanos:
         left = binding.left_nanos
         headers["x-extproc-budget-scope"] = binding.scope.label
-        headers["x-extproc-budget-remaining-usd"] = usd(left)
+        headers["x-extproc-budget-remaining-usd"] = usd(left, cents=True)
         headers["x-extproc-budget-remaining-percent"] = (
             f"{100 * left / binding.scope.budget_nanos:.1f}"
         )

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Protocol
 
@@ -46,7 +46,7 @@ from extproc.governance.periods import period_at
 from extproc.governance.policy import Policy, Workspace
 from extproc.insight.alerts import Alert
 from extproc.insight.telemetry import Telemetry
-from extproc.metering.prices import NANOS_PER_DOLLAR
+from extproc.metering.prices import usd
 from extproc.store.clients import UNAVAILABLE, AsyncClient
 from extproc.store.schema import (
     WORKSPACE_SCOPE,
@@ -282,21 +282,21 @@ class Burn:
             "scope": self.scope,
             "service": self.service or None,
             "day": self.day.isoformat(),
-            "today_usd": usd_exact(self.today_nanos),
-            "recent_usd_per_hour": usd_exact(
+            "today_usd": usd(self.today_nanos),
+            "recent_usd_per_hour": usd(
                 round(Fraction(self.recent_nanos * HOUR_MS, self.window_ms))
             ),
-            "projected_usd": usd_exact(self.projected_nanos),
-            "baseline_usd": None if self.baseline is None else usd_exact(self.baseline.nanos),
+            "projected_usd": usd(self.projected_nanos),
+            "baseline_usd": None if self.baseline is None else usd(self.baseline.nanos),
             "baseline_days": []
             if self.baseline is None
             else [d.isoformat() for d in self.baseline.days],
             "ratio": None if ratio is None else ratio_text(ratio),
             "alert_multiple": str(self.multiple),
             "alert": self.alert,
-            "spent_usd": usd_exact(self.spent_nanos),
-            "hard_limit_usd": None if self.hard_nanos is None else usd_exact(self.hard_nanos),
-            "forecast_usd": usd_exact(self.forecast_nanos),
+            "spent_usd": usd(self.spent_nanos),
+            "hard_limit_usd": None if self.hard_nanos is None else usd(self.hard_nanos),
+            "forecast_usd": usd(self.forecast_nanos),
             "runs_out_on": self.runs_out.date().isoformat() if self.runs_out else None,
         }
 
@@ -352,15 +352,6 @@ def burn_state(policy: Policy, hashes: Hashes, now: datetime) -> list[Burn]:
 # --- words ---------------------------------------------------------------------------------
 
 
-def usd_exact(nanos: int) -> str:
-    return f"{(Decimal(nanos).scaleb(-9)).normalize():f}"
-
-
-def dollars(nanos: int) -> str:
-    cents = (Decimal(nanos) / NANOS_PER_DOLLAR).quantize(Decimal("0.01"), ROUND_HALF_UP)
-    return f"${cents:,}"
-
-
 def ratio_text(ratio: Fraction) -> str:
     return str((Decimal(ratio.numerator) / ratio.denominator).quantize(Decimal("0.01")))
 
@@ -369,25 +360,29 @@ def alert_text(b: Burn) -> str:
     assert b.baseline is not None
     ratio = b.ratio
     pace = (
-        f"{ratio_text(ratio)}x {b.baseline.describe()} ({dollars(b.baseline.nanos)})"
+        f"{ratio_text(ratio)}x {b.baseline.describe()} ({_dollars(b.baseline.nanos)})"
         if ratio is not None
-        else f"against {dollars(0)} on {b.baseline.describe()}"
+        else f"against {_dollars(0)} on {b.baseline.describe()}"
     )
     text = (
         f"extproc: burn rate alert for {b.label}: today is heading for "
-        f"{dollars(b.projected_nanos)}, {pace}. Spent so far today: {dollars(b.today_nanos)}."
+        f"{_dollars(b.projected_nanos)}, {pace}. Spent so far today: {_dollars(b.today_nanos)}."
     )
     if b.hard_nanos is None:
         return text
     if b.runs_out is None:
-        return f"{text} At this pace the {dollars(b.hard_nanos)} hard limit holds this period."
+        return f"{text} At this pace the {_dollars(b.hard_nanos)} hard limit holds this period."
     if b.spent_nanos >= b.hard_nanos:
-        return f"{text} The {dollars(b.hard_nanos)} hard limit is already reached."
+        return f"{text} The {_dollars(b.hard_nanos)} hard limit is already reached."
     when = b.runs_out.strftime("%Y-%m-%d %H:%M")
     return (
-        f"{text} At this pace the {dollars(b.hard_nanos)} hard limit is reached on {when} "
+        f"{text} At this pace the {_dollars(b.hard_nanos)} hard limit is reached on {when} "
         "and calls will be refused."
     )
+
+
+def _dollars(nanos: int) -> str:
+    return usd(nanos, cents=True, sign=True, grouped=True)
 
 
 def burn_alert(b: Burn) -> Alert:

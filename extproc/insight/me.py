@@ -22,7 +22,7 @@ from extproc.governance.budget import Plan, plan_request
 from extproc.governance.keys import Identity
 from extproc.governance.policy import Policy
 from extproc.metering.ledger import record_to_dict
-from extproc.metering.prices import NANOS_PER_DOLLAR, PriceTable
+from extproc.metering.prices import PriceTable, usd
 from extproc.store.schema import (
     held_key,
     ledger_key,
@@ -46,11 +46,7 @@ ME_PAGE_PATH = "/extproc/me"
 
 
 def _usd(nanos: int | None) -> str | None:
-    if nanos is None:
-        return None
-    from decimal import Decimal
-
-    return f"{(Decimal(nanos) / NANOS_PER_DOLLAR).normalize():f}"
+    return None if nanos is None else usd(nanos)
 
 
 @dataclass(frozen=True, slots=True)

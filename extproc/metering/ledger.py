@@ -14,16 +14,16 @@ import base64
 import contextlib
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from redis.exceptions import NoScriptError
 
 from extproc.governance.scripts import SETTLE
-from extproc.metering.prices import NANOS_PER_DOLLAR
+from extproc.metering.prices import usd
 from extproc.store.clients import UNAVAILABLE, AsyncClient
 from extproc.store.fastredis import FastRedis
 from extproc.store.schema import LEDGERS, UNATTRIBUTED, UNMETERED, ledger_key
@@ -37,7 +37,7 @@ _BATCH = 256
 def record_to_dict(record: UsageRecord) -> dict[str, Any]:
     """Plain JSON-ready dict (ints stay ints, unlike protobuf's JSON mapping of int64)."""
     out: dict[str, Any] = {f.name: getattr(record, f.name) for f in record.DESCRIPTOR.fields}
-    out["cost_usd"] = f"{(Decimal(record.cost_nanos) / NANOS_PER_DOLLAR).normalize():f}"
+    out["cost_usd"] = usd(record.cost_nanos)
     return out
 
 
@@ -100,6 +100,7 @@ class Ledger:
         # Told (prefix, reservation id) once a settlement is in Redis: its hold is released
         # and no longer needs renewing (see Budgets.renew).
         self.on_settled: Callable[[str, str], None] | None = None
+        self._turned = time.monotonic()  # when the writer last went round its loop
         self.written = 0
         self.spooled = 0
 
@@ -110,6 +111,21 @@ class Ledger:
         """Queue a finished request's settlement; never blocks, never raises."""
         self._idle.clear()
         self._queue.put_nowait(settlement)
+
+    def alive(self, max_stall_seconds: float = 60.0) -> bool:
+        """False once the writer has died or sat on pending records for `max_stall_seconds`.
+
+        The liveness probe asks this: a sidecar whose event loop still answers but whose
+        records no longer reach Redis or the spool is hung where it matters, and only a
+        restart (its spool replayed on start) gets the records moving again.
+        """
+        task = self._task
+        if task is None:
+            return True
+        if task.done():
+            return False
+        waiting = not self._queue.empty()
+        return not waiting or time.monotonic() - self._turned < max_stall_seconds
 
     def note_unmetered(self, key: str) -> None:
         """Count a request on a path we do not meter; flushed to Redis with the next write."""
@@ -252,6 +268,7 @@ class Ledger:
             if batch:
                 self._spool.append(batch)
                 self.spooled += len(batch)
+            self._turned = time.monotonic()
             if self._queue.empty():
                 self._idle.set()
             if not healthy:

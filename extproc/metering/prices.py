@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -31,6 +31,21 @@ from extproc.metering.usage import Usage
 NANOS_PER_DOLLAR = 1_000_000_000
 NANOS_PER_TOKEN_PER_USD_PER_MILLION = NANOS_PER_DOLLAR // 1_000_000
 FALLBACK_FAMILY = "fallback"
+_CENT = Decimal("0.01")
+
+
+def usd(nanos: int, *, cents: bool = False, sign: bool = False, grouped: bool = False) -> str:
+    """The one money formatter: nano-dollars as a dollar amount.
+
+    Exact by default (every nano-dollar, no trailing zeros: "0", "12.5", "0.000001234"),
+    for ledgers, JSON and headers; `cents` rounds half up to the cent for people. `sign`
+    adds "$", `grouped` thousands separators. Never a float: money must not round by accident.
+    """
+    amount = Decimal(nanos).scaleb(-9)
+    amount = amount.quantize(_CENT, ROUND_HALF_UP) if cents else amount.normalize()
+    text = f"{amount:,f}" if grouped else f"{amount:f}"
+    return f"${text}" if sign else text
+
 
 _RATE_FIELDS = ("input", "cached_input", "output")
 _ROW_FIELDS = frozenset({*_RATE_FIELDS, "source", "as_of", "note"})

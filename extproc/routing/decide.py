@@ -57,7 +57,7 @@ from extproc.governance.policy import (
     RuleMatch,
     model_key,
 )
-from extproc.metering.prices import NANOS_PER_DOLLAR
+from extproc.metering.prices import NANOS_PER_DOLLAR, usd
 from extproc.wire.endpoints import RequestFacts
 from extproc.wire.errors import OpenAIError
 
@@ -337,7 +337,7 @@ class _Route:
 
 
 def _usd(nanos: int) -> str:
-    return f"${(Decimal(nanos) / NANOS_PER_DOLLAR).normalize():f}"
+    return usd(nanos, sign=True)
 
 
 def _walk_down(routing: Routing, model: str, ok: Callable[[str], bool]) -> str | None:

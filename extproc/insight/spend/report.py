@@ -1,44 +1,36 @@
-"""`extproc spend`: where each workspace stands against its budget, and where it is heading.
+"""Building the spend report: which hashes to read, and the report as data.
 
-The report reads only the hashes the settle script already keeps (spent, held, day, hour),
-so it costs one pipelined round trip however long the ledger has grown. Everything
-after that read is a pure function of the policy, those hashes and the clock: a report can
-be recomputed for any instant (`--now`), and the arithmetic is tested without Redis.
-
-Beside the budget table the report shows today's burn against a usual day (the same
-numbers the sidecar's burn watch alerts on, see `extproc.insight.burn`), the sessions that cost the
-most, and per service how well prompt caching works: the hit rate, and the dollars that
-prefixes re-sent within 15 minutes but billed at the full input price cost on top. `--html`
-draws each workspace's period as a chart (see `extproc.insight.spend_html`).
-
-The forecast is a straight line on purpose. Spend is lumpy (nightly batches, Friday
-refactors), and anything cleverer would look precise without being right; a straight line
-is easy to check by hand, and it already answers the question people ask: at this pace,
-do we make it to the end of the period, and if not, on which day do calls start failing?
+Everything after the one pipelined read (`read_hashes`) is a pure function of the
+policy, those hashes and the clock, so a report can be recomputed for any instant.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from extproc.governance.budget import scaled_limit
-from extproc.governance.periods import Period, period_at, previous
+from extproc.governance.periods import Period, period_at
 from extproc.governance.policy import Policy, Workspace
-from extproc.insight.burn import Burn, burn_reads, burn_state, ratio_text
-from extproc.metering.prices import NANOS_PER_DOLLAR
+from extproc.insight.burn import Burn, burn_reads, burn_state
+from extproc.insight.spend.arithmetic import (
+    GROUPS,
+    TOP_SESSIONS,
+    Hashes,
+    days_in,
+    forecast,
+    percent,
+    runs_out_at,
+    select_period,
+)
+from extproc.metering.prices import usd
 from extproc.store.schema import (
     CACHE_FIELDS,
-    GROUP_PREFIXES,
     REQUESTS_FIELD,
     UNATTRIBUTED,
     WORKSPACE_SCOPE,
@@ -49,70 +41,15 @@ from extproc.store.schema import (
     workspace_prefix,
 )
 
-SELECTIONS = ("current", "previous", "today")
-GROUPS = GROUP_PREFIXES
-TOP_SESSIONS = 10
-
-Hashes = Mapping[str, Mapping[str, int]]
-"""Redis hash contents by key name, as read: field -> integer."""
-
-
-# --- the arithmetic ----------------------------------------------------------------------
-
-
-def forecast(spent_nanos: int, elapsed_fraction: float | Fraction) -> int:
-    """Spend at the end of the period if it goes on at its average pace so far.
-
-    With no time elapsed there is no pace to extrapolate, so the spend itself is returned.
-    """
-    elapsed = Fraction(elapsed_fraction)
-    if elapsed <= 0 or elapsed >= 1:
-        return spent_nanos
-    return round(Fraction(spent_nanos) / elapsed)
-
-
-def runs_out_at(
-    spent_nanos: int, limit_nanos: int, elapsed_fraction: float | Fraction, period: Period
-) -> datetime | None:
-    """When spend at its average pace so far reaches `limit_nanos`; None if not this period.
-
-    Measured in the same wall-clock share of the period as `Period.elapsed_fraction`, so a
-    forecast and its date always agree. A limit already passed gives the moment the average
-    pace crossed it, which is no later than now.
-    """
-    elapsed = Fraction(elapsed_fraction)
-    if spent_nanos <= 0 or elapsed <= 0:
-        return None
-    reached = elapsed * limit_nanos / spent_nanos
-    if reached >= 1:
-        return None
-    span_us = (period.end - period.start) // timedelta(microseconds=1)
-    return period.start + timedelta(microseconds=round(span_us * reached))
-
-
-def select_period(kind: str, selection: str, now_ms: int, tz: ZoneInfo) -> Period:
-    """The period a report covers: this one, the one before it, or today."""
-    if selection == "today":
-        return period_at("day", now_ms, tz)
-    current = period_at(kind, now_ms, tz)
-    if selection == "current":
-        return current
-    if selection == "previous":
-        return previous(current)
-    raise ValueError(f"unknown period {selection!r} (expected one of {', '.join(SELECTIONS)})")
-
-
-def days_in(period: Period) -> int:
-    return (period.end.date() - period.start.date()).days
-
-
-def percent(part: int, whole: int | None) -> Decimal | None:
-    if not whole:
-        return None
-    return Decimal(part * 100) / Decimal(whole)
-
-
 # --- the report ----------------------------------------------------------------------------
+
+
+def _optional_usd(nanos: int | None) -> str | None:
+    return None if nanos is None else usd(nanos)
+
+
+def _optional_pct(share: Decimal | None) -> str | None:
+    return None if share is None else str(share.quantize(Decimal("0.01"), ROUND_HALF_UP))
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +93,7 @@ class Row:
             "period_id": self.period.id,
             "period_start": self.period.start.isoformat(),
             "period_end": self.period.end.isoformat(),
-            "spent_usd": usd_exact(self.spent_nanos),
+            "spent_usd": usd(self.spent_nanos),
             "requests": self.requests,
             "budget_usd": _optional_usd(self.budget_nanos),
             "share_pct": _optional_pct(self.share_pct),
@@ -185,9 +122,9 @@ class Totals:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "spent_usd": usd_exact(self.spent_nanos),
+            "spent_usd": usd(self.spent_nanos),
             "requests": self.requests,
-            "budget_usd": usd_exact(self.budget_nanos),
+            "budget_usd": usd(self.budget_nanos),
             "share_pct": _optional_pct(self.share_pct),
             "held_usd": _optional_usd(self.held_nanos),
             "forecast_usd": _optional_usd(self.forecast_nanos),
@@ -221,7 +158,7 @@ class CacheRow:
             "hit_rate_pct": _optional_pct(self.hit_pct),
             "repeat_prefix_tokens": self.repeat_tokens,
             "missed_tokens": self.miss_tokens,
-            "missed_usd": usd_exact(self.miss_nanos),
+            "missed_usd": usd(self.miss_nanos),
         }
 
 
@@ -616,208 +553,6 @@ def _charts(
     return charts
 
 
-# --- presentation --------------------------------------------------------------------------
-
-
-def usd_exact(nanos: int) -> str:
-    """Every nano-dollar, no trailing zeros: "0", "12.5", "0.000001234"."""
-    return f"{(Decimal(nanos).scaleb(-9)).normalize():f}"
-
-
-def _optional_usd(nanos: int | None) -> str | None:
-    return None if nanos is None else usd_exact(nanos)
-
-
-def _optional_pct(share: Decimal | None) -> str | None:
-    return None if share is None else str(share.quantize(Decimal("0.01"), ROUND_HALF_UP))
-
-
-def dollars(nanos: int | None) -> str:
-    """For people: to the cent, with thousands separators."""
-    if nanos is None:
-        return "-"
-    cents = (Decimal(nanos) / NANOS_PER_DOLLAR).quantize(Decimal("0.01"), ROUND_HALF_UP)
-    return f"${cents:,}"
-
-
-def _pct_text(share: Decimal | None) -> str:
-    if share is None:
-        return "-"
-    return f"{share.quantize(Decimal('0.1'), ROUND_HALF_UP)}%"
-
-
-def _outlook(row: Row) -> str:
-    if row.today_nanos is not None:
-        return f"today {dollars(row.today_nanos)}"
-    if row.limit_reached:
-        return "hard limit reached"
-    if row.runs_out is not None:
-        return f"runs out {row.runs_out.date().isoformat()}"
-    return "over budget" if row.over_budget else ""
-
-
-_KIND_LABEL = {"team": "team", "service": "svc", "key": "key", "model": "model", "session": "sess"}
-_RIGHT = frozenset({2, 3, 4, 5, 6, 7})
-SHOWN_SESSION_CHARS = 40
-
-
-def _layout(lines: list[tuple[str, ...]], right: frozenset[int]) -> list[str]:
-    """Columns padded to their widest cell; numbers right-aligned."""
-    widths = [max(len(line[c]) for line in lines) for c in range(len(lines[0]))]
-    return [
-        "  ".join(
-            cell.rjust(w) if c in right else cell.ljust(w)
-            for c, (cell, w) in enumerate(zip(line, widths, strict=True))
-        ).rstrip()
-        for line in lines
-    ]
-
-
-def _row_name(r: Row) -> str:
-    if r.kind == "workspace":
-        return "(unattributed)" if r.name == UNATTRIBUTED else r.name
-    name = r.name
-    if r.kind == "session" and len(name) > SHOWN_SESSION_CHARS:
-        name = name[: SHOWN_SESSION_CHARS - 1] + "…"
-    return f"  {_KIND_LABEL[r.kind]} {name}"
-
-
-ROW_HEADER = ("WORKSPACE", "PERIOD", "SPENT", "REQUESTS", "BUDGET", "USED", "IN FLIGHT")
-ROW_HEADER += ("FORECAST", "OUTLOOK")
-
-
-def row_cells(r: Row) -> tuple[str, ...]:
-    budget = dollars(r.budget_nanos) if r.budget_nanos is not None else "-"
-    if r.kind != "workspace" and r.budget_nanos is None and r.share_base_nanos:
-        budget = "(ws)"
-    return (
-        _row_name(r),
-        r.period.id if r.kind == "workspace" else "",
-        dollars(r.spent_nanos),
-        "-" if r.requests is None else f"{r.requests:,}",
-        budget,
-        _pct_text(r.share_pct),
-        dollars(r.held_nanos),
-        dollars(r.forecast_nanos),
-        _outlook(r),
-    )
-
-
-def render_table(report: Report) -> str:
-    lines: list[tuple[str, ...]] = [ROW_HEADER]
-    lines += [row_cells(r) for r in report.rows]
-    t = report.totals
-    lines.append(
-        (
-            "TOTAL",
-            "",
-            dollars(t.spent_nanos),
-            "-" if t.requests is None else f"{t.requests:,}",
-            dollars(t.budget_nanos),
-            _pct_text(t.share_pct),
-            dollars(t.held_nanos),
-            dollars(t.forecast_nanos),
-            "",
-        )
-    )
-    laid = _layout(lines, _RIGHT)
-    when = report.generated_at.strftime("%Y-%m-%d %H:%M")
-    title = {
-        "current": "current period",
-        "previous": "previous period",
-        "today": "today (budgets are a day's share of each period's)",
-    }[report.selection]
-    out = [f"spend, {title}, as of {when} {report.generated_at.tzinfo}", ""]
-    out += laid[:-1]
-    out += ["-" * len(laid[0]), laid[-1]]
-    return "\n".join(out)
-
-
-def burn_cells(b: Burn) -> tuple[str, ...]:
-    """Today so far, projected, usual day, ratio, alert flag, run-out date: for people."""
-    ratio = b.ratio
-    if ratio is not None:
-        pace = f"{ratio_text(ratio)}x"
-    else:
-        pace = "-" if b.baseline is None or not b.projected_nanos else "new"
-    return (
-        dollars(b.today_nanos),
-        dollars(b.projected_nanos),
-        "-" if b.baseline is None else dollars(b.baseline.nanos),
-        pace,
-        "ALERT" if b.alert else "",
-        _runs_out_text(b),
-    )
-
-
-def _runs_out_text(b: Burn) -> str:
-    if b.hard_nanos is None:
-        return "-"
-    if b.spent_nanos >= b.hard_nanos:
-        return "hard limit reached"
-    return b.runs_out.strftime("%Y-%m-%d %H:%M") if b.runs_out else "holds"
-
-
-BURN_HEADER = ("TODAY", "PROJECTED", "USUAL DAY", "RATIO", "", "HARD LIMIT AT THIS PACE")
-
-
-def render_burn(report: Report) -> str:
-    if report.burn is None:
-        return ""
-    lines: list[tuple[str, ...]] = [("WORKSPACE", *BURN_HEADER)]
-    for b in report.burn:
-        name = f"  svc {b.service}" if b.service else b.workspace
-        lines.append((name, *burn_cells(b)))
-    when = report.generated_at.strftime("%H:%M")
-    title = [
-        f"burn today, as of {when}: today projected to midnight at the recent rate (the last",
-        "30 to 90 minutes), against a usual day (the same weekday, else the last 7 days)",
-    ]
-    return "\n".join([*title, "", *_layout(lines, frozenset({1, 2, 3, 4}))])
-
-
-CACHE_HEADER = ("INPUT TOKENS", "CACHED", "HIT RATE", "REPEATED PREFIX", "MISSED", "MISSED $")
-
-
-def cache_cells(c: CacheRow) -> tuple[str, ...]:
-    return (
-        f"{c.input_tokens:,}",
-        f"{c.cached_tokens:,}",
-        _pct_text(c.hit_pct),
-        f"{c.repeat_tokens:,}",
-        f"{c.miss_tokens:,}",
-        dollars(c.miss_nanos),
-    )
-
-
-def render_cache(report: Report) -> str:
-    if not report.cache:
-        return ""
-    lines: list[tuple[str, ...]] = [("WORKSPACE", "SERVICE", "PERIOD", *CACHE_HEADER)]
-    for c in report.cache:
-        lines.append((c.workspace, c.service, c.period.id, *cache_cells(c)))
-    title = [
-        "prompt cache: MISSED counts prefix tokens re-sent within 15 minutes but billed at",
-        "the full input price; MISSED $ is what a better cache would have saved",
-    ]
-    return "\n".join([*title, "", *_layout(lines, frozenset(range(3, 9)))])
-
-
-def render_text(report: Report) -> str:
-    """The budget table, then today's burn and the prompt-cache section when there is one."""
-    parts = [render_table(report), render_burn(report), render_cache(report)]
-    return "\n\n".join(part for part in parts if part)
-
-
-# --- the command ---------------------------------------------------------------------------
-
-
-def parse_now(text: str, tz: ZoneInfo) -> datetime:
-    """An ISO 8601 instant; without an offset it is wall-clock time in the policy's zone."""
-    value = datetime.fromisoformat(text.strip())
-    return value.replace(tzinfo=tz) if value.tzinfo is None else value.astimezone(tz)
-
-
 def read_hashes(
     client: Any, keys: list[str], fields: Mapping[str, tuple[str, ...]] | None = None
 ) -> dict[str, dict[str, int]]:
@@ -843,75 +578,3 @@ def read_hashes(
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def cmd_spend(args: argparse.Namespace) -> int:
-    from extproc.cli.admin import policy_path, redacted, redis_url
-    from extproc.governance.policy import PolicyError, load_policy
-    from extproc.insight.spend_html import render_html
-    from extproc.store.clients import UNAVAILABLE, make_sync_client
-
-    path = policy_path(args.policy, args.stack)
-    if path is None:
-        return _fail("no policy file: pass --policy or set EXTPROC_POLICY", 2)
-    try:
-        policy = load_policy(path)
-    except PolicyError as exc:
-        return _fail(f"the policy is invalid:\n{exc}", 2)
-    try:
-        now = parse_now(args.now, policy.timezone) if args.now else datetime.now(policy.timezone)
-    except ValueError:
-        return _fail(f"--now: not an ISO 8601 time: {args.now!r}", 2)
-    url = redis_url(args.redis_url, args.stack)
-    keys = report_keys(policy, now, args.period, args.by)
-    try:
-        client = make_sync_client(url, socket_connect_timeout=3, socket_timeout=10)
-        try:
-            hashes = read_hashes(client, keys, report_reads(policy, now, args.period))
-        finally:
-            client.close()
-    except UNAVAILABLE as exc:
-        return _fail(f"Redis at {redacted(url)}: {exc}", 1)
-    report = build_report(policy, hashes, now, selection=args.period, by=args.by)
-    if args.html:
-        try:
-            Path(args.html).write_text(render_html(report), "utf-8")
-        except OSError as exc:
-            return _fail(f"--html: cannot write {args.html}: {exc.strerror}", 1)
-        print(f"extproc: wrote {args.html}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print(render_text(report))
-    return 0
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"extproc: {message}", file=sys.stderr)
-    return code
-
-
-def register_spend(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add `spend` to the `extproc` command line."""
-    p = sub.add_parser("spend", help="spend per workspace against its budget, with a forecast")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument(
-        "--by",
-        choices=tuple(GROUPS),
-        help=f"also break each workspace down (session: the {TOP_SESSIONS} costliest)",
-    )
-    p.add_argument(
-        "--period",
-        choices=SELECTIONS,
-        default="current",
-        help="which budget period (default: current)",
-    )
-    p.add_argument(
-        "--policy", help="else EXTPROC_POLICY, else the stack's, else examples/policy.yaml"
-    )
-    from extproc.cli.admin import add_stack_options
-
-    add_stack_options(p)
-    p.add_argument("--now", help="report as of this ISO 8601 time (for tests; default: the clock)")
-    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page here")
-    p.set_defaults(func=cmd_spend)

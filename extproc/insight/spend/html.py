@@ -15,21 +15,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
-from decimal import Decimal
 from html import escape
 
 from extproc.governance.periods import Period
-from extproc.insight.spend import (
+from extproc.insight.spend.report import Chart, Report
+from extproc.insight.spend.text import (
     BURN_HEADER,
     CACHE_HEADER,
     ROW_HEADER,
-    Chart,
-    Report,
     burn_cells,
     cache_cells,
     dollars,
     row_cells,
 )
+from extproc.metering.prices import NANOS_PER_DOLLAR, usd
 from extproc.store.schema import UNATTRIBUTED
 
 WIDTH, HEIGHT = 760, 300
@@ -85,10 +84,7 @@ def nice_step(span: int, ticks: int = 5) -> int:
 
 
 def axis_usd(nanos: int) -> str:
-    amount = Decimal(nanos).scaleb(-9)
-    if amount == amount.to_integral_value():
-        return f"${amount:,.0f}"
-    return f"${amount.normalize():f}"
+    return usd(nanos, sign=True, grouped=nanos % NANOS_PER_DOLLAR == 0)
 
 
 class Scale:

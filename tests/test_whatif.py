@@ -1,0 +1,117 @@
+"""Policy what-if against a ledger with a known answer.
+
+Ten days of traffic at exactly $10 a day against a $100 monthly budget: the policy in force
+never refuses. Halve the budget and the replay must say the soft limit (50%, $25) is crossed
+on day 3, the hard limit ($50) is met on day 5, and every request from day 6 on is refused.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from extproc.governance.policy import Policy, load_policy
+from extproc.insight.whatif import render_text, replay
+from extproc.metering.prices import NANOS_PER_DOLLAR, PriceTable
+from extproc.metering.usage import Usage
+from extproc.v1.ledger_pb2 import UsageRecord
+
+BASE = """
+version: 1
+timezone: UTC
+defaults: {{soft_limit: 50%, hard_limit: 100%}}
+workspaces:
+  dev:
+    budget_usd: {budget}
+    upstream: {{key_env: X}}
+    teams:
+      platform: {{}}
+    services:
+      cli: {{team: platform}}
+{extra}
+"""
+
+
+def policy(tmp_path: Path, budget: str, extra: str = "") -> Policy:
+    path = tmp_path / f"p{budget}{len(extra)}.yaml"
+    path.write_text(BASE.format(budget=budget, extra=extra))
+    return load_policy(path)
+
+
+def ledger(days: int = 10, per_day: int = 2, model: str = "gpt-4o-mini") -> list[UsageRecord]:
+    """`per_day` requests a day from 2026-11-01, together costing exactly $10 a day."""
+    out = []
+    for day in range(days):
+        for i in range(per_day):
+            when = datetime(2026, 11, 1 + day, 9 + i, tzinfo=UTC)
+            out.append(
+                UsageRecord(
+                    request_id=f"r{day}-{i}",
+                    time_ms=int(when.timestamp() * 1000),
+                    endpoint="responses",
+                    model_requested=model,
+                    model_served=model,
+                    status=200,
+                    input_tokens=1000,
+                    counted_input_tokens=1000,
+                    output_tokens=100,
+                    output_cap=100,
+                    cost_nanos=10 * NANOS_PER_DOLLAR // per_day,
+                    outcome="completed",
+                    workspace="dev",
+                    team="platform",
+                    service="cli",
+                    key_id="key_a",
+                )
+            )
+    return out
+
+
+def test_the_policy_in_force_replays_to_what_happened(tmp_path: Path) -> None:
+    result = replay(policy(tmp_path, "100"), ledger(), PriceTable.load()).to_dict()
+    assert result["replayed_requests"] == 20
+    assert result["refused_requests"] == 0
+    assert result["candidate_nanos"] == result["actual_nanos"] == 100 * NANOS_PER_DOLLAR
+    ws = next(s for s in result["scopes"] if s["scope"] == "ws")
+    assert ws["soft_crossed_on"] == "2026-11-05"  # $50 of $100
+    assert ws["hard_crossed_on"] == "2026-11-10"  # $100 met on the tenth day
+
+
+def test_a_halved_budget_shows_the_day_the_hard_limit_is_hit(tmp_path: Path) -> None:
+    result = replay(policy(tmp_path, "50"), ledger(), PriceTable.load()).to_dict()
+    ws = next(s for s in result["scopes"] if s["scope"] == "ws")
+    assert ws["soft_crossed_on"] == "2026-11-03"  # $30 >= $25
+    assert ws["hard_crossed_on"] == "2026-11-05"  # $50 = the hard limit
+    assert result["refused_requests"] == 10  # days 6 to 10, two a day
+    assert result["refused_by"] == {"insufficient_quota": 10}
+    assert result["candidate_nanos"] == 50 * NANOS_PER_DOLLAR
+    assert result["difference_nanos"] == -50 * NANOS_PER_DOLLAR
+    text = render_text(replay(policy(tmp_path, "50"), ledger(), PriceTable.load()), 30)
+    assert "would be refused   : 10" in text and "2026-11-05" in text
+
+
+def test_degrading_past_soft_counts_downgrades_and_reprices(tmp_path: Path) -> None:
+    path = tmp_path / "degrade.yaml"
+    path.write_text(
+        BASE.format(budget="100", extra="routing:\n  ladder: {gpt-4o: gpt-4o-mini}\n").replace(
+            "      cli: {team: platform}",
+            "      cli: {team: platform, routing: {degrade_past_soft: true}}",
+        )
+    )
+    prices = PriceTable.load()
+    result = replay(load_policy(path), ledger(model="gpt-4o"), prices).to_dict()
+    # $50 (the soft limit) is reached with the fifth day's last request; the ten after it
+    # are served by gpt-4o-mini and priced as such.
+    assert result["downgrades"] == [{"from": "gpt-4o", "to": "gpt-4o-mini", "requests": 10}]
+    mini = prices.charge("gpt-4o-mini", Usage(1000, 0, 100, 0)).nanos
+    assert result["candidate_nanos"] == 50 * NANOS_PER_DOLLAR + 10 * mini
+    assert result["refused_requests"] == 0
+
+
+def test_requests_refused_now_and_unknown_services_are_reported(tmp_path: Path) -> None:
+    records = ledger(days=1)
+    records[0].outcome = "rejected"
+    records[1].service = "gone"
+    result = replay(policy(tmp_path, "100"), records, PriceTable.load()).to_dict()
+    assert result["already_refused_requests"] == 1
+    assert result["refused_by"] == {"unknown_key": 1}
