@@ -172,7 +172,12 @@ def test_make_run_one_developer_two_stacks(checkout: Checkout) -> None:
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d CE", r) for r in rows), rows
     spend = checkout.cli("spend")
     assert spend.returncode == 0, spend.stderr
-    assert "dev" in spend.stdout
+    dev_line = next(line for line in spend.stdout.splitlines() if line.startswith("dev "))
+    assert re.search(r"\$0\.00\d*[1-9]", dev_line), dev_line  # sub-cent spend, not "$0.00"
+    page = checkout.elsewhere / "spend.html"
+    html = checkout.cli("spend", "--html", str(page))
+    assert html.returncode == 0, html.stderr
+    assert html.stdout == "" and page.read_text().lstrip().lower().startswith("<!doctype html")
 
     # A second stack on the same port is refused before anything starts.
     again = checkout.start(first_port)
