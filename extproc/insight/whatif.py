@@ -240,7 +240,7 @@ async def ledger_since(client: Any, since_ms: int, limit: int = 1_000_000) -> li
 
 def render_text(result: WhatIf, since_days: int) -> str:
     """What-if, for people."""
-    from extproc.insight.spend import dollars
+    from extproc.insight.spend.text import dollars
 
     d = result.to_dict()
     lines = [
