@@ -287,6 +287,9 @@ def markdown(report: dict[str, Any]) -> str:
     if "counting" in report:
         out += ["", "| counting (sidecar CPU) | ms |", "|---|---|"]
         out += [f"| {k} | {v:.2f} |" for k, v in report["counting"].items()]
+    if "bad_keys" in report:
+        out += ["", "| bad-key flood (bench/bench_badkeys.py) | |", "|---|---|"]
+        out += [f"| {k} | {v:.3f} |" for k, v in report["bad_keys"].items()]
     return "\n".join(out) + "\n"
 
 
@@ -321,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench.bench_counting import counting_figures, request_path_figures
 
         report["counting"] = {**counting_figures(), **request_path_figures()}
+        from bench.bench_badkeys import bad_key_figures
+
+        report["bad_keys"] = bad_key_figures()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -12,7 +12,6 @@ import pytest
 import redis
 
 from extproc.devstack.stack import Stack
-from extproc.store.schema import UNMETERED
 from tests.conftest import E2E_MAX_BODY, wait_record
 
 RID = "x-extproc-request-id"
@@ -118,16 +117,21 @@ def test_empty_body_on_metered_path(stack: Stack) -> None:
     assert_openai_error(resp, 400)
 
 
-def test_unmetered_paths_pass_through_and_are_counted(
+def test_other_endpoints_pass_through_with_a_record(
     stack: Stack, redis_client: redis.Redis, client: openai.OpenAI
 ) -> None:
-    before = int(redis_client.hget(UNMETERED, "GET /v1/models") or 0)
-    models = client.models.list()
-    assert any(m.id for m in models.data)
-    # The count is flushed with the next ledger write: make one, then wait for it.
-    raw = client.embeddings.with_raw_response.create(model="text-embedding-3-small", input="x")
-    wait_record(redis_client, raw.headers[RID])
-    assert int(redis_client.hget(UNMETERED, "GET /v1/models") or 0) == before + 1
+    """Metering-only mode (no policy): known OpenAI endpoints pass, each with one record."""
+    raw = client.models.with_raw_response.list()
+    assert any(m.id for m in raw.parse().data)
+    rec = wait_record(redis_client, raw.headers[RID])
+    assert (rec["endpoint"], rec["status"], rec["price_family"]) == ("models", 200, "free")
+
+
+def test_unknown_paths_are_404_not_forwarded(stack: Stack) -> None:
+    for method, path in (("POST", "/chat/completion"), ("GET", "/admin"), ("PUT", "/responses")):
+        resp = httpx.request(method, f"{stack.base_url}{path}", content=b"{}", timeout=30)
+        assert_openai_error(resp, 404)
+        assert resp.json()["error"]["code"] == "unknown_url"
 
 
 def test_sidecar_keeps_serving_after_bad_input(stack: Stack, client: openai.OpenAI) -> None:

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from extproc.devstack.stack import Stack, temporary_stack
+from extproc.store.schema import REFUSED
 from tests.conftest import all_records, new_key, wait_for
 
 CODEX = Path(__file__).resolve().parents[1] / ".tools" / "node_modules" / ".bin" / "codex"
@@ -42,7 +43,12 @@ def cstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield s
 
 
-def test_codex_exec_runs_and_its_turn_is_billed(cstack: Stack, tmp_path: Path) -> None:
+@pytest.mark.parametrize("websockets", [False, True], ids=["http", "websocket-first"])
+def test_codex_exec_runs_and_its_turn_is_billed(
+    cstack: Stack, tmp_path: Path, websockets: bool
+) -> None:
+    """With the websocket transport on, Codex tries an upgrade first; the sidecar refuses it
+    (426) and Codex must fall back to HTTP by itself, billed exactly like the plain run."""
     assert CODEX.exists(), "run `make codex-cli` (make test does) to install the Codex CLI"
     key = new_key(cstack, "dev", "codex-cli")
     home = tmp_path / "codex-home"
@@ -50,12 +56,15 @@ def test_codex_exec_runs_and_its_turn_is_billed(cstack: Stack, tmp_path: Path) -
     (home / "config.toml").write_text(
         'model = "gpt-5.1-codex"\n'
         'model_provider = "extproc"\n'
-        "[model_providers.extproc]\n"
+        + ("[features]\nresponses_websockets = true\n" if websockets else "")
+        + "[model_providers.extproc]\n"
         'name = "extproc"\n'
         f'base_url = "{cstack.base_url}"\n'
         'env_key = "EXTPROC_KEY"\n'
-        'wire_api = "responses"\n'
+        'wire_api = "responses"\n' + ("supports_websockets = true\n" if websockets else "")
     )
+    r = redis.Redis.from_url(cstack.redis_url)
+    refused_before = int(r.hget(REFUSED, "websocket_upgrade") or 0)
     run = subprocess.run(
         [str(CODEX), "exec", "--skip-git-repo-check", "say hello"],
         cwd=tmp_path,
@@ -69,12 +78,13 @@ def test_codex_exec_runs_and_its_turn_is_billed(cstack: Stack, tmp_path: Path) -
     assert "quick brown fox" in output  # the simulator's answer reached the user
     session = re.search(r"session id: ([0-9a-f-]+)", output)
     assert session, output
-    r = redis.Redis.from_url(cstack.redis_url)
     try:
         rec = wait_for(r, lambda rec: rec.session_id == session.group(1), "the codex session")
         count = len(all_records(r, rec["request_id"]))
+        refused = int(r.hget(REFUSED, "websocket_upgrade") or 0) - refused_before
     finally:
         r.close()
+    assert (refused > 0) is websockets
     assert rec["endpoint"] == "responses"
     assert rec["stream"] is True
     assert rec["estimated"] is False

@@ -13,6 +13,8 @@ import datetime
 import json
 import socket
 import ssl
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,15 +24,25 @@ from typing import Any
 import openai
 import pytest
 import redis
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from extproc.devstack.stack import ProviderTls, Stack, temporary_stack
+from extproc.devstack.envoy_config import tls_transport_socket
+from extproc.devstack.stack import (
+    Child,
+    ProviderTls,
+    Stack,
+    envoy_binary,
+    free_port,
+    temporary_stack,
+)
 from extproc.metering.prices import PriceTable
 from extproc.metering.usage import Usage
 from tests.conftest import all_records, new_key, wait_record
+from tests.test_mesh import envoyfilter_gateway
 
 PROVIDER = "api.openai.com"
 UPSTREAM_KEY = "sk-upstream-mesh"
@@ -331,3 +343,80 @@ def test_simulator_refuses_a_handshake_for_another_name(mstack: Stack, pki_dir: 
         context.wrap_socket(raw, server_hostname="example.com")
     # The same client asking for the provider's name is answered.
     assert isinstance(provider_requests(mstack, pki_dir / "good-ca.pem"), list)
+
+
+def _point(cluster: dict[str, Any], address: str, hostname: str | None = None) -> None:
+    host, _, port = address.rpartition(":")
+    endpoint: dict[str, Any] = {
+        "address": {"socket_address": {"address": host, "port_value": int(port)}}
+    }
+    if hostname:
+        endpoint["hostname"] = hostname
+    cluster["type"] = "STATIC"
+    cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [{"endpoint": endpoint}]}]
+
+
+def test_istio_egress_gateway_with_the_envoyfilter_meters_exactly(
+    mstack: Stack, pki_dir: Path, tmp_path: Path
+) -> None:
+    # Another team's Envoy, configured as Istio configures its egress gateway plus exactly what
+    # deploy/mesh/istio-egressgateway/envoyfilter.yaml patches in: our sidecar is its filter.
+    config, _, sidecar_cluster, upstream_cluster = envoyfilter_gateway()
+    admin, port = free_port(), free_port()
+    config["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}}
+    config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = port
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    _point(clusters[sidecar_cluster], mstack.sidecar_addrs[0])
+    assert mstack.upstream_connect
+    upstream = clusters[upstream_cluster]
+    _point(upstream, mstack.upstream_connect, PROVIDER)
+    # TLS origination as the egress gateway's DestinationRule (SIMPLE, sni) sets it up.
+    upstream["transport_socket"] = tls_transport_socket(PROVIDER, str(pki_dir / "good-ca.pem"))
+    path = tmp_path / "egressgateway.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    envoy = Child("egressgateway", [envoy_binary(), "-c", str(path), "--disable-hot-restart"])
+    try:
+        ready = f"http://127.0.0.1:{admin}/ready"
+        deadline = time.monotonic() + 30
+        while not _ok(ready):
+            assert envoy.proc.poll() is None, envoy.output()
+            assert time.monotonic() < deadline, envoy.output()
+            time.sleep(0.05)  # polling a readiness probe, not synchronising on time
+        key = new_key(mstack, "prod", "mesh-workload")
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1",
+            api_key=key["key"],
+            max_retries=0,
+            timeout=30,
+            default_headers={"Host": PROVIDER},
+        )
+        marker = uuid.uuid4().hex
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=MESSAGES, extra_headers={MARKER: marker}
+        )
+        usage = chat_usage(raw.parse().usage)
+        r = redis.Redis.from_url(mstack.redis_url)
+        try:
+            rec = wait_record(r, raw.headers[RID])
+            assert len(all_records(r, rec["request_id"])) == 1
+        finally:
+            r.close()
+    finally:
+        envoy.stop()
+    assert (rec["workspace"], rec["service"], rec["key_id"]) == (
+        "prod", "mesh-workload", key["key_id"],
+    )  # fmt: skip
+    assert rec["estimated"] is False and rec["outcome"] == "completed"
+    assert (rec["input_tokens"], rec["output_tokens"]) == (usage.input_tokens, usage.output_tokens)
+    assert rec["cost_nanos"] == PriceTable.load().charge("gpt-4o-mini", usage).nanos > 0
+    seen = seen_for(mstack, pki_dir / "good-ca.pem", marker)
+    assert seen["headers"]["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert seen["server_name"] == PROVIDER
+
+
+def _ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False

@@ -462,3 +462,21 @@ def test_cli_refusals_and_exit_codes(r: redis.Redis, redis_url: str) -> None:
     down = cli(f"redis://:hunter2@127.0.0.1:{free_port()}/0", "keys", "list")
     assert down.returncode == 1 and "Redis at redis://:***@127.0.0.1" in down.stderr
     assert "hunter2" not in down.stderr
+
+
+def test_lookups_through_the_lean_client_match_redis_py(r: redis.Redis, redis_url: str) -> None:
+    """The request path reads keys with store.fastredis; answers must be the same."""
+    from extproc.store.fastredis import FastRedis
+
+    async def body(store: KeyStore) -> None:
+        secret, identity = await store.create("dev", "codex-cli", owner="o")
+        hot = FastRedis.from_url(redis_url)
+        try:
+            fast = KeyStore(store.client, now_ms=store.now_ms, hot=hot)
+            for sha in (hash_secret(secret), hash_secret("sk-ext-" + "B" * 40)):
+                assert await fast.lookup_hash(sha) == await store.lookup_hash(sha)
+            assert await fast.lookup_hash(hash_secret(secret)) == identity
+        finally:
+            await hot.aclose()
+
+    run(redis_url, body)

@@ -231,6 +231,14 @@ def eg_as_envoy(cluster_name: str) -> tuple[dict[str, Any], dict[str, Any], dict
     return filter_config, cluster, listener
 
 
+def drop(config: dict[str, Any], dotted: str) -> None:
+    """Remove the setting at `dotted` ("grpc_service.timeout") from `config`, if there."""
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        config = config.get(key, {})
+    config.pop(leaf, None)
+
+
 def default_priority(cluster: dict[str, Any]) -> dict[str, Any]:
     """`cluster` with `priority: DEFAULT` left implicit, as Envoy Gateway's thresholds are."""
     out = copy.deepcopy(cluster)
@@ -244,9 +252,17 @@ def test_envoy_gateway_policies_carry_our_ext_proc_settings() -> None:
     source = mesh.load_source()
     filter_config, cluster, listener = eg_as_envoy(mesh.SIDECAR_CLUSTER)
     ours = copy.deepcopy(source.ext_proc)
-    # The two settings Envoy Gateway has no field for (named in the file's header).
-    ours["grpc_service"].pop("timeout")
-    ours.pop("mutation_rules")
+    # Everything must round-trip except what the file's header names as not carried.
+    _, notes = mesh.envoy_gateway(source)
+    uncarried = [note.split(" = ")[0] for note in notes]
+    for path in uncarried:
+        if path.startswith("ext_proc."):
+            drop(ours, path.removeprefix("ext_proc."))
+            drop(filter_config, path.removeprefix("ext_proc."))
+        elif path.startswith("processing_mode."):
+            drop(ours, path)
+            drop(filter_config, path)
+    assert "ext_proc.grpc_service.timeout" in uncarried  # Envoy Gateway sets its own
     assert filter_config == ours
     assert cluster == default_priority(source.sidecar)
     assert listener == source.listener
@@ -394,7 +410,12 @@ def envoyfilter() -> dict[str, Any]:
     return doc
 
 
-def test_envoy_validates_the_envoyfilter_patches(tmp_path: Path) -> None:
+def envoyfilter_gateway() -> tuple[dict[str, Any], dict[str, Any], str, str]:
+    """An egress gateway's Envoy with the EnvoyFilter's patches applied as Istio applies them.
+
+    Returns the config, the inserted ext_proc filter config, and the sidecar's and provider's
+    cluster names (Istio's names for them).
+    """
     patches = envoyfilter()["spec"]["configPatches"]
     by_kind = {
         (p["applyTo"], p["patch"]["operation"]): p for p in patches if p["applyTo"] != "CLUSTER"
@@ -418,22 +439,28 @@ def test_envoy_validates_the_envoyfilter_patches(tmp_path: Path) -> None:
     # Istio's name for the Service's cluster: outbound|port||host.
     assert sidecar_cluster == f"outbound|{NAMES.grpc_port}||{NAMES.grpc_host}"
     upstream_cluster = f"outbound|443||{NAMES.provider}"
-    hcm = by_kind["NETWORK_FILTER", "MERGE"]["patch"]["value"]["typed_config"]
     config = assembled(
         ext_proc,
         by_kind["LISTENER", "MERGE"]["patch"]["value"],
-        hcm,
+        by_kind["NETWORK_FILTER", "MERGE"]["patch"]["value"]["typed_config"],
         clusters[NAMES.grpc_host]["patch"]["value"],
         clusters[NAMES.provider]["patch"]["value"],
         sidecar_cluster,
         upstream_cluster,
     )
+    return config, ext_proc, sidecar_cluster, upstream_cluster
+
+
+def test_envoy_validates_the_envoyfilter_patches(tmp_path: Path) -> None:
+    config, ext_proc, sidecar_cluster, _ = envoyfilter_gateway()
     validate(config, tmp_path)
     # And it is our filter, setting for setting, other than where it sends its gRPC.
     ours = copy.deepcopy(mesh.load_source().ext_proc)
     ours["grpc_service"]["envoy_grpc"]["cluster_name"] = sidecar_cluster
     assert ext_proc == ours
-    assert {k: v for k, v in hcm.items() if k != "@type"} == mesh.load_source().hcm
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    for key, value in mesh.load_source().hcm.items():
+        assert manager["typed_config"][key] == value, key
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,10 +29,10 @@ from extproc.routing.decide import (
     Traits,
     capped_effort,
     decide_route,
-    explain,
     prompt_cache_key,
     traits_for,
 )
+from extproc.routing.explain import explain
 from extproc.wire.endpoints import ENDPOINTS, RequestFacts
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -59,7 +59,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_usage(args: argparse.Namespace) -> int:
     from extproc.cli.admin import display_zone, redacted
-    from extproc.metering.ledger import Ledger, record_to_dict
+    from extproc.metering.ledger import recent_records, record_to_dict
     from extproc.store.clients import UNAVAILABLE, make_client
 
     url = redis_url(args.redis_url, args.stack)
@@ -67,7 +67,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     async def fetch() -> list[dict[str, object]]:
         client = make_client(url, socket_connect_timeout=2)
         try:
-            records = await Ledger(client).recent(args.limit)
+            records = await recent_records(client, args.limit)
         finally:
             await client.aclose()
         return [record_to_dict(r) for r in records]

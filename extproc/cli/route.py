@@ -40,7 +40,8 @@ def _usd(text: str) -> Decimal:
 
 def cmd_route(args: argparse.Namespace) -> int:
     from extproc.governance.policy import PolicyError, load_policy
-    from extproc.routing.decide import decide_route, explain, sample_request
+    from extproc.routing.decide import decide_route
+    from extproc.routing.explain import explain, sample_request
 
     path = policy_path(args.policy)
     if path is None:

@@ -60,6 +60,29 @@ SKIP_REST = pb.ProcessingResponse(
 _STREAMED_BODY = ProcessingMode(response_body_mode=ProcessingMode.STREAMED)
 
 
+def forward_passthrough(
+    set_headers: Mapping[str, str],
+    remove: Iterable[str],
+    *,
+    read_request: bool,
+    read_response: bool,
+) -> pb.ProcessingResponse:
+    """Forward a passthrough call: key swapped, and only the phases its record needs.
+
+    The response headers (its status) are always seen; bodies only when the call is priced
+    from its answer. Uploads and downloads of any size stream through untouched otherwise.
+    """
+    reply = forward_request_headers(set_headers, remove)
+    reply.mode_override.CopyFrom(
+        ProcessingMode(
+            request_body_mode=ProcessingMode.BUFFERED if read_request else ProcessingMode.NONE,
+            response_header_mode=ProcessingMode.SEND,
+            response_body_mode=ProcessingMode.BUFFERED if read_response else ProcessingMode.NONE,
+        )
+    )
+    return reply
+
+
 def header_map(headers: pb.HttpHeaders, wanted: frozenset[str]) -> dict[str, str]:
     """The wanted headers of an Envoy header map, as text (first value wins)."""
     found: dict[str, str] = {}
@@ -145,12 +168,14 @@ def replace_request_body(
     return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
 
 
-def response_headers(set_headers: Mapping[str, str], *, stream: bool) -> pb.ProcessingResponse:
+def response_headers(
+    set_headers: Mapping[str, str], *, stream: bool, remove: Iterable[str] = ()
+) -> pb.ProcessingResponse:
     """Add headers to the response; for SSE also switch its body to STREAMED, so every chunk
     reaches the client as soon as the sidecar has looked at it."""
     reply = pb.ProcessingResponse(
         response_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=header_mutation(set_headers))
+            response=pb.CommonResponse(header_mutation=header_mutation(set_headers, remove))
         )
     )
     if stream:

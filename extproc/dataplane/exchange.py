@@ -17,40 +17,44 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from dataclasses import replace
 from functools import partial
-from typing import Any, Protocol
-from zoneinfo import ZoneInfo
 
 from extproc.dataplane import envoy_msgs as msgs
 from extproc.dataplane import selfservice
+from extproc.dataplane.deps import Deps, KeyLookup
+from extproc.dataplane.passthrough import PassthroughCall
+from extproc.dataplane.settling import Settling
 from extproc.governance import guard
 from extproc.governance.budget import (
     Decision,
     Plan,
-    charged_scopes,
     per_choice_cap,
     plan_request,
 )
-from extproc.governance.keys import MISSING, Identity, Lookup
-from extproc.governance.periods import period_at
+from extproc.governance.credentials import (
+    CLIENT_CREDENTIALS,
+    MISSING_KEY,
+    UPGRADE_HEADERS,
+    WEBSOCKET_REFUSED,
+    credentials_present,
+    is_upgrade,
+    presented_key,
+)
+from extproc.governance.keys import MISSING, Identity
+from extproc.governance.models import list_body, models_for, retrieve_body
 from extproc.governance.policy import Policy
 from extproc.insight.cachehygiene import MIN_CACHEABLE_TOKENS, Prefix, prefix_of
-from extproc.insight.telemetry import RequestTelemetry, Telemetry
-from extproc.insight.telemetry import verdict as request_verdict
 from extproc.metering.decisions import (
     Observed,
     PreparedRequest,
     finalize,
     parse_request,
     prepare_request,
-    settle,
     utf8_text,
 )
-from extproc.metering.prices import PriceTable, usd
-from extproc.metering.settlement import UNGOVERNED, CachePrefix, Charged, settlement_for
+from extproc.metering.passthrough import PassthroughSeen
+from extproc.metering.prices import usd
 from extproc.routing.decide import (
     BudgetState,
     RouteDecision,
@@ -59,10 +63,16 @@ from extproc.routing.decide import (
     traits_for,
 )
 from extproc.routing.rewrite import apply_route, set_output_cap
-from extproc.settings import Settings
-from extproc.v1.ledger_pb2 import Settlement, UsageRecord
-from extproc.wire.endpoints import Endpoint, StreamMeter, endpoint_for
-from extproc.wire.errors import OpenAIError
+from extproc.v1.ledger_pb2 import UsageRecord
+from extproc.wire.endpoints import Endpoint, StreamMeter
+from extproc.wire.errors import (
+    INTERNAL_ERROR,
+    MISSING_BODY,
+    OpenAIError,
+    unknown_url,
+    upstream_credential_missing,
+)
+from extproc.wire.paths import MODELS_PATH, Kind, Target, classify
 
 log = logging.getLogger("extproc.dataplane.exchange")
 
@@ -82,96 +92,20 @@ _REQUEST_HEADERS = frozenset(
         "x-task",
         "originator",
         "user-agent",
+        "content-type",
+        *CLIENT_CREDENTIALS,
+        *UPGRADE_HEADERS,
     }
 )
 ROUTE_HEADER = "x-extproc-route"
-DOWNGRADE_STEPS = frozenset({"degrade", "overdraft", "context"})
-_ANNOUNCED: set[tuple[str, str, str, str]] = set()
-"""Downgrades already logged by this process: one human-readable line per scope and step."""
 _RESPONSE_HEADERS = frozenset({":status", "content-type"})
 _RID = "x-extproc-request-id"
-MISSING_BODY = OpenAIError(
-    400,
-    "This endpoint needs a JSON request body; the request had none.",
-    "invalid_request_error",
-    None,
-    "missing_body",
-)
-INTERNAL_ERROR = OpenAIError(
-    500,
-    "extproc could not process this request; it was not forwarded. Retrying is safe.",
-    "server_error",
-    None,
-    "extproc_internal_error",
-)
 _CONTINUE_PHASE = {
     "request_headers": msgs.CONTINUE_REQUEST_HEADERS,
     "request_body": msgs.CONTINUE_REQUEST_BODY,
     "response_headers": msgs.CONTINUE_RESPONSE_HEADERS,
     "response_body": msgs.CONTINUE_RESPONSE_BODY,
 }
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class KeyLookup(Protocol):
-    """What an exchange asks of the key cache (`governance.keys.KeyCache`)."""
-
-    def get(self, secret: str) -> Lookup: ...
-
-    async def resolve(self, secret: str) -> Identity | None: ...
-
-
-class BudgetBook(Protocol):
-    """What an exchange asks of the budgets (`governance.budget.Budgets`)."""
-
-    def level(self, identity: Identity) -> str: ...
-
-    async def reserve_with_overdraft(
-        self,
-        plan: Plan,
-        fail_open: bool,
-        now_ms: int,
-        *,
-        session: str = "",
-        orphan: Callable[[Plan], bytes] | None = None,
-        overdraft_nanos: int | None = None,
-        fallback: Callable[[int], Plan | None] | None = None,
-    ) -> tuple[Plan, Decision, bool]: ...
-
-
-class SettlementSink(Protocol):
-    """Where finished requests go (`metering.ledger.Ledger`): never blocks, never raises."""
-
-    def submit(self, settlement: Settlement) -> None: ...
-
-    def note_unmetered(self, key: str) -> None: ...
-
-
-@dataclass(slots=True)
-class Deps:
-    """What every exchange shares. `policy` and `upstream_keys` change on hot reload."""
-
-    settings: Settings
-    prices: PriceTable
-    count: Callable[[str, str], int]
-    ledger: SettlementSink
-    executor: Executor
-    policy: Policy | None = None
-    keys: KeyLookup | None = None
-    budgets: BudgetBook | None = None
-    upstream_keys: dict[str, str] = field(default_factory=dict)
-    # Why a workspace has no key: "environment variable X is not set" (names only).
-    upstream_missing: dict[str, str] = field(default_factory=dict)
-    now_ms: Callable[[], int] = _now_ms
-    telemetry: Telemetry = field(default_factory=Telemetry)
-    store: Any = None  # the general Redis client (reads for paths the sidecar answers itself)
-
-    @property
-    def timezone(self) -> ZoneInfo:
-        return self.policy.timezone if self.policy else ZoneInfo("UTC")
 
 
 def unmetered_key(method: str, path: str) -> str:
@@ -182,7 +116,7 @@ def unmetered_key(method: str, path: str) -> str:
     return f"{method} {'/'.join(parts)[:128]}"
 
 
-class Exchange:
+class Exchange(Settling):
     __slots__ = (
         "_closed",
         "_codex",
@@ -193,7 +127,7 @@ class Exchange:
         "_endpoint",
         "_identity",
         "_meter",
-        "_no_body",
+        "_pass",
         "_plan",
         "_prefix",
         "_prepared",
@@ -202,6 +136,7 @@ class Exchange:
         "_route_decision",
         "_start_ns",
         "_started",
+        "_target",
         "_task",
         "_trace",
         "busy_ns",
@@ -231,8 +166,9 @@ class Exchange:
         self._content_encoding = ""
         self._request_chunks: list[bytes] = []
         self._closed = False
-        self._no_body = False
         self._codex = False
+        self._target: Target | None = None
+        self._pass: PassthroughCall | None = None
 
     # -- request headers: which endpoint, which caller ----------------------------------
 
@@ -245,14 +181,7 @@ class Exchange:
             self._closed = True
             self._deps.ledger.note_unmetered(unmetered_key(method, path))
             return selfservice.answer(self._deps, method, path, h.get("authorization", ""))
-        endpoint = endpoint_for(method, path)
-        if endpoint is None:
-            self._deps.ledger.note_unmetered(unmetered_key(method, path))
-            self._closed = True
-            return msgs.SKIP_REST
-        self._endpoint = endpoint
         seen = self.seen
-        seen.endpoint = endpoint.name
         seen.request_id = uuid.uuid4().hex
         seen.envoy_request_id = h.get("x-request-id", "")
         seen.session_id = h.get("session_id") or h.get("session-id") or ""
@@ -260,24 +189,28 @@ class Exchange:
         self._trace = (h.get("traceparent"), h.get("tracestate"))
         self._task = h.get("x-task")
         self._codex = guard.is_codex(h.get("originator", ""), h.get("user-agent", ""))
-        # Refused for want of a body only once the caller is known: the record of the
-        # refusal is attributed to its key like any other.
-        self._no_body = msg.end_of_stream
+        if is_upgrade(h):
+            return self._refuse_unbilled(WEBSOCKET_REFUSED, "websocket_upgrade")
+        target = classify(method, path)
+        self._target = target
+        seen.endpoint = target.name or "unknown"
+        remove = [*spoofed]
         keys = self._deps.keys
         if keys is None or self._deps.policy is None:
-            if self._no_body:
-                return self._reject(MISSING_BODY)
-            if spoofed:
-                return msgs.forward_request_headers({}, ["accept-encoding", *spoofed])
-            return msgs.CONTINUE_METERED_REQUEST_HEADERS
-        secret = guard.bearer(h.get("authorization", ""))
+            # Metering-only mode (no policy, no keys): nothing to swap, the client's own
+            # credential goes upstream. Production deployments always run with a policy.
+            return self._route_target(h, remove, {}, end_of_stream=msg.end_of_stream)
+        remove += credentials_present(h)
+        secret = presented_key(h)
+        if not secret:
+            return self._refuse_unbilled(MISSING_KEY, "missing_key")
         identity = keys.get(secret)
         if identity is MISSING:
-            return self._resolve_then_admit(keys, secret, spoofed)
-        return self._admit(identity, spoofed)  # type: ignore[arg-type]
+            return self._resolve_then_admit(keys, secret, h, remove, msg.end_of_stream)
+        return self._admit(identity, h, remove, msg.end_of_stream)  # type: ignore[arg-type]
 
     async def _resolve_then_admit(
-        self, keys: KeyLookup, secret: str, spoofed: list[str]
+        self, keys: KeyLookup, secret: str, h: dict[str, str], remove: list[str], eos: bool
     ) -> msgs.ProcessingResponse:
         try:
             identity = await keys.resolve(secret)
@@ -286,36 +219,117 @@ class Exchange:
             return self._reject(
                 guard.denial(Decision(False, "redis_down"), None, self._deps.timezone)[0]
             )
-        return self._admit(identity, spoofed)
+        reply = self._admit(identity, h, remove, eos)
+        return reply if isinstance(reply, msgs.ProcessingResponse) else await reply
 
-    def _admit(self, identity: Identity | None, spoofed: list[str]) -> msgs.ProcessingResponse:
+    def _admit(
+        self, identity: Identity | None, h: dict[str, str], remove: list[str], eos: bool
+    ) -> Reply:
         policy = self._deps.policy
         if identity is None or policy is None or identity.workspace not in policy.workspaces:
-            return self._reject(guard.UNKNOWN_KEY)
+            return self._refuse_unbilled(guard.UNKNOWN_KEY, "invalid_api_key")
+        self._identity = identity
         upstream_key = self._deps.upstream_keys.get(identity.workspace)
         if not upstream_key:
-            # Says what the operator must set (a variable or file name, never a value).
             missing = self._deps.upstream_missing.get(identity.workspace, "not configured")
-            return self._reject(
-                OpenAIError(
-                    503,
-                    f"Workspace {identity.workspace} has no upstream credential: {missing}. "
-                    "The gateway's operator must provide it where the sidecar runs.",
-                    "server_error",
-                    None,
-                    "upstream_credential_missing",
-                )
-            )
-        self._identity = identity
-        if self._no_body:
-            return self._reject(MISSING_BODY)
-        return msgs.forward_request_headers(
-            {"authorization": f"Bearer {upstream_key}"}, ["accept-encoding", *spoofed]
+            return self._reject(upstream_credential_missing(identity.workspace, missing))
+        return self._route_target(
+            h, remove, {"authorization": f"Bearer {upstream_key}"}, end_of_stream=eos
         )
+
+    def _route_target(
+        self, h: dict[str, str], remove: list[str], add: dict[str, str], *, end_of_stream: bool
+    ) -> Reply:
+        """Where the (authenticated) request goes: metered, passed through, answered, refused."""
+        target = self._target
+        assert target is not None
+        if target.kind is Kind.UNKNOWN:
+            return self._reject(unknown_url(target.method, target.path))
+        if target.forward_path != h.get(":path"):
+            # The provider gets the canonical spelling: exactly the endpoint we metered.
+            add[":path"] = target.forward_path
+        if target.kind is Kind.METERED:
+            self._endpoint = target.endpoint
+            if end_of_stream:
+                # Refused for want of a body only once the caller is known: the record of
+                # the refusal is attributed to its key like any other.
+                return self._reject(MISSING_BODY)
+            if not add and not remove:
+                return msgs.CONTINUE_METERED_REQUEST_HEADERS
+            return msgs.forward_request_headers(add, ["accept-encoding", *remove])
+        api = target.api
+        assert api is not None
+        identity, policy = self._identity, self._deps.policy
+        if identity is not None and policy is not None:
+            refusal = policy.workspaces[identity.workspace].passthrough.refusal(api, target.name)
+            if refusal is not None:
+                return self._reject(refusal)
+        seen = self.seen
+        self._pass = PassthroughCall(
+            PassthroughSeen(
+                seen.request_id, seen.time_ms, target, seen.envoy_request_id, seen.session_id
+            )
+        )
+        if identity is not None and policy is not None and target.path.startswith(MODELS_PATH):
+            return self._answer_models(policy, identity, target)
+        json_body = h.get("content-type", "").startswith("application/json") and not end_of_stream
+        reply = self._pass.forward(add, remove, json_body=json_body)
+        if identity is None or self._deps.keys is None:
+            return reply
+        return self._unless_revoked(self._deps.keys, identity, reply)
+
+    async def _unless_revoked(
+        self, keys: KeyLookup, identity: Identity, reply: msgs.ProcessingResponse
+    ) -> msgs.ProcessingResponse:
+        """Passthrough calls hold no reservation, so the budget scripts' revocation check never
+        runs for them: ask the revoked set directly, so a revocation is immediate here too."""
+        try:
+            revoked = await keys.is_revoked(identity)
+        except Exception:
+            log.exception("revocation check failed")
+            policy = self._deps.policy
+            ws = policy.workspaces.get(identity.workspace) if policy else None
+            if ws is not None and ws.on_redis_down == "open":
+                return reply
+            return self._reject(
+                guard.denial(Decision(False, "redis_down"), None, self._deps.timezone)[0]
+            )
+        if revoked:
+            self._pass = None
+            return self._reject(guard.UNKNOWN_KEY)
+        return reply
+
+    def _answer_models(
+        self, policy: Policy, identity: Identity, target: Target
+    ) -> msgs.ProcessingResponse:
+        models = models_for(policy, identity, self._deps.prices.families())
+        if target.path == MODELS_PATH:
+            status, body = 200, list_body(models)
+        else:
+            status, body = retrieve_body(models, target.path.rsplit("/", 1)[1])
+        assert self._pass is not None
+        self._pass.seen.answered_locally = True
+        self.seen.status = self._pass.seen.status = status
+        self.seen.response_finished = True
+        self._finish()
+        headers = {_RID: self.seen.request_id, **guard.visibility_headers(identity, None)}
+        return msgs.immediate(status, body, headers)
+
+    def _refuse_unbilled(self, err: OpenAIError, reason: str) -> msgs.ProcessingResponse:
+        """Refuse before anyone is identified: a counter, not a ledger record.
+
+        Nothing reached the provider and nobody can be billed, and a flood of bad keys must
+        cost the platform one counter increment each, not a ledger write.
+        """
+        self._closed = True
+        self._deps.ledger.note_refused(reason)
+        return msgs.immediate(err.status, err.body(), {_RID: self.seen.request_id})
 
     # -- request body: parse, count, reserve --------------------------------------------
 
     def on_request_body(self, msg: msgs.pb.HttpBody) -> Reply:
+        if self._pass is not None:
+            return self._pass.on_request_body(msg)
         if self._endpoint is None:
             return msgs.CONTINUE_REQUEST_BODY
         self._request_chunks.append(msg.body)
@@ -395,7 +409,10 @@ class Exchange:
             prepared = replace(
                 prepared, set_headers={**prepared.set_headers, ROUTE_HEADER: route.route}
             )
-        self._note_downgrades(route)
+        for step in route.downgrades():
+            self._deps.telemetry.announce_downgrade(
+                self._identity.workspace, self._identity.service, step
+            )
         return self._forward(prepared, clear_route_cache=route.route is not None)
 
     async def _fingerprint(self, prepared: PreparedRequest) -> Prefix | None:
@@ -475,29 +492,6 @@ class Exchange:
             route = guarded
         return route
 
-    def _orphan(self, prepared: PreparedRequest, route: RouteDecision, plan: Plan) -> bytes:
-        """The settlement to write if this request's hold expires unsettled (sidecar died).
-
-        Made now, while everything needed to bill and attribute it is at hand: the input we
-        counted, priced for the routed model, marked estimated; output is unknown. The hold
-        itself is released by the reaper, so no reservation id.
-        """
-        ghost = replace(
-            self.seen,
-            facts=prepared.facts,
-            counted_input_tokens=prepared.counted_input_tokens,
-            routed_model=route.model,
-            status=0,
-            response_finished=False,
-            stream=None,
-            usage=None,
-        )
-        record = settle(ghost, self._deps.prices, self._deps.count)
-        record.outcome = "orphaned"
-        if route.steps:
-            record.routing = route.header_value()
-        return self._settlement(record, plan, reservation_id="").SerializeToString()
-
     def _plan_for(self, prepared: PreparedRequest, route: RouteDecision, now: int) -> Plan:
         deps = self._deps
         assert deps.policy is not None and self._identity is not None
@@ -511,27 +505,6 @@ class Exchange:
             now_ms=now,
             choices=prepared.facts.choices,
         )
-
-    def _note_downgrades(self, route: RouteDecision) -> None:
-        identity = self._identity
-        assert identity is not None
-        for step in route.steps:
-            if step.kind in DOWNGRADE_STEPS and step.to_model and step.to_model != step.from_model:
-                self._deps.telemetry.downgrade(
-                    identity.workspace, identity.service, step.from_model, step.to_model
-                )
-                key = (identity.workspace, identity.service, step.kind, step.to_model)
-                if key not in _ANNOUNCED:
-                    _ANNOUNCED.add(key)
-                    log.warning(
-                        "%s/%s: %s %s -> %s (%s)",
-                        identity.workspace,
-                        identity.service,
-                        step.kind,
-                        step.from_model,
-                        step.to_model,
-                        step.why,
-                    )
 
     def _forward(
         self, prepared: PreparedRequest, *, clear_route_cache: bool = False
@@ -571,6 +544,8 @@ class Exchange:
     # -- response -----------------------------------------------------------------------
 
     def on_response_headers(self, msg: msgs.pb.HttpHeaders) -> Reply:
+        if self._pass is not None:
+            return self._passthrough_response_headers(msg)
         if self._endpoint is None:
             return msgs.CONTINUE_RESPONSE_HEADERS
         h = msgs.header_map(msg, _RESPONSE_HEADERS)
@@ -595,9 +570,14 @@ class Exchange:
         if sse:
             strip = self._prepared is not None and self._prepared.injected_usage
             self._meter = self._endpoint.stream_meter(strip_usage_chunk=strip)
+            if strip:
+                # The usage chunk we asked for is cut out: a declared length would be wrong.
+                return msgs.response_headers(headers, stream=True, remove=("content-length",))
         return msgs.response_headers(headers, stream=sse)
 
     def on_response_body(self, msg: msgs.pb.HttpBody) -> Reply:
+        if self._pass is not None:
+            return self._passthrough_response_body(msg)
         if self._endpoint is None:
             return msgs.CONTINUE_RESPONSE_BODY
         meter = self._meter
@@ -624,142 +604,41 @@ class Exchange:
             return msgs.CONTINUE_RESPONSE_BODY
         return msgs.replace_response_chunk(out)
 
+    def _passthrough_response_headers(self, msg: msgs.pb.HttpHeaders) -> msgs.ProcessingResponse:
+        assert self._pass is not None
+        done = self._pass.on_response_headers(msg)
+        self.seen.status = self._pass.seen.status
+        headers = {_RID: self.seen.request_id}
+        if self._identity is not None:
+            headers.update(guard.visibility_headers(self._identity, None))
+        if done:
+            # Nothing more to read: the body (a file download, say) streams straight through.
+            self.seen.response_finished = True
+            self._finish()
+        return msgs.response_headers(headers, stream=False)
+
+    def _passthrough_response_body(self, msg: msgs.pb.HttpBody) -> msgs.ProcessingResponse:
+        assert self._pass is not None
+        if not self._pass.on_response_body(msg):
+            return msgs.CONTINUE_RESPONSE_BODY
+        self.seen.response_finished = True
+        record = self._finish()
+        if record is None:
+            return msgs.CONTINUE_RESPONSE_BODY
+        return msgs.response_body_headers({"x-extproc-cost-usd": usd(record.cost_nanos)})
+
     def on_internal_error(self, phase: str) -> msgs.ProcessingResponse:
-        """A phase raised: refuse in OpenAI's shape before forwarding, pass through after."""
-        if phase in ("request_headers", "request_body") and self._endpoint is not None:
+        """A phase raised: refuse in OpenAI's shape before forwarding, pass through after.
+
+        A request whose headers phase failed is refused whatever it was for: its credentials
+        have not been swapped, so continuing would send the caller's key upstream.
+        """
+        before = phase == "request_headers" or (
+            phase == "request_body" and self._endpoint is not None
+        )
+        if before:
             if self._closed:
                 # Already settled (the failure came after a rejection was built).
                 return msgs.immediate(500, INTERNAL_ERROR.body(), {_RID: self.seen.request_id})
             return self._reject(INTERNAL_ERROR)
         return _CONTINUE_PHASE.get(phase, msgs.CONTINUE_RESPONSE_BODY)
-
-    # -- end -----------------------------------------------------------------------------
-
-    def _finish(self) -> UsageRecord | None:
-        if self._closed:
-            return None
-        self._closed = True
-        # The span ends here, before the reply that releases the response to the client is
-        # sent; the ext_proc stream itself closes later, after the client may have its answer.
-        self._end_ns = time.time_ns()
-        try:
-            return self._settle()
-        except Exception:
-            # The one record must land whatever broke: a bare one, marked, still attributed.
-            log.exception(
-                "request %s: settling failed; writing a bare record", self.seen.request_id
-            )
-            record = UsageRecord(
-                request_id=self.seen.request_id,
-                time_ms=self.seen.time_ms,
-                endpoint=self.seen.endpoint,
-                status=self.seen.status,
-                input_tokens=self.seen.counted_input_tokens,
-                counted_input_tokens=self.seen.counted_input_tokens,
-                estimated=True,
-                outcome="error",
-                error_code="extproc_internal_error",
-            )
-            self._deps.ledger.submit(self._settlement(record))
-            self._record = record
-            return record
-
-    def _settle(self) -> UsageRecord:
-        deps, seen = self._deps, self.seen
-        if self._meter is not None and seen.stream is None:
-            seen.stream = self._meter.finish()
-            seen.usage = seen.usage or seen.stream.usage
-            seen.served_model = seen.served_model or seen.stream.served_model
-        seen.duration_ms = int((time.monotonic() - self._started) * 1000)
-        record = settle(seen, deps.prices, deps.count)
-        route = self._route_decision
-        if route is not None and route.steps:
-            record.routing = route.header_value()
-            record.rule = next((st.rule for st in route.steps if st.kind == "rule" and st.rule), "")
-        deps.ledger.submit(self._settlement(record))
-        self._record = record
-        if record.estimated or record.price_fallback:
-            log.warning(
-                "request %s billed %s nanos: outcome=%s estimated=%s fallback_price=%s",
-                record.request_id,
-                record.cost_nanos,
-                record.outcome,
-                record.estimated,
-                record.price_fallback,
-            )
-        return record
-
-    def _settlement(
-        self, record: UsageRecord, plan: Plan | None = None, reservation_id: str | None = None
-    ) -> Settlement:
-        """Attribute the record and charge it to the scopes its reservation checked."""
-        deps, identity, plan = self._deps, self._identity, plan or self._plan
-        now = deps.now_ms()
-        tz = deps.timezone
-        charged: tuple[Charged, ...] = UNGOVERNED
-        period_kind = "month"
-        if identity is not None:
-            record.workspace, record.service, record.key_id = (
-                identity.workspace,
-                identity.service,
-                identity.key_id,
-            )
-            record.team = identity.team or ""
-            ws = deps.policy.workspaces.get(identity.workspace) if deps.policy else None
-            if plan is None and ws is not None:
-                # Forwarded without a reservation (`bad_request: pass`): still charged to
-                # every scope a reservation would have checked, its team's included.
-                limits = charged_scopes(ws, identity)
-                charged = tuple(Charged(s.scope, s.soft_nanos) for s in limits)
-                period_kind = ws.period
-        if plan is not None:
-            charged = tuple(Charged(s.scope, s.soft_nanos) for s in plan.scopes)
-            period_id = plan.period.id
-        else:
-            period_id = period_at(period_kind, now, tz).id
-        if reservation_id is None:
-            reservation_id = self._decision.reservation_id if self._decision else ""
-        prefix = self._prefix
-        return settlement_for(
-            record,
-            charged,
-            period_id=period_id,
-            local_time=datetime.fromtimestamp(now / 1000, tz),
-            prices=deps.prices,
-            reservation_id=reservation_id,
-            attributed=identity is not None,
-            prefix=None if prefix is None else CachePrefix(prefix.fingerprint, prefix.tokens),
-        )
-
-    def _steps(self) -> tuple[Any, ...]:
-        return self._route_decision.steps if self._route_decision is not None else ()
-
-    def close(self) -> None:
-        """The ext_proc stream ended: settle the exchange if nothing has yet, then report it."""
-        self._finish()
-        record = self._record
-        if record is None or not self._deps.telemetry.enabled:
-            return
-        self._record = None
-        decision = self._decision
-        denied = decision if decision is not None and not decision.allowed else None
-        verdict, reason = request_verdict(
-            record,
-            rejected=self.seen.rejected is not None,
-            denial_reason=denied.reason if denied is not None else None,
-            downgraded=any(step.kind in DOWNGRADE_STEPS for step in self._steps()),
-        )
-        self._deps.telemetry.observe(
-            RequestTelemetry(
-                record=record,
-                start_ns=self._start_ns,
-                end_ns=self._end_ns,
-                traceparent=self._trace[0],
-                tracestate=self._trace[1],
-                decision=verdict,
-                rule=record.rule or None,
-                denial_reason=reason,
-                denial_scope=denied.denied.scope if denied and denied.denied else None,
-                sidecar_overhead_ns=self.busy_ns,
-            )
-        )

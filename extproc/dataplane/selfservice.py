@@ -14,6 +14,7 @@ import logging
 from importlib import resources
 
 from extproc.dataplane import envoy_msgs as msgs
+from extproc.dataplane.deps import Deps
 from extproc.governance import guard
 from extproc.governance.keys import MISSING, Identity
 from extproc.insight.me import ME_PAGE_PATH, ME_PATH, me_view, plan_for, read_me
@@ -37,9 +38,7 @@ def _error(status: int, message: str, code: str, kind: str = "invalid_request_er
     return OpenAIError(status, message, kind, None, code).body()
 
 
-async def answer(
-    deps: object, method: str, path: str, authorization: str
-) -> msgs.ProcessingResponse:
+async def answer(deps: Deps, method: str, path: str, authorization: str) -> msgs.ProcessingResponse:
     """The immediate response for a path under `/extproc/`."""
     route = path.split("?", 1)[0]
     if route not in (ME_PATH, ME_PAGE_PATH):
@@ -55,10 +54,7 @@ async def answer(
     return await _me(deps, authorization)
 
 
-async def _me(deps: object, authorization: str) -> msgs.ProcessingResponse:
-    from extproc.dataplane.exchange import Deps
-
-    assert isinstance(deps, Deps)
+async def _me(deps: Deps, authorization: str) -> msgs.ProcessingResponse:
     keys, policy = deps.keys, deps.policy
     if keys is None or policy is None or deps.store is None:
         return msgs.immediate(

@@ -19,7 +19,8 @@ from typing import NamedTuple
 from grpc_health.v1 import health_pb2
 
 from extproc.dataplane import envoy_msgs as msgs
-from extproc.dataplane.exchange import Deps, Exchange, Reply
+from extproc.dataplane.deps import Deps
+from extproc.dataplane.exchange import Exchange, Reply
 from extproc.dataplane.h2grpc import HEALTH_CHECK_PATH, GrpcServer, Route, health_route
 from extproc.governance.budget import Budgets
 from extproc.governance.holds import tend_forever
@@ -272,7 +273,7 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
     keys, budgets = None, None
     if settings.policy:
         governor.apply(load_policy(settings.policy))
-        deps.keys = keys = KeyCache(KeyStore(client))
+        deps.keys = keys = KeyCache(KeyStore(client, hot=hot))
         deps.store = client
         budgets = Budgets(
             hot or client, hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1)

@@ -332,6 +332,8 @@ def _eg_client_traffic(s: Source, t: _Translation) -> dict[str, Any]:
             path["disableMergeSlashes"] = not value
         elif key == "path_with_escaped_slashes_action":
             path["escapedSlashesAction"] = _ESCAPED_SLASHES[value]
+        elif key == "upgrade_configs" and value == [{"upgrade_type": "websocket"}]:
+            pass  # Envoy Gateway's routes accept websocket upgrades unless told otherwise
         elif key == "normalize_path":
             if not value:
                 t.skip("normalize_path", value, "Envoy Gateway always normalizes paths")

@@ -21,14 +21,16 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from extproc.governance.keys import Identity
 from extproc.governance.periods import Period, period_at
 from extproc.governance.policy import Policy, RateLimits, Service, Team, Workspace
 from extproc.governance.scripts import REAP, RESERVE
 from extproc.metering.prices import PriceTable
+from extproc.metering.settlement import UNGOVERNED, Charged
 from extproc.metering.usage import Usage
-from extproc.store.clients import UNAVAILABLE
+from extproc.store.clients import UNAVAILABLE, ScriptClient
 from extproc.store.schema import (
     WORKSPACE_SCOPE,
     key_scope,
@@ -198,6 +200,26 @@ def per_choice_cap(total: int, choices: int) -> int:
     return max(total // max(choices, 1), 1)
 
 
+def charges_for(
+    policy: Policy | None, identity: Identity | None, plan: Plan | None, now_ms: int, tz: ZoneInfo
+) -> tuple[tuple[Charged, ...], str]:
+    """Where a finished request's cost counts, and the budget period it counts in.
+
+    With a plan: the scopes its reservation checked. Forwarded without one (`bad_request:
+    pass`): the same scopes a reservation would have checked, its team's included.
+    Unattributed traffic: the workspace scope of the unattributed books, by month.
+    """
+    if plan is not None:
+        return tuple(Charged(s.scope, s.soft_nanos) for s in plan.scopes), plan.period.id
+    ws = policy.workspaces.get(identity.workspace) if policy and identity else None
+    if ws is None or identity is None:
+        return UNGOVERNED, period_at("month", now_ms, tz).id
+    limits = charged_scopes(ws, identity)
+    return tuple(Charged(s.scope, s.soft_nanos) for s in limits), period_at(
+        ws.period, now_ms, tz
+    ).id
+
+
 def with_overdraft(plan: Plan, nanos: int) -> Plan:
     """The same plan with every hard cap raised by the overdraft (the cheap model's room)."""
     scopes = tuple(
@@ -334,7 +356,7 @@ def decide(plan: Plan, reservation_id: str, reply: list[bytes], now_ms: int) -> 
 class Budgets:
     """Reserve-before-forward against Redis, with each workspace's Redis-outage policy."""
 
-    def __init__(self, client: Any, *, hold_ttl_ms: int = RESERVATION_TTL_MS) -> None:
+    def __init__(self, client: ScriptClient, *, hold_ttl_ms: int = RESERVATION_TTL_MS) -> None:
         self._redis = client
         self.hold_ttl_ms = hold_ttl_ms
         # Holds this process owns and has not settled yet, by workspace prefix: renewed

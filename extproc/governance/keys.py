@@ -218,9 +218,13 @@ def _mint() -> tuple[str, str, str]:
 class KeyStore:
     """Virtual keys in Redis. Every write is one atomic script plus a change notice."""
 
-    def __init__(self, client: AsyncClient, *, now_ms: Clock = wall_ms) -> None:
+    def __init__(self, client: AsyncClient, *, now_ms: Clock = wall_ms, hot: Any = None) -> None:
         self.client = client
         self.now_ms = now_ms
+        # The lean client (store.fastredis), when there is one, serves the request path's
+        # single lookups: a flood of unknown keys costs one cheap read each (~5x less CPU
+        # than redis-py's), and nothing else.
+        self.hot = hot
         self._create = client.register_script(_CREATE)
         self._rotate = client.register_script(_ROTATE)
         self._revoke = client.register_script(_REVOKE)
@@ -254,8 +258,16 @@ class KeyStore:
             return None
         return await self.lookup_hash(hash_secret(secret), now_ms)
 
+    async def is_revoked(self, identity: Identity) -> bool:
+        """Whether the key was revoked, from the set the budget scripts check (one read)."""
+        return bool(await self.client.sismember(revoked_key(identity.workspace), identity.key_id))
+
     async def lookup_hash(self, sha: str, now_ms: int | None = None) -> Identity | None:
-        raw = await self.client.hgetall(key_hash(sha))
+        if self.hot is not None:
+            flat = await self.hot.execute_command("HGETALL", key_hash(sha))
+            raw: Mapping[Any, Any] = dict(zip(flat[::2], flat[1::2], strict=True))
+        else:
+            raw = await self.client.hgetall(key_hash(sha))
         return _usable(_decoded(raw), self.now_ms() if now_ms is None else now_ms)
 
     async def lookup_hashes(self, shas: Iterable[str]) -> dict[str, Identity | None]:
@@ -433,6 +445,10 @@ class KeyCache:
         if identity and identity.expires_ms and self.now_ms() >= identity.expires_ms:
             return None
         return identity
+
+    async def is_revoked(self, identity: Identity) -> bool:
+        """Asked of Redis each time (calls without a reservation): revocation is immediate."""
+        return await self.store.is_revoked(identity)
 
     def __len__(self) -> int:
         return len(self._positive) + len(self._negative)

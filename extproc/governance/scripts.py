@@ -14,6 +14,8 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from extproc.store.clients import Pipeline, ScriptClient
+
 
 class LuaScript:
     def __init__(self, name: str) -> None:
@@ -21,17 +23,17 @@ class LuaScript:
         self.source = resources.files("extproc.governance.lua").joinpath(f"{name}.lua").read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
-    async def load(self, client: Any) -> None:
+    async def load(self, client: ScriptClient) -> None:
         await client.script_load(self.source)
 
-    async def __call__(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+    async def __call__(self, client: ScriptClient, keys: list[str], args: list[Any]) -> Any:
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             await self.load(client)
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
-    def queue(self, pipe: Any, keys: list[str], args: list[Any]) -> None:
+    def queue(self, pipe: Pipeline, keys: list[str], args: list[Any]) -> None:
         # The raw command: redis-py's cluster pipeline blocks its `evalsha` method (a guard
         # for scripts it would have to load on the right node), yet routes EVALSHA by its
         # keys like any command, and we load and reload our scripts ourselves.

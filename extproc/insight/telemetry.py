@@ -41,11 +41,14 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AttributeValue
 
 from extproc.books.events import UsageEvents, usage_events
+from extproc.routing.decide import Step
 from extproc.settings import ConfigError
 from extproc.store.schema import is_key_scope
 from extproc.v1.ledger_pb2 import UsageRecord
 
 log = logging.getLogger("extproc.insight.telemetry")
+_ANNOUNCED: set[tuple[str, str, str, str]] = set()
+"""Downgrades already logged by this process: one human-readable line per scope and step."""
 
 SCOPE = "extproc"
 DEFAULT_SERVICE_NAME = "extproc"
@@ -450,6 +453,22 @@ class Telemetry:
     def downgrade(self, workspace: str, service: str, from_model: str, to_model: str) -> None:
         if self._metrics is not None:
             self._metrics.downgrades.add(1, workspace, service, from_model, to_model)
+
+    def announce_downgrade(self, workspace: str, service: str, step: Step) -> None:
+        """Count a downgrade; log it in words once per process, scope, step and model."""
+        self.downgrade(workspace, service, step.from_model, step.to_model or "")
+        key = (workspace, service, step.kind, step.to_model or "")
+        if key not in _ANNOUNCED:
+            _ANNOUNCED.add(key)
+            log.warning(
+                "%s/%s: %s %s -> %s (%s)",
+                workspace,
+                service,
+                step.kind,
+                step.from_model,
+                step.to_model,
+                step.why,
+            )
 
     def budget_utilization(self, workspace: str, scope: str, ratio: float) -> None:
         """Per budgeted scope; key scopes carry no budget and are not reported."""

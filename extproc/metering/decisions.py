@@ -212,3 +212,34 @@ def settle(
         record.price_family = charge.family
         record.price_fallback = charge.fallback
     return record
+
+
+def orphaned(seen: Observed, prepared: PreparedRequest, routed_model: str) -> Observed:
+    """The request as it would settle if its sidecar died now: the input we counted, priced
+    for the routed model, no response (so the record is estimated)."""
+    return replace(
+        seen,
+        facts=prepared.facts,
+        counted_input_tokens=prepared.counted_input_tokens,
+        routed_model=routed_model,
+        status=0,
+        response_finished=False,
+        stream=None,
+        usage=None,
+    )
+
+
+def bare_record(seen: Observed) -> UsageRecord:
+    """The record written when settling itself failed: one record must land whatever broke,
+    marked as such and billed from what was counted."""
+    return UsageRecord(
+        request_id=seen.request_id,
+        time_ms=seen.time_ms,
+        endpoint=seen.endpoint,
+        status=seen.status,
+        input_tokens=seen.counted_input_tokens,
+        counted_input_tokens=seen.counted_input_tokens,
+        estimated=True,
+        outcome="error",
+        error_code="extproc_internal_error",
+    )

@@ -24,9 +24,8 @@ from redis.exceptions import NoScriptError
 
 from extproc.governance.scripts import SETTLE
 from extproc.metering.prices import usd
-from extproc.store.clients import UNAVAILABLE, AsyncClient
-from extproc.store.fastredis import FastRedis
-from extproc.store.schema import LEDGERS, UNATTRIBUTED, UNMETERED, ledger_key
+from extproc.store.clients import UNAVAILABLE, AsyncClient, ScriptClient
+from extproc.store.schema import LEDGERS, REFUSED, UNATTRIBUTED, UNMETERED, ledger_key
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 
 log = logging.getLogger("extproc.metering.ledger")
@@ -76,10 +75,33 @@ def _entry_key(entry_id: bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+async def unmetered_counts(client: AsyncClient) -> dict[str, int]:
+    """Requests seen on paths extproc does not meter, by `METHOD /path/*`."""
+    raw = await client.hgetall(UNMETERED)
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+async def refused_counts(client: AsyncClient) -> dict[str, int]:
+    """Requests refused before authentication, by reason."""
+    raw = await client.hgetall(REFUSED)
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+async def recent_records(client: AsyncClient, limit: int) -> list[UsageRecord]:
+    """The newest records across every workspace's ledger, newest first."""
+    streams = sorted(await client.smembers(LEDGERS))
+    rows: list[tuple[tuple[int, int], bytes]] = []
+    for stream in streams:
+        for entry_id, fields in await client.xrevrange(stream, count=limit):
+            rows.append((_entry_key(entry_id), fields[b"r"]))
+    rows.sort(key=lambda row: row[0], reverse=True)
+    return [UsageRecord.FromString(raw) for _key, raw in rows[:limit]]
+
+
 class Ledger:
     def __init__(
         self,
-        client: AsyncClient | FastRedis,
+        client: ScriptClient,
         *,
         max_records: int = 1_000_000,
         spool_dir: str | Path = ".data/spool",
@@ -95,7 +117,7 @@ class Ledger:
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
-        self._unmetered: Counter[str] = Counter()
+        self._unmetered: Counter[tuple[str, str]] = Counter()
         self._registered: set[str] = set()
         # Told (prefix, reservation id) once a settlement is in Redis: its hold is released
         # and no longer needs renewing (see Budgets.renew).
@@ -129,11 +151,11 @@ class Ledger:
 
     def note_unmetered(self, key: str) -> None:
         """Count a request on a path we do not meter; flushed to Redis with the next write."""
-        self._unmetered[key] += 1
+        self._unmetered[(UNMETERED, key)] += 1
 
-    async def unmetered(self) -> dict[str, int]:
-        raw = await self._redis.hgetall(UNMETERED)
-        return {k.decode(): int(v) for k, v in raw.items()}
+    def note_refused(self, reason: str) -> None:
+        """Count a request refused before authentication; flushed like `note_unmetered`."""
+        self._unmetered[(REFUSED, reason)] += 1
 
     async def drain(self) -> None:
         """Wait until every submitted settlement is in Redis or in the spool."""
@@ -145,16 +167,6 @@ class Ledger:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-
-    async def recent(self, limit: int) -> list[UsageRecord]:
-        """The newest records across every workspace's ledger, newest first."""
-        streams = sorted(await self._redis.smembers(LEDGERS))
-        rows: list[tuple[tuple[int, int], bytes]] = []
-        for stream in streams:
-            for entry_id, fields in await self._redis.xrevrange(stream, count=limit):
-                rows.append((_entry_key(entry_id), fields[b"r"]))
-        rows.sort(key=lambda row: row[0], reverse=True)
-        return [UsageRecord.FromString(raw) for _key, raw in rows[:limit]]
 
     def _settle_args(self, s: Settlement) -> list[Any]:
         args: list[Any] = [
@@ -208,11 +220,11 @@ class Ledger:
         return written
 
     async def _pipeline(
-        self, batch: list[Settlement], unmetered: Counter[str], fresh: set[str]
+        self, batch: list[Settlement], unmetered: Counter[tuple[str, str]], fresh: set[str]
     ) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
-            for key, n in unmetered.items():
-                pipe.hincrby(UNMETERED, key, n)
+            for (hash_key, key), n in unmetered.items():
+                pipe.hincrby(hash_key, key, n)
             if fresh:
                 pipe.sadd(LEDGERS, *(ledger_key(prefix) for prefix in fresh))
             for s in batch:

@@ -41,9 +41,8 @@ Responses and Chat Completions endpoints only, output caps to every endpoint but
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
 from typing import Any
 
 from extproc.governance.keys import Identity
@@ -57,12 +56,13 @@ from extproc.governance.policy import (
     RuleMatch,
     model_key,
 )
-from extproc.metering.prices import NANOS_PER_DOLLAR, usd
+from extproc.metering.prices import usd
 from extproc.wire.endpoints import RequestFacts
 from extproc.wire.errors import OpenAIError
 
 BUDGET_LEVELS = ("ok", "soft", "hard")
 ASSUMED_EFFORT = "medium"
+DOWNGRADE_STEPS = frozenset({"degrade", "overdraft", "context"})
 STEP_KINDS = ("alias", "rule", "ceiling", "allowed", "context", "degrade", "overdraft")
 _EFFORT_RANK = {effort: rank for rank, effort in enumerate(EFFORTS)}
 _EFFORT_ENDPOINTS = frozenset({"responses", "chat.completions"})
@@ -145,6 +145,19 @@ class RouteDecision:
     refuse: OpenAIError | None
     inject_prompt_cache_key: bool = False
     notes: tuple[str, ...] = ()  # what was considered and left alone, for explanations
+
+    @property
+    def downgraded(self) -> bool:
+        """Served a cheaper model than asked because of budget or context (not by a rule)."""
+        return any(step.kind in DOWNGRADE_STEPS for step in self.steps)
+
+    def downgrades(self) -> list[Step]:
+        """The downgrade steps that actually changed the model."""
+        return [
+            s
+            for s in self.steps
+            if s.kind in DOWNGRADE_STEPS and s.to_model and s.to_model != s.from_model
+        ]
 
     @property
     def changed(self) -> bool:
@@ -336,10 +349,6 @@ class _Route:
         self.refuse = err
 
 
-def _usd(nanos: int) -> str:
-    return usd(nanos, sign=True)
-
-
 def _walk_down(routing: Routing, model: str, ok: Callable[[str], bool]) -> str | None:
     """The first model below `model` on the ladder that satisfies `ok`."""
     seen = {model_key(model)}
@@ -522,14 +531,14 @@ def _budget(r: _Route) -> None:
         if od is not None and left > 0 and r.traits.endpoint not in _NO_STAND_IN_ENDPOINTS:
             why = (
                 f"at the hard limit: only the overdraft model {od.model} is served "
-                f"({_usd(left)} of the {_usd(od.nanos)} overdraft left)"
+                f"({usd(left, sign=True)} of the {usd(od.nanos, sign=True)} overdraft left)"
             )
             r.move("overdraft", od.model, why)
             return
         if od is None:
             why = f"at the hard limit and {r.scope} has no overdraft"
         elif left <= 0:
-            why = f"at the hard limit and the {_usd(od.nanos)} overdraft is spent"
+            why = f"at the hard limit and the {usd(od.nanos, sign=True)} overdraft is spent"
         else:
             why = f"at the hard limit; the overdraft model cannot serve {r.traits.endpoint}"
         message = f"Budget exhausted for {r.scope}: {why}."
@@ -584,139 +593,3 @@ def decide_route(
         inject_prompt_cache_key=r.inject,
         notes=tuple(r.notes),
     )
-
-
-# --- explaining ----------------------------------------------------------------------------
-
-
-def sample_request(
-    policy: Policy, sample: Mapping[str, Any]
-) -> tuple[Identity, Traits, BudgetState, int]:
-    """A made-up request from plain values (what `extproc route` takes); ValueError if unusable.
-
-    Keys: workspace, service, model (required); endpoint (default responses), task,
-    input_tokens, tools, reasoning_effort, stream, output_cap, budget (ok/soft/hard),
-    overdraft_left_usd (default: the whole overdraft), session_input_tokens.
-    """
-    workspace, service = str(sample["workspace"]), str(sample["service"])
-    ws = policy.workspaces.get(workspace)
-    if ws is None:
-        raise ValueError(
-            f'unknown workspace "{workspace}" (workspaces: {", ".join(policy.workspaces)})'
-        )
-    svc = ws.services.get(service)
-    if svc is None:
-        known = ", ".join(ws.services) or "none"
-        raise ValueError(f'unknown service "{service}" in {workspace} (services: {known})')
-    identity = Identity("key_explain", workspace, svc.team, service, None, 0)
-    level = str(sample.get("budget") or "ok")
-    if level not in BUDGET_LEVELS:
-        raise ValueError(f"budget must be one of {', '.join(BUDGET_LEVELS)}, got {level!r}")
-    overdraft = svc.routing.overdraft
-    left_usd = sample.get("overdraft_left_usd")
-    if left_usd is None:
-        left = overdraft.nanos if overdraft else 0
-    else:
-        left = int(Decimal(str(left_usd)) * NANOS_PER_DOLLAR)
-    task = sample.get("task")
-    traits = Traits(
-        endpoint=str(sample.get("endpoint") or "responses"),
-        workspace=workspace,
-        team=svc.team,
-        service=service,
-        model=str(sample["model"]),
-        task=str(task).strip().lower() if task else None,
-        tools=bool(sample.get("tools")),
-        reasoning_effort=sample.get("reasoning_effort"),
-        input_tokens=int(sample.get("input_tokens") or 0),
-        stream=bool(sample.get("stream")),
-        output_cap=sample.get("output_cap"),
-        has_prompt_cache_key=bool(sample.get("has_prompt_cache_key")),
-    )
-    return identity, traits, BudgetState(level, left), int(sample.get("session_input_tokens") or 0)
-
-
-def _settings_text(s: RoutingSettings) -> str:
-    parts = []
-    if s.allowed_models is not None:
-        parts.append(f"allowed {', '.join(s.allowed_models)}")
-    if s.ceiling_tier is not None:
-        parts.append(f"ceiling tier {s.ceiling_tier}")
-    if s.default_model is not None:
-        parts.append(f"default {s.default_model}")
-    if s.degrade_past_soft:
-        parts.append("degrade past soft limit")
-    if s.overdraft is not None:
-        parts.append(f"overdraft {s.overdraft.model} {_usd(s.overdraft.nanos)}")
-    if s.max_input_tokens is not None:
-        parts.append(f"max input {s.max_input_tokens}")
-    if s.max_session_input_tokens is not None:
-        parts.append(f"max session input {s.max_session_input_tokens}")
-    if s.max_input_tokens is not None or s.max_session_input_tokens is not None:
-        parts.append(f"over it: {s.on_context_exceeded}")
-    if s.inject_prompt_cache_key:
-        parts.append("inject prompt_cache_key")
-    return "; ".join(parts) or "none"
-
-
-def explain(policy: Policy, sample: Mapping[str, Any]) -> str:
-    """Which rule fires and what else changes, step by step, for a made-up request."""
-    identity, traits, budget, session = sample_request(policy, sample)
-    decision = decide_route(policy, identity, traits, budget, session)
-    settings = policy.routing_for(identity.workspace, identity.service)
-    effort = traits.reasoning_effort or "unset"
-    cap = "unset" if traits.output_cap is None else str(traits.output_cap)
-    lines = [
-        f"request  {traits.endpoint} model={traits.model} workspace={traits.workspace} "
-        f"service={traits.service} team={traits.team or '-'}",
-        f"         task={traits.task or '-'} input_tokens={traits.input_tokens} "
-        f"session_input_tokens={session} reasoning_effort={effort} max_output={cap} "
-        f"tools={str(traits.tools).lower()} stream={str(traits.stream).lower()} "
-        f"budget={budget.level}",
-        f"limits   {_settings_text(settings)}",
-    ]
-    alias_steps = [s for s in decision.steps if s.kind == "alias"]
-    if alias_steps and alias_steps[0].to_model is None:
-        lines.append("rules    not evaluated (refused before)")
-    elif not policy.routing.rules:
-        lines.append("rules    none defined")
-    else:
-        after_alias = alias_steps[0].to_model if alias_steps else traits.model
-        seen = replace(traits, model=after_alias or traits.model)
-        for i, rule in enumerate(policy.routing.rules):
-            miss = rule_mismatch(rule, seen)
-            head = "rules   " if i == 0 else "        "
-            if miss is None:
-                lines.append(f"{head} [{i}] {rule.name}: MATCH ({conditions(rule.when)})")
-                rest = len(policy.routing.rules) - i - 1
-                if rest:
-                    lines.append(f"         first match wins: {rest} later rule(s) not evaluated")
-                break
-            lines.append(f"{head} [{i}] {rule.name}: no, {miss}")
-        else:
-            lines.append("         no rule matched")
-    if decision.steps:
-        for i, step in enumerate(decision.steps, 1):
-            target = "REFUSED" if step.to_model is None else step.to_model
-            head = "steps   " if i == 1 else "        "
-            lines.append(f"{head} {i}. {step.kind:<9} {step.from_model} -> {target}: {step.why}")
-    else:
-        lines.append("steps    none: the request is served as sent")
-    lines.extend(f"note     {note}" for note in decision.notes)
-    if decision.refuse is not None:
-        err = decision.refuse
-        lines.append(f"result   REFUSED {err.status} {err.code}: {err.message}")
-    else:
-        extras = []
-        if decision.reasoning_effort is not None:
-            extras.append(f"reasoning_effort={decision.reasoning_effort}")
-        if decision.max_output_tokens is not None:
-            extras.append(f"max_output_tokens={decision.max_output_tokens}")
-        if decision.route is not None:
-            extras.append(f"route={decision.route}")
-        if decision.inject_prompt_cache_key:
-            extras.append("prompt_cache_key=injected")
-        lines.append(" ".join([f"result   serve {decision.model}", *extras]))
-    if decision.steps:
-        lines.append(f"header   {decision.header_value()}")
-    return "\n".join(lines)

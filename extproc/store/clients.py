@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, Self, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -33,6 +33,40 @@ CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
 DEFAULT_RETRIES = 1
 
 AsyncClient = aioredis.Redis | aioredis.RedisCluster
+
+
+@runtime_checkable
+class Pipeline(Protocol):
+    """The commands queued for one round trip on the hot path (the ledger's writes)."""
+
+    def execute_command(self, *args: Any) -> Any: ...
+
+    def hincrby(self, name: str, key: str, amount: int = 1) -> Any: ...
+
+    def sadd(self, name: str, *values: Any) -> Any: ...
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc_info: Any) -> Any: ...
+
+
+@runtime_checkable
+class ScriptClient(Protocol):
+    """What the budgets and the ledger writer need from Redis: scripts called by SHA, raw
+    commands and a pipeline. Both `FastRedis` (the hot path's lean client) and redis-py's
+    asyncio clients (single node or cluster) provide it."""
+
+    async def execute_command(self, *args: Any) -> Any: ...
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any: ...
+
+    async def script_load(self, script: str) -> Any: ...
+
+    def pipeline(self, transaction: bool = True) -> Pipeline: ...
+
+
 SyncClient = redis.Redis | redis.RedisCluster
 
 UNAVAILABLE: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)

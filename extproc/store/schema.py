@@ -123,6 +123,9 @@ LEDGERS = "extproc:ledgers"
 """The set of per-workspace ledger streams, for readers (`extproc usage`, the spend report)."""
 UNMETERED = "{extproc:ledger}:unmetered"
 """Hash: `METHOD /path/*` -> requests seen on paths extproc does not meter."""
+REFUSED = "{extproc:ledger}:refused"
+"""Hash: reason -> requests refused before anyone was identified (no key, unknown key, a
+WebSocket upgrade): counted, not recorded, so a flood of bad keys costs a counter each."""
 
 ALERTS = "{extproc:alerts}:recent"
 """Stream of the latest alerts (the console and `GET /admin/v1/alerts` read it)."""

@@ -1,8 +1,10 @@
 """OpenAI wire formats: request bodies, SSE streams, and the metered endpoints.
 
 Pure functions and small stateful parsers, no I/O: the ext_proc stream handler calls
-them for each phase of a request. The package imports `endpoints` eagerly: the
-endpoint modules depend on it, and this way it is always initialised before them.
+them for each phase of a request. `common` is what every endpoint shares, one module
+per endpoint builds on it, and `endpoints` is the table of them.
+
+May import: `extproc.metering.usage` (the usage record) and the standard library.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Any
 
 from extproc.metering.usage import Usage
 from extproc.wire.chat import ChoicesMeter, request_stream_usage, usage_and_model
-from extproc.wire.endpoints import (
+from extproc.wire.common import (
     RequestFacts,
     check_prompt_like,
     choices_of,

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from extproc.metering.usage import Usage
-from extproc.wire.endpoints import (
+from extproc.wire.common import (
     NoStream,
     RequestFacts,
     check_prompt_like,

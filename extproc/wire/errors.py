@@ -109,3 +109,40 @@ def error_from_payload(payload: Any, *, default_status: int = 500) -> OpenAIErro
     if etype is None:
         etype = _TYPE_BY_STATUS.get(status, "server_error")
     return OpenAIError(status, message, etype, _opt_str(payload.get("param")), code)
+
+
+# -- the data path's own answers, in OpenAI's shape -----------------------------------------
+
+MISSING_BODY = OpenAIError(
+    400,
+    "This endpoint needs a JSON request body; the request had none.",
+    "invalid_request_error",
+    None,
+    "missing_body",
+)
+INTERNAL_ERROR = OpenAIError(
+    500,
+    "extproc could not process this request; it was not forwarded. Retrying is safe.",
+    "server_error",
+    None,
+    "extproc_internal_error",
+)
+
+
+def unknown_url(method: str, path: str) -> OpenAIError:
+    """OpenAI's answer for a path it does not serve; we refuse what we cannot classify."""
+    return OpenAIError(
+        404, f"Invalid URL ({method} {path[:200]})", "invalid_request_error", None, "unknown_url"
+    )
+
+
+def upstream_credential_missing(workspace: str, missing: str = "not configured") -> OpenAIError:
+    """`missing` says what the operator must set: a variable or file name, never a value."""
+    return OpenAIError(
+        503,
+        f"Workspace {workspace} has no upstream credential: {missing}. "
+        "The gateway's operator must provide it where the sidecar runs.",
+        "server_error",
+        None,
+        "upstream_credential_missing",
+    )

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from extproc.metering.usage import Usage
-from extproc.wire.endpoints import (
+from extproc.wire.common import (
     RequestFacts,
     SSEMeter,
     StreamOutcome,

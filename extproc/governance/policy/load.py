@@ -34,6 +34,8 @@ from typing import Any
 
 import yaml
 
+from extproc.governance.passthrough import DEFAULT as DEFAULT_PASSTHROUGH
+from extproc.governance.passthrough import PassthroughPolicy, parse_passthrough
 from extproc.governance.policy.check import (
     _Checker,
     _did_you_mean,
@@ -279,6 +281,7 @@ def _workspace(
     default_key_limits: RateLimits | None,
     routing: Routing,
     default_routing: RoutingSettings,
+    default_passthrough: PassthroughPolicy = DEFAULT_PASSTHROUGH,
 ) -> Workspace | None:
     path = f"workspaces.{name}"
     before = len(chk.problems)
@@ -297,6 +300,9 @@ def _workspace(
     key_limits = _merge_limits(default_key_limits, own_keys)
     own_routing = _scope_routing(chk, f"{path}.routing", raw.get("routing"), routing)
     ws_routing = _merged_routing(chk, f"{path}.routing", own_routing, default_routing, routing)
+    passthrough = parse_passthrough(
+        f"{path}.passthrough", raw.get("passthrough"), default_passthrough, chk.error
+    )
     teams = _teams(chk, name, raw.get("teams"), budget)
     services = _services(
         chk, name, raw.get("services"), budget, teams, key_limits, routing, ws_routing
@@ -323,6 +329,7 @@ def _workspace(
         burn_alert_multiple=merged["burn_alert_multiple"],
         burn_alert_min_nanos=int(merged["burn_alert_min_usd"] * NANOS_PER_DOLLAR),
         contact=chk.text(f"{path}.contact", raw["contact"]) if "contact" in raw else None,
+        passthrough=passthrough,
     )
 
 
@@ -391,12 +398,24 @@ def parse_policy(
     default_routing = _merged_routing(
         chk, "defaults.routing", own_routing, RoutingSettings(), routing
     )
+    default_passthrough = parse_passthrough(
+        "defaults.passthrough", draw.get("passthrough"), DEFAULT_PASSTHROUGH, chk.error
+    )
     workspaces: dict[str, Workspace] = {}
     if "workspaces" in raw and raw["workspaces"] in (None, {}):
         chk.error("workspaces", "must define at least one workspace")
     valid_defaults = {k: v for k, v in defaults.items() if v is not None}
     for name, body in chk.named("workspaces", raw.get("workspaces")).items():
-        ws = _workspace(chk, name, body, valid_defaults, default_keys, routing, default_routing)
+        ws = _workspace(
+            chk,
+            name,
+            body,
+            valid_defaults,
+            default_keys,
+            routing,
+            default_routing,
+            default_passthrough,
+        )
         if ws is not None:
             workspaces[name] = ws
     webhooks = _webhooks(chk, raw.get("alerts"))

@@ -15,6 +15,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from extproc.governance.passthrough import DEFAULT as DEFAULT_PASSTHROUGH
+from extproc.governance.passthrough import PassthroughPolicy
 from extproc.metering.prices import NANOS_PER_DOLLAR
 
 VERSION = 1
@@ -41,7 +43,7 @@ _DEFAULTS: dict[str, Any] = {
 _TOP = ("version", "timezone", "defaults", "workspaces", "alerts")
 # Feature sections come after the core ones and are named apart in "unknown field" hints.
 _FEATURE_SECTIONS = ("routing",)
-_DEFAULT_FIELDS = (*_DEFAULTS, "key_rate_limits", "routing")
+_DEFAULT_FIELDS = (*_DEFAULTS, "key_rate_limits", "routing", "passthrough")
 _WORKSPACE_FIELDS = (
     "budget_usd",
     *_DEFAULT_FIELDS,
@@ -302,6 +304,8 @@ class Workspace:
     enforce_output_cap: bool = False
     # Whom a refused developer should ask, when their team names no contact of its own.
     contact: str | None = None
+    # Which other OpenAI endpoints this workspace may call through the gateway.
+    passthrough: PassthroughPolicy = DEFAULT_PASSTHROUGH
 
     def contact_for(self, team: str | None) -> str | None:
         """The team's contact, else the workspace's."""

@@ -17,7 +17,8 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 
 from extproc.dataplane import envoy_msgs as msgs
-from extproc.dataplane.exchange import Deps, Exchange
+from extproc.dataplane.deps import Deps
+from extproc.dataplane.exchange import Exchange
 from extproc.dataplane.server import dispatch
 from extproc.governance.budget import Decision, Plan, Standing
 from extproc.governance.keys import Identity, Lookup
@@ -46,6 +47,11 @@ class FakeKeys:
 
     async def resolve(self, secret: str) -> Identity | None:
         return self.known.get(secret)
+
+    async def is_revoked(self, identity: Identity) -> bool:
+        return identity.key_id in self.revoked
+
+    revoked: frozenset[str] = frozenset()
 
 
 class FakeBudgets:
@@ -84,12 +90,16 @@ class FakeLedger:
     def __init__(self) -> None:
         self.settlements: list[Settlement] = []
         self.unmetered: list[str] = []
+        self.refused: list[str] = []
 
     def submit(self, settlement: Settlement) -> None:
         self.settlements.append(settlement)
 
     def note_unmetered(self, key: str) -> None:
         self.unmetered.append(key)
+
+    def note_refused(self, reason: str) -> None:
+        self.refused.append(reason)
 
 
 @pytest.fixture
@@ -247,7 +257,8 @@ def test_bad_request_passed_through_still_reaches_the_team_budget(
     assert settlement.record.cost_nanos > 0
 
 
-def test_unknown_key_is_refused_and_recorded(executor: ThreadPoolExecutor) -> None:
+def test_unknown_key_is_refused_and_counted_not_recorded(executor: ThreadPoolExecutor) -> None:
+    """A flood of bad keys must cost a counter each, never a ledger write."""
     deps = make_deps(executor)
     exchange = Exchange(deps)
     reply = request(exchange, json.dumps(CHAT).encode(), secret="sk-ext-" + "b" * 40)
@@ -256,8 +267,8 @@ def test_unknown_key_is_refused_and_recorded(executor: ThreadPoolExecutor) -> No
     assert error["type"] == "invalid_request_error"
     exchange.close()
     ledger = deps.ledger
-    assert isinstance(ledger, FakeLedger) and len(ledger.settlements) == 1
-    assert ledger.settlements[0].record.status == 401
+    assert isinstance(ledger, FakeLedger)
+    assert ledger.settlements == [] and ledger.refused == ["invalid_api_key"]
 
 
 def test_budget_refusal_answers_429_and_settles_without_spend(
@@ -276,14 +287,58 @@ def test_budget_refusal_answers_429_and_settles_without_spend(
     assert settlement.reservation_id == ""
 
 
-def test_unmetered_path_is_counted_not_settled(executor: ThreadPoolExecutor) -> None:
+def test_passthrough_is_key_swapped_and_settled_once(executor: ThreadPoolExecutor) -> None:
     deps = make_deps(executor)
     exchange = Exchange(deps)
     reply = send(
-        exchange, request_headers=headers({":method": "GET", ":path": "/v1/files/f-1"}, end=True)
+        exchange,
+        request_headers=headers(
+            {
+                ":method": "GET",
+                ":path": "/v1/files/f-1/",
+                "authorization": f"Bearer {SECRET}",
+                "api-key": SECRET,
+                "cookie": "c",
+            },
+            end=True,
+        ),
     )
-    assert reply == msgs.SKIP_REST
+    mutation = reply.request_headers.response.header_mutation
+    assert reply_header(reply, "authorization") == "Bearer sk-upstream-dev"
+    assert reply_header(reply, ":path") == "/v1/files/f-1"
+    assert {"api-key", "cookie"} <= set(mutation.remove_headers)
+    assert reply.mode_override.response_body_mode == msgs.ProcessingMode.NONE
+    send(exchange, response_headers=headers({":status": "200"}, end=False))
     exchange.close()
     ledger = deps.ledger
-    assert isinstance(ledger, FakeLedger)
-    assert ledger.settlements == [] and ledger.unmetered == ["GET /v1/files/*"]
+    assert isinstance(ledger, FakeLedger) and len(ledger.settlements) == 1
+    record = ledger.settlements[0].record
+    assert (record.endpoint, record.price_family, record.key_id) == ("files", "free", "key_unit")
+
+
+def test_unknown_path_is_404_and_a_failed_headers_phase_is_refused(
+    executor: ThreadPoolExecutor,
+) -> None:
+    deps = make_deps(executor)
+    reply = send(
+        Exchange(deps),
+        request_headers=headers(
+            {":method": "POST", ":path": "/v1/chat/completion", "authorization": f"Bearer {SECRET}"}
+        ),
+    )
+    assert reply.immediate_response.status.code == 404
+
+    class BrokenKeys(FakeKeys):
+        def get(self, secret: str) -> Lookup:
+            raise RuntimeError("a bug in the headers phase")
+
+    broken = make_deps(executor)
+    broken.keys = BrokenKeys({})
+    refused = send(
+        Exchange(broken),
+        request_headers=headers(
+            {":method": "GET", ":path": "/v1/files", "authorization": f"Bearer {SECRET}"}
+        ),
+    )
+    # Deny by default: never continue a request whose credentials were not swapped.
+    assert refused.immediate_response.status.code == 500
