@@ -252,7 +252,7 @@ def test_every_object_lands_in_the_overlay_namespace(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_services_select_one_workload_and_target_declared_ports(overlay: str) -> None:
     r = render(overlay)
-    assert len(r.all("Service")) == 3
+    assert len(r.all("Service")) == 4
     for svc in r.all("Service"):
         for port in svc["spec"]["ports"]:
             service_backend(r, svc["metadata"]["name"], port["port"])
@@ -448,11 +448,31 @@ def test_network_policy_admits_clients_and_scrapes_but_not_ext_proc(overlay: str
     redis_policy = r.get("NetworkPolicy", "extproc-redis")
     (redis,) = r.selected(redis_policy["spec"]["podSelector"]["matchLabels"])
     assert redis["metadata"]["name"] == "extproc-redis"
-    (rule,) = redis_policy["spec"]["ingress"]
-    (peer,) = rule["from"]
-    assert [w["metadata"]["name"] for w in r.selected(peer["podSelector"]["matchLabels"])] == [
-        "extproc"
+    admitted = [
+        w["metadata"]["name"]
+        for rule in redis_policy["spec"]["ingress"]
+        for peer in rule["from"]
+        for w in r.selected(peer["podSelector"]["matchLabels"])
     ]
+    assert sorted(admitted) == ["extproc", "extproc-console"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_console_has_a_service_of_its_own_and_tokens_from_a_secret(overlay: str) -> None:
+    r = render(overlay)
+    container, port = service_backend(r, "extproc-console", 10080)
+    assert container["name"] == "console"
+    assert "console" in container["command"] and str(port) in container["command"]
+    _, egress_port = service_backend(r, "extproc", 10000)
+    assert port != egress_port
+    env = env_of(container)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert env["EXTPROC_ADMIN_TOKENS_FILE"].startswith(mounts["admin-tokens"] + "/")
+    pod = r.get("Deployment", "extproc-console")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "admin-tokens"]
+    tokens = r.get("Secret", volume["secret"]["secretName"])
+    assert env["EXTPROC_ADMIN_TOKENS_FILE"].rsplit("/", 1)[1] in tokens["data"]
+    assert "EXTPROC_ADMIN_TOKENS" not in env  # never a literal in the manifest
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

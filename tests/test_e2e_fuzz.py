@@ -137,7 +137,8 @@ def requests(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str]]:
             body[name] = draw(FIELDS[name])
         else:
             body.pop(name, None)
-    kind = draw(st.sampled_from(["json", "json", "json", "truncated", "junk", "gzip", "badgzip"]))
+    kinds = ["json", "json", "json", "truncated", "junk", "gzip", "badgzip", "huge_number"]
+    kind = draw(st.sampled_from(kinds))
     headers: dict[str, str] = {}
     try:
         raw = json.dumps(body).encode()
@@ -145,6 +146,8 @@ def requests(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str]]:
         raw = repr(body).encode()
     if kind == "truncated":
         raw = raw[: draw(st.integers(0, max(len(raw) - 1, 0)))]
+    elif kind == "huge_number" and raw.endswith(b"}"):
+        raw = raw[:-1] + b', "top_p": 1e999}'  # parses as infinity; JSON cannot write it back
     elif kind == "junk":
         raw = draw(st.binary(max_size=64))
     elif kind == "gzip":

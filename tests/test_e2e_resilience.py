@@ -173,3 +173,20 @@ def test_enforced_output_cap_bounds_the_whole_request(
     assert sent[-1]["max_completion_tokens"] == 64 // 4
     rec = wait_record(rdb, resp.headers[RID])
     assert rec["outcome"] == "completed"
+
+
+def test_a_number_beyond_a_double_is_400_naming_the_param(
+    rstack: Stack, rdb: redis.Redis, dev_key: str
+) -> None:
+    # Streaming chat: the sidecar must rewrite the body (to ask for usage), and 1e999
+    # cannot be written back as JSON. The client hears which parameter, not a 500.
+    raw = b'{"model":"gpt-4o-mini","messages":[],"stream":true,"temperature":1e999}'
+    resp = httpx.post(
+        f"{rstack.base_url}/chat/completions",
+        content=raw,
+        headers={"authorization": f"Bearer {dev_key}", "content-type": "application/json"},
+        timeout=60,
+    )
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == "temperature"
+    assert wait_record(rdb, resp.headers[RID])["outcome"] == "rejected"

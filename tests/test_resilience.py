@@ -16,10 +16,10 @@ from extproc.governance.keys import Identity
 from extproc.governance.policy import parse_policy_text
 from extproc.metering.decisions import Observed, settle, utf8_text
 from extproc.metering.prices import PriceTable
-from extproc.metering.usage import Usage
 from extproc.v1.ledger_pb2 import UsageRecord
 from extproc.wire.endpoints import ENDPOINTS, INT32_MAX, RequestFacts
 from extproc.wire.errors import OpenAIError
+from extproc.wire.usage import Usage
 
 CHAT = ENDPOINTS["/v1/chat/completions"]
 COMPLETIONS = ENDPOINTS["/v1/completions"]
@@ -196,3 +196,26 @@ def test_a_record_settles_whatever_the_model_name() -> None:
     assert again.model_requested == "gpt\ufffd-5"
     assert again.session_id == "pck:\ufffd"
     assert again.output_cap == 2**31 - 1
+
+
+def test_a_number_beyond_a_double_is_400_naming_the_param_when_rewritten() -> None:
+    from extproc.wire.bodies import encode_json, parse_json_object
+
+    body = parse_json_object(b'{"model": "gpt-4o-mini", "messages": [], "temperature": 1e999}')
+    with pytest.raises(OpenAIError) as info:
+        encode_json(body)
+    assert (info.value.status, info.value.param) == (400, "temperature")
+    assert info.value.code == "number_out_of_range"
+
+
+def test_every_integer_field_of_the_ledger_is_64_bit() -> None:
+    from google.protobuf.descriptor import FieldDescriptor
+
+    from extproc.v1.ledger_pb2 import ScopeCharge, Settlement
+
+    narrow = {FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_SINT32}
+    for message in (UsageRecord, ScopeCharge, Settlement):
+        fields = message.DESCRIPTOR.fields
+        assert not [f.name for f in fields if f.type in narrow], message.DESCRIPTOR.name
+    record = UsageRecord(output_cap=2**31, status=2**40)
+    assert UsageRecord.FromString(record.SerializeToString()).output_cap == 2**31

@@ -40,6 +40,7 @@ from extproc.insight.spend import (
 from extproc.insight.spend.html import axis_usd, chart_svg, chart_top, nice_step, render_html
 from extproc.metering.ledger import Ledger
 from extproc.metering.prices import PriceTable
+from extproc.metering.settlement import Charged, settlement_for
 from extproc.store.clients import make_client
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 
@@ -279,18 +280,16 @@ def test_table_shows_money_to_the_cent_and_the_outlook() -> None:
 
 
 def settled(p: Plan, cost: int, request_id: str, now_ms: int) -> Settlement:
-    local = datetime.fromtimestamp(now_ms / 1000, BERLIN)
-    scopes = [
-        ScopeCharge(scope=s.scope, soft_nanos=-1 if s.soft_nanos is None else s.soft_nanos)
-        for s in p.scopes
-    ]
-    return Settlement(
-        prefix=p.prefix,
-        period=p.period.id,
-        day=local.strftime("%Y-%m-%d"),
-        hour=local.strftime("%Y-%m-%dT%H"),
-        scopes=[*scopes, ScopeCharge(scope="model:gpt-4o-mini", soft_nanos=-1)],
-        record=UsageRecord(request_id=request_id, cost_nanos=cost, workspace=p.workspace),
+    """What the exchange hands the ledger for a request settled under plan `p`."""
+    record = UsageRecord(
+        request_id=request_id, cost_nanos=cost, workspace=p.workspace, model_served="gpt-4o-mini"
+    )
+    return settlement_for(
+        record,
+        [Charged(s.scope, s.soft_nanos) for s in p.scopes],
+        period_id=p.period.id,
+        local_time=datetime.fromtimestamp(now_ms / 1000, BERLIN),
+        prices=PriceTable.load(),
     )
 
 

@@ -16,11 +16,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
 
 from extproc.metering.prices import usd
+
+if TYPE_CHECKING:
+    from extproc.governance.policy import Policy
 
 # The checkout's example policy, wherever the CLI is run from (editable install).
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "examples" / "policy.yaml"
@@ -119,9 +122,24 @@ def display_zone(args: argparse.Namespace) -> ZoneInfo:
     return ZoneInfo("UTC")
 
 
-def _fail(message: str, code: int) -> int:
+def fail(message: str, code: int) -> int:
+    """Tell the operator what went wrong (no traceback) and give the exit code back."""
     print(f"extproc: {message}", file=sys.stderr)
     return code
+
+
+def load_policy_arg(arg: str | None, stack: int | None = None) -> Policy | str:
+    """The policy `--policy`, EXTPROC_POLICY or the running stack names, or why there is
+    none to use."""
+    from extproc.governance.policy import PolicyError, load_policy
+
+    path = policy_path(arg, stack)
+    if path is None:
+        return "no policy file: pass --policy or set EXTPROC_POLICY"
+    try:
+        return load_policy(path)
+    except PolicyError as exc:
+        return f"the policy is invalid:\n{exc}"
 
 
 # --- check-config ------------------------------------------------------------------------
@@ -179,9 +197,9 @@ def _run_with_store(args: argparse.Namespace, action: Callable[[Any], Awaitable[
     try:
         return asyncio.run(go())
     except KeyStoreError as exc:
-        return _fail(str(exc), 1)
+        return fail(str(exc), 1)
     except UNAVAILABLE as exc:
-        return _fail(f"Redis at {redacted(url)}: {exc}", 1)
+        return fail(f"Redis at {redacted(url)}: {exc}", 1)
 
 
 def _identity_json(secret: str, identity: Any, **extra: Any) -> str:
@@ -215,7 +233,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         try:
             policy = load_policy(path)
         except PolicyError as exc:
-            return _fail(f"the policy used to check names is invalid:\n{exc}", 2)
+            return fail(f"the policy used to check names is invalid:\n{exc}", 2)
     else:
         print("extproc: no policy file found; names are not checked", file=sys.stderr)
 

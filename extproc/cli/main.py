@@ -123,12 +123,12 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 from extproc.cli.admin import add_stack_options, redis_url, register  # noqa: E402
+from extproc.cli.console import register_console  # noqa: E402
 from extproc.cli.ledger import register_ledger  # noqa: E402
 from extproc.cli.policy import register_policy  # noqa: E402
 from extproc.cli.reconcile import register_reconcile  # noqa: E402
 from extproc.cli.route import register_route  # noqa: E402
 from extproc.cli.spend import register_spend  # noqa: E402
-from extproc.console.cli import register_console  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

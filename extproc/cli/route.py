@@ -12,7 +12,7 @@ import json
 import sys
 from decimal import Decimal, InvalidOperation
 
-from extproc.cli.admin import policy_path
+from extproc.cli.admin import fail, load_policy_arg
 from extproc.governance.policy import EFFORTS, ENDPOINT_NAMES
 
 _BUDGETS = ("ok", "soft", "hard")
@@ -39,19 +39,12 @@ def _usd(text: str) -> Decimal:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from extproc.governance.policy import PolicyError, load_policy
     from extproc.routing.decide import decide_route
     from extproc.routing.explain import explain, sample_request
 
-    path = policy_path(args.policy)
-    if path is None:
-        print("extproc: no policy file (use --policy or EXTPROC_POLICY)", file=sys.stderr)
-        return 2
-    try:
-        policy = load_policy(path)
-    except PolicyError as exc:
-        print(f"extproc: the policy is invalid:\n{exc}", file=sys.stderr)
-        return 2
+    policy = load_policy_arg(args.policy)
+    if isinstance(policy, str):
+        return fail(policy, 2)
     sample = {
         "workspace": args.workspace,
         "service": args.service,

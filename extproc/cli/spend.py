@@ -22,22 +22,17 @@ def parse_now(text: str, tz: ZoneInfo) -> datetime:
 
 
 def cmd_spend(args: argparse.Namespace) -> int:
-    from extproc.cli.admin import policy_path, redacted, redis_url
-    from extproc.governance.policy import PolicyError, load_policy
+    from extproc.cli.admin import fail, load_policy_arg, redacted, redis_url
     from extproc.insight.spend.html import render_html
     from extproc.store.clients import UNAVAILABLE, make_sync_client
 
-    path = policy_path(args.policy, args.stack)
-    if path is None:
-        return _fail("no policy file: pass --policy or set EXTPROC_POLICY", 2)
-    try:
-        policy = load_policy(path)
-    except PolicyError as exc:
-        return _fail(f"the policy is invalid:\n{exc}", 2)
+    policy = load_policy_arg(args.policy, args.stack)
+    if isinstance(policy, str):
+        return fail(policy, 2)
     try:
         now = parse_now(args.now, policy.timezone) if args.now else datetime.now(policy.timezone)
     except ValueError:
-        return _fail(f"--now: not an ISO 8601 time: {args.now!r}", 2)
+        return fail(f"--now: not an ISO 8601 time: {args.now!r}", 2)
     url = redis_url(args.redis_url, args.stack)
     keys = report_keys(policy, now, args.period, args.by)
     try:
@@ -47,24 +42,19 @@ def cmd_spend(args: argparse.Namespace) -> int:
         finally:
             client.close()
     except UNAVAILABLE as exc:
-        return _fail(f"Redis at {redacted(url)}: {exc}", 1)
+        return fail(f"Redis at {redacted(url)}: {exc}", 1)
     report = build_report(policy, hashes, now, selection=args.period, by=args.by)
     if args.html:
         try:
             Path(args.html).write_text(render_html(report), "utf-8")
         except OSError as exc:
-            return _fail(f"--html: cannot write {args.html}: {exc.strerror}", 1)
+            return fail(f"--html: cannot write {args.html}: {exc.strerror}", 1)
         print(f"extproc: wrote {args.html}", file=sys.stderr)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif not args.html:  # the page was asked for, not the text too
         print(render_text(report))
     return 0
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"extproc: {message}", file=sys.stderr)
-    return code
 
 
 def register_spend(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

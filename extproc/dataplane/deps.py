@@ -83,6 +83,7 @@ class Deps:
     now_ms: Callable[[], int] = _now_ms
     telemetry: Telemetry = field(default_factory=Telemetry)
     store: Any = None  # the general Redis client (reads for paths the sidecar answers itself)
+    shadow: Policy | None = None  # evaluated beside `policy` on every request, never enforced
 
     @property
     def timezone(self) -> ZoneInfo:

@@ -403,7 +403,10 @@ class Exchange(Settling):
             cap = per_choice_cap(ws.default_output_cap, prepared.facts.choices)
             rewritten = set_output_cap(self.seen.endpoint, body, cap) or rewritten
         self._prefix = await self._fingerprint(prepared)
-        prepared = finalize(prepared, rewritten=bool(rewritten))
+        try:
+            prepared = finalize(prepared, rewritten=bool(rewritten))
+        except OpenAIError as err:  # a number JSON cannot carry back (1e999), say
+            return self._bad_request(err)
         if route.route:
             # A routed request must be re-matched by Envoy against the new header.
             prepared = replace(

@@ -275,6 +275,9 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
         governor.apply(load_policy(settings.policy))
         deps.keys = keys = KeyCache(KeyStore(client, hot=hot))
         deps.store = client
+        if settings.shadow_policy:
+            deps.shadow = load_policy(settings.shadow_policy)
+            log.info("shadow policy loaded: %s (never enforced)", settings.shadow_policy)
         budgets = Budgets(
             hot or client, hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1)
         )
@@ -310,6 +313,9 @@ async def serve(
         background.append(asyncio.create_task(keys.run(), name="key-cache"))
         watcher = PolicyWatcher(settings.policy, governor.apply)
         background.append(asyncio.create_task(watcher.run(), name="policy-watcher"))
+        if settings.shadow_policy:
+            shadow = PolicyWatcher(settings.shadow_policy, lambda p: setattr(deps, "shadow", p))
+            background.append(asyncio.create_task(shadow.run(), name="shadow-watcher"))
         burn = BurnWatch(client, lambda: deps.policy, governor.alerter, deps.telemetry)
         background.append(asyncio.create_task(burn.run(), name="burn-watch"))
         assert budgets is not None

@@ -55,7 +55,10 @@ def available_cpus() -> int:
 
 
 def worker_count(settings: Settings) -> int:
-    return settings.workers or available_cpus()
+    """`workers`, or one per usable CPU; a unix socket cannot be shared, so 1 there."""
+    if settings.workers:
+        return settings.workers
+    return 1 if settings.listen.startswith("unix:") else available_cpus()
 
 
 def reserve_port(listen: str) -> tuple[str, socket.socket]:

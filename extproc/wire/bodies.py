@@ -22,6 +22,7 @@ Decisions on edge cases:
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from typing import Any
 
@@ -307,12 +308,33 @@ def json_kind(value: Any) -> str:
     return "null"
 
 
+def _finite(value: Any) -> bool:
+    """False if `value` holds an infinite float anywhere (`1e999` parses to one)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
 def encode_json(obj: dict[str, Any]) -> bytes:
     """Serialise a (rewritten) request body compactly as UTF-8 JSON."""
     try:
         text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except ValueError:
-        raise _bad_json("a number is out of range") from None
+        param = next((k for k, v in obj.items() if not _finite(v)), None)
+        raise invalid_request(
+            f"Invalid value for '{param}': a number is out of range (beyond a double)."
+            if param
+            else "A number in the request is out of range (beyond a double).",
+            param=param,
+            code="number_out_of_range",
+        ) from None
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
