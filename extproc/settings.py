@@ -35,6 +35,9 @@ class Settings:
     bad_request: str = "reject"
     # Budget policy (YAML: workspaces, keys, limits). Empty: meter only, no identity required.
     policy: str = ""
+    # A second policy evaluated beside the real one and never enforced: its decision goes on
+    # each ledger record and span ("shadow"), so a change can be watched before it bites.
+    shadow_policy: str = ""
     # Price table path (TOML); empty means the table bundled with extproc.
     prices: str = ""
     # How many usage records the Redis ledger keeps (approximate trim).
@@ -59,6 +62,7 @@ _ENV = {
     "bad_request": "EXTPROC_BAD_REQUEST",
     "prices": "EXTPROC_PRICES",
     "policy": "EXTPROC_POLICY",
+    "shadow_policy": "EXTPROC_SHADOW_POLICY",
     "spool_dir": "EXTPROC_SPOOL_DIR",
     "workers": "EXTPROC_WORKERS",
     "hold_expiry_seconds": "EXTPROC_HOLD_EXPIRY_SECONDS",

@@ -97,6 +97,16 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         child.stop()
 
 
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on the module's bare Redis, emptied (data and scripts) before each test."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    client.script_flush()
+    yield client
+    client.close()
+
+
 class Hooks:
     """A real webhook receiver: records every JSON body POSTed to it."""
 

@@ -86,13 +86,6 @@ def write_ledger(url: str, records: list[UsageRecord], spool: Path) -> None:
     asyncio.run(run())
 
 
-@pytest.fixture
-def r(redis_url: str) -> redis.Redis:
-    client = redis.Redis.from_url(redis_url)
-    client.flushall()
-    return client
-
-
 # --- reading back, FOCUS --------------------------------------------------------------------
 
 

@@ -8,13 +8,12 @@ minute windows and period rollovers are driven exactly, without sleeping.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 from zoneinfo import ZoneInfo
 
-import pytest
 import redis
 
 from extproc.devstack.stack import Child, free_port, redis_child
@@ -32,10 +31,10 @@ from extproc.governance.policy import RateLimits, load_policy, parse_policy_text
 from extproc.metering.ledger import Ledger
 from extproc.metering.prices import PriceTable
 from extproc.metering.settlement import Charged, settlement_for
-from extproc.metering.usage import Usage
 from extproc.store.clients import AsyncClient, make_client
 from extproc.store.schema import ledger_key
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
+from extproc.wire.usage import Usage
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = load_policy(ROOT / "examples" / "policy.yaml")
@@ -204,24 +203,6 @@ def test_plan_takes_the_team_from_the_policy_over_the_key() -> None:
 
 def start_redis(port: int, directory: Path) -> Child:
     return redis_child(port, directory)
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    child = start_redis(port, tmp_path_factory.mktemp("redis"))
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        child.stop()
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    client.flushall()
-    yield client
-    client.close()
 
 
 class Books:

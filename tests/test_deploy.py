@@ -252,7 +252,7 @@ def test_every_object_lands_in_the_overlay_namespace(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_services_select_one_workload_and_target_declared_ports(overlay: str) -> None:
     r = render(overlay)
-    assert len(r.all("Service")) == 3
+    assert len(r.all("Service")) == 4
     for svc in r.all("Service"):
         for port in svc["spec"]["ports"]:
             service_backend(r, svc["metadata"]["name"], port["port"])
@@ -448,13 +448,13 @@ def test_network_policy_admits_clients_and_scrapes_but_not_ext_proc(overlay: str
     redis_policy = r.get("NetworkPolicy", "extproc-redis")
     (redis,) = r.selected(redis_policy["spec"]["podSelector"]["matchLabels"])
     assert redis["metadata"]["name"] == "extproc-redis"
-    (rule,) = redis_policy["spec"]["ingress"]
     admitted = [
         w["metadata"]["name"]
+        for rule in redis_policy["spec"]["ingress"]
         for peer in rule["from"]
         for w in r.selected(peer["podSelector"]["matchLabels"])
     ]
-    assert sorted(admitted) == ["extproc", "extproc-ledger-shipper"]
+    assert sorted(admitted) == ["extproc", "extproc-console", "extproc-ledger-shipper"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -480,6 +480,24 @@ def test_ledger_shipper_runs_once_with_a_volume_against_the_gateways_redis(
 
     args = build_parser().parse_args(argv[1:])
     assert args.func.__name__ == "cmd_ship" and args.dir == directory
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_console_has_a_service_of_its_own_and_tokens_from_a_secret(overlay: str) -> None:
+    r = render(overlay)
+    container, port = service_backend(r, "extproc-console", 10080)
+    assert container["name"] == "console"
+    assert "console" in container["command"] and str(port) in container["command"]
+    _, egress_port = service_backend(r, "extproc", 10000)
+    assert port != egress_port
+    env = env_of(container)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert env["EXTPROC_ADMIN_TOKENS_FILE"].startswith(mounts["admin-tokens"] + "/")
+    pod = r.get("Deployment", "extproc-console")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "admin-tokens"]
+    tokens = r.get("Secret", volume["secret"]["secretName"])
+    assert env["EXTPROC_ADMIN_TOKENS_FILE"].rsplit("/", 1)[1] in tokens["data"]
+    assert "EXTPROC_ADMIN_TOKENS" not in env  # never a literal in the manifest
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -630,12 +648,12 @@ def test_each_overlay_mounts_its_own_workspace_key(overlay: str, tmp_path: Path)
 
 
 def test_deployed_policy_is_the_example_policy() -> None:
-    example = yaml.safe_load((REPO / "examples" / "policy.yaml").read_text())
-    deployed = yaml.safe_load((DEPLOY / "base" / "policy.yaml").read_text())
-    # Only the alert webhook differs: the example's points at a local test receiver.
-    assert deployed.pop("alerts") == {"webhooks": []}
-    example.pop("alerts")
-    assert deployed == example, "deploy/base/policy.yaml is stale: copy examples/policy.yaml"
+    """One file, not a copy that drifts: examples/ links to what kustomize ships."""
+    example = REPO / "examples" / "policy.yaml"
+    assert example.is_symlink()
+    assert example.resolve() == (DEPLOY / "base" / "policy.yaml").resolve()
+    deployed = yaml.safe_load(example.read_text())
+    assert deployed["alerts"] == {"webhooks": []}  # no alert leaves the pod until set
 
 
 # ---------------------------------------------------------------------------------------------

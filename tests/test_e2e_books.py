@@ -23,8 +23,8 @@ import pytest
 
 from extproc.devstack.stack import Stack, temporary_stack
 from extproc.metering.prices import default_table
-from extproc.metering.usage import Usage
 from extproc.simulator.admin import simulated_ids
+from extproc.wire.usage import Usage
 from tests.conftest import Hooks, new_key, wait_record
 
 UPSTREAM_KEY = "sk-upstream-books-fin"

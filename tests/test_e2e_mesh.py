@@ -40,7 +40,7 @@ from extproc.devstack.stack import (
     temporary_stack,
 )
 from extproc.metering.prices import PriceTable
-from extproc.metering.usage import Usage
+from extproc.wire.usage import Usage
 from tests.conftest import all_records, new_key, wait_record
 from tests.test_mesh import envoyfilter_gateway
 

@@ -19,7 +19,7 @@ import zstandard
 
 from extproc.devstack.stack import Stack
 from extproc.metering.prices import PriceTable
-from extproc.metering.usage import Usage
+from extproc.wire.usage import Usage
 from tests.conftest import all_records, wait_record
 
 PRICES = PriceTable.load()

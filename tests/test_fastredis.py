@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +28,6 @@ from extproc.devstack.stack import Child, free_port, redis_child
 from extproc.governance.budget import Budgets, plan_request
 from extproc.governance.keys import Identity
 from extproc.governance.policy import parse_policy_text
-from extproc.governance.scripts import RESERVE, SETTLE, LuaScript
 from extproc.metering.ledger import Ledger
 from extproc.metering.prices import PriceTable
 from extproc.store.clients import UNAVAILABLE
@@ -40,6 +39,7 @@ from extproc.store.fastredis import (
     parse_url,
     supports_url,
 )
+from extproc.store.scripts import RESERVE, SETTLE, LuaScript
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 
 T = TypeVar("T")
@@ -47,24 +47,6 @@ T = TypeVar("T")
 
 def start_redis(port: int, directory: Path, *extra: str) -> Child:
     return redis_child(port, directory, *extra)
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    child = start_redis(port := free_port(), tmp_path_factory.mktemp("redis"))
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        child.stop()
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    client.flushall()
-    client.script_flush()
-    yield client
-    client.close()
 
 
 def run(url: str, body: Callable[[FastRedis], Awaitable[T]], **options: Any) -> T:

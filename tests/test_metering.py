@@ -10,9 +10,9 @@ import pytest
 from extproc.metering.decisions import Observed, prepare_request, settle
 from extproc.metering.prices import PriceTable
 from extproc.metering.tokens import count_text
-from extproc.metering.usage import Usage
 from extproc.wire.endpoints import ENDPOINTS, StreamOutcome
 from extproc.wire.errors import OpenAIError
+from extproc.wire.usage import Usage
 
 PRICES = PriceTable.load()
 CHAT = ENDPOINTS["/v1/chat/completions"]

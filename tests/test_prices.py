@@ -15,7 +15,7 @@ from extproc.metering.prices import (
     PriceTableError,
     default_table,
 )
-from extproc.metering.usage import Usage
+from extproc.wire.usage import Usage
 
 REQUIRED_FAMILIES = (
     "gpt-5",

@@ -14,10 +14,10 @@ import pytest
 
 from extproc.books.reconcile import AdminClient, ProviderDay, Tokens, line_item_model, reconcile
 from extproc.metering.prices import default_table
-from extproc.metering.usage import Usage
 from extproc.simulator import Simulator
 from extproc.simulator.admin import simulated_ids
 from extproc.v1.ledger_pb2 import UsageRecord
+from extproc.wire.usage import Usage
 
 DAY = date(2026, 11, 30)
 

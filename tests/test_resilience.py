@@ -16,10 +16,10 @@ from extproc.governance.keys import Identity
 from extproc.governance.policy import parse_policy_text
 from extproc.metering.decisions import Observed, settle, utf8_text
 from extproc.metering.prices import PriceTable
-from extproc.metering.usage import Usage
 from extproc.v1.ledger_pb2 import UsageRecord
 from extproc.wire.endpoints import ENDPOINTS, INT32_MAX, RequestFacts
 from extproc.wire.errors import OpenAIError
+from extproc.wire.usage import Usage
 
 CHAT = ENDPOINTS["/v1/chat/completions"]
 COMPLETIONS = ENDPOINTS["/v1/completions"]

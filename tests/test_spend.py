@@ -40,6 +40,7 @@ from extproc.insight.spend import (
 from extproc.insight.spend.html import axis_usd, chart_svg, chart_top, nice_step, render_html
 from extproc.metering.ledger import Ledger
 from extproc.metering.prices import PriceTable
+from extproc.metering.settlement import Charged, settlement_for
 from extproc.store.clients import make_client
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 
@@ -279,18 +280,16 @@ def test_table_shows_money_to_the_cent_and_the_outlook() -> None:
 
 
 def settled(p: Plan, cost: int, request_id: str, now_ms: int) -> Settlement:
-    local = datetime.fromtimestamp(now_ms / 1000, BERLIN)
-    scopes = [
-        ScopeCharge(scope=s.scope, soft_nanos=-1 if s.soft_nanos is None else s.soft_nanos)
-        for s in p.scopes
-    ]
-    return Settlement(
-        prefix=p.prefix,
-        period=p.period.id,
-        day=local.strftime("%Y-%m-%d"),
-        hour=local.strftime("%Y-%m-%dT%H"),
-        scopes=[*scopes, ScopeCharge(scope="model:gpt-4o-mini", soft_nanos=-1)],
-        record=UsageRecord(request_id=request_id, cost_nanos=cost, workspace=p.workspace),
+    """What the exchange hands the ledger for a request settled under plan `p`."""
+    record = UsageRecord(
+        request_id=request_id, cost_nanos=cost, workspace=p.workspace, model_served="gpt-4o-mini"
+    )
+    return settlement_for(
+        record,
+        [Charged(s.scope, s.soft_nanos) for s in p.scopes],
+        period_id=p.period.id,
+        local_time=datetime.fromtimestamp(now_ms / 1000, BERLIN),
+        prices=PriceTable.load(),
     )
 
 
@@ -431,7 +430,7 @@ def test_prompt_cache_section_per_service() -> None:
     assert render_text(report).endswith(text)
     cache_line = next(line.split() for line in text.splitlines() if line.startswith("dev  "))
     assert cache_line[:3] == ["dev", "cli", "2026-11"]
-    assert cache_line[3:] == ["10,000", "2,500", "25.0%", "6,000", "3,500", "$0.00"]
+    assert cache_line[3:] == ["10,000", "2,500", "25.0%", "6,000", "3,500", "$0.0002625"]
     # `today` still reports the period's counters, read field by field.
     reads = report_reads(POLICY, NOW, "today")
     assert "cachemiss_nanos:svc:cli" in reads["{ws:dev}:spent:2026-11"]
@@ -652,3 +651,15 @@ def test_every_selection_renders_as_text_json_and_html(selection: str, by: str |
     if by == "session" and selection == "today":
         # Ranked by what each session spent today, read from today's day hash.
         assert [r.name for r in report.rows if r.kind == "session"] == ["s11"]
+
+
+def test_people_see_cents_but_never_zero_for_a_non_zero_amount() -> None:
+    from extproc.insight.spend.text import dollars
+
+    assert dollars(None) == "-"
+    assert dollars(0) == "$0.00"
+    assert dollars(1_834_125) == "$0.001834125"  # a short demo: not "$0.00"
+    assert dollars(-262_500) == "$-0.0002625"
+    assert dollars(10_000_000) == "$0.01"
+    assert dollars(194_999_999) == "$0.19"
+    assert dollars(1_234_567_890_000) == "$1,234.57"

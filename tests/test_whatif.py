@@ -13,8 +13,8 @@ from pathlib import Path
 from extproc.governance.policy import Policy, load_policy
 from extproc.insight.whatif import render_text, replay
 from extproc.metering.prices import NANOS_PER_DOLLAR, PriceTable
-from extproc.metering.usage import Usage
 from extproc.v1.ledger_pb2 import UsageRecord
+from extproc.wire.usage import Usage
 
 BASE = """
 version: 1

@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 
 from extproc.metering.tokens import count_text
-from extproc.metering.usage import Usage
 from extproc.wire.endpoints import (
     ENDPOINTS,
     Endpoint,
@@ -17,6 +16,7 @@ from extproc.wire.endpoints import (
     endpoint_for,
 )
 from extproc.wire.errors import OpenAIError
+from extproc.wire.usage import Usage
 
 RESPONSES = ENDPOINTS["/v1/responses"]
 CHAT = ENDPOINTS["/v1/chat/completions"]

@@ -15,14 +15,9 @@ import sys
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from extproc.cli.admin import policy_path, redacted, redis_url
+from extproc.cli.admin import add_stack_options, fail, load_policy_arg, redacted, redis_url
 
 DRIFT_EXIT = 3
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"extproc: {message}", file=sys.stderr)
-    return code
 
 
 def render_text(rec: Any) -> str:
@@ -105,20 +100,15 @@ def _metric(rec: Any) -> None:
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from extproc.books.reconcile import DEFAULT_BASE_URL, AdminClient, ProviderError, reconcile
     from extproc.books.records import records_between
-    from extproc.governance.policy import PolicyError, load_policy
     from extproc.settings import ConfigError
     from extproc.store.clients import UNAVAILABLE, make_sync_client
 
-    path = policy_path(args.policy)
-    if path is None:
-        return _fail("no policy file: pass --policy or set EXTPROC_POLICY", 2)
-    try:
-        policy = load_policy(path)
-    except PolicyError as exc:
-        return _fail(f"the policy is invalid:\n{exc}", 2)
+    policy = load_policy_arg(args.policy, args.stack)
+    if isinstance(policy, str):
+        return fail(policy, 2)
     admin_key = os.environ.get("OPENAI_ADMIN_KEY", "").strip()
     if not admin_key:
-        return _fail("OPENAI_ADMIN_KEY is not set (an organization admin key, sk-admin-...)", 2)
+        return fail("OPENAI_ADMIN_KEY is not set (an organization admin key, sk-admin-...)", 2)
     try:
         day = (
             date.fromisoformat(args.date)
@@ -126,14 +116,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             else (datetime.now(UTC) - timedelta(days=1)).date()
         )
     except ValueError:
-        return _fail(f"--date: not a YYYY-MM-DD date: {args.date!r}", 2)
+        return fail(f"--date: not a YYYY-MM-DD date: {args.date!r}", 2)
     projects = {name: ws.upstream.project_id for name, ws in policy.workspaces.items()}
     base_url = args.base_url or os.environ.get("OPENAI_ADMIN_BASE_URL") or DEFAULT_BASE_URL
     try:
         provider = AdminClient(admin_key, base_url).day(day)
     except ProviderError as exc:
-        return _fail(f"the provider's admin API: {exc}", 1)
-    url = redis_url(args.redis_url)
+        return fail(f"the provider's admin API: {exc}", 1)
+    url = redis_url(args.redis_url, args.stack)
     start = datetime(day.year, day.month, day.day, tzinfo=UTC)
     try:
         client = make_sync_client(url, socket_connect_timeout=3, socket_timeout=30)
@@ -142,7 +132,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         finally:
             client.close()
     except UNAVAILABLE as exc:
-        return _fail(f"Redis at {redacted(url)}: {exc}", 1)
+        return fail(f"Redis at {redacted(url)}: {exc}", 1)
     rec = reconcile(day, projects, provider, records)
     print(json.dumps(rec.to_dict(), indent=2) if args.json else render_text(rec))
     undelivered = _alert(policy, rec)
@@ -163,7 +153,9 @@ def register_reconcile(sub: argparse._SubParsersAction) -> None:  # type: ignore
     )
     p.add_argument("--date", help="UTC day, YYYY-MM-DD (default: yesterday)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--policy", help="else EXTPROC_POLICY, else examples/policy.yaml")
+    p.add_argument(
+        "--policy", help="else EXTPROC_POLICY, else the stack's, else examples/policy.yaml"
+    )
     p.add_argument("--base-url", help="else OPENAI_ADMIN_BASE_URL, else https://api.openai.com/v1")
-    p.add_argument("--redis-url", help="else EXTPROC_REDIS_URL, else .data/stack.json, else local")
+    add_stack_options(p)
     p.set_defaults(func=cmd_reconcile)

@@ -12,7 +12,7 @@ import json
 import sys
 from decimal import Decimal, InvalidOperation
 
-from extproc.cli.admin import policy_path
+from extproc.cli.admin import fail, load_policy_arg
 from extproc.governance.policy import EFFORTS, ENDPOINT_NAMES
 
 _BUDGETS = ("ok", "soft", "hard")
@@ -39,19 +39,12 @@ def _usd(text: str) -> Decimal:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from extproc.governance.policy import PolicyError, load_policy
     from extproc.routing.decide import decide_route
     from extproc.routing.explain import explain, sample_request
 
-    path = policy_path(args.policy)
-    if path is None:
-        print("extproc: no policy file (use --policy or EXTPROC_POLICY)", file=sys.stderr)
-        return 2
-    try:
-        policy = load_policy(path)
-    except PolicyError as exc:
-        print(f"extproc: the policy is invalid:\n{exc}", file=sys.stderr)
-        return 2
+    policy = load_policy_arg(args.policy)
+    if isinstance(policy, str):
+        return fail(policy, 2)
     sample = {
         "workspace": args.workspace,
         "service": args.service,
@@ -90,24 +83,30 @@ def register_route(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p = sub.add_parser("route", help="show which model and limits the routing rules give a request")
     p.add_argument("--explain", action="store_true", help="every rule and step with its reason")
     p.add_argument("--json", action="store_true", help="the decision as JSON")
-    p.add_argument("--workspace", required=True)
-    p.add_argument("--service", required=True)
+    p.add_argument("--workspace", required=True, help="the caller's workspace")
+    p.add_argument("--service", required=True, help="the caller's service")
     p.add_argument("--model", required=True, help="as the client sends it (aliases resolve)")
-    p.add_argument("--endpoint", default="responses", choices=ENDPOINT_NAMES)
+    p.add_argument(
+        "--endpoint", default="responses", choices=ENDPOINT_NAMES, help="default: %(default)s"
+    )
     p.add_argument("--task", help="the x-task header")
-    p.add_argument("--input-tokens", type=_tokens, default=0, metavar="N")
+    p.add_argument(
+        "--input-tokens", type=_tokens, default=0, metavar="N", help="the request's input size"
+    )
     p.add_argument(
         "--session-tokens", type=_tokens, default=0, metavar="N",
         help="input tokens already sent in this session",
     )  # fmt: skip
     p.add_argument("--max-output-tokens", type=_tokens, metavar="N", help="the request's cap")
     p.add_argument("--tools", action="store_true", help="the request declares tools")
-    p.add_argument("--stream", action="store_true")
+    p.add_argument("--stream", action="store_true", help="the request streams")
     p.add_argument("--effort", choices=EFFORTS, help="the request's reasoning effort")
     p.add_argument("--budget", choices=_BUDGETS, default="ok", help="budget standing")
     p.add_argument(
         "--overdraft-left", type=_usd, metavar="USD",
         help="overdraft money left at --budget hard (default: all of it)",
     )  # fmt: skip
-    p.add_argument("--policy", help="else EXTPROC_POLICY, else examples/policy.yaml")
+    p.add_argument(
+        "--policy", help="else EXTPROC_POLICY, else the stack's, else examples/policy.yaml"
+    )
     p.set_defaults(func=cmd_route)

@@ -3,4 +3,7 @@
 `extproc console` serves it (uvicorn, a port apart from Envoy's egress port). The JSON API
 lives under `/admin/v1` with its OpenAPI document at `/admin/v1/openapi.json`; the pages
 are server-rendered HTML with inline SVG charts and no JavaScript build chain.
+
+May import `wire`, `store`, `metering`, `governance`, `routing`, `books` and `insight`;
+never `dataplane`.
 """

@@ -191,6 +191,14 @@ async def what_if(who: Admin, st: State, body: WhatIfRequest) -> dict[str, Any]:
     return result
 
 
+@router.get("/shadow", summary="The shadow policy's decisions compared with the real ones")
+async def shadow(
+    who: Admin, st: State, since_days: Annotated[int, Query(ge=1, le=400)] = 1
+) -> dict[str, Any]:
+    await audit(st.redis, who, "shadow.read", "", since_days=since_days)
+    return await service.shadow_summary(st.redis, since_days)
+
+
 @router.get("/alerts", summary="Recent alerts (soft limits, burn rate), newest first")
 async def alerts(
     who: Admin, st: State, limit: Annotated[int, Query(ge=1, le=1000)] = 100

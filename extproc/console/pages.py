@@ -57,8 +57,7 @@ def _check_csrf(who: Session, token: str) -> None:
 
 
 def render(request: Request, name: str, who: Session | None, **context: Any) -> HTMLResponse:
-    st = state_of(request)
-    context.update(request=request, who=who, shadow=st.shadow_policy_path is not None)
+    context.update(request=request, who=who)
     return templates.TemplateResponse(request, name, context)
 
 
@@ -277,3 +276,10 @@ async def what_if(
     result = await service.what_if(st.redis, text, since)
     await audit(st.redis, who.who, "policy.what-if", "", since_days=since, via="console")
     return render(request, "whatif.html", who, text=text, since=since, result=result)
+
+
+@router.get("/shadow", response_class=HTMLResponse)
+async def shadow(request: Request, who: Who, since_days: int = 1) -> HTMLResponse:
+    st = state_of(request)
+    summary = await service.shadow_summary(st.redis, max(1, min(since_days, 400)))
+    return render(request, "shadow.html", who, s=summary)

@@ -264,3 +264,35 @@ async def what_if(client: Any, text: str, since_days: int) -> dict[str, Any]:
     records = await ledger_since(client, since_ms)
     result = await asyncio.to_thread(replay, candidate, records, PriceTable.load())
     return {"valid": True, "since_days": since_days, **result.to_dict()}
+
+
+# --- shadow policy -------------------------------------------------------------------------
+
+
+async def shadow_summary(client: Any, since_days: int = 1, recent: int = 50) -> dict[str, Any]:
+    """The shadow policy's verdicts against the real ones, over the recent ledger."""
+    import time
+    from collections import Counter
+
+    from extproc.insight.whatif import ledger_since
+    from extproc.routing.shadow import actual
+
+    since_ms = int(time.time() * 1000) - since_days * 86_400_000
+    records = [r for r in await ledger_since(client, since_ms) if r.shadow]
+    pairs: Counter[tuple[str, str]] = Counter()
+    differ = []
+    for r in records:
+        real = actual(r)
+        pairs[(real, r.shadow)] += 1
+        if real != r.shadow:
+            differ.append((r, real))
+    differ.sort(key=lambda item: item[0].time_ms, reverse=True)
+    return {
+        "since_days": since_days,
+        "compared_requests": len(records),
+        "agreeing_requests": sum(n for (a, b), n in pairs.items() if a == b),
+        "pairs": [{"actual": a, "shadow": b, "requests": n} for (a, b), n in pairs.most_common()],
+        "recent_differences": [
+            {**record_to_dict(r), "actual": real} for r, real in differ[:recent]
+        ],
+    }

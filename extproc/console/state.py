@@ -19,13 +19,10 @@ class ConsoleState:
     redis_url: str
     policy_path: Path | None
     auth: Auth
-    shadow_policy_path: Path | None = None
     redis: Any = None
     _policy: Policy | None = None
     _policy_mtime: float = -1.0
     _policy_error: str = ""
-    _shadow: Policy | None = None
-    _shadow_mtime: float = -1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def connect(self) -> None:
@@ -61,19 +58,6 @@ class ConsoleState:
 
     def policy_text(self) -> str:
         return self.policy_path.read_text("utf-8") if self.policy_path else ""
-
-    def shadow_policy(self) -> Policy | None:
-        path = self.shadow_policy_path
-        if path is None or not path.exists():
-            return None
-        mtime = path.stat().st_mtime
-        if mtime != self._shadow_mtime:
-            self._shadow_mtime = mtime
-            try:
-                self._shadow = load_policy(path)
-            except PolicyError:
-                self._shadow = None
-        return self._shadow
 
 
 def state_of(request: Request) -> ConsoleState:

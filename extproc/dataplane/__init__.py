@@ -2,5 +2,6 @@
 replies it sends Envoy, and the HTTP/2 gRPC transport underneath.
 
 Owns the order of phases, nothing else: every decision it applies is made by `metering`,
-`governance` or `routing`. May import every other package except `cli`, `devstack` and `simulator`.
+`governance` or `routing`. May import `wire`, `store`, `metering`, `governance`,
+`routing`, `insight` and `settings`; never `cli`, `console`, `devstack` or `simulator`.
 """

@@ -21,6 +21,7 @@ from extproc.insight.telemetry import verdict as request_verdict
 from extproc.metering.decisions import Observed, PreparedRequest, bare_record, orphaned, settle
 from extproc.metering.passthrough import settle_passthrough
 from extproc.metering.settlement import CachePrefix, settlement_for
+from extproc.routing import shadow
 from extproc.routing.decide import RouteDecision
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 from extproc.wire.endpoints import StreamMeter
@@ -44,10 +45,39 @@ class Settling:
     _record: UsageRecord | None
     _route_decision: RouteDecision | None
     _start_ns: int
+    _end_ns: int
     _started: float
     _trace: tuple[str | None, str | None]
+    _task: str | None
     busy_ns: int
     seen: Observed
+
+    def _shadow_verdict(self) -> str:
+        """The shadow policy's decision on this request (see routing.shadow), computed
+        with the spend the real reservation read; never enforced."""
+        identity, facts, deps = self._identity, self.seen.facts, self._deps
+        if identity is None or facts is None or deps.shadow is None:
+            return ""
+        decision = self._decision
+        used = {
+            st.scope.scope: st.spent_nanos + st.held_nanos
+            for st in (decision.standings if decision else ())
+        }
+        try:
+            return shadow.verdict(
+                deps.shadow,
+                identity,
+                self.seen.endpoint,
+                facts,
+                self.seen.counted_input_tokens,
+                used,
+                deps.prices,
+                deps.now_ms(),
+                task=self._task,
+            )
+        except Exception:  # a shadow must never cost the real request anything
+            log.exception("shadow policy evaluation failed")
+            return "error"
 
     def _orphan(self, prepared: PreparedRequest, route: RouteDecision, plan: Plan) -> bytes:
         """The settlement to write if this request's hold expires unsettled (sidecar died).
@@ -67,6 +97,9 @@ class Settling:
         if self._closed:
             return None
         self._closed = True
+        # The span ends here, before the reply that releases the response to the client is
+        # sent; the ext_proc stream itself closes later, after the client may have its answer.
+        self._end_ns = time.time_ns()
         try:
             return self._settle()
         except Exception:
@@ -91,6 +124,8 @@ class Settling:
             record = settle_passthrough(self._pass.seen, deps.prices)
         else:
             record = settle(seen, deps.prices, deps.count)
+            if deps.shadow is not None:
+                record.shadow = self._shadow_verdict()
         route = self._route_decision
         if route is not None and route.steps:
             record.routing = route.header_value()
@@ -156,7 +191,7 @@ class Settling:
             RequestTelemetry(
                 record=record,
                 start_ns=self._start_ns,
-                end_ns=time.time_ns(),
+                end_ns=self._end_ns,
                 traceparent=self._trace[0],
                 tracestate=self._trace[1],
                 decision=verdict,

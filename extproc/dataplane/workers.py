@@ -55,7 +55,10 @@ def available_cpus() -> int:
 
 
 def worker_count(settings: Settings) -> int:
-    return settings.workers or available_cpus()
+    """`workers`, or one per usable CPU; a unix socket cannot be shared, so 1 there."""
+    if settings.workers:
+        return settings.workers
+    return 1 if settings.listen.startswith("unix:") else available_cpus()
 
 
 def reserve_port(listen: str) -> tuple[str, socket.socket]:
@@ -155,6 +158,8 @@ class Supervisor:
         )
         for task in (all_ready, *exits):
             task.cancel()
+        # Collect what was cancelled, or asyncio logs "exception was never retrieved".
+        await asyncio.gather(all_ready, *exits, return_exceptions=True)
         if not all(w.ready.is_set() for w in self.workers):
             exited = any(w.proc and w.proc.returncode is not None for w in self.workers)
             await self.stop(grace=5.0)

@@ -26,10 +26,8 @@ from zoneinfo import ZoneInfo
 from extproc.governance.keys import Identity
 from extproc.governance.periods import Period, period_at
 from extproc.governance.policy import Policy, RateLimits, Service, Team, Workspace
-from extproc.governance.scripts import REAP, RESERVE
 from extproc.metering.prices import PriceTable
 from extproc.metering.settlement import UNGOVERNED, Charged
-from extproc.metering.usage import Usage
 from extproc.store.clients import UNAVAILABLE, ScriptClient
 from extproc.store.schema import (
     WORKSPACE_SCOPE,
@@ -39,6 +37,8 @@ from extproc.store.schema import (
     team_scope,
     workspace_prefix,
 )
+from extproc.store.scripts import REAP, RESERVE
+from extproc.wire.usage import Usage
 
 log = logging.getLogger("extproc.governance.budget")
 

@@ -39,7 +39,26 @@ def _local(naive: datetime, tz: ZoneInfo) -> datetime:
     return naive.replace(tzinfo=tz)
 
 
+_recent: dict[tuple[str, ZoneInfo], tuple[int, int, Period]] = {}
+"""The last period computed per (kind, zone) with its bounds in ms: every request asks."""
+
+
 def period_at(kind: str, now_ms: int, tz: ZoneInfo) -> Period:
+    """The period of `kind` that `now_ms` falls in, in zone `tz`.
+
+    Every request asks (its plan, its settlement), nearly always for the same period as
+    the request before: the last answer is reused while `now_ms` lies within its bounds,
+    so the datetime arithmetic runs about once a period instead of twice a request.
+    """
+    recent = _recent.get((kind, tz))
+    if recent is not None and recent[0] <= now_ms < recent[1]:
+        return recent[2]
+    period = _period_at(kind, now_ms, tz)
+    _recent[(kind, tz)] = (int(period.start.timestamp() * 1000), period.end_ms, period)
+    return period
+
+
+def _period_at(kind: str, now_ms: int, tz: ZoneInfo) -> Period:
     now = datetime.fromtimestamp(now_ms / 1000, tz)
     day = _midnight(now).replace(tzinfo=None)
     if kind == "day":

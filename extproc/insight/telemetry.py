@@ -176,6 +176,7 @@ def span_attributes(t: RequestTelemetry) -> dict[str, AttributeValue]:
         ("extproc.envoy_request_id", r.envoy_request_id),
         ("extproc.price_family", r.price_family),
         ("extproc.rule", t.rule),
+        ("extproc.shadow.decision", r.shadow),
         ("extproc.denial_reason", t.denial_reason),
         ("extproc.denial_scope", t.denial_scope),
     )

@@ -28,10 +28,10 @@ from extproc.governance.keys import Identity
 from extproc.governance.periods import period_at
 from extproc.governance.policy import Policy
 from extproc.metering.prices import PriceTable
-from extproc.metering.usage import Usage
 from extproc.routing.decide import BudgetState, Traits, decide_route
 from extproc.store.schema import UNATTRIBUTED, team_of
 from extproc.v1.ledger_pb2 import UsageRecord
+from extproc.wire.usage import Usage
 
 DOWNGRADES = frozenset({"degrade", "overdraft", "context", "rule", "ceiling", "alias"})
 

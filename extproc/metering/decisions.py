@@ -13,11 +13,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from extproc.metering.prices import PriceTable
-from extproc.metering.usage import Usage
 from extproc.v1.ledger_pb2 import UsageRecord
 from extproc.wire.bodies import decode_body, encode_json, parse_json_object
 from extproc.wire.endpoints import Endpoint, RequestFacts, StreamOutcome, count_input_tokens
 from extproc.wire.errors import OpenAIError
+from extproc.wire.usage import Usage
 
 IDENTITY = ("", "identity")
 

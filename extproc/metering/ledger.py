@@ -22,10 +22,10 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from extproc.governance.scripts import SETTLE
 from extproc.metering.prices import usd
 from extproc.store.clients import UNAVAILABLE, AsyncClient, ScriptClient
 from extproc.store.schema import LEDGERS, REFUSED, UNATTRIBUTED, UNMETERED, ledger_key
+from extproc.store.scripts import SETTLE
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 
 log = logging.getLogger("extproc.metering.ledger")

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc.metering.prices import PriceTable
-from extproc.metering.usage import Usage
 from extproc.v1.ledger_pb2 import UsageRecord
 from extproc.wire.endpoints import load_json, model_of, read_usage
 from extproc.wire.paths import Pricing, Target
+from extproc.wire.usage import Usage
 
 FREE_FAMILY = "free"
 UNPRICED_FAMILY = "unpriced"

@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from extproc.metering.usage import Usage
+from extproc.wire.usage import Usage
 
 NANOS_PER_DOLLAR = 1_000_000_000
 NANOS_PER_TOKEN_PER_USD_PER_MILLION = NANOS_PER_DOLLAR // 1_000_000

@@ -47,6 +47,21 @@ class CachePrefix:
     tokens: int
 
 
+_buckets: dict[tuple[int, int, int, int], tuple[str, str]] = {}
+
+
+def _day_and_hour(local_time: datetime) -> tuple[str, str]:
+    """The day and hour bucket names: formatted once per hour, not twice per settlement."""
+    at = (local_time.year, local_time.month, local_time.day, local_time.hour)
+    names = _buckets.get(at)
+    if names is None:
+        if len(_buckets) > 64:
+            _buckets.clear()
+        names = (local_time.strftime("%Y-%m-%d"), local_time.strftime("%Y-%m-%dT%H"))
+        _buckets[at] = names
+    return names
+
+
 def settlement_for(
     record: UsageRecord,
     charged: Sequence[Charged],
@@ -74,12 +89,13 @@ def settlement_for(
         scopes.append(ScopeCharge(scope=model_scope(model), soft_nanos=NO_SOFT_LIMIT))
     if record.session_id and attributed:
         scopes.append(ScopeCharge(scope=session_scope(record.session_id), soft_nanos=NO_SOFT_LIMIT))
+    day, hour = _day_and_hour(local_time)
     settlement = Settlement(
         prefix=workspace_prefix(record.workspace),
         reservation_id=reservation_id,
         period=period_id,
-        day=local_time.strftime("%Y-%m-%d"),
-        hour=local_time.strftime("%Y-%m-%dT%H"),
+        day=day,
+        hour=hour,
         scopes=scopes,
         record=record,
     )

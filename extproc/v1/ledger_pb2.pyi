@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class UsageRecord(_message.Message):
-    __slots__ = ("request_id", "time_ms", "endpoint", "model_requested", "model_served", "stream", "status", "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "counted_input_tokens", "cost_nanos", "price_family", "price_fallback", "price_version", "estimated", "outcome", "error_code", "workspace", "team", "service", "key_id", "session_id", "envoy_request_id", "duration_ms", "output_cap", "routing", "rule")
+    __slots__ = ("request_id", "time_ms", "endpoint", "model_requested", "model_served", "stream", "status", "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "counted_input_tokens", "cost_nanos", "price_family", "price_fallback", "price_version", "estimated", "outcome", "error_code", "workspace", "team", "service", "key_id", "session_id", "envoy_request_id", "duration_ms", "output_cap", "routing", "rule", "shadow")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class UsageRecord(_message.Message):
     OUTPUT_CAP_FIELD_NUMBER: _ClassVar[int]
     ROUTING_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     time_ms: int
     endpoint: str
@@ -66,7 +67,8 @@ class UsageRecord(_message.Message):
     output_cap: int
     routing: str
     rule: str
-    def __init__(self, request_id: _Optional[str] = ..., time_ms: _Optional[int] = ..., endpoint: _Optional[str] = ..., model_requested: _Optional[str] = ..., model_served: _Optional[str] = ..., stream: _Optional[bool] = ..., status: _Optional[int] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., counted_input_tokens: _Optional[int] = ..., cost_nanos: _Optional[int] = ..., price_family: _Optional[str] = ..., price_fallback: _Optional[bool] = ..., price_version: _Optional[str] = ..., estimated: _Optional[bool] = ..., outcome: _Optional[str] = ..., error_code: _Optional[str] = ..., workspace: _Optional[str] = ..., team: _Optional[str] = ..., service: _Optional[str] = ..., key_id: _Optional[str] = ..., session_id: _Optional[str] = ..., envoy_request_id: _Optional[str] = ..., duration_ms: _Optional[int] = ..., output_cap: _Optional[int] = ..., routing: _Optional[str] = ..., rule: _Optional[str] = ...) -> None: ...
+    shadow: str
+    def __init__(self, request_id: _Optional[str] = ..., time_ms: _Optional[int] = ..., endpoint: _Optional[str] = ..., model_requested: _Optional[str] = ..., model_served: _Optional[str] = ..., stream: _Optional[bool] = ..., status: _Optional[int] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., counted_input_tokens: _Optional[int] = ..., cost_nanos: _Optional[int] = ..., price_family: _Optional[str] = ..., price_fallback: _Optional[bool] = ..., price_version: _Optional[str] = ..., estimated: _Optional[bool] = ..., outcome: _Optional[str] = ..., error_code: _Optional[str] = ..., workspace: _Optional[str] = ..., team: _Optional[str] = ..., service: _Optional[str] = ..., key_id: _Optional[str] = ..., session_id: _Optional[str] = ..., envoy_request_id: _Optional[str] = ..., duration_ms: _Optional[int] = ..., output_cap: _Optional[int] = ..., routing: _Optional[str] = ..., rule: _Optional[str] = ..., shadow: _Optional[str] = ...) -> None: ...
 
 class ScopeCharge(_message.Message):
     __slots__ = ("scope", "soft_nanos")

@@ -4,7 +4,7 @@ Pure functions and small stateful parsers, no I/O: the ext_proc stream handler c
 them for each phase of a request. `common` is what every endpoint shares, one module
 per endpoint builds on it, and `endpoints` is the table of them.
 
-May import: `extproc.metering.usage` (the usage record) and the standard library.
+Imports nothing else of extproc: every other package builds on it.
 """
 
 from __future__ import annotations

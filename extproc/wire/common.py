@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from extproc.metering.usage import Usage
 from extproc.wire.bodies import json_kind
 from extproc.wire.errors import OpenAIError, invalid_request
 from extproc.wire.sse import SSEEvent, SSEParser
+from extproc.wire.usage import Usage
 
 
 @dataclass(frozen=True, slots=True)

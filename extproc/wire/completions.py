@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from extproc.metering.usage import Usage
 from extproc.wire.chat import ChoicesMeter, request_stream_usage, usage_and_model
 from extproc.wire.common import (
     RequestFacts,
@@ -23,6 +22,7 @@ from extproc.wire.common import (
     require_model,
     token_array_length,
 )
+from extproc.wire.usage import Usage
 
 
 def _text_delta(choice: dict[str, Any], out: list[str]) -> None:

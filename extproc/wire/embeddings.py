@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from extproc.metering.usage import Usage
 from extproc.wire.common import (
     NoStream,
     RequestFacts,
@@ -16,6 +15,7 @@ from extproc.wire.common import (
     require_model,
     token_array_length,
 )
+from extproc.wire.usage import Usage
 
 
 class Embeddings:

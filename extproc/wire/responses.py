@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from extproc.metering.usage import Usage
 from extproc.wire.common import (
     RequestFacts,
     SSEMeter,
@@ -30,6 +29,7 @@ from extproc.wire.common import (
 )
 from extproc.wire.errors import OpenAIError, error_from_payload
 from extproc.wire.sse import SSEEvent
+from extproc.wire.usage import Usage
 
 # Deltas of everything the model writes that a client can see.
 _DELTAS = frozenset(

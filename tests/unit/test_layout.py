@@ -149,3 +149,35 @@ def test_the_import_reader_sees_module_level_imports_only(tmp_path: Path) -> Non
         "extproc.store.schema",
         "extproc.metering.prices",
     }
+
+
+# Which packages each package may import at module level: the data path's layers, bottom
+# up. The same rules are stated in each package's `__init__` docstring.
+ALLOWED = {
+    "wire": set(),
+    "store": set(),
+    "metering": {"wire", "store"},
+    "governance": {"metering", "store", "wire"},
+    "routing": {"governance", "metering", "wire"},
+    "books": {"metering", "store", "wire"},
+    "insight": {"books", "governance", "metering", "routing", "settings", "store", "wire"},
+    "dataplane": {"governance", "insight", "metering", "routing", "settings", "store", "wire"},
+    "console": {"books", "governance", "insight", "metering", "routing", "store", "wire"},
+    "simulator": {"metering", "wire"},
+    "devstack": {"governance", "metering", "settings", "simulator", "store", "wire"},
+}
+
+
+def package_of(module: str) -> str:
+    return module.split(".")[1] if module.count(".") >= 1 else ""
+
+
+def test_packages_import_only_the_layers_below_them() -> None:
+    found: dict[str, set[str]] = {}
+    for module, targets in import_graph().items():
+        for target in targets:
+            a, b = package_of(module), package_of(target)
+            if a != b and b not in {"v1", ""}:
+                found.setdefault(a, set()).add(b)
+    breaches = {pkg: sorted(uses - ALLOWED[pkg]) for pkg, uses in found.items() if pkg in ALLOWED}
+    assert {pkg: uses for pkg, uses in breaches.items() if uses} == {}

@@ -4,7 +4,7 @@ This layer knows frames, settings, stream states and flow control; it knows noth
 about gRPC. The layer above (`rpc.GrpcConnection`) subclasses it and fills in four
 hooks: a request's headers arrived (`_open_stream`), payload bytes arrived
 (`_stream_data`), the peer half-closed (`_stream_remote_end`), a stream ended
-(`_stream_closed`). Everything written while handling one read goes out in one write.
+(`_stream_closed`). What is written in one read or loop iteration goes out in one write.
 
 Receive flow control is real: each stream gets `STREAM_WINDOW` bytes and the
 connection `CONN_WINDOW`; credit goes back to the peer as bytes are consumed. The layer
@@ -233,7 +233,8 @@ class H2Connection(asyncio.Protocol):
                 return
             data = bytes(buf)
             buf.clear()
-        self._batch = []
+        if self._batch is None:
+            self._batch = []
         try:
             if self._handshake != 2:
                 data = self._read_preface(data)
@@ -248,10 +249,14 @@ class H2Connection(asyncio.Protocol):
     # -- output -------------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
-        if self._batch is not None:
-            self._batch.append(data)
+        """One send() per loop iteration: replies of tasks run back to back (after Redis
+        answered, say) share it. Flushed as `data_received` returns, else next iteration."""
+        batch = self._batch
+        if batch is not None:
+            batch.append(data)
         elif not self._closed:
-            self._transport.write(data)
+            self._batch = [data]
+            asyncio.get_running_loop().call_soon(self._flush_batch)
 
     def _flush_batch(self) -> None:
         batch = self._batch

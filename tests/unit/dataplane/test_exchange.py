@@ -25,10 +25,10 @@ from extproc.governance.keys import Identity, Lookup
 from extproc.governance.policy import load_policy
 from extproc.metering.prices import PriceTable
 from extproc.metering.tokens import count_text
-from extproc.metering.usage import Usage
 from extproc.settings import Settings
 from extproc.store.schema import key_scope, service_scope, team_scope
 from extproc.v1.ledger_pb2 import Settlement
+from extproc.wire.usage import Usage
 
 ROOT = Path(__file__).resolve().parents[3]
 POLICY = load_policy(ROOT / "examples" / "policy.yaml")

@@ -69,7 +69,7 @@ def test_the_check_finds_a_key_literal(tmp_path: Path) -> None:
 
 def test_lua_scripts_use_only_the_schema_suffixes() -> None:
     """The scripts get the workspace prefix and append suffixes: each must be the schema's."""
-    lua = resources.files("extproc.governance.lua")
+    lua = resources.files("extproc.store.lua")
     used: set[str] = set()
     for script in lua.iterdir():
         if not script.name.endswith(".lua"):

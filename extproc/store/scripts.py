@@ -20,7 +20,7 @@ from extproc.store.clients import Pipeline, ScriptClient
 class LuaScript:
     def __init__(self, name: str) -> None:
         self.name = name
-        self.source = resources.files("extproc.governance.lua").joinpath(f"{name}.lua").read_text()
+        self.source = resources.files("extproc.store.lua").joinpath(f"{name}.lua").read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def load(self, client: ScriptClient) -> None:

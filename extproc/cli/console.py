@@ -4,9 +4,8 @@ imported only when the command runs, not by every `extproc` invocation)."""
 from __future__ import annotations
 
 import argparse
-import os
+import socket
 import sys
-from pathlib import Path
 
 
 def cmd_console(args: argparse.Namespace) -> int:
@@ -23,12 +22,10 @@ def cmd_console(args: argparse.Namespace) -> int:
         print(f"extproc: {exc}", file=sys.stderr)
         return 2
     auth = Auth(tokens)
-    shadow = args.shadow_policy or os.environ.get("EXTPROC_SHADOW_POLICY")
     state = ConsoleState(
-        redis_url=redis_url(args.redis_url),
-        policy_path=policy_path(args.policy),
+        redis_url=redis_url(args.redis_url, args.stack),
+        policy_path=policy_path(args.policy, args.stack),
         auth=auth,
-        shadow_policy_path=Path(shadow) if shadow else None,
     )
     app = create_app(state)
     base = f"http://{args.host}:{args.port}"
@@ -36,18 +33,29 @@ def cmd_console(args: argparse.Namespace) -> int:
         print("extproc: no admin token (EXTPROC_ADMIN_TOKENS or _FILE): API closed", flush=True)
     if args.login_token:
         print(f"console: {base}/login?token={auth.mint_login()}", flush=True)
+    # Bound here, before "listening" is printed: a client that reads that line can connect
+    # at once (its connection waits in the backlog until uvicorn serves).
+    try:
+        sock = socket.create_server((args.host, args.port), reuse_port=False)
+    except OSError as exc:
+        print(f"extproc: console cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
     print(f"console listening on {base}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 
 def register_console(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("console", help="serve the web console and the admin API")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=10080)
-    p.add_argument("--policy", help="else EXTPROC_POLICY, else examples/policy.yaml")
-    p.add_argument("--shadow-policy", help="else EXTPROC_SHADOW_POLICY (compared on a page)")
-    p.add_argument("--redis-url", help="else EXTPROC_REDIS_URL, else .data/stack.json, else local")
+    from extproc.cli.admin import add_stack_options
+
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=10080, help="port (default %(default)s)")
+    p.add_argument(
+        "--policy", help="else EXTPROC_POLICY, else the stack's, else examples/policy.yaml"
+    )
+    add_stack_options(p)
     p.add_argument(
         "--login-token", action="store_true", help="print a one-time browser login URL at start"
     )

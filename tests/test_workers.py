@@ -1,0 +1,80 @@
+"""The worker supervisor's guards, without a stack: port ownership, worker count, settings."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from extproc.dataplane.workers import available_cpus, reserve_port, worker_count
+from extproc.settings import ConfigError, Settings, load_settings
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """Something else already listening on a port, as SO_REUSEPORT would silently join."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    yield sock
+    sock.close()
+
+
+def test_a_port_someone_listens_on_is_refused(listener: socket.socket) -> None:
+    port = listener.getsockname()[1]
+    with pytest.raises(ConfigError, match=f"cannot bind 127.0.0.1:{port}"):
+        reserve_port(f"127.0.0.1:{port}")
+
+
+def test_port_zero_is_resolved_and_held_for_the_workers() -> None:
+    listen, held = reserve_port("127.0.0.1:0")
+    try:
+        port = int(listen.rsplit(":", 1)[1])
+        assert port > 0 and held.getsockname()[1] == port
+        workers = []
+        for _ in range(2):  # what each worker does: join the port with SO_REUSEPORT
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+            workers.append(sock)
+        with pytest.raises(OSError):  # and a stranger without it cannot
+            socket.create_server(("127.0.0.1", port))
+        for sock in workers:
+            sock.close()
+    finally:
+        held.close()
+
+
+def test_unix_sockets_need_a_single_worker() -> None:
+    with pytest.raises(ConfigError, match="TCP"):
+        reserve_port("unix:/tmp/extproc.sock")
+    assert worker_count(Settings(listen="unix:/tmp/extproc.sock")) == 1
+    assert worker_count(Settings(listen="unix:/tmp/extproc.sock", workers=3)) == 3
+    assert worker_count(Settings()) == available_cpus() >= 1
+
+
+def test_workers_setting_from_env() -> None:
+    assert load_settings(env={"EXTPROC_WORKERS": "0"}).workers == 0
+    assert load_settings(env={"EXTPROC_WORKERS": "4"}).workers == 4
+    for bad in ("-1", "two", "1.5"):
+        with pytest.raises(ConfigError, match="EXTPROC_WORKERS: workers: must be a whole number"):
+            load_settings(env={"EXTPROC_WORKERS": bad})
+
+
+def test_serve_on_a_taken_port_says_so_without_a_traceback(listener: socket.socket) -> None:
+    port = listener.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "extproc", "serve", "--workers", "2"],
+        env={"EXTPROC_LISTEN": f"127.0.0.1:{port}", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert f"cannot bind 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
