@@ -10,7 +10,8 @@ Matrix: budgets enforced (policy, virtual key, reservation and settlement in Red
 and metering only; concurrency 1, 16 and 32; a small JSON chat completion and a
 50-event SSE stream. Then: enforced with 2 sidecar workers (and 2 Envoy threads)
 against 1, and memory per open stream with 1,000 long streams held open at once.
-CPU per request (sidecar process tree, Envoy) and RSS come from /proc.
+CPU per request (sidecar process tree, Envoy) and RSS come from /proc; Redis bytes per
+request (ledger stream, idempotency sets) from MEMORY USAGE after each enforced setup.
 
     .venv/bin/python bench/bench.py            # full run (~15 min on 2 cores)
     .venv/bin/python bench/bench.py --quick    # direction only, ~3 min
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import procstat  # noqa: E402
+from bench.bench_redis import redis_footprint  # noqa: E402
 from bench.loadgen import build_request, run_closed_loop, streams_held_open  # noqa: E402
 from extproc.devstack.stack import Stack, StackConfig, free_port  # noqa: E402
 
@@ -229,6 +231,8 @@ def run_setup(
                     cells[name] = bench.cell(load, c, plan)
                     print(f"  {label(enforced, workers)} {name}: {line(cells[name])}", flush=True)
             result: dict[str, Any] = {"cells": cells}
+            if enforced:
+                result["redis"] = redis_footprint(stack.redis_url)
             if memory:
                 result["memory"] = bench.memory_per_stream(plan)
             return result
@@ -284,6 +288,17 @@ def markdown(report: dict[str, Any]) -> str:
             out.append(
                 f"| {setup} | {m['streams']:,} | {m['sidecar_kib_per_stream']:.1f} | "
                 f"{m['envoy_kib_per_stream']:.1f} | {m['sidecar_rss_mib']:.0f} |"
+            )
+    redis = [(setup, r["redis"]) for setup, r in report["setups"].items() if "redis" in r]
+    if redis:
+        out += ["", "| Redis bytes per request (bench/bench_redis.py) | records | stream | "
+                "idempotency | total |", "|---|---|---|---|---|"]  # fmt: skip
+        for setup, f in redis:
+            per = f["bytes_per_request"]
+            out.append(
+                f"| {setup} | {f['records']:,} | {per.get('ledger stream', 0):.0f} | "
+                f"{per.get('idempotency (seen sets)', 0):.0f} | "
+                f"{f['bytes_per_request_total']:.0f} |"
             )
     if "counting" in report:
         out += ["", "| counting (sidecar CPU) | ms |", "|---|---|"]

@@ -24,9 +24,9 @@ from extproc.books.export import FOCUS_COLUMNS, focus_row, write
 from extproc.books.records import RecordFilter, records_between, total_nanos
 from extproc.books.shipper import Shipper, read_shipped
 from extproc.devstack.stack import Child
-from extproc.metering.ledger import Ledger
+from extproc.metering.ledger import Ledger, Spool
 from extproc.store.clients import make_client
-from extproc.store.schema import ledger_key, workspace_prefix
+from extproc.store.schema import ledger_key, spent_key, workspace_prefix
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
 
 T0 = datetime(2026, 11, 30, 23, 58, tzinfo=UTC)
@@ -205,3 +205,72 @@ def test_ship_survives_kill_9_with_no_loss_and_no_duplicate(
     assert Counter(x["request_id"] for x in shipped) == Counter(x.request_id for x in records)
     assert sum(x["cost_nanos"] for x in shipped) == total_nanos(records)
     assert r.xpending(ledger_key(workspace_prefix("eng")), "extproc-shipper")["pending"] == 0
+
+
+# --- the ledger's bounded idempotency ------------------------------------------------------------
+
+
+def _ledger_ids(r: redis.Redis, workspace: str = "eng") -> list[str]:
+    stream = ledger_key(workspace_prefix(workspace))
+    return [UsageRecord.FromString(f[b"r"]).request_id for _i, f in r.xrange(stream)]
+
+
+def test_idempotency_costs_a_set_member_per_request_not_a_key(
+    redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    records = [record(n) for n in range(200)]  # 200 s: four minutes of request starts
+    write_ledger(redis_url, records, tmp_path)
+    seen = sorted(k.decode() for k in r.scan_iter(match="*:seen:*"))
+    assert len(seen) == 4
+    assert sum(r.scard(k) for k in seen) == 200
+    assert all(0 < r.ttl(k) <= 900 for k in seen)
+
+    async def again() -> int:
+        client = make_client(redis_url)
+        ledger = Ledger(client, spool_dir=tmp_path)
+        await ledger.start()
+        for x in records[:50]:
+            ledger.submit(settlement(x))
+        await ledger.close()
+        await client.aclose()
+        return ledger.written
+
+    assert asyncio.run(again()) == 0  # every one a duplicate inside the window
+    assert _ledger_ids(r) == [x.request_id for x in records]
+
+
+def test_an_old_spool_is_checked_against_the_stream(
+    redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    """A replay after the window: ids left the seen sets, the stream still knows them."""
+    written = [record(n) for n in range(30)]
+    write_ledger(redis_url, written, tmp_path / "first")
+    for key in r.scan_iter(match="*:seen:*"):  # the window passed
+        r.delete(key)
+    spent_before = r.hgetall(spent_key(workspace_prefix("eng"), "2026-11"))
+    spool = Spool(tmp_path / "spool")
+    fresh = [record(n) for n in range(30, 35)]
+    spool.append([settlement(x) for x in written[-10:] + fresh])
+    started = spool.path.with_name("ledger.spool.started")
+    # The outage began half an hour ago; those 10 may have reached Redis before it did.
+    hour_ago = int(datetime.now(UTC).timestamp() * 1000) - 1_800_000
+    started.write_text(str(hour_ago))
+
+    after = record(40)
+
+    async def replay() -> int:
+        client = make_client(redis_url)
+        ledger = Ledger(client, spool_dir=tmp_path / "spool")
+        await ledger.start()
+        # The writer replays its spool before anything new: once this one is in, so is that.
+        ledger.submit(settlement(after))
+        await ledger.close()
+        await client.aclose()
+        return ledger.written
+
+    assert asyncio.run(replay()) == 1
+    assert _ledger_ids(r) == [x.request_id for x in [*written, *fresh, after]]
+    spent = r.hgetall(spent_key(workspace_prefix("eng"), "2026-11"))
+    added = int(spent[b"ws"]) - int(spent_before[b"ws"])
+    assert added == total_nanos([*fresh, after])
+    assert spool.read() == []

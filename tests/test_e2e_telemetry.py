@@ -2,9 +2,9 @@
 `extproc.usage` log event carrying its usage record, and its tokens reach a real
 Prometheus through the sidecar's scrape endpoint.
 
-The sidecar exports over OTLP/HTTP (protobuf) to a receiver in this process that decodes
-what arrives with the official OTLP protobuf types; Prometheus is Debian's `prometheus`
-binary scraping the sidecar every second.
+The sidecar exports over OTLP/HTTP (protobuf), and in a second stack over OTLP/gRPC, to a
+receiver in this process that decodes what arrives with the official OTLP protobuf types;
+Prometheus is Debian's `prometheus` binary scraping the sidecar every second.
 """
 
 from __future__ import annotations
@@ -151,6 +151,78 @@ def test_request_span_joins_the_callers_trace(telemetered: Telemetered) -> None:
     assert key["key"] not in repr(span) and UPSTREAM_KEY not in repr(span)
     assert "trace me please" not in repr(span)
     telemetered.otlp.wait_metric("extproc.tokens")
+
+
+class GrpcOtlpReceiver(OtlpReceiver):
+    """The same receiver behind OTLP/gRPC: the official collector services on a grpcio server."""
+
+    def start(self) -> int:
+        from concurrent import futures
+
+        import grpc
+        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+            ExportMetricsServiceResponse,
+        )
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceResponse,
+        )
+
+        receiver = self
+
+        class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: Any, context: Any) -> ExportTraceServiceResponse:
+                receiver.add_traces(request)
+                return ExportTraceServiceResponse()
+
+        class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+            def Export(self, request: Any, context: Any) -> ExportMetricsServiceResponse:
+                receiver.add_metrics(request)
+                return ExportMetricsServiceResponse()
+
+        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self.grpc_server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self.grpc_server)
+        port = self.grpc_server.add_insecure_port("127.0.0.1:0")
+        self.grpc_server.start()
+        return port
+
+
+@pytest.fixture(scope="module")
+def grpc_otlp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Telemetered]:
+    """A stack exporting with OTEL_EXPORTER_OTLP_PROTOCOL=grpc, as to a collector on 4317."""
+    otlp = GrpcOtlpReceiver()
+    port = otlp.start()
+    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
+    policy.write_text(POLICY)
+    env = {
+        "EXTPROC_POLICY": str(policy),
+        "TEST_UPSTREAM_DEV": UPSTREAM_KEY,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_SERVICE_NAME": "extproc-grpc",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_METRIC_EXPORT_INTERVAL": "500",
+    }
+    try:
+        with temporary_stack(sidecar_env=env) as stack:
+            yield Telemetered(stack, otlp, 0, policy)
+    finally:
+        otlp.grpc_server.stop(grace=None)
+
+
+def test_otlp_over_grpc_delivers_spans_and_metrics(grpc_otlp: Telemetered) -> None:
+    key = new_key(grpc_otlp, "cli")
+    trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+    resp = chat(grpc_otlp, key["key"], {"traceparent": f"00-{trace_id}-{parent_id}-01"})
+    got = grpc_otlp.otlp.wait_span(trace_id)
+    assert got.span.parent_span_id == bytes.fromhex(parent_id)
+    assert got.resource["service.name"] == "extproc-grpc"
+    assert got.attributes["extproc.request_id"] == resp.headers["x-extproc-request-id"]
+    assert got.attributes["gen_ai.usage.output_tokens"] == resp.json()["usage"]["completion_tokens"]
+    grpc_otlp.otlp.wait_metric("extproc.tokens")
 
 
 def test_usage_record_arrives_as_otlp_log_event(

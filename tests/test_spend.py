@@ -430,7 +430,7 @@ def test_prompt_cache_section_per_service() -> None:
     assert render_text(report).endswith(text)
     cache_line = next(line.split() for line in text.splitlines() if line.startswith("dev  "))
     assert cache_line[:3] == ["dev", "cli", "2026-11"]
-    assert cache_line[3:] == ["10,000", "2,500", "25.0%", "6,000", "3,500", "$0.00"]
+    assert cache_line[3:] == ["10,000", "2,500", "25.0%", "6,000", "3,500", "$0.0002625"]
     # `today` still reports the period's counters, read field by field.
     reads = report_reads(POLICY, NOW, "today")
     assert "cachemiss_nanos:svc:cli" in reads["{ws:dev}:spent:2026-11"]
@@ -651,3 +651,15 @@ def test_every_selection_renders_as_text_json_and_html(selection: str, by: str |
     if by == "session" and selection == "today":
         # Ranked by what each session spent today, read from today's day hash.
         assert [r.name for r in report.rows if r.kind == "session"] == ["s11"]
+
+
+def test_people_see_cents_but_never_zero_for_a_non_zero_amount() -> None:
+    from extproc.insight.spend.text import dollars
+
+    assert dollars(None) == "-"
+    assert dollars(0) == "$0.00"
+    assert dollars(1_834_125) == "$0.001834125"  # a short demo: not "$0.00"
+    assert dollars(-262_500) == "$-0.0002625"
+    assert dollars(10_000_000) == "$0.01"
+    assert dollars(194_999_999) == "$0.19"
+    assert dollars(1_234_567_890_000) == "$1,234.57"

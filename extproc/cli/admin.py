@@ -18,15 +18,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo
 
 from extproc.metering.prices import usd
 
 if TYPE_CHECKING:
     from extproc.governance.policy import Policy
 
-STATE_FILE = Path(".data") / "stack.json"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_POLICY = Path("examples") / "policy.yaml"
+# The checkout's example policy, wherever the CLI is run from (editable install).
+DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "examples" / "policy.yaml"
+REDIS_URL_HELP = (
+    "Redis to use; else EXTPROC_REDIS_URL, else the running `make run` stack's (--stack)"
+)
+STACK_HELP = "the `make run` stack on this port (default: EXTPROC_PORT, else the only one running)"
 _DURATION = re.compile(r"(\d+)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -41,26 +45,47 @@ def parse_duration(text: str) -> int:
     return int(match[1]) * _UNIT_SECONDS[match[2]]
 
 
-def redis_url(arg: str | None) -> str:
-    """--redis-url, else EXTPROC_REDIS_URL, else the running `make run` stack's, else local."""
+def _stack_port(stack: int | None) -> int | None:
+    if stack is not None:
+        return stack
+    raw = os.environ.get("EXTPROC_PORT", "").strip()
+    return int(raw) if raw.isdigit() else None
+
+
+def redis_url(arg: str | None, stack: int | None = None) -> str:
+    """--redis-url, else EXTPROC_REDIS_URL, else the running `make run` stack's.
+
+    With none of these, NoStackError says in one line how to get one: guessing a
+    localhost Redis would report an empty ledger as if it were the truth.
+    """
     if arg:
         return arg
     if os.environ.get("EXTPROC_REDIS_URL"):
         return os.environ["EXTPROC_REDIS_URL"]
-    if STATE_FILE.exists():
-        try:
-            return str(json.loads(STATE_FILE.read_text())["redis_url"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    return DEFAULT_REDIS_URL
+    from extproc.devstack import state
+
+    return state.find(_stack_port(stack)).redis_url
 
 
-def policy_path(arg: str | None) -> Path | None:
+def policy_path(arg: str | None, stack: int | None = None) -> Path | None:
+    """--policy, else EXTPROC_POLICY, else the running stack's, else examples/policy.yaml."""
     if arg:
         return Path(arg)
     if os.environ.get("EXTPROC_POLICY"):
         return Path(os.environ["EXTPROC_POLICY"])
+    from extproc.devstack import state
+
+    try:
+        return Path(state.find(_stack_port(stack)).policy)
+    except state.NoStackError:
+        pass
     return DEFAULT_POLICY if DEFAULT_POLICY.exists() else None
+
+
+def add_stack_options(parser: argparse.ArgumentParser) -> None:
+    """--redis-url and --stack, for every command that reads or writes Redis."""
+    parser.add_argument("--redis-url", help=REDIS_URL_HELP)
+    parser.add_argument("--stack", type=int, metavar="PORT", help=STACK_HELP)
 
 
 def redacted(url: str) -> str:
@@ -77,10 +102,24 @@ def _usd(nanos: int) -> str:
     return usd(nanos, sign=True, grouped=True)
 
 
-def _when(ms: int) -> str:
+def _when(ms: int, zone: ZoneInfo | None = None) -> str:
     if not ms:
         return "-"
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return datetime.fromtimestamp(ms / 1000, zone or UTC).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def display_zone(args: argparse.Namespace) -> ZoneInfo:
+    """The policy's time zone, the one `spend` reports in, so every command shows one
+    clock; UTC when no valid policy is at hand."""
+    from extproc.governance.policy import PolicyError, load_policy
+
+    path = policy_path(getattr(args, "policy", None), getattr(args, "stack", None))
+    if path is not None:
+        try:
+            return load_policy(path).timezone
+        except PolicyError:
+            pass
+    return ZoneInfo("UTC")
 
 
 def fail(message: str, code: int) -> int:
@@ -89,11 +128,12 @@ def fail(message: str, code: int) -> int:
     return code
 
 
-def load_policy_arg(arg: str | None) -> Policy | str:
-    """The policy `--policy` or EXTPROC_POLICY names, or why there is none to use."""
+def load_policy_arg(arg: str | None, stack: int | None = None) -> Policy | str:
+    """The policy `--policy`, EXTPROC_POLICY or the running stack names, or why there is
+    none to use."""
     from extproc.governance.policy import PolicyError, load_policy
 
-    path = policy_path(arg)
+    path = policy_path(arg, stack)
     if path is None:
         return "no policy file: pass --policy or set EXTPROC_POLICY"
     try:
@@ -145,7 +185,7 @@ def _run_with_store(args: argparse.Namespace, action: Callable[[Any], Awaitable[
     from extproc.governance.keys import KeyStore, KeyStoreError
     from extproc.store.clients import UNAVAILABLE, make_client
 
-    url = redis_url(args.redis_url)
+    url = redis_url(args.redis_url, args.stack)
 
     async def go() -> int:
         client = make_client(url, socket_connect_timeout=3, socket_timeout=10)
@@ -188,7 +228,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     from extproc.governance.policy import PolicyError, load_policy
 
     policy = None
-    path = policy_path(args.policy)
+    path = policy_path(args.policy, args.stack)
     if path is not None:
         try:
             policy = load_policy(path)
@@ -211,6 +251,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
+    zone = display_zone(args)
+
     async def action(store: Any) -> int:
         infos = await store.list(args.workspace)
         if args.json:
@@ -225,8 +267,8 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
                 i.team or "-",
                 i.service,
                 i.owner or "-",
-                _when(i.created_ms),
-                _when(i.expires_ms),
+                _when(i.created_ms, zone),
+                _when(i.expires_ms, zone),
             )
             for i in infos
         ]
@@ -270,34 +312,40 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `check-config` and `keys` to the `extproc` command line."""
     p = sub.add_parser("check-config", help="validate a budget policy file")
-    p.add_argument("file", help="policy YAML")
+    p.add_argument("file", help="policy YAML to check (nothing else is read)")
     p.set_defaults(func=cmd_check_config)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--redis-url", help="else EXTPROC_REDIS_URL, else .data/stack.json, else local"
-    )
+    add_stack_options(common)
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
     keys = sub.add_parser("keys", help="create, list, rotate and revoke virtual API keys")
-    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    ksub = keys.add_subparsers(dest="keys_command", metavar="SUBCOMMAND")
+
+    def keys_help(_args: argparse.Namespace) -> int:
+        keys.print_help()
+        return 2
+
+    keys.set_defaults(func=keys_help)
 
     p = ksub.add_parser("create", parents=[common], help="issue a key (shown once)")
-    p.add_argument("--workspace", required=True)
-    p.add_argument("--service", required=True)
+    p.add_argument("--workspace", required=True, help="workspace the key bills to")
+    p.add_argument("--service", required=True, help="service within the workspace")
     p.add_argument("--team", help="default: the service's team in the policy")
     p.add_argument("--owner", help="person or system responsible, e.g. an email")
     p.add_argument(
-        "--policy", help="checks the names; else EXTPROC_POLICY, else examples/policy.yaml"
+        "--policy",
+        help="checks the names; else EXTPROC_POLICY, else the stack's, else examples/policy.yaml",
     )
     p.set_defaults(func=cmd_keys_create)
 
     p = ksub.add_parser("list", parents=[common], help="list keys (never the keys themselves)")
-    p.add_argument("--workspace")
+    p.add_argument("--workspace", help="only this workspace's keys")
+    p.add_argument("--policy", help="for the time zone; else EXTPROC_POLICY, else the stack's")
     p.set_defaults(func=cmd_keys_list)
 
     p = ksub.add_parser("rotate", parents=[common], help="new key; the old one works a while")
-    p.add_argument("key_id")
+    p.add_argument("key_id", help="the key to replace (from `keys list`)")
     p.add_argument(
         "--overlap",
         type=parse_duration,
@@ -307,7 +355,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=cmd_keys_rotate)
 
     p = ksub.add_parser("revoke", parents=[common], help="refuse a key from now on")
-    p.add_argument("key_id")
+    p.add_argument("key_id", help="the key to refuse (from `keys list`)")
     p.set_defaults(func=cmd_keys_revoke)
 
 

@@ -23,8 +23,8 @@ def cmd_console(args: argparse.Namespace) -> int:
         return 2
     auth = Auth(tokens)
     state = ConsoleState(
-        redis_url=redis_url(args.redis_url),
-        policy_path=policy_path(args.policy),
+        redis_url=redis_url(args.redis_url, args.stack),
+        policy_path=policy_path(args.policy, args.stack),
         auth=auth,
     )
     app = create_app(state)
@@ -48,10 +48,14 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 def register_console(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("console", help="serve the web console and the admin API")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=10080)
-    p.add_argument("--policy", help="else EXTPROC_POLICY, else examples/policy.yaml")
-    p.add_argument("--redis-url", help="else EXTPROC_REDIS_URL, else .data/stack.json, else local")
+    from extproc.cli.admin import add_stack_options
+
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=10080, help="port (default %(default)s)")
+    p.add_argument(
+        "--policy", help="else EXTPROC_POLICY, else the stack's, else examples/policy.yaml"
+    )
+    add_stack_options(p)
     p.add_argument(
         "--login-token", action="store_true", help="print a one-time browser login URL at start"
     )

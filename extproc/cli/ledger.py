@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from extproc.cli.admin import redacted, redis_url
+from extproc.cli.admin import add_stack_options, redacted, redis_url
 
 
 def _fail(message: str, code: int) -> int:
@@ -26,7 +26,9 @@ def _fail(message: str, code: int) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from extproc.store.clients import make_sync_client
 
-    return make_sync_client(redis_url(args.redis_url), socket_connect_timeout=3, socket_timeout=30)
+    return make_sync_client(
+        redis_url(args.redis_url, args.stack), socket_connect_timeout=3, socket_timeout=30
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -48,7 +50,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     where = RecordFilter(
         workspace=args.workspace, team=args.team, service=args.service, model=args.model
     )
-    url = redis_url(args.redis_url)
+    url = redis_url(args.redis_url, args.stack)
     try:
         client = _client(args)
         try:
@@ -79,7 +81,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
 
     if args.batch < 1:
         return _fail("--batch must be at least 1", 2)
-    url = redis_url(args.redis_url)
+    url = redis_url(args.redis_url, args.stack)
     stop = threading.Event()
     if not args.once:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -120,17 +122,19 @@ def register_ledger(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--batch", type=int, default=500, help="records per fsync (default 500)")
     p.add_argument("--poll", type=float, default=1.0, help="idle poll interval, seconds")
     p.add_argument("--once", action="store_true", help="ship what is there, then exit")
-    p.add_argument("--redis-url", help="else EXTPROC_REDIS_URL, else .data/stack.json, else local")
+    add_stack_options(p)
     p.set_defaults(func=cmd_ship)
 
     p = verbs.add_parser("export", help="records of a time window as jsonl, csv or FOCUS csv")
     p.add_argument("--since", required=True, help="date or ISO 8601 time (UTC unless offset)")
     p.add_argument("--until", help="exclusive end (default: now)")
-    p.add_argument("--format", choices=("jsonl", "csv", "focus"), default="jsonl")
+    p.add_argument(
+        "--format", choices=("jsonl", "csv", "focus"), default="jsonl", help="default: jsonl"
+    )
     p.add_argument("--out", default="-", help="file to write (default: stdout)")
-    p.add_argument("--workspace")
-    p.add_argument("--team")
-    p.add_argument("--service")
-    p.add_argument("--model")
-    p.add_argument("--redis-url", help="else EXTPROC_REDIS_URL, else .data/stack.json, else local")
+    p.add_argument("--workspace", help="only this workspace's records")
+    p.add_argument("--team", help="only this team's records")
+    p.add_argument("--service", help="only this service's records")
+    p.add_argument("--model", help="only this model's records")
+    add_stack_options(p)
     p.set_defaults(func=cmd_export)

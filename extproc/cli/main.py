@@ -1,4 +1,8 @@
-"""`extproc` command line: serve, simulate, stack, usage."""
+"""extproc: meter, price and govern OpenAI / Codex API traffic behind Envoy.
+
+Commands that read Redis find the running `make run` stack from any directory;
+`--redis-url` (or EXTPROC_REDIS_URL) points them at another Redis.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,10 @@ import asyncio
 import json
 import logging
 import os
-import secrets
-import signal
 import sys
-import threading
-from pathlib import Path
-
-STATE_FILE = Path(".data") / "stack.json"
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -57,123 +58,71 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
+    from extproc.cli.admin import display_zone, redacted
     from extproc.metering.ledger import recent_records, record_to_dict
-    from extproc.store.clients import make_client
+    from extproc.store.clients import UNAVAILABLE, make_client
+
+    url = redis_url(args.redis_url, args.stack)
 
     async def fetch() -> list[dict[str, object]]:
-        client = make_client(redis_url(args.redis_url), socket_connect_timeout=2)
+        client = make_client(url, socket_connect_timeout=2)
         try:
             records = await recent_records(client, args.limit)
         finally:
             await client.aclose()
         return [record_to_dict(r) for r in records]
 
-    rows = asyncio.run(fetch())
+    try:
+        rows = asyncio.run(fetch())
+    except UNAVAILABLE as exc:
+        print(f"extproc: Redis at {redacted(url)}: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    for r in rows:
-        flags = ("~" if r["estimated"] else " ") + ("?" if r["price_fallback"] else " ")
-        print(
-            f"{r['request_id'][:12]:12} {r['endpoint']:17} {r['model_served'][:24]:24} "
-            f"in={r['input_tokens']:>8} cached={r['cached_input_tokens']:>8} "
-            f"out={r['output_tokens']:>7} ${r['cost_usd']:<12} {flags} {r['outcome']}"
-        )
+    print(usage_table(rows, display_zone(args)))
     return 0
 
 
-DEFAULT_POLICY = Path("examples/policy.yaml")
-
-
-def _demo_key(redis_url_: str, policy_path: Path) -> str:
-    """A key for the first service of the first workspace, so `make run` is usable at once."""
-    from extproc.governance.keys import KeyStore
-    from extproc.governance.policy import load_policy
-    from extproc.store.clients import make_client
-
-    policy = load_policy(policy_path)
-    ws = next(iter(policy.workspaces.values()))
-    service = next(iter(ws.services), "demo")
-
-    async def create() -> str:
-        client = make_client(redis_url_)
-        try:
-            secret, _identity = await KeyStore(client).create(ws.name, service, policy=policy)
-        finally:
-            await client.aclose()
-        return f"{secret}   (workspace {ws.name}, service {service})"
-
-    return asyncio.run(create())
+def usage_table(rows: list[dict[str, Any]], zone: ZoneInfo) -> str:
+    """One line per record: when, who, what, how much. `~` estimated, `?` fallback price."""
+    header = ("TIME", "WORKSPACE", "SERVICE", "ENDPOINT", "MODEL", "IN", "CACHED", "OUT", "USD")
+    lines = [(*header, "", "OUTCOME")]
+    for r in rows:
+        when = datetime.fromtimestamp(int(r["time_ms"]) / 1000, zone)
+        lines.append(
+            (
+                when.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                str(r["workspace"] or "-"),
+                str(r["service"] or "-"),
+                str(r["endpoint"]),
+                str(r["model_served"] or r["model_requested"] or "-")[:28],
+                str(r["input_tokens"]),
+                str(r["cached_input_tokens"]),
+                str(r["output_tokens"]),
+                str(r["cost_usd"]),
+                ("~" if r["estimated"] else "") + ("?" if r["price_fallback"] else ""),
+                str(r["outcome"]),
+            )
+        )
+    widths = [max(len(line[c]) for line in lines) for c in range(len(lines[0]))]
+    numeric = {5, 6, 7}
+    return "\n".join(
+        "  ".join(
+            cell.rjust(w) if c in numeric else cell.ljust(w)
+            for c, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in lines
+    )
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
-    from extproc.dataplane.workers import available_cpus
-    from extproc.devstack.stack import Stack, StackConfig
-    from extproc.governance.policy import load_policy
+    from extproc.devstack import run
 
-    port = int(os.environ.get("EXTPROC_PORT", "10000"))
-    upstream = os.environ.get("UPSTREAM_URL") or None
-    policy_path = Path(os.environ.get("EXTPROC_POLICY") or DEFAULT_POLICY).resolve()
-    env = {"EXTPROC_POLICY": str(policy_path)}
-    if os.environ.get("EXTPROC_CONFIG"):
-        env["EXTPROC_CONFIG"] = str(Path(os.environ["EXTPROC_CONFIG"]).resolve())
-    if upstream is None:
-        # The simulator accepts any credential: stand in for the real keys nobody has locally.
-        for name, ws in load_policy(policy_path).workspaces.items():
-            if ws.upstream.key_env and not os.environ.get(ws.upstream.key_env):
-                env[ws.upstream.key_env] = f"sk-simulated-{name}"
-    # One sidecar worker and one Envoy worker thread per usable CPU, unless told otherwise.
-    workers = int(os.environ.get("EXTPROC_WORKERS") or 0) or available_cpus()
-    console_port = int(os.environ.get("EXTPROC_CONSOLE_PORT", "10080"))
-    # The admin API needs a token: a fresh one per local stack unless the operator set one.
-    admin_tokens = os.environ.get("EXTPROC_ADMIN_TOKENS") or f"local:{secrets.token_urlsafe(24)}"
-    stack = Stack(
-        StackConfig(
-            listen_port=port,
-            upstream_url=upstream,
-            data_dir=Path(".data"),
-            sidecar_env=env,
-            sidecar_workers=workers,
-            envoy_concurrency=workers,
-            console_port=console_port,
-            console_env={"EXTPROC_ADMIN_TOKENS": admin_tokens},
-            # A CA bundle for an https UPSTREAM_URL other than the system's (a corporate proxy).
-            upstream_ca=os.environ.get("UPSTREAM_CA_FILE") or None,
-        )
-    )
-    stopped = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
-    stack.start()
-    try:
-        STATE_FILE.write_text(
-            json.dumps({"redis_url": stack.redis_url, "base_url": stack.base_url})
-        )
-        print(
-            f"\nextproc stack is up.\n"
-            f"  OpenAI base URL : {stack.base_url}\n"
-            f"  upstream        : {stack.upstream_url}\n"
-            f"  policy          : {policy_path}\n"
-            f"  redis           : {stack.redis_url} (data in .data/redis)\n"
-            f"  demo key        : {_demo_key(stack.redis_url, policy_path)}\n"
-            f"  more keys       : .venv/bin/extproc keys create --workspace W --service S\n"
-            f"  usage / spend   : .venv/bin/extproc usage --limit 10 ; .venv/bin/extproc spend\n"
-            f"  console         : {stack.console_login}   (one-time login link)\n"
-            f"  admin API       : {stack.console_url}/admin/v1 with 'Authorization: Bearer "
-            f"{admin_tokens.split(',')[0].partition(':')[2] or admin_tokens}'\n"
-            f"  my usage        : {stack.base_url.removesuffix('/v1')}/extproc/me\n"
-            f"Ctrl-C stops everything.",
-            flush=True,
-        )
-        stopped.wait()
-    finally:
-        print("stopping…", flush=True)
-        stack.stop()
-        STATE_FILE.unlink(missing_ok=True)
-    return 0
+    return run.main()
 
 
-from extproc.cli.admin import redis_url, register  # noqa: E402
+from extproc.cli.admin import add_stack_options, redis_url, register  # noqa: E402
 from extproc.cli.console import register_console  # noqa: E402
 from extproc.cli.ledger import register_ledger  # noqa: E402
 from extproc.cli.policy import register_policy  # noqa: E402
@@ -183,8 +132,10 @@ from extproc.cli.spend import register_spend  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="extproc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the ext_proc gRPC sidecar")
     p.add_argument("--config", help="settings YAML (or EXTPROC_CONFIG)")
@@ -197,17 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("simulate", help="run the OpenAI-compatible upstream simulator")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default %(default)s)")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("stack", help="run Envoy + sidecar + Redis + simulator (make run)")
+    from extproc.devstack.run import ENV_HELP
+
+    p = sub.add_parser(
+        "stack",
+        help="run Envoy + sidecar + Redis + simulator locally (make run)",
+        description="Run the local stack in the foreground: Envoy, the sidecar, a "
+        "Redis-protocol server and (without UPSTREAM_URL) the OpenAI simulator.",
+        epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("usage", help="print recent usage records, newest first")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--redis-url")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--limit", type=positive_int, default=20, help="how many records (default %(default)s)"
+    )
+    add_stack_options(p)
+    p.add_argument("--policy", help="for the time zone; else EXTPROC_POLICY, else the stack's")
     p.set_defaults(func=cmd_usage)
     register(sub)
     register_spend(sub)
@@ -219,10 +182,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Mistakes get one line on stderr and exit code 1 or 2, never a
+    traceback; EXTPROC_DEBUG=1 shows the traceback of an unexpected failure."""
     logging.basicConfig(
-        level=os.environ.get("EXTPROC_LOG_LEVEL", "INFO"),
+        level=os.environ.get("EXTPROC_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `extproc usage | head`
+        sys.stderr.close()
+        return 0
+    except Exception as exc:
+        return _explain(exc)
+
+
+def _explain(exc: Exception) -> int:
+    from redis.exceptions import RedisClusterException, RedisError
+
+    from extproc.devstack.state import NoStackError
+    from extproc.governance.policy import PolicyError
+    from extproc.settings import ConfigError
+
+    if os.environ.get("EXTPROC_DEBUG"):
+        raise exc
+    if isinstance(exc, NoStackError):
+        message, code = str(exc), 1
+    elif isinstance(exc, PolicyError | ConfigError):
+        message, code = str(exc), 2
+    elif isinstance(exc, RedisError | RedisClusterException):
+        message, code = f"Redis unreachable: {exc} (is the stack running? `make run`)", 1
+    elif isinstance(exc, OSError):
+        message, code = f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1
+    else:
+        message = f"unexpected {type(exc).__name__}: {exc} (EXTPROC_DEBUG=1 shows where)"
+        code = 1
+    print(f"extproc: {message}", file=sys.stderr)
+    return code

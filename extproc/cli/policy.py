@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from extproc.cli.admin import parse_duration, redacted, redis_url
+from extproc.cli.admin import add_stack_options, parse_duration, redacted, redis_url
 
 
 def cmd_what_if(args: argparse.Namespace) -> int:
@@ -26,7 +26,7 @@ def cmd_what_if(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(f"extproc: the candidate policy is invalid:\n{exc}", file=sys.stderr)
         return 2
-    url = redis_url(args.redis_url)
+    url = redis_url(args.redis_url, args.stack)
     since_ms = int(time.time() * 1000) - args.since * 1000
 
     async def read() -> list:  # type: ignore[type-arg]
@@ -51,12 +51,18 @@ def cmd_what_if(args: argparse.Namespace) -> int:
 
 def register_policy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("policy", help="what a candidate policy would have done")
-    psub = p.add_subparsers(dest="policy_command", required=True)
+    psub = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
+
+    def policy_help(_args: argparse.Namespace) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(func=policy_help)
     w = psub.add_parser("what-if", help="replay the ledger under a candidate policy")
     w.add_argument("file", help="the candidate policy YAML")
     w.add_argument(
         "--since", type=parse_duration, default=parse_duration("30d"), help="default 30d"
     )
     w.add_argument("--json", action="store_true", help="machine-readable output")
-    w.add_argument("--redis-url", help="else EXTPROC_REDIS_URL, else .data/stack.json, else local")
+    add_stack_options(w)
     w.set_defaults(func=cmd_what_if)

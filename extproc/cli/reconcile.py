@@ -15,7 +15,7 @@ import sys
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from extproc.cli.admin import fail, load_policy_arg, redacted, redis_url
+from extproc.cli.admin import add_stack_options, fail, load_policy_arg, redacted, redis_url
 
 DRIFT_EXIT = 3
 
@@ -103,7 +103,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from extproc.settings import ConfigError
     from extproc.store.clients import UNAVAILABLE, make_sync_client
 
-    policy = load_policy_arg(args.policy)
+    policy = load_policy_arg(args.policy, args.stack)
     if isinstance(policy, str):
         return fail(policy, 2)
     admin_key = os.environ.get("OPENAI_ADMIN_KEY", "").strip()
@@ -123,7 +123,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         provider = AdminClient(admin_key, base_url).day(day)
     except ProviderError as exc:
         return fail(f"the provider's admin API: {exc}", 1)
-    url = redis_url(args.redis_url)
+    url = redis_url(args.redis_url, args.stack)
     start = datetime(day.year, day.month, day.day, tzinfo=UTC)
     try:
         client = make_sync_client(url, socket_connect_timeout=3, socket_timeout=30)
@@ -153,7 +153,9 @@ def register_reconcile(sub: argparse._SubParsersAction) -> None:  # type: ignore
     )
     p.add_argument("--date", help="UTC day, YYYY-MM-DD (default: yesterday)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--policy", help="else EXTPROC_POLICY, else examples/policy.yaml")
+    p.add_argument(
+        "--policy", help="else EXTPROC_POLICY, else the stack's, else examples/policy.yaml"
+    )
     p.add_argument("--base-url", help="else OPENAI_ADMIN_BASE_URL, else https://api.openai.com/v1")
-    p.add_argument("--redis-url", help="else EXTPROC_REDIS_URL, else .data/stack.json, else local")
+    add_stack_options(p)
     p.set_defaults(func=cmd_reconcile)

@@ -83,24 +83,30 @@ def register_route(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p = sub.add_parser("route", help="show which model and limits the routing rules give a request")
     p.add_argument("--explain", action="store_true", help="every rule and step with its reason")
     p.add_argument("--json", action="store_true", help="the decision as JSON")
-    p.add_argument("--workspace", required=True)
-    p.add_argument("--service", required=True)
+    p.add_argument("--workspace", required=True, help="the caller's workspace")
+    p.add_argument("--service", required=True, help="the caller's service")
     p.add_argument("--model", required=True, help="as the client sends it (aliases resolve)")
-    p.add_argument("--endpoint", default="responses", choices=ENDPOINT_NAMES)
+    p.add_argument(
+        "--endpoint", default="responses", choices=ENDPOINT_NAMES, help="default: %(default)s"
+    )
     p.add_argument("--task", help="the x-task header")
-    p.add_argument("--input-tokens", type=_tokens, default=0, metavar="N")
+    p.add_argument(
+        "--input-tokens", type=_tokens, default=0, metavar="N", help="the request's input size"
+    )
     p.add_argument(
         "--session-tokens", type=_tokens, default=0, metavar="N",
         help="input tokens already sent in this session",
     )  # fmt: skip
     p.add_argument("--max-output-tokens", type=_tokens, metavar="N", help="the request's cap")
     p.add_argument("--tools", action="store_true", help="the request declares tools")
-    p.add_argument("--stream", action="store_true")
+    p.add_argument("--stream", action="store_true", help="the request streams")
     p.add_argument("--effort", choices=EFFORTS, help="the request's reasoning effort")
     p.add_argument("--budget", choices=_BUDGETS, default="ok", help="budget standing")
     p.add_argument(
         "--overdraft-left", type=_usd, metavar="USD",
         help="overdraft money left at --budget hard (default: all of it)",
     )  # fmt: skip
-    p.add_argument("--policy", help="else EXTPROC_POLICY, else examples/policy.yaml")
+    p.add_argument(
+        "--policy", help="else EXTPROC_POLICY, else the stack's, else examples/policy.yaml"
+    )
     p.set_defaults(func=cmd_route)

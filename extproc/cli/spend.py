@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from extproc.cli.admin import add_stack_options
 from extproc.insight.spend.arithmetic import GROUPS, SELECTIONS, TOP_SESSIONS
 from extproc.insight.spend.report import build_report, read_hashes, report_keys, report_reads
 from extproc.insight.spend.text import render_text
@@ -25,14 +26,14 @@ def cmd_spend(args: argparse.Namespace) -> int:
     from extproc.insight.spend.html import render_html
     from extproc.store.clients import UNAVAILABLE, make_sync_client
 
-    policy = load_policy_arg(args.policy)
+    policy = load_policy_arg(args.policy, args.stack)
     if isinstance(policy, str):
         return fail(policy, 2)
     try:
         now = parse_now(args.now, policy.timezone) if args.now else datetime.now(policy.timezone)
     except ValueError:
         return fail(f"--now: not an ISO 8601 time: {args.now!r}", 2)
-    url = redis_url(args.redis_url)
+    url = redis_url(args.redis_url, args.stack)
     keys = report_keys(policy, now, args.period, args.by)
     try:
         client = make_sync_client(url, socket_connect_timeout=3, socket_timeout=10)
@@ -51,7 +52,7 @@ def cmd_spend(args: argparse.Namespace) -> int:
         print(f"extproc: wrote {args.html}", file=sys.stderr)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
-    else:
+    elif not args.html:  # the page was asked for, not the text too
         print(render_text(report))
     return 0
 
@@ -65,9 +66,18 @@ def register_spend(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         choices=tuple(GROUPS),
         help=f"also break each workspace down (session: the {TOP_SESSIONS} costliest)",
     )
-    p.add_argument("--period", choices=SELECTIONS, default="current")
-    p.add_argument("--policy", help="else EXTPROC_POLICY, else examples/policy.yaml")
-    p.add_argument("--redis-url", help="else EXTPROC_REDIS_URL, else .data/stack.json, else local")
+    p.add_argument(
+        "--period",
+        choices=SELECTIONS,
+        default="current",
+        help="which budget period (default: current)",
+    )
+    p.add_argument(
+        "--policy", help="else EXTPROC_POLICY, else the stack's, else examples/policy.yaml"
+    )
+    add_stack_options(p)
     p.add_argument("--now", help="report as of this ISO 8601 time (for tests; default: the clock)")
-    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page here")
+    p.add_argument(
+        "--html", metavar="FILE", help="write a self-contained HTML page here (instead of text)"
+    )
     p.set_defaults(func=cmd_spend)

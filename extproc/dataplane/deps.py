@@ -78,6 +78,8 @@ class Deps:
     keys: KeyLookup | None = None
     budgets: BudgetBook | None = None
     upstream_keys: dict[str, str] = field(default_factory=dict)
+    # Why a workspace has no key: "environment variable X is not set" (names only).
+    upstream_missing: dict[str, str] = field(default_factory=dict)
     now_ms: Callable[[], int] = _now_ms
     telemetry: Telemetry = field(default_factory=Telemetry)
     store: Any = None  # the general Redis client (reads for paths the sidecar answers itself)

@@ -123,6 +123,7 @@ class Exchange(Settling):
         "_content_encoding",
         "_decision",
         "_deps",
+        "_end_ns",
         "_endpoint",
         "_identity",
         "_meter",
@@ -146,6 +147,7 @@ class Exchange(Settling):
         self._deps = deps
         self._started = time.monotonic()
         self._start_ns = time.time_ns()
+        self._end_ns = 0
         self._trace: tuple[str | None, str | None] = (None, None)
         self._task: str | None = None
         self._route_decision: RouteDecision | None = None
@@ -229,7 +231,8 @@ class Exchange(Settling):
         self._identity = identity
         upstream_key = self._deps.upstream_keys.get(identity.workspace)
         if not upstream_key:
-            return self._reject(upstream_credential_missing(identity.workspace))
+            missing = self._deps.upstream_missing.get(identity.workspace, "not configured")
+            return self._reject(upstream_credential_missing(identity.workspace, missing))
         return self._route_target(
             h, remove, {"authorization": f"Bearer {upstream_key}"}, end_of_stream=eos
         )

@@ -177,15 +177,18 @@ class H2Transport:
         await self._server.close(grace)
 
 
-def upstream_keys(policy: Policy) -> dict[str, str]:
-    """Each workspace's real provider key, read once per policy load (never logged)."""
+def upstream_keys(policy: Policy) -> tuple[dict[str, str], dict[str, str]]:
+    """Each workspace's real provider key, read once per policy load (never logged), and
+    for each workspace without one, where it was looked for (for the 503 and the log)."""
     keys: dict[str, str] = {}
+    missing: dict[str, str] = {}
     for name, ws in policy.workspaces.items():
         try:
             keys[name] = ws.upstream.read_key()
         except PolicyError as exc:
+            missing[name] = str(exc).removeprefix("upstream key: ")
             log.error("workspace %s: %s; its requests will get 503", name, exc)
-    return keys
+    return keys, missing
 
 
 class Governor:
@@ -263,7 +266,7 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
     )
 
     def use(policy: Policy) -> None:
-        deps.upstream_keys = upstream_keys(policy)
+        deps.upstream_keys, deps.upstream_missing = upstream_keys(policy)
         deps.policy = policy
 
     governor.subscribe(use)

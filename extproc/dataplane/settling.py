@@ -45,6 +45,7 @@ class Settling:
     _record: UsageRecord | None
     _route_decision: RouteDecision | None
     _start_ns: int
+    _end_ns: int
     _started: float
     _trace: tuple[str | None, str | None]
     _task: str | None
@@ -96,6 +97,9 @@ class Settling:
         if self._closed:
             return None
         self._closed = True
+        # The span ends here, before the reply that releases the response to the client is
+        # sent; the ext_proc stream itself closes later, after the client may have its answer.
+        self._end_ns = time.time_ns()
         try:
             return self._settle()
         except Exception:
@@ -187,7 +191,7 @@ class Settling:
             RequestTelemetry(
                 record=record,
                 start_ns=self._start_ns,
-                end_ns=time.time_ns(),
+                end_ns=self._end_ns,
                 traceparent=self._trace[0],
                 tracestate=self._trace[1],
                 decision=verdict,

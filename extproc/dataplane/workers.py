@@ -158,6 +158,8 @@ class Supervisor:
         )
         for task in (all_ready, *exits):
             task.cancel()
+        # Collect what was cancelled, or asyncio logs "exception was never retrieved".
+        await asyncio.gather(all_ready, *exits, return_exceptions=True)
         if not all(w.ready.is_set() for w in self.workers):
             exited = any(w.proc and w.proc.returncode is not None for w in self.workers)
             await self.stop(grace=5.0)

@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,9 +86,16 @@ def redis_child(port: int, directory: Path, *extra: str, persist: bool = False) 
 class Child:
     """A child process whose output is kept (for failure messages) and watched for a line."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
+        self.on_line = on_line  # sees every output line as it arrives (`make run` echoes some)
         self.lines: list[str] = []
         self._seen = threading.Condition()
         self.proc = subprocess.Popen(
@@ -105,6 +112,11 @@ class Child:
     def _pump(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            if self.on_line is not None:
+                try:
+                    self.on_line(line.rstrip("\n"))
+                except Exception:  # a broken terminal must not stop the output being kept
+                    self.on_line = None
             with self._seen:
                 self.lines.append(line.rstrip("\n"))
                 del self.lines[:-500]
@@ -238,6 +250,8 @@ class StackConfig:
     # Extra upstream clusters, each a simulator of its own: {route name: None}.
     extra_upstreams: tuple[str, ...] = ()
     redis_cluster_nodes: int = 0  # >0: start a Redis Cluster of that many primaries instead
+    # For a child's name, a callback that sees each of its output lines live (`make run`).
+    log_echo: Callable[[str], Callable[[str], None]] | None = None
     # The console and admin API on a port of its own (0: none); `console_env` adds e.g.
     # EXTPROC_ADMIN_TOKENS. The sidecar's EXTPROC_POLICY is passed on.
     console_port: int = 0
@@ -353,7 +367,8 @@ class Stack:
         return f"{'https' if tls_args else 'http'}://127.0.0.1:{port}"
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
-        child = Child(name, argv, env)
+        echo = self.config.log_echo(name) if self.config.log_echo else None
+        child = Child(name, argv, env, on_line=echo)
         self.children[name] = child
         return child
 

@@ -32,6 +32,14 @@ log = logging.getLogger("extproc.metering.ledger")
 
 _BATCH = 256
 
+# Idempotency window: request ids stay in per-minute sets this long after their last write.
+# Replays within it are refused by settle.lua; a spool older than it (a long outage) is
+# first checked against the ledger stream, so the window only bounds memory, never safety.
+SEEN_WINDOW_S = 900
+SEEN_BUCKET_MS = 60_000
+# How long before the spool's first write an ambiguous batch may have reached Redis.
+_REPLAY_LOOKBACK_MS = 300_000
+
 
 def record_to_dict(record: UsageRecord) -> dict[str, Any]:
     """Plain JSON-ready dict (ints stay ints, unlike protobuf's JSON mapping of int64)."""
@@ -46,8 +54,21 @@ class Spool:
     def __init__(self, directory: str | Path) -> None:
         self.path = Path(directory) / "ledger.spool"
 
+    @property
+    def _started_path(self) -> Path:
+        return self.path.with_name("ledger.spool.started")
+
+    def started_ms(self) -> int | None:
+        """When the first settlement of this spool was written (None: empty spool)."""
+        try:
+            return int(self._started_path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None if not self.path.exists() else int(self.path.stat().st_mtime * 1000)
+
     def append(self, records: list[Settlement]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            self._started_path.write_text(str(int(time.time() * 1000)))
         with self.path.open("ab") as fh:
             for r in records:
                 fh.write(base64.b64encode(r.SerializeToString()) + b"\n")
@@ -64,6 +85,8 @@ class Spool:
     def clear(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self._started_path.unlink()
 
 
 SoftAlert = Callable[[str, list[str]], None]
@@ -189,6 +212,8 @@ class Ledger:
             s.record.input_tokens,
             s.record.cached_input_tokens,
             s.miss_nanos_per_token,
+            s.record.time_ms // SEEN_BUCKET_MS,
+            SEEN_WINDOW_S,
         ]
         return args
 
@@ -231,10 +256,43 @@ class Ledger:
                 SETTLE.queue(pipe, [s.prefix], self._settle_args(s))
             return await pipe.execute()
 
+    async def _written_since(self, prefix: str, since_ms: int) -> set[str]:
+        """Request ids in a workspace's ledger stream written at or after `since_ms`."""
+        ids: set[str] = set()
+        start = f"{max(since_ms, 0)}-0"
+        while True:
+            rows = await self._redis.execute_command(
+                "XRANGE", ledger_key(prefix), start, "+", "COUNT", 1000
+            )
+            for _entry_id, fields in rows:
+                raw = fields[b"r"] if isinstance(fields, dict) else dict(zip(
+                    fields[::2], fields[1::2], strict=True))[b"r"]  # fmt: skip
+                ids.add(UsageRecord.FromString(raw).request_id)
+            if len(rows) < 1000:
+                return ids
+            last = rows[-1][0]
+            start = "(" + (last.decode() if isinstance(last, bytes) else last)
+
+    async def _unwritten(self, pending: list[Settlement], started_ms: int) -> list[Settlement]:
+        """Drop spooled settlements the ledger already holds: an old spool's ids may have
+        left the idempotency window, and its last batch may have reached Redis after all."""
+        since = started_ms - _REPLAY_LOOKBACK_MS
+        written: set[str] = set()
+        for prefix in {s.prefix for s in pending}:
+            written |= await self._written_since(prefix, since)
+        kept = [s for s in pending if s.record.request_id not in written]
+        if len(kept) < len(pending):
+            log.warning("ledger: %d spooled settlements were already in the ledger",
+                        len(pending) - len(kept))  # fmt: skip
+        return kept
+
     async def _replay_spool(self) -> None:
         pending = self._spool.read()
         if not pending:
             return
+        started = self._spool.started_ms()
+        if started is not None and time.time() * 1000 - started > (SEEN_WINDOW_S - 60) * 1000:
+            pending = await self._unwritten(pending, started)
         for start in range(0, len(pending), _BATCH):
             await self._write(pending[start : start + _BATCH])
         self._spool.clear()

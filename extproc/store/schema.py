@@ -17,7 +17,8 @@ Redis Cluster slot:
                               hash, the settlement to write if the sidecar dies)
     {ws:W}:rl:<minute>        hash  rate-limit counters of one minute
     {ws:W}:sess:<session>     session's input tokens (context-growth guard)
-    {ws:W}:seen:<request id>  settled once marker
+    {ws:W}:seen:<minute>      set of request ids settled, by the minute the request
+                              started; expires 15 min after its last write (idempotency)
     {ws:W}:prefix:<fingerprint> prompt prefix seen recently (cache hygiene)
     {ws:W}:alerted:...        alert sent once markers (soft, hard, burn)
     {ws:W}:revoked            set of revoked key ids

@@ -136,10 +136,12 @@ def unknown_url(method: str, path: str) -> OpenAIError:
     )
 
 
-def upstream_credential_missing(workspace: str) -> OpenAIError:
+def upstream_credential_missing(workspace: str, missing: str = "not configured") -> OpenAIError:
+    """`missing` says what the operator must set: a variable or file name, never a value."""
     return OpenAIError(
         503,
-        f"Workspace {workspace} has no upstream credential configured.",
+        f"Workspace {workspace} has no upstream credential: {missing}. "
+        "The gateway's operator must provide it where the sidecar runs.",
         "server_error",
         None,
         "upstream_credential_missing",

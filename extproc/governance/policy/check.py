@@ -81,6 +81,44 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+def node_lines(node: yaml.Node | None) -> dict[str, int]:
+    """Each field path written in the file -> its 1-based line, with paths spelled the way
+    the checker names them (`workspaces.dev.soft_limit`, `alerts.webhooks[0].url`)."""
+    lines: dict[str, int] = {}
+
+    def walk(n: yaml.Node, path: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for key, value in n.value:
+                if isinstance(key, yaml.ScalarNode):
+                    child = _join(path, str(key.value))
+                    lines.setdefault(child, key.start_mark.line + 1)
+                    walk(value, child)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                child = f"{path}[{i}]"
+                lines.setdefault(child, item.start_mark.line + 1)
+                walk(item, child)
+
+    if node is not None:
+        walk(node, "")
+    return lines
+
+
+def with_line(problem: str, lines: Mapping[str, int]) -> str:
+    """`path: message (line N)`, N where the path (or its nearest written parent) is."""
+    path, sep, _ = problem.partition(": ")
+    if not sep:
+        return problem
+    while path:
+        if path in lines:
+            return f"{problem} (line {lines[path]})"
+        cut = max(path.rfind("."), path.rfind("["))
+        if cut <= 0:
+            break
+        path = path[:cut]
+    return problem
+
+
 def _pct(share: Decimal) -> str:
     return f"{share:%}"
 

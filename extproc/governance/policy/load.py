@@ -25,8 +25,9 @@ new models appear before the price table is updated. `extproc.routing.decide` ap
 
 from __future__ import annotations
 
+import dataclasses
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from decimal import ROUND_FLOOR, Decimal, localcontext
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,15 @@ import yaml
 
 from extproc.governance.passthrough import DEFAULT as DEFAULT_PASSTHROUGH
 from extproc.governance.passthrough import PassthroughPolicy, parse_passthrough
-from extproc.governance.policy.check import _Checker, _did_you_mean, _Loader, _pct, _shown
+from extproc.governance.policy.check import (
+    _Checker,
+    _did_you_mean,
+    _Loader,
+    _pct,
+    _shown,
+    node_lines,
+    with_line,
+)
 from extproc.governance.policy.model import (
     _DEFAULT_FIELDS,
     _DEFAULTS,
@@ -172,13 +181,25 @@ def _burn_floor(chk: _Checker, path: str, value: Any) -> Decimal | None:
 
 
 def _check_order(
-    chk: _Checker, path: str, own: Mapping[str, Any], soft: Decimal | None, hard: Decimal | None
+    chk: _Checker,
+    path: str,
+    own: Mapping[str, Any],
+    soft: Decimal | None,
+    hard: Decimal | None,
+    inherited: Mapping[str, Any],
 ) -> None:
-    """hard >= soft, reported at the field this level set (hard_limit if it set both)."""
+    """hard >= soft, reported at the field that was changed: the one this level set, or of
+    two set here, the one that differs from what it would inherit (hard_limit if both do)."""
     if soft is None or hard is None or hard >= soft:
         return
-    where = "hard_limit" if "hard_limit" in own else "soft_limit"
-    chk.error(f"{path}.{where}", f"hard_limit ({_pct(hard)}) must be >= soft_limit ({_pct(soft)})")
+    here = [f for f in ("soft_limit", "hard_limit") if f in own]
+    changed = [f for f in here if own[f] != inherited.get(f)]
+    where = changed[0] if len(changed) == 1 else here[-1] if here else "hard_limit"
+    if where == "soft_limit":
+        message = f"soft_limit ({_pct(soft)}) must be <= hard_limit ({_pct(hard)})"
+    else:
+        message = f"hard_limit ({_pct(hard)}) must be >= soft_limit ({_pct(soft)})"
+    chk.error(f"{path}.{where}", message)
 
 
 def _timezone(chk: _Checker, value: Any) -> zoneinfo.ZoneInfo:
@@ -270,7 +291,7 @@ def _workspace(
     merged = {**_DEFAULTS, **defaults, **own}
     soft, hard = merged["soft_limit"], merged["hard_limit"]
     if {"soft_limit", "hard_limit"} & own.keys():
-        _check_order(chk, path, own, soft, hard)
+        _check_order(chk, path, own, soft, hard, {**_DEFAULTS, **defaults})
     upstream = _upstream(chk, f"{path}.upstream", raw["upstream"]) if "upstream" in raw else None
     rate_limits = _merge_limits(
         None, chk.rate_fields(f"{path}.rate_limits", raw.get("rate_limits"))
@@ -369,7 +390,7 @@ def parse_policy(
     draw = chk.mapping("defaults", raw.get("defaults"), _DEFAULT_FIELDS)
     defaults = _settings(chk, "defaults", draw)
     base = {**_DEFAULTS, **defaults}
-    _check_order(chk, "defaults", defaults, base["soft_limit"], base["hard_limit"])
+    _check_order(chk, "defaults", defaults, base["soft_limit"], base["hard_limit"], _DEFAULTS)
     default_keys = _merge_limits(
         None, chk.rate_fields("defaults.key_rate_limits", draw.get("key_rate_limits"))
     )
@@ -432,7 +453,8 @@ def parse_policy_text(
 ) -> Policy:
     loader = _Loader(text)
     try:
-        doc = loader.get_single_data()
+        node = loader.get_single_node()
+        doc = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         raise PolicyError([f"{source}: not valid YAML: {exc}"]) from None
     finally:
@@ -440,10 +462,20 @@ def parse_policy_text(
     duplicates = [f"{source}: {d}" for d in loader.duplicates]
     if doc is None:
         raise PolicyError([f"{source}: empty file (expected version: 1 and workspaces:)"])
+    lines = node_lines(node)
+    prefix = f"{source}: "
+
+    def located(messages: Iterable[str]) -> list[str]:
+        """Each problem or warning with the line of the field it names, for the editor."""
+        return [
+            prefix + with_line(m.removeprefix(prefix), lines) if m.startswith(prefix) else m
+            for m in messages
+        ]
+
     try:
         policy = parse_policy(doc, source, base_dir, prices=prices)
     except PolicyError as exc:
-        raise PolicyError([*duplicates, *exc.problems]) from None
+        raise PolicyError([*duplicates, *located(exc.problems)]) from None
     if duplicates:
         raise PolicyError(duplicates)
-    return policy
+    return dataclasses.replace(policy, warnings=tuple(located(policy.warnings)))

@@ -16,9 +16,17 @@ from extproc.store.schema import (
 # --- presentation --------------------------------------------------------------------------
 
 
+_CENT_NANOS = 10_000_000
+
+
 def dollars(nanos: int | None) -> str:
-    """For people: to the cent, with thousands separators."""
-    return "-" if nanos is None else usd(nanos, cents=True, sign=True, grouped=True)
+    """For people: to the cent, with thousands separators; an amount under a cent exactly,
+    so a spend that is not zero never reads "$0.00" (a short demo costs fractions of a cent)."""
+    if nanos is None:
+        return "-"
+    if nanos and abs(nanos) < _CENT_NANOS:
+        return usd(nanos, sign=True)
+    return usd(nanos, cents=True, sign=True, grouped=True)
 
 
 def _pct_text(share: Decimal | None) -> str:

@@ -9,15 +9,23 @@
 -- ARGV     request_id, reservation_id, period_id, day_id, hour_id, actual_nanos, record,
 --          ledger_maxlen, n, (scope, soft_nanos or -1) * n,
 --          hygiene_scope, prefix_fingerprint, prefix_tokens, input_tokens, cached_tokens,
---          miss_nanos_per_token
+--          miss_nanos_per_token, seen_bucket, seen_window_s
 --
 -- Returns  {"dup"} or {"ok", scope_newly_over_soft, ...}
+--
+-- Idempotency costs one set member per request, not a key: request ids are kept in one set
+-- per workspace and minute of the request's start (`seen_bucket`), which expires
+-- `seen_window_s` after its last write. A replay later than that is checked against the
+-- ledger stream by the writer itself before it gets here (see extproc.metering.ledger).
 local p = KEYS[1]
 local rid, resv, period, day, hour, actual = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local h = 10 + 2 * tonumber(ARGV[9])
 
-if not redis.call('SET', p .. ':seen:' .. rid, '1', 'NX', 'EX', 604800) then
+local seen_k = p .. ':seen:' .. ARGV[h + 6]
+if redis.call('SADD', seen_k, rid) == 0 then
   return {'dup'}
 end
+redis.call('EXPIRE', seen_k, ARGV[h + 7])
 
 if resv ~= '' then
   local data_k = p .. ':resv:data'
@@ -56,7 +64,6 @@ end
 redis.call('HINCRBY', spent_k, '#requests', 1)
 
 -- Prompt-cache hygiene: a prefix seen in the last 15 minutes should have been cached.
-local h = 10 + 2 * n
 local who = ARGV[h]
 if who ~= nil and who ~= '' then
   local fp, ptoks, input, cached, rate = ARGV[h + 1], tonumber(ARGV[h + 2]), ARGV[h + 3],

@@ -1,0 +1,255 @@
+"""End to end: `make run` (`extproc stack`) as a developer meets it.
+
+Each stack runs as its own `python -m extproc stack` process in a scratch checkout
+directory (its `.data/`) with a scratch per-user state directory, exactly as `make run`
+starts it; the CLI is run from an unrelated directory to prove it finds the stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from extproc.devstack.stack import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT_S = 60.0
+CREDENTIAL_VARS = ("OPENAI_API_KEY_DEV", "OPENAI_API_KEY_CI", "OPENAI_API_KEY_PROD")
+
+
+@dataclass
+class RunningStack:
+    """One `extproc stack` process and every line it printed (stdout and stderr)."""
+
+    proc: subprocess.Popen[str]
+    port: int
+    lines: list[str] = field(default_factory=list)
+    seen: threading.Condition = field(default_factory=threading.Condition)
+
+    def pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self.seen:
+                self.lines.append(line.rstrip("\n"))
+                self.seen.notify_all()
+        with self.seen:
+            self.seen.notify_all()
+
+    def wait_line(self, pattern: str, timeout: float = WAIT_S) -> re.Match[str]:
+        regex = re.compile(pattern)
+        found: list[re.Match[str]] = []
+
+        def match() -> bool:
+            found[:] = [m for m in map(regex.search, self.lines) if m]
+            return bool(found) or self.proc.poll() is not None
+
+        with self.seen:
+            self.seen.wait_for(match, timeout)
+            assert found, f"no line matching {pattern!r}:\n" + "\n".join(self.lines)
+            return found[0]
+
+    @property
+    def output(self) -> str:
+        with self.seen:
+            return "\n".join(self.lines)
+
+    def demo_key(self) -> str:
+        return self.wait_line(r"demo key\s+: (sk-\S+)")[1]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(WAIT_S)
+
+
+@dataclass
+class Checkout:
+    """A directory to run `make run` in, and the per-user state directory it reports to."""
+
+    cwd: Path
+    state_home: Path
+    policy: Path
+    elsewhere: Path
+    started: list[RunningStack] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("EXTPROC_", "OTEL_", "UPSTREAM"))
+        }
+        for var in CREDENTIAL_VARS:
+            env.pop(var, None)
+        env.update(XDG_STATE_HOME=str(self.state_home), EXTPROC_POLICY=str(self.policy), **extra)
+        return env
+
+    def start(self, port: int, **extra: str) -> RunningStack:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "extproc", "stack"],
+            cwd=self.cwd,
+            env=self.env(
+                EXTPROC_PORT=str(port), **{"EXTPROC_CONSOLE_PORT": str(free_port()), **extra}
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        running = RunningStack(proc, port)
+        threading.Thread(target=running.pump, daemon=True).start()
+        self.started.append(running)
+        return running
+
+    def cli(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        """The CLI as a user runs it: from another directory, no policy or Redis given."""
+        env = self.env(**extra)
+        env.pop("EXTPROC_POLICY")
+        return subprocess.run(
+            [sys.executable, "-m", "extproc", *args],
+            cwd=self.elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+        )
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Iterator[Checkout]:
+    cwd, elsewhere = tmp_path / "checkout", tmp_path / "elsewhere"
+    cwd.mkdir()
+    elsewhere.mkdir()
+    policy = tmp_path / "policy.yaml"
+    shutil.copy(ROOT / "examples" / "policy.yaml", policy)
+    co = Checkout(cwd, tmp_path / "state", policy, elsewhere)
+    try:
+        yield co
+    finally:
+        for running in co.started:
+            if running.proc.poll() is None:
+                running.proc.kill()  # its children are stopped by nobody: say so loudly
+                running.proc.wait()
+                pytest.fail(f"stack on {running.port} did not stop:\n{running.output}")
+
+
+def _post(base: str, key: str, path: str, body: dict[str, object]) -> httpx.Response:
+    return httpx.post(
+        f"{base}{path}", json=body, headers={"authorization": f"Bearer {key}"}, timeout=30
+    )
+
+
+def test_make_run_one_developer_two_stacks(checkout: Checkout) -> None:
+    first_port, second_port = free_port(), free_port()
+    first = checkout.start(first_port)
+    base = first.wait_line(r"OpenAI base URL : (\S+)")[1]
+    key = first.demo_key()
+    assert base == f"http://127.0.0.1:{first_port}/v1"
+    assert (checkout.cwd / ".data" / str(first_port) / "redis").is_dir()
+
+    # The demo key can do what the README shows, embeddings included.
+    resp = _post(base, key, "/responses", {"model": "codex-default", "input": "hi"})
+    assert resp.status_code == 200, resp.text
+    resp = _post(base, key, "/embeddings", {"model": "text-embedding-3-small", "input": "hi"})
+    assert resp.status_code == 200, resp.text
+
+    # The CLI finds the stack from another directory, policy and all.
+    usage = checkout.cli("usage", "--limit", "5")
+    assert usage.returncode == 0, usage.stderr
+    header, *rows = usage.stdout.splitlines()
+    assert header.split()[:3] == ["TIME", "WORKSPACE", "SERVICE"]
+    assert len(rows) == 2 and all(" dev " in r and " codex-cli " in r for r in rows), rows
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d CE", r) for r in rows), rows
+    spend = checkout.cli("spend")
+    assert spend.returncode == 0, spend.stderr
+    dev_line = next(line for line in spend.stdout.splitlines() if line.startswith("dev "))
+    assert re.search(r"\$0\.00\d*[1-9]", dev_line), dev_line  # sub-cent spend, not "$0.00"
+    page = checkout.elsewhere / "spend.html"
+    html = checkout.cli("spend", "--html", str(page))
+    assert html.returncode == 0, html.stderr
+    assert html.stdout == "" and page.read_text().lstrip().lower().startswith("<!doctype html")
+
+    # A second stack on the same port is refused before anything starts.
+    again = checkout.start(first_port)
+    assert again.proc.wait(WAIT_S) == 2
+    assert f"port {first_port} is already in use" in again.output
+    assert "stack is up" not in again.output
+    assert checkout.cli("usage").returncode == 0  # the first stack's record is untouched
+
+    # A broken policy edit shows up live, where the developer is looking.
+    checkout.policy.write_text(
+        checkout.policy.read_text().replace("budget_usd: 500", "budget_usd: -5")
+    )
+    first.wait_line(r"\[sidecar\] .* ERROR .*policy reload rejected")
+    first.wait_line(r"\[sidecar\] .*workspaces\.dev\.budget_usd")
+    shutil.copy(ROOT / "examples" / "policy.yaml", checkout.policy)
+
+    # A second stack on another port, towards a real upstream without credentials: warned
+    # about at startup, its data kept apart, and the 503 names the variable to set.
+    second = checkout.start(second_port, UPSTREAM_URL=f"http://127.0.0.1:{free_port()}")
+    for var in CREDENTIAL_VARS:
+        second.wait_line(rf"warning: workspace \w+: environment variable {var} is not set")
+    second_key = second.demo_key()
+    assert second_key != key
+    refused = _post(
+        f"http://127.0.0.1:{second_port}/v1",
+        second_key,
+        "/responses",
+        {"model": "codex-default", "input": "hi"},
+    )
+    assert refused.status_code == 503
+    error = refused.json()["error"]
+    assert error["code"] == "upstream_credential_missing"
+    assert "OPENAI_API_KEY_DEV" in error["message"]
+    assert (checkout.cwd / ".data" / str(second_port) / "redis").is_dir()
+
+    ambiguous = checkout.cli("usage")
+    assert ambiguous.returncode == 1
+    assert ambiguous.stderr.strip().count("\n") == 0
+    assert "--stack PORT" in ambiguous.stderr and str(second_port) in ambiguous.stderr
+    chosen = checkout.cli("keys", "list", "--stack", str(second_port), "--json")
+    assert chosen.returncode == 0, chosen.stderr
+    assert len(json.loads(chosen.stdout)) == 1
+
+    # Stopping the first removes only its record; a restart shows the same demo key.
+    assert first.stop() == 0
+    only = checkout.cli("keys", "list", "--json")
+    assert only.returncode == 0, only.stderr
+    assert [k["workspace"] for k in json.loads(only.stdout)] == ["dev"]
+    assert second.stop() == 0
+    none = checkout.cli("usage")
+    assert none.returncode == 1 and "make run" in none.stderr and "Traceback" not in none.stderr
+
+    restarted = checkout.start(first_port)
+    assert restarted.demo_key() == key
+    assert "same as last run" in restarted.output
+    listed = checkout.cli("keys", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)) == 1  # no new key minted
+    assert restarted.stop() == 0
+    assert "Traceback" not in first.output + second.output + restarted.output
+
+
+def test_make_run_refuses_a_port_an_envoy_holds_with_reuse_port(checkout: Checkout) -> None:
+    """Envoy's default SO_REUSEPORT would let a second listener share the port silently."""
+    import socket
+
+    port = free_port()
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        refused = checkout.start(port)
+        assert refused.proc.wait(WAIT_S) == 2
+    assert f"port {port} is already in use" in refused.output
+    assert not (checkout.cwd / ".data" / str(port)).exists()  # nothing was started
