@@ -22,7 +22,7 @@ from extproc.store.schema import ledger_key, workspace_prefix
 from extproc.v1.ledger_pb2 import UsageRecord
 from tests.conftest import new_key, wait_for
 
-CODEX = Path(__file__).resolve().parents[1] / ".tools" / "node_modules" / ".bin" / "codex"
+CODEX = Path(__file__).resolve().parents[2] / ".tools" / "node_modules" / ".bin" / "codex"
 
 POLICY = """
 version: 1
