@@ -19,8 +19,9 @@ from typing import Any
 
 from extproc.metering.prices import PriceTable
 from extproc.v1.ledger_pb2 import UsageRecord
-from extproc.wire.endpoints import load_json, model_of, read_usage
+from extproc.wire.endpoints import load_json, model_of
 from extproc.wire.paths import Pricing, Target
+from extproc.wire.responses import response_usage
 from extproc.wire.usage import Usage
 
 FREE_FAMILY = "free"
@@ -52,13 +53,7 @@ def usage_of(answer: Any) -> Usage | None:
         image_tokens = usage["input_tokens_details"].get("image_tokens")
         if type(image_tokens) is int and image_tokens > 0:
             return None  # image input tokens have their own rate the table does not hold
-    return read_usage(
-        usage,
-        input_key="input_tokens",
-        input_details="input_tokens_details",
-        output_key="output_tokens",
-        output_details="output_tokens_details",
-    )
+    return response_usage(usage)
 
 
 def settle_passthrough(seen: PassthroughSeen, prices: PriceTable) -> UsageRecord:
