@@ -18,8 +18,8 @@ import openai
 import pytest
 import redis
 
-from extproc.devstack.stack import Stack, temporary_stack
-from tests.conftest import all_records, new_key, wait_record
+from extproc.devstack.stack import Stack
+from tests.conftest import all_records, new_key, policy_stack, wait_record
 
 RID = "x-extproc-request-id"
 HOLD_EXPIRY_SECONDS = 2
@@ -37,15 +37,11 @@ workspaces:
 
 
 def governed_stack(tmp: pytest.TempPathFactory, *, restart: bool) -> Iterator[Stack]:
-    policy = tmp.mktemp("policy") / "policy.yaml"
-    policy.write_text(POLICY)
     env = {
-        "EXTPROC_POLICY": str(policy),
         "TEST_UPSTREAM_DEV": "sk-upstream-dev",
         "EXTPROC_HOLD_EXPIRY_SECONDS": str(HOLD_EXPIRY_SECONDS),
     }
-    with temporary_stack(sidecar_env=env, restart_sidecars=restart) as s:
-        s.policy_path = policy  # type: ignore[attr-defined]
+    with policy_stack(tmp, POLICY, env, restart_sidecars=restart) as s:
         yield s
 
 

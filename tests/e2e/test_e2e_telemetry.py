@@ -9,24 +9,22 @@ Prometheus is Debian's `prometheus` binary scraping the sidecar every second.
 
 from __future__ import annotations
 
-import json
 import secrets
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
 
-from extproc.devstack.stack import Child, Stack, free_port, temporary_stack
+from extproc.devstack.stack import Child, Stack, free_port
 from extproc.v1.ledger_pb2 import UsageRecord
+from tests.conftest import new_key as stack_key
+from tests.conftest import policy_stack
 from tests.otlp import WAIT_S, OtlpReceiver
 
 UPSTREAM_KEY = "sk-upstream-telemetry"
@@ -51,7 +49,6 @@ class Telemetered:
     stack: Stack
     otlp: OtlpReceiver
     metrics_port: int
-    policy: Path
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +56,7 @@ def telemetered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Telemetere
     otlp = OtlpReceiver()
     otlp_port = otlp.start()
     metrics_port = free_port()
-    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    policy.write_text(POLICY)
     env = {
-        "EXTPROC_POLICY": str(policy),
         "TEST_UPSTREAM_DEV": UPSTREAM_KEY,
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
         "OTEL_TRACES_EXPORTER": "otlp",
@@ -76,22 +70,14 @@ def telemetered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Telemetere
         "EXTPROC_PROMETHEUS_PORT": str(metrics_port),
     }
     try:
-        with temporary_stack(sidecar_env=env) as stack:
-            yield Telemetered(stack, otlp, metrics_port, policy)
+        with policy_stack(tmp_path_factory, POLICY, env) as stack:
+            yield Telemetered(stack, otlp, metrics_port)
     finally:
         otlp.stop()
 
 
 def new_key(t: Telemetered, service: str) -> dict[str, str]:
-    out = subprocess.run(
-        [sys.executable, "-m", "extproc", "keys", "create", "--workspace", "dev",
-         "--service", service, "--json", "--redis-url", t.stack.redis_url],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PATH": "/usr/bin:/bin", "EXTPROC_POLICY": str(t.policy)},
-    )  # fmt: skip
-    return json.loads(out.stdout)
+    return stack_key(t.stack, "dev", service)
 
 
 def chat(t: Telemetered, key: str, headers: dict[str, str] | None = None) -> httpx.Response:
@@ -194,10 +180,7 @@ def grpc_otlp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Telemetered]
     """A stack exporting with OTEL_EXPORTER_OTLP_PROTOCOL=grpc, as to a collector on 4317."""
     otlp = GrpcOtlpReceiver()
     port = otlp.start()
-    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    policy.write_text(POLICY)
     env = {
-        "EXTPROC_POLICY": str(policy),
         "TEST_UPSTREAM_DEV": UPSTREAM_KEY,
         "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
@@ -207,8 +190,8 @@ def grpc_otlp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Telemetered]
         "OTEL_METRIC_EXPORT_INTERVAL": "500",
     }
     try:
-        with temporary_stack(sidecar_env=env) as stack:
-            yield Telemetered(stack, otlp, 0, policy)
+        with policy_stack(tmp_path_factory, POLICY, env) as stack:
+            yield Telemetered(stack, otlp, 0)
     finally:
         otlp.grpc_server.stop(grace=None)
 
