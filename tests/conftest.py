@@ -42,6 +42,17 @@ def policy_stack(
         yield s
 
 
+# A chat stream of 20 chunks 40 ms apart (the simulator's fault header): it stays open for
+# most of a second, long enough for a test to stop or kill something while it runs.
+SLOW_STREAM: dict[str, Any] = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "a long answer please"}],
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
+SLOW_STREAM_HEADERS = {"x-sim-fault": "event-delay-ms=40", "x-sim-output-tokens": "20"}
+
+
 # Two workspaces, two teams, three services: the policy the console's tests look at.
 CONSOLE_POLICY = """
 version: 1

@@ -9,7 +9,7 @@ import httpx
 import redis
 
 from extproc.devstack.stack import temporary_stack
-from tests.conftest import wait_record
+from tests.conftest import SLOW_STREAM, SLOW_STREAM_HEADERS, wait_record
 
 RID = "x-extproc-request-id"
 
@@ -22,13 +22,7 @@ def test_sigterm_drains_an_in_flight_stream_and_records_it() -> None:
         headers: dict[str, str] = {}
 
         def stream() -> None:
-            body = {
-                "model": "gpt-4o-mini",
-                "messages": [{"role": "user", "content": "a long answer please"}],
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-            hdrs = {"x-sim-fault": "event-delay-ms=40", "x-sim-output-tokens": "20"}
+            body, hdrs = SLOW_STREAM, SLOW_STREAM_HEADERS
             with httpx.stream(
                 "POST", f"{stack.base_url}/chat/completions", json=body, headers=hdrs, timeout=30
             ) as resp:

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from extproc.devstack.stack import Stack, temporary_stack
-from tests.conftest import all_records, wait_record
+from tests.conftest import SLOW_STREAM, SLOW_STREAM_HEADERS, all_records, wait_record
 from tests.e2e.test_e2e_metering import RID, assert_exact, chat_usage
 
 WORKERS = 2
@@ -108,13 +108,7 @@ def test_sigterm_drains_every_worker() -> None:
         done: list[tuple[dict[str, str], list[str]]] = []
 
         def stream() -> None:
-            body = {
-                "model": "gpt-4o-mini",
-                "messages": [{"role": "user", "content": "a long answer please"}],
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-            hdrs = {"x-sim-fault": "event-delay-ms=40", "x-sim-output-tokens": "20"}
+            body, hdrs = SLOW_STREAM, SLOW_STREAM_HEADERS
             lines: list[str] = []
             url = f"{stack.base_url}/chat/completions"
             with httpx.stream("POST", url, json=body, headers=hdrs, timeout=30) as resp:
