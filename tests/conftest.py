@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -22,6 +23,46 @@ from extproc.v1.ledger_pb2 import UsageRecord
 
 # Small enough to test the limit cheaply, still well above Envoy's 1 MiB default buffer.
 E2E_MAX_BODY = 8 * 1024 * 1024
+
+
+@contextmanager
+def policy_stack(
+    tmp_path_factory: pytest.TempPathFactory, policy: str, env: dict[str, str], **options: Any
+) -> Iterator[Stack]:
+    """A stack of its own running `policy` (written to a file), for a module's own fixture.
+
+    `env` adds to the sidecar's environment (the upstream key variable the policy names);
+    `options` go to `temporary_stack`. The stack remembers the file as `policy_path`, which
+    `cli` hands to `extproc` as an operator would.
+    """
+    path = tmp_path_factory.mktemp("policy") / "policy.yaml"
+    path.write_text(policy)
+    with temporary_stack(sidecar_env={"EXTPROC_POLICY": str(path), **env}, **options) as s:
+        s.policy_path = path  # type: ignore[attr-defined]
+        yield s
+
+
+# Two workspaces, two teams, three services: the policy the console's tests look at.
+CONSOLE_POLICY = """
+version: 1
+timezone: UTC
+defaults: {default_output_cap: 64}
+workspaces:
+  dev:
+    budget_usd: 100
+    upstream: {key_env: TEST_UPSTREAM}
+    teams:
+      platform: {budget_usd: 40}
+      data: {}
+    services:
+      cli: {team: platform}
+      etl: {team: data}
+  prod:
+    budget_usd: 500
+    upstream: {key_env: TEST_UPSTREAM}
+    services:
+      api: {}
+"""
 
 
 @pytest.fixture(scope="session")

@@ -50,13 +50,16 @@ drain_envoy() {
     sleep "$ENDPOINT_DELAY"
     admin POST '/drain_listeners?graceful&inboundonly' >/dev/null || return 0
     local active
-    while ((SECONDS < deadline)); do
+    # Look at least once, however long the admin calls above took: SECONDS counts whole
+    # seconds, so a short grace period can be used up before the first look.
+    while :; do
         active=$(active_requests) || return 0
         if [[ "$active" == 0 ]]; then
             echo "drain: no active requests"
             return 0
         fi
         echo "drain: ${active:-unknown} requests still active"
+        ((SECONDS < deadline)) || break
         sleep 1
     done
     echo "drain: gave up after $1s with requests still active"

@@ -203,18 +203,9 @@ def _run_with_store(args: argparse.Namespace, action: Callable[[Any], Awaitable[
 
 
 def _identity_json(secret: str, identity: Any, **extra: Any) -> str:
-    return json.dumps(
-        {
-            "key": secret,
-            "key_id": identity.key_id,
-            "workspace": identity.workspace,
-            "team": identity.team,
-            "service": identity.service,
-            "owner": identity.owner,
-            **extra,
-        },
-        indent=2,
-    )
+    from extproc.governance.keys import new_key_dict
+
+    return json.dumps(new_key_dict(secret, identity, **extra), indent=2)
 
 
 def _print_new_key(secret: str, identity: Any) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from extproc.governance.keys import Identity, KeyInfo, KeyStore
+from extproc.governance.keys import KeyInfo, KeyStore, new_key_dict
 from extproc.governance.policy import Policy, PolicyError, load_policy
 from extproc.insight.spend import Report, build_report, read_hashes, report_keys, report_reads
 from extproc.metering.ledger import record_to_dict
@@ -165,18 +165,6 @@ async def spend_report_async(
 
 
 # --- keys ----------------------------------------------------------------------------------
-
-
-def new_key_dict(secret: str, identity: Identity, **extra: Any) -> dict[str, Any]:
-    return {
-        "key": secret,
-        "key_id": identity.key_id,
-        "workspace": identity.workspace,
-        "team": identity.team,
-        "service": identity.service,
-        "owner": identity.owner,
-        **extra,
-    }
 
 
 async def create_key(

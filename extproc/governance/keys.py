@@ -111,6 +111,22 @@ class Identity:
     expires_ms: int
 
 
+def new_key_dict(secret: str, identity: Identity, **extra: Any) -> dict[str, Any]:
+    """What a new (or rotated) key is handed back as, the one time its secret is shown.
+
+    The CLI prints it as JSON and the admin API returns it, so both say the same fields.
+    """
+    return {
+        "key": secret,
+        "key_id": identity.key_id,
+        "workspace": identity.workspace,
+        "team": identity.team,
+        "service": identity.service,
+        "owner": identity.owner,
+        **extra,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class KeyInfo:
     """What `keys list` shows: everything about a key except the key itself."""

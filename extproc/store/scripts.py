@@ -17,10 +17,20 @@ from redis.exceptions import NoScriptError
 from extproc.store.clients import Pipeline, ScriptClient
 
 
+def _lua(name: str) -> str:
+    return resources.files("extproc.store.lua").joinpath(f"{name}.lua").read_text()
+
+
 class LuaScript:
-    def __init__(self, name: str) -> None:
+    """One script, loaded by SHA; `includes` are fragments (local functions) put before it.
+
+    Redis gives a script no way to load another, so code two scripts share lives in a
+    fragment of its own and is joined in here: the SHA covers the joined source.
+    """
+
+    def __init__(self, name: str, includes: tuple[str, ...] = ()) -> None:
         self.name = name
-        self.source = resources.files("extproc.store.lua").joinpath(f"{name}.lua").read_text()
+        self.source = "".join(_lua(part) for part in (*includes, name))
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def load(self, client: ScriptClient) -> None:
@@ -41,5 +51,5 @@ class LuaScript:
 
 
 RESERVE = LuaScript("reserve")
-SETTLE = LuaScript("settle")
-REAP = LuaScript("reap")
+SETTLE = LuaScript("settle", includes=("release",))
+REAP = LuaScript("reap", includes=("release",))

@@ -14,26 +14,14 @@
 -- Returns  {orphan_settlement, ...}: one per reaped hold that carried one
 local p = KEYS[1]
 local now, limit = ARGV[1], tonumber(ARGV[2])
-local resv_k, data_k, orphan_k = p .. ':resv', p .. ':resv:data', p .. ':resv:orphan'
+local resv_k, orphan_k = p .. ':resv', p .. ':resv:orphan'
 local out = {}
 for _, rid in ipairs(redis.call('ZRANGEBYSCORE', resv_k, '-inf', now, 'LIMIT', 0, limit)) do
-  local d = redis.call('HGET', data_k, rid)
-  if d then
-    local parts = {}
-    for s in string.gmatch(d, '[^|]+') do parts[#parts + 1] = s end
-    -- HINCRBY refuses "-0": a zero-cost reservation (free model, empty input) holds nothing.
-    if parts[2] ~= '0' then
-      for i = 3, #parts do
-        redis.call('HINCRBY', p .. ':held:' .. parts[1], parts[i], '-' .. parts[2])
-      end
-    end
-    redis.call('HDEL', data_k, rid)
-  end
+  release_hold(p, rid)
   local orphan = redis.call('HGET', orphan_k, rid)
   if orphan then
     out[#out + 1] = orphan
     redis.call('HDEL', orphan_k, rid)
   end
-  redis.call('ZREM', resv_k, rid)
 end
 return out

@@ -28,21 +28,8 @@ end
 redis.call('EXPIRE', seen_k, ARGV[h + 7])
 
 if resv ~= '' then
-  local data_k = p .. ':resv:data'
-  local d = redis.call('HGET', data_k, resv)
-  if d then
-    local parts = {}
-    for s in string.gmatch(d, '[^|]+') do parts[#parts + 1] = s end
-    -- HINCRBY refuses "-0": a zero-cost reservation (free model, empty input) holds nothing.
-    if parts[2] ~= '0' then
-      for i = 3, #parts do
-        redis.call('HINCRBY', p .. ':held:' .. parts[1], parts[i], '-' .. parts[2])
-      end
-    end
-    redis.call('HDEL', data_k, resv)
-  end
+  release_hold(p, resv)  -- release.lua
   redis.call('HDEL', p .. ':resv:orphan', resv)
-  redis.call('ZREM', p .. ':resv', resv)
 end
 
 local out = {'ok'}

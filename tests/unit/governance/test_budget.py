@@ -36,7 +36,7 @@ from extproc.store.schema import ledger_key
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 from extproc.wire.usage import Usage
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = load_policy(ROOT / "examples" / "policy.yaml")
 PRICES = PriceTable.load()
 BERLIN = ZoneInfo("Europe/Berlin")

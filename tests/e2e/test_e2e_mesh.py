@@ -42,7 +42,7 @@ from extproc.devstack.stack import (
 from extproc.metering.prices import PriceTable
 from extproc.wire.usage import Usage
 from tests.conftest import all_records, new_key, wait_record
-from tests.test_mesh import envoyfilter_gateway
+from tests.deploy.test_mesh import envoyfilter_gateway
 
 PROVIDER = "api.openai.com"
 UPSTREAM_KEY = "sk-upstream-mesh"

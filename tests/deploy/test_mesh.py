@@ -24,7 +24,7 @@ import yaml
 
 from extproc.devstack import mesh
 from extproc.devstack.envoy_config import ENVOY_YAML
-from tests.test_deploy import (
+from tests.deploy.test_deploy import (
     Rendered,
     declared_port,
     env_of,

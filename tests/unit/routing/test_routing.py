@@ -35,7 +35,7 @@ from extproc.routing.decide import (
 from extproc.routing.explain import explain
 from extproc.wire.endpoints import ENDPOINTS, RequestFacts
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "policy.yaml"
 B = 1_000_000_000
 

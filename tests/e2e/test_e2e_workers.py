@@ -22,7 +22,7 @@ import redis
 
 from extproc.devstack.stack import Stack, temporary_stack
 from tests.conftest import all_records, wait_record
-from tests.test_e2e_metering import RID, assert_exact, chat_usage
+from tests.e2e.test_e2e_metering import RID, assert_exact, chat_usage
 
 WORKERS = 2
 

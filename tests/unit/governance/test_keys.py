@@ -29,7 +29,7 @@ from extproc.governance.keys import (
 from extproc.governance.policy import load_policy
 from extproc.store.schema import KEY_IDS, KEYS_CHANNEL, key_hash, revoked_key
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 POLICY = load_policy(ROOT / "examples" / "policy.yaml")
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 T = TypeVar("T")

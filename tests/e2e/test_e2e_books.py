@@ -21,11 +21,11 @@ import httpx
 import openai
 import pytest
 
-from extproc.devstack.stack import Stack, temporary_stack
+from extproc.devstack.stack import Stack
 from extproc.metering.prices import default_table
 from extproc.simulator.admin import simulated_ids
 from extproc.wire.usage import Usage
-from tests.conftest import Hooks, new_key, wait_record
+from tests.conftest import Hooks, new_key, policy_stack, wait_record
 
 UPSTREAM_KEY = "sk-upstream-books-fin"
 ADMIN_KEY = "sk-admin-books-test"
@@ -57,12 +57,9 @@ def hooks() -> Iterator[Hooks]:
 
 @pytest.fixture(scope="module")
 def books(hooks: Hooks, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
     project, _key_id = simulated_ids(UPSTREAM_KEY)
-    policy.write_text(POLICY.format(project=project, hook_port=hooks.port))
-    env = {"EXTPROC_POLICY": str(policy), "TEST_UPSTREAM_FIN": UPSTREAM_KEY}
-    with temporary_stack(sidecar_env=env) as s:
-        s.policy_path = policy  # type: ignore[attr-defined]
+    policy = POLICY.format(project=project, hook_port=hooks.port)
+    with policy_stack(tmp_path_factory, policy, {"TEST_UPSTREAM_FIN": UPSTREAM_KEY}) as s:
         yield s
 
 

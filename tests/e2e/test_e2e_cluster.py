@@ -21,7 +21,7 @@ import openai
 import pytest
 import redis
 
-from extproc.devstack.stack import Child, Stack, start_cluster, temporary_stack
+from extproc.devstack.stack import Child, Stack, start_cluster
 from extproc.governance.budget import Budgets, Plan, ScopeLimit
 from extproc.governance.keys import KeyCache, KeyStore
 from extproc.governance.periods import period_at
@@ -29,7 +29,7 @@ from extproc.metering.ledger import Ledger
 from extproc.store.clients import UNAVAILABLE, make_client, make_sync_client, parse_cluster_url
 from extproc.store.schema import LEDGERS, ledger_key, workspace_prefix
 from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
-from tests.conftest import cli, new_key
+from tests.conftest import cli, new_key, policy_stack
 
 RID = "x-extproc-request-id"
 WORKSPACES = ("ops", "dev", "burst")  # {ws:ops}, {ws:dev}, {ws:burst}: three slot ranges
@@ -63,11 +63,13 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello 
 
 @pytest.fixture(scope="module")
 def cstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    policy.write_text(POLICY)
-    env = {"EXTPROC_POLICY": str(policy), "TEST_UPSTREAM_KEY": "sk-upstream-cluster"}
-    with temporary_stack(sidecar_env=env, sidecars=2, redis_cluster_nodes=3) as s:
-        s.policy_path = policy  # type: ignore[attr-defined]
+    with policy_stack(
+        tmp_path_factory,
+        POLICY,
+        {"TEST_UPSTREAM_KEY": "sk-upstream-cluster"},
+        sidecars=2,
+        redis_cluster_nodes=3,
+    ) as s:
         yield s
 
 

@@ -18,10 +18,10 @@ import openai
 import pytest
 import redis
 
-from extproc.devstack.stack import Stack, temporary_stack
+from extproc.devstack.stack import Stack
 from extproc.store.schema import ledger_key, workspace_prefix
 from extproc.v1.ledger_pb2 import UsageRecord
-from tests.conftest import Hooks, cli, new_key, wait_record
+from tests.conftest import Hooks, cli, new_key, policy_stack, wait_record
 
 RID = "x-extproc-request-id"
 UPSTREAM_KEY = "sk-upstream-real-dev"
@@ -70,11 +70,12 @@ def hooks() -> Iterator[Hooks]:
 
 @pytest.fixture(scope="module")
 def bstack(hooks: Hooks, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    policy.write_text(POLICY.format(hook_port=hooks.port))
-    env = {"EXTPROC_POLICY": str(policy), "TEST_UPSTREAM_DEV": UPSTREAM_KEY}
-    with temporary_stack(sidecar_env=env, sidecars=2) as s:
-        s.policy_path = policy  # type: ignore[attr-defined]
+    with policy_stack(
+        tmp_path_factory,
+        POLICY.format(hook_port=hooks.port),
+        {"TEST_UPSTREAM_DEV": UPSTREAM_KEY},
+        sidecars=2,
+    ) as s:
         yield s
 
 

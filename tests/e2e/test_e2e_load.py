@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import pytest
 import redis
 
-from extproc.devstack.stack import Stack, raise_fd_limit, temporary_stack
+from extproc.devstack.stack import Stack, raise_fd_limit
 from extproc.store.schema import LEDGERS
 from extproc.v1.ledger_pb2 import UsageRecord
-from tests.conftest import new_key
+from tests.conftest import new_key, policy_stack
 
 STREAMS = 2_000
 RID = "x-extproc-request-id"
@@ -181,11 +181,7 @@ def wait_ledger(r: redis.Redis, ids: set[str], timeout: float = 60.0) -> dict:
 
 
 def governed(tmp: pytest.TempPathFactory, **config: object) -> Iterator[Stack]:
-    policy = tmp.mktemp("policy") / "policy.yaml"
-    policy.write_text(POLICY)
-    env = {"EXTPROC_POLICY": str(policy), "TEST_UPSTREAM_DEV": "sk-upstream-dev"}
-    with temporary_stack(sidecar_env=env, **config) as s:
-        s.policy_path = policy  # type: ignore[attr-defined]
+    with policy_stack(tmp, POLICY, {"TEST_UPSTREAM_DEV": "sk-upstream-dev"}, **config) as s:
         yield s
 
 

@@ -15,8 +15,8 @@ import openai
 import pytest
 import redis
 
-from extproc.devstack.stack import Stack, free_port, temporary_stack
-from tests.conftest import cli, new_key, wait_record
+from extproc.devstack.stack import Stack, free_port
+from tests.conftest import CONSOLE_POLICY, cli, new_key, policy_stack, wait_record
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
@@ -32,39 +32,16 @@ ARGS = [
 ]
 ADMIN = "browser-admin-0123456789abcdef"
 
-POLICY = """
-version: 1
-timezone: UTC
-defaults: {default_output_cap: 64}
-workspaces:
-  dev:
-    budget_usd: 100
-    upstream: {key_env: TEST_UPSTREAM}
-    teams:
-      platform: {budget_usd: 40}
-      data: {}
-    services:
-      cli: {team: platform}
-      etl: {team: data}
-  prod:
-    budget_usd: 500
-    upstream: {key_env: TEST_UPSTREAM}
-    services:
-      api: {}
-"""
-
 
 @pytest.fixture(scope="module")
 def bstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    policy.write_text(POLICY)
-    env = {"EXTPROC_POLICY": str(policy), "TEST_UPSTREAM": "sk-upstream"}
-    with temporary_stack(
-        sidecar_env=env,
+    with policy_stack(
+        tmp_path_factory,
+        CONSOLE_POLICY,
+        {"TEST_UPSTREAM": "sk-upstream"},
         console_port=free_port(),
         console_env={"EXTPROC_ADMIN_TOKENS": f"ops:{ADMIN}"},
     ) as s:
-        s.policy_path = policy  # type: ignore[attr-defined]
         yield s
 
 

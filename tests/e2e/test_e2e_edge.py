@@ -27,10 +27,10 @@ import openai
 import pytest
 import redis
 
-from extproc.devstack.stack import Stack, temporary_stack
+from extproc.devstack.stack import Stack
 from extproc.store.schema import LEDGERS, REFUSED, ledger_key, workspace_prefix
 from extproc.v1.ledger_pb2 import UsageRecord
-from tests.conftest import cli, new_key, wait_for
+from tests.conftest import cli, new_key, policy_stack, wait_for
 
 UPSTREAM_KEY = "sk-upstream-edge-real"
 RID = "x-extproc-request-id"
@@ -166,11 +166,9 @@ def upstream() -> Iterator[RecordingUpstream]:
 def estack(
     upstream: RecordingUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    policy.write_text(POLICY)
-    env = {"EXTPROC_POLICY": str(policy), "EDGE_UPSTREAM": UPSTREAM_KEY}
-    with temporary_stack(sidecar_env=env, upstream_url=upstream.url) as s:
-        s.policy_path = policy  # type: ignore[attr-defined]
+    with policy_stack(
+        tmp_path_factory, POLICY, {"EDGE_UPSTREAM": UPSTREAM_KEY}, upstream_url=upstream.url
+    ) as s:
         yield s
 
 

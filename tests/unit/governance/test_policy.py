@@ -25,7 +25,7 @@ from extproc.governance.policy import (
     parse_policy_text,
 )
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "policy.yaml"
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "policy.yaml"
 B = 1_000_000_000  # nanos per dollar
 
 BASE: dict[str, Any] = {

@@ -39,7 +39,7 @@ from extproc.governance.policy import load_policy
 from extproc.insight.telemetry import exporter_names, prometheus_address
 from extproc.settings import load_settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 OVERLAYS = ("dev", "ci", "prod")
 # Each environment holds the provider key of its own workspace only.

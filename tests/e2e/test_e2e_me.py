@@ -15,8 +15,8 @@ import openai
 import pytest
 import redis
 
-from extproc.devstack.stack import Stack, temporary_stack
-from tests.conftest import new_key, wait_record
+from extproc.devstack.stack import Stack
+from tests.conftest import new_key, policy_stack, wait_record
 
 POLICY = """
 version: 1
@@ -38,11 +38,7 @@ workspaces:
 
 @pytest.fixture(scope="module")
 def mstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    policy.write_text(POLICY)
-    env = {"EXTPROC_POLICY": str(policy), "TEST_UPSTREAM": "sk-upstream"}
-    with temporary_stack(sidecar_env=env) as s:
-        s.policy_path = policy  # type: ignore[attr-defined]
+    with policy_stack(tmp_path_factory, POLICY, {"TEST_UPSTREAM": "sk-upstream"}) as s:
         yield s
 
 

@@ -23,7 +23,7 @@ from extproc.devstack import run, state
 from extproc.devstack.stack import free_port
 from extproc.governance.policy import load_policy
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "policy.yaml"
 
 

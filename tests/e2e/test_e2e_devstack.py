@@ -24,7 +24,7 @@ import pytest
 
 from extproc.devstack.stack import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 60.0
 CREDENTIAL_VARS = ("OPENAI_API_KEY_DEV", "OPENAI_API_KEY_CI", "OPENAI_API_KEY_PROD")
 

@@ -16,45 +16,22 @@ import openai
 import pytest
 import redis
 
-from extproc.devstack.stack import Stack, free_port, temporary_stack
-from tests.conftest import cli, new_key, wait_record
+from extproc.devstack.stack import Stack, free_port
+from tests.conftest import CONSOLE_POLICY, cli, new_key, policy_stack, wait_record
 
 ADMIN = "ops-token-0123456789abcdef"
 OTHER_ADMIN = "second-token-abcdef0123456789"
 
-POLICY = """
-version: 1
-timezone: UTC
-defaults: {default_output_cap: 64}
-workspaces:
-  dev:
-    budget_usd: 100
-    upstream: {key_env: TEST_UPSTREAM}
-    teams:
-      platform: {budget_usd: 40}
-      data: {}
-    services:
-      cli: {team: platform}
-      etl: {team: data}
-  prod:
-    budget_usd: 500
-    upstream: {key_env: TEST_UPSTREAM}
-    services:
-      api: {}
-"""
-
 
 @pytest.fixture(scope="module")
 def cstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    policy.write_text(POLICY)
-    env = {"EXTPROC_POLICY": str(policy), "TEST_UPSTREAM": "sk-upstream"}
-    with temporary_stack(
-        sidecar_env=env,
+    with policy_stack(
+        tmp_path_factory,
+        CONSOLE_POLICY,
+        {"TEST_UPSTREAM": "sk-upstream"},
         console_port=free_port(),
         console_env={"EXTPROC_ADMIN_TOKENS": f"alice:{ADMIN},bob:{OTHER_ADMIN}"},
     ) as s:
-        s.policy_path = policy  # type: ignore[attr-defined]
         yield s
 
 
@@ -226,10 +203,11 @@ def test_policy_in_force_and_validation(cstack: Stack, api: httpx.Client) -> Non
     current = api.get("/policy").json()
     assert current["workspaces"] == ["dev", "prod"]
     assert "budget_usd: 500" in current["text"]
-    ok = api.post("/policy/validate", json={"text": POLICY}).json()
+    ok = api.post("/policy/validate", json={"text": CONSOLE_POLICY}).json()
     assert ok["valid"] is True and ok["workspaces"] == ["dev", "prod"]
     bad = api.post(
-        "/policy/validate", json={"text": POLICY.replace("budget_usd: 500", "budget_usd: lots")}
+        "/policy/validate",
+        json={"text": CONSOLE_POLICY.replace("budget_usd: 500", "budget_usd: lots")},
     ).json()
     assert bad["valid"] is False
     assert any(p.startswith("workspaces.prod.budget_usd") for p in bad["problems"])
@@ -269,7 +247,7 @@ def test_what_if_cli_and_api_agree_on_the_live_ledger(
     r = redis.Redis.from_url(cstack.redis_url)
     wait_record(r, raw.headers["x-extproc-request-id"])
     # prod can no longer afford anything: every prod request it served is refused.
-    candidate = POLICY.replace("budget_usd: 500", 'budget_usd: "0.000001"')
+    candidate = CONSOLE_POLICY.replace("budget_usd: 500", 'budget_usd: "0.000001"')
     path = tmp_path / "candidate.yaml"  # type: ignore[operator]
     path.write_text(candidate)
     from_api = api.post("/policy/what-if", json={"text": candidate, "since_days": 1}).json()

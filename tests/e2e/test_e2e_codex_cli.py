@@ -20,7 +20,7 @@ from extproc.devstack.stack import Stack, temporary_stack
 from extproc.store.schema import REFUSED
 from tests.conftest import all_records, new_key, wait_for
 
-CODEX = Path(__file__).resolve().parents[1] / ".tools" / "node_modules" / ".bin" / "codex"
+CODEX = Path(__file__).resolve().parents[2] / ".tools" / "node_modules" / ".bin" / "codex"
 
 POLICY = """
 version: 1

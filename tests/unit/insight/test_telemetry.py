@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -451,18 +450,12 @@ def test_prometheus_address_forms() -> None:
 # -- cost on the request path -------------------------------------------------------------------
 
 
-def _per_call_us(tel: Telemetry, t: RequestTelemetry, calls: int = 500, rounds: int = 5) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        began = time.perf_counter()
-        for _ in range(calls):
-            tel.observe(t)
-        best = min(best, (time.perf_counter() - began) / calls)
-    return best * 1e6
+def test_observe_exports_every_span_through_the_batch_processor() -> None:
+    """Production shape: batch span processor (export off-thread) and in-memory metrics.
 
-
-def test_observe_is_cheap(capsys: pytest.CaptureFixture[str]) -> None:
-    """Production shape: batch span processor (export off-thread) and in-memory metrics."""
+    What telemetry costs per request is a benchmark figure (`make bench`: sidecar CPU per
+    request, with and without telemetry), not a timed assertion here.
+    """
     provider = TracerProvider()
     spans = InMemorySpanExporter()
     provider.add_span_processor(BatchSpanProcessor(spans, max_queue_size=10_000))
@@ -471,14 +464,13 @@ def test_observe_is_cheap(capsys: pytest.CaptureFixture[str]) -> None:
         meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
     )
     t = observed()
-    enabled_us = _per_call_us(tel, t)
-    disabled_us = _per_call_us(Telemetry(), t)
+    for _ in range(2500):
+        tel.observe(t)
+    disabled = Telemetry()
+    assert not disabled.enabled
+    disabled.observe(t)
     tel.shutdown()
     assert len(spans.get_finished_spans()) == 2500
-    with capsys.disabled():
-        print(f"\nobserve(): {enabled_us:.1f} us/call enabled, {disabled_us:.2f} us/call disabled")
-    assert enabled_us < 1000
-    assert disabled_us < 5
 
 
 def test_usage_log_events_need_their_own_exporter_setting(

@@ -21,9 +21,9 @@ import httpx
 import pytest
 import redis
 
-from extproc.devstack.stack import Stack, temporary_stack
+from extproc.devstack.stack import Stack
 from extproc.store.schema import workspace_prefix
-from tests.conftest import all_records, wait_record
+from tests.conftest import all_records, policy_stack, wait_record
 
 RID = "x-extproc-request-id"
 REQUEST_TIMEOUT = 10.0
@@ -56,11 +56,9 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello 
 
 @pytest.fixture(scope="module")
 def ostack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    policy.write_text(POLICY)
-    env = {"EXTPROC_POLICY": str(policy), "TEST_UPSTREAM_KEY": "sk-upstream-outage"}
-    with temporary_stack(sidecar_env=env, sidecars=2) as s:
-        s.policy_path = policy  # type: ignore[attr-defined]
+    with policy_stack(
+        tmp_path_factory, POLICY, {"TEST_UPSTREAM_KEY": "sk-upstream-outage"}, sidecars=2
+    ) as s:
         yield s
 
 

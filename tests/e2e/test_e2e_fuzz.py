@@ -23,8 +23,8 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc.devstack.stack import Stack, temporary_stack
-from tests.conftest import all_records, new_key, wait_for
+from extproc.devstack.stack import Stack
+from tests.conftest import all_records, new_key, policy_stack, wait_for
 
 RID = "x-extproc-request-id"
 # Bounded for the suite; EXTPROC_FUZZ_EXAMPLES=2000 for a long hunt.
@@ -47,11 +47,7 @@ workspaces:
 
 @pytest.fixture(scope="module")
 def fstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    policy.write_text(POLICY)
-    env = {"EXTPROC_POLICY": str(policy), "TEST_UPSTREAM_DEV": "sk-upstream-dev"}
-    with temporary_stack(sidecar_env=env) as s:
-        s.policy_path = policy  # type: ignore[attr-defined]
+    with policy_stack(tmp_path_factory, POLICY, {"TEST_UPSTREAM_DEV": "sk-upstream-dev"}) as s:
         yield s
 
 
