@@ -27,6 +27,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,6 +203,24 @@ def _bench_key(redis_url: str, policy: Path) -> str:
         return secret
 
     return asyncio.run(create())
+
+
+@contextmanager
+def bench_stack(policy_text: str) -> Iterator[tuple[Stack, str]]:
+    """A stack enforcing `policy_text`, and a key of bench/load to drive it with.
+
+    For the side benchmarks (bad keys, Redis footprint) that need one enforced setup only.
+    """
+    with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
+        policy = Path(tmp) / "policy.yaml"
+        policy.write_text(policy_text)
+        config = StackConfig(
+            listen_port=free_port(),
+            data_dir=Path(tmp),
+            sidecar_env={"EXTPROC_POLICY": str(policy), "BENCH_UPSTREAM_KEY": "sk-bench"},
+        )
+        with Stack(config) as stack:
+            yield stack, _bench_key(stack.redis_url, policy)
 
 
 def run_setup(

@@ -21,7 +21,6 @@ import multiprocessing
 import secrets
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import build_request, one, run_closed_loop  # noqa: E402
-from extproc.devstack.stack import Stack, StackConfig, free_port  # noqa: E402
+from extproc.devstack.stack import Stack  # noqa: E402
 
 BODY = json.dumps(
     {
@@ -139,45 +138,36 @@ def bad_key_figures(
     rate: float = 250.0,
 ) -> dict[str, float]:
     from bench import procstat
-    from bench.bench import _bench_key
+    from bench.bench import bench_stack
 
-    with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
-        policy = Path(tmp) / "policy.yaml"
-        policy.write_text(POLICY)
-        cfg = StackConfig(
-            listen_port=free_port(),
-            data_dir=Path(tmp),
-            sidecar_env={"EXTPROC_POLICY": str(policy), "BENCH_UPSTREAM_KEY": "sk-bench"},
-        )
-        with Stack(cfg) as stack:
-            key = _bench_key(stack.redis_url, policy)
-            port = stack.config.listen_port
-            asyncio.run(run_closed_loop("127.0.0.1", port, _valid_request(port, key), 100, 2))
-            alone: list[float] = []
-            flooded: list[float] = []
-            refused = 0
-            flood_seconds = 0.0
-            per_round = flood // rounds
-            # Redis cost of bad keys alone (no valid traffic in the window).
-            # The sidecar may run as a supervisor with worker processes: count the tree.
-            sidecar = procstat.tree(stack.children["sidecar"].proc.pid)
-            envoy = [stack.children["envoy"].proc.pid]
-            commands0, ledger0 = _redis_commands(stack), _ledger_size(stack)
-            cpu0, envoy0 = procstat.cpu_seconds(sidecar), procstat.cpu_seconds(envoy)
-            n, _secs = asyncio.run(_flood(port, 1000, flood_concurrency, 0.0))
-            sidecar_us = (procstat.cpu_seconds(sidecar) - cpu0) / max(n, 1) * 1e6
-            envoy_us = (procstat.cpu_seconds(envoy) - envoy0) / max(n, 1) * 1e6
-            commands_per_bad = (_redis_commands(stack) - commands0) / max(n, 1)
-            ledger_growth = _ledger_size(stack) - ledger0
-            for _ in range(rounds):
-                lat, _ = asyncio.run(
-                    run_closed_loop("127.0.0.1", port, _valid_request(port, key), valid, 1)
-                )
-                alone += lat
-                lat, got, secs = _valid_beside_flood(port, key, per_round, flood_concurrency, rate)
-                flooded += lat
-                refused += got
-                flood_seconds += secs
+    with bench_stack(POLICY) as (stack, key):
+        port = stack.config.listen_port
+        asyncio.run(run_closed_loop("127.0.0.1", port, _valid_request(port, key), 100, 2))
+        alone: list[float] = []
+        flooded: list[float] = []
+        refused = 0
+        flood_seconds = 0.0
+        per_round = flood // rounds
+        # Redis cost of bad keys alone (no valid traffic in the window).
+        # The sidecar may run as a supervisor with worker processes: count the tree.
+        sidecar = procstat.tree(stack.children["sidecar"].proc.pid)
+        envoy = [stack.children["envoy"].proc.pid]
+        commands0, ledger0 = _redis_commands(stack), _ledger_size(stack)
+        cpu0, envoy0 = procstat.cpu_seconds(sidecar), procstat.cpu_seconds(envoy)
+        n, _secs = asyncio.run(_flood(port, 1000, flood_concurrency, 0.0))
+        sidecar_us = (procstat.cpu_seconds(sidecar) - cpu0) / max(n, 1) * 1e6
+        envoy_us = (procstat.cpu_seconds(envoy) - envoy0) / max(n, 1) * 1e6
+        commands_per_bad = (_redis_commands(stack) - commands0) / max(n, 1)
+        ledger_growth = _ledger_size(stack) - ledger0
+        for _ in range(rounds):
+            lat, _ = asyncio.run(
+                run_closed_loop("127.0.0.1", port, _valid_request(port, key), valid, 1)
+            )
+            alone += lat
+            lat, got, secs = _valid_beside_flood(port, key, per_round, flood_concurrency, rate)
+            flooded += lat
+            refused += got
+            flood_seconds += secs
     p50_alone = statistics.median(alone) * 1000
     p50_flooded = statistics.median(flooded) * 1000
     return {

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import re
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -84,24 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000)
     args = parser.parse_args(argv)
 
-    from bench.bench import BENCH_POLICY, HOST, LOADS, PATH, _bench_key
+    from bench.bench import BENCH_POLICY, HOST, LOADS, PATH, bench_stack
     from bench.loadgen import build_request, run_closed_loop
-    from extproc.devstack.stack import Stack, StackConfig, free_port
 
-    with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
-        policy = Path(tmp) / "policy.yaml"
-        policy.write_text(BENCH_POLICY)
-        cfg = StackConfig(
-            listen_port=free_port(),
-            data_dir=Path(tmp),
-            sidecar_env={"EXTPROC_POLICY": str(policy), "BENCH_UPSTREAM_KEY": "sk-bench"},
-        )
-        with Stack(cfg) as stack:
-            key = _bench_key(stack.redis_url, policy)
-            body, headers = LOADS["json"]
-            request = build_request(HOST, cfg.listen_port, PATH, body, key, headers)
-            asyncio.run(run_closed_loop(HOST, cfg.listen_port, request, args.requests, 8))
-            report = redis_footprint(stack.redis_url)
+    with bench_stack(BENCH_POLICY) as (stack, key):
+        port = stack.config.listen_port
+        body, headers = LOADS["json"]
+        request = build_request(HOST, port, PATH, body, key, headers)
+        asyncio.run(run_closed_loop(HOST, port, request, args.requests, 8))
+        report = redis_footprint(stack.redis_url)
     print(report)
     return 0
 

@@ -7,20 +7,17 @@ key it was given.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from extproc.devstack.stack import Stack, temporary_stack
+from extproc.devstack.stack import Stack
 from extproc.store.schema import REFUSED
-from tests.conftest import all_records, new_key, wait_for
-
-CODEX = Path(__file__).resolve().parents[2] / ".tools" / "node_modules" / ".bin" / "codex"
+from tests.codex import codex_exec
+from tests.conftest import all_records, new_key, policy_stack, wait_for
 
 POLICY = """
 version: 1
@@ -35,11 +32,7 @@ workspaces:
 
 @pytest.fixture(scope="module")
 def cstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    policy = tmp_path_factory.mktemp("codex") / "policy.yaml"
-    policy.write_text(POLICY)
-    env = {"EXTPROC_POLICY": str(policy), "TEST_UPSTREAM": "sk-upstream"}
-    with temporary_stack(sidecar_env=env) as s:
-        s.policy_path = policy  # type: ignore[attr-defined]
+    with policy_stack(tmp_path_factory, POLICY, {"TEST_UPSTREAM": "sk-upstream"}) as s:
         yield s
 
 
@@ -49,30 +42,10 @@ def test_codex_exec_runs_and_its_turn_is_billed(
 ) -> None:
     """With the websocket transport on, Codex tries an upgrade first; the sidecar refuses it
     (426) and Codex must fall back to HTTP by itself, billed exactly like the plain run."""
-    assert CODEX.exists(), "run `make codex-cli` (make test does) to install the Codex CLI"
     key = new_key(cstack, "dev", "codex-cli")
-    home = tmp_path / "codex-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        'model = "gpt-5.1-codex"\n'
-        'model_provider = "extproc"\n'
-        + ("[features]\nresponses_websockets = true\n" if websockets else "")
-        + "[model_providers.extproc]\n"
-        'name = "extproc"\n'
-        f'base_url = "{cstack.base_url}"\n'
-        'env_key = "EXTPROC_KEY"\n'
-        'wire_api = "responses"\n' + ("supports_websockets = true\n" if websockets else "")
-    )
     r = redis.Redis.from_url(cstack.redis_url)
     refused_before = int(r.hget(REFUSED, "websocket_upgrade") or 0)
-    run = subprocess.run(
-        [str(CODEX), "exec", "--skip-git-repo-check", "say hello"],
-        cwd=tmp_path,
-        env={**os.environ, "CODEX_HOME": str(home), "EXTPROC_KEY": key["key"]},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = codex_exec(cstack, key["key"], tmp_path, websockets=websockets)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output
     assert "quick brown fox" in output  # the simulator's answer reached the user

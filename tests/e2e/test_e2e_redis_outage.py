@@ -10,9 +10,6 @@ same port and data directory (AOF on, so what was written before the outage surv
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -23,7 +20,7 @@ import redis
 
 from extproc.devstack.stack import Stack
 from extproc.store.schema import workspace_prefix
-from tests.conftest import all_records, policy_stack, wait_record
+from tests.conftest import all_records, new_key, policy_stack, wait_record
 
 RID = "x-extproc-request-id"
 REQUEST_TIMEOUT = 10.0
@@ -62,21 +59,6 @@ def ostack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield s
 
 
-def new_key(stack: Stack, workspace: str) -> dict:
-    out = subprocess.run(
-        [
-            sys.executable, "-m", "extproc", "keys", "create",
-            "--workspace", workspace, "--service", "bot", "--json",
-            "--redis-url", stack.redis_url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PATH": "/usr/bin:/bin", "EXTPROC_POLICY": str(stack.policy_path)},  # type: ignore[attr-defined]
-    )  # fmt: skip
-    return json.loads(out.stdout)
-
-
 def post(stack: Stack, key: dict, *, stream: bool = False) -> tuple[httpx.Response, float]:
     """One chat request, read to the end; returns the response and how long it took."""
     body = {**CHAT, "stream": True} if stream else CHAT
@@ -98,7 +80,7 @@ def spent(r: redis.Redis, workspace: str) -> int:
 def test_outage_fails_closed_or_open_per_workspace_and_the_spool_replays(
     ostack: Stack,
 ) -> None:
-    shut, flow, cold = new_key(ostack, "shut"), new_key(ostack, "flow"), new_key(ostack, "flow")
+    shut, flow, cold = (new_key(ostack, ws, "bot") for ws in ("shut", "flow", "flow"))
     before = redis.Redis.from_url(ostack.redis_url)
     try:
         for key in (shut, flow):  # four each: both replicas cache both keys (round robin)

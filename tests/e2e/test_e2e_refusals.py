@@ -8,8 +8,6 @@ requests each client sent is read from the ledger (exactly one record per reques
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +18,8 @@ import redis
 from extproc.devstack.stack import Stack
 from extproc.store.schema import ledger_key, workspace_prefix
 from extproc.v1.ledger_pb2 import UsageRecord
+from tests.codex import codex_exec
 from tests.conftest import new_key, policy_stack, wait_for
-
-CODEX = Path(__file__).resolve().parents[2] / ".tools" / "node_modules" / ".bin" / "codex"
 
 POLICY = """
 version: 1
@@ -67,27 +64,8 @@ def records_of(stack: Stack, workspace: str, key_id: str) -> list[UsageRecord]:
 def test_codex_cli_prints_the_budget_refusal_after_one_request(
     rstack: Stack, tmp_path: Path
 ) -> None:
-    assert CODEX.exists(), "run `make codex-cli` (make test does) to install the Codex CLI"
     key = new_key(rstack, "broke", "codex-cli")
-    home = tmp_path / "codex-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        'model = "gpt-5.1-codex"\n'
-        'model_provider = "extproc"\n'
-        "[model_providers.extproc]\n"
-        'name = "extproc"\n'
-        f'base_url = "{rstack.base_url}"\n'
-        'env_key = "EXTPROC_KEY"\n'
-        'wire_api = "responses"\n'
-    )
-    run = subprocess.run(
-        [str(CODEX), "exec", "--skip-git-repo-check", "say hello"],
-        cwd=tmp_path,
-        env={**os.environ, "CODEX_HOME": str(home), "EXTPROC_KEY": key["key"]},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    run = codex_exec(rstack, key["key"], tmp_path, timeout=180)
     output = run.stdout + run.stderr
     assert run.returncode != 0, output
     assert "Budget exhausted for workspace broke" in output, output

@@ -6,9 +6,6 @@ policy, real Redis, two simulators; the openai SDK and httpx as clients.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import httpx
@@ -16,8 +13,8 @@ import openai
 import pytest
 import redis
 
-from extproc.devstack.stack import Stack, temporary_stack
-from tests.conftest import wait_record
+from extproc.devstack.stack import Stack
+from tests.conftest import new_key, policy_stack, wait_record
 
 RID = "x-extproc-request-id"
 
@@ -75,11 +72,8 @@ workspaces:
 
 @pytest.fixture(scope="module")
 def rstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    policy = tmp_path_factory.mktemp("routing") / "policy.yaml"
-    policy.write_text(POLICY)
-    env = {"EXTPROC_POLICY": str(policy), "TEST_UPSTREAM": "sk-upstream"}
-    with temporary_stack(sidecar_env=env, extra_upstreams=("azure",)) as s:
-        s.policy_path = policy  # type: ignore[attr-defined]
+    env = {"TEST_UPSTREAM": "sk-upstream"}
+    with policy_stack(tmp_path_factory, POLICY, env, extra_upstreams=("azure",)) as s:
         yield s
 
 
@@ -91,13 +85,7 @@ def rclient(rstack: Stack) -> Iterator[redis.Redis]:
 
 
 def key_for(stack: Stack, workspace: str, service: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "extproc", "keys", "create", "--workspace", workspace,
-         "--service", service, "--json", "--redis-url", stack.redis_url,
-         "--policy", str(stack.policy_path)],  # type: ignore[attr-defined]
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return json.loads(out.stdout)["key"]
+    return new_key(stack, workspace, service)["key"]
 
 
 def sdk(stack: Stack, key: str) -> openai.OpenAI:
