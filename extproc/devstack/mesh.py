@@ -12,8 +12,9 @@ egress gateway get the same settings as policies for their proxy:
   ext_proc filter config into the egress gateway and merges the listener, HTTP connection
   manager and cluster settings.
 
-Written by `python -m extproc.devstack.mesh`; tests/deploy/test_mesh.py fails when the committed files
-differ from what this module makes, so a change to envoy/envoy.yaml cannot leave them behind.
+Written by `python -m extproc.devstack.mesh`; tests/deploy/test_mesh.py fails when the
+committed files differ from what this module makes, so a change to envoy/envoy.yaml cannot
+leave them behind.
 A setting a target cannot express is not dropped silently: it is listed in the file's header.
 """
 

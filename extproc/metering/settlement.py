@@ -21,7 +21,7 @@ from extproc.store.schema import (
     session_scope,
     workspace_prefix,
 )
-from extproc.v1.ledger_pb2 import ScopeCharge, Settlement, UsageRecord
+from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 
 NO_SOFT_LIMIT = -1
 """What the settle script reads as "this scope has no soft limit to alert on"."""
@@ -78,27 +78,25 @@ def settlement_for(
     `attributed`: a key named the caller, so its session and its service's prompt-cache
     counters are kept (unattributed traffic has no service to tell apart).
     """
-    scopes = [
-        ScopeCharge(
-            scope=c.scope, soft_nanos=NO_SOFT_LIMIT if c.soft_nanos is None else c.soft_nanos
-        )
-        for c in charged
-    ]
-    model = record.model_served or record.model_requested
-    if model:
-        scopes.append(ScopeCharge(scope=model_scope(model), soft_nanos=NO_SOFT_LIMIT))
-    if record.session_id and attributed:
-        scopes.append(ScopeCharge(scope=session_scope(record.session_id), soft_nanos=NO_SOFT_LIMIT))
     day, hour = _day_and_hour(local_time)
+    # Filled in place (nested constructors copy each submessage once more); this runs
+    # twice a request: the orphan carried by the hold, then the settlement itself.
     settlement = Settlement(
         prefix=workspace_prefix(record.workspace),
         reservation_id=reservation_id,
         period=period_id,
         day=day,
         hour=hour,
-        scopes=scopes,
-        record=record,
     )
+    add = settlement.scopes.add
+    for c in charged:
+        add(scope=c.scope, soft_nanos=NO_SOFT_LIMIT if c.soft_nanos is None else c.soft_nanos)
+    model = record.model_served or record.model_requested
+    if model:
+        add(scope=model_scope(model), soft_nanos=NO_SOFT_LIMIT)
+    if record.session_id and attributed:
+        add(scope=session_scope(record.session_id), soft_nanos=NO_SOFT_LIMIT)
+    settlement.record.CopyFrom(record)
     if attributed and record.input_tokens:
         settlement.hygiene_scope = service_scope(record.service)
         if prefix is not None and not record.estimated:
