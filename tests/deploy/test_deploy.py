@@ -119,16 +119,21 @@ class Rendered:
 
 
 @functools.cache
-def render(overlay: str) -> Rendered:
+def kustomize_build(base: Path, name: str) -> Rendered:
+    """`kubectl kustomize` of directory `name` under `base`, parsed; cached per directory."""
     result = subprocess.run(
-        [kubectl(), "kustomize", str(DEPLOY / "overlays" / overlay)],
+        [kubectl(), "kustomize", str(base / name)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    assert result.returncode == 0, f"kustomize {overlay} failed:\n{result.stderr}"
-    return Rendered(overlay, tuple(d for d in yaml.safe_load_all(result.stdout) if d))
+    assert result.returncode == 0, f"kustomize {name} failed:\n{result.stderr}"
+    return Rendered(name, tuple(d for d in yaml.safe_load_all(result.stdout) if d))
+
+
+def render(overlay: str) -> Rendered:
+    return kustomize_build(DEPLOY / "overlays", overlay)
 
 
 def gateway(r: Rendered) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

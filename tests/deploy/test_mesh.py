@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import re
 import subprocess
 from pathlib import Path
@@ -32,7 +31,7 @@ from tests.deploy.test_deploy import (
     envoy_config,
     gateway,
     host_port,
-    kubectl,
+    kustomize_build,
     render,
     service_backend,
 )
@@ -44,17 +43,8 @@ ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 PROD = "prod"  # the overlay the mesh manifests sit next to (namespace extproc-prod)
 
 
-@functools.cache
 def kustomize(directory: str) -> Rendered:
-    result = subprocess.run(
-        [kubectl(), "kustomize", str(MESH / directory)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, f"kustomize {directory} failed:\n{result.stderr}"
-    return Rendered(directory, tuple(d for d in yaml.safe_load_all(result.stdout) if d))
+    return kustomize_build(MESH, directory)
 
 
 def named(r: Rendered, kind: str, name: str, namespace: str) -> dict[str, Any]:
