@@ -189,6 +189,14 @@ class Hooks:
             return list(self.bodies)
 
 
+@pytest.fixture(scope="module")
+def hooks() -> Iterator[Hooks]:
+    """A webhook receiver for the module's policy to point its alerts at."""
+    h = Hooks()
+    yield h
+    h.server.shutdown()
+
+
 def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     """Run `extproc ...` against a stack's Redis and policy, as an operator would."""
     return subprocess.run(

@@ -49,13 +49,6 @@ alerts:
 
 
 @pytest.fixture(scope="module")
-def hooks() -> Iterator[Hooks]:
-    h = Hooks()
-    yield h
-    h.server.shutdown()
-
-
-@pytest.fixture(scope="module")
 def books(hooks: Hooks, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     project, _key_id = simulated_ids(UPSTREAM_KEY)
     policy = POLICY.format(project=project, hook_port=hooks.port)

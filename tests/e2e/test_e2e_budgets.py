@@ -62,13 +62,6 @@ alerts:
 
 
 @pytest.fixture(scope="module")
-def hooks() -> Iterator[Hooks]:
-    h = Hooks()
-    yield h
-    h.server.shutdown()
-
-
-@pytest.fixture(scope="module")
 def bstack(hooks: Hooks, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with policy_stack(
         tmp_path_factory,
