@@ -9,17 +9,21 @@ from __future__ import annotations
 import os
 import re
 import zoneinfo
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from extproc.governance.passthrough import DEFAULT as DEFAULT_PASSTHROUGH
 from extproc.governance.passthrough import PassthroughPolicy
 from extproc.metering.prices import NANOS_PER_DOLLAR
 
 VERSION = 1
+MEMO_ENTRIES = 4096
+"""Entries per memo of a policy (see `Policy.remember`) before it starts over: callers are
+keys, and a flood of distinct keys must not grow a memo without end."""
+_T = TypeVar("_T")
 PERIODS = ("month", "week", "day")
 ON_REDIS_DOWN = ("closed", "open")
 ALERT_EVENTS = frozenset({"soft_limit", "hard_limit", "burn_rate", "reconcile_drift"})
@@ -328,6 +332,34 @@ class Policy:
     source: str
     warnings: tuple[str, ...] = ()
     routing: Routing = field(default_factory=Routing)
+    # Values derived from this policy alone (see `remember`); never part of its value.
+    _memo: dict[str, dict[Any, Any]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def remember(
+        self, name: str, key: Hashable, derive: Callable[..., _T], *args: Any
+    ) -> _T:
+        """`derive(*args)`, computed once per `key` for as long as this policy is in force.
+
+        The hot path derives per caller what changes only when the policy does (a caller's
+        budget scopes, the routing rules that can apply to it); each request would
+        otherwise rebuild them. The memo lives on the policy object: a reload builds a new
+        Policy, so nothing cached can outlive the policy it came from. `key` must determine
+        the result given this policy; `name` keeps different derivations apart. Each memo
+        holds at most MEMO_ENTRIES values, then starts over.
+        """
+        memo = self._memo.get(name)
+        if memo is None:
+            memo = self._memo.setdefault(name, {})
+        try:
+            return memo[key]  # type: ignore[no-any-return]
+        except KeyError:
+            pass
+        if len(memo) >= MEMO_ENTRIES:
+            memo.clear()
+        value = memo[key] = derive(*args)
+        return value
 
     def service(self, workspace: str, service: str) -> Service | None:
         ws = self.workspaces.get(workspace)
