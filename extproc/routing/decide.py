@@ -332,6 +332,7 @@ class _Route:
     session_input_tokens: int
     scope: str
     model: str
+    candidates: tuple[tuple[int, Rule], ...] = ()  # see `caller_rules`
     steps: list[Step] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     refuse: OpenAIError | None = None
@@ -385,9 +386,44 @@ def _alias(r: _Route) -> None:
     r.move("alias", default, f"{via}: default_model of {r.scope} is {default}")
 
 
+def _caller_mismatch(when: RuleMatch, traits: Traits) -> bool:
+    """True when a condition on who calls, and where, rules the rule out for `traits`."""
+    return any(
+        wanted is not None and actual not in wanted
+        for wanted, actual in (
+            (when.endpoint, traits.endpoint),
+            (when.workspace, traits.workspace),
+            (when.service, traits.service),
+            (when.team, traits.team),
+        )
+    )
+
+
+def _caller_rules(routing: Routing, traits: Traits) -> tuple[tuple[int, Rule], ...]:
+    return tuple(
+        (index, rule)
+        for index, rule in enumerate(routing.rules)
+        if not _caller_mismatch(rule.when, traits)
+    )
+
+
+def caller_rules(policy: Policy, traits: Traits) -> tuple[tuple[int, Rule], ...]:
+    """The rules (with their place in the list) whose endpoint, workspace, service and team
+    conditions `traits` meet: the only ones the request itself can still match.
+
+    Those four are fixed per caller and endpoint, so the list is filtered once per
+    (endpoint, workspace, service, team) and kept in the policy's memo, which a reload
+    replaces (see `Policy.remember`); each request then checks only what can vary.
+    """
+    key = (traits.endpoint, traits.workspace, traits.service, traits.team)
+    return policy.remember("routing.caller_rules", key, _caller_rules, policy.routing, traits)
+
+
 def _rules(r: _Route) -> None:
-    traits = replace(r.traits, model=r.model)
-    for index, rule in enumerate(r.routing.rules):
+    traits = r.traits
+    if r.model != traits.model:  # an alias changed it: rules match the aliased model
+        traits = replace(traits, model=r.model)
+    for index, rule in r.candidates:
         if rule_mismatch(rule, traits) is None:
             _apply(r, index, rule)
             return
@@ -577,6 +613,7 @@ def decide_route(
         session_input_tokens=session_input_tokens,
         scope=f"{identity.workspace}/{identity.service}",
         model=traits.model,
+        candidates=caller_rules(policy, traits),
     )
     for stage in _STAGES:
         stage(r)
