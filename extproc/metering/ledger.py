@@ -299,11 +299,16 @@ class Ledger:
         log.warning("ledger: replayed %d spooled settlements into Redis", len(pending))
 
     async def _next_batch(self, timeout: float | None) -> list[Settlement]:
-        try:
-            async with asyncio.timeout(timeout):
-                batch = [await self._queue.get()]
-        except TimeoutError:
-            return []
+        if self._queue.empty():
+            # Only an empty queue is waited on (with a timeout, so the spool and the counts
+            # still get their turn): arming a timeout costs more than taking a record.
+            try:
+                async with asyncio.timeout(timeout):
+                    batch = [await self._queue.get()]
+            except TimeoutError:
+                return []
+        else:
+            batch = [self._queue.get_nowait()]
         while len(batch) < _BATCH and not self._queue.empty():
             batch.append(self._queue.get_nowait())
         return batch

@@ -322,10 +322,14 @@ def _finite(value: Any) -> bool:
     return True
 
 
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+"""`json.dumps` with these options builds a new encoder on every call; this one is reused."""
+
+
 def encode_json(obj: dict[str, Any]) -> bytes:
     """Serialise a (rewritten) request body compactly as UTF-8 JSON."""
     try:
-        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        text = _COMPACT.encode(obj)
     except ValueError:
         param = next((k for k, v in obj.items() if not _finite(v)), None)
         raise invalid_request(

@@ -234,8 +234,12 @@ def texts_in(value: Any) -> Iterator[str]:
             stack.extend(reversed(item))
 
 
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+"""Reused: `json.dumps` with options builds a new encoder per call (tools, schemas: many)."""
+
+
 def compact_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return _COMPACT.encode(value)
 
 
 def token_array_length(value: Any) -> int:
