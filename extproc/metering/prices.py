@@ -18,7 +18,7 @@ import json
 import re
 import tomllib
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from functools import cache
@@ -68,6 +68,13 @@ class Price:
     output: Decimal
     source: str
     as_of: date
+    # The three rates as integer nano-dollars per token (`nanos_per_token`), converted once:
+    # every request is priced several times (its hold, its orphan, its settlement).
+    nanos: tuple[int, int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        rates = (self.input, self.cached_input, self.output)
+        object.__setattr__(self, "nanos", tuple(nanos_per_token(r) for r in rates))
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +103,8 @@ def cost_nanos(price: Price, usage: Usage) -> int:
     total_input = max(usage.input_tokens, 0)
     cached = min(max(usage.cached_input_tokens, 0), total_input)
     output = max(usage.output_tokens, 0)
-    return (
-        (total_input - cached) * nanos_per_token(price.input)
-        + cached * nanos_per_token(price.cached_input)
-        + output * nanos_per_token(price.output)
-    )
+    per_input, per_cached, per_output = price.nanos
+    return (total_input - cached) * per_input + cached * per_cached + output * per_output
 
 
 def model_base_name(model: str) -> str:
@@ -109,6 +113,9 @@ def model_base_name(model: str) -> str:
     if name.startswith("ft:"):
         name = name[3:].split(":", 1)[0]
     return name
+
+
+_FAMILY_MEMO = 1024
 
 
 class PriceTable:
@@ -121,6 +128,9 @@ class PriceTable:
         self.updated = updated
         self._prices = dict(prices)
         self.fallback = fallback
+        # model name -> family (None: no row). Names come from clients and upstreams, so
+        # the memo is bounded; the table itself never changes once loaded.
+        self._families: dict[str, str | None] = {}
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, fallback: Price | None = None) -> PriceTable:
@@ -144,7 +154,20 @@ class PriceTable:
         return tuple(self._prices)
 
     def family_of(self, model: str) -> str | None:
-        """The row for `model`, trying the exact name, then without snapshot suffixes."""
+        """The row for `model`, trying the exact name, then without snapshot suffixes.
+
+        Every request asks two or three times for the same few names: answers are kept.
+        """
+        try:
+            return self._families[model]
+        except KeyError:
+            pass
+        if len(self._families) >= _FAMILY_MEMO:
+            self._families.clear()
+        family = self._families[model] = self._family_of(model)
+        return family
+
+    def _family_of(self, model: str) -> str | None:
         name = model_base_name(model)
         while True:
             if name in self._prices:

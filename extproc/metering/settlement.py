@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from extproc.metering.prices import PriceTable, nanos_per_token
+from extproc.metering.prices import PriceTable
 from extproc.store.schema import (
     WORKSPACE_SCOPE,
     model_scope,
@@ -103,7 +103,6 @@ def settlement_for(
             price, _known = prices.price_for(record.model_served or "unknown")
             settlement.prefix_fingerprint = prefix.fingerprint
             settlement.prefix_tokens = prefix.tokens
-            settlement.miss_nanos_per_token = nanos_per_token(price.input) - nanos_per_token(
-                price.cached_input
-            )
+            per_input, per_cached, _per_output = price.nanos
+            settlement.miss_nanos_per_token = per_input - per_cached
     return settlement
