@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from extproc.metering import prices
 from extproc.metering.prices import (
     NANOS_PER_DOLLAR,
     Charge,
@@ -160,6 +161,24 @@ def test_family_of(table: PriceTable, model: str, family: str) -> None:
 def test_unlisted_models_do_not_borrow_a_neighbours_price(table: PriceTable, model: str) -> None:
     assert table.family_of(model) is None
     assert table.price_for(model) == (table.fallback, False)
+
+
+def test_families_are_remembered_per_table_and_the_memo_is_bounded(table: PriceTable) -> None:
+    fresh = PriceTable.load()
+    names = ["gpt-4o-mini-2024-07-18", "unknown-model", "  GPT-4o-Mini  "]
+    assert [fresh.family_of(n) for n in names * 2] == ["gpt-4o-mini", None, "gpt-4o-mini"] * 2
+    for n in range(prices._FAMILY_MEMO + 10):
+        assert fresh.family_of(f"no-such-model-{n}") is None
+    assert len(fresh._families) <= prices._FAMILY_MEMO
+    assert fresh.family_of("gpt-5-mini-2025-08-07") == "gpt-5-mini"
+
+
+def test_integer_rates_are_the_decimal_rates(table: PriceTable) -> None:
+    for family in table.families():
+        price, _known = table.price_for(family)
+        rates = (price.input, price.cached_input, price.output)
+        assert price.nanos == tuple(prices.nanos_per_token(r) for r in rates)
+        assert all(Decimal(n) == r * 1000 for n, r in zip(price.nanos, rates, strict=True))
 
 
 # --- charging -------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from extproc.routing.decide import (
     RouteDecision,
     Step,
     Traits,
+    caller_rules,
     capped_effort,
     decide_route,
     prompt_cache_key,
@@ -992,3 +993,41 @@ def test_check_config_accepts_the_example() -> None:
     done = run_cli("check-config", str(EXAMPLE))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok: 3 workspaces")
+
+
+# --- rules kept per caller ------------------------------------------------------------------
+
+
+def test_rules_for_one_caller_are_filtered_once_and_never_reach_another() -> None:
+    rules = [
+        {"name": "web-only", "when": {"team": ["web"]}, "set": NANO},
+        {"name": "ci-only", "when": {"workspace": ["ci"]}, "set": {"model": "gpt-5-mini"}},
+        {"name": "lint", "when": {"task": ["lint"]}, "set": {"model": "gpt-5-mini"}},
+    ]
+    policy = make_policy(rules)
+    web = request(team="web", service="ide")
+    platform = request()
+    assert [rule.name for _i, rule in caller_rules(policy, web)] == ["web-only", "lint"]
+    assert [i for i, _rule in caller_rules(policy, platform)] == [2]
+    assert caller_rules(policy, web) is caller_rules(policy, web)  # kept, not rebuilt
+    assert route(policy, web).header_value() == "rule:web-only>gpt-5-nano"
+    assert route(policy, platform).header_value() == ""
+    assert route(policy, request(task="lint")).header_value() == "rule:lint>gpt-5-mini"
+    bot = request(workspace="ci", team=None, service="bot", endpoint="chat.completions")
+    assert route(policy, bot).header_value() == "rule:ci-only>gpt-5-mini"
+
+
+def test_a_reloaded_policy_brings_its_own_rules() -> None:
+    before = make_policy([{"name": "old", "when": {"team": ["platform"]}, "set": NANO}])
+    after = make_policy([{"name": "new", "when": {"team": ["platform"]}, "set": NANO}])
+    assert route(before, request()).header_value() == "rule:old>gpt-5-nano"
+    assert route(after, request()).header_value() == "rule:new>gpt-5-nano"
+    assert route(before, request()).header_value() == "rule:old>gpt-5-nano"
+
+
+def test_rules_match_the_aliased_model() -> None:
+    rules = [{"name": "codex", "when": {"model": ["gpt-5.1-codex"]}, "set": NANO}]
+    policy = make_policy(rules)
+    assert route(policy, request("codex-default")).header_value() == (
+        "alias:codex-default>gpt-5.1-codex; rule:codex>gpt-5-nano"
+    )
