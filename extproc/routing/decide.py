@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
 from extproc.governance.keys import Identity
@@ -244,7 +245,13 @@ def traits_for(
 
 def prompt_cache_key(identity: Identity, session_id: str = "") -> str:
     """A stable cache key per workspace, service and session (else per key); no names leak."""
-    basis = "\0".join((identity.workspace, identity.service, session_id or identity.key_id))
+    return _cache_key(identity.workspace, identity.service, session_id or identity.key_id)
+
+
+@lru_cache(maxsize=4096)
+def _cache_key(workspace: str, service: str, session: str) -> str:
+    """Hashed once per conversation: its every turn asks again (a pure function, kept LRU)."""
+    basis = "\0".join((workspace, service, session))
     return "extproc-" + hashlib.sha256(basis.encode()).hexdigest()[:24]
 
 

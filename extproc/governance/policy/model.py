@@ -337,9 +337,7 @@ class Policy:
         default_factory=dict, init=False, repr=False, compare=False
     )
 
-    def remember(
-        self, name: str, key: Hashable, derive: Callable[..., _T], *args: Any
-    ) -> _T:
+    def remember(self, name: str, key: Hashable, derive: Callable[..., _T], *args: Any) -> _T:
         """`derive(*args)`, computed once per `key` for as long as this policy is in force.
 
         The hot path derives per caller what changes only when the policy does (a caller's
