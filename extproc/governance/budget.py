@@ -340,7 +340,6 @@ def _args(
 def decide(plan: Plan, reservation_id: str, reply: list[bytes], now_ms: int) -> Decision:
     """Turn the reserve script's reply into a decision (pure)."""
     kind = reply[0].decode()
-    by_scope = {s.scope: s for s in plan.scopes}
     if kind == "ok":
         capped = [s for s in plan.scopes if s.hard_nanos is not None]
         standings = tuple(
@@ -361,7 +360,8 @@ def decide(plan: Plan, reservation_id: str, reply: list[bytes], now_ms: int) -> 
             retry_after_ms=int(reply[3]),
             limit=int(reply[4]),
         )
-    scope = by_scope[reply[1].decode()]
+    denied = reply[1].decode()
+    scope = next(s for s in plan.scopes if s.scope == denied)
     standing = Standing(scope, int(reply[2]), int(reply[3]))
     return Decision(
         False,
