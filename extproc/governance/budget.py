@@ -80,6 +80,9 @@ class Plan:
     tokens: int  # what the request counts against tokens-per-minute limits
     counted_input: int = 0  # the request's input tokens (the session guard adds them up)
     service: str = ""
+    # What its settlement charges: each scope and its soft limit, derived with the scopes
+    # (an overdraft raises hard caps only, so it stays right); () derives it from `scopes`.
+    charged: tuple[Charged, ...] = ()
 
 
 def scaled_limit(budget: int | None, ws: Workspace, limit_nanos: int) -> int | None:
@@ -155,8 +158,8 @@ def _rates(ws: Workspace, identity: Identity) -> tuple[RateScope, ...]:
 
 def attribution(
     policy: Policy, identity: Identity
-) -> tuple[tuple[ScopeLimit, ...], tuple[RateScope, ...]]:
-    """The caller's charged scopes and rate limits (`charged_scopes`, `_rates`).
+) -> tuple[tuple[ScopeLimit, ...], tuple[RateScope, ...], tuple[Charged, ...]]:
+    """The caller's charged scopes, rate limits and charges (`charged_scopes`, `_rates`).
 
     Both are a pure function of the policy and the caller, yet every request needs them:
     built once per caller and kept in the policy's memo, which a reload replaces (see
@@ -167,9 +170,14 @@ def attribution(
 
 def _attribution(
     policy: Policy, identity: Identity
-) -> tuple[tuple[ScopeLimit, ...], tuple[RateScope, ...]]:
+) -> tuple[tuple[ScopeLimit, ...], tuple[RateScope, ...], tuple[Charged, ...]]:
     ws = policy.workspaces[identity.workspace]
-    return charged_scopes(ws, identity), _rates(ws, identity)
+    scopes = charged_scopes(ws, identity)
+    return scopes, _rates(ws, identity), _charges(scopes)
+
+
+def _charges(scopes: tuple[ScopeLimit, ...]) -> tuple[Charged, ...]:
+    return tuple(Charged(s.scope, s.soft_nanos) for s in scopes)
 
 
 def plan_request(
@@ -200,7 +208,7 @@ def plan_request(
     else:
         cap = ws.default_output_cap * choices
     reserve = prices.charge(model, Usage(input_tokens=counted_input, output_tokens=cap)).nanos
-    scopes, rates = attribution(policy, identity)
+    scopes, rates, charged = attribution(policy, identity)
     return Plan(
         workspace=ws.name,
         prefix=workspace_prefix(ws.name),
@@ -212,6 +220,7 @@ def plan_request(
         tokens=counted_input + cap,
         counted_input=counted_input,
         service=identity.service,
+        charged=charged,
     )
 
 
@@ -230,14 +239,11 @@ def charges_for(
     Unattributed traffic: the workspace scope of the unattributed books, by month.
     """
     if plan is not None:
-        return tuple(Charged(s.scope, s.soft_nanos) for s in plan.scopes), plan.period.id
+        return plan.charged or _charges(plan.scopes), plan.period.id
     ws = policy.workspaces.get(identity.workspace) if policy and identity else None
     if ws is None or identity is None:
         return UNGOVERNED, period_at("month", now_ms, tz).id
-    limits = charged_scopes(ws, identity)
-    return tuple(Charged(s.scope, s.soft_nanos) for s in limits), period_at(
-        ws.period, now_ms, tz
-    ).id
+    return _charges(charged_scopes(ws, identity)), period_at(ws.period, now_ms, tz).id
 
 
 def with_overdraft(plan: Plan, nanos: int) -> Plan:

@@ -67,6 +67,7 @@ def test_scopes_are_derived_once_per_caller_and_policy(monkeypatch: pytest.Monke
     again = plan(policy, caller())
     assert calls == [caller()]
     assert again.scopes == first.scopes and again.rates == first.rates
+    assert again.charged == first.charged and len(first.charged) == len(first.scopes)
     # A reloaded policy (a new object, even an identical one) derives afresh.
     plan(parse_policy_text(policy_text()), caller())
     assert calls == [caller(), caller()]
@@ -74,9 +75,12 @@ def test_scopes_are_derived_once_per_caller_and_policy(monkeypatch: pytest.Monke
 
 def test_different_callers_never_share_an_entry() -> None:
     policy = parse_policy_text(policy_text())
-    a_scopes, a_rates = attribution(policy, caller("key_a"))
-    b_scopes, b_rates = attribution(policy, caller("key_b"))
-    ide_scopes, ide_rates = attribution(policy, caller("key_a", service="ide"))
+    a_scopes, a_rates, a_charged = attribution(policy, caller("key_a"))
+    b_scopes, b_rates, _b_charged = attribution(policy, caller("key_b"))
+    ide_scopes, ide_rates, _ide_charged = attribution(policy, caller("key_a", service="ide"))
+    assert [(c.scope, c.soft_nanos) for c in a_charged] == [
+        (s.scope, s.soft_nanos) for s in a_scopes
+    ]
     assert [s.scope for s in a_scopes][-1] == key_scope("key_a")
     assert [s.scope for s in b_scopes][-1] == key_scope("key_b")
     assert [r.scope for r in b_rates] == [key_scope("key_b")]
