@@ -159,10 +159,10 @@ def _rates(ws: Workspace, identity: Identity) -> tuple[RateScope, ...]:
 def attribution(
     policy: Policy, identity: Identity
 ) -> tuple[tuple[ScopeLimit, ...], tuple[RateScope, ...], tuple[Charged, ...]]:
-    """The caller's charged scopes, rate limits and charges (`charged_scopes`, `_rates`).
+    """The caller's charged scopes, its rate limits and what its settlements charge.
 
-    Both are a pure function of the policy and the caller, yet every request needs them:
-    built once per caller and kept in the policy's memo, which a reload replaces (see
+    All three are a pure function of the policy and the caller, yet every request needs
+    them: built once per caller and kept in the policy's memo, which a reload replaces (see
     `Policy.remember`). The whole Identity is the key, so two keys never share an entry.
     """
     return policy.remember("budget.attribution", identity, _attribution, policy, identity)
