@@ -10,8 +10,10 @@ Matrix: budgets enforced (policy, virtual key, reservation and settlement in Red
 and metering only; concurrency 1, 16 and 32; a small JSON chat completion and a
 50-event SSE stream. Then: enforced with 2 sidecar workers (and 2 Envoy threads)
 against 1, and memory per open stream with 1,000 long streams held open at once.
-CPU per request (sidecar process tree, Envoy) and RSS come from /proc; Redis bytes per
-request (ledger stream, idempotency sets) from MEMORY USAGE after each enforced setup.
+CPU per request (sidecar process tree, Envoy, and for the whole bill Redis, the simulator
+and the load generator) and RSS come from /proc; Redis bytes per request (ledger stream,
+idempotency sets) from MEMORY USAGE after each enforced setup. A full run ends with the
+floor under any processor (bench/bench_floor.py: Envoy with a do-nothing ext_proc server).
 
     .venv/bin/python bench/bench.py            # full run (~15 min on 2 cores)
     .venv/bin/python bench/bench.py --quick    # direction only, ~3 min
@@ -97,6 +99,12 @@ class Bench:
         self.key = key
         self.envoy = stack.children["envoy"].proc.pid
         self.sidecar = stack.children["sidecar"].proc.pid
+        # The rest of the bill, for "where the CPU goes": every process on the path.
+        self.others = {
+            name: stack.children[name].proc.pid
+            for name in ("redis", "simulator")
+            if name in stack.children
+        }
 
     def request(self, path: str, load: str, extra: dict[str, str] | None = None) -> bytes:
         body, headers = LOADS[load]
@@ -107,6 +115,8 @@ class Bench:
     def one_round(self, path: str, load: str, requests: int, concurrency: int) -> dict[str, float]:
         sidecar = procstat.tree(self.sidecar)
         cpu0, envoy0 = procstat.cpu_seconds(sidecar), procstat.cpu_seconds([self.envoy])
+        others0 = {name: procstat.cpu_seconds([pid]) for name, pid in self.others.items()}
+        loadgen0 = procstat.own_cpu_seconds()
         latencies, wall = asyncio.run(
             run_closed_loop(HOST, self.ports[path], self.request(path, load), requests, concurrency)
         )
@@ -114,6 +124,10 @@ class Bench:
             procstat.cpu_seconds(sidecar) - cpu0,
             procstat.cpu_seconds([self.envoy]) - envoy0,
         )
+        loadgen = procstat.own_cpu_seconds() - loadgen0
+        others = {
+            name: procstat.cpu_seconds([pid]) - others0[name] for name, pid in self.others.items()
+        }
         latencies.sort()
         n = len(latencies)
         return {
@@ -122,6 +136,8 @@ class Bench:
             "rps": n / wall,
             "sidecar_cpu_us": cpu / n * 1e6,
             "envoy_cpu_us": envoy / n * 1e6,
+            "loadgen_cpu_us": loadgen / n * 1e6,
+            **{f"{name}_cpu_us": seconds / n * 1e6 for name, seconds in others.items()},
         }
 
     def cell(self, load: str, concurrency: int, plan: Plan) -> dict[str, Any]:
@@ -166,6 +182,9 @@ class Bench:
         }
 
 
+CPU_PARTS = ("loadgen", "envoy", "sidecar", "redis", "simulator")
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -185,6 +204,16 @@ def summarise(rounds: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
         "throughput_ratio": per_round(lambda d, e: e["rps"] / d["rps"]),
         "sidecar_cpu_us": per_round(lambda d, e: e["sidecar_cpu_us"]),
         "envoy_extra_cpu_us": per_round(lambda d, e: e["envoy_cpu_us"] - d["envoy_cpu_us"]),
+        # Every process's CPU per request on both paths: the whole bill of one request, which
+        # bounds throughput on a machine whose cores they all share.
+        "cpu_us": {
+            path: {
+                name: spread([r[path][f"{name}_cpu_us"] for r in rounds])
+                for name in CPU_PARTS
+                if f"{name}_cpu_us" in rounds[0][path]
+            }
+            for path in ("direct", "extproc")
+        },
     }
 
 
@@ -296,6 +325,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{fmt(c['throughput_ratio'], 0, pct=True)} | {fmt(c['sidecar_cpu_us'], 0)} | "
                 f"{fmt(c['envoy_extra_cpu_us'], 0, sign=True)} |"
             )
+    out += ["", *cpu_bill(report)]
     memory = [(setup, r["memory"]) for setup, r in report["setups"].items() if "memory" in r]
     if memory:
         out += [
@@ -320,6 +350,10 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{per.get('idempotency (seen sets)', 0):.0f} | "
                 f"{f['bytes_per_request_total']:.0f} |"
             )
+    if "floor" in report:
+        from bench.bench_floor import markdown as floor_markdown
+
+        out += ["", *floor_markdown(report["floor"])]
     if "counting" in report:
         out += ["", "| counting (sidecar CPU) | ms |", "|---|---|"]
         out += [f"| {k} | {v:.2f} |" for k, v in report["counting"].items()]
@@ -327,6 +361,25 @@ def markdown(report: dict[str, Any]) -> str:
         out += ["", "| bad-key flood (bench/bench_badkeys.py) | |", "|---|---|"]
         out += [f"| {k} | {v:.3f} |" for k, v in report["bad_keys"].items()]
     return "\n".join(out) + "\n"
+
+
+def cpu_bill(report: dict[str, Any]) -> list[str]:
+    """Where one request's CPU goes, process by process, JSON cells (medians, µs/request)."""
+    out = [
+        "| CPU µs per request (JSON) | c | path | load generator | Envoy | sidecar | Redis |"
+        " simulator | total |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for setup, result in report["setups"].items():
+        for name, c in result["cells"].items():
+            load, level = name.split(" c=")
+            if load != "json" or "cpu_us" not in c:
+                continue
+            for path, parts in c["cpu_us"].items():
+                figures = [parts.get(p, {"median": 0.0})["median"] for p in CPU_PARTS]
+                cells = " | ".join(f"{f:,.0f}" for f in figures)
+                out.append(f"| {setup} | {level} | {path} | {cells} | {sum(figures):,.0f} |")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench.bench_badkeys import bad_key_figures
 
         report["bad_keys"] = bad_key_figures()
+        from bench.bench_floor import floor_figures
+
+        report["floor"] = floor_figures()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -7,6 +7,7 @@ Only the measured processes count: the load generator shares the cores but not t
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -51,3 +52,8 @@ def rss_bytes(pids: list[int]) -> int:
         except OSError:
             continue
     return total
+
+
+def own_cpu_seconds() -> float:
+    """This process's CPU time (every thread): the load generator's share of the bill."""
+    return time.process_time()

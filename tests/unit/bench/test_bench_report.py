@@ -1,0 +1,76 @@
+"""The bench's report tables, from synthetic rounds: the arithmetic, not the timing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT))
+
+from bench.bench import cpu_bill, markdown, summarise  # noqa: E402
+from bench.bench_floor import markdown as floor_markdown  # noqa: E402
+
+
+def _round(scale: float) -> dict[str, dict[str, float]]:
+    direct = {
+        "p50_ms": 1.0,
+        "p99_ms": 2.0,
+        "rps": 1000.0,
+        "sidecar_cpu_us": 0.0,
+        "envoy_cpu_us": 150.0,
+        "loadgen_cpu_us": 50.0,
+        "redis_cpu_us": 0.0,
+        "simulator_cpu_us": 200.0,
+    }
+    extproc = {
+        "p50_ms": 3.0 * scale,
+        "p99_ms": 5.0,
+        "rps": 250.0 * scale,
+        "sidecar_cpu_us": 900.0 * scale,
+        "envoy_cpu_us": 550.0,
+        "loadgen_cpu_us": 90.0,
+        "redis_cpu_us": 270.0,
+        "simulator_cpu_us": 260.0,
+    }
+    return {"direct": direct, "extproc": extproc}
+
+
+def test_summary_keeps_every_process_bill_with_its_spread() -> None:
+    cell = summarise([_round(1.0), _round(2.0), _round(1.5)])
+    assert cell["throughput_ratio"] == {"median": 0.375, "min": 0.25, "max": 0.5}
+    assert cell["envoy_extra_cpu_us"]["median"] == 400.0
+    assert cell["cpu_us"]["extproc"]["sidecar"] == {"median": 1350.0, "min": 900.0, "max": 1800.0}
+    assert cell["cpu_us"]["direct"]["simulator"]["median"] == 200.0
+
+
+def test_cpu_bill_rows_add_up_per_path() -> None:
+    cell = summarise([_round(1.0), _round(1.0), _round(1.0)])
+    report = {
+        "kind": "quick",
+        "machine": "2 cores",
+        "time": "t",
+        "rounds": 3,
+        "setups": {"enforced, 1 worker": {"cells": {"json c=32": cell, "sse c=32": cell}}},
+    }
+    rows = cpu_bill(report)
+    assert len(rows) == 4  # header, rule, direct, extproc: SSE cells are left out
+    direct, extproc = (r.strip("|").split("|") for r in rows[2:])
+    assert direct[-1].strip() == "400"  # 50 + 150 + 0 + 0 + 200
+    assert extproc[-1].strip() == "2,070"  # 90 + 550 + 900 + 270 + 260
+    assert "| CPU µs per request (JSON)" in markdown(report)
+
+
+def test_floor_table_names_mode_and_concurrency() -> None:
+    spread = {"median": 0.5, "min": 0.25, "max": 1.0}
+    figures = {
+        "4 messages c=1": {
+            "added_p50_ms": spread,
+            "envoy_extra_cpu_us": spread,
+            "processor_cpu_us": spread,
+            "throughput_ratio": spread,
+        }
+    }
+    row = floor_markdown(figures)[2]
+    assert row.startswith("| 4 messages | 1 | 0.50 [0.25, 1.00] |")
+    assert row.endswith("| 50 [25, 100] |")
