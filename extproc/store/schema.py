@@ -13,8 +13,11 @@ Redis Cluster slot:
     {ws:W}:held:<period>      hash  scope -> nanos reserved by requests in flight
     {ws:W}:day:<YYYY-MM-DD>   hash  scope -> nanos spent that day
     {ws:W}:hour:<YYYY-MM-DDTHH> hash scope -> nanos spent that hour
-    {ws:W}:resv, :resv:data, :resv:orphan  reservations in flight (deadline zset, details
-                              hash, the settlement to write if the sidecar dies)
+    {ws:W}:resv, :resv:data   reservations in flight: deadline zset; hash with each hold's
+                              "period|nanos|scopes" (field <id>) and the settlement to write
+                              if its sidecar dies (field <id>:orphan), one write per hold
+    {ws:W}:resv:orphan        that settlement for holds made before it moved into :resv:data
+                              (release.lua still reads and clears it)
     {ws:W}:rl:<minute>        hash  rate-limit counters of one minute
     {ws:W}:sess:<session>     session's input tokens (context-growth guard)
     {ws:W}:seen:<minute>      set of request ids settled, by the minute the request

@@ -14,14 +14,9 @@
 -- Returns  {orphan_settlement, ...}: one per reaped hold that carried one
 local p = KEYS[1]
 local now, limit = ARGV[1], tonumber(ARGV[2])
-local resv_k, orphan_k = p .. ':resv', p .. ':resv:orphan'
 local out = {}
-for _, rid in ipairs(redis.call('ZRANGEBYSCORE', resv_k, '-inf', now, 'LIMIT', 0, limit)) do
-  release_hold(p, rid)
-  local orphan = redis.call('HGET', orphan_k, rid)
-  if orphan then
-    out[#out + 1] = orphan
-    redis.call('HDEL', orphan_k, rid)
-  end
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', p .. ':resv', '-inf', now, 'LIMIT', 0, limit)) do
+  local orphan = release_hold(p, rid, true)  -- release.lua
+  if orphan then out[#out + 1] = orphan end
 end
 return out

@@ -18,9 +18,12 @@
 --
 -- Amounts stay strings when stored or returned: Lua 5.1 prints large numbers in exponent
 -- form, and money must never round.
+--
+-- Numbers: `s + 0` turns a numeric string into a number with one strtod; tonumber(s) costs
+-- two (Lua 5.1 checks, then converts), and a request makes a score of conversions.
 local p = KEYS[1]
-local now = tonumber(ARGV[1])
-local id, amount, ttl, tokens = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local now = ARGV[1] + 0
+local id, amount, ttl, tokens = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key_id, period = ARGV[6], ARGV[7]
 local resv_k, data_k = p .. ':resv', p .. ':resv:data'
 -- Holds whose sidecar never settled them (killed, hung) are not reclaimed here but by
@@ -32,27 +35,29 @@ if key_id ~= '' and redis.call('SISMEMBER', p .. ':revoked', key_id) == 1 then
 end
 
 local i = 8
-local n = tonumber(ARGV[i]); i = i + 1
+local n = ARGV[i] + 0; i = i + 1
 local scopes, caps = {}, {}
 for j = 1, n do
-  scopes[j] = ARGV[i]; caps[j] = tonumber(ARGV[i + 1]); i = i + 2
+  scopes[j] = ARGV[i]; caps[j] = ARGV[i + 1] + 0; i = i + 2
 end
-local nr = tonumber(ARGV[i]); i = i + 1
+local nr = ARGV[i] + 0; i = i + 1
 local minute = math.floor(now / 60000)
-local rl_k = p .. ':rl:' .. minute
-local retry = tostring((minute + 1) * 60000 - now)
+local rl_k = nr > 0 and p .. ':rl:' .. minute
 local rates = {}
 for j = 1, nr do
-  local s, rpm, tpm = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]); i = i + 3
+  -- A limit of "-1" is no limit.
+  local s, rpm, tpm = ARGV[i], ARGV[i + 1], ARGV[i + 2]; i = i + 3
   rates[j] = s
-  if rpm >= 0 then
-    local used = tonumber(redis.call('HGET', rl_k, s .. ':r') or '0')
-    if used + 1 > rpm then return {'rate', s, 'rpm', retry, tostring(rpm), tostring(used)} end
+  if rpm ~= '-1' then
+    local used = (redis.call('HGET', rl_k, s .. ':r') or 0) + 0
+    if used + 1 > rpm + 0 then
+      return {'rate', s, 'rpm', tostring((minute + 1) * 60000 - now), rpm, tostring(used)}
+    end
   end
-  if tpm >= 0 then
-    local used = tonumber(redis.call('HGET', rl_k, s .. ':t') or '0')
-    if used + tonumber(tokens) > tpm then
-      return {'rate', s, 'tpm', retry, tostring(tpm), tostring(used)}
+  if tpm ~= '-1' then
+    local used = (redis.call('HGET', rl_k, s .. ':t') or 0) + 0
+    if used + tokens > tpm + 0 then
+      return {'rate', s, 'tpm', tostring((minute + 1) * 60000 - now), tpm, tostring(used)}
     end
   end
 end
@@ -60,28 +65,40 @@ end
 local session, session_tokens, orphan = ARGV[i], ARGV[i + 1], ARGV[i + 2]
 
 local out = {'ok'}
-local amt = tonumber(amount)
-for j = 1, n do
-  local spent = redis.call('HGET', spent_k, scopes[j]) or '0'
-  local held = redis.call('HGET', held_k, scopes[j]) or '0'
-  if caps[j] >= 0 and tonumber(spent) + tonumber(held) + amt > caps[j] then
-    local first = redis.call('SET', p .. ':alerted:' .. period .. ':' .. scopes[j] .. ':hard', '1',
-      'NX', 'EX', 3456000)
-    return {'budget', scopes[j], spent, held, first and '1' or '0'}
+local amt = amount + 0
+if n > 0 then
+  -- One HMGET per hash for every scope: each redis.call costs more than its command.
+  local spent_all = redis.call('HMGET', spent_k, unpack(scopes))
+  local held_all = redis.call('HMGET', held_k, unpack(scopes))
+  for j = 1, n do
+    local spent, held = spent_all[j] or '0', held_all[j] or '0'
+    if caps[j] >= 0 and spent + held + amt > caps[j] then
+      local first = redis.call('SET', p .. ':alerted:' .. period .. ':' .. scopes[j] .. ':hard',
+        '1', 'NX', 'EX', 3456000)
+      return {'budget', scopes[j], spent, held, first and '1' or '0'}
+    end
+    out[#out + 1] = spent
+    out[#out + 1] = held
   end
-  out[#out + 1] = spent
-  out[#out + 1] = held
 end
 
 for j = 1, n do redis.call('HINCRBY', held_k, scopes[j], amount) end
 redis.call('ZADD', resv_k, now + ttl, id)
-redis.call('HSET', data_k, id, period .. '|' .. amount .. '|' .. table.concat(scopes, '|'))
-if orphan ~= nil and orphan ~= '' then redis.call('HSET', p .. ':resv:orphan', id, orphan) end
+-- The hold and its orphan settlement in one hash, one write (release.lua reads them back).
+local hold = period .. '|' .. amount .. '|' .. table.concat(scopes, '|')
+if orphan ~= nil and orphan ~= '' then
+  redis.call('HSET', data_k, id, hold, id .. ':orphan', orphan)
+else
+  redis.call('HSET', data_k, id, hold)
+end
 for j = 1, nr do
-  redis.call('HINCRBY', rl_k, rates[j] .. ':r', 1)
+  -- The minute's hash is new when its first counter is: only then does it need an expiry
+  -- (it is read during its own minute only, so 2 minutes from its first write will do).
+  if redis.call('HINCRBY', rl_k, rates[j] .. ':r', 1) == 1 and j == 1 then
+    redis.call('PEXPIRE', rl_k, 120000)
+  end
   redis.call('HINCRBY', rl_k, rates[j] .. ':t', tokens)
 end
-if nr > 0 then redis.call('PEXPIRE', rl_k, 120000) end
 -- A session's input tokens over its life (context-growth guard); idle sessions fade.
 if session ~= nil and session ~= '' then
   local sk = p .. ':sess:' .. session
