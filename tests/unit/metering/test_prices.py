@@ -3,7 +3,7 @@ from __future__ import annotations
 import random
 import time
 from datetime import date
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest
@@ -253,14 +253,22 @@ def test_caller_supplied_fallback_wins(tmp_path: Path) -> None:
     assert PriceTable.load(path).charge("gpt-z", Usage(1, 0, 0, 0)).nanos == 1_250
 
 
-def test_usd_integer_path_writes_what_the_decimal_path_writes() -> None:
+def _decimal_usd(nanos: int, *, cents: bool, grouped: bool) -> str:
+    """The oracle: the same amount written by Decimal (ROUND_HALF_UP rounds ties away from 0)."""
+    amount = Decimal(nanos).scaleb(-9)
+    amount = amount.quantize(Decimal("0.01"), ROUND_HALF_UP) if cents else amount.normalize()
+    return f"{amount:,f}" if grouped else f"{amount:f}"
+
+
+def test_usd_integer_arithmetic_writes_what_decimal_writes() -> None:
     rng = random.Random(10)
     edges = [0, 1, -1, 4_999_999, 5_000_000, 9_995_000_000, 10 * NANOS_PER_DOLLAR, -5_000_000]
     samples = edges + [rng.randrange(-(10**15), 10**15) for _ in range(3000)]
     samples += [rng.randrange(-(10**10), 10**10) // 10 ** rng.randrange(0, 9) for _ in range(3000)]
     for n in samples:
         for cents in (False, True):
-            assert usd(n, cents=cents) == prices._decimal_usd(n, cents=cents, grouped=False), n
+            assert usd(n, cents=cents) == _decimal_usd(n, cents=cents, grouped=False), n
+            assert usd(n, cents=cents, grouped=True) == _decimal_usd(n, cents=cents, grouped=True)
             assert usd(n, cents=cents, sign=True) == "$" + usd(n, cents=cents)
     assert usd(1_234_500_000_000, grouped=True) == "1,234.5"
     assert (usd(0), usd(-1, cents=True), usd(12_500_000_000)) == ("0", "-0.00", "12.5")
