@@ -262,14 +262,24 @@ def _listed(values: tuple[str, ...]) -> str:
     return "[" + ", ".join(values) + "]"
 
 
-def rule_mismatch(rule: Rule, traits: Traits) -> str | None:
-    """None when every condition of `rule` holds, else the first one that does not."""
-    when = rule.when
-    listed: tuple[tuple[str, tuple[str, ...] | None, str | None], ...] = (
+_Condition = tuple[str, tuple[str, ...] | None, str | None]  # name, wanted (None: any), actual
+
+
+def _caller_conditions(when: RuleMatch, traits: Traits) -> tuple[_Condition, ...]:
+    """The conditions on who calls and where: fixed per caller and endpoint (`caller_rules`)."""
+    return (
         ("endpoint", when.endpoint, traits.endpoint),
         ("workspace", when.workspace, traits.workspace),
         ("service", when.service, traits.service),
         ("team", when.team, traits.team),
+    )
+
+
+def rule_mismatch(rule: Rule, traits: Traits) -> str | None:
+    """None when every condition of `rule` holds, else the first one that does not."""
+    when = rule.when
+    listed: tuple[_Condition, ...] = (
+        *_caller_conditions(when, traits),
         ("model", when.model, model_key(traits.model)),
         ("task", when.task, traits.task.lower() if traits.task else None),
         ("reasoning_effort", when.reasoning_effort, traits.reasoning_effort),
@@ -397,12 +407,7 @@ def _caller_mismatch(when: RuleMatch, traits: Traits) -> bool:
     """True when a condition on who calls, and where, rules the rule out for `traits`."""
     return any(
         wanted is not None and actual not in wanted
-        for wanted, actual in (
-            (when.endpoint, traits.endpoint),
-            (when.workspace, traits.workspace),
-            (when.service, traits.service),
-            (when.team, traits.team),
-        )
+        for _name, wanted, actual in _caller_conditions(when, traits)
     )
 
 
