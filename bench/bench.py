@@ -40,31 +40,22 @@ sys.path.insert(0, str(ROOT))
 
 from bench import procstat  # noqa: E402
 from bench.bench_redis import redis_footprint  # noqa: E402
-from bench.loadgen import build_request, run_closed_loop, streams_held_open  # noqa: E402
+from bench.loadgen import (  # noqa: E402
+    CHAT_REQUEST,
+    SSE_OUTPUT_TOKENS,
+    SSE_REQUEST,
+    build_request,
+    run_closed_loop,
+    streams_held_open,
+)
 from extproc.devstack.stack import Stack, StackConfig, free_port  # noqa: E402
+from extproc.simulator.plan import OUTPUT_TOKENS_HEADER  # noqa: E402
 
 HOST = "127.0.0.1"
 PATH = "/v1/chat/completions"
-_MESSAGES = [{"role": "user", "content": "Fix the lint error in utils.py line 3."}]
 LOADS: dict[str, tuple[bytes, dict[str, str]]] = {
-    "json": (
-        json.dumps(
-            {"model": "gpt-5-mini", "messages": _MESSAGES, "max_completion_tokens": 16}
-        ).encode(),
-        {},
-    ),
-    # 46 output tokens: role, 46 deltas, finish, usage and [DONE] make 50 events.
-    "sse": (
-        json.dumps(
-            {
-                "model": "gpt-4o-mini",
-                "messages": _MESSAGES,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-        ).encode(),
-        {"x-sim-output-tokens": "46"},
-    ),
+    "json": (json.dumps(CHAT_REQUEST).encode(), {}),
+    "sse": (json.dumps(SSE_REQUEST).encode(), {OUTPUT_TOKENS_HEADER: str(SSE_OUTPUT_TOKENS)}),
 }
 BENCH_POLICY = """
 version: 1

@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from envoy.config.core.v3 import base_pb2  # noqa: E402
 
+from bench.loadgen import CHAT_REQUEST, SSE_OUTPUT_TOKENS, SSE_REQUEST  # noqa: E402
 from extproc.dataplane import envoy_msgs as msgs  # noqa: E402
 from extproc.dataplane.deps import Deps  # noqa: E402
 from extproc.dataplane.exchange import Exchange  # noqa: E402
@@ -50,57 +51,26 @@ from extproc.metering.ledger import Ledger  # noqa: E402
 from extproc.metering.prices import PriceTable  # noqa: E402
 from extproc.metering.tokens import count_text  # noqa: E402
 from extproc.settings import Settings  # noqa: E402
+from extproc.simulator import chat as simulated_chat  # noqa: E402
+from extproc.simulator.caching import PromptCache  # noqa: E402
+from extproc.simulator.faults import Faults  # noqa: E402
+from extproc.simulator.plan import OUTPUT_TOKENS_HEADER, plan_request  # noqa: E402
 
 SECRET = "sk-ext-" + "b" * 40
 CALLER = Identity("key_bench", "dev", None, "codex-cli", None, 0)
-_MESSAGES = [{"role": "user", "content": "Fix the lint error in utils.py line 3."}]
-JSON_REQUEST = {"model": "gpt-5-mini", "messages": _MESSAGES, "max_completion_tokens": 16}
-SSE_REQUEST = {
-    "model": "gpt-4o-mini",
-    "messages": _MESSAGES,
-    "stream": True,
-    "stream_options": {"include_usage": True},
-}
-USAGE = {"prompt_tokens": 19, "completion_tokens": 46, "total_tokens": 65}
-JSON_ANSWER = {
-    "id": "chatcmpl-bench",
-    "object": "chat.completion",
-    "created": 1_767_225_600,
-    "model": "gpt-5-mini-2025-08-07",
-    "choices": [
-        {
-            "index": 0,
-            "message": {"role": "assistant", "content": "Remove the unused import."},
-            "finish_reason": "stop",
-        }
-    ],
-    "usage": {"prompt_tokens": 19, "completion_tokens": 6, "total_tokens": 25},
-}
 
 
-def _sse_chunks() -> list[bytes]:
-    """Role, 46 deltas, finish, usage and [DONE]: 50 events, one ext_proc message each."""
-
-    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        chunk = {
-            "id": "chatcmpl-bench",
-            "object": "chat.completion.chunk",
-            "created": 1_767_225_600,
-            "model": "gpt-4o-mini-2024-07-18",
-            "choices": choices,
-            **extra,
-        }
-        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
-
-    def delta(content: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
-        return [{"index": 0, "delta": content, "finish_reason": finish}]
-
-    chunks = [event(delta({"role": "assistant", "content": ""}))]
-    chunks += [event(delta({"content": f" word{i}"})) for i in range(46)]
-    chunks.append(event(delta({}, "stop")))
-    chunks.append(event([], usage=USAGE))
-    chunks.append(b"data: [DONE]\n\n")
-    return chunks
+def _answers() -> tuple[bytes, list[bytes]]:
+    """The upstream's JSON answer and SSE events, made by the simulator (the faithful
+    upstream of every other test and bench): role, 46 deltas, finish, usage and [DONE]."""
+    headers = {OUTPUT_TOKENS_HEADER: str(SSE_OUTPUT_TOKENS)}
+    whole = simulated_chat.build(
+        CHAT_REQUEST, plan_request("chat", CHAT_REQUEST, {}, PromptCache()), Faults()
+    )
+    events = simulated_chat.stream(
+        SSE_REQUEST, plan_request("chat", SSE_REQUEST, headers, PromptCache()), Faults()
+    )
+    return json.dumps(whole).encode(), events.frames
 
 
 class _Keys:
@@ -174,7 +144,8 @@ def _wire(sse: bool) -> list[bytes]:
         "x-request-id": "5d9f0c0e-bench",
         "user-agent": "bench/1.0",
     }
-    body = json.dumps(SSE_REQUEST if sse else JSON_REQUEST).encode()
+    body = json.dumps(SSE_REQUEST if sse else CHAT_REQUEST).encode()
+    answer, chunks = _answers()
     kind = "text/event-stream" if sse else "application/json"
     pr = msgs.ProcessingRequest
     out = [
@@ -183,13 +154,11 @@ def _wire(sse: bool) -> list[bytes]:
         pr(response_headers=_headers({":status": "200", "content-type": kind})),
     ]
     if sse:
-        chunks = _sse_chunks()
         out += [
             pr(response_body=msgs.pb.HttpBody(body=c, end_of_stream=i == len(chunks) - 1))
             for i, c in enumerate(chunks)
         ]
     else:
-        answer = json.dumps(JSON_ANSWER).encode()
         out.append(pr(response_body=msgs.pb.HttpBody(body=answer, end_of_stream=True)))
     return [m.SerializeToString() for m in out]
 

@@ -36,19 +36,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import build_request, run_closed_loop  # noqa: E402
+from bench.loadgen import CHAT_REQUEST, build_request, run_closed_loop  # noqa: E402
 from extproc.devstack.stack import Child, envoy_binary, free_port  # noqa: E402
 
 MESSAGES_PER_CALL = 4
 ECHO_PATH = "/bench.Echo/Chat"
 EXT_PROC_PATH = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
-CHAT_BODY = json.dumps(
-    {
-        "model": "gpt-5-mini",
-        "messages": [{"role": "user", "content": "Fix the lint error in utils.py line 3."}],
-        "max_completion_tokens": 16,
-    }
-).encode()
+CHAT_BODY = json.dumps(CHAT_REQUEST).encode()
 
 
 # -- the servers under test (run in a child process) ----------------------------------

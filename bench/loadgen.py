@@ -12,6 +12,24 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
+
+# The request every bench sends: a small chat completion, whole (JSON) or streamed (SSE,
+# with the usage chunk the sidecar meters). One definition, so all figures are comparable.
+_MESSAGES = [{"role": "user", "content": "Fix the lint error in utils.py line 3."}]
+CHAT_REQUEST: dict[str, Any] = {
+    "model": "gpt-5-mini",
+    "messages": _MESSAGES,
+    "max_completion_tokens": 16,
+}
+SSE_REQUEST: dict[str, Any] = {
+    "model": "gpt-4o-mini",
+    "messages": _MESSAGES,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
+SSE_OUTPUT_TOKENS = 46
+"""Role, 46 deltas, finish, usage and [DONE]: 50 events."""
 
 
 def build_request(
