@@ -9,12 +9,19 @@ passes through a float, so the sum of `BilledCost` is the ledger's total to the 
 We know list prices only (no negotiated discounts, no commitments), so BilledCost,
 EffectiveCost, ListCost and ContractedCost are the same amount. Columns the specification
 reserves for providers' own extensions carry the `x_` prefix.
+
+Both CSV formats are opened in spreadsheets, and many cells hold text a client chose (model
+names, session ids, the `user` field): a cell a spreadsheet would evaluate as a formula
+(`=HYPERLINK(...)`, `=cmd|...`) is written with a leading apostrophe, which every spreadsheet
+reads as "this is text" (see `cell`). Numbers are never touched, a negative one included, so
+money columns still sum.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any
@@ -77,6 +84,30 @@ FOCUS_COLUMNS = (
     "x_Estimated",
     "x_PriceFallback",
 )
+
+
+# What makes Excel, LibreOffice and Google Sheets evaluate a cell (OWASP's list): a formula
+# sign, or a tab or carriage return that some of them skip before looking for one.
+FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?\Z")
+
+
+def cell(value: Any) -> Any:
+    """`value` as a CSV cell no spreadsheet evaluates.
+
+    Text that starts like a formula gets a leading `'`; a plain decimal number (`-0.25`, an
+    adjustment) stays as it is, because a spreadsheet reads it as a number, never a formula,
+    and finance must be able to sum it. Integers are numbers already.
+    """
+    if not isinstance(value, str) or not value.startswith(FORMULA_LEADS):
+        return value
+    if _PLAIN_NUMBER.match(value):
+        return value
+    return "'" + value
+
+
+def _cells(row: dict[str, Any]) -> dict[str, Any]:
+    return {name: cell(value) for name, value in row.items()}
 
 
 def _iso(moment: datetime) -> str:
@@ -167,7 +198,12 @@ def record_columns() -> tuple[str, ...]:
 
 
 def write(records: Iterable[UsageRecord], fmt: str, out: IO[str]) -> int:
-    """Write `records` to `out` in `fmt`; returns the number of rows."""
+    """Write `records` to `out` in `fmt`; returns the number of rows.
+
+    CSV rows end in CRLF (RFC 4180): Python's writer quotes a cell holding any character of
+    the line terminator, so a carriage return a client put in its session id is quoted too;
+    with a bare LF terminator it was not, and a reader split the row there.
+    """
     count = 0
     if fmt == "jsonl":
         for r in records:
@@ -175,17 +211,17 @@ def write(records: Iterable[UsageRecord], fmt: str, out: IO[str]) -> int:
             count += 1
         return count
     if fmt == "csv":
-        writer = csv.DictWriter(out, fieldnames=record_columns(), lineterminator="\n")
+        writer = csv.DictWriter(out, fieldnames=record_columns(), lineterminator="\r\n")
         writer.writeheader()
         for r in records:
-            writer.writerow(record_to_dict(r))
+            writer.writerow(_cells(record_to_dict(r)))
             count += 1
         return count
     if fmt == "focus":
-        writer = csv.DictWriter(out, fieldnames=FOCUS_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(out, fieldnames=FOCUS_COLUMNS, lineterminator="\r\n")
         writer.writeheader()
         for r in records:
-            writer.writerow(focus_row(r))
+            writer.writerow(_cells(focus_row(r)))
             count += 1
         return count
     raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")

