@@ -180,7 +180,7 @@ class Exchange(Settling):
             # Answered here, never forwarded: the developer's own view (see selfservice).
             self._closed = True
             self._deps.ledger.note_unmetered(unmetered_key(method, path))
-            return selfservice.answer(self._deps, method, path, h.get("authorization", ""))
+            return selfservice.answer(self._deps, method, path, presented_key(h))
         seen = self.seen
         # 128 random bits as 32 hex digits, the shape a uuid4 hex had: the id is opaque
         # everywhere (records, headers, Redis), and this costs a third of uuid4().hex.

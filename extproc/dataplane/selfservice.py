@@ -2,7 +2,8 @@
 
 `GET /extproc/v1/me` (JSON) and `GET /extproc/me` (a page for people) are answered from the
 request-headers phase with an immediate response: they never reach the provider, and the
-JSON one is authenticated by the caller's virtual key like any metered call. The page holds
+JSON one is authenticated by the caller's virtual key like any metered call, presented the same
+ways the gateway accepts it (`authorization: Bearer`, `x-api-key`, `api-key`). The page holds
 no data: it asks for the key in a form and fetches the JSON with it in a header, so the key
 never appears in a URL, a log line or the browser's history.
 """
@@ -38,8 +39,8 @@ def _error(status: int, message: str, code: str, kind: str = "invalid_request_er
     return OpenAIError(status, message, kind, None, code).body()
 
 
-async def answer(deps: Deps, method: str, path: str, authorization: str) -> msgs.ProcessingResponse:
-    """The immediate response for a path under `/extproc/`."""
+async def answer(deps: Deps, method: str, path: str, secret: str) -> msgs.ProcessingResponse:
+    """The immediate response for a path under `/extproc/`; `secret` is the key presented."""
     route = path.split("?", 1)[0]
     if route not in (ME_PATH, ME_PAGE_PATH):
         return msgs.immediate(404, _error(404, f"No such extproc path: {route}", "not_found"))
@@ -51,16 +52,15 @@ async def answer(deps: Deps, method: str, path: str, authorization: str) -> msgs
         return msgs.immediate(
             200, _page(), {"content-type": "text/html; charset=utf-8", **_NO_STORE}
         )
-    return await _me(deps, authorization)
+    return await _me(deps, secret)
 
 
-async def _me(deps: Deps, authorization: str) -> msgs.ProcessingResponse:
+async def _me(deps: Deps, secret: str) -> msgs.ProcessingResponse:
     keys, policy = deps.keys, deps.policy
     if keys is None or policy is None or deps.store is None:
         return msgs.immediate(
             404, _error(404, "This gateway runs without keys or a policy.", "not_found")
         )
-    secret = guard.bearer(authorization)
     try:
         identity = keys.get(secret)
         if identity is MISSING:

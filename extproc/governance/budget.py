@@ -31,6 +31,7 @@ from extproc.metering.settlement import UNGOVERNED, Charged
 from extproc.store.clients import UNAVAILABLE, ScriptClient
 from extproc.store.schema import (
     WORKSPACE_SCOPE,
+    bounded_session,
     key_scope,
     reservations_key,
     service_scope,
@@ -339,7 +340,7 @@ def _args(
     args.append(len(plan.rates))
     for r in plan.rates:
         args += [r.scope, -1 if r.rpm is None else r.rpm, -1 if r.tpm is None else r.tpm]
-    args += [session, plan.counted_input, orphan]
+    args += [bounded_session(session), plan.counted_input, orphan]
     return args
 
 

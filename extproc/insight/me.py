@@ -145,7 +145,7 @@ def me_view(
             sid = record.session_id
             sessions[sid] = {
                 "session_id": sid,
-                "spent_usd": _usd(reads.spent.get(session_scope(sid), 0)),
+                "spent_usd": _usd(reads.spent.get(session_scope(identity.key_id, sid), 0)),
                 "input_tokens": reads.session_tokens.get(sid, 0),
             }
     contact = ws.contact_for(plan_team(plan))
@@ -204,11 +204,11 @@ async def read_me(
     sids = list(dict.fromkeys(r.session_id for r in mine if r.session_id))
     session_tokens: dict[str, int] = {}
     if sids:
-        sess_fields = [session_scope(sid) for sid in sids]
+        sess_fields = [session_scope(identity.key_id, sid) for sid in sids]
         async with client.pipeline(transaction=False) as pipe:
             pipe.hmget(spent_key(prefix, plan.period.id), sess_fields)
             for sid in sids:
-                pipe.get(session_key(prefix, sid))
+                pipe.get(session_key(prefix, identity.key_id, sid))
             more = await pipe.execute()
         spent.update(_ints(more[0], sess_fields))
         session_tokens = {sid: int(v) for sid, v in zip(sids, more[1:], strict=True) if v}

@@ -95,7 +95,7 @@ def settlement_for(
     if model:
         add(scope=model_scope(model), soft_nanos=NO_SOFT_LIMIT)
     if record.session_id and attributed:
-        add(scope=session_scope(record.session_id), soft_nanos=NO_SOFT_LIMIT)
+        add(scope=session_scope(record.key_id, record.session_id), soft_nanos=NO_SOFT_LIMIT)
     settlement.record.CopyFrom(record)
     if attributed and record.input_tokens:
         settlement.hygiene_scope = service_scope(record.service)

@@ -19,7 +19,8 @@ Redis Cluster slot:
     {ws:W}:resv:orphan        that settlement for holds made before it moved into :resv:data
                               (release.lua still reads and clears it)
     {ws:W}:rl:<minute>        hash  rate-limit counters of one minute
-    {ws:W}:sess:<session>     session's input tokens (context-growth guard)
+    {ws:W}:sess:<key>:<session> a session's input tokens (context-growth guard); a session
+                              belongs to the key that started it
     {ws:W}:seen:<minute>      set of request ids settled, by the minute the request
                               started; expires 15 min after its last write (idempotency)
     {ws:W}:prefix:<fingerprint> prompt prefix seen recently (cache hygiene)
@@ -30,7 +31,7 @@ Redis Cluster slot:
 Key store keys share `{extproc:keys}`; unattributed usage counters `{extproc:ledger}`.
 
 Scopes are the fields of the money hashes: `ws`, `team:T`, `svc:S`, `key:K`, `model:M`,
-`sess:S`; the settle script also keeps per-service prompt-cache counters
+`sess:K:S` (session S of key K); the settle script also keeps per-service prompt-cache counters
 (`input_tokens:svc:S`, ...).
 """
 
@@ -111,9 +112,13 @@ def rate_field(scope: str, kind: str) -> str:
     return f"{scope}:{kind}"
 
 
-def session_key(prefix: str, session_id: str) -> str:
-    """A session's input tokens over its life (the reserve script's context-growth guard)."""
-    return f"{prefix}:{SESSION}:{session_id}"
+def session_key(prefix: str, key_id: str, session_id: str) -> str:
+    """A session's input tokens over its life (the reserve script's context-growth guard).
+
+    Scoped to the key that sends it: a session id is only a name a client chose, and another
+    key of the workspace that learns it must neither read nor grow this total (the reserve
+    script builds the same name from its key id and `bounded_session`)."""
+    return f"{prefix}:{SESSION}:{key_id}:{bounded_session(session_id)}"
 
 
 def burn_alerted_key(workspace: str, day_id: str, scope: str) -> str:
@@ -183,9 +188,14 @@ def model_scope(model: str) -> str:
     return MODEL + model
 
 
-def session_scope(session_id: str) -> str:
-    """Session ids come from clients: bounded so one cannot grow a hash field without end."""
-    return SESS + session_id[:SESSION_ID_MAX]
+def bounded_session(session_id: str) -> str:
+    """Session ids come from clients: bounded so one cannot grow a key or field without end."""
+    return session_id[:SESSION_ID_MAX]
+
+
+def session_scope(key_id: str, session_id: str) -> str:
+    """The money a session cost, as a scope: per key, like its token total (`session_key`)."""
+    return f"{SESS}{key_id}:{bounded_session(session_id)}"
 
 
 def team_of(scope: str) -> str | None:

@@ -42,8 +42,10 @@ def mstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield s
 
 
-def me(stack: Stack, key: str | None) -> httpx.Response:
-    headers = {"authorization": f"Bearer {key}"} if key else {}
+def me(stack: Stack, key: str | None, header: str = "authorization") -> httpx.Response:
+    """`/extproc/v1/me` with `key` in `header`, as the gateway accepts it there."""
+    value = f"Bearer {key}" if header == "authorization" else key
+    headers = {header: value} if key else {}
     url = stack.base_url.removesuffix("/v1") + "/extproc/v1/me"
     return httpx.get(url, headers=headers, timeout=10)
 
@@ -102,14 +104,20 @@ def test_me_shows_own_standing_and_only_own_requests(mstack: Stack) -> None:
     assert their_raw.headers["x-extproc-request-id"] not in resp.text
     assert other["key_id"] not in resp.text
     assert "svc:etl" not in resp.text and "team:data" not in resp.text
+    # Every header the gateway takes a key from, /me takes it from too.
+    for header in ("x-api-key", "api-key"):
+        alt = me(mstack, mine["key"], header)
+        assert alt.status_code == 200, alt.text
+        assert alt.json()["identity"]["key_id"] == mine["key_id"]
 
 
 def test_me_refuses_wrong_keys_and_never_reaches_upstream(mstack: Stack) -> None:
     before = httpx.get(f"{mstack.upstream_url}/_sim/requests", timeout=10).json()["requests"]
     for key in (None, "sk-ext-" + "x" * 40, "admin-token-is-not-a-key"):
-        resp = me(mstack, key)
-        assert resp.status_code == 401
-        assert resp.json()["error"]["code"] == "invalid_api_key"
+        for header in ("authorization", "x-api-key"):
+            resp = me(mstack, key, header)
+            assert resp.status_code == 401
+            assert resp.json()["error"]["code"] == "invalid_api_key"
     revoked = new_key(mstack, "dev", "cli")
     assert me(mstack, revoked["key"]).status_code == 200
     from tests.conftest import cli

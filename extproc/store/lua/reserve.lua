@@ -6,7 +6,8 @@
 -- ARGV     now_ms, reservation_id, amount_nanos, ttl_ms, tokens, key_id, period_id,
 --          n_scopes, (scope, hard_cap_nanos or -1) * n_scopes,
 --          n_rates, (scope, rpm or -1, tpm or -1) * n_rates,
---          session_id ("" for none), session_input_tokens, orphan_settlement
+--          session_id ("" for none; at most schema.SESSION_ID_MAX characters),
+--          session_input_tokens, orphan_settlement
 --          (the serialized Settlement to write if the hold expires unsettled; "" for none)
 --
 -- Returns  {"ok", spent_1, held_1, ..., spent_n, held_n, session_total}
@@ -99,9 +100,10 @@ for j = 1, nr do
   end
   redis.call('HINCRBY', rl_k, rates[j] .. ':t', tokens)
 end
--- A session's input tokens over its life (context-growth guard); idle sessions fade.
+-- A session's input tokens over its life (context-growth guard); idle sessions fade. The
+-- session belongs to the key that sends it: another key naming the same id has its own.
 if session ~= nil and session ~= '' then
-  local sk = p .. ':sess:' .. session
+  local sk = p .. ':sess:' .. key_id .. ':' .. session
   out[#out + 1] = tostring(redis.call('INCRBY', sk, session_tokens))
   redis.call('EXPIRE', sk, 86400)
 else

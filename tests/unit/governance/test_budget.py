@@ -32,7 +32,7 @@ from extproc.metering.ledger import Ledger
 from extproc.metering.prices import PriceTable
 from extproc.metering.settlement import Charged, settlement_for
 from extproc.store.clients import AsyncClient, make_client
-from extproc.store.schema import ledger_key
+from extproc.store.schema import ledger_key, session_key, workspace_prefix
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 from extproc.wire.usage import Usage
 
@@ -403,6 +403,34 @@ def test_a_revoked_key_is_refused_and_holds_nothing(
     assert (revoked.allowed, revoked.reason) == (False, "revoked")
     assert (fine.allowed, fine.reason) == (True, "ok")
     assert nanos(r, "{ws:dev}:held:2026-11", "ws") == R
+
+
+def test_a_session_belongs_to_the_key_that_sends_it(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Another key of the workspace naming the same session id neither reads nor grows it."""
+    owner, prober = plan(who("dev", "cli", key="key_own")), plan(who("dev", "cli", key="key_prb"))
+
+    async def body(books: Books) -> list[int]:
+        totals = []
+        for p in (owner, owner, prober, owner):
+            d = await books.budgets.reserve(p, False, NOV_10, session="sess-shared")
+            totals.append(d.session_tokens)
+        return totals
+
+    assert run(redis_url, tmp_path, body) == [1000, 2000, 1000, 3000]
+    prefix = workspace_prefix("dev")
+    assert r.get(session_key(prefix, "key_own", "sess-shared")) == b"3000"
+    assert r.get(session_key(prefix, "key_prb", "sess-shared")) == b"1000"
+    # A client's session id is bounded before it names a key.
+    long_id = "L" * 10_000
+
+    async def long(books: Books) -> Decision:
+        return await books.budgets.reserve(owner, False, NOV_10, session=long_id)
+
+    assert run(redis_url, tmp_path, long).session_tokens == 1000
+    assert r.get(session_key(prefix, "key_own", long_id)) == b"1000"
+    assert not [k for k in r.keys("*") if len(k) > 200]
 
 
 def test_requests_per_minute_deny_until_the_next_minute(

@@ -43,7 +43,7 @@ def test_charges_the_given_scopes_then_model_and_session() -> None:
         ("ws", 75),
         ("key:k1", -1),
         (model_scope("gpt-4o-mini-2024-07-18"), -1),
-        (session_scope("s" * 300), -1),
+        (session_scope("", "s" * 300), -1),
     ]
     assert (s.prefix, s.reservation_id, s.period) == (workspace_prefix("dev"), "rid", "2026-11")
     assert (s.day, s.hour) == ("2026-11-30", "2026-11-30T23")  # the policy's clock, not UTC

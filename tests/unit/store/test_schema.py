@@ -96,5 +96,11 @@ def test_workspace_keys_share_one_hash_tag() -> None:
     assert schema.workspace_prefix("") == "{ws:" + schema.UNATTRIBUTED + "}"
 
 
-def test_session_scope_is_bounded() -> None:
-    assert schema.session_scope("s" * 1000) == schema.SESS + "s" * schema.SESSION_ID_MAX
+def test_session_scope_is_bounded_and_belongs_to_a_key() -> None:
+    bounded = "s" * schema.SESSION_ID_MAX
+    assert schema.session_scope("key_a", "s" * 1000) == schema.SESS + "key_a:" + bounded
+    prefix = schema.workspace_prefix("dev")
+    assert schema.session_key(prefix, "key_a", "s" * 1000) == "{ws:dev}:sess:key_a:" + bounded
+    # Another key naming the same session id gets names of its own.
+    assert schema.session_key(prefix, "key_b", "x") != schema.session_key(prefix, "key_a", "x")
+    assert schema.session_scope("key_b", "x") != schema.session_scope("key_a", "x")
