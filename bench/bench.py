@@ -247,7 +247,7 @@ def run_setup(
     enforced: bool, workers: int, levels: tuple[int, ...], plan: Plan, memory: bool
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
-        env = {}
+        env = {"EXTPROC_METERING_ONLY": "1"}
         policy = Path(tmp) / "policy.yaml"
         if enforced:
             policy.write_text(BENCH_POLICY)

@@ -33,8 +33,12 @@ class Settings:
     # encoding, missing model): "reject" answers 4xx in OpenAI's error shape; "pass" forwards
     # it untouched and still meters the response.
     bad_request: str = "reject"
-    # Budget policy (YAML: workspaces, keys, limits). Empty: meter only, no identity required.
+    # Budget policy (YAML: workspaces, keys, limits). Required unless `metering_only`: a sidecar
+    # whose policy variable was mistyped must not start forwarding ungoverned traffic.
     policy: str = ""
+    # Meter only, on purpose: no policy, no virtual keys; each client's own credential goes to
+    # the provider and key-less requests are forwarded. Never the fallback for a missing policy.
+    metering_only: bool = False
     # A second policy evaluated beside the real one and never enforced: its decision goes on
     # each ledger record and span ("shadow"), so a change can be watched before it bites.
     shadow_policy: str = ""
@@ -62,6 +66,7 @@ _ENV = {
     "bad_request": "EXTPROC_BAD_REQUEST",
     "prices": "EXTPROC_PRICES",
     "policy": "EXTPROC_POLICY",
+    "metering_only": "EXTPROC_METERING_ONLY",
     "shadow_policy": "EXTPROC_SHADOW_POLICY",
     "spool_dir": "EXTPROC_SPOOL_DIR",
     "workers": "EXTPROC_WORKERS",
@@ -69,10 +74,18 @@ _ENV = {
     "grace_seconds": "EXTPROC_GRACE_SECONDS",
 }
 _CHOICES = {"bad_request": ("reject", "pass")}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 _ZERO_MEANS_AUTO = frozenset({"workers"})
 
 
 def _coerce(name: str, value: Any, expected: type, where: str) -> Any:
+    if expected is bool:
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text in _TRUE or text is True:
+            return True
+        if text in _FALSE or text is False:
+            return False
+        raise ConfigError(f"{where}: {name}: must be true or false, got {value!r}")
     if expected is int:
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
@@ -130,3 +143,18 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
         source = _ENV[name] if name in _ENV and _ENV[name] in env else where
         values[name] = _coerce(name, value, kind, source)
     return Settings(**values)
+
+
+def check_mode(settings: Settings) -> None:
+    """Governed (a policy) or metering-only (said so): never one by accident of the other."""
+    if settings.policy and settings.metering_only:
+        raise ConfigError(
+            "EXTPROC_METERING_ONLY is set and so is a policy "
+            f"({settings.policy}): choose one (unset EXTPROC_METERING_ONLY to enforce it)"
+        )
+    if not settings.policy and not settings.metering_only:
+        raise ConfigError(
+            "no policy: set EXTPROC_POLICY (or `policy` in the settings file) to the budget "
+            "policy; to forward ungoverned traffic on purpose (clients' own keys reach the "
+            "provider, none is required), set EXTPROC_METERING_ONLY=1"
+        )

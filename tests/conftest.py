@@ -76,9 +76,16 @@ workspaces:
 """
 
 
+# Metering only, said so: no policy, no keys, the client's own credential goes upstream. The
+# sidecar refuses to start without a policy unless this is set.
+METERING_ONLY = {"EXTPROC_METERING_ONLY": "1"}
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
-    with temporary_stack(sidecar_env={"EXTPROC_MAX_BODY_BYTES": str(E2E_MAX_BODY)}) as s:
+    """The shared metering-only stack (module fixtures run their own with a policy)."""
+    env = {"EXTPROC_MAX_BODY_BYTES": str(E2E_MAX_BODY), **METERING_ONLY}
+    with temporary_stack(sidecar_env=env) as s:
         yield s
 
 

@@ -22,13 +22,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from extproc.dataplane.server import serve
     from extproc.dataplane.workers import supervise, worker_count
-    from extproc.settings import ConfigError, load_settings
+    from extproc.governance.policy import PolicyError, load_policy
+    from extproc.settings import ConfigError, check_mode, load_settings
 
     try:
         settings = load_settings(args.config)
+        check_mode(settings)
     except ConfigError as exc:
         print(f"extproc: {exc}", file=sys.stderr)
         return 2
+    # Read the policies here, once, before any worker starts: a path that is set but missing
+    # or invalid stops the sidecar with its reason first, not a worker's crash loop.
+    for path in (settings.policy, settings.shadow_policy):
+        try:
+            if path:
+                load_policy(path)
+        except PolicyError as exc:
+            problems = exc.problems
+            head = problems[0] if len(problems) == 1 else f"{path}: {len(problems)} problems"
+            print(f"extproc: not starting: policy {head}", file=sys.stderr)
+            if len(problems) > 1:
+                print("\n".join(f"  {p}" for p in problems), file=sys.stderr)
+            return 2
     if args.workers is not None:
         if args.workers < 0:
             print("extproc: --workers: must be 0 (one per CPU) or more", file=sys.stderr)

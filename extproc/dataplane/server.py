@@ -32,7 +32,7 @@ from extproc.insight.telemetry import Telemetry
 from extproc.metering.ledger import Ledger
 from extproc.metering.prices import PriceTable, usd
 from extproc.metering.tokens import count_text
-from extproc.settings import Settings
+from extproc.settings import Settings, check_mode
 from extproc.store.clients import AsyncClient, is_cluster, make_client
 from extproc.store.fastredis import FastRedis, supports_url
 from extproc.store.schema import WORKSPACE_SCOPE, workspace_prefix
@@ -271,6 +271,12 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
 
     governor.subscribe(use)
     keys, budgets = None, None
+    check_mode(settings)  # the CLI checked already; a library caller gets the same guard
+    if settings.metering_only:
+        log.warning(
+            "metering-only mode (EXTPROC_METERING_ONLY): no policy and no virtual keys; "
+            "clients' own credentials reach the provider"
+        )
     if settings.policy:
         governor.apply(load_policy(settings.policy))
         deps.keys = keys = KeyCache(KeyStore(client, hot=hot))

@@ -9,13 +9,13 @@ import httpx
 import redis
 
 from extproc.devstack.stack import temporary_stack
-from tests.conftest import SLOW_STREAM, SLOW_STREAM_HEADERS, wait_record
+from tests.conftest import METERING_ONLY, SLOW_STREAM, SLOW_STREAM_HEADERS, wait_record
 
 RID = "x-extproc-request-id"
 
 
 def test_sigterm_drains_an_in_flight_stream_and_records_it() -> None:
-    with temporary_stack() as stack:
+    with temporary_stack(sidecar_env=METERING_ONLY) as stack:
         sidecar = stack.children["sidecar"]
         first_event = threading.Event()
         lines: list[str] = []

@@ -21,7 +21,13 @@ import pytest
 import redis
 
 from extproc.devstack.stack import Stack, temporary_stack
-from tests.conftest import SLOW_STREAM, SLOW_STREAM_HEADERS, all_records, wait_record
+from tests.conftest import (
+    METERING_ONLY,
+    SLOW_STREAM,
+    SLOW_STREAM_HEADERS,
+    all_records,
+    wait_record,
+)
 from tests.e2e.test_e2e_metering import RID, assert_exact, chat_usage
 
 WORKERS = 2
@@ -35,7 +41,9 @@ def worker_pids(stack: Stack) -> list[int]:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    with temporary_stack(sidecar_workers=WORKERS, envoy_concurrency=WORKERS) as s:
+    with temporary_stack(
+        sidecar_workers=WORKERS, envoy_concurrency=WORKERS, sidecar_env=METERING_ONLY
+    ) as s:
         yield s
 
 
@@ -101,7 +109,9 @@ def _next_pid(stack: Stack, before: list[int]) -> int:
 
 
 def test_sigterm_drains_every_worker() -> None:
-    with temporary_stack(sidecar_workers=WORKERS, envoy_concurrency=WORKERS) as stack:
+    with temporary_stack(
+        sidecar_workers=WORKERS, envoy_concurrency=WORKERS, sidecar_env=METERING_ONLY
+    ) as stack:
         sidecar = stack.children["sidecar"]
         workers = worker_pids(stack)
         first_events = threading.Semaphore(0)

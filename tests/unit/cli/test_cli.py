@@ -101,6 +101,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     }
 
 
+METERING_ONLY = {"EXTPROC_METERING_ONLY": "1"}
+
+
 def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...], dict[str, str]]]:
     """(argv, extra env) for every subcommand: no stack, bad arguments, bad files."""
     no_stack: list[tuple[str, ...]] = [
@@ -171,8 +174,19 @@ def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...],
         (("stack",), {"EXTPROC_PORT": "70000"}),
         (("serve",), {"EXTPROC_POLICY": f["missing"]}),
         (("serve",), {"EXTPROC_MAX_BODY_BYTES": "lots"}),
-        (("serve",), {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier"}),
-        (("serve",), {"OTEL_TRACES_EXPORTER": "zipkin"}),
+        (
+            ("serve",),
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier",
+                **METERING_ONLY,
+            },
+        ),
+        (("serve",), {"OTEL_TRACES_EXPORTER": "zipkin", **METERING_ONLY}),
+        (("serve",), {}),  # no policy and no EXTPROC_METERING_ONLY
+        (("serve",), {"EXTPROC_METERING_ONLY": "maybe"}),
+        (("serve",), {"EXTPROC_METERING_ONLY": "1", "EXTPROC_POLICY": str(EXAMPLE)}),
+        (("serve", "--workers", "2"), {"EXTPROC_POLICY": f["invalid"]}),
         (("usage",), {"EXTPROC_PORT": "1"}),
     ]
     return cases

@@ -6,11 +6,12 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from extproc.dataplane.workers import available_cpus, reserve_port, worker_count
-from extproc.settings import ConfigError, Settings, load_settings
+from extproc.settings import ConfigError, Settings, check_mode, load_settings
 
 
 @pytest.fixture
@@ -70,7 +71,11 @@ def test_serve_on_a_taken_port_says_so_without_a_traceback(listener: socket.sock
     port = listener.getsockname()[1]
     proc = subprocess.run(
         [sys.executable, "-m", "extproc", "serve", "--workers", "2"],
-        env={"EXTPROC_LISTEN": f"127.0.0.1:{port}", "PATH": "/usr/bin:/bin"},
+        env={
+            "EXTPROC_LISTEN": f"127.0.0.1:{port}",
+            "EXTPROC_METERING_ONLY": "1",
+            "PATH": "/usr/bin:/bin",
+        },
         capture_output=True,
         text=True,
         timeout=60,
@@ -78,3 +83,37 @@ def test_serve_on_a_taken_port_says_so_without_a_traceback(listener: socket.sock
     assert proc.returncode == 2
     assert f"cannot bind 127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_metering_only_is_said_or_a_policy_is_required() -> None:
+    for yes in ("1", "true", "YES", "on"):
+        assert load_settings(env={"EXTPROC_METERING_ONLY": yes}).metering_only is True
+    for no in ("0", "false", "off", ""):
+        assert load_settings(env={"EXTPROC_METERING_ONLY": no}).metering_only is False
+    with pytest.raises(ConfigError, match="EXTPROC_METERING_ONLY: metering_only: must be true"):
+        load_settings(env={"EXTPROC_METERING_ONLY": "maybe"})
+    with pytest.raises(ConfigError, match="no policy: set EXTPROC_POLICY"):
+        check_mode(Settings())
+    with pytest.raises(ConfigError, match="choose one"):
+        check_mode(Settings(policy="p.yaml", metering_only=True))
+    check_mode(Settings(policy="p.yaml"))
+    check_mode(Settings(metering_only=True))
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_with_a_missing_policy_refuses_in_one_line(workers: str, tmp_path: Path) -> None:
+    """Never the ungoverned fallback: a policy path that is set but unreadable stops it."""
+    for env, expected in (
+        ({"EXTPROC_POLICY": str(tmp_path / "gone.yaml")}, "not starting: policy "),
+        ({}, "no policy: set EXTPROC_POLICY"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "extproc", "serve", "--workers", workers],
+            env={"EXTPROC_LISTEN": "127.0.0.1:0", "PATH": "/usr/bin:/bin", **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stdout == ""
+        assert proc.stderr.count("\n") == 1 and expected in proc.stderr, proc.stderr
