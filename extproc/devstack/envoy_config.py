@@ -39,11 +39,27 @@ class EnvoyPorts:
     max_streams: int | None = None
 
 
+_CONNECTIONS = "envoy.resource_monitors.global_downstream_max_connections"
+
+
 def _size_breakers(cluster: dict[str, Any], max_streams: int) -> None:
     """Every in-flight call holds one request (and one HTTP/1.1 connection) per cluster."""
     for threshold in cluster.get("circuit_breakers", {}).get("thresholds", []):
         for key in ("max_connections", "max_pending_requests", "max_requests"):
             threshold[key] = max_streams
+
+
+def connection_ceiling(max_streams: int) -> int:
+    """Client connections Envoy accepts for `max_streams` streams: an eighth more, so that past
+    the circuit breakers callers get the OpenAI-shaped 503 before a refused connection."""
+    return max_streams + max(max_streams // 8, 64)
+
+
+def _size_connections(config: dict[str, Any], max_streams: int) -> None:
+    for monitor in config.get("overload_manager", {}).get("resource_monitors", []):
+        if monitor["name"] == _CONNECTIONS:
+            ceiling = connection_ceiling(max_streams)
+            monitor["typed_config"]["max_active_downstream_connections"] = ceiling
 
 
 def _address(target: str) -> dict[str, Any]:
@@ -118,6 +134,7 @@ def render(ports: EnvoyPorts, template: Path = ENVOY_YAML) -> dict[str, Any]:
     if ports.max_streams is not None:
         for cluster in static["clusters"]:
             _size_breakers(cluster, ports.max_streams)
+        _size_connections(config, ports.max_streams)
     if urlsplit(ports.upstream_url).scheme == "https":
         for vh in _hcm(listener)["route_config"]["virtual_hosts"]:
             for route in vh["routes"]:

@@ -314,6 +314,27 @@ def _eg_backend_traffic(s: Source, t: _Translation) -> dict[str, Any]:
     return spec
 
 
+_EARLY_MUTATION = "envoy.http.early_header_mutation.header_mutation"
+_HTTP2 = {
+    "max_concurrent_streams": "maxConcurrentStreams",
+    "initial_stream_window_size": "initialStreamWindowSize",
+    "initial_connection_window_size": "initialConnectionWindowSize",
+}
+
+
+def _early_removals(value: list[dict[str, Any]]) -> list[str] | None:
+    """Header names the early header mutations remove, or None if they do anything else."""
+    names: list[str] = []
+    for extension in value:
+        if extension.get("name") != _EARLY_MUTATION:
+            return None
+        for mutation in extension["typed_config"].get("mutations", []):
+            if set(mutation) != {"remove"}:
+                return None
+            names.append(mutation["remove"])
+    return names
+
+
 def _eg_client_traffic(s: Source, t: _Translation) -> dict[str, Any]:
     spec: dict[str, Any] = {}
     if "per_connection_buffer_limit_bytes" in s.listener:
@@ -328,7 +349,27 @@ def _eg_client_traffic(s: Source, t: _Translation) -> dict[str, Any]:
             http["requestReceivedTimeout"] = _duration(value)
         elif key == "generate_request_id":
             if value:
-                spec["headers"] = {"requestID": "PreserveOrGenerate"}
+                spec.setdefault("headers", {})["requestID"] = "PreserveOrGenerate"
+        elif key == "early_header_mutation_extensions" and _early_removals(value) is not None:
+            # Removed before the route is chosen, as in our own Envoy.
+            spec.setdefault("headers", {})["earlyRequestHeaders"] = {
+                "remove": _early_removals(value)
+            }
+        elif (
+            key == "http_protocol_options"
+            and value.get("accept_http_10")
+            and set(value)
+            <= {
+                "accept_http_10",
+                "default_host_for_http_10",
+            }
+        ):
+            # Without a Host header, Envoy Gateway uses the listener's hostname.
+            spec["http1"] = {"http10": {"useDefaultHost": "default_host_for_http_10" in value}}
+        elif key == "http2_protocol_options" and set(value) <= set(_HTTP2):
+            spec["http2"] = {
+                _HTTP2[k]: _quantity(int(v)) if "window" in k else int(v) for k, v in value.items()
+            }
         elif key == "merge_slashes":
             path["disableMergeSlashes"] = not value
         elif key == "path_with_escaped_slashes_action":

@@ -35,6 +35,7 @@ import pytest
 import yaml
 
 from extproc.dataplane.server import LIVENESS_SERVICE, SERVICE_NAME
+from extproc.devstack import envoy_config as local_envoy
 from extproc.governance.policy import load_policy
 from extproc.insight.telemetry import exporter_names, prometheus_address
 from extproc.settings import load_settings
@@ -373,11 +374,76 @@ def test_deployed_envoy_keeps_the_local_ext_proc_settings() -> None:
     assert egress[buffer] == local_egress[buffer]
     options = "typed_extension_protocol_options"
     assert cluster(deployed, "extproc")[options] == cluster(local, "extproc")[options]
-    # Long-lived streams: neither cluster keeps Envoy's default 1,024-request breaker.
+    assert (
+        cluster(deployed, "extproc")["health_checks"] == cluster(local, "extproc")["health_checks"]
+    )
+    # The same overload actions; only the figures are the pod's own.
+    actions = "actions", "buffer_factory_config", "refresh_interval"
+    om, local_om = deployed["overload_manager"], local["overload_manager"]
+    assert {k: om[k] for k in actions} == {k: local_om[k] for k in actions}
+
+
+MONITORS = "envoy.resource_monitors."
+
+
+def connection_limit(config: dict[str, Any]) -> int:
+    (monitor,) = [
+        m
+        for m in config["overload_manager"]["resource_monitors"]
+        if m["name"] == MONITORS + "global_downstream_max_connections"
+    ]
+    return int(monitor["typed_config"]["max_active_downstream_connections"])
+
+
+@pytest.mark.parametrize("max_streams", [None, 40, 5000])
+def test_local_envoy_sizes_connections_from_the_stream_limit(max_streams: int | None) -> None:
+    """`extproc stack` keeps envoy/envoy.yaml's rule: breakers, then an eighth more connections."""
+    ports = local_envoy.EnvoyPorts(
+        listen=10000,
+        admin=9901,
+        sidecars=("127.0.0.1:9001",),
+        upstream_url="http://127.0.0.1:8080",
+        max_streams=max_streams,
+    )
+    config = local_envoy.render(ports)
+    (limits,) = cluster(config, "extproc")["circuit_breakers"]["thresholds"]
+    assert connection_limit(config) == local_envoy.connection_ceiling(limits["max_requests"])
+    if max_streams is not None:
+        assert limits["max_requests"] == max_streams
+
+
+# What one open stream costs Envoy: `make bench` measures about 85 KiB through a plain-HTTP
+# upstream; TLS to the provider and tracing add to it, hence the margin.
+ENVOY_BYTES_PER_STREAM = 110 * 1024
+
+
+def quantity(text: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    return int(text[:-2]) * units[text[-2:]] if text[-2:] in units else int(text)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_envoy_memory_figures_agree_with_each_other(overlay: str) -> None:
+    """Connection ceiling, circuit breakers, heap limit and container limit move together: a
+    pod carries as many streams as its Envoy has memory for, and is never OOM-killed first."""
+    r = render(overlay)
+    _, envoy, _ = gateway(r)
+    config = envoy_config(r)
+    monitors = {
+        m["name"].removeprefix(MONITORS): m["typed_config"]
+        for m in config["overload_manager"]["resource_monitors"]
+    }
+    ceiling = connection_limit(config)
+    heap = int(monitors["fixed_heap"]["max_heap_size_bytes"])
+    # Long-lived streams: neither cluster keeps Envoy's default 1,024-request breaker, and both
+    # trip below the connection ceiling, so callers past them get an OpenAI-shaped 503.
     for name in ("extproc", "openai_upstream"):
-        (limits,) = cluster(deployed, name)["circuit_breakers"]["thresholds"]
-        assert limits["max_requests"] >= 10_000
-        assert limits["max_connections"] >= 10_000
+        (limits,) = cluster(config, name)["circuit_breakers"]["thresholds"]
+        assert 1024 < limits["max_requests"] == limits["max_connections"] < ceiling
+    limit = quantity(envoy["resources"]["limits"]["memory"])
+    assert heap <= limit - 48 * (1 << 20), "Envoy needs room outside its heap"
+    # Requests are refused at 95% of the heap: the ceiling's streams must fit under it.
+    assert ceiling * ENVOY_BYTES_PER_STREAM <= 0.95 * heap
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

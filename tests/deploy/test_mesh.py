@@ -245,6 +245,7 @@ def test_envoy_gateway_policies_carry_our_ext_proc_settings() -> None:
     # Everything must round-trip except what the file's header names as not carried.
     _, notes = mesh.envoy_gateway(source)
     uncarried = [note.split(" = ")[0] for note in notes]
+    sidecar = default_priority(source.sidecar)
     for path in uncarried:
         if path.startswith("ext_proc."):
             drop(ours, path.removeprefix("ext_proc."))
@@ -252,9 +253,11 @@ def test_envoy_gateway_policies_carry_our_ext_proc_settings() -> None:
         elif path.startswith("processing_mode."):
             drop(ours, path)
             drop(filter_config, path)
+        elif path.startswith(f"{mesh.SIDECAR_CLUSTER}."):
+            drop(sidecar, path.removeprefix(f"{mesh.SIDECAR_CLUSTER}."))
     assert "ext_proc.grpc_service.timeout" in uncarried  # Envoy Gateway sets its own
     assert filter_config == ours
-    assert cluster == default_priority(source.sidecar)
+    assert cluster == sidecar
     assert listener == source.listener
     specs = eg_policies()
     backend = specs["BackendTrafficPolicy"]
@@ -280,6 +283,19 @@ def test_envoy_gateway_policies_carry_our_ext_proc_settings() -> None:
         "disableMergeSlashes": not source.hcm["merge_slashes"],
         "escapedSlashesAction": "UnescapeAndRedirect",
     }
+    # The header no client may route by is removed before routing there too.
+    (early,) = source.hcm["early_header_mutation_extensions"]
+    removed = [m["remove"] for m in early["typed_config"]["mutations"]]
+    assert (
+        client["headers"]["earlyRequestHeaders"]
+        == {"remove": removed}
+        == {"remove": ["x-extproc-route"]}
+    )
+    assert source.hcm["http_protocol_options"]["accept_http_10"] is True
+    assert client["http1"] == {"http10": {"useDefaultHost": True}}
+    h2 = source.hcm["http2_protocol_options"]
+    assert client["http2"]["maxConcurrentStreams"] == h2["max_concurrent_streams"]
+    assert _bytes(client["http2"]["initialStreamWindowSize"]) == h2["initial_stream_window_size"]
     assert source.hcm["path_with_escaped_slashes_action"] == "UNESCAPE_AND_REDIRECT"
 
 
