@@ -19,6 +19,7 @@ from typing import NamedTuple
 from grpc_health.v1 import health_pb2
 
 from extproc.dataplane import envoy_msgs as msgs
+from extproc.dataplane import logrepeat
 from extproc.dataplane.deps import Deps
 from extproc.dataplane.exchange import Exchange, Reply
 from extproc.dataplane.h2grpc import HEALTH_CHECK_PATH, GrpcServer, Route, health_route
@@ -306,6 +307,7 @@ async def serve(
     `reuse_port`: this process is one of several workers sharing the port
     (`dataplane.workers`); each runs this same function and shares only Redis.
     """
+    logrepeat.install()  # an outage must not log once per request
     client = make_client(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
     hot = None
     if not is_cluster(settings.redis_url) and supports_url(settings.redis_url):

@@ -97,6 +97,11 @@ class Settling:
         if self._closed:
             return None
         self._closed = True
+        if not self.seen.request_id:
+            # No request headers ever reached us: Envoy opened the stream for its own reply to
+            # something that was not a request (a connection broken off mid-headers, say). No
+            # request, no record: it was one with an empty id, billed $0 as `client_gone`.
+            return None
         # The span ends here, before the reply that releases the response to the client is
         # sent; the ext_proc stream itself closes later, after the client may have its answer.
         self._end_ns = time.time_ns()

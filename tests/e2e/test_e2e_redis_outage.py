@@ -92,8 +92,11 @@ def test_outage_fails_closed_or_open_per_workspace_and_the_spool_replays(
     finally:
         before.close()
 
+    sidecars = [c for name, c in ostack.children.items() if name.startswith("sidecar")]
+    said_before = [len(c.lines) for c in sidecars]
     ostack.stop_redis()
     try:
+        burst = [post(ostack, shut) for _ in range(30)]
         refused = [post(ostack, shut) for _ in range(4)]
         admitted = [post(ostack, flow) for _ in range(4)]
         streamed = [post(ostack, flow, stream=True) for _ in range(2)]
@@ -103,6 +106,13 @@ def test_outage_fails_closed_or_open_per_workspace_and_the_spool_replays(
 
     for resp, took in [*refused, *admitted, *streamed, (unknown, unknown_took)]:
         assert took < PROMPT, (resp.status_code, took)
+    assert {resp.status_code for resp, _took in burst} == {503}
+    # 40 reservations failed on the two replicas; each said so once per workspace and error,
+    # not once per request.
+    said = [line for c, n in zip(sidecars, said_before, strict=True) for line in c.lines[n:]]
+    unavailable = [line for line in said if "redis unavailable for" in line]
+    assert 2 <= len(unavailable) <= 8, "\n".join(unavailable)
+    assert sum("key lookup failed" in line for line in said) <= 2
     for resp, _took in refused:
         assert resp.status_code == 503
         error = resp.json()["error"]

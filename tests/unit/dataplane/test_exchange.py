@@ -342,3 +342,33 @@ def test_unknown_path_is_404_and_a_failed_headers_phase_is_refused(
     )
     # Deny by default: never continue a request whose credentials were not swapped.
     assert refused.immediate_response.status.code == 500
+
+
+def test_a_stream_without_request_headers_leaves_no_record(
+    executor: ThreadPoolExecutor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Envoy may open a stream only for its own reply (response headers, then the end): that
+    is no request, so no record and no log line about a request with an empty id."""
+    deps = make_deps(executor)
+    exchange = Exchange(deps)
+    reply = send(exchange, response_headers=headers({":status": "400"}, end=True))
+    assert reply.WhichOneof("response") == "response_headers"
+    exchange.close()
+    assert deps.ledger.settlements == []  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if "request  " in r.getMessage()]
+    # A stream cut before its response (client gone) is still recorded once, with its id.
+    gone = Exchange(deps)
+    send(
+        gone,
+        request_headers=headers(
+            {
+                ":method": "POST",
+                ":path": "/v1/chat/completions",
+                "authorization": f"Bearer {SECRET}",
+            }
+        ),
+    )
+    gone.close()
+    (settled,) = deps.ledger.settlements  # type: ignore[attr-defined]
+    assert settled.record.request_id == gone.seen.request_id != ""
+    assert settled.record.outcome == "client_gone"
