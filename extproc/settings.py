@@ -52,6 +52,9 @@ class Settings:
     grace_seconds: float = 30.0
     # Sidecar processes sharing the listen port (SO_REUSEPORT); 0: one per usable CPU.
     workers: int = 0
+    # With several workers, one whose event loop sends no heartbeat for this long (or whose
+    # ledger writer is wedged) is killed and replaced by the supervisor; 0: never.
+    worker_hang_seconds: float = 20.0
     # Seconds a budget hold lives without renewal. A live sidecar renews its holds every
     # quarter of this; once a dead or hung sidecar's hold expires, any replica bills its
     # estimate (outcome "orphaned") and releases it. Shorter: orphans billed and budget
@@ -70,6 +73,7 @@ _ENV = {
     "shadow_policy": "EXTPROC_SHADOW_POLICY",
     "spool_dir": "EXTPROC_SPOOL_DIR",
     "workers": "EXTPROC_WORKERS",
+    "worker_hang_seconds": "EXTPROC_WORKER_HANG_SECONDS",
     "hold_expiry_seconds": "EXTPROC_HOLD_EXPIRY_SECONDS",
     "grace_seconds": "EXTPROC_GRACE_SECONDS",
 }

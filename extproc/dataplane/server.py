@@ -23,6 +23,7 @@ from extproc.dataplane import logrepeat
 from extproc.dataplane.deps import Deps
 from extproc.dataplane.exchange import Exchange, Reply
 from extproc.dataplane.h2grpc import HEALTH_CHECK_PATH, GrpcServer, Route, health_route
+from extproc.dataplane.workers import heartbeat_fd, send_heartbeats
 from extproc.governance.budget import Budgets
 from extproc.governance.holds import tend_forever
 from extproc.governance.keys import KeyCache, KeyStore
@@ -329,6 +330,11 @@ async def serve(
         assert budgets is not None
         holds = tend_forever(budgets, lambda: _prefixes(deps), ledger.submit, deps.now_ms)
         background.append(asyncio.create_task(holds, name="holds"))
+
+    beat_fd = heartbeat_fd() if reuse_port else None
+    if beat_fd is not None:  # a worker: tell the supervisor the event loop turns
+        beats = send_heartbeats(beat_fd, ledger.alive)
+        background.append(asyncio.create_task(beats, name="heartbeats"))
 
     transport = H2Transport(deps)
     await transport.start(settings, reuse_port=reuse_port)

@@ -7,7 +7,10 @@ bind the same port with SO_REUSEPORT and share nothing but Redis, so the kernel 
 Envoy's connections across them. The supervisor serves no traffic. It:
 
 - relays the workers' output and says "extproc listening" once every worker is ready;
-- restarts a worker that dies (backing off if it keeps dying at once);
+- restarts a worker that dies (backing off if it keeps dying at once), and kills and
+  replaces one that hangs: each worker sends a heartbeat down a pipe from its event loop
+  while its ledger writer is healthy; silence for `worker_hang_seconds` means hung (a
+  health probe cannot tell: through the shared port it reaches whichever worker it likes);
 - forwards SIGTERM/SIGINT, waits for the workers to drain (each turns its health
   check NOT_SERVING and finishes in-flight streams), and exits once they have.
 
@@ -27,6 +30,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from extproc.dataplane.h2grpc.server import parse_listen
@@ -97,6 +101,7 @@ class Worker:
         self.ready = asyncio.Event()
         self.started = 0.0
         self.relay: asyncio.Task[None] | None = None
+        self.beats: Heartbeats | None = None
 
 
 class Supervisor:
@@ -127,13 +132,21 @@ class Supervisor:
     async def _spawn(self, worker: Worker) -> None:
         worker.ready.clear()
         worker.started = time.monotonic()
-        worker.proc = await asyncio.create_subprocess_exec(
-            *self._argv(),
-            env=self._env(worker),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
+        if worker.beats is not None:
+            worker.beats.close()
+        worker.beats = Heartbeats()
+        env = {**self._env(worker), HEARTBEAT_ENV: str(worker.beats.write_fd)}
+        try:
+            worker.proc = await asyncio.create_subprocess_exec(
+                *self._argv(),
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+                pass_fds=(worker.beats.write_fd,),
+            )
+        finally:
+            worker.beats.listen()  # the worker holds its end now
         worker.relay = asyncio.create_task(self._relay(worker, worker.proc))
 
     async def _relay(self, worker: Worker, proc: asyncio.subprocess.Process) -> None:
@@ -144,6 +157,8 @@ class Supervisor:
             text = line.decode("utf-8", "replace")
             if text.startswith(READY_LINE):
                 worker.ready.set()
+                if worker.beats is not None:
+                    worker.beats.last = time.monotonic()  # it beats from now on
                 text = f"extproc worker {worker.index} (pid {proc.pid}) ready\n"
             out.write(text)
             out.flush()
@@ -190,6 +205,30 @@ class Supervisor:
                     return
                 await self._spawn(worker)
 
+    async def watch_hangs(self) -> None:
+        """Kill any ready worker that has sent no heartbeat for `worker_hang_seconds`;
+        `watch` then restarts it like any worker that died."""
+        limit = self.settings.worker_hang_seconds
+        if limit <= 0:
+            return
+        while not self.stopping:
+            await asyncio.sleep(min(1.0, limit / 4))  # the check's period, not synchronisation
+            now = time.monotonic()
+            for worker in self.workers:
+                proc, beats = worker.proc, worker.beats
+                if proc is None or proc.returncode is not None or beats is None:
+                    continue
+                silent = now - beats.last
+                if self.stopping or not worker.ready.is_set() or silent < limit:
+                    continue
+                log.error(
+                    "sidecar worker %d (pid %s) sent no heartbeat for %.1fs: hung; killing it",
+                    worker.index, proc.pid, silent,
+                )  # fmt: skip
+                beats.last = now  # once: `watch` restarts it when it has died
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+
     def signal_all(self, sig: int) -> None:
         for worker in self.workers:
             if worker.proc is not None and worker.proc.returncode is None:
@@ -210,6 +249,75 @@ class Supervisor:
         relays = [w.relay for w in self.workers if w.relay is not None]
         if relays:
             await asyncio.wait(relays, timeout=5.0)
+
+
+# -- hung workers: heartbeats from each worker's event loop ------------------------------
+
+HEARTBEAT_ENV = "EXTPROC_HEARTBEAT_FD"
+HEARTBEAT_SECONDS = 1.0
+
+
+class Heartbeats:
+    """The supervisor's end of one worker's heartbeat pipe: when it last heard a beat.
+
+    A pipe, not a probe: through the shared port a probe reaches whichever worker the kernel
+    picks, never a chosen one. The worker writes a byte a second from its event loop
+    (`send_heartbeats`); a loop that is stuck writes nothing.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        self.last = time.monotonic()
+        self._listening = False
+
+    def listen(self) -> None:
+        """Close our copy of the worker's end and note every beat that arrives."""
+        os.close(self.write_fd)
+        asyncio.get_running_loop().add_reader(self.read_fd, self._on_readable)
+        self._listening = True
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self.read_fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.last = time.monotonic()
+        else:  # the worker exited: nothing more will come
+            self.close()
+
+    def close(self) -> None:
+        if self.read_fd < 0:
+            return
+        if self._listening:
+            asyncio.get_running_loop().remove_reader(self.read_fd)
+        os.close(self.read_fd)
+        self.read_fd = -1
+
+
+def heartbeat_fd() -> int | None:
+    """The pipe this worker's supervisor listens on, if it has one."""
+    value = os.environ.get(HEARTBEAT_ENV, "")
+    return int(value) if value.isdigit() else None
+
+
+async def send_heartbeats(fd: int, alive: Callable[[], bool]) -> None:
+    """A worker's side: one byte a second while `alive()` (the liveness check) holds."""
+    os.set_blocking(fd, False)
+    try:
+        while True:
+            if alive():
+                with contextlib.suppress(BlockingIOError):  # a full pipe: the beat can wait
+                    os.write(fd, b".")
+            await asyncio.sleep(HEARTBEAT_SECONDS)  # the beat's period, not synchronisation
+    except (BrokenPipeError, OSError):
+        return  # the supervisor is gone; PR_SET_PDEATHSIG stops this worker
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _die_with_parent() -> None:
@@ -239,10 +347,15 @@ async def supervise(settings: Settings, count: int, config_path: str | None) -> 
     log.info("extproc listening on %s with %d workers", listen, count)
     print(f"{READY_LINE} {listen} ({count} workers)", flush=True)
     watcher = asyncio.create_task(supervisor.watch())
+    hangs = asyncio.create_task(supervisor.watch_hangs())
     await stop.wait()
     log.info("shutting down: %d workers draining for up to %ss", count, settings.grace_seconds)
     await supervisor.stop(settings.grace_seconds)
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
+    for task in (watcher, hangs):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    for worker in supervisor.workers:
+        if worker.beats is not None:
+            worker.beats.close()
     return 0

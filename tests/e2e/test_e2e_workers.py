@@ -98,6 +98,33 @@ def test_a_dead_worker_is_replaced_and_traffic_goes_on(stack: Stack, r: redis.Re
         assert_exact(wait_record(r, rid), model, chat_usage(usage))
 
 
+def test_a_hung_worker_is_found_and_replaced() -> None:
+    """A worker whose event loop stops (SIGSTOP: it neither dies nor answers) is killed and
+    replaced by the supervisor: a health probe through the shared port could not find it."""
+    env = {**METERING_ONLY, "EXTPROC_WORKER_HANG_SECONDS": "3"}
+    with temporary_stack(
+        sidecar_workers=WORKERS, envoy_concurrency=WORKERS, sidecar_env=env
+    ) as stack:
+        before = worker_pids(stack)
+        sidecar = stack.children["sidecar"]
+        os.kill(before[0], signal.SIGSTOP)
+        sidecar.wait_for_line(f"(pid {before[0]}) sent no heartbeat for")
+        sidecar.wait_for_line("exited with -9")
+        fresh = _next_pid(stack, before)
+        sidecar.wait_for_line(f"(pid {fresh}) ready")
+        after = worker_pids(stack)
+        assert len(after) == WORKERS and before[0] not in after and before[1] in after
+        # The healthy worker was left alone, and traffic goes on through both.
+        assert not any(f"(pid {before[1]}) sent no heartbeat" in line for line in sidecar.lines)
+        client = redis.Redis.from_url(stack.redis_url)
+        try:
+            for i in range(6):
+                rid, model, usage = one_request(stack, 200 + i)
+                assert_exact(wait_record(client, rid), model, chat_usage(usage))
+        finally:
+            client.close()
+
+
 def _next_pid(stack: Stack, before: list[int]) -> int:
     """The replacement's pid, once the supervisor has forked it."""
     for _ in range(600):
