@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-tools codex-cli run test lint format bench proto clean
+.PHONY: install system-tools codex-cli run test fuzz lint format bench proto clean
 
 install: $(STAMP)
 
@@ -46,6 +46,12 @@ $(CODEX):
 
 test: install system-tools codex-cli lint
 	$(PY) -m pytest -q
+
+# `make test` runs the property tests on fixed examples (the same every run). This is the long
+# randomised hunt: 2,000 fresh examples through the real stack (EXTPROC_FUZZ_EXAMPLES=N to
+# change); add what it finds to tests/e2e/test_e2e_fuzz.py as an @example.
+fuzz: install
+	EXTPROC_FUZZ=hunt $(PY) -m pytest -q tests/e2e/test_e2e_fuzz.py
 
 lint: install
 	$(VENV)/bin/ruff check extproc tests bench

@@ -12,11 +12,22 @@ from dataclasses import dataclass
 from typing import Any
 
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_ascii_encoder = json.JSONEncoder(separators=(",", ":"))
 DONE = b"data: [DONE]\n\n"
 
 
 def dumps(obj: Any) -> bytes:
-    return _encoder.encode(obj).encode()
+    """Compact JSON as UTF-8, as the provider writes it.
+
+    A lone surrogate a client sent as `"\\ud800"` (in `prompt_cache_key` or `user`, which
+    answers echo) has no UTF-8 form: that answer is written with `\\u` escapes instead, which
+    any JSON reader turns back into the same string. It used to raise, and the client got 500.
+    """
+    text = _encoder.encode(obj)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return _ascii_encoder.encode(obj).encode()
 
 
 def data_frame(obj: Any) -> bytes:

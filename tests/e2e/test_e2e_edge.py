@@ -77,6 +77,8 @@ class RecordingUpstream:
     """
 
     def __init__(self) -> None:
+        # Usage varies from request to request, the same way every run.
+        self.rng = random.Random(19)
         self.seen: list[Seen] = []
         self.lock = threading.Lock()
         upstream = self
@@ -112,7 +114,7 @@ class RecordingUpstream:
         path = seen.path.partition("?")[0]
         request = json.loads(seen.body) if seen.body.startswith(b"{") else {}
         model = request.get("model", "gpt-4o-mini")
-        inp, out = random.randint(5, 5000), random.randint(1, 900)
+        inp, out = self.rng.randint(5, 5000), self.rng.randint(1, 900)
         if path == "/v1/chat/completions":
             seen.usage = {"input": inp, "output": out}
             usage = {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out}

@@ -521,6 +521,29 @@ def test_chat_sse_framing(http: httpx.Client) -> None:
         assert json.loads(frame[6:])["object"] == "chat.completion.chunk"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("field", ["prompt_cache_key", "user"])
+def test_a_lone_surrogate_is_echoed_not_a_500(http: httpx.Client, field: str, stream: bool) -> None:
+    """The property test's find: `"\\ud800"` in a field the answer echoes has no UTF-8 form."""
+    # json.dumps escapes the surrogate, as a JSON client would send it.
+    raw = json.dumps({"model": "gpt-5-mini", "input": "hi", "stream": stream, field: "a\ud800b"})
+    response = http.post(
+        "/v1/responses", content=raw.encode(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 200, response.text
+    response.content.decode("utf-8")  # valid UTF-8 on the wire
+    if stream:
+        events = [
+            json.loads(line.removeprefix("data: "))
+            for line in response.text.splitlines()
+            if line.startswith("data: ")
+        ]
+        echoed = events[-1]["response"][field]
+    else:
+        echoed = response.json()[field]
+    assert echoed == "a\ud800b"
+
+
 def test_json_response_headers(http: httpx.Client) -> None:
     body = {"model": "gpt-4o", "input": "hi"}
     response = http.post("/v1/responses", json=body)
