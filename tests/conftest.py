@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -23,6 +28,62 @@ from extproc.v1.ledger_pb2 import UsageRecord
 
 # Small enough to test the limit cheaply, still well above Envoy's 1 MiB default buffer.
 E2E_MAX_BODY = 8 * 1024 * 1024
+
+# -- the suite cleans up after itself ---------------------------------------------------------
+
+_RUN_TMP: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every temporary file of the run, ours and our children's, under one directory that is
+    removed at the end: pytest's tmp_path, `tempfile` here, TMPDIR in every process started.
+    EXTPROC_KEEP_TMP=1 keeps it (its path is printed) to look at after a failure."""
+    global _RUN_TMP
+    if config.option.basetemp is not None:
+        return
+    _RUN_TMP = Path(tempfile.mkdtemp(prefix="extproc-tests-"))
+    config.option.basetemp = str(_RUN_TMP / "pytest")
+    tempfile.tempdir = str(_RUN_TMP)
+    os.environ["TMPDIR"] = str(_RUN_TMP)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _RUN_TMP is None:
+        return
+    if os.environ.get("EXTPROC_KEEP_TMP"):
+        print(f"\nextproc tests: temporary files kept in {_RUN_TMP}", file=sys.stderr)
+        return
+    shutil.rmtree(_RUN_TMP, ignore_errors=True)
+
+
+def _live_children() -> dict[int, str]:
+    """This process's children that are still running (not zombies), with their commands."""
+    found: dict[int, str] = {}
+    me = os.getpid()
+    for task in Path(f"/proc/{me}/task").glob("*"):
+        with suppress(OSError):
+            for pid in map(int, (task / "children").read_text().split()):
+                with suppress(OSError):
+                    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                    if state != "Z":
+                        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                        found[pid] = cmd.decode(errors="replace").strip()
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running() -> Iterator[None]:
+    """After the last test, no process the suite started may still run: one that does is
+    killed and named, and the run fails (a sidecar once outlived the suite)."""
+    before = set(_live_children())
+    yield
+    left = {pid: cmd for pid, cmd in _live_children().items() if pid not in before}
+    for pid in left:
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes the tests left running (now killed): {left}"
 
 
 @contextmanager

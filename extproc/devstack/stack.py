@@ -480,16 +480,20 @@ class Stack:
             time.sleep(0.05)  # polling a readiness probe, not synchronising on time
 
     def stop(self) -> None:
+        """Stop every child this stack started, whatever its name: Envoy first, Redis last.
+
+        Sidecars started under a name of a test's choosing (a second replica, say) are
+        stopped too: one left running outlived the suite and kept writing to its spool.
+        """
         self._stopping = True
+        redis_nodes = [n for n in self.children if n == "redis" or n.startswith("redis-node")]
         simulators = [n for n in self.children if n.startswith("simulator")]
-        sidecars = [n for n in self.children if n.startswith("sidecar")]
-        for name in ("console", "envoy", *sidecars, *simulators):
-            child = self.children.get(name)
-            if child:
-                child.stop()
-        for name, child in self.children.items():
-            if name == "redis" or name.startswith("redis-node"):
-                child.stop()
+        first = [n for n in ("console", "envoy") if n in self.children]
+        sidecars = [n for n in self.children if n not in {*redis_nodes, *simulators, *first}]
+        for name in (*first, *sidecars, *simulators, *redis_nodes):
+            self.children[name].stop()
+        for child in list(self.children.values()):  # one a restart swapped in meanwhile
+            child.stop()
 
     def __enter__(self) -> Stack:
         return self.start()
