@@ -9,7 +9,8 @@ rounds) is printed next to every median.
 Matrix: budgets enforced (policy, virtual key, reservation and settlement in Redis)
 and metering only; concurrency 1, 16 and 32; a small JSON chat completion and a
 50-event SSE stream. Then: enforced with 2 sidecar workers (and 2 Envoy threads)
-against 1, and memory per open stream with 1,000 long streams held open at once.
+against 1, and memory per open stream with 5,000 long streams held open at once, on fresh
+stacks of their own, with what Envoy and the sidecar keep after they close (bench_memory.py).
 CPU per request (sidecar process tree, Envoy, and for the whole bill Redis, the simulator
 and the load generator) and RSS come from /proc; Redis bytes per request (ledger stream,
 idempotency sets) from MEMORY USAGE after each enforced setup. A full run ends with the
@@ -17,6 +18,7 @@ floor under any processor (bench/bench_floor.py: Envoy with a do-nothing ext_pro
 
     .venv/bin/python bench/bench.py            # full run (~15 min on 2 cores)
     .venv/bin/python bench/bench.py --quick    # direction only, ~3 min
+    .venv/bin/python bench/bench.py --memory   # the memory section alone
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import procstat  # noqa: E402
+from bench.bench_memory import markdown as memory_markdown  # noqa: E402
+from bench.bench_memory import memory_at_scale  # noqa: E402
 from bench.bench_redis import redis_footprint  # noqa: E402
 from bench.loadgen import (  # noqa: E402
     CHAT_REQUEST,
@@ -46,7 +50,6 @@ from bench.loadgen import (  # noqa: E402
     SSE_REQUEST,
     build_request,
     run_closed_loop,
-    streams_held_open,
 )
 from extproc.devstack.stack import Stack, StackConfig, free_port  # noqa: E402
 from extproc.simulator.plan import OUTPUT_TOKENS_HEADER  # noqa: E402
@@ -73,12 +76,14 @@ workspaces:
 class Plan:
     rounds: int
     requests: dict[int, int]  # per round and path, by concurrency (JSON; SSE gets a third)
-    open_streams: int
-    stream_event_ms: int
+    open_streams: int  # held open at once for the memory figures
+    stream_event_ms: int  # between a held stream's 50 events: it outlives opening them all
 
 
-FULL = Plan(rounds=3, requests={1: 400, 16: 1500, 32: 2000}, open_streams=1000, stream_event_ms=300)
-QUICK = Plan(rounds=3, requests={1: 100, 16: 300, 32: 400}, open_streams=500, stream_event_ms=100)
+FULL = Plan(
+    rounds=3, requests={1: 400, 16: 1500, 32: 2000}, open_streams=5000, stream_event_ms=1000
+)
+QUICK = Plan(rounds=3, requests={1: 100, 16: 300, 32: 400}, open_streams=1000, stream_event_ms=500)
 
 
 class Bench:
@@ -144,34 +149,6 @@ class Bench:
             )
         return summarise(rounds)
 
-    def memory_per_stream(self, plan: Plan) -> dict[str, float]:
-        """RSS per open stream of the sidecar tree and Envoy: the slope between holding a
-        fifth of `open_streams` and all of them, so allocator state common to both cancels
-        (a bare before/after difference is swamped by memory freed from earlier rounds)."""
-        fault = {"x-sim-fault": f"event-delay-ms={plan.stream_event_ms}"}
-        request = self.request("extproc", "sse", fault)
-
-        async def hold(count: int) -> tuple[int, int]:
-            sidecar = procstat.tree(self.sidecar)
-            async with streams_held_open(HOST, self.ports["extproc"], request, count) as tasks:
-                samples = []
-                for _ in range(5):  # RSS moves as the allocator works: keep the peak
-                    samples.append((procstat.rss_bytes(sidecar), procstat.rss_bytes([self.envoy])))
-                    await asyncio.sleep(plan.stream_event_ms / 4000)
-            assert all(t.result() == 200 for t in tasks), "a held stream failed"
-            return max(s[0] for s in samples), max(s[1] for s in samples)
-
-        many, few = plan.open_streams, plan.open_streams // 5
-        asyncio.run(hold(many))  # warm-up: the allocator's arenas grow once
-        side_few, envoy_few = asyncio.run(hold(few))
-        side_many, envoy_many = asyncio.run(hold(many))
-        return {
-            "streams": many,
-            "sidecar_kib_per_stream": (side_many - side_few) / (many - few) / 1024,
-            "envoy_kib_per_stream": (envoy_many - envoy_few) / (many - few) / 1024,
-            "sidecar_rss_mib": procstat.rss_bytes(procstat.tree(self.sidecar)) / 2**20,
-        }
-
 
 CPU_PARTS = ("loadgen", "envoy", "sidecar", "redis", "simulator")
 
@@ -226,10 +203,10 @@ def _bench_key(redis_url: str, policy: Path) -> str:
 
 
 @contextmanager
-def bench_stack(policy_text: str) -> Iterator[tuple[Stack, str]]:
+def bench_stack(policy_text: str, workers: int = 1) -> Iterator[tuple[Stack, str]]:
     """A stack enforcing `policy_text`, and a key of bench/load to drive it with.
 
-    For the side benchmarks (bad keys, Redis footprint) that need one enforced setup only.
+    For the side benchmarks (bad keys, Redis footprint, memory) that need one enforced setup.
     """
     with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
         policy = Path(tmp) / "policy.yaml"
@@ -238,14 +215,14 @@ def bench_stack(policy_text: str) -> Iterator[tuple[Stack, str]]:
             listen_port=free_port(),
             data_dir=Path(tmp),
             sidecar_env={"EXTPROC_POLICY": str(policy), "BENCH_UPSTREAM_KEY": "sk-bench"},
+            sidecar_workers=workers,
+            envoy_concurrency=workers,
         )
         with Stack(config) as stack:
             yield stack, _bench_key(stack.redis_url, policy)
 
 
-def run_setup(
-    enforced: bool, workers: int, levels: tuple[int, ...], plan: Plan, memory: bool
-) -> dict[str, Any]:
+def run_setup(enforced: bool, workers: int, levels: tuple[int, ...], plan: Plan) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="extproc-bench-") as tmp:
         env = {"EXTPROC_METERING_ONLY": "1"}
         policy = Path(tmp) / "policy.yaml"
@@ -273,8 +250,6 @@ def run_setup(
             result: dict[str, Any] = {"cells": cells}
             if enforced:
                 result["redis"] = redis_footprint(stack.redis_url)
-            if memory:
-                result["memory"] = bench.memory_per_stream(plan)
             return result
 
 
@@ -298,14 +273,18 @@ def line(c: dict[str, Any]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    rounds = f"median of {report['rounds']} alternating rounds, [min, max] over rounds"
     out = [
-        f"`make bench` ({report['kind']} run, {report['machine']}, {report['time']}; "
-        f"median of {report['rounds']} alternating rounds, [min, max] over rounds)",
-        "",
-        "| setup | load | c | p50 direct ms | p50 extproc ms | added p50 ms | req/s direct |"
-        " req/s extproc | extproc/direct % | sidecar CPU µs/req | Envoy extra CPU µs/req |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"`make bench` ({report['kind']} run, {report['machine']}, {report['time']}"
+        f"{'; ' + rounds if report['setups'] else ''})",
     ]
+    if report["setups"]:
+        out += [
+            "",
+            "| setup | load | c | p50 direct ms | p50 extproc ms | added p50 ms | req/s direct |"
+            " req/s extproc | extproc/direct % | sidecar CPU µs/req | Envoy extra CPU µs/req |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for setup, result in report["setups"].items():
         for name, c in result["cells"].items():
             load, level = name.split(" c=")
@@ -316,20 +295,10 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{fmt(c['throughput_ratio'], 0, pct=True)} | {fmt(c['sidecar_cpu_us'], 0)} | "
                 f"{fmt(c['envoy_extra_cpu_us'], 0, sign=True)} |"
             )
-    out += ["", *cpu_bill(report)]
-    memory = [(setup, r["memory"]) for setup, r in report["setups"].items() if "memory" in r]
-    if memory:
-        out += [
-            "",
-            "| setup | open SSE streams | sidecar KiB/stream | Envoy KiB/stream |"
-            " sidecar RSS after MiB |",
-            "|---|---|---|---|---|",
-        ]
-        for setup, m in memory:
-            out.append(
-                f"| {setup} | {m['streams']:,} | {m['sidecar_kib_per_stream']:.1f} | "
-                f"{m['envoy_kib_per_stream']:.1f} | {m['sidecar_rss_mib']:.0f} |"
-            )
+    if report["setups"]:
+        out += ["", *cpu_bill(report)]
+    if report.get("memory"):
+        out += ["", *memory_markdown(report["memory"])]
     redis = [(setup, r["redis"]) for setup, r in report["setups"].items() if "redis" in r]
     if redis:
         out += ["", "| Redis bytes per request (bench/bench_redis.py) | records | stream | "
@@ -378,29 +347,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer requests: direction only")
     parser.add_argument("--rounds", type=int, help="rounds per figure (at least 3)")
     parser.add_argument("--no-workers", action="store_true", help="skip the 2-worker setup")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    parser.add_argument(
+        "--memory", action="store_true", help="only the memory figures (streams held open)"
+    )
+    parser.add_argument("--out", help="default: bench/results/latest.json (--memory: memory.json)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.rounds:
         if args.rounds < 3:
             parser.error("--rounds: a median needs at least 3 rounds")
         plan = Plan(args.rounds, plan.requests, plan.open_streams, plan.stream_event_ms)
+    results = ROOT / "bench" / "results"
+    args.out = args.out or str(results / ("memory.json" if args.memory else "latest.json"))
     report: dict[str, Any] = {
-        "kind": "quick" if args.quick else "full",
+        "kind": ("quick" if args.quick else "full") + (" memory-only" if args.memory else ""),
         "machine": f"{os.cpu_count()} cores",
         "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "rounds": plan.rounds,
         "setups": {},
     }
-    setups = [(True, 1, (1, 16, 32), True), (False, 1, (1, 16, 32), False)]
+    setups = [(True, 1, (1, 16, 32)), (False, 1, (1, 16, 32))]
     if not args.no_workers:
-        setups.append((True, 2, (16, 32), True))
-    for enforced, workers, levels, memory in setups:
+        setups.append((True, 2, (16, 32)))
+    for enforced, workers, levels in [] if args.memory else setups:
         print(f"{label(enforced, workers)}:", flush=True)
-        report["setups"][label(enforced, workers)] = run_setup(
-            enforced, workers, levels, plan, memory
-        )
-    if not args.quick:
+        report["setups"][label(enforced, workers)] = run_setup(enforced, workers, levels, plan)
+    report["memory"] = []
+    for workers in (1,) if args.no_workers else (1, 2):
+        print(f"memory, {plan.open_streams:,} streams, {workers} worker(s):", flush=True)
+        report["memory"].append(memory_at_scale(plan.open_streams, workers, plan.stream_event_ms))
+    if not args.quick and not args.memory:
         from bench.bench_counting import counting_figures, request_path_figures
 
         report["counting"] = {**counting_figures(), **request_path_figures()}

@@ -216,8 +216,11 @@ class HttpServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> int:
+        # A deep accept queue, like the provider's: Envoy opens an upstream connection per
+        # streamed call, thousands at once in the memory bench, and asyncio's default of 100
+        # dropped SYNs until Envoy's connect timeout failed some of them.
         self._server = await asyncio.start_server(
-            self._accept, host, port, limit=_MAX_HEAD, ssl=self._tls
+            self._accept, host, port, limit=_MAX_HEAD, ssl=self._tls, backlog=4096
         )
         return int(self._server.sockets[0].getsockname()[1])
 

@@ -10,6 +10,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench import cpu_bill, markdown, summarise  # noqa: E402
 from bench.bench_floor import markdown as floor_markdown  # noqa: E402
+from bench.bench_memory import markdown as memory_markdown  # noqa: E402
 
 
 def _round(scale: float) -> dict[str, dict[str, float]]:
@@ -74,3 +75,28 @@ def test_floor_table_names_mode_and_concurrency() -> None:
     row = floor_markdown(figures)[2]
     assert row.startswith("| 4 messages | 1 | 0.50 [0.25, 1.00] |")
     assert row.endswith("| 50 [25, 100] |")
+
+
+def test_memory_table_shows_per_stream_and_rss_idle_open_after() -> None:
+    phase = {"envoy_rss": 66.0, "envoy_allocated": 7.0, "sidecar_rss": 157.0}
+    figures = {
+        "streams": 5000,
+        "workers": 2,
+        "envoy_kib_per_stream": 90.94,
+        "envoy_allocated_kib_per_stream": 86.1,
+        "sidecar_kib_per_stream": 10.3,
+        "mib": {
+            "idle": phase,
+            "open": {**phase, "envoy_rss": 510.0, "sidecar_rss": 207.0},
+            "after": {"envoy_rss": 523.0, "envoy_allocated": 88.0, "sidecar_rss": 210.0},
+        },
+    }
+    header, rule, row = memory_markdown([figures])
+    assert header.count("|") == rule.count("|") == row.count("|")
+    assert row == (
+        "| enforced, 2 workers | 5,000 | 90.9 (86.1) | 10.3 | "
+        "66 / 510 / 523 (88) | 157 / 207 / 210 |"
+    )
+    report = {"kind": "full memory-only", "machine": "2 cores", "time": "t", "rounds": 3}
+    text = markdown({**report, "setups": {}, "memory": [figures]})
+    assert row in text and "alternating rounds" not in text and "CPU µs" not in text
