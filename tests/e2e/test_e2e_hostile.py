@@ -22,7 +22,7 @@ import redis
 
 from extproc.books.export import FORMULA_LEADS
 from extproc.devstack.stack import Stack, temporary_stack
-from tests.conftest import cli, new_key, policy_stack, wait_record
+from tests.conftest import all_records, cli, new_key, policy_stack, wait_record
 
 RID = "x-extproc-request-id"
 ROUTE = "x-extproc-route"
@@ -33,10 +33,14 @@ defaults: {default_output_cap: 64}
 routing:
   upstream_routes:
     azure: {description: second upstream}
+    nowhere: {description: a route whose cluster Envoy was never given}
   rules:
     - name: batch-to-azure
       when: {service: [batch]}
       set: {route: azure}
+    - name: lost-to-nowhere
+      when: {service: [lost]}
+      set: {route: nowhere}
 workspaces:
   dev:
     budget_usd: 1000
@@ -44,6 +48,7 @@ workspaces:
     services:
       cli: {}
       batch: {}
+      lost: {}
       agent:
         routing: {max_session_input_tokens: 200, on_context_exceeded: reject}
 """
@@ -118,6 +123,21 @@ def test_the_sidecars_own_route_still_reaches_its_cluster(hstack: Stack) -> None
     routed = seen_by(hstack.routes["azure"])
     assert len(routed) == azure + 2
     assert {r["headers"][ROUTE] for r in routed[-2:]} == {"azure"}
+
+
+def test_a_route_without_its_cluster_is_an_openai_shaped_503(
+    hstack: Stack, rc: redis.Redis
+) -> None:
+    """An operator's mistake (a policy route Envoy has no cluster for), not an empty 503."""
+    key = new_key(hstack, "dev", "lost")["key"]
+    resp = chat(hstack, key)
+    assert resp.status_code == 503, resp.text
+    assert resp.headers["content-type"] == "application/json"
+    assert resp.headers["x-should-retry"] == "true"
+    assert resp.json()["error"]["code"] == "upstream_unavailable"
+    rec = wait_record(rc, resp.headers[RID])
+    assert (rec["status"], rec["cost_nanos"]) == (503, 0)
+    assert len(all_records(rc, resp.headers[RID])) == 1
 
 
 def test_steering_over_http2_is_refused_too(hstack: Stack) -> None:
