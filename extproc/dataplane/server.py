@@ -28,6 +28,7 @@ from extproc.governance.keys import KeyCache, KeyStore
 from extproc.governance.policy import Policy, PolicyError, PolicyWatcher, load_policy
 from extproc.insight.alerts import Alert, Alerter, record_alert
 from extproc.insight.burn import BurnWatch
+from extproc.insight.newmodels import NewModels
 from extproc.insight.telemetry import Telemetry
 from extproc.metering.ledger import Ledger
 from extproc.metering.prices import PriceTable, usd
@@ -270,6 +271,7 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
         deps.policy = policy
 
     governor.subscribe(use)
+    deps.new_models = NewModels(client, governor.alerter, lambda: deps.prices.version)
     keys, budgets = None, None
     if settings.policy:
         governor.apply(load_policy(settings.policy))
