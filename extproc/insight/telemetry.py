@@ -14,8 +14,9 @@ scopes and downgrade models come from the policy file, `model` is the model's re
 the provider served it (only calls the provider billed carry one, so invented names never
 become labels; past MODEL_LABELS distinct names a process reports the rest as "other"),
 a model the price table does not know is flagged `provisional="true"` beside its real
-name, and key ids never become labels (a key scope is reported as plain "key"). Token counts follow OpenAI's accounting:
-`cached_input` is part of `input` and `reasoning` is part of `output`, so summing every
+name, and key ids never become labels (a key scope is reported as plain "key"). Token
+counts follow OpenAI's accounting: `cached_input` and `cache_write` are part of `input`
+and `reasoning` is part of `output`, so summing every
 `kind` double counts.
 
 `Telemetry()` with no providers, or `EXTPROC_TELEMETRY=off`, is a no-op.
