@@ -216,9 +216,17 @@ class PriceTable:
         )
         listed = {**catalogue.prices, **rows}
         classes = []
+        earlier: list[re.Pattern[str]] = []
         for c in spec.classes:
+            # A class's members are the rows it finds that no earlier class claimed: the
+            # "gpt-5" class is the gpt-5 models that are not pro, mini, codex... ones.
             pattern = re.compile(c.match)
-            members = [p for name, p in listed.items() if pattern.search(name)]
+            members = [
+                p
+                for name, p in listed.items()
+                if pattern.search(name) and not any(e.search(name) for e in earlier)
+            ]
+            earlier.append(pattern)
             if members:
                 price = _highest(f"{PROVISIONAL}:{c.name}", members, spec.updated)
                 classes.append((c, price))

@@ -118,6 +118,7 @@ def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...],
         ("ledger", "ship", "--dir", f["dir"], "--once"),
         ("reconcile",),
         ("policy", "what-if", str(EXAMPLE)),
+        ("prices", "check", "--no-policy"),
     ]
     dead = [(*argv, "--redis-url", dead_redis) for argv in no_stack[:8]]
     bad_args: list[tuple[str, ...]] = [
@@ -149,6 +150,9 @@ def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...],
         ("ledger", "export", "--since", "the dawn of time", "--redis-url", dead_redis),
         ("ledger", "export", "--since", "2026-01-01", "--format", "xml"),
         ("reconcile", "--date", "someday", "--redis-url", dead_redis),
+        ("prices", "check", "--days", "many"),
+        ("prices", "audit"),
+        ("prices", "check", "--no-policy", "--redis-url", dead_redis),
     ]  # fmt: skip
     bad_files: list[tuple[str, ...]] = [
         ("check-config", f[name]) for name in ("missing", "dir", "broken", "invalid", "binary")
@@ -163,6 +167,9 @@ def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...],
             ("usage", "--policy", f[name], "--redis-url", dead_redis),
         ]  # fmt: skip
     bad_files += [("serve", "--config", f[name]) for name in ("missing", "dir", "settings")]
+    bad_files += [
+        ("prices", "--prices", f[name]) for name in ("missing", "dir", "broken", "binary")
+    ]
     cases = [(argv, {}) for argv in [*no_stack, *dead, *bad_args, *bad_files]]
     cases += [
         (("stack",), {"EXTPROC_POLICY": f["invalid"]}),
@@ -173,6 +180,8 @@ def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...],
         (("serve",), {"EXTPROC_MAX_BODY_BYTES": "lots"}),
         (("serve",), {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier"}),
         (("serve",), {"OTEL_TRACES_EXPORTER": "zipkin"}),
+        (("serve",), {"EXTPROC_PRICES": f["broken"]}),
+        (("prices",), {"EXTPROC_PRICES": f["invalid"]}),
         (("usage",), {"EXTPROC_PORT": "1"}),
     ]
     return cases
