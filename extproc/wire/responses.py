@@ -204,7 +204,15 @@ class Responses:
             if value:
                 yield value
         elif isinstance(value, list):
-            yield from texts_in(value)
+            for item in value:
+                if isinstance(item, dict) and item.get("type") == "additional_tools":
+                    # Tool definitions sent as an input item (Codex does for newer models)
+                    # are read like the top-level `tools`: as their JSON, schemas included.
+                    tools = item.get("tools")
+                    if isinstance(tools, list):
+                        yield from (compact_json(tool) for tool in tools)
+                else:
+                    yield from texts_in(item)
         tools = body.get("tools")
         if isinstance(tools, list):
             for tool in tools:

@@ -1041,3 +1041,16 @@ def test_embeddings_never_stream() -> None:
     chunk = b"data: {}\n\n"
     assert meter.feed(chunk) is chunk
     assert meter.finish() == StreamOutcome(None, None, "", None, None)
+
+
+def test_tools_sent_as_an_input_item_are_counted_like_top_level_tools() -> None:
+    """Codex 0.171 sends its tool definitions to newer models as an `additional_tools`
+    input item: counted as their JSON (schemas included), as top-level `tools` are."""
+    tool = {"type": "function", "name": "exec", "parameters": {"type": "object",
+            "properties": {"cmd": {"type": "string"}}}}  # fmt: skip
+    as_item = {"model": "gpt-6.2-sol", "input": [
+        {"type": "additional_tools", "role": "developer", "tools": [tool]}, "hi"]}  # fmt: skip
+    top_level = {"model": "gpt-6.2-sol", "tools": [tool], "input": ["hi"]}
+    texts = list(RESPONSES.input_texts(as_item))
+    assert texts == [json.dumps(tool, separators=(",", ":")), "hi"]
+    assert sorted(texts) == sorted(RESPONSES.input_texts(top_level))
