@@ -32,24 +32,33 @@ def bill(
     record.cached_input_tokens = usage.cached_input_tokens
     record.output_tokens = usage.output_tokens
     record.reasoning_tokens = usage.reasoning_tokens
-    record.cache_write_tokens = usage.cache_write_tokens
-    record.input_audio_tokens = usage.input_audio_tokens
-    record.output_audio_tokens = usage.output_audio_tokens
-    record.output_image_tokens = usage.output_image_tokens
+    # The rarer kinds only when present: unset protobuf fields read as 0 and cost nothing.
+    if usage.cache_write_tokens or usage.input_audio_tokens:
+        record.cache_write_tokens = usage.cache_write_tokens
+        record.input_audio_tokens = usage.input_audio_tokens
+    if usage.output_audio_tokens or usage.output_image_tokens:
+        record.output_audio_tokens = usage.output_audio_tokens
+        record.output_image_tokens = usage.output_image_tokens
     record.service_tier = usage.service_tier
     tools = usage.tools
-    record.web_search_calls = tools.web_search
-    record.file_search_calls = tools.file_search
-    record.code_interpreter_containers = tools.code_interpreter
-    record.image_generations = len(tools.images)
+    if tools:
+        record.web_search_calls = tools.web_search
+        record.file_search_calls = tools.file_search
+        record.code_interpreter_containers = tools.code_interpreter
+        record.image_generations = len(tools.images)
     charge = prices.charge(model or "unknown", usage, request)
     record.cost_nanos = charge.nanos
     record.price_family = charge.family
-    record.price_fallback = record.price_provisional = charge.fallback
+    if charge.fallback:
+        record.price_fallback = record.price_provisional = True
     record.price_tier = charge.tier
-    record.price_threshold = charge.threshold
+    if charge.threshold:
+        record.price_threshold = charge.threshold
     record.price_source = charge.origin
     add = record.parts.add
-    for part in charge.parts:
-        add(kind=part.kind, quantity=part.quantity, rate=part.rate, detail=part.detail)
+    for kind, quantity, rate, detail in charge.parts:
+        part = add()
+        part.kind, part.quantity, part.rate = kind, quantity, rate
+        if detail:
+            part.detail = detail
     return charge

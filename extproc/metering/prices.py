@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 from extproc.metering import rates as r
 from extproc.metering.catalogue import Catalogue, compile_catalogue
@@ -99,8 +100,7 @@ def nanos_per_token(usd_per_million: Decimal) -> int:
     return int(usd_per_million * NANOS_PER_DOLLAR) // MILLION
 
 
-@dataclass(frozen=True, slots=True)
-class Charge:
+class Charge(NamedTuple):
     """What one call costs: its parts, their exact sum, and which rates billed it."""
 
     nanos: int
@@ -341,11 +341,8 @@ class PriceTable:
         if asked not in r.STANDARD_TIERS and asked not in ("flex", "batch"):
             card = price.card(asked)[0]
         rates, _threshold = card.at(input_tokens + input_tokens // LONG_CONTEXT_MARGIN)
-        parts = [
-            Part("input", input_tokens, max(rates.input, rates.cache_write, rates.input_audio)),
-            Part("output", output_tokens, max(rates.output, rates.output_audio)),
-        ]
-        femtos = r.total_nanos(parts) * MILLION
+        femtos = input_tokens * max(rates.input, rates.cache_write, rates.input_audio)
+        femtos += output_tokens * max(rates.output, rates.output_audio)
         if tools.kinds:
             fees = [
                 r.tool_call_fee(k, price, self.tools, tools, self._image_price) for k in tools.kinds

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
+from typing import NamedTuple
 
 from extproc.wire.billing import ToolRequest
 from extproc.wire.usage import ImageCall, ToolCalls, Usage
@@ -193,9 +194,10 @@ class ToolFees:
         return self.images.get(model) or self.images.get("*")
 
 
-@dataclass(frozen=True, slots=True)
-class Part:
-    """One billed part: quantity x rate (nano-dollars per million units) = femtos."""
+class Part(NamedTuple):
+    """One billed part: quantity x rate (nano-dollars per million units) = femtos.
+
+    A tuple, not a dataclass: two or three are made per request, each pricing."""
 
     kind: str
     quantity: int
@@ -222,22 +224,33 @@ def token_parts(rates: Rates, usage: Usage) -> list[Part]:
     output rate).
     """
     inp = max(usage.input_tokens, 0)
-    cached = min(max(usage.cached_input_tokens, 0), inp)
-    write = min(max(usage.cache_write_tokens, 0), inp - cached)
-    audio_in = min(max(usage.input_audio_tokens, 0), inp - cached - write)
     out = max(usage.output_tokens, 0)
-    audio_out = min(max(usage.output_audio_tokens, 0), out)
-    image_out = min(max(usage.output_image_tokens, 0), out - audio_out)
-    candidates = (
-        ("input", inp - cached - write - audio_in, rates.input),
-        ("cached_input", cached, rates.cached_input),
-        ("cache_write", write, rates.cache_write),
-        ("input_audio", audio_in, rates.input_audio),
-        ("output", out - audio_out - image_out, rates.output),
-        ("output_audio", audio_out, rates.output_audio),
-        ("output_image", image_out, rates.output_image),
-    )
-    return [Part(kind, n, rate) for kind, n, rate in candidates if n]
+    cached = min(max(usage.cached_input_tokens, 0), inp)
+    parts = []
+    if usage.cache_write_tokens or usage.input_audio_tokens:
+        write = min(max(usage.cache_write_tokens, 0), inp - cached)
+        audio_in = min(max(usage.input_audio_tokens, 0), inp - cached - write)
+    else:
+        write = audio_in = 0
+    if inp - cached - write - audio_in:
+        parts.append(Part("input", inp - cached - write - audio_in, rates.input))
+    if cached:
+        parts.append(Part("cached_input", cached, rates.cached_input))
+    if write:
+        parts.append(Part("cache_write", write, rates.cache_write))
+    if audio_in:
+        parts.append(Part("input_audio", audio_in, rates.input_audio))
+    audio_out = min(max(usage.output_audio_tokens, 0), out) if usage.output_audio_tokens else 0
+    image_out = 0
+    if usage.output_image_tokens:
+        image_out = min(max(usage.output_image_tokens, 0), out - audio_out)
+    if out - audio_out - image_out:
+        parts.append(Part("output", out - audio_out - image_out, rates.output))
+    if audio_out:
+        parts.append(Part("output_audio", audio_out, rates.output_audio))
+    if image_out:
+        parts.append(Part("output_image", image_out, rates.output_image))
+    return parts
 
 
 def web_search_rate(price: Price, fees: ToolFees, request: ToolRequest) -> tuple[int, str]:

@@ -70,6 +70,7 @@ def read_usage(
     input_details: str,
     output_key: str | None,
     output_details: str | None,
+    service_tier: str = "",
 ) -> Usage | None:
     """Usage from a provider usage object; None unless it holds at least one count.
 
@@ -95,6 +96,7 @@ def read_usage(
         input_audio_tokens=audio_in,
         output_audio_tokens=min(_detail(usage, output_details, "audio_tokens"), out),
         output_image_tokens=min(_detail(usage, output_details, "image_tokens"), out),
+        service_tier=service_tier,
     )
 
 

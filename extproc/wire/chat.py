@@ -35,13 +35,14 @@ from extproc.wire.sse import SSEEvent
 from extproc.wire.usage import Usage
 
 
-def choices_usage(usage: Any) -> Usage | None:
+def choices_usage(usage: Any, service_tier: str = "") -> Usage | None:
     return read_usage(
         usage,
         input_key="prompt_tokens",
         input_details="prompt_tokens_details",
         output_key="completion_tokens",
         output_details="completion_tokens_details",
+        service_tier=service_tier,
     )
 
 
@@ -49,8 +50,7 @@ def usage_and_model(body: bytes) -> tuple[Usage | None, str | None]:
     obj = load_json(body)
     if not isinstance(obj, dict):
         return None, None
-    usage = with_tools(choices_usage(obj.get("usage")), service_tier_of(obj), NO_TOOLS)
-    return usage, model_of(obj)
+    return choices_usage(obj.get("usage"), service_tier_of(obj)), model_of(obj)
 
 
 def request_stream_usage(body: dict[str, Any], facts: RequestFacts) -> bool:
