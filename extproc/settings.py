@@ -42,7 +42,8 @@ class Settings:
     # A second policy evaluated beside the real one and never enforced: its decision goes on
     # each ledger record and span ("shadow"), so a change can be watched before it bites.
     shadow_policy: str = ""
-    # Price table path (TOML); empty means the table bundled with extproc.
+    # The price file (TOML) on top of the genai-prices catalogue; empty means the one bundled
+    # with extproc. Hot-reloaded; see docs/prices.md.
     prices: str = ""
     # How many usage records the Redis ledger keeps (approximate trim).
     ledger_max_records: int = 1_000_000

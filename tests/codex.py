@@ -19,18 +19,20 @@ def codex_exec(
     *,
     websockets: bool = False,
     timeout: float = 120,
+    model: str | None = "gpt-5.1-codex",
 ) -> subprocess.CompletedProcess[str]:
     """Run `codex exec "say hello"` with a fresh CODEX_HOME whose provider is the stack.
 
     `websockets` switches on Codex's websocket transport, which it then tries first.
+    `model=None` leaves the model to the CLI's own default (what a developer gets).
     The CLI's own exit code and output are returned for the test to judge.
     """
     assert CODEX.exists(), "run `make codex-cli` (make test does) to install the Codex CLI"
     home = workdir / "codex-home"
     home.mkdir()
     (home / "config.toml").write_text(
-        'model = "gpt-5.1-codex"\n'
-        'model_provider = "extproc"\n'
+        (f'model = "{model}"\n' if model else "")
+        + 'model_provider = "extproc"\n'
         + ("[features]\nresponses_websockets = true\n" if websockets else "")
         + "[model_providers.extproc]\n"
         'name = "extproc"\n'

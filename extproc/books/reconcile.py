@@ -37,7 +37,11 @@ from extproc.v1.ledger_pb2 import UsageRecord
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 USAGE_ENDPOINTS = ("usage/completions", "usage/embeddings")
-LINE_KINDS = ("input", "cached input", "output")
+LINE_KINDS = (
+    "input", "cached input", "cache write", "input audio", "output", "output audio",
+    "output image", "web search", "file search", "code interpreter", "image generation",
+)  # fmt: skip
+ADJUSTMENT = "adjustment"
 
 
 class ProviderError(Exception):
@@ -73,6 +77,8 @@ class ProviderDay:
 
     tokens: dict[tuple[str, str], Tokens] = field(default_factory=dict)
     cost: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    # (project, model, line kind) -> nanos: what the true-up derives effective rates from.
+    lines: dict[tuple[str, str, str], int] = field(default_factory=lambda: defaultdict(int))
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +165,11 @@ class Reconciliation:
 # -- the comparison (pure) --------------------------------------------------------------------
 
 
+def trued_up(records: Iterable[UsageRecord]) -> set[tuple[str, str]]:
+    """(workspace, model) pairs the true-up has already adjusted."""
+    return {(r.workspace, model_of(r)) for r in records if r.outcome == ADJUSTMENT}
+
+
 def ledger_tokens(records: Iterable[UsageRecord]) -> dict[tuple[str, str], tuple[Tokens, int]]:
     """(workspace, model) -> tokens and cost, for the records that reached the provider."""
     out: dict[tuple[str, str], tuple[Tokens, int]] = {}
@@ -167,7 +178,8 @@ def ledger_tokens(records: Iterable[UsageRecord]) -> dict[tuple[str, str], tuple
             continue
         key = (r.workspace, model_of(r))
         tokens, nanos = out.get(key, (Tokens(), 0))
-        tokens.add(Tokens(r.input_tokens, r.cached_input_tokens, r.output_tokens, 1))
+        if r.outcome != ADJUSTMENT:  # a true-up moves money only: no tokens, no request
+            tokens.add(Tokens(r.input_tokens, r.cached_input_tokens, r.output_tokens, 1))
         out[key] = (tokens, nanos + r.cost_nanos)
     return out
 
@@ -208,8 +220,13 @@ def reconcile(
     provider: ProviderDay,
     records: Iterable[UsageRecord],
 ) -> Reconciliation:
-    """Compare one day. `projects` maps each workspace to its provider project (or None)."""
+    """Compare one day. `projects` maps each workspace to its provider project (or None).
+
+    A (workspace, model) whose money the true-up already brought to the bill is in
+    agreement: its token difference was reported (and alerted) when it was adjusted."""
+    records = list(records)
     ledger = ledger_tokens(records)
+    adjusted = trued_up(records)
     by_project = {p: ws for ws, p in projects.items() if p}
     rows: list[WorkspaceDay] = []
     keys_by_ws: dict[str | None, set[str]] = defaultdict(set)
@@ -230,6 +247,8 @@ def reconcile(
                 lines.append(ModelLine(model, p_tokens, l_tokens, l_nanos, l_nanos, None))
                 continue
             finding = _finding(p_tokens, l_tokens, p_nanos, l_nanos)
+            if p_nanos == l_nanos and (ws, model) in adjusted:
+                finding = None
             lines.append(ModelLine(model, p_tokens, l_tokens, p_nanos, l_nanos, finding))
         rows.append(WorkspaceDay(ws, project, day, tuple(lines)))
     for project in unmapped:
@@ -320,12 +339,18 @@ class AdminClient:
         for bucket in self.buckets("costs", window + groups):
             for row in bucket.get("results", []):
                 amount = (row.get("amount") or {}).get("value") or Decimal(0)
-                model = line_item_model(row.get("line_item") or "")
-                out.cost[(row.get("project_id") or "", model)] += to_nanos(Decimal(amount))
+                model, kind = line_item_parts(row.get("line_item") or "")
+                nanos = to_nanos(Decimal(amount))
+                out.cost[(row.get("project_id") or "", model)] += nanos
+                out.lines[(row.get("project_id") or "", model, kind)] += nanos
         return out
 
 
-def line_item_model(line_item: str) -> str:
-    """ "gpt-4o-mini-2024-07-18, cached input" -> "gpt-4o-mini-2024-07-18"."""
+def line_item_parts(line_item: str) -> tuple[str, str]:
+    """ "gpt-4o-mini-2024-07-18, cached input" -> ("gpt-4o-mini-2024-07-18", "cached input")."""
     model, sep, kind = line_item.rpartition(", ")
-    return model if sep and kind in LINE_KINDS else line_item
+    return (model, kind) if sep and kind in LINE_KINDS else (line_item, "")
+
+
+def line_item_model(line_item: str) -> str:
+    return line_item_parts(line_item)[0]

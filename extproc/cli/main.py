@@ -141,6 +141,7 @@ from extproc.cli.admin import add_stack_options, redis_url, register  # noqa: E4
 from extproc.cli.console import register_console  # noqa: E402
 from extproc.cli.ledger import register_ledger  # noqa: E402
 from extproc.cli.policy import register_policy  # noqa: E402
+from extproc.cli.prices import register_prices  # noqa: E402
 from extproc.cli.reconcile import register_reconcile  # noqa: E402
 from extproc.cli.route import register_route  # noqa: E402
 from extproc.cli.spend import register_spend  # noqa: E402
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_reconcile(sub)
     register_console(sub)
     register_policy(sub)
+    register_prices(sub)
     return parser
 
 
@@ -231,13 +233,14 @@ def _explain(exc: Exception) -> int:
 
     from extproc.devstack.state import NoStackError
     from extproc.governance.policy import PolicyError
+    from extproc.metering.overrides import PriceFileError
     from extproc.settings import ConfigError
 
     if os.environ.get("EXTPROC_DEBUG"):
         raise exc
     if isinstance(exc, NoStackError):
         message, code = str(exc), 1
-    elif isinstance(exc, PolicyError | ConfigError):
+    elif isinstance(exc, PolicyError | ConfigError | PriceFileError):
         message, code = str(exc), 2
     elif isinstance(exc, RedisError | RedisClusterException):
         message, code = f"Redis unreachable: {exc} (is the stack running? `make run`)", 1

@@ -97,6 +97,106 @@ def _metric(rec: Any) -> None:
     provider.shutdown()  # flushes the one collection
 
 
+def render_true_up(t: dict[str, Any]) -> str:
+    lines = []
+    if t["adjustments"]:
+        verb = "would write" if t["dry_run"] else "wrote"
+        lines.append(f"  true-up: {verb} {len(t['adjustments'])} adjustment records:")
+        lines += [
+            f"    {a['workspace']:16} {a['model']:28} ${a['cost_usd']}" for a in t["adjustments"]
+        ]
+    if t["override_rows"]:
+        lines.append("  the provider's effective rates differ from the price table; these rows")
+        lines.append("  of the price file would have priced the day right:")
+        lines += ["    " + line for line in t["override_rows"].splitlines()]
+    return "\n".join(lines) if lines else "  true-up: nothing to adjust"
+
+
+def _true_up(
+    args: argparse.Namespace, policy: Any, rec: Any, provider: Any, records: Any, url: str
+) -> dict[str, Any] | str:
+    """Effective rates, the override rows that would have priced the day right, and the
+    adjustment records (written unless --dry-run), audited."""
+    from extproc.books.trueup import (
+        adjustment_counts,
+        adjustments,
+        effective_rates,
+        mispriced,
+        override_rows,
+    )
+    from extproc.metering.prices import PriceTable, usd
+
+    table = PriceTable.load(os.environ.get("EXTPROC_PRICES") or None)
+    rates = effective_rates(provider)
+    wrong = mispriced(rates, table)
+    planned = adjustments(rec, table.version, adjustment_counts(records))
+    if planned and not args.dry_run:
+        try:
+            asyncio.run(_write_adjustments(policy, planned, url, table))
+        except Exception as exc:  # Redis went away between reading and writing
+            return f"writing the adjustment records: {exc}"
+    return {
+        "dry_run": bool(args.dry_run),
+        "effective_rates": [
+            {"model": r.model, "kind": r.kind, "tokens": r.tokens, "cost_usd": usd(r.nanos),
+             "usd_per_million": str(r.usd_per_million)}
+            for r in rates
+        ],
+        "adjustments": [
+            {"request_id": a.request_id, "workspace": a.workspace, "model": a.model_served,
+             "cost_usd": usd(a.cost_nanos), "why": a.adjustment}
+            for a in planned
+        ],
+        "override_rows": override_rows(rec.day, wrong),
+    }  # fmt: skip
+
+
+async def _write_adjustments(policy: Any, planned: list[Any], url: str, table: Any) -> None:
+    """Through the ledger's own writer and settle script: spend, day and period hashes move
+    with the records, exactly as a request's settlement moves them; then one audit entry."""
+    import getpass
+    import tempfile
+    from datetime import datetime
+
+    from extproc.console.audit import audit
+    from extproc.governance.periods import period_at
+    from extproc.metering.ledger import Ledger
+    from extproc.metering.prices import usd
+    from extproc.metering.settlement import Charged, settlement_for
+    from extproc.store.clients import make_client
+    from extproc.store.schema import WORKSPACE_SCOPE
+
+    client = make_client(url, socket_connect_timeout=3, socket_timeout=30)
+    try:
+        with tempfile.TemporaryDirectory(prefix="extproc-trueup-") as spool:
+            ledger = Ledger(client, spool_dir=spool)
+            await ledger.start()
+            for record in planned:
+                ws = policy.workspaces[record.workspace]
+                settlement = settlement_for(
+                    record,
+                    (Charged(WORKSPACE_SCOPE, ws.soft_nanos),),
+                    period_id=period_at(ws.period, record.time_ms, policy.timezone).id,
+                    local_time=datetime.fromtimestamp(record.time_ms / 1000, policy.timezone),
+                    prices=table,
+                )
+                ledger.submit(settlement)
+            await ledger.close()
+            if ledger.spooled:
+                raise RuntimeError(f"Redis refused {ledger.spooled} adjustment records")
+        total = sum(r.cost_nanos for r in planned)
+        await audit(
+            client,
+            f"{getpass.getuser()} (extproc reconcile)",
+            "ledger.true-up",
+            planned[0].request_id.rsplit(":", 3)[0],
+            records=[r.request_id for r in planned],
+            total_usd=usd(total),
+        )
+    finally:
+        await client.aclose()
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from extproc.books.reconcile import DEFAULT_BASE_URL, AdminClient, ProviderError, reconcile
     from extproc.books.records import records_between
@@ -134,7 +234,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     except UNAVAILABLE as exc:
         return fail(f"Redis at {redacted(url)}: {exc}", 1)
     rec = reconcile(day, projects, provider, records)
-    print(json.dumps(rec.to_dict(), indent=2) if args.json else render_text(rec))
+    true_up = _true_up(args, policy, rec, provider, records, url)
+    if isinstance(true_up, str):
+        return fail(true_up, 1)
+    if args.json:
+        print(json.dumps({**rec.to_dict(), **true_up}, indent=2))
+    else:
+        print(render_text(rec))
+        print(render_true_up(true_up))
     undelivered = _alert(policy, rec)
     if undelivered:
         print(f"extproc: {undelivered} drift alerts could not be delivered", file=sys.stderr)
@@ -157,5 +264,10 @@ def register_reconcile(sub: argparse._SubParsersAction) -> None:  # type: ignore
         "--policy", help="else EXTPROC_POLICY, else the stack's, else examples/policy.yaml"
     )
     p.add_argument("--base-url", help="else OPENAI_ADMIN_BASE_URL, else https://api.openai.com/v1")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="report the true-up (adjustments, override rows) without writing to the ledger",
+    )
     add_stack_options(p)
     p.set_defaults(func=cmd_reconcile)

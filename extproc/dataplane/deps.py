@@ -55,6 +55,12 @@ class BudgetBook(Protocol):
     ) -> tuple[Plan, Decision, bool]: ...
 
 
+class NewModelSink(Protocol):
+    """Told of each model the price table does not know (`insight.newmodels.NewModels`)."""
+
+    def seen(self, model: str, workspace: str, *, admitted: bool, price: str = "") -> None: ...
+
+
 class SettlementSink(Protocol):
     """Where finished requests go (`metering.ledger.Ledger`): never blocks, never raises."""
 
@@ -84,6 +90,7 @@ class Deps:
     telemetry: Telemetry = field(default_factory=Telemetry)
     store: Any = None  # the general Redis client (reads for paths the sidecar answers itself)
     shadow: Policy | None = None  # evaluated beside `policy` on every request, never enforced
+    new_models: NewModelSink | None = None  # alerts on the first request for an unknown model
 
     @property
     def timezone(self) -> ZoneInfo:

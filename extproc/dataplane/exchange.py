@@ -381,6 +381,9 @@ class Exchange(Settling):
         route = self._route(prepared, BudgetState(budgets.level(self._identity)))
         if route.refuse is not None:
             return self._reject(route.refuse)
+        unpriced = self._unpriced(route.model)
+        if unpriced is not None:
+            return self._reject(unpriced)
         route_or_refusal = await self._reserve(prepared, route)
         if isinstance(route_or_refusal, msgs.ProcessingResponse):
             return route_or_refusal
@@ -497,6 +500,15 @@ class Exchange(Settling):
             route = guarded
         return route
 
+    def _unpriced(self, model: str) -> OpenAIError | None:
+        """The refusal of a model nothing prices, if the caller's workspace refuses them."""
+        deps, identity = self._deps, self._identity
+        assert deps.policy is not None and identity is not None
+        refusal = deps.policy.workspaces[identity.workspace].pricing.refusal(model, deps.prices)
+        if refusal is not None and deps.new_models is not None:
+            deps.new_models.seen(model, identity.workspace, admitted=False)
+        return refusal
+
     def _plan_for(self, prepared: PreparedRequest, route: RouteDecision, now: int) -> Plan:
         deps = self._deps
         assert deps.policy is not None and self._identity is not None
@@ -509,6 +521,8 @@ class Exchange(Settling):
             prices=deps.prices,
             now_ms=now,
             choices=prepared.facts.choices,
+            service_tier=prepared.facts.service_tier,
+            tools=prepared.facts.tools,
         )
 
     def _forward(

@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import NamedTuple
 
 from grpc_health.v1 import health_pb2
@@ -30,9 +31,11 @@ from extproc.governance.keys import KeyCache, KeyStore
 from extproc.governance.policy import Policy, PolicyError, PolicyWatcher, load_policy
 from extproc.insight.alerts import Alert, Alerter, record_alert
 from extproc.insight.burn import BurnWatch
+from extproc.insight.newmodels import NewModels
 from extproc.insight.telemetry import Telemetry
 from extproc.metering.ledger import Ledger
 from extproc.metering.prices import PriceTable, usd
+from extproc.metering.pricewatch import PriceWatcher
 from extproc.metering.tokens import count_text
 from extproc.settings import Settings, check_mode
 from extproc.store.clients import AsyncClient, is_cluster, make_client
@@ -272,6 +275,7 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
         deps.policy = policy
 
     governor.subscribe(use)
+    deps.new_models = NewModels(client, governor.alerter, lambda: deps.prices.version)
     keys, budgets = None, None
     check_mode(settings)  # the CLI checked already; a library caller gets the same guard
     if settings.metering_only:
@@ -317,7 +321,8 @@ async def serve(
     count_text("warm up the tokenizer", "gpt-5")
     count_text("warm up the tokenizer", "gpt-3.5-turbo")
     await ledger.start()
-    background: list[asyncio.Task[None]] = []
+    prices = PriceWatcher(settings.prices or None, deps.prices, partial(setattr, deps, "prices"))
+    background: list[asyncio.Task[None]] = [asyncio.create_task(prices.run(), name="prices")]
     if keys is not None:
         background.append(asyncio.create_task(keys.run(), name="key-cache"))
         watcher = PolicyWatcher(settings.policy, governor.apply)

@@ -137,6 +137,10 @@ class Settling:
             record.rule = next((st.rule for st in route.steps if st.kind == "rule" and st.rule), "")
         deps.ledger.submit(self._settlement(record))
         self._record = record
+        if record.price_provisional and deps.new_models is not None:
+            deps.new_models.seen(
+                record.model_served, record.workspace, admitted=True, price=record.price_family
+            )
         if record.estimated or record.price_fallback:
             log.warning(
                 "request %s billed %s nanos: outcome=%s estimated=%s fallback_price=%s",

@@ -39,7 +39,7 @@ from extproc.store.schema import (
     workspace_prefix,
 )
 from extproc.store.scripts import REAP, RESERVE
-from extproc.wire.usage import Usage
+from extproc.wire.billing import NO_TOOL_REQUEST, ToolRequest
 
 log = logging.getLogger("extproc.governance.budget")
 
@@ -191,6 +191,8 @@ def plan_request(
     prices: PriceTable,
     now_ms: int,
     choices: int = 1,
+    service_tier: str | None = None,
+    tools: ToolRequest = NO_TOOL_REQUEST,
 ) -> Plan:
     """What one request must reserve: its input plus its worst-case output, priced.
 
@@ -198,7 +200,9 @@ def plan_request(
     (`n`, `best_of`), so the hold covers `output_cap * choices` output tokens. Without a
     cap, `default_output_cap` is the guess for the whole request when the workspace
     enforces it (`enforce_output_cap` then writes a per-choice share of it into the body,
-    see `per_choice_cap`), and a guess per output otherwise.
+    see `per_choice_cap`), and a guess per output otherwise. The service tier asked for
+    and the built-in tools enabled (`tools`: `max_tool_calls` of the dearest, else the
+    workspace's `pricing.tool_calls` of each) are held too (`PriceTable.reserve_nanos`).
     """
     ws = policy.workspaces[identity.workspace]
     period = period_at(ws.period, now_ms, policy.timezone)
@@ -208,7 +212,14 @@ def plan_request(
         cap = per_choice_cap(ws.default_output_cap, choices) * choices
     else:
         cap = ws.default_output_cap * choices
-    reserve = prices.charge(model, Usage(input_tokens=counted_input, output_tokens=cap)).nanos
+    reserve = prices.reserve_nanos(
+        model,
+        counted_input,
+        cap,
+        service_tier=service_tier,
+        tools=tools,
+        tool_calls=ws.pricing.tool_calls,
+    )
     scopes, rates, charged = attribution(policy, identity)
     return Plan(
         workspace=ws.name,

@@ -10,10 +10,13 @@ processor on its own thread and metrics are aggregated in memory, so the request
 pays for building a few dicts and appending to a queue, never for a network call.
 
 Metric labels are chosen to stay few whatever the traffic: workspace, service, team
-scopes and downgrade models come from the policy file, `model` is the price-table
-family (unknown models collapse to "fallback"), and key ids never become labels (a
-key scope is reported as plain "key"). Token counts follow OpenAI's accounting:
-`cached_input` is part of `input` and `reasoning` is part of `output`, so summing every
+scopes and downgrade models come from the policy file, `model` is the model's real name as
+the provider served it (only calls the provider billed carry one, so invented names never
+become labels; past MODEL_LABELS distinct names a process reports the rest as "other"),
+a model the price table does not know is flagged `provisional="true"` beside its real
+name, and key ids never become labels (a key scope is reported as plain "key"). Token
+counts follow OpenAI's accounting: `cached_input` and `cache_write` are part of `input`
+and `reasoning` is part of `output`, so summing every
 `kind` double counts.
 
 `Telemetry()` with no providers, or `EXTPROC_TELEMETRY=off`, is a no-op.
@@ -61,7 +64,7 @@ OPERATIONS = {
     "embeddings": "embeddings",
 }
 ERROR_OUTCOMES = frozenset({"error", "cut", "failed"})
-TOKEN_KINDS = ("input", "cached_input", "output", "reasoning")
+TOKEN_KINDS = ("input", "cached_input", "cache_write", "output", "reasoning")
 
 # Streamed agent turns run for minutes; the sidecar's own work is measured in microseconds.
 DURATION_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -175,6 +178,15 @@ def span_attributes(t: RequestTelemetry) -> dict[str, AttributeValue]:
         ("extproc.session_id", r.session_id),
         ("extproc.envoy_request_id", r.envoy_request_id),
         ("extproc.price_family", r.price_family),
+        ("extproc.price_tier", r.price_tier),
+        ("extproc.price_version", r.price_version),
+        ("extproc.price_provisional", r.price_provisional or r.price_fallback),
+        ("gen_ai.openai.response.service_tier", r.service_tier),
+        ("gen_ai.usage.cache_write.input_tokens", r.cache_write_tokens),
+        ("extproc.web_search_calls", r.web_search_calls),
+        ("extproc.file_search_calls", r.file_search_calls),
+        ("extproc.code_interpreter_containers", r.code_interpreter_containers),
+        ("extproc.image_generations", r.image_generations),
         ("extproc.rule", t.rule),
         ("extproc.shadow.decision", r.shadow),
         ("extproc.denial_reason", t.denial_reason),
@@ -191,9 +203,25 @@ def span_attributes(t: RequestTelemetry) -> dict[str, AttributeValue]:
 # -- metric labels that stay bounded ---------------------------------------------------------
 
 
+MODEL_LABELS = 512
+"""Distinct model names one process reports as labels; any further name is "other"."""
+_MODELS: set[str] = set()
+
+
 def model_label(record: UsageRecord) -> str:
-    """The price-table family: bounded by the table, whatever model names clients invent."""
-    return record.price_family or "unpriced"
+    """The model's real name as served (dated snapshots included): never a price row or a
+    flag in its place. Names only reach here on calls the provider billed."""
+    name = record.model_served or record.model_requested or "unknown"
+    if name in _MODELS:
+        return name
+    if len(_MODELS) >= MODEL_LABELS:
+        return "other"
+    _MODELS.add(name)
+    return name
+
+
+def provisional_label(record: UsageRecord) -> str:
+    return "true" if record.price_provisional or record.price_fallback else "false"
 
 
 def scope_label(scope: str | None) -> str:
@@ -210,6 +238,7 @@ def token_counts(record: UsageRecord) -> tuple[tuple[str, int], ...]:
             (
                 record.input_tokens,
                 record.cached_input_tokens,
+                record.cache_write_tokens,
                 record.output_tokens,
                 record.reasoning_tokens,
             ),
@@ -276,13 +305,13 @@ class _Instruments:
             "extproc.tokens",
             "{token}",
             "Tokens billed; cached_input is part of input, reasoning part of output.",
-            *("workspace", "service", "model", "kind"),
+            *("workspace", "service", "model", "kind", "provisional"),
         )
         self.cost = counter(
             "extproc.cost.usd",
             "{USD}",
             "Cost of metered requests in USD.",
-            *("workspace", "service", "model"),
+            *("workspace", "service", "model", "provisional"),
         )
         self.requests = counter(
             "extproc.requests",
@@ -441,11 +470,11 @@ class Telemetry:
         where = {"endpoint": endpoint}
         m.duration.record(max(t.end_ns - t.start_ns, 0) / 1e9, where)
         m.overhead.record(max(t.sidecar_overhead_ns, 0) / 1e9, where)
-        model = model_label(r)
+        model, flag = model_label(r), provisional_label(r)
         for kind, n in token_counts(r):
-            m.tokens.add(n, ws, svc, model, kind)
+            m.tokens.add(n, ws, svc, model, kind, flag)
         if r.cost_nanos > 0:
-            m.cost.add(r.cost_nanos / 1e9, ws, svc, model)
+            m.cost.add(r.cost_nanos / 1e9, ws, svc, model, flag)
         if t.denial_reason:
             m.denials.add(1, ws, t.denial_reason, scope_label(t.denial_scope))
 

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field, fields, replace
 from operator import attrgetter
 from typing import Any
 
+from extproc.metering.bill import bill, stamp_versions
 from extproc.metering.prices import PriceTable
 from extproc.v1.ledger_pb2 import UsageRecord
+from extproc.wire.billing import NO_TOOL_REQUEST
 from extproc.wire.bodies import decode_body, encode_json, parse_json_object
 from extproc.wire.endpoints import Endpoint, RequestFacts, StreamOutcome, count_input_tokens
 from extproc.wire.errors import OpenAIError
-from extproc.wire.usage import Usage
+from extproc.wire.usage import ToolCalls, Usage
 
 IDENTITY = ("", "identity")
 
@@ -181,8 +183,12 @@ def settle(
         usage = Usage(
             input_tokens=seen.counted_input_tokens,
             output_tokens=count_output(output_text, served) if output_text else 0,
+            tools=seen.stream.tools_seen if seen.stream else ToolCalls(),
         )
     usage = usage or Usage()
+    if facts is not None and outcome == "completed" and _searches_per_request(seen.endpoint, facts):
+        # Chat Completions search models search once per request; the answer never says so.
+        usage = replace(usage, tools=replace(usage.tools, web_search=1))
     record = UsageRecord(
         request_id=seen.request_id,
         time_ms=seen.time_ms,
@@ -191,10 +197,6 @@ def settle(
         model_served=served,
         stream=bool(facts and facts.stream),
         status=seen.status,
-        input_tokens=usage.input_tokens,
-        cached_input_tokens=usage.cached_input_tokens,
-        output_tokens=usage.output_tokens,
-        reasoning_tokens=usage.reasoning_tokens,
         counted_input_tokens=seen.counted_input_tokens,
         estimated=estimate,
         outcome=outcome,
@@ -202,17 +204,18 @@ def settle(
         envoy_request_id=seen.envoy_request_id,
         duration_ms=seen.duration_ms,
         output_cap=(facts.output_cap or 0) if facts else 0,
-        price_version=prices.version,
     )
+    stamp_versions(record, prices)
     error = seen.rejected or (seen.stream.error if seen.stream else None)
     if error is not None:
         record.error_code = error.code or error.type
-    if usage.total_tokens:
-        charge = prices.charge(served or "unknown", usage)
-        record.cost_nanos = charge.nanos
-        record.price_family = charge.family
-        record.price_fallback = charge.fallback
+    if usage.total_tokens or usage.tools:
+        bill(record, prices, served or "unknown", usage, facts.tools if facts else NO_TOOL_REQUEST)
     return record
+
+
+def _searches_per_request(endpoint: str, facts: RequestFacts) -> bool:
+    return endpoint == "chat.completions" and "web_search_preview" in facts.tools.kinds
 
 
 _OBSERVED = attrgetter(*(f.name for f in fields(Observed)))

@@ -44,6 +44,10 @@ _REPLAY_LOOKBACK_MS = 300_000
 def record_to_dict(record: UsageRecord) -> dict[str, Any]:
     """Plain JSON-ready dict (ints stay ints, unlike protobuf's JSON mapping of int64)."""
     out: dict[str, Any] = {f.name: getattr(record, f.name) for f in record.DESCRIPTOR.fields}
+    out["parts"] = [
+        {"kind": p.kind, "quantity": p.quantity, "rate": p.rate, "detail": p.detail}
+        for p in record.parts
+    ]
     out["cost_usd"] = usd(record.cost_nanos)
     return out
 

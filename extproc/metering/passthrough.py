@@ -5,18 +5,20 @@ endpoint in `extproc.wire.paths`:
 
 * free: the call costs nothing at the provider; recorded with cost 0, `price_family: free`.
 * usage: the answer reports token usage (gpt-image-1 generations, Responses compaction);
-  priced exactly from the price table when the model has a row there. An image request
-  whose usage includes image input tokens (priced differently from text), a model without
-  a row, or an answer without usage falls back to the next rule: it is never guessed.
+  priced exactly from the price table when the model has a row there (an image model's
+  output tokens at its output-image rate). An image request whose usage includes image
+  input tokens (priced differently from text), a model without a row, or an answer without
+  usage falls back to the next rule: it is never guessed.
 * unpriced: the call may cost money the answer does not state; recorded with cost 0 and
   `price_family: unpriced`, so reports can show it and a reconciler can settle it later.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from extproc.metering.bill import bill, stamp_versions
 from extproc.metering.prices import PriceTable
 from extproc.v1.ledger_pb2 import UsageRecord
 from extproc.wire.endpoints import load_json, model_of
@@ -24,6 +26,7 @@ from extproc.wire.paths import Pricing, Target
 from extproc.wire.responses import response_usage
 from extproc.wire.usage import Usage
 
+IMAGES_PATH = "/v1/images/"
 FREE_FAMILY = "free"
 UNPRICED_FAMILY = "unpriced"
 
@@ -66,10 +69,10 @@ def settle_passthrough(seen: PassthroughSeen, prices: PriceTable) -> UsageRecord
         session_id=seen.session_id,
         envoy_request_id=seen.envoy_request_id,
         duration_ms=seen.duration_ms,
-        price_version=prices.version,
         model_requested=seen.request_model,
         outcome=_outcome(seen),
     )
+    stamp_versions(record, prices)
     pricing = target.api.pricing if target.api is not None else Pricing.FREE
     if seen.answered_locally or not 200 <= seen.status < 300:
         pricing = Pricing.FREE  # nothing was served (or the provider refused): no charge
@@ -78,17 +81,14 @@ def settle_passthrough(seen: PassthroughSeen, prices: PriceTable) -> UsageRecord
         return record
     answer = load_json(seen.response_body)
     usage = usage_of(answer)
+    if usage is not None and target.path.startswith(IMAGES_PATH) and not usage.output_image_tokens:
+        # An image model's output is the image: its output tokens are image tokens.
+        usage = replace(usage, output_image_tokens=usage.output_tokens)
     served = (model_of(answer) if isinstance(answer, dict) else None) or seen.request_model
     record.model_served = served
     if usage is None or not served or prices.family_of(served) is None:
         return record
-    charge = prices.charge(served, usage)
-    record.input_tokens = usage.input_tokens
-    record.cached_input_tokens = usage.cached_input_tokens
-    record.output_tokens = usage.output_tokens
-    record.reasoning_tokens = usage.reasoning_tokens
-    record.cost_nanos = charge.nanos
-    record.price_family = charge.family
+    bill(record, prices, served, usage)
     return record
 
 

@@ -1,36 +1,75 @@
-"""The price table: which model family a call belongs to and what it costs, exactly.
+"""The price table: which rates a call is billed at, and what it costs, exactly.
 
-Money is integer nano-dollars end to end. A price of $X per 1M tokens is X * 1000 nanos
-per token, so every price in the table must have at most 3 decimal places; the loader
-rejects anything else rather than round. The table is data (`data/prices.toml`) with a
-version stamped on every usage record, so a price change is a reviewed file edit and
-old records stay explainable.
+Built once at start (and on reload) from two sources: the maintained catalogue
+(`catalogue`: pydantic's genai-prices) and the project's own price file on top of it
+(`overrides`: models the catalogue lacks, corrections, negotiated rates). Every record is
+stamped with both versions. The request path only looks names up in dictionaries and
+multiplies integers (`rates`); it never calls the catalogue package.
 
-Model names map to a row only by exact name once a dated snapshot or "-latest" suffix is
-dropped. Longest-prefix matching would price `gpt-5-pro` or `gpt-4o-realtime-preview` as
-their much cheaper base models; an unknown name instead gets the fallback rate (by
-default the highest listed rate) and is flagged on the record.
+Names resolve to a row by exact name: the file's rows first, then the catalogue's own
+matching rules, each tried on the name and then with a dated snapshot or "-latest" suffix
+dropped (`gpt-4o-mini-2024-07-18` is `gpt-4o-mini`, never `gpt-4o`). A name nothing prices
+is never silently guessed: it gets the provisional rate of its class (the highest rates the
+table lists for models whose names match the class, see the price file's `[[provisional]]`),
+flagged on the record; the policy decides whether such a request is admitted at all.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import tomllib
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
-from datetime import date, datetime
-from decimal import Decimal, InvalidOperation
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 
+from extproc.metering import rates as r
+from extproc.metering.catalogue import Catalogue, compile_catalogue
+from extproc.metering.overrides import (
+    ClassSpec,
+    PriceFile,
+    PriceFileError,
+    RateSpec,
+    RowSpec,
+    parse_price_file,
+)
+from extproc.metering.rates import (
+    DEFAULT_TIER,
+    MILLION,
+    NANOS_PER_DOLLAR,
+    Card,
+    ImageTable,
+    Part,
+    Price,
+    Rates,
+    ToolFees,
+)
+from extproc.wire.billing import NO_TOOL_REQUEST, ToolRequest
 from extproc.wire.usage import Usage
 
-NANOS_PER_DOLLAR = 1_000_000_000
-NANOS_PER_TOKEN_PER_USD_PER_MILLION = NANOS_PER_DOLLAR // 1_000_000
-FALLBACK_FAMILY = "fallback"
+__all__ = [
+    "NANOS_PER_DOLLAR",
+    "Charge",
+    "Part",
+    "Price",
+    "PriceFileError",
+    "PriceTable",
+    "PriceTableError",
+    "default_table",
+    "nanos_per_token",
+    "usd",
+]
+
+PROVISIONAL = "provisional"
+FALLBACK_FAMILY = "provisional:any"
+PriceTableError = PriceFileError
+_SNAPSHOT_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4}|latest|chat-latest)$")
+# A reservation applies a long-context tier this close below its threshold: our own count
+# of the input is a close estimate, not the provider's.
+LONG_CONTEXT_MARGIN = 100  # 1/100 of the counted input
 
 
 def usd(nanos: int, *, cents: bool = False, sign: bool = False, grouped: bool = False) -> str:
@@ -56,256 +95,367 @@ def usd(nanos: int, *, cents: bool = False, sign: bool = False, grouped: bool = 
     return f"${text}" if sign else text
 
 
-_RATE_FIELDS = ("input", "cached_input", "output")
-_ROW_FIELDS = frozenset({*_RATE_FIELDS, "source", "as_of", "note"})
-_TOP_LEVEL = frozenset({"version", "updated", "models", "fallback"})
-_PLAIN_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
-_SNAPSHOT_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4}|latest|chat-latest)$")
+def nanos_per_token(usd_per_million: Decimal) -> int:
+    """Whole nano-dollars per token of a $/1M rate (rounded down; for estimates only)."""
+    return int(usd_per_million * NANOS_PER_DOLLAR) // MILLION
 
 
-class PriceTableError(ValueError):
-    """The price file is malformed; the message names the file, row and field."""
+class Charge(NamedTuple):
+    """What one call costs: its parts, their exact sum, and which rates billed it."""
 
-
-@dataclass(frozen=True, slots=True)
-class Price:
-    """USD per 1M tokens for one model family."""
-
-    family: str
-    input: Decimal
-    cached_input: Decimal
-    output: Decimal
-    source: str
-    as_of: date
-    # The three rates as integer nano-dollars per token (`nanos_per_token`), converted once:
-    # every request is priced several times (its hold, its orphan, its settlement).
-    nanos: tuple[int, int, int] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        rates = (self.input, self.cached_input, self.output)
-        object.__setattr__(self, "nanos", tuple(nanos_per_token(r) for r in rates))
-
-
-@dataclass(frozen=True, slots=True)
-class Charge:
     nanos: int
     family: str
-    fallback: bool
+    fallback: bool  # the model is unknown: billed at its class's provisional rate
+    parts: tuple[Part, ...] = ()
+    tier: str = DEFAULT_TIER  # the rate card: "default", "flex", "priority", "batch"...
+    threshold: int = 0  # the long-context tier crossed (input tokens above it), 0: none
+    origin: str = ""  # "genai-prices", "override" or "provisional"
+
+    @property
+    def provisional(self) -> bool:
+        return self.fallback
 
     @property
     def usd(self) -> Decimal:
         return Decimal(self.nanos).scaleb(-9)
 
 
-def nanos_per_token(usd_per_million: Decimal) -> int:
-    """Exact nano-dollars per token; the loader guarantees the product is integral."""
-    return int(usd_per_million * NANOS_PER_TOKEN_PER_USD_PER_MILLION)
-
-
-def cost_nanos(price: Price, usage: Usage) -> int:
-    """Uncached input, cached input and output, each at its rate.
-
-    Cached tokens are a subset of input tokens and reasoning tokens a subset of output
-    tokens, as OpenAI reports them, so reasoning adds nothing here. A cached count above
-    the input count is clamped so input is never billed twice.
-    """
-    total_input = max(usage.input_tokens, 0)
-    cached = min(max(usage.cached_input_tokens, 0), total_input)
-    output = max(usage.output_tokens, 0)
-    per_input, per_cached, per_output = price.nanos
-    return (total_input - cached) * per_input + cached * per_cached + output * per_output
-
-
 def model_base_name(model: str) -> str:
-    """Lower-cased model id with a fine-tuning wrapper removed (`ft:gpt-4o-mini:org::id`)."""
-    name = model.strip().lower()
-    if name.startswith("ft:"):
-        name = name[3:].split(":", 1)[0]
-    return name
+    return model.strip().lower()
+
+
+def _names(model: str) -> list[str]:
+    """The name, then with its dated snapshot / "-latest" suffixes dropped one by one."""
+    name = model_base_name(model)
+    out = [name]
+    while True:
+        shorter = _SNAPSHOT_SUFFIX.sub("", name)
+        if shorter == name or not shorter:
+            return out
+        out.append(shorter)
+        name = shorter
 
 
 _FAMILY_MEMO = 1024
 
 
 class PriceTable:
-    """Loaded once at start-up; lookups are a few dictionary probes."""
+    """The compiled table; lookups are a few dictionary probes, remembered per name."""
 
     def __init__(
-        self, version: str, updated: date, prices: Mapping[str, Price], fallback: Price
+        self,
+        catalogue: Catalogue,
+        overrides: Mapping[str, Price],
+        tools: ToolFees,
+        classes: tuple[tuple[ClassSpec, Price], ...],
+        *,
+        override_version: str,
+        updated: date,
+        origin: str = "",
     ) -> None:
-        self.version = version
+        self.catalogue = catalogue
+        self.overrides = dict(overrides)
+        self.tools = tools
+        self.classes = classes
+        self.catalogue_version = catalogue.version
+        self.override_version = override_version
+        self.version = f"{catalogue.version}+{override_version}"
         self.updated = updated
-        self._prices = dict(prices)
-        self.fallback = fallback
-        # model name -> family (None: no row). Names come from clients and upstreams, so
-        # the memo is bounded; the table itself never changes once loaded.
-        self._families: dict[str, str | None] = {}
+        self.origin = origin
+        self.valid_until = catalogue.valid_until
+        everything = [*catalogue.prices.values(), *self.overrides.values()]
+        self.fallback = _highest(FALLBACK_FAMILY, everything, updated)
+        self._memo: dict[str, Price | None] = {}
+        self._provisional: dict[str, Price] = {}
+
+    # -- building ------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path | None = None, *, fallback: Price | None = None) -> PriceTable:
-        """The bundled table by default; `fallback` overrides the file's [fallback] row."""
+    def load(cls, path: str | Path | None = None, *, now: datetime | None = None) -> PriceTable:
+        """The catalogue with the bundled price file on top, or the file at `path`."""
         if path is None:
             text = resources.files("extproc").joinpath("data", "prices.toml").read_text("utf-8")
-            return cls.from_toml(text, origin="prices.toml", fallback=fallback)
-        return cls.from_toml(Path(path).read_text("utf-8"), origin=str(path), fallback=fallback)
+            return cls.from_toml(text, origin="prices.toml", now=now)
+        try:
+            text = Path(path).read_text("utf-8")
+        except OSError as exc:
+            raise PriceFileError([f"{path}: cannot read: {exc.strerror}"]) from None
+        except UnicodeDecodeError:
+            raise PriceFileError([f"{path}: not UTF-8 text"]) from None
+        return cls.from_toml(text, origin=str(path), now=now)
 
     @classmethod
     def from_toml(
-        cls, text: str, *, origin: str = "prices.toml", fallback: Price | None = None
+        cls, text: str, *, origin: str = "prices.toml", now: datetime | None = None
     ) -> PriceTable:
-        try:
-            doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise PriceTableError(f"{origin}: not valid TOML: {exc}") from exc
-        return _parse(doc, origin, fallback)
+        return cls.build(parse_price_file(text, origin), now=now)
+
+    @classmethod
+    def build(cls, spec: PriceFile, *, now: datetime | None = None) -> PriceTable:
+        tools = spec.tools
+        catalogue = _catalogue(now, (tools.web_search, tools.file_search))
+        problems: list[str] = []
+        rows: dict[str, Price] = {}
+        for name, row in spec.rows.items():
+            try:
+                rows[name] = _override(row, catalogue, tools, rows)
+            except ValueError as exc:
+                problems.append(f"{spec.origin}: models.{name!r}: {exc}".replace("'", '"'))
+        if problems:
+            raise PriceFileError(problems)
+        fees = ToolFees(
+            web_search=tools.web_search,
+            file_search=tools.file_search,
+            code_interpreter=tools.code_interpreter,
+            web_search_preview=tools.web_search_preview,
+            preview_patterns=tuple(re.compile(p) for p, _n in tools.web_search_preview),
+            image_model=tools.image_model,
+            images={m: ImageTable(t) for m, t in tools.image_tokens.items()},
+            source=tools.source,
+            as_of=tools.as_of,
+        )
+        listed = {**catalogue.prices, **rows}
+        classes = []
+        earlier: list[re.Pattern[str]] = []
+        for c in spec.classes:
+            # A class's members are the rows it finds that no earlier class claimed: the
+            # "gpt-5" class is the gpt-5 models that are not pro, mini, codex... ones.
+            pattern = re.compile(c.match)
+            members = [
+                p
+                for name, p in listed.items()
+                if pattern.search(name) and not any(e.search(name) for e in earlier)
+            ]
+            earlier.append(pattern)
+            if members:
+                price = _highest(f"{PROVISIONAL}:{c.name}", members, spec.updated)
+                classes.append((c, price))
+        return cls(
+            catalogue,
+            rows,
+            fees,
+            tuple(classes),
+            override_version=spec.version,
+            updated=spec.updated,
+            origin=spec.origin,
+        )
+
+    # -- looking up ------------------------------------------------------------------------
 
     def families(self) -> tuple[str, ...]:
-        return tuple(self._prices)
+        """The model names the table prices exactly by their own name (for /v1/models)."""
+        exact = self.catalogue.matcher.exact
+        rows = self.catalogue.matcher.rows
+        named = {n for n, i in exact.items() if rows[i] == n and n in self.catalogue.prices}
+        return tuple(sorted(named | self.overrides.keys()))
 
-    def family_of(self, model: str) -> str | None:
-        """The row for `model`, trying the exact name, then without snapshot suffixes.
-
-        Every request asks two or three times for the same few names: answers are kept.
-        """
+    def row(self, model: str) -> Price | None:
+        """The row that prices `model` exactly, or None (remembered per name)."""
         try:
-            return self._families[model]
+            return self._memo[model]
         except KeyError:
             pass
-        if len(self._families) >= _FAMILY_MEMO:
-            self._families.clear()
-        family = self._families[model] = self._family_of(model)
-        return family
+        if len(self._memo) >= _FAMILY_MEMO:
+            self._memo.clear()
+        found = self._memo[model] = self._find(model)
+        return found
 
-    def _family_of(self, model: str) -> str | None:
+    def _find(self, model: str) -> Price | None:
+        names = _names(model)
+        for name in names:
+            if name in self.overrides:
+                return self.overrides[name]
+        for name in names:
+            price = self.catalogue.find(name)
+            if price is not None:
+                return price
+        return None
+
+    def family_of(self, model: str) -> str | None:
+        price = self.row(model)
+        return None if price is None else price.family
+
+    def provisional(self, model: str) -> Price:
+        """The rate an unknown model is provisionally billed at: its class's highest."""
         name = model_base_name(model)
-        while True:
-            if name in self._prices:
-                return name
-            shorter = _SNAPSHOT_SUFFIX.sub("", name)
-            if shorter == name or not shorter:
-                return None
-            name = shorter
+        price = self._provisional.get(name)
+        if price is None:
+            price = next((p for c, p in self.classes if re.search(c.match, name)), self.fallback)
+            if len(self._provisional) >= _FAMILY_MEMO:
+                self._provisional.clear()
+            self._provisional[name] = price
+        return price
 
     def price_for(self, model: str) -> tuple[Price, bool]:
-        family = self.family_of(model)
-        if family is None:
-            return self.fallback, False
-        return self._prices[family], True
+        """(row, True) for a priced model; (its provisional rate, False) otherwise."""
+        price = self.row(model)
+        if price is None:
+            return self.provisional(model), False
+        return price, True
 
-    def charge(self, model: str, usage: Usage) -> Charge:
+    # -- pricing ---------------------------------------------------------------------------
+
+    def _image_price(self, model: str) -> Price | None:
+        return self.price_for(model)[0]
+
+    def charge(self, model: str, usage: Usage, request: ToolRequest = NO_TOOL_REQUEST) -> Charge:
+        """Every part of one call at its rates; the cost is their exact sum (rounded up)."""
         price, known = self.price_for(model)
-        return Charge(nanos=cost_nanos(price, usage), family=price.family, fallback=not known)
+        card, tier = price.card(usage.service_tier)
+        rates, threshold = card.at(usage.input_tokens)
+        parts = r.token_parts(rates, usage)
+        if usage.tools:
+            parts += r.tool_parts(price, self.tools, usage.tools, request, self._image_price)
+        return Charge(
+            nanos=r.total_nanos(parts),
+            family=price.family,
+            fallback=not known,
+            parts=tuple(parts),
+            tier=tier,
+            threshold=threshold,
+            origin=price.origin,
+        )
+
+    def reserve_nanos(
+        self,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        *,
+        service_tier: str | None = None,
+        tools: ToolRequest = NO_TOOL_REQUEST,
+        tool_calls: Mapping[str, int] | None = None,
+    ) -> int:
+        """The most a request can cost: its input and output caps at the dearest rates it
+        may be billed at, plus its built-in tool calls (`max_tool_calls` of the dearest, else
+        `tool_calls` of each: the policy's default per tool).
+
+        A request asking for priority is held at priority rates; flex and "auto" at the
+        standard ones (a flex request the provider cannot serve at flex is refused, never
+        upgraded). Input is held at the dearest input kind (a cache write costs more than a
+        plain read on newer models), output at the dearest output kind.
+        """
+        price = self.price_for(model)[0]
+        asked = service_tier or ""
+        card = price.cards[DEFAULT_TIER]
+        if asked not in r.STANDARD_TIERS and asked not in ("flex", "batch"):
+            card = price.card(asked)[0]
+        rates, _threshold = card.at(input_tokens + input_tokens // LONG_CONTEXT_MARGIN)
+        femtos = input_tokens * max(rates.input, rates.cache_write, rates.input_audio)
+        femtos += output_tokens * max(rates.output, rates.output_audio)
+        if tools.kinds:
+            fees = [
+                r.tool_call_fee(k, price, self.tools, tools, self._image_price) for k in tools.kinds
+            ]
+            if tools.max_tool_calls is not None:
+                femtos += tools.max_tool_calls * max(fees)
+            else:
+                counts = tool_calls or {}
+                femtos += sum(
+                    counts.get(k, 1) * fee for k, fee in zip(tools.kinds, fees, strict=True)
+                )
+        return -(-femtos // MILLION)
+
+    def miss_nanos_per_token(self, model: str) -> int:
+        """What a prompt-cache miss costs per token, roughly (hygiene counters only)."""
+        per_input, per_cached, _out = self.price_for(model)[0].per_token
+        return per_input - per_cached
+
+    def still_valid(self, now: datetime | None = None) -> bool:
+        """False once a catalogue price compiled for later has come into force."""
+        until = self.valid_until
+        return until is None or (now or datetime.now(UTC)) < until
+
+
+@cache
+def _catalogue_at(day: date, fees: tuple[int, int]) -> Catalogue:
+    return compile_catalogue(datetime(day.year, day.month, day.day, tzinfo=UTC), default_fees=fees)
+
+
+def _catalogue(now: datetime | None, fees: tuple[int, int]) -> Catalogue:
+    """The catalogue compiled as of today (UTC); the same day's compile is shared."""
+    if now is not None:
+        return compile_catalogue(now, default_fees=fees)
+    return _catalogue_at(datetime.now(UTC).date(), fees)
+
+
+def _apply(rates: Rates, spec: Mapping[str, int]) -> Rates:
+    return replace(rates, **spec) if spec else rates
+
+
+def _card_from(spec: RateSpec, start: Card | None) -> Card:
+    if start is None:
+        rates = spec.rates
+        if "input" not in rates or "output" not in rates:
+            raise ValueError("input and output are required for a model the catalogue lacks")
+        base = Rates.of(
+            rates["input"],
+            rates.get("cached_input"),
+            rates["output"],
+            **{k: v for k, v in rates.items() if k not in ("input", "cached_input", "output")},
+        )
+        start = Card(base)
+    else:
+        start = Card(_apply(start.base, spec.rates), start.above)
+    if spec.long_context is not None:
+        above, more = spec.long_context
+        start = Card(start.base, ((above, _apply(start.base, more)),))
+    return start
+
+
+def _override(
+    row: RowSpec, catalogue: Catalogue, tools: object, done: Mapping[str, Price]
+) -> Price:
+    start: Price | None = None
+    if row.like is not None:
+        start = done.get(row.like) or catalogue.prices.get(row.like) or catalogue.find(row.like)
+        if start is None:
+            raise ValueError(f"like: {row.like!r} is priced by neither the file nor the catalogue")
+    else:
+        start = catalogue.find(row.name)  # a correction of the catalogue's own row
+    default = _card_from(row.default, start.cards[DEFAULT_TIER] if start else None)
+    cards: dict[str, Card] = dict(start.cards) if start else {}
+    cards[DEFAULT_TIER] = default
+    for tier, spec in row.tiers.items():
+        cards[tier] = _card_from(spec, cards.get(tier, default))
+    return Price(
+        family=row.name,
+        cards=cards,
+        web_search=row.web_search if row.web_search is not None else (
+            start.web_search if start else getattr(tools, "web_search", 0)),
+        file_search=row.file_search if row.file_search is not None else (
+            start.file_search if start else getattr(tools, "file_search", 0)),
+        source=row.source,
+        as_of=row.as_of,
+        origin="override",
+        note=row.note,
+    )  # fmt: skip
+
+
+def _highest(family: str, members: list[Price], as_of: date) -> Price:
+    """Field by field and tier by tier, the highest rates any member lists (flagged use)."""
+    tiers = {t for p in members for t in p.cards}
+    cards = {}
+    for tier in tiers:
+        best: Rates | None = None
+        for p in members:
+            card = p.cards.get(tier, p.cards[DEFAULT_TIER]).highest()
+            best = card if best is None else best.highest(card)
+        assert best is not None
+        cards[tier] = Card(best)
+    return Price(
+        family=family,
+        cards=cards,
+        web_search=max(p.web_search for p in members),
+        file_search=max(p.file_search for p in members),
+        source="",
+        as_of=as_of,
+        origin=PROVISIONAL,
+        note=f"highest rates of {len(members)} listed models",
+    )
 
 
 @cache
 def default_table() -> PriceTable:
-    """The bundled table, parsed once per process."""
+    """The bundled table, compiled once per process."""
     return PriceTable.load()
-
-
-# --- parsing --------------------------------------------------------------------------
-
-
-def _parse(doc: dict[str, Any], origin: str, fallback: Price | None) -> PriceTable:
-    for key in doc:
-        if key not in _TOP_LEVEL:
-            raise PriceTableError(f"{origin}: unknown top-level key {_quote(key)}")
-    version = doc.get("version")
-    if not isinstance(version, str) or not version.strip():
-        raise PriceTableError(
-            f"{origin}: version: must be a non-empty string, got {_describe(version)}"
-        )
-    updated = _date(doc.get("updated"), f"{origin}: updated")
-
-    models = doc.get("models")
-    if not isinstance(models, dict) or not models:
-        raise PriceTableError(f"{origin}: models: must be a non-empty table of model families")
-    prices: dict[str, Price] = {}
-    for family, row in models.items():
-        where = f"{origin}: models.{_quote(family)}"
-        if family != model_base_name(family) or not family:
-            raise PriceTableError(f"{where}: family names must be lower-case model ids")
-        prices[family] = _price(family, row, where, default_as_of=None)
-
-    if fallback is None:
-        fallback = (
-            _price(FALLBACK_FAMILY, doc["fallback"], f"{origin}: fallback", default_as_of=updated)
-            if "fallback" in doc
-            else _highest_rates(list(prices.values()), updated)
-        )
-    return PriceTable(version.strip(), updated, prices, fallback)
-
-
-def _price(family: str, row: object, where: str, *, default_as_of: date | None) -> Price:
-    if not isinstance(row, dict):
-        raise PriceTableError(f"{where}: must be a table, got {_describe(row)}")
-    for key in row:
-        if key not in _ROW_FIELDS:
-            raise PriceTableError(f"{where}.{key}: unknown field")
-    for key in _RATE_FIELDS:
-        if key not in row:
-            raise PriceTableError(f"{where}.{key}: missing")
-    rates = {key: _rate(row[key], f"{where}.{key}") for key in _RATE_FIELDS}
-    if rates["cached_input"] > rates["input"]:
-        raise PriceTableError(
-            f"{where}.cached_input: must not exceed input "
-            f"({rates['cached_input']} > {rates['input']})"
-        )
-
-    lenient = default_as_of is not None
-    source = row.get("source", "" if lenient else None)
-    if not isinstance(source, str) or not (source.startswith("https://") or lenient):
-        raise PriceTableError(f"{where}.source: must be an https:// URL, got {_describe(source)}")
-    if "note" in row and not isinstance(row["note"], str):
-        raise PriceTableError(f"{where}.note: must be a string, got {_describe(row['note'])}")
-    as_of = _date(row.get("as_of", default_as_of), f"{where}.as_of")
-    return Price(family=family, source=source, as_of=as_of, **rates)
-
-
-def _rate(value: object, where: str) -> Decimal:
-    if not isinstance(value, str) or not _PLAIN_DECIMAL.fullmatch(value.strip()):
-        if isinstance(value, str) and value.strip().startswith("-"):
-            raise PriceTableError(f"{where}: must not be negative, got {_describe(value)}")
-        raise PriceTableError(
-            f'{where}: must be a decimal string like "10.00", got {_describe(value)}'
-        )
-    try:
-        rate = Decimal(value.strip())
-    except InvalidOperation as exc:  # pragma: no cover - the pattern admits only digits
-        raise PriceTableError(f"{where}: not a decimal: {_describe(value)}") from exc
-    if rate * NANOS_PER_TOKEN_PER_USD_PER_MILLION != int(
-        rate * NANOS_PER_TOKEN_PER_USD_PER_MILLION
-    ):
-        raise PriceTableError(
-            f"{where}: {_describe(value)} has more than 3 decimal places, which is not a whole "
-            "number of nano-dollars per token"
-        )
-    return rate
-
-
-def _date(value: object, where: str) -> date:
-    if isinstance(value, datetime) or not isinstance(value, date):
-        raise PriceTableError(f"{where}: must be a date like 2025-08-07, got {_describe(value)}")
-    return value
-
-
-def _highest_rates(rows: Collection[Price], as_of: date) -> Price:
-    return Price(
-        family=FALLBACK_FAMILY,
-        input=max(p.input for p in rows),
-        cached_input=max(p.cached_input for p in rows),
-        output=max(p.output for p in rows),
-        source="",
-        as_of=as_of,
-    )
-
-
-def _quote(name: str) -> str:
-    return json.dumps(name, ensure_ascii=False)
-
-
-def _describe(value: object) -> str:
-    if value is None:
-        return "nothing"
-    shown = _quote(value) if isinstance(value, str) else str(value)
-    return f"{shown} ({type(value).__name__})"

@@ -100,9 +100,9 @@ def settlement_for(
     if attributed and record.input_tokens:
         settlement.hygiene_scope = service_scope(record.service)
         if prefix is not None and not record.estimated:
-            price, _known = prices.price_for(record.model_served or "unknown")
             settlement.prefix_fingerprint = prefix.fingerprint
             settlement.prefix_tokens = prefix.tokens
-            per_input, per_cached, _per_output = price.nanos
-            settlement.miss_nanos_per_token = per_input - per_cached
+            settlement.miss_nanos_per_token = prices.miss_nanos_per_token(
+                record.model_served or "unknown"
+            )
     return settlement

@@ -12,9 +12,10 @@ returned with no results.
 
 A key's project and key id are derived from the key itself (`simulated_ids`), as stable
 stand-ins for the ids OpenAI assigns. Costs are priced with the bundled price table (or
-`EXTPROC_SIM_PRICES`, to play a provider whose prices moved), per line item
-"<model>, input" / "<model>, cached input" / "<model>, output", each an exact sum of
-nano-dollars rendered as the shortest decimal (no float arithmetic on the way).
+`EXTPROC_SIM_PRICES`, a price file of its own, to play a provider whose prices moved), per
+line item "<model>, input" / "<model>, cached input" / "<model>, output" (and the other
+parts the ledger bills), each the exact sum of its calls rounded once to the nano-dollar
+and rendered as the shortest decimal (no float arithmetic on the way).
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 from urllib.parse import parse_qs
 
-from extproc.metering.prices import PriceTable, nanos_per_token
+from extproc.metering.prices import PriceTable
+from extproc.metering.rates import MILLION
+from extproc.wire.usage import Usage
 
 ADMIN_PREFIX = "sk-admin-"
 USAGE_PATHS = {
@@ -167,11 +171,13 @@ class UsageBook:
         def results(bucket: list[Served]) -> list[dict[str, Any]]:
             sums: dict[tuple[Any, ...], int] = defaultdict(int)
             for s in bucket:
-                for line_item, nanos in self._line_items(s):
+                for line_item, femtos in self._line_items(s):
                     key = tuple(s.project_id if g == "project_id" else line_item for g in groups)
-                    sums[key] += nanos
+                    sums[key] += femtos
             out = []
-            for key, nanos in sorted(sums.items(), key=lambda kv: str(kv[0])):
+            for key, femtos in sorted(sums.items(), key=lambda kv: str(kv[0])):
+                # A line item is its exact sum, rounded once to the nano-dollar (half even).
+                nanos = round(Fraction(femtos, MILLION))
                 row: dict[str, Any] = {
                     "object": "organization.costs.result",
                     "amount": {"value": _number(nanos), "currency": "usd"},
@@ -183,13 +189,12 @@ class UsageBook:
         return _page(params, width, COST_LIMITS, served, results)
 
     def _line_items(self, s: Served) -> list[tuple[str, int]]:
-        price, _known = self.prices.price_for(s.model)
-        cached = min(s.cached_tokens, s.input_tokens)
-        return [
-            (f"{s.model}, input", (s.input_tokens - cached) * nanos_per_token(price.input)),
-            (f"{s.model}, cached input", cached * nanos_per_token(price.cached_input)),
-            (f"{s.model}, output", s.output_tokens * nanos_per_token(price.output)),
-        ]
+        """ "<model>, <kind>" and each part's exact amount in 1e-15 USD (kinds as the ledger's
+        parts, "cached_input" written "cached input")."""
+        charge = self.prices.charge(
+            s.model, Usage(s.input_tokens, s.cached_tokens, s.output_tokens)
+        )
+        return [(f"{s.model}, {p.kind.replace('_', ' ')}", p.femtos) for p in charge.parts]
 
 
 def _number(nanos: int) -> float:

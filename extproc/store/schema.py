@@ -136,6 +136,16 @@ REFUSED = "{extproc:ledger}:refused"
 """Hash: reason -> requests refused before anyone was identified (no key, unknown key, a
 WebSocket upgrade): counted, not recorded, so a flood of bad keys costs a counter each."""
 
+MODELS_SEEN_PREFIX = "{extproc:models}:unpriced:"
+"""`{extproc:models}:unpriced:<model>`: set (NX) by the first replica to see a model the
+price table does not know, so its alert goes out once across replicas."""
+
+
+def unpriced_model_key(model: str) -> str:
+    """The once-only marker of an unknown model (names bounded like session ids)."""
+    return MODELS_SEEN_PREFIX + model[:SESSION_ID_MAX]
+
+
 ALERTS = "{extproc:alerts}:recent"
 """Stream of the latest alerts (the console and `GET /admin/v1/alerts` read it)."""
 

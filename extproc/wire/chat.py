@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from extproc.wire.billing import NO_TOOLS, search_request, service_tier_of, with_tools
 from extproc.wire.common import (
     RequestFacts,
     SSEMeter,
@@ -34,13 +35,14 @@ from extproc.wire.sse import SSEEvent
 from extproc.wire.usage import Usage
 
 
-def choices_usage(usage: Any) -> Usage | None:
+def choices_usage(usage: Any, service_tier: str = "") -> Usage | None:
     return read_usage(
         usage,
         input_key="prompt_tokens",
         input_details="prompt_tokens_details",
         output_key="completion_tokens",
         output_details="completion_tokens_details",
+        service_tier=service_tier,
     )
 
 
@@ -48,7 +50,7 @@ def usage_and_model(body: bytes) -> tuple[Usage | None, str | None]:
     obj = load_json(body)
     if not isinstance(obj, dict):
         return None, None
-    return choices_usage(obj.get("usage")), model_of(obj)
+    return choices_usage(obj.get("usage"), service_tier_of(obj)), model_of(obj)
 
 
 def request_stream_usage(body: dict[str, Any], facts: RequestFacts) -> bool:
@@ -90,7 +92,16 @@ def _append_strings(obj: dict[str, Any], keys: tuple[str, ...], out: list[str]) 
 class ChoicesMeter(SSEMeter):
     """Meter for `data: {chunk}` streams ended by `data: [DONE]`."""
 
-    __slots__ = ("_deltas", "_done", "_error", "_finished", "_model", "_read_delta", "_usage")
+    __slots__ = (
+        "_deltas",
+        "_done",
+        "_error",
+        "_finished",
+        "_model",
+        "_read_delta",
+        "_tier",
+        "_usage",
+    )
 
     def __init__(
         self,
@@ -106,6 +117,7 @@ class ChoicesMeter(SSEMeter):
         self._error: OpenAIError | None = None
         self._done = False
         self._finished = False
+        self._tier = ""
 
     def on_event(self, event: SSEEvent) -> bool:
         data = event.data
@@ -122,6 +134,9 @@ class ChoicesMeter(SSEMeter):
         model = model_of(obj)
         if model:
             self._model = model
+        tier = obj.get("service_tier")
+        if tier is not None:
+            self._tier = service_tier_of(obj)
         choices = obj.get("choices")
         if isinstance(choices, list):
             for choice in choices:
@@ -143,7 +158,7 @@ class ChoicesMeter(SSEMeter):
         else:
             terminal = None
         return StreamOutcome(
-            usage=self._usage,
+            usage=with_tools(self._usage, self._tier, NO_TOOLS),
             served_model=self._model,
             output_text="".join(self._deltas),
             terminal=terminal,
@@ -177,6 +192,8 @@ class ChatCompletions:
             reasoning_effort=optional_str(body.get("reasoning_effort"), "reasoning_effort"),
             has_tools=bool(tools or functions),
             choices=choices_of(body, "n"),
+            service_tier=optional_str(body.get("service_tier"), "service_tier"),
+            tools=search_request(body, model),
         )
 
     def input_texts(self, body: dict[str, Any]) -> Iterator[str]:

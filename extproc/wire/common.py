@@ -18,10 +18,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from extproc.wire.billing import NO_TOOL_REQUEST, ToolRequest
+from extproc.wire.billing import read_usage as read_usage  # the endpoints read usage here
 from extproc.wire.bodies import json_kind
 from extproc.wire.errors import OpenAIError, invalid_request
 from extproc.wire.sse import SSEEvent, SSEParser
-from extproc.wire.usage import Usage
+from extproc.wire.usage import NO_TOOLS, ToolCalls, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,10 @@ class RequestFacts:
     # How many outputs one request asks for (`n`, `best_of`): the output cap applies to
     # each, so the worst case the budget must hold is `output_cap * choices`.
     choices: int = 1
+    # The service tier asked for ("auto", "default", "flex", "priority"; None: not set).
+    service_tier: str | None = None
+    # Built-in tools enabled (their calls are billed on top of tokens).
+    tools: ToolRequest = NO_TOOL_REQUEST
 
 
 @dataclass(slots=True)
@@ -45,6 +51,9 @@ class StreamOutcome:
     output_text: str
     terminal: str | None
     error: OpenAIError | None
+    # Tool calls whose completion events streamed by: what a stream cut before its
+    # terminal event (which lists every call) is known to have run.
+    tools_seen: ToolCalls = NO_TOOLS
 
 
 class StreamMeter(Protocol):
@@ -256,43 +265,6 @@ def token_array_length(value: Any) -> int:
 
 
 # --- response usage -----------------------------------------------------------------
-
-
-def _count(value: Any) -> int | None:
-    return value if type(value) is int and value >= 0 else None
-
-
-def _detail(usage: dict[str, Any], details_key: str, key: str) -> int:
-    details = usage.get(details_key)
-    if not isinstance(details, dict):
-        return 0
-    return _count(details.get(key)) or 0
-
-
-def read_usage(
-    usage: Any,
-    *,
-    input_key: str,
-    input_details: str,
-    output_key: str | None,
-    output_details: str | None,
-) -> Usage | None:
-    """Usage from a provider usage object; None unless it holds at least one count."""
-    if not isinstance(usage, dict):
-        return None
-    inp = _count(usage.get(input_key))
-    out = _count(usage.get(output_key)) if output_key else None
-    if inp is None and out is None:
-        return None
-    inp = inp or 0
-    out = out or 0
-    cached = min(_detail(usage, input_details, "cached_tokens"), inp)
-    reasoning = (
-        min(_detail(usage, output_details, "reasoning_tokens"), out) if output_details else 0
-    )
-    return Usage(
-        input_tokens=inp, cached_input_tokens=cached, output_tokens=out, reasoning_tokens=reasoning
-    )
 
 
 def load_json(body: bytes | str) -> Any:

@@ -10,6 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from extproc.wire.billing import (
+    TOOL_DONE_EVENTS,
+    ImageCall,
+    ToolCalls,
+    requested_tools,
+    service_tier_of,
+    tool_calls_in,
+    with_tools,
+)
 from extproc.wire.common import (
     RequestFacts,
     SSEMeter,
@@ -51,7 +60,7 @@ _TERMINAL = {
     "response.failed": "failed",
 }
 _STARTED = frozenset({"response.created", "response.in_progress"})
-_READ = _DELTAS | _TERMINAL.keys() | _STARTED | {"error"}
+_READ = _DELTAS | _TERMINAL.keys() | _STARTED | TOOL_DONE_EVENTS.keys() | {"error"}
 
 # Tokens the prompt format adds around each message and to prime the reply.
 _PER_ITEM = 3
@@ -69,8 +78,14 @@ def response_usage(usage: Any) -> Usage | None:
     )
 
 
+def billed_usage(response: dict[str, Any]) -> Usage | None:
+    """A whole Responses object's bill: its usage, service tier and built-in tool calls."""
+    usage = response_usage(response.get("usage"))
+    return with_tools(usage, service_tier_of(response), tool_calls_in(response.get("output")))
+
+
 class ResponsesMeter(SSEMeter):
-    __slots__ = ("_deltas", "_error", "_model", "_terminal", "_usage")
+    __slots__ = ("_deltas", "_done_tools", "_error", "_model", "_terminal", "_usage")
 
     def __init__(self, *, strip_usage_chunk: bool) -> None:
         super().__init__(strip_usage_chunk=strip_usage_chunk)
@@ -79,6 +94,7 @@ class ResponsesMeter(SSEMeter):
         self._model: str | None = None
         self._terminal: str | None = None
         self._error: OpenAIError | None = None
+        self._done_tools: list[str] = []
 
     def on_event(self, event: SSEEvent) -> bool:
         # The event name repeats the payload's type: skip parsing the (large) events
@@ -100,6 +116,8 @@ class ResponsesMeter(SSEMeter):
             self._read_response(obj.get("response"), final=True)
         elif kind in _STARTED:
             self._read_response(obj.get("response"), final=False)
+        elif kind in TOOL_DONE_EVENTS:
+            self._done_tools.append(TOOL_DONE_EVENTS[kind])
         elif kind == "error":
             self._terminal = "error"
             nested = obj.get("error")
@@ -118,7 +136,7 @@ class ResponsesMeter(SSEMeter):
             self._model = model
         if not final:
             return
-        self._usage = response_usage(response.get("usage")) or self._usage
+        self._usage = billed_usage(response) or self._usage
         if self._terminal == "failed" and self._error is None:
             failure = response.get("error")
             if isinstance(failure, dict):
@@ -127,10 +145,23 @@ class ResponsesMeter(SSEMeter):
     def outcome(self) -> StreamOutcome:
         return StreamOutcome(
             usage=self._usage,
+            tools_seen=self._tools_seen(),
             served_model=self._model,
             output_text="".join(self._deltas),
             terminal=self._terminal,
             error=self._error,
+        )
+
+    def _tools_seen(self) -> ToolCalls:
+        """Tool calls announced by their completion events (for a stream cut short)."""
+        done = self._done_tools
+        if not done:
+            return ToolCalls()
+        return ToolCalls(
+            web_search=done.count("web_search"),
+            file_search=done.count("file_search"),
+            code_interpreter=min(done.count("code_interpreter"), 1),
+            images=tuple(ImageCall() for _ in range(done.count("image_generation"))),
         )
 
 
@@ -149,6 +180,7 @@ class Responses:
             raise wrong_type("reasoning", "an object", reasoning)
         effort = optional_str((reasoning or {}).get("effort"), "reasoning.effort")
         optional_object(body, "stream_options")
+        max_calls = optional_count(body, "max_tool_calls")
         return RequestFacts(
             model=model,
             stream=stream,
@@ -159,6 +191,8 @@ class Responses:
             ),
             reasoning_effort=effort,
             has_tools=bool(optional_list(body, "tools")),
+            service_tier=optional_str(body.get("service_tier"), "service_tier"),
+            tools=requested_tools(body, max_calls),
         )
 
     def input_texts(self, body: dict[str, Any]) -> Iterator[str]:
@@ -170,7 +204,15 @@ class Responses:
             if value:
                 yield value
         elif isinstance(value, list):
-            yield from texts_in(value)
+            for item in value:
+                if isinstance(item, dict) and item.get("type") == "additional_tools":
+                    # Tool definitions sent as an input item (Codex does for newer models)
+                    # are read like the top-level `tools`: as their JSON, schemas included.
+                    tools = item.get("tools")
+                    if isinstance(tools, list):
+                        yield from (compact_json(tool) for tool in tools)
+                else:
+                    yield from texts_in(item)
         tools = body.get("tools")
         if isinstance(tools, list):
             for tool in tools:
@@ -199,7 +241,7 @@ class Responses:
         obj = load_json(body)
         if not isinstance(obj, dict):
             return None, None
-        return response_usage(obj.get("usage")), model_of(obj)
+        return billed_usage(obj), model_of(obj)
 
     def stream_meter(self, *, strip_usage_chunk: bool) -> ResponsesMeter:
         return ResponsesMeter(strip_usage_chunk=strip_usage_chunk)

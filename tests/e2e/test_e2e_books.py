@@ -13,7 +13,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import pytest
 from extproc.devstack.stack import Stack
 from extproc.metering.prices import default_table
 from extproc.simulator.admin import simulated_ids
+from extproc.store.schema import AUDIT
 from extproc.wire.usage import Usage
 from tests.conftest import Hooks, new_key, policy_stack, wait_record
 
@@ -155,7 +156,7 @@ def test_reconcile_zero_drift_then_exactly_the_bypassing_calls(books: Stack, hoo
         bypass_nanos += default_table().charge(body["model"], usage).nanos
     assert bypass_nanos > 0
 
-    drifted = run(books, "reconcile", "--date", today, "--json", check=False)
+    drifted = run(books, "reconcile", "--date", today, "--json", "--dry-run", check=False)
     assert drifted.returncode == 3, drifted.stderr
     report = json.loads(drifted.stdout)
     assert report["in_agreement"] is False
@@ -170,5 +171,31 @@ def test_reconcile_zero_drift_then_exactly_the_bypassing_calls(books: Stack, hoo
     assert alert["extproc"]["workspace"] == "fin"
     assert Decimal(alert["extproc"]["drift_usd"]) == Decimal(bypass_nanos).scaleb(-9)
     assert UPSTREAM_KEY not in drifted.stdout and ADMIN_KEY not in drifted.stdout
-    text = run(books, "reconcile", "--date", today, check=False).stdout
-    assert "DRIFT" in text and "bypassing" in text
+    (planned,) = report["adjustments"]
+    assert (planned["workspace"], planned["model"]) == ("fin", "gpt-4o")
+    assert Decimal(planned["cost_usd"]) == Decimal(bypass_nanos).scaleb(-9)
+    assert report["override_rows"] == ""  # same tokens, same rates: the table is right
+    text = run(books, "reconcile", "--date", today, "--dry-run", check=False).stdout
+    assert "DRIFT" in text and "bypassing" in text and "would write 1 adjustment" in text
+
+    # The true-up: one adjustment record brings spend, budgets and FOCUS to the invoice.
+    before = Decimal(json.loads(run(books, "spend", "--json").stdout)["totals"]["spent_usd"])
+    trued = run(books, "reconcile", "--date", today, check=False)
+    assert trued.returncode == 3 and "wrote 1 adjustment" in trued.stdout
+    after = Decimal(json.loads(run(books, "spend", "--json").stdout)["totals"]["spent_usd"])
+    assert after - before == Decimal(bypass_nanos).scaleb(-9)
+    settled = json.loads(run(books, "reconcile", "--date", today, "--json").stdout)
+    assert settled["in_agreement"] is True and settled["adjustments"] == []
+    # Dated the day's last millisecond (reconcile normally runs on yesterday).
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+    export = run(
+        books, "ledger", "export", "--since", today, "--until", tomorrow, "--format", "jsonl"
+    ).stdout
+    adjusted = [json.loads(line) for line in export.splitlines()]
+    adjusted = [row for row in adjusted if row["outcome"] == "adjustment"]
+    assert len(adjusted) == 1 and adjusted[0]["cost_nanos"] == bypass_nanos
+    assert adjusted[0]["price_source"] == "true-up" and adjusted[0]["adjustment"]
+    r = redis.Redis.from_url(books.redis_url)
+    (entry,) = [e for _id, e in r.xrange(AUDIT) if e[b"action"] == b"ledger.true-up"]
+    r.close()
+    assert planned["request_id"].encode() in entry[b"detail"]

@@ -286,11 +286,16 @@ def test_missing_usage_is_estimated_not_free(
     assert rec["cost_nanos"] > 0
 
 
-def test_unknown_model_priced_at_fallback(client: openai.OpenAI, redis_client: redis.Redis) -> None:
+def test_unknown_model_priced_provisionally(
+    client: openai.OpenAI, redis_client: redis.Redis
+) -> None:
+    """Metering-only mode (no policy): an unknown model is admitted at its class's
+    provisional rate, flagged, under its own name (docs/prices.md)."""
     raw = client.chat.completions.with_raw_response.create(model="gpt-9-hyper", messages=MESSAGES)
     rec = wait_record(redis_client, raw.headers[RID])
-    assert rec["price_fallback"] is True
-    assert rec["price_family"] == "fallback"
+    assert rec["price_fallback"] is True and rec["price_provisional"] is True
+    assert rec["price_family"].startswith("provisional:")
+    assert rec["model_requested"] == "gpt-9-hyper"
     assert rec["cost_nanos"] > 0
 
 

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from extproc.devstack.stack import Stack
+from extproc.metering.prices import default_table
 from tests.conftest import new_key, policy_stack, wait_record
 
 RID = "x-extproc-request-id"
@@ -106,7 +107,8 @@ def test_alias_is_resolved_and_both_models_are_visible(rstack: Stack, rclient: r
     assert seen_by(rstack.upstream_url)[-1]["model"] == "gpt-5.1-codex"
     rec = wait_record(rclient, raw.headers[RID])
     assert (rec["model_requested"], rec["model_served"]) == ("codex-default", "gpt-5.1-codex")
-    assert rec["price_family"] == "gpt-5.1-codex"
+    # The catalogue's row that covers it (genai-prices prices gpt-5.1-codex as gpt-5.1).
+    assert rec["price_family"] == default_table().family_of("gpt-5.1-codex") == "gpt-5.1"
     assert "alias" in rec["routing"]
 
 

@@ -301,7 +301,8 @@ class _Checker:
             self._unpriced.add(model_key(name))
             self.warnings.append(
                 f"{path}: model {_shown(name)} is not in the price table "
-                f"(version {self.prices.version}); it is billed at the fallback rate"
+                f"({self.prices.version}); it is billed at its class's provisional rate "
+                "(or refused: pricing.unknown_models)"
             )
         return name
 

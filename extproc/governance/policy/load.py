@@ -78,6 +78,8 @@ from extproc.governance.policy.routing_config import (
     _scope_routing,
     _scopes,
 )
+from extproc.governance.pricing import DEFAULT as DEFAULT_PRICING
+from extproc.governance.pricing import PricingPolicy, parse_pricing
 from extproc.metering.prices import NANOS_PER_DOLLAR, PriceTable
 
 
@@ -282,6 +284,7 @@ def _workspace(
     routing: Routing,
     default_routing: RoutingSettings,
     default_passthrough: PassthroughPolicy = DEFAULT_PASSTHROUGH,
+    default_pricing: PricingPolicy = DEFAULT_PRICING,
 ) -> Workspace | None:
     path = f"workspaces.{name}"
     before = len(chk.problems)
@@ -303,6 +306,7 @@ def _workspace(
     passthrough = parse_passthrough(
         f"{path}.passthrough", raw.get("passthrough"), default_passthrough, chk.error
     )
+    pricing = parse_pricing(f"{path}.pricing", raw.get("pricing"), default_pricing, chk.error)
     teams = _teams(chk, name, raw.get("teams"), budget)
     services = _services(
         chk, name, raw.get("services"), budget, teams, key_limits, routing, ws_routing
@@ -330,6 +334,7 @@ def _workspace(
         burn_alert_min_nanos=int(merged["burn_alert_min_usd"] * NANOS_PER_DOLLAR),
         contact=chk.text(f"{path}.contact", raw["contact"]) if "contact" in raw else None,
         passthrough=passthrough,
+        pricing=pricing,
     )
 
 
@@ -401,6 +406,9 @@ def parse_policy(
     default_passthrough = parse_passthrough(
         "defaults.passthrough", draw.get("passthrough"), DEFAULT_PASSTHROUGH, chk.error
     )
+    default_pricing = parse_pricing(
+        "defaults.pricing", draw.get("pricing"), DEFAULT_PRICING, chk.error
+    )
     workspaces: dict[str, Workspace] = {}
     if "workspaces" in raw and raw["workspaces"] in (None, {}):
         chk.error("workspaces", "must define at least one workspace")
@@ -415,6 +423,7 @@ def parse_policy(
             routing,
             default_routing,
             default_passthrough,
+            default_pricing,
         )
         if ws is not None:
             workspaces[name] = ws

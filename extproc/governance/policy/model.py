@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 from extproc.governance.passthrough import DEFAULT as DEFAULT_PASSTHROUGH
 from extproc.governance.passthrough import PassthroughPolicy
+from extproc.governance.pricing import DEFAULT as DEFAULT_PRICING
+from extproc.governance.pricing import PricingPolicy
 from extproc.metering.prices import NANOS_PER_DOLLAR
 
 VERSION = 1
@@ -26,7 +28,9 @@ keys, and a flood of distinct keys must not grow a memo without end."""
 _T = TypeVar("_T")
 PERIODS = ("month", "week", "day")
 ON_REDIS_DOWN = ("closed", "open")
-ALERT_EVENTS = frozenset({"soft_limit", "hard_limit", "burn_rate", "reconcile_drift"})
+ALERT_EVENTS = frozenset(
+    {"soft_limit", "hard_limit", "burn_rate", "reconcile_drift", "unknown_model"}
+)
 # Budgets live in Redis and are compared inside Lua, whose numbers are doubles: exact only
 # up to 2**53 nano-dollars (about $9M). These caps keep budget x hard limit below that.
 MAX_BUDGET_USD = Decimal(1_000_000)
@@ -47,7 +51,7 @@ _DEFAULTS: dict[str, Any] = {
 _TOP = ("version", "timezone", "defaults", "workspaces", "alerts")
 # Feature sections come after the core ones and are named apart in "unknown field" hints.
 _FEATURE_SECTIONS = ("routing",)
-_DEFAULT_FIELDS = (*_DEFAULTS, "key_rate_limits", "routing", "passthrough")
+_DEFAULT_FIELDS = (*_DEFAULTS, "key_rate_limits", "routing", "passthrough", "pricing")
 _WORKSPACE_FIELDS = (
     "budget_usd",
     *_DEFAULT_FIELDS,
@@ -310,6 +314,8 @@ class Workspace:
     contact: str | None = None
     # Which other OpenAI endpoints this workspace may call through the gateway.
     passthrough: PassthroughPolicy = DEFAULT_PASSTHROUGH
+    # Unknown models (refuse or admit provisionally) and the tool calls a reservation holds.
+    pricing: PricingPolicy = DEFAULT_PRICING
 
     def contact_for(self, team: str | None) -> str | None:
         """The team's contact, else the workspace's."""

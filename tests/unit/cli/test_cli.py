@@ -121,6 +121,7 @@ def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...],
         ("ledger", "ship", "--dir", f["dir"], "--once"),
         ("reconcile",),
         ("policy", "what-if", str(EXAMPLE)),
+        ("prices", "check", "--no-policy"),
     ]
     dead = [(*argv, "--redis-url", dead_redis) for argv in no_stack[:8]]
     bad_args: list[tuple[str, ...]] = [
@@ -152,6 +153,9 @@ def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...],
         ("ledger", "export", "--since", "the dawn of time", "--redis-url", dead_redis),
         ("ledger", "export", "--since", "2026-01-01", "--format", "xml"),
         ("reconcile", "--date", "someday", "--redis-url", dead_redis),
+        ("prices", "check", "--days", "many"),
+        ("prices", "audit"),
+        ("prices", "check", "--no-policy", "--redis-url", dead_redis),
     ]  # fmt: skip
     bad_files: list[tuple[str, ...]] = [
         ("check-config", f[name]) for name in ("missing", "dir", "broken", "invalid", "binary")
@@ -166,6 +170,9 @@ def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...],
             ("usage", "--policy", f[name], "--redis-url", dead_redis),
         ]  # fmt: skip
     bad_files += [("serve", "--config", f[name]) for name in ("missing", "dir", "settings")]
+    bad_files += [
+        ("prices", "--prices", f[name]) for name in ("missing", "dir", "broken", "binary")
+    ]
     cases = [(argv, {}) for argv in [*no_stack, *dead, *bad_args, *bad_files]]
     cases += [
         (("stack",), {"EXTPROC_POLICY": f["invalid"]}),
@@ -187,6 +194,8 @@ def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...],
         (("serve",), {"EXTPROC_METERING_ONLY": "maybe"}),
         (("serve",), {"EXTPROC_METERING_ONLY": "1", "EXTPROC_POLICY": str(EXAMPLE)}),
         (("serve", "--workers", "2"), {"EXTPROC_POLICY": f["invalid"]}),
+        (("serve",), {"EXTPROC_PRICES": f["broken"], **METERING_ONLY}),
+        (("prices",), {"EXTPROC_PRICES": f["invalid"]}),
         (("usage",), {"EXTPROC_PORT": "1"}),
     ]
     return cases

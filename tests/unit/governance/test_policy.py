@@ -273,8 +273,8 @@ CASES: list[tuple[dict[str, Any], str]] = [
     bad(
         "alerts.webhooks",
         [{"url": "https://h/x", "events": []}],
-        "must be a non-empty list of burn_rate, hard_limit, reconcile_drift, soft_limit "
-        "(omit it for all), got a list",
+        "must be a non-empty list of burn_rate, hard_limit, reconcile_drift, soft_limit, "
+        "unknown_model (omit it for all), got a list",
         "alerts.webhooks[0].events",
     ),
     bad(

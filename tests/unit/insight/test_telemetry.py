@@ -280,7 +280,9 @@ def test_metrics_accumulate_over_requests(harness: Harness) -> None:
     tel.burn_rate("dev", "cli", 1.5)
     p = harness.points()
 
-    dev = {"workspace": "dev", "service": "cli", "model": "gpt-4o-mini"}
+    # The model's real name as served, never the price row; the provisional flag beside it.
+    dev = {"workspace": "dev", "service": "cli", "model": "gpt-4o-mini-2024-07-18",
+           "provisional": "false"}  # fmt: skip
     assert p["extproc.tokens"][labels(**dev, kind="input")] == 1300
     assert p["extproc.tokens"][labels(**dev, kind="cached_input")] == 1024
     assert p["extproc.tokens"][labels(**dev, kind="output")] == 350
@@ -323,9 +325,10 @@ def test_prometheus_names_and_labels_are_exactly_the_documented_ones() -> None:
     tel.shutdown()
     samples = {line for line in text.splitlines() if not line.startswith("#")}
     expected = {
-        'extproc_tokens_total{kind="input",model="gpt-4o-mini",service="cli",workspace="dev"} '
-        "1200.0",
-        'extproc_cost_usd_total{model="gpt-4o-mini",service="cli",workspace="dev"} 0.000123456',
+        'extproc_tokens_total{kind="input",model="gpt-4o-mini-2024-07-18",provisional="false",'
+        'service="cli",workspace="dev"} 1200.0',
+        'extproc_cost_usd_total{model="gpt-4o-mini-2024-07-18",provisional="false",service="cli",'
+        'workspace="dev"} 0.000123456',
         'extproc_requests_total{decision="denied",endpoint="chat.completions",'
         'outcome="completed",service="cli",workspace="dev"} 1.0',
         'extproc_request_duration_seconds_count{endpoint="chat.completions"} 1.0',
@@ -396,7 +399,7 @@ def test_prometheus_scrape_endpoint_from_env(monkeypatch: pytest.MonkeyPatch) ->
         assert tel.enabled
         tel.observe(observed())
         body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        assert 'extproc_tokens_total{kind="output",model="gpt-4o-mini"' in body
+        assert 'extproc_tokens_total{kind="output",model="gpt-4o-mini-2024-07-18"' in body
         assert 'service_name="extproc-test"' in body
     finally:
         tel.shutdown()
@@ -493,3 +496,24 @@ def test_usage_log_events_need_their_own_exporter_setting(
     monkeypatch.setenv("OTEL_LOGS_EXPORTER", "bogus")
     with pytest.raises(ConfigError, match="OTEL_LOGS_EXPORTER"):
         Telemetry.from_env()
+
+
+def test_an_unknown_model_keeps_its_name_and_is_flagged(harness: Harness) -> None:
+    """A provisionally priced model is labelled by its real name, flagged beside it; the
+    price row ("provisional:sol") never stands in for the model."""
+    tel = harness.telemetry
+    rec = record(
+        model_requested="gpt-6.3-sol",
+        model_served="gpt-6.3-sol",
+        price_family="provisional:sol",
+        price_fallback=True,
+        price_provisional=True,
+    )
+    tel.observe(observed(rec))
+    p = harness.points()
+    flagged = {"workspace": "dev", "service": "cli", "model": "gpt-6.3-sol", "provisional": "true"}
+    assert p["extproc.cost.usd"][labels(**flagged)] == pytest.approx(0.000123456)
+    assert all(dict(k)["model"] != "provisional:sol" for k in p["extproc.tokens"])
+    attrs = harness.span().attributes or {}
+    assert attrs["gen_ai.response.model"] == "gpt-6.3-sol"
+    assert attrs["extproc.price_provisional"] is True

@@ -908,7 +908,7 @@ def test_an_unpriced_model_warns_once_at_its_first_use() -> None:
     assert unpriced[0].startswith(
         'policy.yaml: routing.aliases.next: model "gpt-9-ultra" is not in the price table'
     )
-    assert unpriced[0].endswith("it is billed at the fallback rate (line 6)")
+    assert unpriced[0].endswith("(or refused: pricing.unknown_models) (line 6)")
 
 
 def test_a_policy_without_routing_changes_nothing() -> None:

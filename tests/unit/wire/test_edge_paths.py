@@ -175,16 +175,24 @@ def test_passthrough_records() -> None:
     )
     assert (compact.input_tokens, compact.output_tokens) == (1000, 10)
     assert compact.cost_nanos == 1000 * 250 + 10 * 2000
-    # Images: the model is only in the request; a model without a price row stays unpriced.
+    # Images: the model is only in the request; its output tokens are image tokens, billed
+    # at the image model's output rate ($5 per 1M text input, $40 per 1M image output).
     image = settle_passthrough(
         _seen("POST", "/v1/images/generations", 200, {"data": [], "usage": usage}, "gpt-image-1"),
         PRICES,
     )
     assert (image.price_family, image.cost_nanos, image.model_served) == (
-        "unpriced",
-        0,
+        "gpt-image-1",
+        1000 * 5_000 + 10 * 40_000,
         "gpt-image-1",
     )
+    assert (image.output_tokens, image.output_image_tokens) == (10, 10)
+    # A model without a price row stays unpriced: a passthrough call is never guessed.
+    unknown = settle_passthrough(
+        _seen("POST", "/v1/images/generations", 200, {"data": [], "usage": usage}, "img-9"),
+        PRICES,
+    )
+    assert (unknown.price_family, unknown.cost_nanos) == ("unpriced", 0)
     with_image_input = {**usage, "input_tokens_details": {"image_tokens": 5, "text_tokens": 995}}
     edited = settle_passthrough(
         _seen(

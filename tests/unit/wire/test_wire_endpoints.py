@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from typing import Any
 
@@ -580,7 +581,7 @@ def _json(obj: Any) -> bytes:
 
 def test_usage_from_real_shaped_responses() -> None:
     assert CHAT.usage_from_json(_json(CHAT_COMPLETION)) == (
-        Usage(1450, 1280, 230, 64),
+        Usage(1450, 1280, 230, 64, service_tier="default"),
         "gpt-4o-2024-08-06",
     )
     assert RESPONSES.usage_from_json(_json(RESPONSE)) == (
@@ -629,6 +630,8 @@ def test_usage_from_real_shaped_responses() -> None:
 )
 def test_malformed_usage_never_raises(usage: Any, expected: Usage | None) -> None:
     body = dict(CHAT_COMPLETION, usage=usage)
+    if expected is not None:  # the answer's service tier goes with any usage it reports
+        expected = dataclasses.replace(expected, service_tier="default")
     assert CHAT.usage_from_json(_json(body)) == (expected, "gpt-4o-2024-08-06")
 
 
@@ -722,7 +725,7 @@ def test_chat_stream_with_usage_chunk() -> None:
     out, outcome = _run(CHAT.stream_meter(strip_usage_chunk=False), [stream])
     assert out == stream
     assert outcome == StreamOutcome(
-        usage=Usage(31, 0, 12, 0),
+        usage=Usage(31, 0, 12, 0, service_tier="default"),
         served_model="gpt-4o-mini-2024-07-18",
         output_text=CHAT_TEXT,
         terminal="completed",
@@ -755,7 +758,7 @@ def test_strip_usage_chunk_removes_exactly_that_event_at_any_split(newline: byte
     for cut in range(len(stream) + 1):
         out, outcome = _run(CHAT.stream_meter(strip_usage_chunk=True), [stream[:cut], stream[cut:]])
         assert out == expected, cut
-        assert outcome.usage == Usage(31, 0, 12, 0)
+        assert outcome.usage == Usage(31, 0, 12, 0, service_tier="default")
     bytewise = [stream[i : i + 1] for i in range(len(stream))]
     out, _ = _run(CHAT.stream_meter(strip_usage_chunk=True), bytewise)
     assert out == expected
@@ -779,7 +782,7 @@ def test_strip_keeps_usage_on_a_content_chunk() -> None:
     mixed = _data(_chunk([_delta({"content": "x"}, "stop")], CHAT_USAGE))
     meter = CHAT.stream_meter(strip_usage_chunk=True)
     assert meter.feed(mixed + DONE) == mixed + DONE
-    assert meter.finish().usage == Usage(31, 0, 12, 0)
+    assert meter.finish().usage == Usage(31, 0, 12, 0, service_tier="default")
 
 
 def test_last_chunk_releases_held_bytes() -> None:
@@ -1038,3 +1041,16 @@ def test_embeddings_never_stream() -> None:
     chunk = b"data: {}\n\n"
     assert meter.feed(chunk) is chunk
     assert meter.finish() == StreamOutcome(None, None, "", None, None)
+
+
+def test_tools_sent_as_an_input_item_are_counted_like_top_level_tools() -> None:
+    """Codex 0.171 sends its tool definitions to newer models as an `additional_tools`
+    input item: counted as their JSON (schemas included), as top-level `tools` are."""
+    tool = {"type": "function", "name": "exec", "parameters": {"type": "object",
+            "properties": {"cmd": {"type": "string"}}}}  # fmt: skip
+    as_item = {"model": "gpt-6.2-sol", "input": [
+        {"type": "additional_tools", "role": "developer", "tools": [tool]}, "hi"]}  # fmt: skip
+    top_level = {"model": "gpt-6.2-sol", "tools": [tool], "input": ["hi"]}
+    texts = list(RESPONSES.input_texts(as_item))
+    assert texts == [json.dumps(tool, separators=(",", ":")), "hi"]
+    assert sorted(texts) == sorted(RESPONSES.input_texts(top_level))
