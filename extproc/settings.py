@@ -53,6 +53,9 @@ class Settings:
     # estimate (outcome "orphaned") and releases it. Shorter: orphans billed and budget
     # freed sooner; longer: more tolerance for a sidecar paused (GC, CPU starvation).
     hold_expiry_seconds: float = 120.0
+    # Seconds between two looks of the burn-rate watch, which also refreshes the budget
+    # utilization gauge from Redis (one pipelined read per look).
+    burn_check_seconds: float = 60.0
 
 
 _ENV = {
@@ -67,6 +70,7 @@ _ENV = {
     "workers": "EXTPROC_WORKERS",
     "hold_expiry_seconds": "EXTPROC_HOLD_EXPIRY_SECONDS",
     "grace_seconds": "EXTPROC_GRACE_SECONDS",
+    "burn_check_seconds": "EXTPROC_BURN_CHECK_SECONDS",
 }
 _CHOICES = {"bad_request": ("reject", "pass")}
 _ZERO_MEANS_AUTO = frozenset({"workers"})

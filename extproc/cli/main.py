@@ -47,7 +47,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(settings, reuse_port=args.reuse_port))
+    try:
+        asyncio.run(serve(settings, reuse_port=args.reuse_port))
+    except ConfigError as exc:
+        print(f"extproc: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -28,7 +28,7 @@ from extproc.governance.keys import KeyCache, KeyStore
 from extproc.governance.policy import Policy, PolicyError, PolicyWatcher, load_policy
 from extproc.insight.alerts import Alert, Alerter, record_alert
 from extproc.insight.burn import BurnWatch
-from extproc.insight.telemetry import Telemetry
+from extproc.insight.telemetry import METRICS_LINE, Telemetry
 from extproc.metering.ledger import Ledger
 from extproc.metering.prices import PriceTable, usd
 from extproc.metering.tokens import count_text
@@ -305,6 +305,9 @@ async def serve(
     if not is_cluster(settings.redis_url) and supports_url(settings.redis_url):
         hot = FastRedis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
     deps, governor, ledger, keys, budgets = build_deps(settings, client, hot)
+    if deps.telemetry.metrics_address:
+        # Before the ready line: a worker's supervisor learns here where to scrape it.
+        print(f"{METRICS_LINE} {deps.telemetry.metrics_address}", flush=True)
     count_text("warm up the tokenizer", "gpt-5")
     count_text("warm up the tokenizer", "gpt-3.5-turbo")
     await ledger.start()
@@ -317,7 +320,8 @@ async def serve(
             shadow = PolicyWatcher(settings.shadow_policy, lambda p: setattr(deps, "shadow", p))
             background.append(asyncio.create_task(shadow.run(), name="shadow-watcher"))
         burn = BurnWatch(client, lambda: deps.policy, governor.alerter, deps.telemetry)
-        background.append(asyncio.create_task(burn.run(), name="burn-watch"))
+        burn_every = max(settings.burn_check_seconds, 0.5)
+        background.append(asyncio.create_task(burn.run(burn_every), name="burn-watch"))
         assert budgets is not None
         holds = tend_forever(budgets, lambda: _prefixes(deps), ledger.submit, deps.now_ms)
         background.append(asyncio.create_task(holds, name="holds"))
