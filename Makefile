@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-tools codex-cli run test lint format bench proto clean
+.PHONY: install system-tools codex-cli run test lint format bench proto clean image push
 
 install: $(STAMP)
 
@@ -54,6 +54,17 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix extproc tests bench
 	$(VENV)/bin/ruff format extproc tests bench
+
+# The sidecar image (Dockerfile), named as deploy/base/kustomization.yaml names it: the
+# registry there, the package version as the tag. `make image push IMAGE=my.registry/extproc`
+# for your own registry (then set the same newName in the kustomization).
+IMAGE   ?= registry.example.com/platform/extproc
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+DOCKER  ?= docker
+image:
+	$(DOCKER) build --pull -t $(IMAGE):$(VERSION) .
+push: image
+	$(DOCKER) push $(IMAGE):$(VERSION)
 
 # Full run by default; `make bench BENCH_ARGS=--quick` for direction while iterating.
 BENCH_ARGS ?=

