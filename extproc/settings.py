@@ -56,6 +56,10 @@ class Settings:
     # Seconds between two looks of the burn-rate watch, which also refreshes the budget
     # utilization gauge from Redis (one pipelined read per look).
     burn_check_seconds: float = 60.0
+    # With replicas (Sentinel): usage records count as written once this many replicas
+    # acknowledge them (Redis WAIT); until then they stay in the spool and are replayed.
+    # 0: the primary's acknowledgement is enough (one node, or a managed Redis).
+    redis_wait_replicas: int = 0
 
 
 _ENV = {
@@ -71,9 +75,10 @@ _ENV = {
     "hold_expiry_seconds": "EXTPROC_HOLD_EXPIRY_SECONDS",
     "grace_seconds": "EXTPROC_GRACE_SECONDS",
     "burn_check_seconds": "EXTPROC_BURN_CHECK_SECONDS",
+    "redis_wait_replicas": "EXTPROC_REDIS_WAIT_REPLICAS",
 }
 _CHOICES = {"bad_request": ("reject", "pass")}
-_ZERO_MEANS_AUTO = frozenset({"workers"})
+_ZERO_MEANS_AUTO = frozenset({"workers", "redis_wait_replicas"})
 
 
 def _coerce(name: str, value: Any, expected: type, where: str) -> Any:

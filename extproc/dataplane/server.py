@@ -255,6 +255,7 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
         max_records=settings.ledger_max_records,
         spool_dir=settings.spool_dir,
         on_soft_alert=governor.on_soft_alert,
+        wait_replicas=settings.redis_wait_replicas,
     )
     deps = Deps(
         settings=settings,
