@@ -24,13 +24,15 @@ $(STAMP): pyproject.toml
 run: install
 	$(PY) -m extproc stack
 
-# Real Prometheus (telemetry e2e), kubectl's built-in kustomize (deploy tests) and Chromium
+# Real Prometheus (telemetry e2e), kubectl's built-in kustomize (deploy tests), `ip` (the pod
+# test's network namespace: tests/deploy/kubelet.py) and Chromium
 # (console browser tests, driven by Playwright from PyPI: no browser download), from Debian.
 system-tools:
 	@missing=""; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		echo "installing from Debian:$$missing"; \
