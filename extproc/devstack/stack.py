@@ -369,6 +369,11 @@ class StackConfig:
     # Concurrent streams Envoy admits per cluster (circuit breakers); None: EXTPROC_MAX_STREAMS
     # from the environment, else envoy.yaml's own figure.
     max_streams: int | None = None
+    # Internal ports, pinned (`make run` reads them from EXTPROC_*_PORT); None: a free one.
+    sidecar_port: int | None = None  # the first sidecar's gRPC port (Envoy's ext_proc)
+    redis_port: int | None = None
+    simulator_port: int | None = None
+    admin_port: int | None = None  # Envoy's admin API
 
 
 def raise_fd_limit() -> int:
@@ -437,11 +442,12 @@ class Stack:
             ).split("://", 1)[1]  # fmt: skip
             self.upstream_url = f"https://{tls.server_name}"
         elif not cfg.upstream_url:
-            self.upstream_url = self._start_simulator("simulator")
+            self.upstream_url = self._start_simulator("simulator", port=cfg.simulator_port)
         for name in cfg.extra_upstreams:
             self.routes[name] = self._start_simulator(f"simulator-{name}")
         for i in range(cfg.sidecars):
-            self.start_sidecar("sidecar" if i == 0 else f"sidecar{i + 1}")
+            pinned = cfg.sidecar_port if i == 0 else None
+            self.start_sidecar("sidecar" if i == 0 else f"sidecar{i + 1}", pinned)
         self.start_envoy(data)
         if cfg.console_port:
             self.start_console(cfg.console_port)
@@ -462,8 +468,8 @@ class Stack:
             line.split("console: ", 1)[1] for line in child.lines if line.startswith("console: ")
         )
 
-    def _start_simulator(self, name: str, *tls_args: str) -> str:
-        port = free_port()
+    def _start_simulator(self, name: str, *tls_args: str, port: int | None = None) -> str:
+        port = port or free_port()
         argv = [sys.executable, "-m", "extproc.simulator", "--port", str(port), *tls_args]
         sim = self._spawn(name, argv)
         sim.wait_for_line("listening")
@@ -479,7 +485,7 @@ class Stack:
         self.children["redis"] = redis_child(port, directory, persist=True)
 
     def start_redis(self, directory: Path) -> None:
-        port = free_port()
+        port = self.config.redis_port or free_port()
         self._redis(port, directory)
         self.redis_url = f"redis://127.0.0.1:{port}/0"
 
@@ -541,7 +547,7 @@ class Stack:
 
     def start_envoy(self, data: Path) -> None:
         cfg = self.config
-        self.admin_port = free_port()
+        self.admin_port = cfg.admin_port or free_port()
         ports = envoy_config.EnvoyPorts(
             listen=cfg.listen_port,
             admin=self.admin_port,

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -253,3 +254,41 @@ def test_make_run_refuses_a_port_an_envoy_holds_with_reuse_port(checkout: Checko
         assert refused.proc.wait(WAIT_S) == 2
     assert f"port {port} is already in use" in refused.output
     assert not (checkout.cwd / ".data" / str(port)).exists()  # nothing was started
+
+
+def test_make_run_pins_every_internal_port_it_is_given(checkout: Checkout) -> None:
+    import redis
+
+    pins = {
+        "EXTPROC_SIDECAR_PORT": free_port(),
+        "EXTPROC_REDIS_PORT": free_port(),
+        "EXTPROC_SIMULATOR_PORT": free_port(),
+        "EXTPROC_ENVOY_ADMIN_PORT": free_port(),
+        "EXTPROC_PROMETHEUS_PORT": free_port(),
+    }
+    port = free_port()
+    running = checkout.start(port, EXTPROC_WORKERS="2", **{k: str(v) for k, v in pins.items()})
+    key = running.demo_key()
+    assert running.wait_line(r"redis\s+: (\S+)")[1].endswith(f":{pins['EXTPROC_REDIS_PORT']}/0")
+    assert running.wait_line(r"upstream\s+: (\S+)")[1] == (
+        f"http://127.0.0.1:{pins['EXTPROC_SIMULATOR_PORT']}"
+    )
+    resp = _post(f"http://127.0.0.1:{port}/v1", key, "/embeddings",
+                 {"model": "text-embedding-3-small", "input": "pinned"})  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    admin = httpx.get(f"http://127.0.0.1:{pins['EXTPROC_ENVOY_ADMIN_PORT']}/clusters", timeout=5)
+    assert f"127.0.0.1:{pins['EXTPROC_SIDECAR_PORT']}" in admin.text  # Envoy's ext_proc target
+    with redis.Redis(port=pins["EXTPROC_REDIS_PORT"]) as r:
+        assert r.ping()
+    # Two workers, one scrape: the supervisor serves the pinned metrics port for both.
+    metrics = httpx.get(f"http://127.0.0.1:{pins['EXTPROC_PROMETHEUS_PORT']}/metrics", timeout=5)
+    assert 'extproc_requests_total{decision="allowed",endpoint="embeddings"' in metrics.text
+    assert running.stop() == 0
+    # A pinned port that is taken is refused before anything starts, naming the variable.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        refused = checkout.start(free_port(), EXTPROC_REDIS_PORT=str(taken))
+        assert refused.proc.wait(WAIT_S) == 2
+        assert "EXTPROC_REDIS_PORT" in refused.output
