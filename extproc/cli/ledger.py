@@ -65,6 +65,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         else:
             with Path(args.out).open("w", encoding="utf-8", newline="") as out:
                 rows = write(records, args.format, out)
+    except BrokenPipeError:
+        raise  # the reader stopped (`| head`): main() ends quietly
     except OSError as exc:
         return _fail(f"--out: cannot write {args.out}: {exc.strerror}", 1)
     print(

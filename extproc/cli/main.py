@@ -205,14 +205,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe could not be caught
+        return code
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `extproc usage | head`
-        sys.stderr.close()
+    except BrokenPipeError:  # `extproc ledger export | head`: the reader has had enough
+        _quiet_stdout()
         return 0
     except Exception as exc:
         return _explain(exc)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what is still buffered
+    meets no closed pipe (Python would print "Exception ignored ... BrokenPipeError")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _explain(exc: Exception) -> int:
