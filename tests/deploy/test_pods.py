@@ -9,7 +9,8 @@ with their own command, args, env, volumes and user (`kubelet.Pod`), then:
 * waits on each container's startup and readiness probes, as the kubelet gates traffic;
 * sends OpenAI traffic through the gateway's Envoy with a key made by `kubectl exec`
   (stream, JSON, a repeated long prompt for the prompt cache, a bad request, a
-  downgrade past the soft limit) to the simulator posing as api.openai.com over TLS;
+  downgrade past the soft limit; each made to happen by construction, see `traffic`)
+  to the simulator posing as api.openai.com over TLS;
 * scrapes every port a pod annotation or the PodMonitor (deploy/prometheus) names, with a
   real Prometheus inside the node, and requires every series a Grafana panel
   (deploy/grafana) or an alert rule queries to exist;
@@ -76,6 +77,7 @@ CALLER = {
 }
 # Series a policy cannot produce: prod degrades nothing (routing.degrade_past_soft is off).
 CANNOT = {"prod": {"extproc_downgrades_total"}}
+CACHED_MODEL = "gpt-5-nano"  # allowed everywhere and the ladder's bottom: never rerouted
 LONG_PROMPT = "Refactor this module for clarity. " + "def f(x): return x * 2\n" * 400
 USD = 1_000_000_000
 
@@ -296,10 +298,28 @@ def traffic(cluster: Cluster) -> dict[str, Any]:
         stream_options={"include_usage": True},
     )
     assert [c for c in stream if c.usage]
-    for _ in range(2):  # the second is served from the provider's prompt cache
-        client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": LONG_PROMPT}]
+    # The prompt-cache pair. The provider caches per model (and prompt_cache_key), so both
+    # calls must be served by one model whatever the budget level the worker that routes
+    # each one believes in (a worker learns that its caller is past the soft limit from
+    # its own first reservation): the bottom of the ladder, which no stage changes.
+    served = []
+    for _ in range(2):
+        raw_chat = client.chat.completions.with_raw_response.create(
+            model=CACHED_MODEL, messages=[{"role": "user", "content": LONG_PROMPT}]
         )
+        served.append(raw_chat.headers["x-extproc-model-served"])
+        usage = raw_chat.parse().usage
+    assert served == [CACHED_MODEL] * 2, served
+    assert usage and usage.prompt_tokens_details and usage.prompt_tokens_details.cached_tokens
+    if "extproc_downgrades_total" not in CANNOT.get(cluster.overlay, set()):
+        # Past the soft limit: once every worker has made one reservation for this caller,
+        # the next gpt-5-mini call is downgraded, so workers + 1 calls always see one.
+        workers = int(cluster.container("extproc", "extproc").env["EXTPROC_WORKERS"])
+        trails = []
+        for _ in range(workers + 1):
+            raw = client.responses.with_raw_response.create(model=model, input="and again")
+            trails.append(raw.headers.get("x-extproc-routing", ""))
+        assert any("degrade>" in t for t in trails), trails
     with httpx.Client(transport=httpx.HTTPTransport(uds=cluster.node.portal(10000))) as http:
         bad = http.post(
             "http://extproc:10000/v1/responses",
@@ -398,7 +418,9 @@ def test_every_series_a_dashboard_or_alert_queries_exists(
     # Series that need a particular event: each appears only where traffic made it.
     rare = {"redis_down", "upstream_error", 'reason="budget"'}
     wanted = {w: e for w, e in wanted.items() if not any(r in e for r in rare)}
-    deadline = time.monotonic() + 180  # a loaded 2-core machine: rate windows fill slowly
+    # All present 3-5 s after the traffic (two 1 s scrapes fill a rate window); the bound
+    # only ends a run that would never pass.
+    deadline = time.monotonic() + 90
     missing = dict(wanted)
     while missing:
         missing = {w: e for w, e in missing.items() if not cluster.query(e)}
