@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
 
-from extproc.metering.prices import usd
+from extproc.metering.prices import usd_for_people
 
 if TYPE_CHECKING:
     from extproc.governance.policy import Policy
@@ -99,7 +99,7 @@ def redacted(url: str) -> str:
 
 
 def _usd(nanos: int) -> str:
-    return usd(nanos, sign=True, grouped=True)
+    return usd_for_people(nanos)
 
 
 def _when(ms: int, zone: ZoneInfo | None = None) -> str:
@@ -282,7 +282,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
             )
         else:
             _print_new_key(secret, identity)
-            print(f"{args.key_id} keeps working until {_when(old_expires)}.")
+            print(f"{args.key_id} keeps working until {_when(old_expires, display_zone(args))}.")
         return 0
 
     return _run_with_store(args, action)

@@ -34,7 +34,7 @@ def _client(args: argparse.Namespace) -> Any:
 def cmd_export(args: argparse.Namespace) -> int:
     from extproc.books.export import write
     from extproc.books.records import RecordFilter, parse_instant, records_between, total_nanos
-    from extproc.metering.prices import usd
+    from extproc.metering.prices import usd_for_people
     from extproc.store.clients import UNAVAILABLE
 
     try:
@@ -70,7 +70,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(f"--out: cannot write {args.out}: {exc.strerror}", 1)
     print(
-        f"extproc: {rows} records, ${usd(total_nanos(records))} "
+        f"extproc: {rows} records, {usd_for_people(total_nanos(records))} "
         f"from {since.isoformat()} to {until.isoformat()}",
         file=sys.stderr,
     )

@@ -90,6 +90,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 def usage_table(rows: list[dict[str, Any]], zone: ZoneInfo) -> str:
     """One line per record: when, who, what, how much. `~` estimated, `?` fallback price."""
+    from extproc.metering.prices import usd_for_people
+
     header = ("TIME", "WORKSPACE", "SERVICE", "ENDPOINT", "MODEL", "IN", "CACHED", "OUT", "USD")
     lines = [(*header, "", "OUTCOME")]
     for r in rows:
@@ -104,13 +106,13 @@ def usage_table(rows: list[dict[str, Any]], zone: ZoneInfo) -> str:
                 str(r["input_tokens"]),
                 str(r["cached_input_tokens"]),
                 str(r["output_tokens"]),
-                str(r["cost_usd"]),
+                usd_for_people(int(r["cost_nanos"])),
                 ("~" if r["estimated"] else "") + ("?" if r["price_fallback"] else ""),
                 str(r["outcome"]),
             )
         )
     widths = [max(len(line[c]) for line in lines) for c in range(len(lines[0]))]
-    numeric = {5, 6, 7}
+    numeric = {5, 6, 7, 8}
     return "\n".join(
         "  ".join(
             cell.rjust(w) if c in numeric else cell.ljust(w)

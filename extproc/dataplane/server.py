@@ -30,7 +30,7 @@ from extproc.insight.alerts import Alert, Alerter, record_alert
 from extproc.insight.burn import BurnWatch
 from extproc.insight.telemetry import METRICS_LINE, Telemetry
 from extproc.metering.ledger import Ledger
-from extproc.metering.prices import PriceTable, usd
+from extproc.metering.prices import PriceTable, usd_for_people
 from extproc.metering.tokens import count_text
 from extproc.settings import Settings
 from extproc.store.clients import AsyncClient, is_cluster, make_client
@@ -228,9 +228,9 @@ class Governor:
             if scope == WORKSPACE_SCOPE and ws is not None:
                 text = (
                     f"extproc: workspace {workspace} crossed its soft limit "
-                    f"(${usd(ws.soft_nanos, cents=True)} of a ${usd(ws.budget_nanos, cents=True)} "
+                    f"({usd_for_people(ws.soft_nanos)} of a {usd_for_people(ws.budget_nanos)} "
                     f"{ws.period}ly budget). Traffic keeps flowing; hard limit at "
-                    f"${usd(ws.hard_nanos, cents=True)}."
+                    f"{usd_for_people(ws.hard_nanos)}."
                 )
             else:
                 text = f"extproc: {scope} in workspace {workspace} crossed its soft limit."

@@ -46,7 +46,7 @@ from extproc.governance.periods import period_at
 from extproc.governance.policy import Policy, Workspace
 from extproc.insight.alerts import Alert
 from extproc.insight.telemetry import Telemetry
-from extproc.metering.prices import usd
+from extproc.metering.prices import usd, usd_for_people
 from extproc.store.clients import UNAVAILABLE, AsyncClient
 from extproc.store.schema import (
     WORKSPACE_SCOPE,
@@ -399,7 +399,7 @@ def alert_text(b: Burn) -> str:
         return f"{text} At this pace the {_dollars(b.hard_nanos)} hard limit holds this period."
     if b.spent_nanos >= b.hard_nanos:
         return f"{text} The {_dollars(b.hard_nanos)} hard limit is already reached."
-    when = b.runs_out.strftime("%Y-%m-%d %H:%M")
+    when = b.runs_out.strftime("%Y-%m-%d %H:%M %Z")
     return (
         f"{text} At this pace the {_dollars(b.hard_nanos)} hard limit is reached on {when} "
         "and calls will be refused."
@@ -407,7 +407,7 @@ def alert_text(b: Burn) -> str:
 
 
 def _dollars(nanos: int) -> str:
-    return usd(nanos, cents=True, sign=True, grouped=True)
+    return usd_for_people(nanos)
 
 
 def burn_alert(b: Burn) -> Alert:

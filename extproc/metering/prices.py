@@ -56,6 +56,19 @@ def usd(nanos: int, *, cents: bool = False, sign: bool = False, grouped: bool = 
     return f"${text}" if sign else text
 
 
+CENT_NANOS = NANOS_PER_DOLLAR // 100
+
+
+def usd_for_people(nanos: int) -> str:
+    """Money as people read it, the one rule for every screen, report and alert text:
+    "$1,234.57" to the cent, and an amount under a cent exactly ("$0.001087"), so spend
+    that is not zero never reads "$0.00". Machine output (JSON, headers, exports) keeps
+    `usd`'s exact figures."""
+    if nanos and abs(nanos) < CENT_NANOS:
+        return usd(nanos, sign=True)
+    return usd(nanos, cents=True, sign=True, grouped=True)
+
+
 _RATE_FIELDS = ("input", "cached_input", "output")
 _ROW_FIELDS = frozenset({*_RATE_FIELDS, "source", "as_of", "note"})
 _TOP_LEVEL = frozenset({"version", "updated", "models", "fallback"})

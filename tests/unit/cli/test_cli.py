@@ -355,6 +355,7 @@ def test_usage_table_has_time_workspace_and_service_in_the_zone() -> None:
         "cached_input_tokens": 0,
         "output_tokens": 35,
         "cost_usd": "0.0018",
+        "cost_nanos": 1_800_000,
         "estimated": True,
         "price_fallback": False,
         "outcome": "completed",
@@ -366,6 +367,6 @@ def test_usage_table_has_time_workspace_and_service_in_the_zone() -> None:
     ]  # fmt: skip
     assert line.split() == [
         "2025-12-01", "13:00:00", "CET", "dev", "codex-cli", "responses", "gpt-5.1-codex",
-        "1200", "0", "35", "0.0018", "~", "completed",
+        "1200", "0", "35", "$0.0018", "~", "completed",
     ]  # fmt: skip
     assert json.dumps(row)  # the same dict `usage --json` prints

@@ -212,7 +212,7 @@ def test_alert_text_says_who_how_fast_and_when_the_money_runs_out() -> None:
     assert text == (
         "extproc: burn rate alert for service ci in workspace eng: today is heading for "
         "$60.00, 3.00x the day before ($20.00). Spent so far today: $10.00. At this pace the "
-        "$220.00 hard limit is reached on 2026-11-12 06:00 and calls will be refused."
+        "$220.00 hard limit is reached on 2026-11-12 06:00 CET and calls will be refused."
     )
     ws = alert_text(burn(scope="ws", service="", runs_out=None, hard_nanos=3300 * USD))
     assert ws.startswith("extproc: burn rate alert for workspace eng: ")
