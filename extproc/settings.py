@@ -60,6 +60,11 @@ class Settings:
     # acknowledge them (Redis WAIT); until then they stay in the spool and are replayed.
     # 0: the primary's acknowledgement is enough (one node, or a managed Redis).
     redis_wait_replicas: int = 0
+    # Where each workspace's provider key comes from: "policy" (its upstream.key_env or
+    # key_file), or "simulated" for a local simulator upstream that accepts any key: every
+    # workspace, one added to the live policy too, gets `sk-simulated-<workspace>`. `make
+    # run` sets it when it starts the simulator; never use it towards a real provider.
+    upstream_keys: str = "policy"
 
 
 _ENV = {
@@ -76,8 +81,9 @@ _ENV = {
     "grace_seconds": "EXTPROC_GRACE_SECONDS",
     "burn_check_seconds": "EXTPROC_BURN_CHECK_SECONDS",
     "redis_wait_replicas": "EXTPROC_REDIS_WAIT_REPLICAS",
+    "upstream_keys": "EXTPROC_UPSTREAM_KEYS",
 }
-_CHOICES = {"bad_request": ("reject", "pass")}
+_CHOICES = {"bad_request": ("reject", "pass"), "upstream_keys": ("policy", "simulated")}
 _ZERO_MEANS_AUTO = frozenset({"workers", "redis_wait_replicas"})
 
 

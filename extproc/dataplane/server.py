@@ -23,6 +23,7 @@ from extproc.dataplane.deps import Deps
 from extproc.dataplane.exchange import Exchange, Reply
 from extproc.dataplane.h2grpc import HEALTH_CHECK_PATH, GrpcServer, Route, health_route
 from extproc.governance.budget import Budgets
+from extproc.governance.credentials import simulated_upstream_key
 from extproc.governance.holds import tend_forever
 from extproc.governance.keys import KeyCache, KeyStore
 from extproc.governance.policy import Policy, PolicyError, PolicyWatcher, load_policy
@@ -177,12 +178,17 @@ class H2Transport:
         await self._server.close(grace)
 
 
-def upstream_keys(policy: Policy) -> tuple[dict[str, str], dict[str, str]]:
+def upstream_keys(policy: Policy, simulated: bool = False) -> tuple[dict[str, str], dict[str, str]]:
     """Each workspace's real provider key, read once per policy load (never logged), and
-    for each workspace without one, where it was looked for (for the 503 and the log)."""
+    for each workspace without one, where it was looked for (for the 503 and the log).
+    `simulated` (settings `upstream_keys`): every workspace gets its simulated key, so one
+    added to the live policy works at once against the local simulator."""
     keys: dict[str, str] = {}
     missing: dict[str, str] = {}
     for name, ws in policy.workspaces.items():
+        if simulated:
+            keys[name] = simulated_upstream_key(name)
+            continue
         try:
             keys[name] = ws.upstream.read_key()
         except PolicyError as exc:
@@ -266,8 +272,12 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
         telemetry=Telemetry.from_env(),
     )
 
+    simulated = settings.upstream_keys == "simulated"
+    if simulated:
+        log.info("upstream keys are simulated (upstream_keys: simulated): local simulator only")
+
     def use(policy: Policy) -> None:
-        deps.upstream_keys, deps.upstream_missing = upstream_keys(policy)
+        deps.upstream_keys, deps.upstream_missing = upstream_keys(policy, simulated)
         deps.policy = policy
 
     governor.subscribe(use)

@@ -310,10 +310,9 @@ def _run(
     if env.get("EXTPROC_CONFIG"):
         sidecar_env["EXTPROC_CONFIG"] = str(Path(env["EXTPROC_CONFIG"]).resolve())
     if upstream is None:
-        # The simulator accepts any credential: stand in for the real keys nobody has locally.
-        for name, ws in policy.workspaces.items():
-            if ws.upstream.key_env and not env.get(ws.upstream.key_env):
-                sidecar_env[ws.upstream.key_env] = f"sk-simulated-{name}"
+        # The simulator accepts any credential: every workspace, one added to the live
+        # policy too, gets a simulated key instead of the real ones nobody has locally.
+        sidecar_env["EXTPROC_UPSTREAM_KEYS"] = "simulated"
     else:
         for line in credential_warnings(policy, env):
             err(line)
@@ -361,6 +360,8 @@ def _run(
                 redis_url=stack.redis_url,
                 policy=str(policy_path),
                 data_dir=str(data_dir),
+                upstream_url=stack.upstream_url,
+                simulated=upstream is None,
             )
         )
         secret, workspace, service, reused = demo_key(stack.redis_url, policy, data_dir)
