@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-tools codex-cli run test fuzz lint format bench proto clean
+.PHONY: install system-tools codex-cli run test fuzz lint format bench proto clean image push
 
 install: $(STAMP)
 
@@ -24,13 +24,15 @@ $(STAMP): pyproject.toml
 run: install
 	$(PY) -m extproc stack
 
-# Real Prometheus (telemetry e2e), kubectl's built-in kustomize (deploy tests) and Chromium
+# Real Prometheus (telemetry e2e), kubectl's built-in kustomize (deploy tests), `ip` (the pod
+# test's network namespace: tests/deploy/kubelet.py) and Chromium
 # (console browser tests, driven by Playwright from PyPI: no browser download), from Debian.
 system-tools:
 	@missing=""; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		echo "installing from Debian:$$missing"; \
@@ -60,6 +62,17 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix extproc tests bench
 	$(VENV)/bin/ruff format extproc tests bench
+
+# The sidecar image (Dockerfile), named as deploy/base/kustomization.yaml names it: the
+# registry there, the package version as the tag. `make image push IMAGE=my.registry/extproc`
+# for your own registry (then set the same newName in the kustomization).
+IMAGE   ?= registry.example.com/platform/extproc
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+DOCKER  ?= docker
+image:
+	$(DOCKER) build --pull -t $(IMAGE):$(VERSION) .
+push: image
+	$(DOCKER) push $(IMAGE):$(VERSION)
 
 # Full run by default; `make bench BENCH_ARGS=--quick` for direction while iterating.
 BENCH_ARGS ?=

@@ -61,6 +61,18 @@ class Settings:
     # estimate (outcome "orphaned") and releases it. Shorter: orphans billed and budget
     # freed sooner; longer: more tolerance for a sidecar paused (GC, CPU starvation).
     hold_expiry_seconds: float = 120.0
+    # Seconds between two looks of the burn-rate watch, which also refreshes the budget
+    # utilization gauge from Redis (one pipelined read per look).
+    burn_check_seconds: float = 60.0
+    # With replicas (Sentinel): usage records count as written once this many replicas
+    # acknowledge them (Redis WAIT); until then they stay in the spool and are replayed.
+    # 0: the primary's acknowledgement is enough (one node, or a managed Redis).
+    redis_wait_replicas: int = 0
+    # Where each workspace's provider key comes from: "policy" (its upstream.key_env or
+    # key_file), or "simulated" for a local simulator upstream that accepts any key: every
+    # workspace, one added to the live policy too, gets `sk-simulated-<workspace>`. `make
+    # run` sets it when it starts the simulator; never use it towards a real provider.
+    upstream_keys: str = "policy"
 
 
 _ENV = {
@@ -77,10 +89,13 @@ _ENV = {
     "worker_hang_seconds": "EXTPROC_WORKER_HANG_SECONDS",
     "hold_expiry_seconds": "EXTPROC_HOLD_EXPIRY_SECONDS",
     "grace_seconds": "EXTPROC_GRACE_SECONDS",
+    "burn_check_seconds": "EXTPROC_BURN_CHECK_SECONDS",
+    "redis_wait_replicas": "EXTPROC_REDIS_WAIT_REPLICAS",
+    "upstream_keys": "EXTPROC_UPSTREAM_KEYS",
 }
-_CHOICES = {"bad_request": ("reject", "pass")}
+_CHOICES = {"bad_request": ("reject", "pass"), "upstream_keys": ("policy", "simulated")}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
-_ZERO_MEANS_AUTO = frozenset({"workers"})
+_ZERO_MEANS_AUTO = frozenset({"workers", "redis_wait_replicas"})
 
 
 def _coerce(name: str, value: Any, expected: type, where: str) -> Any:

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
 
-from extproc.metering.prices import usd
+from extproc.metering.prices import usd_for_people
 
 if TYPE_CHECKING:
+    from extproc.devstack.state import StackState
     from extproc.governance.policy import Policy
 
 # The checkout's example policy, wherever the CLI is run from (editable install).
@@ -30,7 +31,10 @@ DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "examples" / "policy.yaml
 REDIS_URL_HELP = (
     "Redis to use; else EXTPROC_REDIS_URL, else the running `make run` stack's (--stack)"
 )
-STACK_HELP = "the `make run` stack on this port (default: EXTPROC_PORT, else the only one running)"
+STACK_HELP = (
+    "the `make run` stack on this port (default: EXTPROC_PORT, else the one started from "
+    "this checkout, else the only one running)"
+)
 _DURATION = re.compile(r"(\d+)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -52,6 +56,21 @@ def _stack_port(stack: int | None) -> int | None:
     return int(raw) if raw.isdigit() else None
 
 
+_NAMED: set[int] = set()
+
+
+def stack_used(stack: int | None = None) -> StackState:
+    """The running `make run` stack the command uses (`state.find`), named once on stderr
+    so stdout (JSON, CSV) stays clean; NoStackError when there is none to use."""
+    from extproc.devstack import state
+
+    found = state.find(_stack_port(stack))
+    if found.port not in _NAMED:
+        _NAMED.add(found.port)
+        print(f"extproc: using {found.describe()}", file=sys.stderr)
+    return found
+
+
 def redis_url(arg: str | None, stack: int | None = None) -> str:
     """--redis-url, else EXTPROC_REDIS_URL, else the running `make run` stack's.
 
@@ -62,9 +81,7 @@ def redis_url(arg: str | None, stack: int | None = None) -> str:
         return arg
     if os.environ.get("EXTPROC_REDIS_URL"):
         return os.environ["EXTPROC_REDIS_URL"]
-    from extproc.devstack import state
-
-    return state.find(_stack_port(stack)).redis_url
+    return stack_used(stack).redis_url
 
 
 def policy_path(arg: str | None, stack: int | None = None) -> Path | None:
@@ -76,7 +93,7 @@ def policy_path(arg: str | None, stack: int | None = None) -> Path | None:
     from extproc.devstack import state
 
     try:
-        return Path(state.find(_stack_port(stack)).policy)
+        return Path(stack_used(stack).policy)
     except state.NoStackError:
         pass
     return DEFAULT_POLICY if DEFAULT_POLICY.exists() else None
@@ -99,7 +116,7 @@ def redacted(url: str) -> str:
 
 
 def _usd(nanos: int) -> str:
-    return usd(nanos, sign=True, grouped=True)
+    return usd_for_people(nanos)
 
 
 def _when(ms: int, zone: ZoneInfo | None = None) -> str:
@@ -282,7 +299,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
             )
         else:
             _print_new_key(secret, identity)
-            print(f"{args.key_id} keeps working until {_when(old_expires)}.")
+            print(f"{args.key_id} keeps working until {_when(old_expires, display_zone(args))}.")
         return 0
 
     return _run_with_store(args, action)

@@ -34,7 +34,7 @@ def _client(args: argparse.Namespace) -> Any:
 def cmd_export(args: argparse.Namespace) -> int:
     from extproc.books.export import write
     from extproc.books.records import RecordFilter, parse_instant, records_between, total_nanos
-    from extproc.metering.prices import usd
+    from extproc.metering.prices import usd_for_people
     from extproc.store.clients import UNAVAILABLE
 
     try:
@@ -65,10 +65,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         else:
             with Path(args.out).open("w", encoding="utf-8", newline="") as out:
                 rows = write(records, args.format, out)
+    except BrokenPipeError:
+        raise  # the reader stopped (`| head`): main() ends quietly
     except OSError as exc:
         return _fail(f"--out: cannot write {args.out}: {exc.strerror}", 1)
     print(
-        f"extproc: {rows} records, ${usd(total_nanos(records))} "
+        f"extproc: {rows} records, {usd_for_people(total_nanos(records))} "
         f"from {since.isoformat()} to {until.isoformat()}",
         file=sys.stderr,
     )

@@ -62,7 +62,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(settings, reuse_port=args.reuse_port))
+    try:
+        asyncio.run(serve(settings, reuse_port=args.reuse_port))
+    except ConfigError as exc:
+        print(f"extproc: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -101,6 +105,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 def usage_table(rows: list[dict[str, Any]], zone: ZoneInfo) -> str:
     """One line per record: when, who, what, how much. `~` estimated, `?` fallback price."""
+    from extproc.metering.prices import usd_for_people
+
     header = ("TIME", "WORKSPACE", "SERVICE", "ENDPOINT", "MODEL", "IN", "CACHED", "OUT", "USD")
     lines = [(*header, "", "OUTCOME")]
     for r in rows:
@@ -115,13 +121,13 @@ def usage_table(rows: list[dict[str, Any]], zone: ZoneInfo) -> str:
                 str(r["input_tokens"]),
                 str(r["cached_input_tokens"]),
                 str(r["output_tokens"]),
-                str(r["cost_usd"]),
+                usd_for_people(int(r["cost_nanos"])),
                 ("~" if r["estimated"] else "") + ("?" if r["price_fallback"] else ""),
                 str(r["outcome"]),
             )
         )
     widths = [max(len(line[c]) for line in lines) for c in range(len(lines[0]))]
-    numeric = {5, 6, 7}
+    numeric = {5, 6, 7, 8}
     return "\n".join(
         "  ".join(
             cell.rjust(w) if c in numeric else cell.ljust(w)
@@ -218,14 +224,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe could not be caught
+        return code
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `extproc usage | head`
-        sys.stderr.close()
+    except BrokenPipeError:  # `extproc ledger export | head`: the reader has had enough
+        _quiet_stdout()
         return 0
     except Exception as exc:
         return _explain(exc)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what is still buffered
+    meets no closed pipe (Python would print "Exception ignored ... BrokenPipeError")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _explain(exc: Exception) -> int:

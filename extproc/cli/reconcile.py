@@ -3,6 +3,10 @@
 Exit codes: 0 the books agree, 3 they drift (reported, alerted), 1 Redis or the provider
 could not be read, 2 the command or the policy is wrong. Nightly from cron or a CronJob,
 `--date` defaulting to yesterday (UTC), the last complete day the provider reports.
+
+On a `make run` stack it works out of the box: the stack's upstream answers the admin
+API, and when that upstream is the simulator, its admin key and each workspace's project
+(the project of the workspace's simulated key) stand in for what the policy does not say.
 """
 
 from __future__ import annotations
@@ -13,26 +17,39 @@ import json
 import os
 import sys
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from extproc.cli.admin import add_stack_options, fail, load_policy_arg, redacted, redis_url
+from extproc.cli.admin import add_stack_options, fail, load_policy_arg, redacted, stack_used
+
+if TYPE_CHECKING:
+    from extproc.devstack.state import StackState
 
 DRIFT_EXIT = 3
+SIMULATED_ADMIN_KEY = "sk-admin-local-simulator"
+
+
+def admin_base_url(url: str) -> str:
+    """The admin API's base: a bare host (`http://127.0.0.1:8000`) gets OpenAI's `/v1`."""
+    url = url.rstrip("/")
+    return url + "/v1" if urlsplit(url).path in ("", "/") else url
 
 
 def render_text(rec: Any) -> str:
-    from extproc.metering.prices import usd
+    from extproc.metering.prices import usd_for_people as money
 
-    lines = [f"reconciliation of {rec.day.isoformat()} (UTC) with the provider's bill"]
+    lines = [f"reconciliation of {rec.day.isoformat()} (a UTC day) with the provider's bill"]
     for row in rec.rows:
         name = row.workspace or "(no workspace)"
         project = row.project_id or "(no upstream.project_id)"
+        # Without a project there is no provider figure to show, only the ledger's.
+        provider = money(row.provider_nanos) if row.project_id else "-"
         lines.append(
-            f"  {name:16} {project:30} provider ${usd(row.provider_nanos):>14}  "
-            f"ledger ${usd(row.ledger_nanos):>14}  drift ${usd(row.drift_nanos)}"
+            f"  {name:16} {project:30} provider {provider:>14}  "
+            f"ledger {money(row.ledger_nanos):>14}  drift {money(row.drift_nanos)}"
         )
         lines += [f"      ! {finding}" for finding in row.findings]
-    verdict = "in agreement" if not rec.drifted else f"DRIFT ${usd(rec.drift_nanos)}"
+    verdict = "in agreement" if not rec.drifted else f"DRIFT {money(rec.drift_nanos)}"
     lines.append(f"  total: {verdict}")
     return "\n".join(lines)
 
@@ -40,7 +57,7 @@ def render_text(rec: Any) -> str:
 def _alert(policy: Any, rec: Any) -> int:
     """One webhook alert per drifting workspace (policy `alerts`, event reconcile_drift)."""
     from extproc.insight.alerts import Alert, Alerter
-    from extproc.metering.prices import usd
+    from extproc.metering.prices import usd_for_people
     from extproc.store.schema import WORKSPACE_SCOPE
 
     def targets(event: str) -> list[str]:
@@ -53,7 +70,7 @@ def _alert(policy: Any, rec: Any) -> int:
             scope=WORKSPACE_SCOPE,
             text=(
                 f"extproc reconcile {rec.day.isoformat()}: {row.workspace or row.project_id} "
-                f"drifts by ${usd(row.drift_nanos)} from the provider's bill. "
+                f"drifts by {usd_for_people(row.drift_nanos)} from the provider's bill. "
                 + " ".join(row.findings)
             ),
             details={"day": rec.day.isoformat(), **row.to_dict()},
@@ -197,6 +214,20 @@ async def _write_adjustments(policy: Any, planned: list[Any], url: str, table: A
         await client.aclose()
 
 
+def workspace_projects(policy: Any, stack: StackState | None) -> dict[str, str | None]:
+    """Each workspace's provider project: the policy's `upstream.project_id`; on a stack
+    whose upstream is the simulator, the project of the workspace's simulated key."""
+    from extproc.governance.credentials import simulated_upstream_key
+    from extproc.simulator.admin import simulated_ids
+
+    simulated = stack is not None and stack.simulated
+    return {
+        name: ws.upstream.project_id
+        or (simulated_ids(simulated_upstream_key(name))[0] if simulated else None)
+        for name, ws in policy.workspaces.items()
+    }
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from extproc.books.reconcile import DEFAULT_BASE_URL, AdminClient, ProviderError, reconcile
     from extproc.books.records import records_between
@@ -206,7 +237,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     policy = load_policy_arg(args.policy, args.stack)
     if isinstance(policy, str):
         return fail(policy, 2)
+    explicit = args.redis_url or os.environ.get("EXTPROC_REDIS_URL")
+    stack = None if explicit else stack_used(args.stack)
     admin_key = os.environ.get("OPENAI_ADMIN_KEY", "").strip()
+    if not admin_key and stack is not None and stack.simulated:
+        admin_key = SIMULATED_ADMIN_KEY
     if not admin_key:
         return fail("OPENAI_ADMIN_KEY is not set (an organization admin key, sk-admin-...)", 2)
     try:
@@ -217,13 +252,20 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         )
     except ValueError:
         return fail(f"--date: not a YYYY-MM-DD date: {args.date!r}", 2)
-    projects = {name: ws.upstream.project_id for name, ws in policy.workspaces.items()}
-    base_url = args.base_url or os.environ.get("OPENAI_ADMIN_BASE_URL") or DEFAULT_BASE_URL
+    projects = workspace_projects(policy, stack)
+    base_url = admin_base_url(
+        args.base_url
+        or os.environ.get("OPENAI_ADMIN_BASE_URL")
+        or (stack.upstream_url if stack is not None and stack.upstream_url else DEFAULT_BASE_URL)
+    )
     try:
         provider = AdminClient(admin_key, base_url).day(day)
     except ProviderError as exc:
-        return fail(f"the provider's admin API: {exc}", 1)
-    url = redis_url(args.redis_url, args.stack)
+        hint = ""
+        if "HTTP 404" in str(exc):
+            hint = f" (asked {base_url}: is that the admin API's base, ending in /v1?)"
+        return fail(f"the provider's admin API: {exc}{hint}", 1)
+    url = explicit or (stack.redis_url if stack is not None else "")
     start = datetime(day.year, day.month, day.day, tzinfo=UTC)
     try:
         client = make_sync_client(url, socket_connect_timeout=3, socket_timeout=30)
@@ -263,7 +305,11 @@ def register_reconcile(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument(
         "--policy", help="else EXTPROC_POLICY, else the stack's, else examples/policy.yaml"
     )
-    p.add_argument("--base-url", help="else OPENAI_ADMIN_BASE_URL, else https://api.openai.com/v1")
+    p.add_argument(
+        "--base-url",
+        help="the admin API (a bare host gets /v1); else OPENAI_ADMIN_BASE_URL, else the "
+        "stack's upstream, else https://api.openai.com/v1",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",

@@ -26,15 +26,16 @@ from extproc.dataplane.exchange import Exchange, Reply
 from extproc.dataplane.h2grpc import HEALTH_CHECK_PATH, GrpcServer, Route, health_route
 from extproc.dataplane.workers import heartbeat_fd, send_heartbeats
 from extproc.governance.budget import Budgets
+from extproc.governance.credentials import simulated_upstream_key
 from extproc.governance.holds import tend_forever
 from extproc.governance.keys import KeyCache, KeyStore
 from extproc.governance.policy import Policy, PolicyError, PolicyWatcher, load_policy
 from extproc.insight.alerts import Alert, Alerter, record_alert
 from extproc.insight.burn import BurnWatch
 from extproc.insight.newmodels import NewModels
-from extproc.insight.telemetry import Telemetry
+from extproc.insight.telemetry import METRICS_LINE, Telemetry
 from extproc.metering.ledger import Ledger
-from extproc.metering.prices import PriceTable, usd
+from extproc.metering.prices import PriceTable, usd_for_people
 from extproc.metering.pricewatch import PriceWatcher
 from extproc.metering.tokens import count_text
 from extproc.settings import Settings, check_mode
@@ -182,12 +183,17 @@ class H2Transport:
         await self._server.close(grace)
 
 
-def upstream_keys(policy: Policy) -> tuple[dict[str, str], dict[str, str]]:
+def upstream_keys(policy: Policy, simulated: bool = False) -> tuple[dict[str, str], dict[str, str]]:
     """Each workspace's real provider key, read once per policy load (never logged), and
-    for each workspace without one, where it was looked for (for the 503 and the log)."""
+    for each workspace without one, where it was looked for (for the 503 and the log).
+    `simulated` (settings `upstream_keys`): every workspace gets its simulated key, so one
+    added to the live policy works at once against the local simulator."""
     keys: dict[str, str] = {}
     missing: dict[str, str] = {}
     for name, ws in policy.workspaces.items():
+        if simulated:
+            keys[name] = simulated_upstream_key(name)
+            continue
         try:
             keys[name] = ws.upstream.read_key()
         except PolicyError as exc:
@@ -233,9 +239,9 @@ class Governor:
             if scope == WORKSPACE_SCOPE and ws is not None:
                 text = (
                     f"extproc: workspace {workspace} crossed its soft limit "
-                    f"(${usd(ws.soft_nanos, cents=True)} of a ${usd(ws.budget_nanos, cents=True)} "
+                    f"({usd_for_people(ws.soft_nanos)} of a {usd_for_people(ws.budget_nanos)} "
                     f"{ws.period}ly budget). Traffic keeps flowing; hard limit at "
-                    f"${usd(ws.hard_nanos, cents=True)}."
+                    f"{usd_for_people(ws.hard_nanos)}."
                 )
             else:
                 text = f"extproc: {scope} in workspace {workspace} crossed its soft limit."
@@ -260,6 +266,7 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
         max_records=settings.ledger_max_records,
         spool_dir=settings.spool_dir,
         on_soft_alert=governor.on_soft_alert,
+        wait_replicas=settings.redis_wait_replicas,
     )
     deps = Deps(
         settings=settings,
@@ -270,8 +277,12 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
         telemetry=Telemetry.from_env(),
     )
 
+    simulated = settings.upstream_keys == "simulated"
+    if simulated:
+        log.info("upstream keys are simulated (upstream_keys: simulated): local simulator only")
+
     def use(policy: Policy) -> None:
-        deps.upstream_keys, deps.upstream_missing = upstream_keys(policy)
+        deps.upstream_keys, deps.upstream_missing = upstream_keys(policy, simulated)
         deps.policy = policy
 
     governor.subscribe(use)
@@ -318,6 +329,9 @@ async def serve(
     if not is_cluster(settings.redis_url) and supports_url(settings.redis_url):
         hot = FastRedis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
     deps, governor, ledger, keys, budgets = build_deps(settings, client, hot)
+    if deps.telemetry.metrics_address:
+        # Before the ready line: a worker's supervisor learns here where to scrape it.
+        print(f"{METRICS_LINE} {deps.telemetry.metrics_address}", flush=True)
     count_text("warm up the tokenizer", "gpt-5")
     count_text("warm up the tokenizer", "gpt-3.5-turbo")
     await ledger.start()
@@ -331,7 +345,8 @@ async def serve(
             shadow = PolicyWatcher(settings.shadow_policy, lambda p: setattr(deps, "shadow", p))
             background.append(asyncio.create_task(shadow.run(), name="shadow-watcher"))
         burn = BurnWatch(client, lambda: deps.policy, governor.alerter, deps.telemetry)
-        background.append(asyncio.create_task(burn.run(), name="burn-watch"))
+        burn_every = max(settings.burn_check_seconds, 0.5)
+        background.append(asyncio.create_task(burn.run(burn_every), name="burn-watch"))
         assert budgets is not None
         holds = tend_forever(budgets, lambda: _prefixes(deps), ledger.submit, deps.now_ms)
         background.append(asyncio.create_task(holds, name="holds"))

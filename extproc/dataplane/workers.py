@@ -17,6 +17,11 @@ Envoy's connections across them. The supervisor serves no traffic. It:
 SO_REUSEPORT lets any process of the same user join the port silently, so the
 supervisor first binds the port *without* it: if something already listens there, it
 stops with an error instead of sharing traffic with a stranger.
+
+Metrics: with `EXTPROC_PROMETHEUS_PORT` set, the supervisor (not the workers) listens on
+it, and each scrape there merges what every worker counted (`insight.fanin`); workers
+serve theirs on ephemeral loopback ports they announce. So the pod has one scrape
+address, as its annotation and PodMonitor say, whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from extproc.dataplane.h2grpc.server import parse_listen
+from extproc.insight import fanin
+from extproc.insight.telemetry import METRICS_LINE, WORKER_METRICS_ENV, pod_metrics_address
 from extproc.settings import ConfigError, Settings
 
 log = logging.getLogger("extproc.dataplane.workers")
@@ -113,6 +120,23 @@ class Supervisor:
         self.workers = [Worker(i) for i in range(count)]
         self.stopping = False
         self._crashes = 0
+        # The pod's one scrape endpoint, when metrics are on (see the module docstring).
+        self.metrics: fanin.FanIn | None = None
+        self._close_metrics: Callable[[], None] | None = None
+
+    def serve_metrics(self, address: tuple[str, int] | None) -> None:
+        """Listen on the pod's metrics address (None: metrics off) before any worker starts."""
+        if address is None:
+            return
+        self.metrics = fanin.FanIn()
+        try:
+            self._close_metrics = fanin.serve(self.metrics, *address)
+        except OSError as exc:
+            self.metrics = None
+            raise ConfigError(
+                f"EXTPROC_PROMETHEUS_PORT: cannot listen on {address[0]}:{address[1]}: "
+                f"{exc.strerror}"
+            ) from None
 
     def _argv(self) -> list[str]:
         argv = [sys.executable, "-m", "extproc", "serve", "--workers", "1", "--reuse-port"]
@@ -121,13 +145,18 @@ class Supervisor:
         return argv
 
     def _env(self, worker: Worker) -> dict[str, str]:
-        return {
+        env = {
             **os.environ,
             "EXTPROC_LISTEN": self.listen,
             "EXTPROC_WORKERS": "1",
             WORKER_ENV: str(worker.index),
             "PYTHONUNBUFFERED": "1",
         }
+        if self.metrics is not None:
+            # The pod's port is ours; each worker serves on loopback for us to merge.
+            env.pop("EXTPROC_PROMETHEUS_PORT", None)
+            env[WORKER_METRICS_ENV] = "1"
+        return env
 
     async def _spawn(self, worker: Worker) -> None:
         worker.ready.clear()
@@ -155,6 +184,9 @@ class Supervisor:
         out = sys.stdout
         while line := await proc.stdout.readline():
             text = line.decode("utf-8", "replace")
+            if text.startswith(METRICS_LINE) and self.metrics is not None:
+                self.metrics.attach(worker.index, text[len(METRICS_LINE) :].strip())
+                continue
             if text.startswith(READY_LINE):
                 worker.ready.set()
                 if worker.beats is not None:
@@ -249,6 +281,9 @@ class Supervisor:
         relays = [w.relay for w in self.workers if w.relay is not None]
         if relays:
             await asyncio.wait(relays, timeout=5.0)
+        if self._close_metrics is not None:
+            self._close_metrics()
+            self._close_metrics = None
 
 
 # -- hung workers: heartbeats from each worker's event loop ------------------------------
@@ -333,6 +368,11 @@ async def supervise(settings: Settings, count: int, config_path: str | None) -> 
     listen, held = reserve_port(settings.listen)
     supervisor = Supervisor(settings, count, config_path)
     supervisor.listen = listen
+    try:
+        supervisor.serve_metrics(pod_metrics_address(os.environ))
+    except ConfigError:
+        held.close()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -45,10 +45,24 @@ environment:
   EXTPROC_CONFIG   sidecar settings file (optional)
   EXTPROC_WORKERS  sidecar worker processes and Envoy threads (default: one per CPU)
   EXTPROC_CONSOLE_PORT  web console and admin API (default: EXTPROC_PORT + 80; 0: none)
+  EXTPROC_SIDECAR_PORT  the sidecar's gRPC port, Envoy's ext_proc cluster (default: free)
+  EXTPROC_REDIS_PORT    the embedded Redis-protocol server (default: free)
+  EXTPROC_SIMULATOR_PORT  the OpenAI simulator, without UPSTREAM_URL (default: free)
+  EXTPROC_ENVOY_ADMIN_PORT  Envoy's admin API on 127.0.0.1 (default: free)
+  EXTPROC_PROMETHEUS_PORT   the sidecar's /metrics, port or host:port (default: off)
   EXTPROC_ADMIN_TOKENS  admin API tokens, name:token,... (default: a fresh one per run)
   UPSTREAM_CA_FILE CA bundle for an https UPSTREAM_URL other than the system's
   OTEL_*           OpenTelemetry exporters for the sidecar (see README)
 Ctrl-C stops everything; `rm -rf .data/<port>` afterwards resets that stack's data."""
+
+
+INTERNAL_PORTS = (
+    "EXTPROC_SIDECAR_PORT",
+    "EXTPROC_REDIS_PORT",
+    "EXTPROC_SIMULATOR_PORT",
+    "EXTPROC_ENVOY_ADMIN_PORT",
+)
+"""Ports of the stack's inner parts, free ones unless pinned (firewalls, other tools)."""
 
 
 class StackRefused(Exception):
@@ -235,6 +249,22 @@ def main(env: dict[str, str] | None = None) -> int:
     wanted = [(port, "EXTPROC_PORT")] + [(console_port, "EXTPROC_CONSOLE_PORT")] * bool(
         console_port
     )
+    internal: dict[str, int] = {}
+    for var in INTERNAL_PORTS:
+        raw = env.get(var, "").strip()
+        if not raw:
+            continue
+        if not raw.isdigit():
+            err(f"extproc: {var} must be a port number, got {raw!r}")
+            return 2
+        internal[var] = int(raw)
+        wanted.append((int(raw), var))
+    seen: dict[int, str] = {}
+    for taken, var in wanted:
+        if taken in seen:
+            err(f"extproc: {var} and {seen[taken]} are both {taken}; give each its own port")
+            return 2
+        seen[taken] = var
     for taken, var in wanted:
         problem = port_problem(taken, var=var)
         if problem:
@@ -254,6 +284,7 @@ def main(env: dict[str, str] | None = None) -> int:
             policy,
             policy_path,
             (port, console_port),
+            internal,
             upstream,
             data_dir,
             env,
@@ -269,6 +300,7 @@ def _run(
     policy: Any,
     policy_path: Path,
     ports: tuple[int, int],
+    internal: dict[str, int],
     upstream: str | None,
     data_dir: Path,
     env: dict[str, str],
@@ -278,10 +310,9 @@ def _run(
     if env.get("EXTPROC_CONFIG"):
         sidecar_env["EXTPROC_CONFIG"] = str(Path(env["EXTPROC_CONFIG"]).resolve())
     if upstream is None:
-        # The simulator accepts any credential: stand in for the real keys nobody has locally.
-        for name, ws in policy.workspaces.items():
-            if ws.upstream.key_env and not env.get(ws.upstream.key_env):
-                sidecar_env[ws.upstream.key_env] = f"sk-simulated-{name}"
+        # The simulator accepts any credential: every workspace, one added to the live
+        # policy too, gets a simulated key instead of the real ones nobody has locally.
+        sidecar_env["EXTPROC_UPSTREAM_KEYS"] = "simulated"
     else:
         for line in credential_warnings(policy, env):
             err(line)
@@ -306,6 +337,10 @@ def _run(
             # A CA bundle for an https UPSTREAM_URL other than the system's (a corporate proxy).
             upstream_ca=env.get("UPSTREAM_CA_FILE") or None,
             log_echo=lambda name: LogEcho(name, err),
+            sidecar_port=internal.get("EXTPROC_SIDECAR_PORT"),
+            redis_port=internal.get("EXTPROC_REDIS_PORT"),
+            simulator_port=internal.get("EXTPROC_SIMULATOR_PORT"),
+            admin_port=internal.get("EXTPROC_ENVOY_ADMIN_PORT"),
         )
     )
     stopped = threading.Event()
@@ -325,6 +360,8 @@ def _run(
                 redis_url=stack.redis_url,
                 policy=str(policy_path),
                 data_dir=str(data_dir),
+                upstream_url=stack.upstream_url,
+                simulated=upstream is None,
             )
         )
         secret, workspace, service, reused = demo_key(stack.redis_url, policy, data_dir)

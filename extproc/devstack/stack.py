@@ -221,6 +221,109 @@ def start_cluster(directory: Path, nodes: int = 3) -> tuple[list[Child], str]:
     return children, f"redis+cluster://{hosts}"
 
 
+@dataclass
+class SentinelSet:
+    """A primary, its replicas and the Sentinels watching them (started by `start_sentinels`)."""
+
+    nodes: dict[int, Child]  # by port; the primary first
+    sentinels: list[Child]
+    url: str  # redis+sentinel://...
+    service: str
+    password: str
+
+    def primary_port(self) -> int | None:
+        """Where the Sentinels currently say the primary is (the first that answers)."""
+        for child in self.sentinels:
+            port = child.port  # type: ignore[attr-defined]
+            try:
+                with redis.Redis(port=port, password=self.password, socket_timeout=2) as s:
+                    found = s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+            except redis.RedisError:
+                continue
+            if found:
+                return int(found[1])
+        return None
+
+    def stop(self) -> None:
+        for child in [*self.sentinels, *self.nodes.values()]:
+            child.stop()
+
+
+def start_sentinels(
+    directory: Path, *, replicas: int = 2, sentinels: int = 3, password: str = "s3cret-pass"
+) -> SentinelSet:
+    """A Sentinel-managed primary with `replicas` replicas, all with a password, on loopback.
+
+    The same valkey-server runs the Sentinels (`--sentinel`), each with a config file of
+    its own (Sentinel rewrites it as it learns). Quick to notice a dead primary (1 s), as a
+    test needs; production settings are in deploy/components/redis-sentinel.
+    """
+    service = "extproc"
+    auth = ("--requirepass", password, "--masterauth", password)
+    nodes: dict[int, Child] = {}
+    started: list[Child] = []
+    try:
+        primary = free_port()
+        for i in range(replicas + 1):
+            port = primary if i == 0 else free_port()
+            extra = (*auth, "--replica-announce-ip", "127.0.0.1")
+            if i:
+                extra += ("--replicaof", "127.0.0.1", str(primary))
+            nodes[port] = redis_child(port, directory / f"node{i}", *extra, persist=True)
+            started.append(nodes[port])
+        watchers = []
+        for i in range(sentinels):
+            port = free_port()
+            conf = directory / f"sentinel{i}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\nsentinel announce-ip 127.0.0.1\n"
+                f"requirepass {password}\n"
+                f"sentinel monitor {service} 127.0.0.1 {primary} 2\n"
+                f"sentinel auth-pass {service} {password}\n"
+                f"sentinel down-after-milliseconds {service} 1000\n"
+                f"sentinel failover-timeout {service} 5000\n"
+            )
+            child = Child(f"sentinel{i}", [redis_server_binary(), str(conf), "--sentinel"])
+            child.port = port  # type: ignore[attr-defined]
+            started.append(child)
+            watchers.append(child)
+        _wait_sentinels_agree(watchers, service, password, replicas)
+    except BaseException:
+        for child in started:
+            child.stop()
+        raise
+    hosts = ",".join(f"127.0.0.1:{c.port}" for c in watchers)  # type: ignore[attr-defined]
+    url = f"redis+sentinel://:{password}@{hosts}/{service}?sentinel_password={password}"
+    return SentinelSet(nodes, watchers, url, service, password)
+
+
+def _wait_sentinels_agree(
+    watchers: list[Child], service: str, password: str, replicas: int
+) -> None:
+    """Until every Sentinel knows every replica and every other Sentinel: before that a
+    failover could not gather its majority."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        ready = 0
+        for child in watchers:
+            port = child.port  # type: ignore[attr-defined]
+            try:
+                with redis.Redis(port=port, password=password, socket_timeout=2) as s:
+                    info = s.sentinel_master(service)
+            except redis.RedisError:
+                continue
+            if int(info["num-slaves"]) >= replicas and (
+                int(info["num-other-sentinels"]) >= len(watchers) - 1
+            ):
+                ready += 1
+        if ready == len(watchers):
+            return
+        if time.monotonic() > deadline:
+            logs = "\n".join(c.output() for c in watchers)
+            raise TimeoutError(f"sentinels did not agree in {READY_TIMEOUT}s:\n{logs}")
+        time.sleep(0.1)  # polling the Sentinels' own view, not synchronising on time
+
+
 @dataclass(frozen=True)
 class ProviderTls:
     """Serve the simulator over HTTPS as the provider: what a mesh e2e test stands up.
@@ -266,6 +369,11 @@ class StackConfig:
     # Concurrent streams Envoy admits per cluster (circuit breakers); None: EXTPROC_MAX_STREAMS
     # from the environment, else envoy.yaml's own figure.
     max_streams: int | None = None
+    # Internal ports, pinned (`make run` reads them from EXTPROC_*_PORT); None: a free one.
+    sidecar_port: int | None = None  # the first sidecar's gRPC port (Envoy's ext_proc)
+    redis_port: int | None = None
+    simulator_port: int | None = None
+    admin_port: int | None = None  # Envoy's admin API
 
 
 def raise_fd_limit() -> int:
@@ -334,11 +442,12 @@ class Stack:
             ).split("://", 1)[1]  # fmt: skip
             self.upstream_url = f"https://{tls.server_name}"
         elif not cfg.upstream_url:
-            self.upstream_url = self._start_simulator("simulator")
+            self.upstream_url = self._start_simulator("simulator", port=cfg.simulator_port)
         for name in cfg.extra_upstreams:
             self.routes[name] = self._start_simulator(f"simulator-{name}")
         for i in range(cfg.sidecars):
-            self.start_sidecar("sidecar" if i == 0 else f"sidecar{i + 1}")
+            pinned = cfg.sidecar_port if i == 0 else None
+            self.start_sidecar("sidecar" if i == 0 else f"sidecar{i + 1}", pinned)
         self.start_envoy(data)
         if cfg.console_port:
             self.start_console(cfg.console_port)
@@ -359,8 +468,8 @@ class Stack:
             line.split("console: ", 1)[1] for line in child.lines if line.startswith("console: ")
         )
 
-    def _start_simulator(self, name: str, *tls_args: str) -> str:
-        port = free_port()
+    def _start_simulator(self, name: str, *tls_args: str, port: int | None = None) -> str:
+        port = port or free_port()
         argv = [sys.executable, "-m", "extproc.simulator", "--port", str(port), *tls_args]
         sim = self._spawn(name, argv)
         sim.wait_for_line("listening")
@@ -376,7 +485,7 @@ class Stack:
         self.children["redis"] = redis_child(port, directory, persist=True)
 
     def start_redis(self, directory: Path) -> None:
-        port = free_port()
+        port = self.config.redis_port or free_port()
         self._redis(port, directory)
         self.redis_url = f"redis://127.0.0.1:{port}/0"
 
@@ -438,7 +547,7 @@ class Stack:
 
     def start_envoy(self, data: Path) -> None:
         cfg = self.config
-        self.admin_port = free_port()
+        self.admin_port = cfg.admin_port or free_port()
         ports = envoy_config.EnvoyPorts(
             listen=cfg.listen_port,
             admin=self.admin_port,

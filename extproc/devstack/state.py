@@ -4,6 +4,11 @@
 directory (`$XDG_STATE_HOME/extproc/stacks`, else `~/.local/state/extproc/stacks`), and
 removes it on the way out. A file whose process is gone (the stack was killed) is
 ignored and cleaned up, so the CLI never talks to a Redis that no longer exists.
+
+Several checkouts (git worktrees) may each run a stack. Without a port, the CLI takes
+the stack started from the directory it runs in (or one above it), else the one started
+from the checkout the CLI itself is installed from, else the only one running; the CLI
+names the stack it used on stderr.
 """
 
 from __future__ import annotations
@@ -11,8 +16,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
+
+SOURCE_CHECKOUT = Path(__file__).resolve().parents[2]
+"""The checkout this CLI runs from (an editable install)."""
 
 START_HINT = "start one with `make run` in the extproc checkout"
 URL_HINT = "or pass --redis-url (or set EXTPROC_REDIS_URL) for another Redis"
@@ -30,6 +38,19 @@ class StackState:
     redis_url: str
     policy: str
     data_dir: str
+    # Where the sidecar sends provider traffic (no /v1); "" in records of older versions.
+    upstream_url: str = ""
+    # The upstream is the local simulator: upstream keys are simulated, and so is the
+    # provider's admin API (`extproc reconcile`).
+    simulated: bool = False
+
+    @property
+    def checkout(self) -> Path:
+        """The directory `make run` was started in: the data is in <checkout>/.data/<port>."""
+        return Path(self.data_dir).parent.parent
+
+    def describe(self) -> str:
+        return f"the stack on port {self.port} (started in {self.checkout})"
 
 
 def state_dir() -> Path:
@@ -70,7 +91,8 @@ def remove(port: int, pid: int) -> None:
 def read(port: int) -> StackState | None:
     try:
         raw = json.loads(_file(port).read_text())
-        return StackState(**{k: raw[k] for k in StackState.__dataclass_fields__})
+        wanted = [f.name for f in fields(StackState) if f.name in raw or f.default is MISSING]
+        return StackState(**{name: raw[name] for name in wanted})
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -96,8 +118,19 @@ def running() -> list[StackState]:
     return sorted(found, key=lambda s: s.port)
 
 
-def find(port: int | None = None) -> StackState:
-    """The stack on `port`, else the only running one; NoStackError says what to do."""
+def _preferred(stacks: list[StackState], here: Path) -> list[StackState]:
+    """The stacks started from `here` or a directory above it, else from this CLI's own
+    checkout, else all of them."""
+    for wanted in ({here, *here.parents}, {SOURCE_CHECKOUT}):
+        mine = [s for s in stacks if s.checkout.resolve() in wanted]
+        if mine:
+            return mine
+    return stacks
+
+
+def find(port: int | None = None, here: Path | None = None) -> StackState:
+    """The stack on `port`, else the one this checkout started (see the module's notes),
+    else the only running one; NoStackError says what to do."""
     stacks = running()
     if port is not None:
         for state in stacks:
@@ -110,6 +143,7 @@ def find(port: int | None = None) -> StackState:
         )
     if not stacks:
         raise NoStackError(f"no running extproc stack found; {START_HINT}, {URL_HINT}")
+    stacks = _preferred(stacks, (here or Path.cwd()).resolve())
     if len(stacks) > 1:
         ports = ", ".join(str(s.port) for s in stacks)
         raise NoStackError(f"several extproc stacks are running (ports {ports}): pass --stack PORT")

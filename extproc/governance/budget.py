@@ -277,6 +277,13 @@ def overdraft_left(denial: Decision, overdraft_nanos: int) -> int:
     return max(scope.hard_nanos + overdraft_nanos - used, 0)
 
 
+def remaining_nanos(hard_nanos: int, spent_nanos: int, held_nanos: int) -> int:
+    """What a scope has left, the one meaning of "remaining" (headers, /me, reports): up
+    to the hard limit, where calls are refused, less what is spent and what in-flight calls
+    hold; never below zero."""
+    return max(hard_nanos - spent_nanos - held_nanos, 0)
+
+
 @dataclass(frozen=True, slots=True)
 class Standing:
     """Where one capped scope stood when the request was admitted."""
@@ -287,9 +294,8 @@ class Standing:
 
     @property
     def left_nanos(self) -> int:
-        """What is left of the budget (not of the hard limit's overdraft)."""
-        budget = self.scope.budget_nanos or 0
-        return max(budget - self.spent_nanos, 0)
+        """What is left before the hard limit refuses (`remaining_nanos`)."""
+        return remaining_nanos(self.scope.hard_nanos or 0, self.spent_nanos, self.held_nanos)
 
     @property
     def over_soft(self) -> bool:
@@ -316,13 +322,14 @@ class Decision:
 
     @property
     def binding(self) -> Standing | None:
-        """The budgeted scope with the smallest share left: the one that will stop the caller."""
-        capped = [s for s in self.standings if s.scope.budget_nanos]
+        """The capped scope with the smallest share of its hard limit left: the one that
+        will stop the caller."""
+        capped = [s for s in self.standings if s.scope.hard_nanos]
         if not capped:
             return None
         return min(
             capped,
-            key=lambda s: (s.left_nanos / s.scope.budget_nanos, s.left_nanos),  # type: ignore[operator]
+            key=lambda s: (s.left_nanos / s.scope.hard_nanos, s.left_nanos),  # type: ignore[operator]
         )
 
 

@@ -33,6 +33,15 @@ CLIENT_CREDENTIALS = frozenset(
 
 UPGRADE_HEADERS = ("upgrade", "connection")
 
+SIMULATED_KEY_PREFIX = "sk-simulated-"
+
+
+def simulated_upstream_key(workspace: str) -> str:
+    """The provider key a workspace uses towards the local simulator (`upstream_keys:
+    simulated`): stable, so the simulator's admin API reports one project per workspace."""
+    return SIMULATED_KEY_PREFIX + workspace
+
+
 MISSING_KEY = OpenAIError(
     401,
     "You didn't provide an API key. Send your extproc key as 'Authorization: Bearer <key>' "

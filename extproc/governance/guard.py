@@ -149,12 +149,12 @@ def visibility_headers(identity: Identity, decision: Decision | None) -> dict[st
     if identity.team:
         headers["x-extproc-team"] = identity.team
     binding = decision.binding if decision else None
-    if binding is not None and binding.scope.budget_nanos:
-        left = binding.left_nanos
+    if binding is not None and binding.scope.hard_nanos:
+        left = binding.left_nanos  # against the hard limit, as /me reports it
         headers["x-extproc-budget-scope"] = binding.scope.label
-        headers["x-extproc-budget-remaining-usd"] = usd(left, cents=True)
+        headers["x-extproc-budget-remaining-usd"] = usd(left)
         headers["x-extproc-budget-remaining-percent"] = (
-            f"{100 * left / binding.scope.budget_nanos:.1f}"
+            f"{100 * left / binding.scope.hard_nanos:.1f}"
         )
     warned = [s.scope.label for s in (decision.standings if decision else ()) if s.over_soft]
     if warned:

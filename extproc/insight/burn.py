@@ -46,7 +46,7 @@ from extproc.governance.periods import period_at
 from extproc.governance.policy import Policy, Workspace
 from extproc.insight.alerts import Alert
 from extproc.insight.telemetry import Telemetry
-from extproc.metering.prices import usd
+from extproc.metering.prices import usd, usd_for_people
 from extproc.store.clients import UNAVAILABLE, AsyncClient
 from extproc.store.schema import (
     WORKSPACE_SCOPE,
@@ -55,6 +55,7 @@ from extproc.store.schema import (
     hour_key,
     service_scope,
     spent_key,
+    team_scope,
     workspace_prefix,
 )
 
@@ -67,7 +68,7 @@ SAME_WEEKDAYS = 4  # day hashes live 40 days: four weeks back is always there
 MIN_SAME_WEEKDAYS = 2
 TRAILING_DAYS = 7
 ALERT_TTL_S = 172_800
-CHECK_INTERVAL_S = 300.0
+CHECK_INTERVAL_S = 60.0
 
 Hashes = Mapping[str, Mapping[str, int]]
 """Redis hash contents by key name (fields that exist only): field -> integer."""
@@ -138,6 +139,15 @@ def scopes_of(ws: Workspace) -> list[tuple[str, str, int | None]]:
     return out
 
 
+def budgeted_scopes(ws: Workspace) -> list[tuple[str, int]]:
+    """(scope field, budget) of every scope with a budget of its own: the workspace, its
+    teams and its services, as the settle script counts them in the period's hash."""
+    out = [(WORKSPACE_SCOPE, ws.budget_nanos)] if ws.budget_nanos else []
+    out += [(team_scope(t.name), t.budget_nanos) for t in ws.teams.values() if t.budget_nanos]
+    out += [(service_scope(s.name), s.budget_nanos) for s in ws.services.values() if s.budget_nanos]
+    return out
+
+
 def _keys(ws: Workspace, clock: Clock, policy: Policy) -> dict[str, str]:
     p = workspace_prefix(ws.name)
     period = period_at(ws.period, clock.now_ms, policy.timezone)
@@ -156,9 +166,24 @@ def burn_reads(policy: Policy, now: datetime) -> dict[str, tuple[str, ...]]:
     reads: dict[str, tuple[str, ...]] = {}
     for ws in policy.workspaces.values():
         fields = tuple(scope for scope, _service, _hard in scopes_of(ws))
-        for key in _keys(ws, clock, policy).values():
+        keys = _keys(ws, clock, policy)
+        for key in keys.values():
             reads[key] = fields
+        budgeted = tuple(scope for scope, _budget in budgeted_scopes(ws))
+        reads[keys["spent"]] = tuple(dict.fromkeys((*fields, *budgeted)))
     return reads
+
+
+def utilization(policy: Policy, hashes: Hashes, now: datetime) -> list[tuple[str, str, float]]:
+    """(workspace, scope, share of its budget spent this period) for every budgeted scope,
+    from the `burn_reads` hashes: what `extproc_budget_utilization_ratio` reports."""
+    clock = clock_at(now, policy)
+    out = []
+    for ws in policy.workspaces.values():
+        spent = hashes.get(_keys(ws, clock, policy)["spent"], {})
+        for scope, budget in budgeted_scopes(ws):
+            out.append((ws.name, scope, spent.get(scope, 0) / budget))
+    return out
 
 
 # --- the decision --------------------------------------------------------------------------
@@ -374,7 +399,7 @@ def alert_text(b: Burn) -> str:
         return f"{text} At this pace the {_dollars(b.hard_nanos)} hard limit holds this period."
     if b.spent_nanos >= b.hard_nanos:
         return f"{text} The {_dollars(b.hard_nanos)} hard limit is already reached."
-    when = b.runs_out.strftime("%Y-%m-%d %H:%M")
+    when = b.runs_out.strftime("%Y-%m-%d %H:%M %Z")
     return (
         f"{text} At this pace the {_dollars(b.hard_nanos)} hard limit is reached on {when} "
         "and calls will be refused."
@@ -382,7 +407,7 @@ def alert_text(b: Burn) -> str:
 
 
 def _dollars(nanos: int) -> str:
-    return usd(nanos, cents=True, sign=True, grouped=True)
+    return usd_for_people(nanos)
 
 
 def burn_alert(b: Burn) -> Alert:
@@ -445,7 +470,10 @@ class BurnWatch:
         if policy is None:
             return []
         now = datetime.fromtimestamp(self._now_ms() / 1000, policy.timezone)
-        states = burn_state(policy, await self.read(policy, now), now)
+        hashes = await self.read(policy, now)
+        states = burn_state(policy, hashes, now)
+        for workspace, scope, ratio in utilization(policy, hashes, now):
+            self._telemetry.budget_utilization(workspace, scope, ratio)
         for b in states:
             if b.ratio is not None:
                 self._telemetry.burn_rate(b.workspace, b.service, float(b.ratio))

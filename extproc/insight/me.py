@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, tzinfo
 from typing import Any
 
-from extproc.governance.budget import Plan, plan_request
+from extproc.governance.budget import Plan, plan_request, remaining_nanos
 from extproc.governance.keys import Identity
 from extproc.governance.policy import Policy
 from extproc.metering.ledger import record_to_dict
@@ -75,11 +75,11 @@ def _why(record: UsageRecord) -> str | None:
     return None
 
 
-def request_row(record: UsageRecord) -> dict[str, Any]:
-    """One of the caller's requests, as the developer sees it."""
+def request_row(record: UsageRecord, tz: tzinfo) -> dict[str, Any]:
+    """One of the caller's requests, as the developer sees it (times in the policy's zone)."""
     return {
         "request_id": record.request_id,
-        "time": datetime.fromtimestamp(record.time_ms / 1000).astimezone().isoformat(),
+        "time": datetime.fromtimestamp(record.time_ms / 1000, tz).isoformat(),
         "time_ms": record.time_ms,
         "endpoint": record.endpoint,
         "model_requested": record.model_requested,
@@ -106,7 +106,7 @@ def me_view(
     for s in plan.scopes:
         spent = reads.spent.get(s.scope, 0)
         held = reads.held.get(s.scope, 0)
-        remaining = None if s.hard_nanos is None else max(s.hard_nanos - spent - held, 0)
+        remaining = None if s.hard_nanos is None else remaining_nanos(s.hard_nanos, spent, held)
         budgets.append(
             {
                 "scope": s.scope,
@@ -171,7 +171,7 @@ def me_view(
         "budgets": budgets,
         "rate_limits": rates,
         "sessions": list(sessions.values()),
-        "recent_requests": [request_row(r) for r in mine],
+        "recent_requests": [request_row(r, tz) for r in mine],
     }
 
 

@@ -44,6 +44,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AttributeValue
 
 from extproc.books.events import UsageEvents, usage_events
+from extproc.insight.genai import GenAIMetrics
 from extproc.routing.decide import Step
 from extproc.settings import ConfigError
 from extproc.store.schema import is_key_scope
@@ -71,6 +72,11 @@ DURATION_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 
 OVERHEAD_BUCKETS_S = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
 )  # fmt: skip
+
+WORKER_METRICS_ENV = "EXTPROC_WORKER_METRICS"
+"""Set by the worker supervisor: serve metrics on an ephemeral loopback port and announce it
+(`METRICS_LINE`), for the supervisor to merge into the pod's one scrape (`insight.fanin`)."""
+METRICS_LINE = "extproc metrics on"
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _EXPORTER_CHOICES = ("otlp", "console", "none")
@@ -285,6 +291,7 @@ class _Instruments:
         "denials",
         "downgrades",
         "duration",
+        "genai",
         "overhead",
         "requests",
         "tokens",
@@ -353,6 +360,7 @@ class _Instruments:
             unit="1",
             description="Today's projected spend divided by a usual day (trailing same weekdays).",
         )
+        self.genai = GenAIMetrics(meter)
 
 
 class Telemetry:
@@ -367,6 +375,7 @@ class Telemetry:
         "_tracer_provider",
         "capture_content",
         "enabled",
+        "metrics_address",
     )
 
     def __init__(
@@ -389,6 +398,7 @@ class Telemetry:
         self.enabled = (
             self._tracer is not None or self._metrics is not None or self._events is not None
         )
+        self.metrics_address = ""  # host:port of this process's scrape endpoint, if any
 
     @classmethod
     def from_env(cls) -> Telemetry:
@@ -399,15 +409,15 @@ class Telemetry:
         collector must not retry into the void on every batch.
         """
         env = os.environ
-        if env.get("EXTPROC_TELEMETRY", "").strip().lower() in _OFF or (
-            env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
-        ):
+        if telemetry_off(env):
             return cls()
         traces = exporter_names(env, "TRACES")
         metrics = exporter_names(env, "METRICS")
         # One event per request is a volume to opt into: logs need OTEL_LOGS_EXPORTER itself.
         logs = exporter_names(env, "LOGS") if env.get("OTEL_LOGS_EXPORTER", "").strip() else ()
-        prometheus = prometheus_address(env.get("EXTPROC_PROMETHEUS_PORT", ""))
+        prometheus = pod_metrics_address(env)
+        if env.get(WORKER_METRICS_ENV) == "1":
+            prometheus = ("127.0.0.1", 0)
         if not traces and not metrics and not logs and prometheus is None:
             return cls()
         resource = service_resource()
@@ -421,8 +431,9 @@ class Telemetry:
                 tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter(name, env)))
         readers: list[MetricReader] = [_metric_reader(name, env) for name in metrics]
         closers: list[Callable[[], None]] = []
+        address = ""
         if prometheus is not None:
-            reader, close = _prometheus(*prometheus)
+            reader, close, address = _prometheus(*prometheus)
             readers.append(reader)
             closers.append(close)
         meter_provider = MeterProvider(resource=resource, metric_readers=readers)
@@ -430,6 +441,7 @@ class Telemetry:
             tracer_provider=tracer_provider, meter_provider=meter_provider, usage_events=events
         )
         telemetry._closers = closers
+        telemetry.metrics_address = address
         return telemetry
 
     # -- the request path -------------------------------------------------------------------
@@ -468,7 +480,8 @@ class Telemetry:
         ws, svc, endpoint = r.workspace, r.service, r.endpoint
         m.requests.add(1, ws, svc, endpoint, r.outcome, t.decision)
         where = {"endpoint": endpoint}
-        m.duration.record(max(t.end_ns - t.start_ns, 0) / 1e9, where)
+        seconds = max(t.end_ns - t.start_ns, 0) / 1e9
+        m.duration.record(seconds, where)
         m.overhead.record(max(t.sidecar_overhead_ns, 0) / 1e9, where)
         model, flag = model_label(r), provisional_label(r)
         for kind, n in token_counts(r):
@@ -477,6 +490,13 @@ class Telemetry:
             m.cost.add(r.cost_nanos / 1e9, ws, svc, model, flag)
         if t.denial_reason:
             m.denials.add(1, ws, t.denial_reason, scope_label(t.denial_scope))
+        m.genai.record(
+            r,
+            operation=operation_name(endpoint),
+            provider=PROVIDER,
+            duration_s=seconds,
+            error_type=error_type(r) if is_error(r) else None,
+        )
 
     # -- state the sidecar learns elsewhere -------------------------------------------------
 
@@ -560,6 +580,20 @@ def prometheus_address(value: str) -> tuple[str, int] | None:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def telemetry_off(env: Mapping[str, str]) -> bool:
+    """EXTPROC_TELEMETRY=off or OTEL_SDK_DISABLED=true: no spans, metrics or scrape port."""
+    return env.get("EXTPROC_TELEMETRY", "").strip().lower() in _OFF or (
+        env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    )
+
+
+def pod_metrics_address(env: Mapping[str, str]) -> tuple[str, int] | None:
+    """Where this process's scrape endpoint listens (EXTPROC_PROMETHEUS_PORT), or None."""
+    if telemetry_off(env):
+        return None
+    return prometheus_address(env.get("EXTPROC_PROMETHEUS_PORT", ""))
+
+
 def service_resource() -> Resource:
     """OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME, with service.name "extproc" by default."""
     from_env = OTELResourceDetector().detect().attributes
@@ -619,14 +653,21 @@ def _metric_reader(name: str, env: Mapping[str, str]) -> MetricReader:
     return PeriodicExportingMetricReader(exporter)
 
 
-def _prometheus(host: str, port: int) -> tuple[MetricReader, Callable[[], None]]:
-    """A scrape endpoint on its own registry, so nothing global leaks into /metrics."""
+def _prometheus(host: str, port: int) -> tuple[MetricReader, Callable[[], None], str]:
+    """A scrape endpoint on its own registry, so nothing global leaks into /metrics; port 0
+    picks a free one. Returns the reader, its closer and the address it listens on."""
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry(auto_describe=True)
     reader = PrometheusMetricReader(registry=registry, scope_info_enabled=False)
-    server, thread = start_http_server(port, host, registry=registry)
+    try:
+        server, thread = start_http_server(port, host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(
+            f"EXTPROC_PROMETHEUS_PORT: cannot listen on {host}:{port}: {exc.strerror}"
+        ) from None
+    port = server.server_port
     log.info("prometheus metrics on http://%s:%d/metrics", host, port)
 
     def close() -> None:
@@ -634,4 +675,4 @@ def _prometheus(host: str, port: int) -> tuple[MetricReader, Callable[[], None]]
         server.server_close()
         thread.join(timeout=5)
 
-    return reader, close
+    return reader, close, f"{host}:{port}"

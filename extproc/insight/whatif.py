@@ -13,6 +13,12 @@ provider (counted, never replayed), and a refused request's cost simply disappea
 the candidate's spend (a developer may well have retried on a cheaper model; we do not
 guess). Reservations are checked as the reserve script checks them (spent plus the
 request's worst case against the hard limit), one request at a time.
+
+A change is measured against what actually happened, not against what was asked for: a
+request the policy in force already served on a cheaper model, and the candidate would
+serve on that same model, is no change (counted as `already_rerouted`); one the candidate
+would serve on another model than it was served on is reported from the served model to
+the candidate's, and repriced.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any
 from extproc.governance.budget import plan_request
 from extproc.governance.keys import Identity
 from extproc.governance.periods import period_at
-from extproc.governance.policy import Policy
+from extproc.governance.policy import Policy, model_key
 from extproc.metering.prices import PriceTable
 from extproc.routing.decide import BudgetState, Traits, decide_route
 from extproc.store.schema import UNATTRIBUTED, team_of
@@ -69,6 +75,7 @@ class WhatIf:
     refused_by: Counter[str] = field(default_factory=Counter)
     downgraded: Counter[tuple[str, str]] = field(default_factory=Counter)
     already_refused: int = 0  # refused by the policy in force: no usage to replay
+    already_rerouted: int = 0  # served on another model than asked, as the candidate would
     actual_nanos: int = 0
     candidate_nanos: int = 0
     scopes: dict[tuple[str, str, str], ScopeOutcome] = field(default_factory=dict)
@@ -83,6 +90,7 @@ class WhatIf:
                 {"from": a, "to": b, "requests": n} for (a, b), n in self.downgraded.most_common()
             ],
             "already_refused_requests": self.already_refused,
+            "already_rerouted_requests": self.already_rerouted,
             "actual_nanos": self.actual_nanos,
             "candidate_nanos": self.candidate_nanos,
             "difference_nanos": self.candidate_nanos - self.actual_nanos,
@@ -198,9 +206,12 @@ def replay(candidate: Policy, records: Iterable[UsageRecord], prices: PriceTable
                 st.hard_crossed = st.hard_crossed or day
             continue
         cost = record.cost_nanos
-        if route.model != requested:
+        served = record.model_served or requested
+        if model_key(route.model) != model_key(served):
             cost = prices.charge(route.model, _usage(record)).nanos
-            out.downgraded[(requested, route.model)] += 1
+            out.downgraded[(served, route.model)] += 1
+        elif model_key(served) != model_key(requested):
+            out.already_rerouted += 1
         out.candidate_nanos += cost
         for st in states:
             st.spent_nanos += cost
@@ -252,7 +263,8 @@ def render_text(result: WhatIf, since_days: int) -> str:
             if d["refused_by"]
             else ""
         ),
-        f"  would be downgraded: {d['downgraded_requests']}",
+        f"  would change model : {d['downgraded_requests']} (from the model that served it; "
+        f"{d['already_rerouted_requests']} served on another model already, as now)",
     ]
     lines += [f"      {x['from']} -> {x['to']}: {x['requests']}" for x in d["downgrades"]]
     diff = d["difference_nanos"]

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from extproc.metering.prices import usd
@@ -125,6 +126,13 @@ async def recent_records(client: AsyncClient, limit: int) -> list[UsageRecord]:
     return [UsageRecord.FromString(raw) for _key, raw in rows[:limit]]
 
 
+WAIT_MS = 1000
+
+
+class NotReplicated(RedisConnectionError):
+    """The primary took the batch but too few replicas did: spool it, as if Redis were away."""
+
+
 class Ledger:
     def __init__(
         self,
@@ -134,8 +142,13 @@ class Ledger:
         spool_dir: str | Path = ".data/spool",
         retry_seconds: float = 1.0,
         on_soft_alert: SoftAlert | None = None,
+        wait_replicas: int = 0,
     ) -> None:
         self._redis = client
+        # A batch counts as written only once this many replicas have it (WAIT): a primary
+        # that dies before replicating must not take acknowledged spend with it. Below the
+        # count, the batch is spooled and replayed (settlement is idempotent by request id).
+        self._wait_replicas = wait_replicas
         self._max_records = max_records
         self._spool = Spool(spool_dir)
         self._retry_seconds = retry_seconds
@@ -258,7 +271,16 @@ class Ledger:
                 pipe.sadd(LEDGERS, *(ledger_key(prefix) for prefix in fresh))
             for s in batch:
                 SETTLE.queue(pipe, [s.prefix], self._settle_args(s))
-            return await pipe.execute()
+            if not self._wait_replicas:
+                return await pipe.execute()
+            pipe.execute_command("WAIT", self._wait_replicas, WAIT_MS)
+            results = await pipe.execute()
+        acked = results.pop()
+        if int(acked) < self._wait_replicas:
+            raise NotReplicated(
+                f"{acked} of {self._wait_replicas} replicas acknowledged the batch in {WAIT_MS} ms"
+            )
+        return results
 
     async def _written_since(self, prefix: str, since_ms: int) -> set[str]:
         """Request ids in a workspace's ledger stream written at or after `since_ms`."""

@@ -100,6 +100,19 @@ def nanos_per_token(usd_per_million: Decimal) -> int:
     return int(usd_per_million * NANOS_PER_DOLLAR) // MILLION
 
 
+CENT_NANOS = NANOS_PER_DOLLAR // 100
+
+
+def usd_for_people(nanos: int) -> str:
+    """Money as people read it, the one rule for every screen, report and alert text:
+    "$1,234.57" to the cent, and an amount under a cent exactly ("$0.001087"), so spend
+    that is not zero never reads "$0.00". Machine output (JSON, headers, exports) keeps
+    `usd`'s exact figures."""
+    if nanos and abs(nanos) < CENT_NANOS:
+        return usd(nanos, sign=True)
+    return usd(nanos, cents=True, sign=True, grouped=True)
+
+
 class Charge(NamedTuple):
     """What one call costs: its parts, their exact sum, and which rates billed it."""
 

@@ -16,7 +16,7 @@ from extproc.governance.policy import (
     Policy,
     RoutingSettings,
 )
-from extproc.metering.prices import NANOS_PER_DOLLAR, usd
+from extproc.metering.prices import NANOS_PER_DOLLAR, usd_for_people
 from extproc.routing.decide import (
     BUDGET_LEVELS,
     BudgetState,
@@ -85,7 +85,7 @@ def _settings_text(s: RoutingSettings) -> str:
     if s.degrade_past_soft:
         parts.append("degrade past soft limit")
     if s.overdraft is not None:
-        parts.append(f"overdraft {s.overdraft.model} {usd(s.overdraft.nanos, sign=True)}")
+        parts.append(f"overdraft {s.overdraft.model} {usd_for_people(s.overdraft.nanos)}")
     if s.max_input_tokens is not None:
         parts.append(f"max input {s.max_input_tokens}")
     if s.max_session_input_tokens is not None:

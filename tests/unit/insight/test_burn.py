@@ -35,6 +35,7 @@ from extproc.insight.burn import (
     choose_baseline,
     clock_at,
     project_day,
+    utilization,
 )
 from extproc.insight.telemetry import Telemetry
 from extproc.metering.ledger import Ledger
@@ -211,7 +212,7 @@ def test_alert_text_says_who_how_fast_and_when_the_money_runs_out() -> None:
     assert text == (
         "extproc: burn rate alert for service ci in workspace eng: today is heading for "
         "$60.00, 3.00x the day before ($20.00). Spent so far today: $10.00. At this pace the "
-        "$220.00 hard limit is reached on 2026-11-12 06:00 and calls will be refused."
+        "$220.00 hard limit is reached on 2026-11-12 06:00 CET and calls will be refused."
     )
     ws = alert_text(burn(scope="ws", service="", runs_out=None, hard_nanos=3300 * USD))
     assert ws.startswith("extproc: burn rate alert for workspace eng: ")
@@ -375,6 +376,18 @@ def test_runaway_ci_alerts_within_the_hour_once_across_replicas(
             for p in metric.data.data_points
         }
 
+    def utilization_gauge() -> dict[tuple[str, str], float]:
+        data = reader.get_metrics_data()
+        assert data is not None
+        return {
+            (p.attributes["workspace"], p.attributes["scope"]): p.value
+            for rm in data.resource_metrics
+            for sm in rm.scope_metrics
+            for metric in sm.metrics
+            if metric.name == "extproc.budget.utilization.ratio"
+            for p in metric.data.data_points
+        }
+
     async def scenario() -> dict[datetime, list[Burn]]:
         client = make_client(redis_url)
         ledger = Ledger(client, spool_dir=tmp_path / "spool")
@@ -456,4 +469,32 @@ def test_runaway_ci_alerts_within_the_hour_once_across_replicas(
     assert body["text"].startswith("extproc: burn rate alert for service ci in workspace eng: ")
     assert "hard limit is reached on 2026-11-12" in body["text"]
     assert gauge()[("eng", "ci")] >= 3
+    # The same looks keep the utilization gauge: the month's spend over each budget.
+    last = seen[max(seen)]
+    spent = {b.scope: b.spent_nanos for b in last}
+    assert utilization_gauge() == {
+        ("eng", "ws"): spent["ws"] / (3000 * USD),
+        ("eng", "svc:ci"): spent["svc:ci"] / (200 * USD),
+    }
     assert alerted_key(ci) == "{ws:eng}:alerted:burn:2026-11-10:svc:ci"
+
+
+def test_utilization_is_the_periods_spend_over_each_budget() -> None:
+    policy = parse_policy_text(
+        POLICY_TEXT.format(port=9).replace(
+            "    services:\n",
+            "    teams:\n      infra: {budget_usd: 400}\n      free: {}\n    services:\n",
+            1,
+        )
+    )
+    now = berlin(2026, 11, 10, 9, 10)
+    reads = burn_reads(policy, now)
+    spent_key = "{ws:eng}:spent:2026-11"
+    assert reads[spent_key] == ("ws", "svc:ide", "svc:ci", "team:infra")
+    hashes = {spent_key: {"ws": 600 * USD, "svc:ci": 50 * USD, "team:infra": 100 * USD}}
+    # Scopes without a budget (service ide, team free) have nothing to be a share of.
+    assert utilization(policy, hashes, now) == [
+        ("eng", "ws", 0.2),
+        ("eng", "team:infra", 0.25),
+        ("eng", "svc:ci", 0.25),
+    ]

@@ -108,6 +108,56 @@ def test_degrading_past_soft_counts_downgrades_and_reprices(tmp_path: Path) -> N
     assert result["refused_requests"] == 0
 
 
+def degrading(tmp_path: Path, on: bool = True) -> Policy:
+    path = tmp_path / f"degrade-{on}.yaml"
+    flag = "true" if on else "false"
+    path.write_text(
+        BASE.format(budget="100", extra="routing:\n  ladder: {gpt-4o: gpt-4o-mini}\n").replace(
+            "      cli: {team: platform}",
+            f"      cli: {{team: platform, routing: {{degrade_past_soft: {flag}}}}}",
+        )
+    )
+    return load_policy(path)
+
+
+def served_as_in_force(prices: PriceTable) -> list[UsageRecord]:
+    """What the degrading policy really did: asked for gpt-4o all along, the ten requests
+    past the soft limit served (and billed) on gpt-4o-mini."""
+    records = ledger(model="gpt-4o")
+    for r in records[10:]:
+        r.model_served = "gpt-4o-mini-2024-07-18"  # as the provider names what it served
+        r.cost_nanos = prices.charge(r.model_served, _usage_of(r)).nanos
+    return records
+
+
+def _usage_of(r: UsageRecord) -> Usage:
+    return Usage(r.input_tokens, r.cached_input_tokens, r.output_tokens, r.reasoning_tokens)
+
+
+def test_the_downgrades_already_made_are_not_changes(tmp_path: Path) -> None:
+    prices = PriceTable.load()
+    records = served_as_in_force(prices)
+    result = replay(degrading(tmp_path), records, prices).to_dict()
+    assert result["downgrades"] == [] and result["downgraded_requests"] == 0
+    assert result["already_rerouted_requests"] == 10
+    assert result["candidate_nanos"] == result["actual_nanos"]
+    assert result["difference_nanos"] == 0
+    text = render_text(replay(degrading(tmp_path), records, prices), 30)
+    assert "would change model : 0" in text and "10 served on another model already" in text
+
+
+def test_undoing_a_downgrade_is_a_change_from_the_served_model(tmp_path: Path) -> None:
+    prices = PriceTable.load()
+    records = served_as_in_force(prices)
+    result = replay(degrading(tmp_path, on=False), records, prices).to_dict()
+    assert result["downgrades"] == [
+        {"from": "gpt-4o-mini-2024-07-18", "to": "gpt-4o", "requests": 10}
+    ]
+    full = prices.charge("gpt-4o", Usage(1000, 0, 100, 0)).nanos
+    mini = prices.charge("gpt-4o-mini", Usage(1000, 0, 100, 0)).nanos
+    assert result["difference_nanos"] == 10 * (full - mini) > 0
+
+
 def test_requests_refused_now_and_unknown_services_are_reported(tmp_path: Path) -> None:
     records = ledger(days=1)
     records[0].outcome = "rejected"

@@ -496,3 +496,22 @@ def test_usd_integer_arithmetic_writes_what_decimal_writes() -> None:
 def test_usd_is_exact() -> None:
     assert Charge(1, "gpt-5", False).usd == Decimal("0.000000001")
     assert Charge(123 * NANOS_PER_DOLLAR + 7, "gpt-5", False).usd == Decimal("123.000000007")
+
+
+def test_usd_for_people_rounds_to_the_cent_but_never_hides_spend() -> None:
+    from extproc.metering.prices import usd_for_people
+
+    assert usd_for_people(0) == "$0.00"
+    assert usd_for_people(1_087_000) == "$0.001087"  # not "$0.00"
+    assert usd_for_people(1) == "$0.000000001"
+    assert usd_for_people(-262_500) == "$-0.0002625"
+    assert usd_for_people(9_999_999) == "$0.009999999"  # still under a cent: exact
+    assert usd_for_people(10_000_000) == "$0.01"
+    assert usd_for_people(14_999_999) == "$0.01"
+    assert usd_for_people(15_000_000) == "$0.02"  # half up
+    assert usd_for_people(1_234_567 * NANOS_PER_DOLLAR // 100) == "$12,345.67"
+    assert usd_for_people(500 * NANOS_PER_DOLLAR) == "$500.00"
+    rng = random.Random(7)
+    for n in [rng.randrange(1, 10**13) for _ in range(2000)]:
+        shown = usd_for_people(n)
+        assert shown != "$0.00" and Decimal(shown[1:].replace(",", "")) > 0, n
