@@ -168,7 +168,12 @@ def test_the_supervisor_endpoint_serves_the_sum_of_real_workers(
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-    dev = {"workspace": "dev", "service": "cli", "model": "gpt-4o-mini"}
+    dev = {
+        "workspace": "dev",
+        "service": "cli",
+        "model": "gpt-4o-mini-2024-07-18",
+        "provisional": "false",
+    }
     assert got[key("extproc_tokens_total", **dev, kind="input")] == 2 * 1200
     assert got[key("extproc_tokens_total", **{**dev, "workspace": "ci"}, kind="input")] == 1200
     assert got[key("extproc_request_duration_seconds_count", endpoint="chat.completions")] == 3
