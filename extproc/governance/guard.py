@@ -198,15 +198,25 @@ def ask(
     )
 
 
-_TENTH_CENT = 100_000  # nanos: amounts below a cent are shown to 1/100 of a cent
+_TENTH_CENT = 100_000  # nanos: amounts are shown to 1/100 of a cent, in cents when whole
+_CENT = 10_000_000
+
+
+def _shown(nanos: int, *, up: bool = False) -> str:
+    """An amount for people, rounded toward what keeps the text true: a cost up, a
+    remainder down (so "could cost" is never shown at or below "left")."""
+    q = -(-nanos // _TENTH_CENT) * _TENTH_CENT if up else nanos // _TENTH_CENT * _TENTH_CENT
+    if q == 0 and nanos > 0:
+        return usd(nanos)
+    return usd(q, cents=q % _CENT == 0)
 
 
 def _up(nanos: int) -> str:
-    return usd(-(-nanos // _TENTH_CENT) * _TENTH_CENT)
+    return _shown(nanos, up=True)
 
 
 def _down(nanos: int) -> str:
-    return usd(nanos // _TENTH_CENT * _TENTH_CENT) if nanos >= _TENTH_CENT else usd(nanos)
+    return _shown(nanos)
 
 
 def _no_room(scope: ScopeLimit, standing: Standing, plan: Plan, ask: Ask | None, reset: str) -> str:
@@ -214,7 +224,7 @@ def _no_room(scope: ScopeLimit, standing: Standing, plan: Plan, ask: Ask | None,
     hard = scope.hard_nanos or 0
     spent, held = standing.spent_nanos, standing.held_nanos
     left = hard - spent - held
-    where = f"the ${usd(hard, cents=True)} hard limit of {scope.label} for period {plan.period.id}"
+    where = f"the ${_down(hard)} hard limit of {scope.label} for period {plan.period.id}"
     in_flight = f", ${_up(held)} held for requests in flight" if held else ""
     cost = f"This request could cost up to ${_up(plan.reserve_nanos)}{_what(ask)}"
     if left <= 0:

@@ -112,7 +112,7 @@ def test_two_cents_budgeted_first_turn_says_the_input_alone_is_too_big() -> None
         prices=PRICES, now_ms=T0,
     )  # fmt: skip
     text = message(plan, refused(plan, spent=0), ask(plan))
-    assert "$0.00 spent" not in text and "exhausted" not in text
+    assert "exhausted" not in text and "($0.00 spent)" in text  # true, and not the cause
     assert "more than the $0.02 left of the $0.02 hard limit" in text
     assert "send less input (the input alone holds $0.0313)" in text
     assert "set max_output_tokens" not in text
@@ -177,3 +177,18 @@ def test_codex_gets_the_same_text_as_a_400_with_whom_to_ask() -> None:
     assert shaped.message == f"{error.message} Whom to ask: #platform-help."
     sdk = guard.for_client(error, codex=False, contact="#platform-help")
     assert sdk.status == 429 and sdk.message.endswith("Whom to ask: #platform-help.")
+
+
+def test_amounts_below_a_cent_keep_their_digits() -> None:
+    policy = parse_policy_text(
+        "version: 1\ndefaults: {hard_limit: 110%}\nworkspaces:\n  tiny:\n"
+        '    budget_usd: "0.01"\n    upstream: {key_env: X}\n    services: {codex-cli: {}}\n'
+    )
+    plan = plan_request(
+        policy, CALLER, model="gpt-5", counted_input=8_000, output_cap=None,
+        prices=PRICES, now_ms=T0,
+    )  # fmt: skip
+    text = message(plan, refused(plan, spent=0), ask(plan))
+    # Not "$0.011 left of the $0.01 hard limit": the limit is 110% of a one-cent budget.
+    assert "more than the $0.011 left of the $0.011 hard limit" in text
+    assert "($0.00 spent)" in text
