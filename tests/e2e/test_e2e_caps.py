@@ -33,7 +33,7 @@ from extproc.metering.prices import PriceTable
 from extproc.metering.worstcase import worst_case_nanos
 from extproc.store.schema import WORKSPACE_SCOPE, ledger_key, spent_key, workspace_prefix
 from extproc.v1.ledger_pb2 import UsageRecord
-from tests.conftest import new_key, policy_stack, wait_record
+from tests.conftest import cli, new_key, policy_stack, wait_record
 
 RID = "x-extproc-request-id"
 PRICES = PriceTable.load()
@@ -64,7 +64,9 @@ workspaces:
     budget_usd: 100
     upstream: {key_env: TEST_UPSTREAM}
     passthrough: {allow_unpriced: true}
-    services: {bot: {}}
+    services:
+      bot: {}
+      limited: {key_rate_limits: {rpm: 1}}
   tiny:
     budget_usd: "0.02"
     default_output_cap: 4096
@@ -173,8 +175,10 @@ def test_a_workspace_at_its_hard_limit_refuses_a_burst_like_a_metered_call(
     assert at_limit == rec["cost_nanos"] >= 1 * CENT  # spent reached the hard limit
     assert at_limit <= 1 * CENT + rec["cost_nanos"]  # past it by that one call, no more
 
+    last = upstream_saw(cstack)[-1]
     responses = burst(cstack, key["key"], 200)
     assert {r.status_code for r in responses} == {429}
+    assert upstream_saw(cstack)[-1] == last  # none reached the provider
     for resp in responses:
         wait_record(rc, resp.headers[RID])
     after = ledger(rc, "spent")[len(before) :]
@@ -270,3 +274,33 @@ def test_a_request_too_big_for_what_is_left_is_told_what_would_fit(
         True,
         0,
     )
+
+
+def test_priced_passthrough_obeys_rate_limits_and_revocation_through_its_hold(
+    cstack: Stack, rc: redis.Redis
+) -> None:
+    limited = new_key(cstack, "lenient", "limited")
+    client = sdk(cstack, limited["key"])
+    client.responses.compact(model="gpt-5-mini", input=HISTORY)
+    with pytest.raises(openai.RateLimitError) as rate:
+        client.responses.compact(model="gpt-5-mini", input=HISTORY)
+    assert rate.value.code == "rate_limit_exceeded"
+    assert "1 requests per minute" in str(rate.value)
+    assert int(rate.value.response.headers["retry-after"]) >= 1
+
+    key = new_key(cstack, "lenient", "bot")
+    revoked = sdk(cstack, key["key"])
+    revoked.responses.compact(model="gpt-5-mini", input=HISTORY)
+    cli(cstack, "keys", "revoke", key["key_id"])
+    last = upstream_saw(cstack)[-1]
+    # Refused by the hold's own revocation check, or (once the revocation notice reached the
+    # key cache) as an unknown key: either way at once, and never forwarded.
+    with pytest.raises(openai.AuthenticationError) as info:
+        revoked.responses.compact(model="gpt-5-mini", input=HISTORY)
+    assert info.value.code == "invalid_api_key"
+    assert upstream_saw(cstack)[-1] == last
+
+
+def upstream_saw(stack: Stack) -> list[dict[str, Any]]:
+    """The simulator's own log of what reached it (its last 64 requests)."""
+    return httpx.get(f"{stack.upstream_url}/_sim/requests", timeout=10).json()["requests"]
