@@ -6,11 +6,12 @@ endpoint in `extproc.wire.paths`:
 * free: the call costs nothing at the provider; recorded with cost 0, `price_family: free`.
 * usage: the answer reports token usage (gpt-image-1 generations, Responses compaction);
   priced exactly from the price table when the model has a row there. Such a call was held
-  against the budget before it was forwarded (see `dataplane.passthrough`); when its answer
-  carries no usage (cut, client gone, a stream) it is billed like a metered call without
-  usage: the input the sidecar counted, at the model's rate, marked `estimated`. An image
-  request whose usage includes image input tokens (priced differently from text) is billed
-  that way too; a model without a row falls back to the next rule: it is never guessed.
+  against the budget before it was forwarded (see `dataplane.passthrough`); a streamed
+  image generation's usage is read from its last event carrying one. When the answer carries
+  no usage (cut, client gone) the call is billed like a metered call without usage: the
+  input the sidecar counted, at the model's rate, marked `estimated`. An image request whose
+  usage includes image input tokens (priced differently from text) is billed that way too;
+  a model without a row falls back to the next rule: it is never guessed.
 * unpriced: the call may cost money the answer does not state; recorded with cost 0 and
   `price_family: unpriced`, so reports can show it and a reconciler can settle it later.
 
@@ -29,6 +30,7 @@ from extproc.v1.ledger_pb2 import UsageRecord
 from extproc.wire.endpoints import load_json, model_of
 from extproc.wire.errors import OpenAIError
 from extproc.wire.paths import Pricing, Target
+from extproc.wire.priced import final_answer
 from extproc.wire.responses import response_usage
 from extproc.wire.usage import Usage
 
@@ -91,7 +93,7 @@ def settle_passthrough(seen: PassthroughSeen, prices: PriceTable) -> UsageRecord
     record.price_family = FREE_FAMILY if pricing is Pricing.FREE else UNPRICED_FAMILY
     if pricing is not Pricing.USAGE:
         return record
-    answer = load_json(seen.response_body) if seen.response_body is not None else None
+    answer = final_answer(seen.response_body) if seen.response_body is not None else None
     usage = usage_of(answer)
     served = (model_of(answer) if isinstance(answer, dict) else None) or seen.request_model
     record.model_served = served

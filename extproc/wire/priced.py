@@ -26,6 +26,7 @@ from extproc.wire.common import (
 )
 from extproc.wire.errors import invalid_request
 from extproc.wire.responses import Responses, response_usage
+from extproc.wire.sse import SSEParser
 from extproc.wire.usage import Usage
 
 IMAGES_DEFAULT_MODEL = "dall-e-2"
@@ -125,6 +126,21 @@ class ImageGenerations(_PricedPassthrough):
 
     def input_overhead(self, body: dict[str, Any]) -> int:
         return 0
+
+
+def final_answer(body: bytes) -> Any:
+    """A priced call's answer as JSON: the object itself, or, for a stream (an image
+    generation with `stream: true` ends with `image_generation.completed`), the payload of
+    the last event that carries `usage`. None when there is neither."""
+    answer = load_json(body)
+    if answer is not None or not body.lstrip().startswith((b"event:", b"data:")):
+        return answer
+    last = None
+    for event in SSEParser().feed(body + b"\n\n"):
+        payload = load_json(event.data)
+        if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+            last = payload
+    return last
 
 
 PRICED: dict[str, Compact | ImageGenerations] = {e.name: e for e in (Compact(), ImageGenerations())}

@@ -204,3 +204,25 @@ def test_the_orphan_of_a_hold_is_its_estimate() -> None:
     expected = PRICES.charge("gpt-5-mini", Usage(input_tokens=321)).nanos
     assert (record.outcome, record.estimated, record.cost_nanos) == ("orphaned", True, expected)
     assert seen.status == 200  # the live call's own view is untouched
+
+
+def test_a_streamed_image_generation_is_billed_from_its_final_event() -> None:
+    usage = {"input_tokens": 12, "output_tokens": 4160, "total_tokens": 4172}
+    events = [
+        {"type": "image_generation.partial_image", "b64_json": "AAAA", "partial_image_index": 0},
+        {"type": "image_generation.completed", "b64_json": "BBBB", "usage": usage},
+    ]
+    body = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events).encode()
+    seen = PassthroughSeen(
+        "rid",
+        1,
+        classify("POST", "/v1/images/generations"),
+        status=200,
+        request_model="gpt-5-mini",  # a priced stand-in: the bundled table has no image row
+        response_body=body,
+        held=True,
+        counted_input_tokens=12,
+    )
+    record = settle_passthrough(seen, PRICES)
+    expected = PRICES.charge("gpt-5-mini", Usage(input_tokens=12, output_tokens=4160)).nanos
+    assert (record.cost_nanos, record.estimated, record.output_tokens) == (expected, False, 4160)
