@@ -4,8 +4,8 @@ The `Exchange` authenticates the caller and classifies the path; for a passthrou
 hands each later ext_proc message here. This side only collects what the record needs (the
 status, and for calls priced from their answer the request's model and the response body);
 `extproc.metering.passthrough` turns that into the record. A priced call of a governed
-caller `holds`: its whole request body goes back to the `Exchange`, which counts, prices and
-reserves it like a metered request before it is forwarded.
+caller `holds`: its whole request body is read, counted, priced and reserved (`hold`) like
+a metered request before the `Exchange` lets it go.
 """
 
 from __future__ import annotations
