@@ -481,14 +481,17 @@ class Stack:
 
     def stop(self) -> None:
         self._stopping = True
+        redis = [n for n in self.children if n == "redis" or n.startswith("redis-node")]
         simulators = [n for n in self.children if n.startswith("simulator")]
-        sidecars = [n for n in self.children if n.startswith("sidecar")]
-        for name in ("console", "envoy", *sidecars, *simulators):
+        # Every other child is a sidecar, whatever its name (`start_sidecar("replica")`).
+        sidecars = [
+            n
+            for n in self.children
+            if n not in ("console", "envoy") and n not in redis and n not in simulators
+        ]
+        for name in ("console", "envoy", *sidecars, *simulators, *redis):
             child = self.children.get(name)
             if child:
-                child.stop()
-        for name, child in self.children.items():
-            if name == "redis" or name.startswith("redis-node"):
                 child.stop()
 
     def __enter__(self) -> Stack:
