@@ -62,7 +62,7 @@ from extproc.routing.decide import (
     prompt_cache_key,
     traits_for,
 )
-from extproc.routing.rewrite import apply_route, set_output_cap
+from extproc.routing.rewrite import apply_route, output_cap_field, set_output_cap
 from extproc.v1.ledger_pb2 import UsageRecord
 from extproc.wire.endpoints import Endpoint, StreamMeter
 from extproc.wire.errors import (
@@ -100,20 +100,6 @@ _REQUEST_HEADERS = frozenset(
 ROUTE_HEADER = "x-extproc-route"
 _RESPONSE_HEADERS = frozenset({":status", "content-type"})
 _RID = "x-extproc-request-id"
-_CONTINUE_PHASE = {
-    "request_headers": msgs.CONTINUE_REQUEST_HEADERS,
-    "request_body": msgs.CONTINUE_REQUEST_BODY,
-    "response_headers": msgs.CONTINUE_RESPONSE_HEADERS,
-    "response_body": msgs.CONTINUE_RESPONSE_BODY,
-}
-
-
-def unmetered_key(method: str, path: str) -> str:
-    """Group unmetered traffic by resource, not by id: `GET /v1/responses/*`."""
-    parts = path.split("?", 1)[0].split("/")
-    if len(parts) > 3:
-        parts = [*parts[:3], "*"]
-    return f"{method} {'/'.join(parts)[:128]}"
 
 
 class Exchange(Settling):
@@ -179,7 +165,7 @@ class Exchange(Settling):
         if path.startswith(selfservice.PREFIX):
             # Answered here, never forwarded: the developer's own view (see selfservice).
             self._closed = True
-            self._deps.ledger.note_unmetered(unmetered_key(method, path))
+            self._deps.ledger.note_unmetered(selfservice.unmetered_key(method, path))
             return selfservice.answer(self._deps, method, path, presented_key(h))
         seen = self.seen
         # 128 random bits as 32 hex digits, the shape a uuid4 hex had: the id is opaque
@@ -270,21 +256,25 @@ class Exchange(Settling):
         self._pass = PassthroughCall(
             PassthroughSeen(
                 seen.request_id, seen.time_ms, target, seen.envoy_request_id, seen.session_id
-            )
+            ),
+            governed=identity is not None and self._deps.budgets is not None,
         )
         if identity is not None and policy is not None and target.path.startswith(MODELS_PATH):
             return self._answer_models(policy, identity, target)
+        if self._pass.holds and end_of_stream:
+            return self._reject(MISSING_BODY)  # nothing to count or price: refused, like metered
         json_body = h.get("content-type", "").startswith("application/json") and not end_of_stream
         reply = self._pass.forward(add, remove, json_body=json_body)
-        if identity is None or self._deps.keys is None:
-            return reply
+        if identity is None or self._deps.keys is None or self._pass.holds:
+            return reply  # a held call's reservation checks revocation itself
         return self._unless_revoked(self._deps.keys, identity, reply)
 
     async def _unless_revoked(
         self, keys: KeyLookup, identity: Identity, reply: msgs.ProcessingResponse
     ) -> msgs.ProcessingResponse:
-        """Passthrough calls hold no reservation, so the budget scripts' revocation check never
-        runs for them: ask the revoked set directly, so a revocation is immediate here too."""
+        """Free and unpriced passthrough calls hold no reservation, so the budget scripts'
+        revocation check never runs for them: ask the revoked set directly, so a revocation
+        is immediate here too."""
         try:
             revoked = await keys.is_revoked(identity)
         except Exception:
@@ -330,8 +320,10 @@ class Exchange(Settling):
     # -- request body: parse, count, reserve --------------------------------------------
 
     def on_request_body(self, msg: msgs.pb.HttpBody) -> Reply:
-        if self._pass is not None:
-            return self._pass.on_request_body(msg)
+        passing = self._pass
+        if passing is not None:
+            body = passing.on_request_body(msg)
+            return msgs.CONTINUE_REQUEST_BODY if body is None else self._hold(passing, body)
         if self._endpoint is None:
             return msgs.CONTINUE_REQUEST_BODY
         self._request_chunks.append(msg.body)
@@ -423,6 +415,25 @@ class Exchange(Settling):
             )
         return self._forward(prepared, clear_route_cache=route.route is not None)
 
+    async def _hold(self, passing: PassthroughCall, raw: bytes) -> msgs.ProcessingResponse:
+        """Hold a priced passthrough call before it goes, like a metered one (see `hold`)."""
+        held = await passing.hold(
+            self._deps,
+            self._identity,  # type: ignore[arg-type]
+            raw,
+            self._content_encoding,
+            orphan=lambda plan: self._passthrough_orphan(passing, plan),
+        )
+        if held.bad_input is not None:
+            return self._bad_request(held.bad_input)
+        if held.plan is None or held.decision is None:
+            assert held.refusal is not None
+            return self._reject(held.refusal)
+        self._plan, self._decision = held.plan, held.decision
+        if not held.decision.allowed:
+            return self._denied(held.plan, held.decision, held.ask)
+        return msgs.CONTINUE_REQUEST_BODY
+
     async def _fingerprint(self, prepared: PreparedRequest) -> Prefix | None:
         """The (routed) request's cacheable prefix; hashed off the event loop when big."""
         endpoint, body = self._endpoint, prepared.parsed
@@ -486,10 +497,7 @@ class Exchange(Settling):
             route = retried[-1]
         self._plan, self._decision = plan, decision
         if not decision.allowed:
-            error, headers = guard.denial(decision, plan, policy.timezone)
-            if decision.reason == "budget" and decision.first_denial:
-                log.warning("hard limit reached: %s", error.message)
-            return self._reject(error, headers)
+            return self._denied(plan, decision, lambda: self._ask(prepared, route, plan))
         cap = settings.max_session_input_tokens
         if cap is not None and decision.session_tokens > cap:
             # The session's running total is known only now, from the reservation itself.
@@ -508,6 +516,29 @@ class Exchange(Settling):
         if refusal is not None and deps.new_models is not None:
             deps.new_models.seen(model, identity.workspace, admitted=False)
         return refusal
+
+    def _denied(
+        self, plan: Plan, decision: Decision, ask: Callable[[], guard.Ask] | None
+    ) -> msgs.ProcessingResponse:
+        """Refuse a denied reservation; `ask` says what it would have held (budget only)."""
+        assert self._deps.policy is not None
+        what = ask() if ask is not None and decision.reason == "budget" else None
+        error, headers = guard.denial(decision, plan, self._deps.policy.timezone, what)
+        if decision.reason == "budget" and decision.first_denial:
+            log.warning("hard limit reached: %s", error.message)
+        return self._reject(error, headers)
+
+    def _ask(self, prepared: PreparedRequest, route: RouteDecision, plan: Plan) -> guard.Ask:
+        """What a refused metered request would have held, for its refusal's text."""
+        return guard.ask(
+            self._deps.prices,
+            plan,
+            model=route.model,
+            outputs=prepared.facts.choices,
+            output_param=output_cap_field(self.seen.endpoint),
+            stated=(route.max_output_tokens or prepared.facts.output_cap) is not None,
+            source="the workspace's default_output_cap",
+        )
 
     def _plan_for(self, prepared: PreparedRequest, route: RouteDecision, now: int) -> Plan:
         deps = self._deps
@@ -553,6 +584,9 @@ class Exchange(Settling):
         err = guard.for_client(err, codex=self._codex, contact=contact)
         self.seen.rejected = err
         self.seen.status = err.status
+        if self._pass is not None:
+            self._pass.seen.rejected = err
+            self._pass.seen.status = err.status
         self.seen.response_finished = True
         self._finish()
         extra = {_RID: self.seen.request_id, **(headers or {})}
@@ -629,7 +663,7 @@ class Exchange(Settling):
         self.seen.status = self._pass.seen.status
         headers = {_RID: self.seen.request_id}
         if self._identity is not None:
-            headers.update(guard.visibility_headers(self._identity, None))
+            headers.update(guard.visibility_headers(self._identity, self._decision))
         if done:
             # Nothing more to read: the body (a file download, say) streams straight through.
             self.seen.response_finished = True
@@ -653,11 +687,12 @@ class Exchange(Settling):
         have not been swapped, so continuing would send the caller's key upstream.
         """
         before = phase == "request_headers" or (
-            phase == "request_body" and self._endpoint is not None
+            phase == "request_body"
+            and (self._endpoint is not None or (self._pass is not None and self._pass.holds))
         )
         if before:
             if self._closed:
                 # Already settled (the failure came after a rejection was built).
                 return msgs.immediate(500, INTERNAL_ERROR.body(), {_RID: self.seen.request_id})
             return self._reject(INTERNAL_ERROR)
-        return _CONTINUE_PHASE.get(phase, msgs.CONTINUE_RESPONSE_BODY)
+        return msgs.CONTINUE_PHASE.get(phase, msgs.CONTINUE_RESPONSE_BODY)

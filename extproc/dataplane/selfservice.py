@@ -18,7 +18,14 @@ from extproc.dataplane import envoy_msgs as msgs
 from extproc.dataplane.deps import Deps
 from extproc.governance import guard
 from extproc.governance.keys import MISSING, Identity
-from extproc.insight.me import ME_PAGE_PATH, ME_PATH, me_view, plan_for, read_me
+from extproc.insight.me import (
+    ME_PAGE_PATH,
+    ME_PATH,
+    me_view,
+    plan_for,
+    read_me,
+    typical_request,
+)
 from extproc.wire.errors import OpenAIError
 
 log = logging.getLogger("extproc.dataplane.selfservice")
@@ -77,5 +84,14 @@ async def _me(deps: Deps, secret: str) -> msgs.ProcessingResponse:
     except Exception:
         log.exception("reading the caller's standing failed")
         return msgs.immediate(503, _error(503, "The budget store is unavailable.", "unavailable"))
-    body = json.dumps(me_view(policy, identity, plan, reads, now)).encode()
+    typical = typical_request(reads.records, policy.workspaces[identity.workspace], deps.prices)
+    body = json.dumps(me_view(policy, identity, plan, reads, now, typical)).encode()
     return msgs.immediate(200, body, _NO_STORE)
+
+
+def unmetered_key(method: str, path: str) -> str:
+    """Group unmetered traffic by resource, not by id: `GET /v1/responses/*`."""
+    parts = path.split("?", 1)[0].split("/")
+    if len(parts) > 3:
+        parts = [*parts[:3], "*"]
+    return f"{method} {'/'.join(parts)[:128]}"

@@ -19,7 +19,7 @@ from extproc.insight.cachehygiene import Prefix
 from extproc.insight.telemetry import RequestTelemetry
 from extproc.insight.telemetry import verdict as request_verdict
 from extproc.metering.decisions import Observed, PreparedRequest, bare_record, orphaned, settle
-from extproc.metering.passthrough import settle_passthrough
+from extproc.metering.passthrough import orphaned_passthrough, settle_passthrough
 from extproc.metering.settlement import CachePrefix, settlement_for
 from extproc.routing import shadow
 from extproc.routing.decide import RouteDecision
@@ -91,6 +91,12 @@ class Settling:
         record.outcome = "orphaned"
         if route.steps:
             record.routing = route.header_value()
+        return self._settlement(record, plan, reservation_id="").SerializeToString()
+
+    def _passthrough_orphan(self, passing: PassthroughCall, plan: Plan) -> bytes:
+        """A held passthrough call's settlement if its hold expires unsettled (see `_orphan`):
+        the counted input at the model's rate, estimated."""
+        record = orphaned_passthrough(passing.seen, self._deps.prices)
         return self._settlement(record, plan, reservation_id="").SerializeToString()
 
     def _finish(self) -> UsageRecord | None:

@@ -5,6 +5,9 @@ defaults:            # or per workspace
   passthrough:
     endpoints: [models, files, responses, moderations]   # default: every group
     allow_unpriced: false                                 # default: false
+    output_ceiling:                                       # output tokens held per output
+      responses.compact: 16384                            # (defaults shown)
+      images.generations: 6240                            # per image (`n` of them)
 ```
 
 Groups are those of `extproc.wire.paths.GROUPS`. Calls that cost nothing (reads, deletes,
@@ -12,6 +15,11 @@ moderation) and calls whose answer carries priceable usage are allowed when thei
 listed. A call that costs money the answer does not state (a batch job, speech synthesis,
 vector-store writes) is allowed only with `allow_unpriced: true`: by default the gateway
 refuses what it cannot bill. Each call allowed is still recorded in the ledger.
+
+Calls priced from their usage (`extproc.wire.priced`) are held against the budget before
+they are forwarded, like metered calls: their counted input plus, since neither endpoint
+has an output cap the provider enforces, `output_ceiling` output tokens per output. A
+model the price table does not know is unpriced too: refused unless `allow_unpriced`.
 """
 
 from __future__ import annotations
@@ -23,14 +31,49 @@ from typing import Any
 
 from extproc.wire.errors import OpenAIError
 from extproc.wire.paths import GROUPS, Passthrough, Pricing
+from extproc.wire.priced import PRICED
 
-FIELDS = ("endpoints", "allow_unpriced")
+FIELDS = ("endpoints", "allow_unpriced", "output_ceiling")
+Ceiling = tuple[tuple[str, int], ...]
+"""Output tokens per priced endpoint, as (endpoint, tokens) pairs: hashable, like the policy."""
+DEFAULT_OUTPUT_CEILING: Ceiling = (
+    # A compaction's output (its summary, reasoning included) is not capped by the request;
+    # this holds for a long one, at the output rate of the model named.
+    ("responses.compact", 16_384),
+    # gpt-image-1's largest image (1024x1536 or 1536x1024 at high quality) in image output
+    # tokens: no image of that model costs more.
+    ("images.generations", 6_240),
+)
+MAX_OUTPUT_CEILING = 2_147_483_647
 
 
 @dataclass(frozen=True, slots=True)
 class PassthroughPolicy:
     endpoints: frozenset[str] = frozenset(GROUPS)
     allow_unpriced: bool = False
+    output_ceiling: Ceiling = DEFAULT_OUTPUT_CEILING
+
+    def held_output(self, name: str, stated_cap: int | None) -> int:
+        """Output tokens to hold per output of a priced call to endpoint `name`."""
+        if stated_cap is not None:
+            return stated_cap
+        return next(tokens for endpoint, tokens in self.output_ceiling if endpoint == name)
+
+    def unpriced_model(self, name: str, model: str) -> OpenAIError | None:
+        """The refusal of a priced endpoint's call on a model nothing prices, unless the
+        workspace allows unpriced calls (then it is served and recorded `unpriced`)."""
+        if self.allow_unpriced:
+            return None
+        return OpenAIError(
+            403,
+            f"The model '{model}' has no price in extproc's price table, so this {name} call "
+            "could not be billed, and this workspace does not allow unpriced calls "
+            "(passthrough.allow_unpriced). Use a priced model, or ask your platform team to "
+            f"add a price for '{model}'.",
+            "permission_error",
+            "model",
+            "unpriced_model_not_allowed",
+        )
 
     def refusal(self, api: Passthrough, name: str) -> OpenAIError | None:
         """Why this workspace may not call `api`, in OpenAI's shape; None when it may."""
@@ -101,4 +144,35 @@ def parse_passthrough(
             error(f"{path}.allow_unpriced", "must be true or false")
         else:
             allow_unpriced = raw
-    return PassthroughPolicy(endpoints=endpoints, allow_unpriced=allow_unpriced)
+    ceiling = inherited.output_ceiling
+    if "output_ceiling" in value:
+        ceiling = _ceiling(f"{path}.output_ceiling", value["output_ceiling"], ceiling, error)
+    return PassthroughPolicy(
+        endpoints=endpoints, allow_unpriced=allow_unpriced, output_ceiling=ceiling
+    )
+
+
+def _ceiling(path: str, value: Any, inherited: Ceiling, error: Report) -> Ceiling:
+    """`output_ceiling`: output tokens per priced endpoint, each over the inherited one."""
+    names = tuple(PRICED)
+    if not isinstance(value, Mapping):
+        error(path, f"must be a mapping of endpoint to output tokens, from: {', '.join(names)}")
+        return inherited
+    merged = dict(inherited)
+    for name, tokens in value.items():
+        where = f"{path}.{name}"
+        if name not in PRICED:
+            hint = difflib.get_close_matches(str(name), names, n=1)
+            error(
+                where,
+                "not an endpoint priced from its usage"
+                + (f' (did you mean "{hint[0]}"?)' if hint else "")
+                + f"; known: {', '.join(names)}",
+            )
+        elif isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+            error(where, f"must be a positive number of output tokens, got {tokens!r}")
+        elif tokens > MAX_OUTPUT_CEILING:
+            error(where, f"must be at most {MAX_OUTPUT_CEILING}, got {tokens}")
+        else:
+            merged[name] = tokens
+    return tuple(merged.items())

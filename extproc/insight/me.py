@@ -7,6 +7,13 @@ binds the key with spent / soft / hard / remaining and when the period resets, t
 limits and this minute's usage, and the key's own last requests. Nothing about another key,
 team or service is ever read into the answer: records are filtered by the caller's key id.
 
+A scope can stop the caller before its money is gone: every request must hold its worst
+case (counted input plus every output token it may write) before it is sent, so a remainder
+smaller than what the caller's requests hold refuses them all. Each budget therefore says
+whether it is `effectively_blocked` for this caller: its remainder is less than the hold of
+a *typical* request of theirs, the median worst-case hold of their last requests (see
+`typical_request`).
+
 `me_view` is a pure function of what was read (tested without Redis); `read_me` does the
 reads in one pipelined round trip plus one bounded ledger scan.
 """
@@ -20,9 +27,10 @@ from typing import Any
 
 from extproc.governance.budget import Plan, plan_request, remaining_nanos
 from extproc.governance.keys import Identity
-from extproc.governance.policy import Policy
+from extproc.governance.policy import Policy, Workspace
 from extproc.metering.ledger import record_to_dict
 from extproc.metering.prices import PriceTable, usd
+from extproc.metering.worstcase import worst_case_nanos
 from extproc.store.schema import (
     held_key,
     ledger_key,
@@ -35,6 +43,8 @@ from extproc.store.schema import (
     workspace_prefix,
 )
 from extproc.v1.ledger_pb2 import UsageRecord
+from extproc.wire.endpoints import ENDPOINTS
+from extproc.wire.priced import PRICED
 
 RECENT = 20
 SCAN_LIMIT = 2_000
@@ -67,6 +77,80 @@ def plan_for(policy: Policy, identity: Identity, prices: PriceTable, now_ms: int
     )
 
 
+_METERED = frozenset(e.name for e in ENDPOINTS.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Typical:
+    """A typical request of one caller, as a budget sees it: what it holds before it goes."""
+
+    hold_nanos: int
+    model: str
+    input_tokens: int
+    output_tokens: int
+    based_on: int  # how many of the caller's recent requests it was chosen from
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "hold_usd": usd(self.hold_nanos),
+            "hold_nanos": self.hold_nanos,
+            "model": self.model,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "based_on": self.based_on,
+        }
+
+
+def typical_request(
+    records: Sequence[UsageRecord], ws: Workspace, prices: PriceTable
+) -> Typical | None:
+    """The median worst-case hold of the caller's recent requests, priced now.
+
+    A request's hold is what the budget reserved (or would have) before sending it: its
+    counted input plus its output cap (the workspace's `default_output_cap` when it set
+    none; `passthrough.output_ceiling` for priced passthrough calls), all at the rates of
+    the model it named or was routed to. Only requests whose input the sidecar counted take
+    part (metered calls and priced passthrough, refused ones included: a blocked caller's
+    attempts are what they typically send); free calls hold nothing. The median is the lower
+    one, so the typical request is one the caller really sent. None without such requests.
+    """
+    holds: list[tuple[int, str, int, int]] = []
+    for r in records:
+        if not r.counted_input_tokens:
+            continue
+        if r.endpoint in _METERED:
+            output = r.output_cap or ws.default_output_cap
+        elif r.endpoint in PRICED:
+            output = ws.passthrough.held_output(r.endpoint, None)
+        else:
+            continue
+        model = r.model_served or r.model_requested
+        hold = worst_case_nanos(prices, model, r.counted_input_tokens, output)
+        holds.append((hold, model, r.counted_input_tokens, output))
+    if not holds:
+        return None
+    holds.sort()
+    hold, model, inp, out = holds[(len(holds) - 1) // 2]
+    return Typical(hold, model, inp, out, len(holds))
+
+
+def standing_state(
+    spent: int, held: int, hard: int | None, soft: int | None, typical: Typical | None
+) -> str:
+    """`exhausted` (the hard limit is spent), `blocked` (what is left, after the holds of
+    requests in flight, cannot hold a typical request of this caller), `soft` (past the
+    soft limit) or `ok`."""
+    if hard is not None and spent >= hard:
+        return "exhausted"
+    if hard is not None:
+        remaining = hard - spent - held
+        if remaining <= 0 or (typical is not None and remaining < typical.hold_nanos):
+            return "blocked"
+    if soft is not None and spent >= soft:
+        return "soft"
+    return "ok"
+
+
 def _why(record: UsageRecord) -> str | None:
     if record.outcome == "rejected":
         return record.error_code or "rejected"
@@ -97,9 +181,18 @@ def request_row(record: UsageRecord, tz: tzinfo) -> dict[str, Any]:
 
 
 def me_view(
-    policy: Policy, identity: Identity, plan: Plan, reads: MeReads, now_ms: int
+    policy: Policy,
+    identity: Identity,
+    plan: Plan,
+    reads: MeReads,
+    now_ms: int,
+    typical: Typical | None = None,
 ) -> dict[str, Any]:
-    """The JSON answer of `/extproc/v1/me`: a pure function of the policy and the reads."""
+    """The JSON answer of `/extproc/v1/me`: a pure function of the policy and the reads.
+
+    `typical` (see `typical_request`) lets each budget say whether it is effectively
+    blocked for this caller, and how many more typical requests it can hold.
+    """
     tz = policy.timezone
     ws = policy.workspaces[identity.workspace]
     budgets = []
@@ -107,6 +200,10 @@ def me_view(
         spent = reads.spent.get(s.scope, 0)
         held = reads.held.get(s.scope, 0)
         remaining = None if s.hard_nanos is None else remaining_nanos(s.hard_nanos, spent, held)
+        state = standing_state(spent, held, s.hard_nanos, s.soft_nanos, typical)
+        fits = None
+        if remaining is not None and typical is not None and typical.hold_nanos:
+            fits = remaining // typical.hold_nanos
         budgets.append(
             {
                 "scope": s.scope,
@@ -121,6 +218,9 @@ def me_view(
                 "spent_nanos": spent,
                 "hard_nanos": s.hard_nanos,
                 "over_soft": s.soft_nanos is not None and spent >= s.soft_nanos,
+                "state": state,
+                "effectively_blocked": state in ("exhausted", "blocked"),
+                "typical_requests_left": fits,
                 "resets_at": plan.period.end.isoformat(),
             }
         )
@@ -169,6 +269,7 @@ def me_view(
             "resets_at": plan.period.end.isoformat(),
         },
         "budgets": budgets,
+        "typical_request": typical.to_dict() if typical is not None else None,
         "rate_limits": rates,
         "sessions": list(sessions.values()),
         "recent_requests": [request_row(r, tz) for r in mine],

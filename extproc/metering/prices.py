@@ -349,13 +349,8 @@ class PriceTable:
         plain read on newer models), output at the dearest output kind.
         """
         price = self.price_for(model)[0]
-        asked = service_tier or ""
-        card = price.cards[DEFAULT_TIER]
-        if asked not in r.STANDARD_TIERS and asked not in ("flex", "batch"):
-            card = price.card(asked)[0]
-        rates, _threshold = card.at(input_tokens + input_tokens // LONG_CONTEXT_MARGIN)
-        femtos = input_tokens * max(rates.input, rates.cache_write, rates.input_audio)
-        femtos += output_tokens * max(rates.output, rates.output_audio)
+        per_input, per_output = self.hold_rates(model, input_tokens, service_tier=service_tier)
+        femtos = input_tokens * per_input + output_tokens * per_output
         if tools.kinds:
             fees = [
                 r.tool_call_fee(k, price, self.tools, tools, self._image_price) for k in tools.kinds
@@ -368,6 +363,23 @@ class PriceTable:
                     counts.get(k, 1) * fee for k, fee in zip(tools.kinds, fees, strict=True)
                 )
         return -(-femtos // MILLION)
+
+    def hold_rates(
+        self, model: str, input_tokens: int, *, service_tier: str | None = None
+    ) -> tuple[int, int]:
+        """(input, output) rates a hold prices tokens at, nano-dollars per million tokens:
+        the dearest input kind and the dearest output kind of the card the request may be
+        billed on (see `reserve_nanos`), at the long-context tier its input may reach."""
+        price = self.price_for(model)[0]
+        asked = service_tier or ""
+        card = price.cards[DEFAULT_TIER]
+        if asked not in r.STANDARD_TIERS and asked not in ("flex", "batch"):
+            card = price.card(asked)[0]
+        rates, _threshold = card.at(input_tokens + input_tokens // LONG_CONTEXT_MARGIN)
+        return (
+            max(rates.input, rates.cache_write, rates.input_audio),
+            max(rates.output, rates.output_audio),
+        )
 
     def miss_nanos_per_token(self, model: str) -> int:
         """What a prompt-cache miss costs per token, roughly (hygiene counters only)."""

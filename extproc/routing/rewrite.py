@@ -19,6 +19,11 @@ _OUTPUT_CAP_FIELD = {
 _CACHE_KEY_ENDPOINTS = frozenset({"responses", "chat.completions"})
 
 
+def output_cap_field(endpoint: str) -> str | None:
+    """The request field that caps an endpoint's output; None where there is none."""
+    return _OUTPUT_CAP_FIELD.get(endpoint)
+
+
 def apply_route(
     endpoint: str, body: dict[str, Any], decision: RouteDecision, cache_key: str | None
 ) -> bool:

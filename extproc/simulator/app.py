@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
 
-from extproc.simulator import chat, completions, embeddings, responses
+from extproc.simulator import chat, compact, completions, embeddings, responses
 from extproc.simulator.admin import COSTS_PATH, USAGE_PATHS, AdminError, UsageBook
 from extproc.simulator.bodies import BodyError, decode_body, parse_json_object
 from extproc.simulator.caching import PromptCache
@@ -177,7 +177,8 @@ class App:
         path = request.path.rstrip("/") or "/"
         if request.method == "GET":
             return await self._get(request, out, path, faults)
-        if request.method != "POST" or (path not in _GENERATIVE and path != "/v1/embeddings"):
+        known = path in _GENERATIVE or path in ("/v1/embeddings", compact.PATH)
+        if request.method != "POST" or not known:
             message = f"Invalid URL ({request.method} {request.path})"
             return await self._error(request, out, 404, message=message)
         if body is None:
@@ -189,6 +190,8 @@ class App:
             return await self._error(request, out, 400, message=message)
         if path == "/v1/embeddings":
             return await self._embeddings(request, out, body, faults)
+        if path == compact.PATH:
+            return await self._compact(request, out, body, faults)
         kind, build, stream = _GENERATIVE[path]
         required = _REQUIRED.get(kind)
         if required and body.get(required) is None:
@@ -197,6 +200,13 @@ class App:
                 request, out, 400, "missing_required_parameter", message, required
             )
         plan = plan_request(kind, body, request.headers, self.cache)
+        self._book(request, plan)
+        if body.get("stream") is True:
+            return await self._stream(request, out, stream(body, plan, faults), faults, plan)
+        await self._json(request, out, build(body, plan, faults), faults, plan.input_tokens)
+
+    def _book(self, request: Request, plan: Plan) -> None:
+        """What the provider's Usage and Costs APIs will report for this answer."""
         self.book.record(
             "completions",
             request.headers.get("authorization", ""),
@@ -205,9 +215,14 @@ class App:
             plan.cached_tokens,
             plan.output_tokens,
         )
-        if body.get("stream") is True:
-            return await self._stream(request, out, stream(body, plan, faults), faults, plan)
-        await self._json(request, out, build(body, plan, faults), faults, plan.input_tokens)
+
+    async def _compact(
+        self, request: Request, out: Responder, body: dict[str, Any], faults: Faults
+    ) -> None:
+        plan = plan_request("responses", body, request.headers, self.cache)
+        self._book(request, plan)
+        answer = compact.build(body, plan, faults)
+        await self._json(request, out, answer, faults, plan.input_tokens)
 
     async def _embeddings(
         self, request: Request, out: Responder, body: dict[str, Any], faults: Faults

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from extproc.wire.endpoints import ENDPOINTS, Endpoint
+from extproc.wire.priced import PRICED
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -101,13 +102,18 @@ class Passthrough:
     methods: frozenset[str]
     pattern: re.Pattern[str]
     pricing: Pricing
+    # For calls priced from their usage: how their requests are read, counted and held
+    # (`extproc.wire.priced`); None for the others.
+    spec: Endpoint | None = None
 
     def matches(self, method: str, path: str) -> bool:
         return method in self.methods and self.pattern.fullmatch(path) is not None
 
 
-def _api(group: str, methods: str, pattern: str, pricing: Pricing) -> Passthrough:
-    return Passthrough(group, frozenset(methods.split()), re.compile(pattern), pricing)
+def _api(
+    group: str, methods: str, pattern: str, pricing: Pricing, spec: Endpoint | None = None
+) -> Passthrough:
+    return Passthrough(group, frozenset(methods.split()), re.compile(pattern), pricing, spec)
 
 
 _ID = r"[A-Za-z0-9_.:-]+"
@@ -122,14 +128,14 @@ PASSTHROUGH: tuple[Passthrough, ...] = (
     _api("batches", "GET", rf"/v1/batches(/{_ID})?", FREE),
     _api("batches", "POST", rf"/v1/batches/{_ID}/cancel", FREE),
     _api("responses", "POST", r"/v1/responses/input_tokens", FREE),
-    _api("responses", "POST", r"/v1/responses/compact", USAGE),
+    _api("responses", "POST", r"/v1/responses/compact", USAGE, PRICED["responses.compact"]),
     _api("responses", "GET DELETE", rf"/v1/responses/{_ID}", FREE),
     _api("responses", "GET", rf"/v1/responses/{_ID}/input_items", FREE),
     _api("responses", "POST", rf"/v1/responses/{_ID}/cancel", FREE),
     _api("chat.completions", "GET", rf"/v1/chat/completions(/{_ID}(/messages)?)?", FREE),
     _api("chat.completions", "POST DELETE", rf"/v1/chat/completions/{_ID}", FREE),
     _api("conversations", "GET POST DELETE", rf"/v1/conversations(/{_ID})*", FREE),
-    _api("images", "POST", r"/v1/images/generations", USAGE),
+    _api("images", "POST", r"/v1/images/generations", USAGE, PRICED["images.generations"]),
     _api("images", "POST", r"/v1/images/(edits|variations)", UNPRICED),
     _api("audio", "POST", r"/v1/audio/(speech|transcriptions|translations)", UNPRICED),
     _api("moderations", "POST", r"/v1/moderations", FREE),

@@ -2,7 +2,8 @@
 
 Codex CLI is told in a shape it prints at once (400, our JSON body) and sends no second
 request; the SDK keeps OpenAI's statuses and types, and its exception text carries the same
-message: what stopped the caller, the numbers, when it resets, whom to ask. The number of
+message: what stopped the caller (here: a worst case bigger than the budget, not an
+exhausted one), the numbers, when it resets, whom to ask. The number of
 requests each client sent is read from the ledger (exactly one record per request).
 """
 
@@ -68,8 +69,13 @@ def test_codex_cli_prints_the_budget_refusal_after_one_request(
     run = codex_exec(rstack, key["key"], tmp_path, timeout=180)
     output = run.stdout + run.stderr
     assert run.returncode != 0, output
-    assert "Budget exhausted for workspace broke" in output, output
-    assert "hard limit" in output and "$0.01" in output  # the numbers
+    # Nothing is spent: the $0.01 budget is too small for the turn's worst case, and the
+    # refusal says so rather than calling the budget exhausted.
+    assert "Budget exhausted" not in output, output
+    assert "This request could cost up to $" in output, output  # what, and on which model
+    assert "output tokens on gpt-5.1-codex" in output, output
+    assert "left of the $0.011 hard limit of workspace broke" in output  # 110% of $0.01
+    assert "use a cheaper model" in output  # the way out
     assert "It resets at 20" in output  # when
     assert "#platform-help" in output  # whom to ask
     assert "Quota exceeded" not in output and "retry limit" not in output
@@ -96,7 +102,8 @@ def test_sdk_keeps_openai_semantics_with_a_readable_message(rstack: Stack) -> No
     assert info.value.status_code == 429
     assert info.value.code == "insufficient_quota"
     text = str(info.value)
-    assert "Budget exhausted for" in text and "resets at" in text
+    assert "could cost up to" in text and "resets at" in text
+    assert "set max_output_tokens to" in text  # a tiny input: a smaller output cap would fit
     assert "web-leads@example.com" in text  # the team's own contact wins
     r = redis.Redis.from_url(rstack.redis_url)
     try:
