@@ -132,13 +132,13 @@ def test_login_link_works_once_and_pages_need_a_session(bstack: Stack, browser: 
     try:
         page = tab.page
         page.goto(bstack.console_url + "/keys")
-        assert page.url.endswith("/login")  # no session: sent to the login form
+        assert page.url.endswith("/login?next=%2Fkeys")  # no session: sent to the login form
         page.fill('input[name="token"]', "wrong-token-000000000000")
         page.click("text=Log in")
         assert page.locator("text=That is not an admin token").count() == 1
         page.fill('input[name="token"]', ADMIN)
         page.click("text=Log in")
-        assert page.url.rstrip("/") == bstack.console_url
+        assert page.url == bstack.console_url + "/keys"  # back where it was going
         assert page.locator("header >> text=ops").count() == 1
         used = tab.context.new_page()
         resp = used.goto(bstack.console_login)  # already used by the other test
@@ -162,8 +162,13 @@ def test_key_created_and_revoked_in_the_ui_works_then_stops(bstack: Stack, brows
         page.select_option("#target", "prod/api")
         page.fill("#owner", "dana@example.com")
         page.click("text=Create key")
+        page.wait_for_url("**/keys")  # post/redirect/get
         key_id = page.locator("#made-id").inner_text()
         secret = page.locator("#made-key").inner_text().strip()
+        before = page.locator("#keys tr").count()
+        page.reload()  # a reload neither makes a second key nor shows the secret again
+        assert page.locator("#keys tr").count() == before
+        assert page.locator("#made-key").count() == 0 and secret not in page.content()
         client = openai.OpenAI(base_url=bstack.base_url, api_key=secret, max_retries=0)
         ok = client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "made in the UI"}]

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -223,17 +224,52 @@ def test_alerts_are_listed(cstack: Stack, api: httpx.Client) -> None:
     assert alerts[0]["event"] == "soft_limit" and alerts[0]["workspace"] == "dev"
 
 
-def test_console_refuses_a_bad_admin_secret(tmp_path: pytest.TempPathFactory) -> None:
+# The placeholder deploy/base ships, a short token, and an SSO setting missing its partner:
+# each stops the console before it listens, in one line naming what to fix.
+BAD_STARTS = [
+    (
+        {"EXTPROC_ADMIN_TOKENS": "alice:short"},
+        "extproc: EXTPROC_ADMIN_TOKENS: entry 1: token shorter than 24 characters",
+    ),
+    (
+        {"EXTPROC_ADMIN_TOKENS": "platform:replace-me-admin-token-0000"},
+        "extproc: EXTPROC_ADMIN_TOKENS: entry 1: a placeholder token (replace-me-a...): "
+        "replace it with a secret of your own (openssl rand -hex 24)",
+    ),
+    (
+        {"EXTPROC_OIDC_ISSUER": "https://idp.example.com"},
+        "extproc: EXTPROC_OIDC_ISSUER is set: EXTPROC_OIDC_CLIENT_ID is required",
+    ),
+    (
+        {"EXTPROC_OIDC_CLIENT_ID": "console"},
+        "extproc: EXTPROC_OIDC_CLIENT_ID is set but EXTPROC_OIDC_ISSUER is not",
+    ),
+    (
+        {"EXTPROC_CONSOLE_SECURE_COOKIES": "sometimes"},
+        "extproc: EXTPROC_CONSOLE_SECURE_COOKIES must be one of auto, true, false, got 'sometimes'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("env", "line"), BAD_STARTS, ids=lambda v: str(v)[:40])
+def test_console_refuses_a_bad_secret_or_setting_at_start(
+    tmp_path: pytest.TempPathFactory, env: dict[str, str], line: str
+) -> None:
+    """deploy/base's admin token is a placeholder: a console started with it must stop."""
+    tokens = (
+        Path(__file__).resolve().parents[3] / "deploy" / "base" / "kustomization.yaml"
+    ).read_text()
+    assert "tokens=platform:replace-me-admin-token-0000" in tokens  # what the base ships
     out = subprocess.run(
         [sys.executable, "-m", "extproc", "console", "--port", "1"],
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin", "EXTPROC_ADMIN_TOKENS": "alice:short"},
+        env={"PATH": "/usr/bin:/bin", **env},
         timeout=60,
     )
     assert out.returncode == 2
-    assert "EXTPROC_ADMIN_TOKENS: entry 1: token shorter than 16 characters" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert out.stderr == line + "\n"
+    assert out.stdout == ""
 
 
 def test_what_if_cli_and_api_agree_on_the_live_ledger(
