@@ -163,7 +163,6 @@ async def from_session(request: Request) -> Principal | None:
     if session is None:
         return None
     policy = st.policy()
-    await sweep_if_new_policy(st, policy)
     if session.via not in BOOTSTRAP:
         if await st.people.is_disabled(session.person.subject):
             await st.sessions.close(session)
@@ -198,10 +197,13 @@ async def from_bearer(request: Request) -> Principal:
     except ProviderError as exc:
         raise HTTPException(503, f"identity provider unavailable: {exc}") from exc
     policy = st.policy()
-    await sweep_if_new_policy(st, policy)
     person = person_from_claims(claims, policy)
-    if await st.people.is_disabled(person.subject):
+    before = await st.people.get(person.subject)
+    if before is not None and before["disabled"]:
         raise HTTPException(403, f"{person.label} is disabled in this console")
+    if before is None or frozenset(before["groups"]) != person.groups:
+        await st.people.seen(person)  # the groups their keys are checked against
+        await keep_granted_keys(KeyStore(st.redis), policy, person.subject, person.groups)
     found = principal(policy, person, "jwt")
     if found is None:
         raise HTTPException(403, f"{person.label}'s groups grant no access to this console")
@@ -222,6 +224,8 @@ class Need:
         self.page = page
 
     async def __call__(self, request: Request) -> Principal:
+        st = state_of(request)
+        await sweep_if_new_policy(st, st.policy())
         if self.page:
             found = await from_session(request)
             if found is None:

@@ -21,6 +21,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from extproc.console.audit import audit
 from extproc.console.sessions import SessionStore, now_ms, person_digest
 from extproc.governance.access import Person, personal_key_days
 from extproc.governance.keys import KeyInfo, KeyStore
@@ -86,7 +87,7 @@ class People:
             pipe.sadd(PEOPLE, digest)
             await pipe.execute()
         ended = await self.sessions.close_all(subject)
-        revoked = await revoke_personal_keys(store, subject, lambda _key: True)
+        revoked = await revoke_personal_keys(store, subject, lambda _key: True, "disabled")
         return {"subject": subject, "sessions_ended": ended, "keys_revoked": revoked}
 
     async def enable(self, subject: str) -> bool:
@@ -130,12 +131,22 @@ def _row(raw: dict[Any, Any]) -> dict[str, Any]:
     }
 
 
-async def revoke_personal_keys(store: KeyStore, subject: str, which: Any) -> list[str]:
-    """Revoke `subject`'s live personal keys for which `which(info)` is true."""
+SYSTEM = "console"
+"""The audit log's actor for what the console does by itself (offboarding revocations)."""
+
+
+async def _audited(store: KeyStore, info: KeyInfo, reason: str) -> None:
+    await audit(store.client, SYSTEM, "keys.revoke", info.key_id, workspace=info.workspace,
+                holder=info.owner_sub, reason=reason, personal=True)  # fmt: skip
+
+
+async def revoke_personal_keys(store: KeyStore, subject: str, which: Any, reason: str) -> list[str]:
+    """Revoke `subject`'s live personal keys for which `which(info)` is true, each audited."""
     revoked = []
     for info in await store.list(owner_sub=subject):
         if info.status in ("active", "expiring") and which(info):
             await store.revoke(info.key_id)
+            await _audited(store, info, reason)
             revoked.append(info.key_id)
     return revoked
 
@@ -149,4 +160,5 @@ async def keep_granted_keys(
         store,
         subject,
         lambda info: personal_key_days(policy, held, info.workspace, info.service) is None,
+        "their groups no longer grant it",
     )

@@ -109,7 +109,7 @@ const provider = new Provider(issuer, {
     },
   },
   ttl: {
-    AccessToken: 600,
+    AccessToken: (ctx, token) => token.resourceServer?.accessTokenTTL || 600,
     AuthorizationCode: 60,
     IdToken: 600,
     Interaction: 600,
