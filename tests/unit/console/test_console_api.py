@@ -302,3 +302,66 @@ def test_what_if_cli_and_api_agree_on_the_live_ledger(
     assert hard["hard_crossed_on"] is not None and hard["spent_nanos"] == 0
     bad = api.post("/policy/what-if", json={"text": "version: 1\n", "since_days": 1}).json()
     assert bad["valid"] is False and bad["problems"]
+
+
+# --- what a browser is told (issue 19, item 5) ----------------------------------------------
+
+
+def _admin_session(base: str, **headers: str) -> httpx.Response:
+    return httpx.post(
+        base + "/login", data={"token": ADMIN}, headers=headers, timeout=10, follow_redirects=False
+    )
+
+
+def test_pages_and_api_carry_the_security_headers(cstack: Stack) -> None:
+    base = cstack.console_url
+    for path in ("/login", "/admin/v1/keys", "/console.css", "/nope"):
+        resp = httpx.get(base + path, headers={"authorization": f"Bearer {ADMIN}"}, timeout=10)
+        csp = resp.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp, path
+        assert "script-src" not in csp  # no script is allowed at all
+        assert resp.headers["x-frame-options"] == "DENY", path
+        assert resp.headers["referrer-policy"] == "no-referrer", path
+        assert resp.headers["x-content-type-options"] == "nosniff", path
+    assert httpx.get(base + "/login", timeout=10).headers["cache-control"] == "no-store"
+    assert "strict-transport-security" not in httpx.get(base + "/login", timeout=10).headers
+
+
+def test_session_cookie_is_secure_behind_a_tls_proxy(cstack: Stack) -> None:
+    plain = _admin_session(cstack.console_url)
+    proxied = _admin_session(cstack.console_url, **{"x-forwarded-proto": "https"})
+    for resp in (plain, proxied):
+        assert resp.status_code == 303
+    cookie = plain.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "secure" not in cookie
+    secure = proxied.headers["set-cookie"].lower()
+    assert "secure" in secure and "httponly" in secure
+    assert proxied.headers["strict-transport-security"].startswith("max-age=")
+
+
+def test_logout_needs_the_sessions_csrf_token(cstack: Stack) -> None:
+    with httpx.Client(base_url=cstack.console_url, timeout=10) as browser:
+        assert browser.post("/login", data={"token": ADMIN}).status_code == 303
+        page = browser.get("/me")
+        csrf = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        assert browser.post("/logout", data={}).status_code == 400  # no token at all
+        assert browser.post("/logout", data={"csrf": "forged"}).status_code == 403
+        assert browser.get("/keys").status_code == 200  # still signed in
+        assert browser.post("/logout", data={"csrf": csrf}).status_code == 303
+        assert browser.get("/keys").headers["location"].startswith("/login")
+
+
+def test_create_key_then_reload_makes_one_key(cstack: Stack, api: httpx.Client) -> None:
+    """Post/redirect/get: the form's answer is a redirect; reloading it is a GET."""
+    with httpx.Client(base_url=cstack.console_url, timeout=10) as browser:
+        browser.post("/login", data={"token": ADMIN})
+        page = browser.get("/keys")
+        csrf = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        before = len(api.get("/keys").json())
+        made = browser.post("/keys", data={"target": "prod/api", "owner": "x", "csrf": csrf})
+        assert made.status_code == 303 and made.headers["location"] == "/keys"
+        shown = browser.get("/keys")
+        assert 'id="made-key"' in shown.text
+        reloaded = browser.get("/keys")  # what a reload does after the redirect
+        assert 'id="made-key"' not in reloaded.text
+        assert len(api.get("/keys").json()) == before + 1
