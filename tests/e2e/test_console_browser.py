@@ -239,3 +239,50 @@ def test_what_if_page_replays_the_ledger(bstack: Stack, browser: object) -> None
         assert tab.errors == [], tab.errors
     finally:
         tab.close()
+
+
+def test_usage_filters_sessions_and_drill_down_markers(bstack: Stack, browser: object) -> None:
+    """The usage page filters (form, not hand-made URLs) and shows cached tokens; a session
+    row leads to its requests; the drill-down marks each budget's soft limit; every time is
+    in the policy's zone, and the page says which."""
+    key = new_key(bstack, "dev", "cli")
+    first = spend(bstack, "a session's first request", key)
+    second = spend(bstack, "and its second", key)
+    other = spend(bstack, "another service", new_key(bstack, "dev", "etl"))
+    tab = Page(browser)
+    try:
+        page = tab.page
+        _login(page, bstack)
+        page.goto(bstack.console_url + "/usage")
+        assert "Times in UTC." in page.locator("#zone").inner_text()
+        page.select_option("#f-workspace", "dev")
+        page.fill("#f-key", key["key_id"])
+        page.click("#filters button")
+        page.wait_for_url("**/usage?*")
+        rows = page.locator("#usage tr[data-request-id]")
+        ids = [rows.nth(i).get_attribute("data-request-id") for i in range(rows.count())]
+        assert ids == [second, first]  # newest first, only that key's
+        header = page.locator("#usage tr").first.inner_text()
+        assert "cached" in header
+        assert rows.first.locator("td.cached").inner_text().isdigit()
+        cost = rows.first.locator("td.cost")
+        assert int(cost.get_attribute("data-nanos")) > 0 and cost.inner_text() != "$0.00"
+
+        page.goto(bstack.console_url + "/")
+        session = f"sess-{key['key_id']}"
+        page.locator("#sessions a", has_text=session).click()
+        page.wait_for_url("**/usage?*")
+        rows = page.locator("#usage tr[data-request-id]")
+        ids = {rows.nth(i).get_attribute("data-request-id") for i in range(rows.count())}
+        assert ids == {first, second} and other not in ids
+        assert page.locator("#f-session").input_value() == session  # the filter is shown
+
+        page.goto(bstack.console_url + "/w/dev")
+        platform = page.locator('tr[data-kind="team"][data-name="platform"]')
+        assert int(platform.get_attribute("data-soft-nanos")) == 30 * 10**9  # 75% of $40
+        assert platform.locator("svg.bar text", has_text="soft").count() == 1
+        assert page.locator("#period-chart svg line.soft-line").count() == 1
+        assert page.locator("#period-chart svg text", has_text="soft limit").count() == 1
+        assert tab.errors == [], tab.errors
+    finally:
+        tab.close()
