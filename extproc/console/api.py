@@ -14,7 +14,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 from extproc.console import service
@@ -122,10 +123,8 @@ def _ms(text: str | None, tz: Any) -> int | None:
     return None if not text else int(_instant(text, tz).timestamp() * 1000)
 
 
-@router.get("/usage", summary="Ledger records, filtered and paginated (newest first)")
-async def usage(
-    who: Viewer,
-    st: State,
+def usage_filters(
+    request: Request,
     workspace: str | None = None,
     team: str | None = None,
     service_: Annotated[str | None, Query(alias="service")] = None,
@@ -137,10 +136,11 @@ async def usage(
     until: Annotated[str | None, Query(description="ISO 8601, exclusive")] = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 100,
     cursor: Annotated[str | None, Query(pattern=r"^\d+-\d+$")] = None,
-) -> dict[str, Any]:
-    policy = st.policy()
+) -> service.UsageQuery:
+    """The usage filters, shared by the page of records and the export."""
+    policy = state_of(request).policy()
     tz = policy.timezone if policy else None
-    q = service.UsageQuery(
+    return service.UsageQuery(
         workspace=workspace,
         team=team,
         service=service_,
@@ -153,10 +153,38 @@ async def usage(
         limit=limit,
         cursor=cursor,
     )
+
+
+Filters = Annotated[service.UsageQuery, Depends(usage_filters)]
+
+
+@router.get("/usage", summary="Ledger records, filtered and paginated (newest first)")
+async def usage(who: Viewer, st: State, q: Filters) -> dict[str, Any]:
     page = await service.query_usage(st.redis, q)
     filters = {k: v for k, v in vars_of(q).items() if v is not None and k != "limit"}
-    await audit(st.redis, who, "usage.read", workspace or "*", **filters)
+    await audit(st.redis, who, "usage.read", q.workspace or "*", **filters)
     return page
+
+
+@router.get(
+    "/usage/export",
+    summary="The filtered records as a file: jsonl, csv or FOCUS csv (default: 30 days)",
+    response_class=PlainTextResponse,
+)
+async def export(
+    who: Viewer,
+    st: State,
+    q: Filters,
+    format: Literal["jsonl", "csv", "focus"] = "csv",
+) -> Response:
+    try:
+        body, count = await service.export_usage(st.redis, q, format)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    filters = {k: v for k, v in vars_of(q).items() if v is not None and k != "limit"}
+    await audit(st.redis, who, "usage.export", q.workspace or "*", format=format, rows=count,
+                **filters)  # fmt: skip
+    return service.export_response(body, format)
 
 
 def vars_of(q: service.UsageQuery) -> dict[str, Any]:

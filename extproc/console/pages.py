@@ -177,6 +177,25 @@ async def usage(request: Request, who: Viewer) -> HTMLResponse:
     return render(request, "usage.html", who, page=page, q=q, form=form, older=older, policy=policy)
 
 
+@router.get("/usage/export")
+async def usage_export(request: Request, who: Viewer, format: str = "csv") -> Response:
+    """The usage page's filters as a file (every record they select, not one page)."""
+    st = state_of(request)
+    policy = st.policy()
+    form = {name: request.query_params.get(name, "").strip() for name in service.PAGE_FILTERS}
+    if format not in ("jsonl", "csv", "focus"):
+        raise HTTPException(400, "format must be jsonl, csv or focus")
+    try:
+        q = service.usage_query({**form, "cursor": ""}, policy.timezone if policy else None)
+        body, count = await service.export_usage(st.redis, q, format)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    shown = {k: v for k, v in form.items() if v and k != "cursor"}
+    await audit(st.redis, who, "usage.export", q.workspace or "*", format=format, rows=count,
+                via="console", **shown)  # fmt: skip
+    return service.export_response(body, format)  # type: ignore[no-any-return]
+
+
 # --- alerts and audit ------------------------------------------------------------------------
 
 

@@ -170,6 +170,51 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+EXPORT_DAYS = 30
+EXPORT_CAP = 200_000
+"""Records one export from the console may hold in memory; past it, `extproc ledger export`
+(which streams) is the tool, and the answer says so."""
+_EXPORT_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv", "focus": "text/csv"}
+
+
+async def export_usage(client: Any, q: UsageQuery, fmt: str) -> tuple[str, int]:
+    """The records `q` selects (every page of them, oldest first) in `fmt`, and how many."""
+    import io
+
+    from extproc.books.export import write
+    from extproc.insight.whatif import ledger_since
+
+    since = q.since_ms
+    if since is None:
+        since = int(time.time() * 1000) - EXPORT_DAYS * 86_400_000
+    records = [
+        r
+        for r in await ledger_since(client, since, limit=EXPORT_CAP + 1)
+        if (not q.workspace or r.workspace == q.workspace) and q.matches(r)
+    ]
+    if len(records) > EXPORT_CAP:
+        raise ValueError(
+            f"more than {EXPORT_CAP} records: narrow the filters or the time range, "
+            "or use `extproc ledger export`"
+        )
+    records.sort(key=lambda r: (r.time_ms, r.request_id))
+    out = io.StringIO()
+    count = write(records, fmt, out)
+    return out.getvalue(), count
+
+
+def export_response(body: str, fmt: str) -> Any:
+    """The export as a download."""
+    from fastapi import Response
+
+    name = f"extproc-usage.{'jsonl' if fmt == 'jsonl' else 'csv'}"
+    return Response(
+        body,
+        media_type=_EXPORT_TYPES[fmt],
+        headers={"content-disposition": f'attachment; filename="{name}"'},
+    )
+
+
 # --- spend ---------------------------------------------------------------------------------
 
 

@@ -73,6 +73,7 @@ EXPECTED = {
     ("GET", "/"): "signed_in",  # viewers see the overview; anyone else is sent to /me
     ("GET", "/w/{workspace}"): "view",
     ("GET", "/usage"): "view",
+    ("GET", "/usage/export"): "view",
     ("GET", "/alerts"): "view",
     ("GET", "/audit"): "admin",
     ("GET", "/what-if"): "admin",
@@ -96,6 +97,7 @@ EXPECTED = {
     ("POST", "/admin/v1/keys/{key_id}/revoke"): "admin",
     ("GET", "/admin/v1/spend"): "view",
     ("GET", "/admin/v1/usage"): "view",
+    ("GET", "/admin/v1/usage/export"): "view",
     ("GET", "/admin/v1/alerts"): "view",
     ("GET", "/admin/v1/policy"): "admin",
     ("POST", "/admin/v1/policy/validate"): "admin",

@@ -365,3 +365,35 @@ def test_create_key_then_reload_makes_one_key(cstack: Stack, api: httpx.Client) 
         reloaded = browser.get("/keys")  # what a reload does after the redirect
         assert 'id="made-key"' not in reloaded.text
         assert len(api.get("/keys").json()) == before + 1
+
+
+def test_usage_by_session_and_exported_for_viewers(cstack: Stack, api: httpx.Client) -> None:
+    import csv
+    import io
+
+    r = redis.Redis.from_url(cstack.redis_url)
+    key = new_key(cstack, "dev", "etl")
+    sdk = openai.OpenAI(base_url=cstack.base_url, api_key=key["key"], max_retries=0)
+    ids = []
+    for text in ("one", "two"):
+        raw = sdk.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": text}],
+            extra_headers={"session_id": f"export-{key['key_id']}"},
+        )
+        ids.append(raw.headers["x-extproc-request-id"])
+    for rid in ids:
+        wait_record(r, rid)
+    session = {"session": f"export-{key['key_id']}"}
+    found = api.get("/usage", params=session).json()["records"]
+    assert [x["request_id"] for x in found] == ids[::-1]
+    exported = api.get("/usage/export", params={**session, "format": "csv"})
+    assert exported.status_code == 200
+    assert exported.headers["content-disposition"].startswith("attachment;")
+    rows = list(csv.DictReader(io.StringIO(exported.text)))
+    assert [row["request_id"] for row in rows] == ids  # oldest first, every column
+    assert sum(int(row["cost_nanos"]) for row in rows) == sum(x["cost_nanos"] for x in found)
+    focus = api.get("/usage/export", params={**session, "format": "focus"}).text
+    assert focus.splitlines()[0].startswith("BilledCost,")
+    assert len(focus.splitlines()) == 3
+    assert api.get("/usage/export", params={"format": "xlsx"}).status_code == 400
