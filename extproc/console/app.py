@@ -14,6 +14,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from extproc.console.identity import REAUTH
 from extproc.console.state import ConsoleState
 from extproc.governance.keys import KeyStoreError
 from extproc.store.clients import UNAVAILABLE
@@ -62,6 +63,8 @@ def create_app(state: ConsoleState) -> FastAPI:
                 return pages.error_page(request, exc.status_code, str(exc.detail))
             codes = {401: "unauthorized", 403: "forbidden", 404: "not_found", 503: "unavailable"}
             return _error(exc.status_code, str(exc.detail), codes.get(exc.status_code, "error"))
+        if (exc.headers or {}).get(REAUTH):
+            return pages.login_redirect(request, via_provider=True)
         return pages.login_redirect(request)
 
     @app.exception_handler(RequestValidationError)

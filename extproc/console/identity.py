@@ -59,6 +59,8 @@ PUBLIC_ROUTES = frozenset(
 )
 """Routes anyone may reach: the sign-in pages and what they load. Nothing else."""
 BOOTSTRAP = ("token", "link")
+REAUTH = "x-extproc-reauth"
+"""Marks the 401 of a session the provider stopped vouching for: pages go back through it."""
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,10 @@ async def from_session(request: Request) -> Principal | None:
             await st.sessions.close(session)
             return None
         if not await _recheck(st, session, policy):
-            return None
+            # The provider no longer honours the session's token (it expired, or was
+            # revoked): back through the provider, which signs a person in again at once
+            # while its own session lasts, and refuses them if it does not.
+            raise HTTPException(401, "sign in again", headers={REAUTH: "1"})
     found = principal(policy, session.person, session.via, session)
     if found is None:
         await st.sessions.close(session)

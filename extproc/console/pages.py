@@ -67,13 +67,15 @@ def error_page(request: Request, status: int, message: str) -> HTMLResponse:
     return response
 
 
-def login_redirect(request: Request) -> RedirectResponse:
-    """To the sign-in page, coming back here afterwards (GET pages only)."""
+def login_redirect(request: Request, via_provider: bool = False) -> RedirectResponse:
+    """To the sign-in page (or straight to the provider), coming back here afterwards (GET
+    pages only)."""
     here = request.url.path
+    start = "/auth/login" if via_provider else "/login"
     if request.method == "GET" and here not in ("/", "/login"):
         query = f"?{request.url.query}" if request.url.query else ""
-        return RedirectResponse(f"/login?{urlencode({'next': here + query})}", status_code=303)
-    return RedirectResponse("/login", status_code=303)
+        return RedirectResponse(f"{start}?{urlencode({'next': here + query})}", status_code=303)
+    return RedirectResponse(start, status_code=303)
 
 
 _ICON = (

@@ -30,7 +30,15 @@ from extproc.console.identity import PUBLIC_ROUTES, Need
 from extproc.console.state import ConsoleState
 from extproc.devstack.stack import Child, Stack, free_port
 from tests.conftest import policy_stack
-from tests.oidc.idp import AUDIENCE, OTHER_API, SHORT_LIVED, IdP, running_idp
+from tests.oidc.idp import (
+    AUDIENCE,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    OTHER_API,
+    SHORT_LIVED,
+    IdP,
+    running_idp,
+)
 
 ADMIN_TOKEN = "identity-admin-0123456789abcdef"
 POLICY = """
@@ -585,3 +593,38 @@ def test_policy_that_stops_granting_revokes_keys_at_once(world: World) -> None:
         assert not _works(world.stack, made["key"])
     finally:
         path.write_text(before)
+
+
+def test_a_session_whose_token_the_provider_revoked_goes_back_through_it(world: World) -> None:
+    """The provider stops honouring the token a session holds (expired or revoked): the next
+    page goes back through the provider, which signs the person in again while its own
+    session lasts, and lands on the page that was asked for."""
+    import redis
+
+    with signed_in(world, "fin") as browser:
+        r = redis.Redis.from_url(world.stack.redis_url)
+        try:
+            held = [
+                r.hget(key, "access_token")
+                for key in r.scan_iter("{extproc:console}:session:*")
+                if r.hget(key, "subject") == b"fin"
+            ]
+        finally:
+            r.close()
+        assert held and all(held)
+        doc = httpx.get(world.idp.issuer + "/.well-known/openid-configuration").json()
+        for token in held:
+            revoked = httpx.post(
+                doc["revocation_endpoint"],
+                data={"token": token.decode(), "token_type_hint": "access_token"},
+                auth=(CLIENT_ID, CLIENT_SECRET),
+            )
+            assert revoked.status_code == 200
+        page = browser.get(world.console + "/usage")
+        assert page.status_code == 303
+        assert page.headers["location"] == "/auth/login?next=%2Fusage"
+        start = browser.get(world.console + page.headers["location"])
+        back = world.idp._interact(browser, browser.get(start.headers["location"]))
+        done = browser.get(back.headers["location"])  # no login form: the provider knew them
+        assert done.status_code == 200 and 'content="0;url=/usage"' in done.text
+        assert browser.get(world.console + "/usage").status_code == 200
