@@ -36,7 +36,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     if not tokens and not args.login_token and settings.oidc is None:
         print("extproc: no admin token (EXTPROC_ADMIN_TOKENS or _FILE): API closed", flush=True)
     if settings.oidc is not None:
-        print(f"console: single sign-on with {settings.oidc.issuer}", flush=True)
+        print(f"console single sign-on with {settings.oidc.issuer}", flush=True)
     if args.login_token:
         client = state.sync_redis()
         try:

@@ -628,3 +628,20 @@ def test_a_session_whose_token_the_provider_revoked_goes_back_through_it(world: 
         done = browser.get(back.headers["location"])  # no login form: the provider knew them
         assert done.status_code == 200 and 'content="0;url=/usage"' in done.text
         assert browser.get(world.console + "/usage").status_code == 200
+
+
+def test_the_bootstrap_path_works_beside_single_sign_on(world: World) -> None:
+    """With a provider configured, the login page offers it, and admin tokens and the
+    one-time login link still open the console as an admin."""
+    with httpx.Client(base_url=world.console, timeout=30) as client:
+        page = client.get("/login")
+        assert 'id="sso"' in page.text and 'name="token"' in page.text
+        assert client.post("/login", data={"token": ADMIN_TOKEN}).status_code == 303
+        assert client.get("/people").status_code == 200  # an admin, whatever the policy says
+    link = world.stack.console_login  # printed by console 1, used on console 2
+    assert link.startswith(world.console + "/login?token=")
+    with httpx.Client(timeout=30) as client:
+        first = client.get(link.replace(world.console, world.console2))
+        assert first.status_code == 303 and client.get(world.console2 + "/keys").status_code == 200
+        with httpx.Client(timeout=30) as other:
+            assert other.get(link).status_code == 401  # once only, whichever replica
