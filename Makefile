@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-tools codex-cli run test fuzz lint format bench proto clean image push
+.PHONY: install system-tools codex-cli oidc-provider run test fuzz lint format bench proto clean image push
 
 install: $(STAMP)
 
@@ -46,7 +46,14 @@ codex-cli: $(CODEX)
 $(CODEX):
 	npm install --silent --no-audit --no-fund --prefix .tools @openai/codex
 
-test: install system-tools codex-cli lint
+# A real OpenID Connect provider (npm's oidc-provider, run under node) for the console's
+# sign-in tests; its own directory, apart from .tools (which worktrees may share).
+OIDC_PROVIDER := .tools-oidc/node_modules/oidc-provider/package.json
+oidc-provider: $(OIDC_PROVIDER)
+$(OIDC_PROVIDER):
+	npm install --silent --no-audit --no-fund --prefix .tools-oidc oidc-provider@9
+
+test: install system-tools codex-cli oidc-provider lint
 	$(PY) -m pytest -q
 
 # `make test` runs the property tests on fixed examples (the same every run). This is the long

@@ -14,25 +14,39 @@ def cmd_console(args: argparse.Namespace) -> int:
     from extproc.cli.admin import policy_path, redis_url
     from extproc.console.app import create_app
     from extproc.console.auth import Auth, AuthConfigError, tokens_from_env
+    from extproc.console.config import ConsoleConfigError, settings_from_env
+    from extproc.console.sessions import mint_login
     from extproc.console.state import ConsoleState
+    from extproc.store.clients import UNAVAILABLE
 
     try:
         tokens = tokens_from_env()
-    except AuthConfigError as exc:
+        settings = settings_from_env()
+    except (AuthConfigError, ConsoleConfigError) as exc:
         print(f"extproc: {exc}", file=sys.stderr)
         return 2
-    auth = Auth(tokens)
     state = ConsoleState(
         redis_url=redis_url(args.redis_url, args.stack),
         policy_path=policy_path(args.policy, args.stack),
-        auth=auth,
+        auth=Auth(tokens),
+        settings=settings,
     )
     app = create_app(state)
     base = f"http://{args.host}:{args.port}"
-    if not tokens and not args.login_token:
+    if not tokens and not args.login_token and settings.oidc is None:
         print("extproc: no admin token (EXTPROC_ADMIN_TOKENS or _FILE): API closed", flush=True)
+    if settings.oidc is not None:
+        print(f"console single sign-on with {settings.oidc.issuer}", flush=True)
     if args.login_token:
-        print(f"console: {base}/login?token={auth.mint_login()}", flush=True)
+        client = state.sync_redis()
+        try:
+            token = mint_login(client)
+        except UNAVAILABLE as exc:
+            print(f"extproc: console cannot reach Redis for its login link: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            client.close()
+        print(f"console: {base}/login?token={token}", flush=True)
     # Bound here, before "listening" is printed: a client that reads that line can connect
     # at once (its connection waits in the backlog until uvicorn serves).
     try:

@@ -1,7 +1,10 @@
 """The admin API: JSON under `/admin/v1`, described by the OpenAPI document FastAPI serves.
 
-Every route is a thin translation onto `extproc.console.service` (which the CLI uses too)
-and writes one audit entry naming the admin token's owner. Errors keep one shape,
+Every route is a thin translation onto `extproc.console.service` (which the CLI uses too),
+names the capability it needs (`extproc.console.identity`) and writes one audit entry naming
+the caller. Callers authenticate with `Authorization: Bearer` and an admin token, or, with
+single sign-on configured, an access token (a JWT) the identity provider issued for
+EXTPROC_OIDC_AUDIENCE: their groups give their roles. Errors keep one shape,
 `{"error": {"message", "type", "code"}}`, like the gateway's: a refused key operation is a
 400 naming the key or field, Redis being away is a 503, never a traceback.
 """
@@ -11,11 +14,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 from extproc.console import service
 from extproc.console.audit import audit, recent
+from extproc.console.identity import ADMINISTER, VIEW, Need, Principal
 from extproc.console.state import ConsoleState, state_of
 from extproc.governance.keys import KeyStore
 from extproc.insight.alerts import recent_alerts
@@ -26,18 +31,8 @@ assert set(SELECTIONS) == {"current", "previous", "today"} and len(GROUPS) == 5
 router = APIRouter(prefix="/admin/v1")
 
 
-def admin(request: Request) -> str:
-    """The admin's name from `Authorization: Bearer <admin token>`, or a 401."""
-    st = state_of(request)
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    who = st.auth.admin(token.strip()) if scheme.lower() == "bearer" else None
-    if who is None:
-        raise HTTPException(401, "an admin token is required: Authorization: Bearer <token>")
-    return who
-
-
-Admin = Annotated[str, Depends(admin)]
+Admin = Annotated[Principal, Depends(Need(ADMINISTER))]
+Viewer = Annotated[Principal, Depends(Need(VIEW))]
 
 
 def _state(request: Request) -> ConsoleState:
@@ -103,7 +98,7 @@ async def revoke_key(who: Admin, st: State, key_id: str) -> dict[str, Any]:
 
 @router.get("/spend", summary="The figures of `extproc spend --json`")
 async def spend(
-    who: Admin,
+    who: Viewer,
     st: State,
     period: Literal["current", "previous", "today"] = "current",
     by: Literal["team", "service", "key", "model", "session"] | None = None,
@@ -128,39 +123,68 @@ def _ms(text: str | None, tz: Any) -> int | None:
     return None if not text else int(_instant(text, tz).timestamp() * 1000)
 
 
-@router.get("/usage", summary="Ledger records, filtered and paginated (newest first)")
-async def usage(
-    who: Admin,
-    st: State,
+def usage_filters(
+    request: Request,
     workspace: str | None = None,
     team: str | None = None,
     service_: Annotated[str | None, Query(alias="service")] = None,
     key_id: str | None = None,
     model: str | None = None,
     outcome: str | None = None,
+    session: Annotated[str | None, Query(description="a session_id")] = None,
     since: Annotated[str | None, Query(description="ISO 8601, inclusive")] = None,
     until: Annotated[str | None, Query(description="ISO 8601, exclusive")] = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 100,
     cursor: Annotated[str | None, Query(pattern=r"^\d+-\d+$")] = None,
-) -> dict[str, Any]:
-    policy = st.policy()
+) -> service.UsageQuery:
+    """The usage filters, shared by the page of records and the export."""
+    policy = state_of(request).policy()
     tz = policy.timezone if policy else None
-    q = service.UsageQuery(
+    return service.UsageQuery(
         workspace=workspace,
         team=team,
         service=service_,
         key_id=key_id,
         model=model,
         outcome=outcome,
+        session=session,
         since_ms=_ms(since, tz),
         until_ms=_ms(until, tz),
         limit=limit,
         cursor=cursor,
     )
+
+
+Filters = Annotated[service.UsageQuery, Depends(usage_filters)]
+
+
+@router.get("/usage", summary="Ledger records, filtered and paginated (newest first)")
+async def usage(who: Viewer, st: State, q: Filters) -> dict[str, Any]:
     page = await service.query_usage(st.redis, q)
     filters = {k: v for k, v in vars_of(q).items() if v is not None and k != "limit"}
-    await audit(st.redis, who, "usage.read", workspace or "*", **filters)
+    await audit(st.redis, who, "usage.read", q.workspace or "*", **filters)
     return page
+
+
+@router.get(
+    "/usage/export",
+    summary="The filtered records as a file: jsonl, csv or FOCUS csv (default: 30 days)",
+    response_class=PlainTextResponse,
+)
+async def export(
+    who: Viewer,
+    st: State,
+    q: Filters,
+    format: Literal["jsonl", "csv", "focus"] = "csv",
+) -> Response:
+    try:
+        body, count = await service.export_usage(st.redis, q, format)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    filters = {k: v for k, v in vars_of(q).items() if v is not None and k != "limit"}
+    await audit(st.redis, who, "usage.export", q.workspace or "*", format=format, rows=count,
+                **filters)  # fmt: skip
+    return service.export_response(body, format)
 
 
 def vars_of(q: service.UsageQuery) -> dict[str, Any]:
@@ -201,7 +225,7 @@ async def shadow(
 
 @router.get("/alerts", summary="Recent alerts (soft limits, burn rate), newest first")
 async def alerts(
-    who: Admin, st: State, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    who: Viewer, st: State, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[dict[str, Any]]:
     await audit(st.redis, who, "alerts.read")
     return await recent_alerts(st.redis, limit)
@@ -209,6 +233,11 @@ async def alerts(
 
 @router.get("/audit", summary="The admin audit log: who did what, when (newest first)")
 async def audit_log(
-    who: Admin, st: State, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    who: Admin,
+    st: State,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    person: Annotated[
+        str | None, Query(description="only this person's entries: subject, email or name")
+    ] = None,
 ) -> list[dict[str, Any]]:
-    return await recent(st.redis, limit)
+    return await recent(st.redis, limit, person=person)

@@ -14,11 +14,16 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from extproc.console.identity import REAUTH
 from extproc.console.state import ConsoleState
 from extproc.governance.keys import KeyStoreError
 from extproc.store.clients import UNAVAILABLE
 
 log = logging.getLogger("extproc.console")
+# The HTTP client the sign-in uses logs every request at INFO: the provider's URLs (with
+# codes and states) do not belong in the console's log.
+logging.getLogger("httpx2").setLevel(logging.WARNING)
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _error(status: int, message: str, code: str) -> JSONResponse:
@@ -29,12 +34,11 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
 
 
 def create_app(state: ConsoleState) -> FastAPI:
-    from extproc.console import api, pages
+    from extproc.console import api, api_people, pages, people_pages, security, signin
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
-        if state.redis is None:
-            state.connect()
+        await state.start()
         yield
         await state.redis.aclose()
 
@@ -42,21 +46,25 @@ def create_app(state: ConsoleState) -> FastAPI:
         title="extproc admin API",
         version="1",
         description="Keys, spend, usage, policy and alerts of an extproc gateway. "
-        "Authenticate with `Authorization: Bearer <admin token>`.",
+        "Authenticate with `Authorization: Bearer <admin token>`, or with an access token "
+        "(JWT) from the console's OpenID Connect provider.",
         openapi_url="/admin/v1/openapi.json",
         docs_url=None,  # Swagger UI loads its script from a CDN; the JSON document is enough
         redoc_url=None,
         lifespan=lifespan,
     )
     app.state.console = state
+    app.middleware("http")(security.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Any:
         if request.url.path.startswith("/admin/") or exc.status_code != 401:
             if not request.url.path.startswith("/admin/"):
                 return pages.error_page(request, exc.status_code, str(exc.detail))
-            codes = {401: "unauthorized", 404: "not_found", 503: "unavailable"}
+            codes = {401: "unauthorized", 403: "forbidden", 404: "not_found", 503: "unavailable"}
             return _error(exc.status_code, str(exc.detail), codes.get(exc.status_code, "error"))
+        if (exc.headers or {}).get(REAUTH):
+            return pages.login_redirect(request, via_provider=True)
         return pages.login_redirect(request)
 
     @app.exception_handler(RequestValidationError)
@@ -78,5 +86,8 @@ def create_app(state: ConsoleState) -> FastAPI:
             return _error(503, f"Redis unavailable: {exc}", "store_unavailable")
 
     app.include_router(api.router)
+    app.include_router(api_people.router)
     app.include_router(pages.router)
+    app.include_router(people_pages.router)
+    app.include_router(signin.router)
     return app

@@ -1,4 +1,4 @@
-"""Who may use the console and the admin API: admin tokens, one-time logins, sessions.
+"""Admin tokens: the console's bootstrap credential, before (or beside) single sign-on.
 
 Admin tokens come from a secret: `EXTPROC_ADMIN_TOKENS` ("name:token,name:token") or the
 file named by `EXTPROC_ADMIN_TOKENS_FILE` (one "name:token" or bare token per line, as a
@@ -7,25 +7,25 @@ compared in constant time and are never virtual keys: an `sk-ext-` value is refu
 so a developer's key cannot open the admin API, and the gateway never accepts an admin token
 (it is not in the key store).
 
-A browser logs in once, with an admin token or with the one-time login token the console
-prints at start (like Jupyter), and then holds a random session id in an HttpOnly,
-SameSite=Strict cookie; every form also carries the session's CSRF token.
+A token shorter than MIN_TOKEN_CHARS, or one that still reads like the placeholder a manifest
+ships (`replace-me-...`), stops the console at start: an admin credential anyone can read in
+a public repository is worse than none.
+
+With an OpenID Connect provider configured (`extproc.console.oidc`), people sign in as
+themselves and admin tokens remain for automation and for the first sign-in's bootstrap.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
-import secrets
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from extproc.governance.keys import KEY_PREFIX
 
-MIN_TOKEN_CHARS = 16
-SESSION_COOKIE = "extproc_console"
-SESSION_SECONDS = 12 * 3600
+MIN_TOKEN_CHARS = 24
+PLACEHOLDERS = ("replace-me", "replaceme", "changeme", "change-me", "placeholder", "example")
 
 
 class AuthConfigError(ValueError):
@@ -41,6 +41,11 @@ def parse_tokens(text: str, where: str) -> dict[str, str]:
         if not sep:
             name, token = "admin", entry
         name, token = name.strip(), token.strip()
+        if any(word in token.lower() for word in PLACEHOLDERS):
+            raise AuthConfigError(
+                f"{where}: entry {i + 1}: a placeholder token ({token[:12]}...): "
+                "replace it with a secret of your own (openssl rand -hex 24)"
+            )
         if len(token) < MIN_TOKEN_CHARS:
             raise AuthConfigError(
                 f"{where}: entry {i + 1}: token shorter than {MIN_TOKEN_CHARS} characters"
@@ -66,18 +71,9 @@ def tokens_from_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return tokens
 
 
-@dataclass
-class Session:
-    who: str
-    csrf: str
-    expires: float
-
-
-@dataclass
+@dataclass(frozen=True)
 class Auth:
     tokens: dict[str, str]
-    login_tokens: set[str] = field(default_factory=set)
-    sessions: dict[str, Session] = field(default_factory=dict)
 
     def admin(self, token: str | None) -> str | None:
         """The admin's name for a bearer token, else None."""
@@ -88,34 +84,3 @@ class Auth:
             if hmac.compare_digest(known.encode(), token.encode()):
                 found = name
         return found
-
-    def mint_login(self) -> str:
-        token = secrets.token_urlsafe(24)
-        self.login_tokens.add(token)
-        return token
-
-    def use_login(self, token: str) -> bool:
-        """A one-time login token works exactly once."""
-        for known in list(self.login_tokens):
-            if hmac.compare_digest(known.encode(), token.encode()):
-                self.login_tokens.discard(known)
-                return True
-        return False
-
-    def open_session(self, who: str) -> str:
-        sid = secrets.token_urlsafe(32)
-        self.sessions[sid] = Session(who, secrets.token_urlsafe(16), time.time() + SESSION_SECONDS)
-        return sid
-
-    def session(self, sid: str | None) -> Session | None:
-        if not sid:
-            return None
-        found = self.sessions.get(sid)
-        if found is None or found.expires < time.time():
-            self.sessions.pop(sid, None)
-            return None
-        return found
-
-    def close_session(self, sid: str | None) -> None:
-        if sid:
-            self.sessions.pop(sid, None)

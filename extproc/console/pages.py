@@ -9,56 +9,56 @@ service functions as the admin API and writes the same audit entries.
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from jinja2 import pass_context
 
 from extproc.console import charts, service
 from extproc.console.audit import audit, recent
-from extproc.console.auth import SESSION_COOKIE, SESSION_SECONDS, Session
+from extproc.console.identity import ADMINISTER, APPROVE, SIGNED_IN, VIEW, Need, Principal
 from extproc.console.state import state_of
-from extproc.governance.keys import KeyStore
 from extproc.insight.alerts import recent_alerts
 from extproc.insight.spend import GROUPS, Report
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 templates.env.globals.update(usd=charts.usd, budget_bar=charts.budget_bar)
-templates.env.globals.update(daily_chart=charts.daily_chart)
+templates.env.globals.update(daily_chart=charts.daily_chart, period_chart=charts.period_chart)
+templates.env.globals.update(caps=(SIGNED_IN, VIEW, APPROVE, ADMINISTER))
 TOP_SPENDERS = 10
+CSS = (Path(__file__).parent / "templates" / "console.css").read_text("utf-8")
+
+Viewer = Annotated[Principal, Depends(Need(VIEW, page=True))]
+Admin = Annotated[Principal, Depends(Need(ADMINISTER, page=True))]
+Anyone = Annotated[Principal, Depends(Need(SIGNED_IN, page=True))]
 
 
-def _when(ms: int) -> str:
-    return (
-        datetime.fromtimestamp(ms / 1000).astimezone().strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
-    )
-
-
-templates.env.filters["when"] = _when
-
-
-def session(request: Request) -> Session:
-    found = state_of(request).auth.session(request.cookies.get(SESSION_COOKIE))
-    if found is None:
-        raise HTTPException(401, "log in first")
-    return found
-
-
-Who = Annotated[Session, Depends(session)]
-
-
-def _check_csrf(who: Session, token: str) -> None:
-    if token != who.csrf:
+def check_csrf(who: Principal, token: str) -> None:
+    if not who.csrf or token != who.csrf:
         raise HTTPException(403, "stale form: reload the page and try again")
 
 
-def render(request: Request, name: str, who: Session | None, **context: Any) -> HTMLResponse:
-    context.update(request=request, who=who)
-    return templates.TemplateResponse(request, name, context)
+def render(request: Request, name: str, who: Principal | None, **context: Any) -> HTMLResponse:
+    """A page in the policy's time zone (one zone everywhere, named on every page)."""
+    policy = state_of(request).policy()
+    zone = policy.timezone if policy else None
+    context.update(request=request, who=who, tz=zone, zone=charts.zone_name(zone))
+    response = templates.TemplateResponse(request, name, context)
+    return response
+
+
+@pass_context
+def _when(context: Any, ms: int) -> str:
+    """A time in the policy's zone (the page names the zone once, in its footer)."""
+    return charts.when(ms, context.get("tz"))
+
+
+templates.env.filters["when"] = _when
 
 
 def error_page(request: Request, status: int, message: str) -> HTMLResponse:
@@ -67,8 +67,15 @@ def error_page(request: Request, status: int, message: str) -> HTMLResponse:
     return response
 
 
-def login_redirect(request: Request) -> RedirectResponse:
-    return RedirectResponse("/login", status_code=303)
+def login_redirect(request: Request, via_provider: bool = False) -> RedirectResponse:
+    """To the sign-in page (or straight to the provider), coming back here afterwards (GET
+    pages only)."""
+    here = request.url.path
+    start = "/auth/login" if via_provider else "/login"
+    if request.method == "GET" and here not in ("/", "/login"):
+        query = f"?{request.url.query}" if request.url.query else ""
+        return RedirectResponse(f"{start}?{urlencode({'next': here + query})}", status_code=303)
+    return RedirectResponse(start, status_code=303)
 
 
 _ICON = (
@@ -85,47 +92,14 @@ async def favicon() -> Response:
     return Response(_ICON, media_type="image/svg+xml", headers={"cache-control": "max-age=86400"})
 
 
-# --- login ---------------------------------------------------------------------------------
+@router.get("/console.css")
+async def stylesheet() -> Response:
+    return Response(CSS, media_type="text/css", headers={"cache-control": "max-age=3600"})
 
 
-def _logged_in(request: Request, who: str) -> RedirectResponse:
-    sid = state_of(request).auth.open_session(who)
-    response = RedirectResponse("/", status_code=303)
-    response.set_cookie(
-        SESSION_COOKIE, sid, max_age=SESSION_SECONDS, httponly=True, samesite="strict"
-    )
-    return response
-
-
-@router.get("/login", response_class=HTMLResponse)
-async def login_page(request: Request, token: str | None = None) -> Response:
-    st = state_of(request)
-    if token is not None:
-        if st.auth.use_login(token):
-            await audit(st.redis, "local-login", "console.login", "one-time token")
-            return _logged_in(request, "local-login")
-        return error_page(request, 401, "That login link was already used or is wrong.")
-    return render(request, "login.html", None)
-
-
-@router.post("/login")
-async def login(request: Request, token: Annotated[str, Form()]) -> Response:
-    st = state_of(request)
-    who = st.auth.admin(token.strip())
-    if who is None:
-        response = render(request, "login.html", None, failed=True)
-        response.status_code = 401
-        return response
-    await audit(st.redis, who, "console.login", "admin token")
-    return _logged_in(request, who)
-
-
-@router.post("/logout")
-async def logout(request: Request) -> RedirectResponse:
-    state_of(request).auth.close_session(request.cookies.get(SESSION_COOKIE))
-    response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE)
-    return response
+@router.get("/healthz")
+async def healthz() -> Response:
+    return Response("ok\n", media_type="text/plain")
 
 
 # --- overview and drill-down ---------------------------------------------------------------
@@ -136,7 +110,9 @@ def _burn_by_ws(report: Report) -> dict[str, Any]:
 
 
 @router.get("/", response_class=HTMLResponse)
-async def overview(request: Request, who: Who) -> HTMLResponse:
+async def overview(request: Request, who: Anyone) -> Response:
+    if not who.can(VIEW):  # a developer or an approver lands on their own page
+        return RedirectResponse("/me", status_code=303)
     st = state_of(request)
     policy = st.policy_required()
     report = await service.spend_report_async(st.sync_redis, policy, by="key")
@@ -160,7 +136,9 @@ async def overview(request: Request, who: Who) -> HTMLResponse:
 
 
 @router.get("/w/{workspace}", response_class=HTMLResponse)
-async def workspace(request: Request, who: Who, workspace: str, by: str = "team") -> HTMLResponse:
+async def workspace(
+    request: Request, who: Viewer, workspace: str, by: str = "team"
+) -> HTMLResponse:
     st = state_of(request)
     policy = st.policy_required()
     if workspace not in policy.workspaces:
@@ -170,95 +148,77 @@ async def workspace(request: Request, who: Who, workspace: str, by: str = "team"
     report = await service.spend_report_async(st.sync_redis, policy, by=by)
     rows = [r for r in report.rows if r.workspace == workspace]
     ws = policy.workspaces[workspace]
+    chart = next((c for c in report.charts if c.workspace == workspace), None)
     return render(
-        request, "workspace.html", who, ws=ws, rows=rows, by=by, groups=list(GROUPS), policy=policy
+        request,
+        "workspace.html",
+        who,
+        ws=ws,
+        rows=rows,
+        by=by,
+        groups=list(GROUPS),
+        policy=policy,
+        chart=chart,
+        soft=charts.soft_marks(ws, rows),
     )
 
 
 @router.get("/usage", response_class=HTMLResponse)
-async def usage(
-    request: Request,
-    who: Who,
-    workspace: str | None = None,
-    team: str | None = None,
-    key_id: str | None = None,
-    cursor: str | None = None,
-) -> HTMLResponse:
+async def usage(request: Request, who: Viewer) -> HTMLResponse:
     st = state_of(request)
-    q = service.UsageQuery(
-        workspace=workspace or None,
-        team=team or None,
-        service=request.query_params.get("service") or None,
-        key_id=key_id or None,
-        limit=50,
-        cursor=cursor or None,
-    )
+    policy = st.policy()
+    form = {name: request.query_params.get(name, "").strip() for name in service.PAGE_FILTERS}
+    try:
+        q = service.usage_query(form, policy.timezone if policy else None, limit=50)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc
     page = await service.query_usage(st.redis, q)
-    await audit(st.redis, who.who, "usage.read", workspace or "*", key_id=key_id)
-    return render(request, "usage.html", who, page=page, q=q)
+    shown = {k: v for k, v in form.items() if v and k != "cursor"}
+    await audit(st.redis, who, "usage.read", q.workspace or "*", **shown)
+    older = urlencode({**shown, "cursor": page["next_cursor"]}) if page["next_cursor"] else ""
+    return render(request, "usage.html", who, page=page, q=q, form=form, older=older, policy=policy)
 
 
-# --- keys ----------------------------------------------------------------------------------
-
-
-@router.get("/keys", response_class=HTMLResponse)
-async def keys(request: Request, who: Who) -> HTMLResponse:
+@router.get("/usage/export")
+async def usage_export(request: Request, who: Viewer, format: str = "csv") -> Response:
+    """The usage page's filters as a file (every record they select, not one page)."""
     st = state_of(request)
-    infos = await KeyStore(st.redis).list()
-    return render(request, "keys.html", who, keys=infos, policy=st.policy(), made=None)
-
-
-@router.post("/keys", response_class=HTMLResponse)
-async def create_key(
-    request: Request,
-    who: Who,
-    target: Annotated[str, Form(description="workspace/service")],
-    csrf: Annotated[str, Form()],
-    owner: Annotated[str, Form()] = "",
-) -> HTMLResponse:
-    _check_csrf(who, csrf)
-    st = state_of(request)
-    workspace, _, service_name = target.partition("/")
-    made = await service.create_key(
-        KeyStore(st.redis), st.policy(), workspace, service_name, None, owner or None
-    )
-    await audit(st.redis, who.who, "keys.create", made["key_id"], workspace=workspace,
-                service=service_name, owner=owner or None, via="console")  # fmt: skip
-    infos = await KeyStore(st.redis).list()
-    return render(request, "keys.html", who, keys=infos, policy=st.policy(), made=made)
-
-
-@router.post("/keys/{key_id}/revoke")
-async def revoke_key(
-    request: Request, who: Who, key_id: str, csrf: Annotated[str, Form()]
-) -> RedirectResponse:
-    _check_csrf(who, csrf)
-    st = state_of(request)
-    info = await service.revoke_key(KeyStore(st.redis), key_id)
-    await audit(st.redis, who.who, "keys.revoke", key_id, workspace=info.workspace, via="console")
-    return RedirectResponse("/keys", status_code=303)
+    policy = st.policy()
+    form = {name: request.query_params.get(name, "").strip() for name in service.PAGE_FILTERS}
+    if format not in ("jsonl", "csv", "focus"):
+        raise HTTPException(400, "format must be jsonl, csv or focus")
+    try:
+        q = service.usage_query({**form, "cursor": ""}, policy.timezone if policy else None)
+        body, count = await service.export_usage(st.redis, q, format)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    shown = {k: v for k, v in form.items() if v and k != "cursor"}
+    await audit(st.redis, who, "usage.export", q.workspace or "*", format=format, rows=count,
+                via="console", **shown)  # fmt: skip
+    return service.export_response(body, format)  # type: ignore[no-any-return]
 
 
 # --- alerts and audit ------------------------------------------------------------------------
 
 
 @router.get("/alerts", response_class=HTMLResponse)
-async def alerts(request: Request, who: Who) -> HTMLResponse:
+async def alerts(request: Request, who: Viewer) -> HTMLResponse:
     st = state_of(request)
     return render(request, "alerts.html", who, alerts=await recent_alerts(st.redis, 200))
 
 
 @router.get("/audit", response_class=HTMLResponse)
-async def audit_page(request: Request, who: Who) -> HTMLResponse:
+async def audit_page(request: Request, who: Admin, person: str = "") -> HTMLResponse:
     st = state_of(request)
-    return render(request, "audit.html", who, entries=await recent(st.redis, 200))
+    entries = await recent(st.redis, 200, person=person.strip() or None)
+    return render(request, "audit.html", who, entries=entries, person=person.strip())
 
 
 # --- what-if -------------------------------------------------------------------------------
 
 
 @router.get("/what-if", response_class=HTMLResponse)
-async def what_if_form(request: Request, who: Who) -> HTMLResponse:
+async def what_if_form(request: Request, who: Admin) -> HTMLResponse:
     st = state_of(request)
     return render(request, "whatif.html", who, text=st.policy_text(), since=30, result=None)
 
@@ -266,20 +226,20 @@ async def what_if_form(request: Request, who: Who) -> HTMLResponse:
 @router.post("/what-if", response_class=HTMLResponse)
 async def what_if(
     request: Request,
-    who: Who,
+    who: Admin,
     text: Annotated[str, Form()],
     csrf: Annotated[str, Form()],
     since: Annotated[int, Form(ge=1, le=400)] = 30,
 ) -> HTMLResponse:
-    _check_csrf(who, csrf)
+    check_csrf(who, csrf)
     st = state_of(request)
     result = await service.what_if(st.redis, text, since)
-    await audit(st.redis, who.who, "policy.what-if", "", since_days=since, via="console")
+    await audit(st.redis, who, "policy.what-if", "", since_days=since, via="console")
     return render(request, "whatif.html", who, text=text, since=since, result=result)
 
 
 @router.get("/shadow", response_class=HTMLResponse)
-async def shadow(request: Request, who: Who, since_days: int = 1) -> HTMLResponse:
+async def shadow(request: Request, who: Admin, since_days: int = 1) -> HTMLResponse:
     st = state_of(request)
     summary = await service.shadow_summary(st.redis, max(1, min(since_days, 400)))
     return render(request, "shadow.html", who, s=summary)

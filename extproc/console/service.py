@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from extproc.governance.keys import KeyInfo, KeyStore, new_key_dict
+from extproc.governance.access import Person, personal_key_days
+from extproc.governance.keys import KeyInfo, KeyStore, KeyStoreError, new_key_dict
 from extproc.governance.policy import Policy, PolicyError, load_policy
 from extproc.insight.spend import Report, build_report, read_hashes, report_keys, report_reads
 from extproc.metering.ledger import record_to_dict
 from extproc.store.schema import LEDGERS, ledger_key, workspace_prefix
 from extproc.v1.ledger_pb2 import UsageRecord
 
-USAGE_FILTERS = ("workspace", "team", "service", "key_id", "model", "outcome")
+USAGE_FILTERS = ("workspace", "team", "service", "key_id", "model", "outcome", "session")
+PAGE_FILTERS = (*USAGE_FILTERS, "since", "until", "cursor")
+"""The usage page's query parameters: the API's filters, a time range and the page cursor."""
+_CURSOR = re.compile(r"\d+-\d+")
 MAX_PAGE = 500
 SCAN_CHUNK = 500
 SCAN_CAP = 100_000
@@ -38,6 +44,7 @@ class UsageQuery:
     key_id: str | None = None
     model: str | None = None
     outcome: str | None = None
+    session: str | None = None
     since_ms: int | None = None
     until_ms: int | None = None
     limit: int = 100
@@ -54,9 +61,44 @@ class UsageQuery:
             return False
         if self.outcome and r.outcome != self.outcome:
             return False
+        if self.session and r.session_id != self.session:
+            return False
         if self.since_ms is not None and r.time_ms < self.since_ms:
             return False
         return not (self.until_ms is not None and r.time_ms >= self.until_ms)
+
+
+def instant_ms(text: str, tz: Any) -> int:
+    """Milliseconds of an ISO 8601 time; one without a zone is in `tz` (the policy's)."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"not an ISO 8601 time: {text!r}") from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=tz or UTC)
+    return int(value.timestamp() * 1000)
+
+
+def usage_query(form: dict[str, str], tz: Any, limit: int = 100) -> UsageQuery:
+    """A UsageQuery from the usage page's form (empty fields: no filter); ValueError names
+    the field that is wrong."""
+    cursor = form.get("cursor") or None
+    if cursor is not None and not _CURSOR.fullmatch(cursor):
+        raise ValueError(f"cursor: not a page cursor: {cursor!r}")
+    times: dict[str, int | None] = {}
+    for name in ("since", "until"):
+        text = form.get(name) or ""
+        try:
+            times[name] = instant_ms(text, tz) if text else None
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return UsageQuery(
+        **{name: form.get(name) or None for name in USAGE_FILTERS},
+        since_ms=times["since"],
+        until_ms=times["until"],
+        limit=limit,
+        cursor=cursor,
+    )
 
 
 def _entry(entry_id: bytes | str) -> tuple[int, int]:
@@ -128,6 +170,51 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+EXPORT_DAYS = 30
+EXPORT_CAP = 200_000
+"""Records one export from the console may hold in memory; past it, `extproc ledger export`
+(which streams) is the tool, and the answer says so."""
+_EXPORT_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv", "focus": "text/csv"}
+
+
+async def export_usage(client: Any, q: UsageQuery, fmt: str) -> tuple[str, int]:
+    """The records `q` selects (every page of them, oldest first) in `fmt`, and how many."""
+    import io
+
+    from extproc.books.export import write
+    from extproc.insight.whatif import ledger_since
+
+    since = q.since_ms
+    if since is None:
+        since = int(time.time() * 1000) - EXPORT_DAYS * 86_400_000
+    records = [
+        r
+        for r in await ledger_since(client, since, limit=EXPORT_CAP + 1)
+        if (not q.workspace or r.workspace == q.workspace) and q.matches(r)
+    ]
+    if len(records) > EXPORT_CAP:
+        raise ValueError(
+            f"more than {EXPORT_CAP} records: narrow the filters or the time range, "
+            "or use `extproc ledger export`"
+        )
+    records.sort(key=lambda r: (r.time_ms, r.request_id))
+    out = io.StringIO()
+    count = write(records, fmt, out)
+    return out.getvalue(), count
+
+
+def export_response(body: str, fmt: str) -> Any:
+    """The export as a download."""
+    from fastapi import Response
+
+    name = f"extproc-usage.{'jsonl' if fmt == 'jsonl' else 'csv'}"
+    return Response(
+        body,
+        media_type=_EXPORT_TYPES[fmt],
+        headers={"content-disposition": f'attachment; filename="{name}"'},
+    )
+
+
 # --- spend ---------------------------------------------------------------------------------
 
 
@@ -189,6 +276,46 @@ async def rotate_key(store: KeyStore, key_id: str, overlap_seconds: float) -> di
 
 async def revoke_key(store: KeyStore, key_id: str) -> KeyInfo:
     return await store.revoke(key_id)
+
+
+# --- personal keys -------------------------------------------------------------------------
+
+
+async def mint_personal_key(
+    store: KeyStore, policy: Policy | None, person: Person, workspace: str, service: str,
+    days: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """A key of `person`'s own, if the policy grants their groups one here, for at most the
+    granted number of days (the most, when `days` is not given)."""
+    allowed = personal_key_days(policy, person.groups, workspace, service)
+    if allowed is None:
+        raise KeyStoreError(f"your groups may not hold a personal key for {workspace}/{service}")
+    days = allowed if days is None else days
+    if not 1 <= days <= allowed:
+        raise KeyStoreError(f"a personal key for {workspace}/{service} lives 1 to {allowed} days")
+    expires = int(time.time() * 1000) + days * 86_400_000
+    secret, identity = await store.create(
+        workspace, service, None, person.label, policy=policy, expires_ms=expires,
+        owner_sub=person.subject,
+    )  # fmt: skip
+    return new_key_dict(secret, identity, expires_ms=expires, personal=True)
+
+
+async def revoke_own_key(store: KeyStore, person: Person, key_id: str) -> KeyInfo:
+    """Revoke one of `person`'s personal keys (and only theirs)."""
+    info = await store.info(key_id)
+    if info is None or info.owner_sub != person.subject:
+        raise KeyStoreError(f"{key_id} is not one of your personal keys")
+    return await store.revoke(key_id)
+
+
+async def keys_of(store: KeyStore, person: Person) -> list[KeyInfo]:
+    """The keys issued to `person`: their personal keys and those an admin made for them."""
+    named = {person.subject, *([person.email] if person.email else [])}
+    return [
+        k for k in await store.list() if k.owner_sub == person.subject or (
+            not k.owner_sub and k.owner in named)
+    ]  # fmt: skip
 
 
 # --- policy --------------------------------------------------------------------------------

@@ -141,6 +141,7 @@ class KeyInfo:
     revoked: bool
     replaced_by: str | None
     status: str
+    owner_sub: str | None = None  # set on personal keys: the holder's IdP subject
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -212,7 +213,7 @@ def _usable(fields: Mapping[str, str], now_ms: int) -> Identity | None:
     return identity
 
 
-def _new_fields(identity: Identity, created_ms: int) -> list[str]:
+def _new_fields(identity: Identity, created_ms: int, owner_sub: str | None) -> list[str]:
     return [
         "key_id", identity.key_id,
         "workspace", identity.workspace,
@@ -223,6 +224,7 @@ def _new_fields(identity: Identity, created_ms: int) -> list[str]:
         "expires_ms", str(identity.expires_ms),
         "revoked", "0",
         "replaced_by", "",
+        "owner_sub", owner_sub or "",
     ]  # fmt: skip
 
 
@@ -253,15 +255,24 @@ class KeyStore:
         owner: str | None = None,
         *,
         policy: Policy | None = None,
+        expires_ms: int = 0,
+        owner_sub: str | None = None,
     ) -> tuple[str, Identity]:
-        """A new key; the secret is returned here once and never stored."""
+        """A new key; the secret is returned here once and never stored.
+
+        `owner_sub` makes it a personal key: the identity provider's subject of the person
+        who holds it, so their keys can be found (and revoked) when they leave.
+        """
         team = check_attribution(policy, workspace, service, team)
-        if owner is not None and (len(owner) > _MAX_OWNER or not owner.isprintable()):
-            raise KeyStoreError(f"owner must be printable and at most {_MAX_OWNER} characters")
+        for label, text in (("owner", owner), ("owner subject", owner_sub)):
+            if text is not None and (len(text) > _MAX_OWNER or not text.isprintable()):
+                raise KeyStoreError(
+                    f"{label} must be printable and at most {_MAX_OWNER} characters"
+                )
         for _ in range(_ATTEMPTS):
             secret, sha, key_id = _mint()
-            identity = Identity(key_id, workspace, team, service, owner or None, 0)
-            fields = _new_fields(identity, self.now_ms())
+            identity = Identity(key_id, workspace, team, service, owner or None, expires_ms)
+            fields = _new_fields(identity, self.now_ms(), owner_sub)
             if await self._create(
                 keys=[key_hash(sha), KEY_IDS], args=[key_id, sha, KEYS_CHANNEL, *fields]
             ):
@@ -305,7 +316,9 @@ class KeyStore:
         fields = _decoded(await self.client.hgetall(key_hash(_text(sha))))
         return self._info(fields, self.now_ms()) if fields else None
 
-    async def list(self, workspace: str | None = None) -> list[KeyInfo]:
+    async def list(
+        self, workspace: str | None = None, *, owner_sub: str | None = None
+    ) -> list[KeyInfo]:
         ids = _decoded(await self.client.hgetall(KEY_IDS))
         if not ids:
             return []
@@ -317,6 +330,8 @@ class KeyStore:
         infos = [self._info(_decoded(row), now) for row in rows if row]
         if workspace is not None:
             infos = [i for i in infos if i.workspace == workspace]
+        if owner_sub is not None:
+            infos = [i for i in infos if i.owner_sub == owner_sub]
         return sorted(infos, key=lambda i: (i.created_ms, i.key_id))
 
     async def rotate(self, key_id: str, overlap_seconds: float) -> tuple[str, Identity]:
@@ -328,10 +343,13 @@ class KeyStore:
         if not fields:
             raise KeyStoreError(f"unknown key id {key_id}")
         old = _identity(fields)
+        # A personal key's successor ends when it would have: rotation never extends a lifetime.
+        owner_sub = fields.get("owner_sub") or None
+        lifetime = old.expires_ms if owner_sub else 0
         for _ in range(_ATTEMPTS):
             now = self.now_ms()
             secret, sha, new_id = _mint()
-            identity = Identity(new_id, old.workspace, old.team, old.service, old.owner, 0)
+            identity = Identity(new_id, old.workspace, old.team, old.service, old.owner, lifetime)
             deadline = now + int(overlap_seconds * 1000)
             result = _text(
                 await self._rotate(
@@ -344,7 +362,7 @@ class KeyStore:
                         deadline,
                         now,
                         KEYS_CHANNEL,
-                        *_new_fields(identity, now),
+                        *_new_fields(identity, now, owner_sub),
                     ],
                 )
             )
@@ -394,6 +412,7 @@ class KeyStore:
             revoked=revoked,
             replaced_by=fields.get("replaced_by") or None,
             status=key_status(revoked, identity.expires_ms, now_ms),
+            owner_sub=fields.get("owner_sub") or None,
         )
 
 

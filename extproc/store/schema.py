@@ -152,6 +152,47 @@ ALERTS = "{extproc:alerts}:recent"
 AUDIT = "{extproc:admin}:audit"
 """Stream of administrative actions taken through the console and its API."""
 
+# -- the console's people and sessions ------------------------------------------------------
+# One hash tag: signing a person out everywhere touches their sessions in one slot. Names
+# that come from outside (a session id, an IdP subject) appear only as SHA-256 digests.
+
+CONSOLE_TAG = "{extproc:console}"
+CONSOLE_SECRET = f"{CONSOLE_TAG}:secret"
+"""String: the key that signs session cookies, made once by whichever replica starts first."""
+PEOPLE = f"{CONSOLE_TAG}:people"
+"""Set of the digests of every person who signed in (for the people page and key sweeps)."""
+
+
+def console_session_key(sid_digest: str) -> str:
+    """Hash: one browser session (who, their groups, CSRF token, expiry)."""
+    return f"{CONSOLE_TAG}:session:{sid_digest}"
+
+
+def person_sessions_key(person_digest: str) -> str:
+    """Set: the session digests of one person (sign out everywhere, disable)."""
+    return f"{CONSOLE_TAG}:sessions:{person_digest}"
+
+
+def person_key(person_digest: str) -> str:
+    """Hash: what the console last heard of a person (subject, email, groups, disabled)."""
+    return f"{CONSOLE_TAG}:person:{person_digest}"
+
+
+def login_token_key(token_digest: str) -> str:
+    """String with a TTL: a one-time login link's token, usable on any replica, once."""
+    return f"{CONSOLE_TAG}:login:{token_digest}"
+
+
+def flash_key(sid_digest: str) -> str:
+    """String with a short TTL: what one page shows once after a redirect (a new key)."""
+    return f"{CONSOLE_TAG}:flash:{sid_digest}"
+
+
+def sign_in_key(state: str) -> str:
+    """String with a TTL: an OpenID Connect sign-in under way (PKCE verifier, nonce)."""
+    return f"{CONSOLE_TAG}:signin:{state}"
+
+
 KEY_TAG = "{extproc:keys}"
 KEY_HASH_PREFIX = f"{KEY_TAG}:hash:"
 KEY_IDS = f"{KEY_TAG}:ids"

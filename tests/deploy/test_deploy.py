@@ -569,6 +569,7 @@ def test_console_has_a_service_of_its_own_and_tokens_from_a_secret(overlay: str)
     tokens = r.get("Secret", volume["secret"]["secretName"])
     assert env["EXTPROC_ADMIN_TOKENS_FILE"].rsplit("/", 1)[1] in tokens["data"]
     assert "EXTPROC_ADMIN_TOKENS" not in env  # never a literal in the manifest
+    assert env["EXTPROC_CONSOLE_SECURE_COOKIES"] == "true"  # reached over TLS: Secure cookies
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

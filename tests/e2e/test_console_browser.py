@@ -132,13 +132,13 @@ def test_login_link_works_once_and_pages_need_a_session(bstack: Stack, browser: 
     try:
         page = tab.page
         page.goto(bstack.console_url + "/keys")
-        assert page.url.endswith("/login")  # no session: sent to the login form
+        assert page.url.endswith("/login?next=%2Fkeys")  # no session: sent to the login form
         page.fill('input[name="token"]', "wrong-token-000000000000")
         page.click("text=Log in")
         assert page.locator("text=That is not an admin token").count() == 1
         page.fill('input[name="token"]', ADMIN)
         page.click("text=Log in")
-        assert page.url.rstrip("/") == bstack.console_url
+        assert page.url == bstack.console_url + "/keys"  # back where it was going
         assert page.locator("header >> text=ops").count() == 1
         used = tab.context.new_page()
         resp = used.goto(bstack.console_login)  # already used by the other test
@@ -162,8 +162,13 @@ def test_key_created_and_revoked_in_the_ui_works_then_stops(bstack: Stack, brows
         page.select_option("#target", "prod/api")
         page.fill("#owner", "dana@example.com")
         page.click("text=Create key")
+        page.wait_for_url("**/keys")  # post/redirect/get
         key_id = page.locator("#made-id").inner_text()
         secret = page.locator("#made-key").inner_text().strip()
+        before = page.locator("#keys tr").count()
+        page.reload()  # a reload neither makes a second key nor shows the secret again
+        assert page.locator("#keys tr").count() == before
+        assert page.locator("#made-key").count() == 0 and secret not in page.content()
         client = openai.OpenAI(base_url=bstack.base_url, api_key=secret, max_retries=0)
         ok = client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "made in the UI"}]
@@ -231,6 +236,53 @@ def test_what_if_page_replays_the_ledger(bstack: Stack, browser: object) -> None
         assert int(page.locator("#refused").inner_text()) >= 1
         prod_hard = page.locator("#scopes tr", has_text="workspace prod").locator("td.hard")
         assert prod_hard.first.inner_text() != "-"
+        assert tab.errors == [], tab.errors
+    finally:
+        tab.close()
+
+
+def test_usage_filters_sessions_and_drill_down_markers(bstack: Stack, browser: object) -> None:
+    """The usage page filters (form, not hand-made URLs) and shows cached tokens; a session
+    row leads to its requests; the drill-down marks each budget's soft limit; every time is
+    in the policy's zone, and the page says which."""
+    key = new_key(bstack, "dev", "cli")
+    first = spend(bstack, "a session's first request", key)
+    second = spend(bstack, "and its second", key)
+    other = spend(bstack, "another service", new_key(bstack, "dev", "etl"))
+    tab = Page(browser)
+    try:
+        page = tab.page
+        _login(page, bstack)
+        page.goto(bstack.console_url + "/usage")
+        assert "Times in UTC." in page.locator("#zone").inner_text()
+        page.select_option("#f-workspace", "dev")
+        page.fill("#f-key", key["key_id"])
+        page.click("#filters button")
+        page.wait_for_url("**/usage?*")
+        rows = page.locator("#usage tr[data-request-id]")
+        ids = [rows.nth(i).get_attribute("data-request-id") for i in range(rows.count())]
+        assert ids == [second, first]  # newest first, only that key's
+        header = page.locator("#usage tr").first.inner_text()
+        assert "cached" in header
+        assert rows.first.locator("td.cached").inner_text().isdigit()
+        cost = rows.first.locator("td.cost")
+        assert int(cost.get_attribute("data-nanos")) > 0 and cost.inner_text() != "$0.00"
+
+        page.goto(bstack.console_url + "/")
+        session = f"sess-{key['key_id']}"
+        page.locator("#sessions a", has_text=session).click()
+        page.wait_for_url("**/usage?*")
+        rows = page.locator("#usage tr[data-request-id]")
+        ids = {rows.nth(i).get_attribute("data-request-id") for i in range(rows.count())}
+        assert ids == {first, second} and other not in ids
+        assert page.locator("#f-session").input_value() == session  # the filter is shown
+
+        page.goto(bstack.console_url + "/w/dev")
+        platform = page.locator('tr[data-kind="team"][data-name="platform"]')
+        assert int(platform.get_attribute("data-soft-nanos")) == 30 * 10**9  # 75% of $40
+        assert platform.locator("svg.bar text", has_text="soft").count() == 1
+        assert page.locator("#period-chart svg line.soft-line").count() == 1
+        assert page.locator("#period-chart svg text", has_text="soft limit").count() == 1
         assert tab.errors == [], tab.errors
     finally:
         tab.close()

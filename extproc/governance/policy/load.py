@@ -36,6 +36,7 @@ import yaml
 
 from extproc.governance.passthrough import DEFAULT as DEFAULT_PASSTHROUGH
 from extproc.governance.passthrough import PassthroughPolicy, parse_passthrough
+from extproc.governance.policy.access_config import parse_approvers, parse_console
 from extproc.governance.policy.check import (
     _Checker,
     _did_you_mean,
@@ -229,7 +230,8 @@ def _teams(chk: _Checker, ws: str, value: Any, budget: int | None) -> dict[str, 
         own_budget = chk.optional_money(path, raw)
         limits = _merge_limits(None, chk.rate_fields(f"{path}.rate_limits", raw.get("rate_limits")))
         contact = chk.text(f"{path}.contact", raw["contact"]) if "contact" in raw else None
-        teams[name] = Team(name, own_budget, limits, contact)
+        approvers = parse_approvers(chk, f"{path}.approvers", raw.get("approvers"))
+        teams[name] = Team(name, own_budget, limits, contact, approvers)
         if budget and own_budget and own_budget > budget:
             chk.warnings.append(f"{path}.budget_usd: larger than the budget of workspace {ws}")
     return teams
@@ -313,6 +315,7 @@ def _workspace(
     )
     if isinstance(value, dict) and not services:
         chk.warnings.append(f"{path}.services: none defined, so no keys can be issued here")
+    approvers = parse_approvers(chk, f"{path}.approvers", raw.get("approvers"))
     if len(chk.problems) > before or budget is None or upstream is None:
         return None
     return Workspace(
@@ -335,6 +338,7 @@ def _workspace(
         contact=chk.text(f"{path}.contact", raw["contact"]) if "contact" in raw else None,
         passthrough=passthrough,
         pricing=pricing,
+        approvers=approvers,
     )
 
 
@@ -373,6 +377,16 @@ def _webhooks(chk: _Checker, value: Any) -> tuple[Webhook, ...]:
         if url is not None:
             out.append(Webhook(url, events))
     return tuple(out)
+
+
+def _service_names(raw: Any) -> dict[str, tuple[str, ...]]:
+    """Each workspace's service names as written (valid or not: their own problems are
+    reported where they are, not again as dangling references)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, body in (raw if isinstance(raw, dict) else {}).items():
+        services = body.get("services") if isinstance(body, dict) else None
+        out[str(name)] = tuple(str(s) for s in services) if isinstance(services, dict) else ()
+    return out
 
 
 def parse_policy(
@@ -428,6 +442,7 @@ def parse_policy(
         if ws is not None:
             workspaces[name] = ws
     webhooks = _webhooks(chk, raw.get("alerts"))
+    console = parse_console(chk, raw.get("console"), _service_names(raw.get("workspaces")))
     if chk.problems:
         raise PolicyError([f"{source}: {p}" for p in chk.problems])
     return Policy(
@@ -438,6 +453,7 @@ def parse_policy(
         source=source,
         warnings=tuple(f"{source}: {w}" for w in chk.warnings),
         routing=routing,
+        console=console,
     )
 
 

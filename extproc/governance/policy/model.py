@@ -48,7 +48,7 @@ _DEFAULTS: dict[str, Any] = {
     "burn_alert_multiple": Decimal(3),
     "burn_alert_min_usd": Decimal(1),
 }
-_TOP = ("version", "timezone", "defaults", "workspaces", "alerts")
+_TOP = ("version", "timezone", "defaults", "workspaces", "alerts", "console")
 # Feature sections come after the core ones and are named apart in "unknown field" hints.
 _FEATURE_SECTIONS = ("routing",)
 _DEFAULT_FIELDS = (*_DEFAULTS, "key_rate_limits", "routing", "passthrough", "pricing")
@@ -60,8 +60,9 @@ _WORKSPACE_FIELDS = (
     "teams",
     "services",
     "contact",
+    "approvers",
 )
-_TEAM_FIELDS = ("budget_usd", "rate_limits", "contact")
+_TEAM_FIELDS = ("budget_usd", "rate_limits", "contact", "approvers")
 _SERVICE_FIELDS = ("team", "budget_usd", "rate_limits", "key_rate_limits", "routing")
 _UPSTREAM_FIELDS = ("key_env", "key_file", "base_url", "project_id")
 _RATE_FIELDS = ("rpm", "tpm")
@@ -104,6 +105,13 @@ _LIFTABLE = frozenset(
         "max_session_input_tokens",
     }
 )
+# Who may use the console, from the groups an identity provider puts in a claim.
+CONSOLE_ROLES = ("admin", "viewer")
+DEFAULT_ROLES_CLAIM = "groups"
+MAX_PERSONAL_KEY_DAYS = 366
+_CONSOLE_FIELDS = ("roles_claim", "roles", "personal_keys")
+_PERSONAL_KEY_FIELDS = ("groups", "workspace", "services", "max_days")
+_APPROVER_FIELDS = ("people", "groups")
 _MONEY_HINT = 'must be a positive decimal string or number like "1000" or 1000'
 _FRACTION_HINT = 'must be a percentage like "75%" or a fraction like 0.75'
 
@@ -154,12 +162,45 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class Approvers:
+    """Who may approve a scope's top-ups: named people (email or subject) and groups.
+
+    People are kept lower-cased: an email address is compared case-insensitively.
+    """
+
+    people: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class PersonalKeyGrant:
+    """Members of `groups` may mint keys of their own for these services, for at most
+    `max_days` each (`services` lists them all when the policy named none)."""
+
+    groups: frozenset[str]
+    workspace: str
+    services: tuple[str, ...]
+    max_days: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleAccess:
+    """The `console:` section: which groups hold which console role, read from which
+    claim, and which groups may mint personal keys where. Empty: only admin tokens."""
+
+    roles_claim: str = DEFAULT_ROLES_CLAIM
+    roles: dict[str, frozenset[str]] = field(default_factory=dict)
+    personal_keys: tuple[PersonalKeyGrant, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Team:
     name: str
     budget_nanos: int | None
     rate_limits: RateLimits | None
     # Whom a refused developer should ask (a channel, an email): shown in every refusal.
     contact: str | None = None
+    approvers: Approvers | None = None
 
 
 def model_key(model: str) -> str:
@@ -316,6 +357,8 @@ class Workspace:
     passthrough: PassthroughPolicy = DEFAULT_PASSTHROUGH
     # Unknown models (refuse or admit provisionally) and the tool calls a reservation holds.
     pricing: PricingPolicy = DEFAULT_PRICING
+    # Who may approve this workspace's top-ups (and its teams').
+    approvers: Approvers | None = None
 
     def contact_for(self, team: str | None) -> str | None:
         """The team's contact, else the workspace's."""
@@ -338,6 +381,7 @@ class Policy:
     source: str
     warnings: tuple[str, ...] = ()
     routing: Routing = field(default_factory=Routing)
+    console: ConsoleAccess = field(default_factory=ConsoleAccess)
     # Values derived from this policy alone (see `remember`); never part of its value.
     _memo: dict[str, dict[Any, Any]] = field(
         default_factory=dict, init=False, repr=False, compare=False

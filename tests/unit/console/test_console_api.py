@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -223,17 +224,52 @@ def test_alerts_are_listed(cstack: Stack, api: httpx.Client) -> None:
     assert alerts[0]["event"] == "soft_limit" and alerts[0]["workspace"] == "dev"
 
 
-def test_console_refuses_a_bad_admin_secret(tmp_path: pytest.TempPathFactory) -> None:
+# The placeholder deploy/base ships, a short token, and an SSO setting missing its partner:
+# each stops the console before it listens, in one line naming what to fix.
+BAD_STARTS = [
+    (
+        {"EXTPROC_ADMIN_TOKENS": "alice:short"},
+        "extproc: EXTPROC_ADMIN_TOKENS: entry 1: token shorter than 24 characters",
+    ),
+    (
+        {"EXTPROC_ADMIN_TOKENS": "platform:replace-me-admin-token-0000"},
+        "extproc: EXTPROC_ADMIN_TOKENS: entry 1: a placeholder token (replace-me-a...): "
+        "replace it with a secret of your own (openssl rand -hex 24)",
+    ),
+    (
+        {"EXTPROC_OIDC_ISSUER": "https://idp.example.com"},
+        "extproc: EXTPROC_OIDC_ISSUER is set: EXTPROC_OIDC_CLIENT_ID is required",
+    ),
+    (
+        {"EXTPROC_OIDC_CLIENT_ID": "console"},
+        "extproc: EXTPROC_OIDC_CLIENT_ID is set but EXTPROC_OIDC_ISSUER is not",
+    ),
+    (
+        {"EXTPROC_CONSOLE_SECURE_COOKIES": "sometimes"},
+        "extproc: EXTPROC_CONSOLE_SECURE_COOKIES must be one of auto, true, false, got 'sometimes'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("env", "line"), BAD_STARTS, ids=lambda v: str(v)[:40])
+def test_console_refuses_a_bad_secret_or_setting_at_start(
+    tmp_path: pytest.TempPathFactory, env: dict[str, str], line: str
+) -> None:
+    """deploy/base's admin token is a placeholder: a console started with it must stop."""
+    tokens = (
+        Path(__file__).resolve().parents[3] / "deploy" / "base" / "kustomization.yaml"
+    ).read_text()
+    assert "tokens=platform:replace-me-admin-token-0000" in tokens  # what the base ships
     out = subprocess.run(
         [sys.executable, "-m", "extproc", "console", "--port", "1"],
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin", "EXTPROC_ADMIN_TOKENS": "alice:short"},
+        env={"PATH": "/usr/bin:/bin", **env},
         timeout=60,
     )
     assert out.returncode == 2
-    assert "EXTPROC_ADMIN_TOKENS: entry 1: token shorter than 16 characters" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert out.stderr == line + "\n"
+    assert out.stdout == ""
 
 
 def test_what_if_cli_and_api_agree_on_the_live_ledger(
@@ -266,3 +302,98 @@ def test_what_if_cli_and_api_agree_on_the_live_ledger(
     assert hard["hard_crossed_on"] is not None and hard["spent_nanos"] == 0
     bad = api.post("/policy/what-if", json={"text": "version: 1\n", "since_days": 1}).json()
     assert bad["valid"] is False and bad["problems"]
+
+
+# --- what a browser is told (issue 19, item 5) ----------------------------------------------
+
+
+def _admin_session(base: str, **headers: str) -> httpx.Response:
+    return httpx.post(
+        base + "/login", data={"token": ADMIN}, headers=headers, timeout=10, follow_redirects=False
+    )
+
+
+def test_pages_and_api_carry_the_security_headers(cstack: Stack) -> None:
+    base = cstack.console_url
+    for path in ("/login", "/admin/v1/keys", "/console.css", "/nope"):
+        resp = httpx.get(base + path, headers={"authorization": f"Bearer {ADMIN}"}, timeout=10)
+        csp = resp.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp, path
+        assert "script-src" not in csp  # no script is allowed at all
+        assert resp.headers["x-frame-options"] == "DENY", path
+        assert resp.headers["referrer-policy"] == "no-referrer", path
+        assert resp.headers["x-content-type-options"] == "nosniff", path
+    assert httpx.get(base + "/login", timeout=10).headers["cache-control"] == "no-store"
+    assert "strict-transport-security" not in httpx.get(base + "/login", timeout=10).headers
+
+
+def test_session_cookie_is_secure_behind_a_tls_proxy(cstack: Stack) -> None:
+    plain = _admin_session(cstack.console_url)
+    proxied = _admin_session(cstack.console_url, **{"x-forwarded-proto": "https"})
+    for resp in (plain, proxied):
+        assert resp.status_code == 303
+    cookie = plain.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "secure" not in cookie
+    secure = proxied.headers["set-cookie"].lower()
+    assert "secure" in secure and "httponly" in secure
+    assert proxied.headers["strict-transport-security"].startswith("max-age=")
+
+
+def test_logout_needs_the_sessions_csrf_token(cstack: Stack) -> None:
+    with httpx.Client(base_url=cstack.console_url, timeout=10) as browser:
+        assert browser.post("/login", data={"token": ADMIN}).status_code == 303
+        page = browser.get("/me")
+        csrf = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        assert browser.post("/logout", data={}).status_code == 400  # no token at all
+        assert browser.post("/logout", data={"csrf": "forged"}).status_code == 403
+        assert browser.get("/keys").status_code == 200  # still signed in
+        assert browser.post("/logout", data={"csrf": csrf}).status_code == 303
+        assert browser.get("/keys").headers["location"].startswith("/login")
+
+
+def test_create_key_then_reload_makes_one_key(cstack: Stack, api: httpx.Client) -> None:
+    """Post/redirect/get: the form's answer is a redirect; reloading it is a GET."""
+    with httpx.Client(base_url=cstack.console_url, timeout=10) as browser:
+        browser.post("/login", data={"token": ADMIN})
+        page = browser.get("/keys")
+        csrf = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        before = len(api.get("/keys").json())
+        made = browser.post("/keys", data={"target": "prod/api", "owner": "x", "csrf": csrf})
+        assert made.status_code == 303 and made.headers["location"] == "/keys"
+        shown = browser.get("/keys")
+        assert 'id="made-key"' in shown.text
+        reloaded = browser.get("/keys")  # what a reload does after the redirect
+        assert 'id="made-key"' not in reloaded.text
+        assert len(api.get("/keys").json()) == before + 1
+
+
+def test_usage_by_session_and_exported_for_viewers(cstack: Stack, api: httpx.Client) -> None:
+    import csv
+    import io
+
+    r = redis.Redis.from_url(cstack.redis_url)
+    key = new_key(cstack, "dev", "etl")
+    sdk = openai.OpenAI(base_url=cstack.base_url, api_key=key["key"], max_retries=0)
+    ids = []
+    for text in ("one", "two"):
+        raw = sdk.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": text}],
+            extra_headers={"session_id": f"export-{key['key_id']}"},
+        )
+        ids.append(raw.headers["x-extproc-request-id"])
+    for rid in ids:
+        wait_record(r, rid)
+    session = {"session": f"export-{key['key_id']}"}
+    found = api.get("/usage", params=session).json()["records"]
+    assert [x["request_id"] for x in found] == ids[::-1]
+    exported = api.get("/usage/export", params={**session, "format": "csv"})
+    assert exported.status_code == 200
+    assert exported.headers["content-disposition"].startswith("attachment;")
+    rows = list(csv.DictReader(io.StringIO(exported.text)))
+    assert [row["request_id"] for row in rows] == ids  # oldest first, every column
+    assert sum(int(row["cost_nanos"]) for row in rows) == sum(x["cost_nanos"] for x in found)
+    focus = api.get("/usage/export", params={**session, "format": "focus"}).text
+    assert focus.splitlines()[0].startswith("BilledCost,")
+    assert len(focus.splitlines()) == 3
+    assert api.get("/usage/export", params={"format": "xlsx"}).status_code == 400

@@ -1,48 +1,146 @@
-"""Admin credentials of the console: parsing the secret, one-time logins, sessions."""
+"""Admin credentials and browser sessions of the console: parsing the secret, one-time
+logins, and sessions in a real Redis (signed, expiring, revocable, shared by replicas)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+import redis
+import redis.asyncio as aioredis
 
 from extproc.console.auth import Auth, AuthConfigError, parse_tokens, tokens_from_env
+from extproc.console.config import ConsoleConfigError, settings_from_env
+from extproc.console.sessions import SessionStore, mint_login, shared_secret
+from extproc.governance.access import Person
 from extproc.governance.guard import for_client, is_codex
 from extproc.wire.errors import OpenAIError
 
+T = TypeVar("T")
+
+
+def run(redis_url: str, body: Callable[[Any], Awaitable[T]]) -> T:
+    async def main() -> T:
+        client = aioredis.from_url(redis_url)
+        try:
+            return await body(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
 
 def test_tokens_are_named_and_checked() -> None:
-    tokens = parse_tokens("alice:aaaaaaaaaaaaaaaa1, bob:bbbbbbbbbbbbbbbb2\n# comment\n", "env")
-    assert tokens == {"aaaaaaaaaaaaaaaa1": "alice", "bbbbbbbbbbbbbbbb2": "bob"}
-    assert parse_tokens("cccccccccccccccccccc", "env") == {"cccccccccccccccccccc": "admin"}
-    with pytest.raises(AuthConfigError, match="entry 2: token shorter than 16"):
-        parse_tokens("alice:aaaaaaaaaaaaaaaa1,bob:short", "env")
+    a, b = "a" * 23 + "1", "b" * 23 + "2"
+    tokens = parse_tokens(f"alice:{a}, bob:{b}\n# comment\n", "env")
+    assert tokens == {a: "alice", b: "bob"}
+    assert parse_tokens("c" * 30, "env") == {"c" * 30: "admin"}
+    with pytest.raises(AuthConfigError, match="entry 2: token shorter than 24"):
+        parse_tokens(f"alice:{a},bob:short", "env")
     with pytest.raises(AuthConfigError, match="looks like a virtual key"):
         parse_tokens("eve:sk-ext-" + "x" * 40, "env")
+    for placeholder in ("replace-me-admin-token-0000", "CHANGEME-0123456789abcdefgh"):
+        with pytest.raises(AuthConfigError, match="entry 1: a placeholder token"):
+            parse_tokens(f"ops:{placeholder}", "env")
 
 
 def test_tokens_from_a_mounted_secret_file(tmp_path: Path) -> None:
     path = tmp_path / "tokens"
-    path.write_text("ops:0123456789abcdef0123\n")
+    path.write_text("ops:0123456789abcdef0123456789\n")
     assert tokens_from_env({"EXTPROC_ADMIN_TOKENS_FILE": str(path)}) == {
-        "0123456789abcdef0123": "ops"
+        "0123456789abcdef0123456789": "ops"
     }
     with pytest.raises(AuthConfigError, match="cannot read"):
         tokens_from_env({"EXTPROC_ADMIN_TOKENS_FILE": str(tmp_path / "missing")})
-
-
-def test_admin_tokens_login_links_and_sessions() -> None:
-    auth = Auth({"0123456789abcdef0123": "ops"})
-    assert auth.admin("0123456789abcdef0123") == "ops"
-    assert auth.admin("0123456789abcdef0124") is None
+    auth = Auth({"0123456789abcdef0123456789": "ops"})
+    assert auth.admin("0123456789abcdef0123456789") == "ops"
+    assert auth.admin("0123456789abcdef0123456788") is None
     assert auth.admin("sk-ext-" + "0" * 40) is None and auth.admin("") is None
-    link = auth.mint_login()
-    assert auth.use_login(link) is True
-    assert auth.use_login(link) is False  # one time only
-    sid = auth.open_session("ops")
-    assert auth.session(sid).who == "ops"  # type: ignore[union-attr]
-    auth.close_session(sid)
-    assert auth.session(sid) is None and auth.session("forged") is None
+
+
+def test_console_settings(tmp_path: Path) -> None:
+    secret = tmp_path / "client-secret"
+    secret.write_text("s3cret\n")
+    settings = settings_from_env(
+        {
+            "EXTPROC_OIDC_ISSUER": "https://idp.example.com/",
+            "EXTPROC_OIDC_CLIENT_ID": "console",
+            "EXTPROC_OIDC_CLIENT_SECRET_FILE": str(secret),
+            "EXTPROC_OIDC_AUDIENCE": "https://console.example.com/api",
+            "EXTPROC_CONSOLE_SECURE_COOKIES": "TRUE",
+        }
+    )
+    assert settings.oidc is not None and settings.oidc.issuer == "https://idp.example.com"
+    assert settings.oidc.client_secret == "s3cret" and settings.oidc.recheck_seconds == 0
+    assert settings.secure_cookies == "true" and settings.session_seconds == 12 * 3600
+    assert settings_from_env({}).oidc is None
+    for env, message in (
+        ({"EXTPROC_OIDC_ISSUER": "idp.example.com"}, "must be an http:// or https:// URL"),
+        ({"EXTPROC_CONSOLE_SESSION_HOURS": "0"}, "at least 1"),
+        ({"EXTPROC_CONSOLE_SECRET": "short"}, "at least 32 characters"),
+        (
+            {
+                "EXTPROC_OIDC_ISSUER": "https://i.example.com",
+                "EXTPROC_OIDC_CLIENT_ID": "c",
+                "EXTPROC_OIDC_CLIENT_SECRET": "x",
+                "EXTPROC_OIDC_SCOPES": "email",
+            },
+            "must include openid",
+        ),
+    ):
+        with pytest.raises(ConsoleConfigError, match=message):
+            settings_from_env(env)
+
+
+def test_sessions_are_signed_shared_and_revocable(r: redis.Redis, redis_url: str) -> None:
+    ana = Person("sub-ana", "ana@example.com", "Ana", frozenset({"finance"}))
+
+    async def body(client: Any) -> None:
+        secret = await shared_secret(client, None)
+        assert await shared_secret(client, None) == secret  # every replica finds the same
+        one, two = SessionStore(client, secret, 3600), SessionStore(client, secret, 3600)
+        cookie = await one.open(ana, "oidc", "access-token")
+        found = await two.get(cookie)  # "another replica"
+        assert found is not None and found.person == ana and found.via == "oidc"
+        assert found.access_token == "access-token" and len(found.csrf) > 20
+        sid, _, sig = cookie.rpartition(".")
+        assert await two.get(f"{sid}.{'A' * len(sig)}") is None  # forged signature
+        assert await two.get(sid) is None and await two.get(None) is None
+        other = SessionStore(client, b"another-secret", 3600)
+        assert await other.get(cookie) is None  # not signed by the shared key
+        await two.regroup(found, frozenset({"platform-admins"}))
+        again = await one.get(cookie)
+        assert again is not None and again.person.groups == {"platform-admins"}
+        await one.flash(found, {"key": "shown once"})
+        assert await two.take_flash(found) == {"key": "shown once"}
+        assert await two.take_flash(found) is None
+        second = await one.open(ana, "oidc")
+        assert await one.close_all("sub-ana") == 2
+        assert await two.get(cookie) is None and await two.get(second) is None
+        third = await one.open(ana, "oidc")
+        session = await one.get(third)
+        assert session is not None
+        await two.close(session)
+        assert await one.get(third) is None
+        expired = SessionStore(client, secret, 0)
+        assert await expired.get(await expired.open(ana, "oidc")) is None
+
+    run(redis_url, body)
+    assert r.keys("{extproc:console}:session:*") == []  # nothing left behind
+
+
+def test_login_links_work_once_on_any_replica(r: redis.Redis, redis_url: str) -> None:
+    token = mint_login(r)
+
+    async def body(client: Any) -> list[bool]:
+        store = SessionStore(client, b"k" * 32, 60)
+        return [await store.use_login(token), await store.use_login(token)]
+
+    assert run(redis_url, body) == [True, False]
+    assert token.encode() not in b"".join(r.keys("*"))  # stored as a digest
 
 
 def test_refusal_shape_per_client() -> None:

@@ -90,6 +90,32 @@ def everything_in(r: redis.Redis) -> bytes:
 # --- create / lookup ---------------------------------------------------------------------
 
 
+def test_personal_keys_record_their_holder_and_keep_their_lifetime(
+    r: redis.Redis, redis_url: str
+) -> None:
+    """A personal key names its holder's subject, expires when it was minted to, and its
+    successor after a rotation ends no later; other keys are not listed as theirs."""
+
+    async def body(store: KeyStore) -> None:
+        until = T0 + 3 * 86_400_000
+        _s, mine = await store.create(
+            "dev", "codex-cli", owner="ana@example.com", expires_ms=until, owner_sub="sub-ana"
+        )
+        await store.create("dev", "codex-cli", owner="ana@example.com")  # an admin's key
+        listed = await store.list(owner_sub="sub-ana")
+        assert [(k.key_id, k.owner_sub, k.expires_ms) for k in listed] == [
+            (mine.key_id, "sub-ana", until)
+        ]
+        assert listed[0].status == "expiring"
+        _s2, successor = await store.rotate(mine.key_id, overlap_seconds=60)
+        info = await store.info(successor.key_id)
+        assert info is not None and info.owner_sub == "sub-ana" and info.expires_ms == until
+        with pytest.raises(KeyStoreError, match="owner subject must be printable"):
+            await store.create("dev", "codex-cli", owner_sub="x\n")
+
+    run(redis_url, body)
+
+
 def test_create_stores_only_the_hash_and_announces_it(r: redis.Redis, redis_url: str) -> None:
     async def body(store: KeyStore) -> tuple[str, Identity, list[Any]]:
         pubsub = store.client.pubsub()
@@ -116,6 +142,7 @@ def test_create_stores_only_the_hash_and_announces_it(r: redis.Redis, redis_url:
         b"expires_ms": b"0",
         b"revoked": b"0",
         b"replaced_by": b"",
+        b"owner_sub": b"",
     }
     assert r.hgetall(KEY_IDS) == {identity.key_id.encode(): sha.encode()}
     assert notices[0]["data"] == f"create {identity.key_id} {sha}".encode()

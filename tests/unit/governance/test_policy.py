@@ -193,7 +193,11 @@ CASES: list[tuple[dict[str, Any], str]] = [
     bad("version", 2, "unsupported version 2 (this extproc reads 1)"),
     bad("version", "1", 'unsupported version "1"'),
     bad("workspace", {}, 'unknown field (did you mean "workspaces"?)'),
-    bad("budgets", 1, "unknown field (known: version, timezone, defaults, workspaces, alerts)"),
+    bad(
+        "budgets",
+        1,
+        "unknown field (known: version, timezone, defaults, workspaces, alerts, console)",
+    ),
     bad(
         "timezone",
         "Europe/Berlinn",
@@ -258,7 +262,7 @@ CASES: list[tuple[dict[str, Any], str]] = [
     bad(
         f"{DEV}.teams.platform.owner",
         "x",
-        "unknown field (known: budget_usd, rate_limits, contact)",
+        "unknown field (known: budget_usd, rate_limits, contact, approvers)",
     ),
     bad(f"{DEV}.teams.platform.contact", "", 'must be a non-empty string, got ""'),
     bad(f"{SVC}.team", "plat", 'unknown team "plat" (teams in dev: platform, web)'),

@@ -690,7 +690,7 @@ INVALID: list[tuple[dict[str, Any], str]] = [
     (with_routing("routng", {}), 'routng: unknown field (did you mean "routing"?)'),
     (
         with_routing("budgets", 1),
-        "budgets: unknown field (known: version, timezone, defaults, workspaces, alerts) "
+        "budgets: unknown field (known: version, timezone, defaults, workspaces, alerts, console) "
         "(feature sections: routing)",
     ),
     (with_routing("routing/rulez", []), 'routing.rulez: unknown field (did you mean "rules"?)'),
