@@ -402,6 +402,9 @@ class Stack:
         self.routes: dict[str, str] = {}
         self.admin_port = 0
         self._stopping = False
+        # Held while a child is added or the stack starts stopping: a supervisor restarting a
+        # sidecar and `stop` must not interleave, or the new child outlives the stack.
+        self._spawning = threading.Lock()
         # (sidecar name, how it died) for every restart, newest last; `restarted` wakes on it.
         self.restarts: list[tuple[str, str]] = []
         self.restarted = threading.Condition()
@@ -477,8 +480,11 @@ class Stack:
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         echo = self.config.log_echo(name) if self.config.log_echo else None
-        child = Child(name, argv, env, on_line=echo)
-        self.children[name] = child
+        with self._spawning:
+            if self._stopping:
+                raise RuntimeError(f"not starting {name}: the stack is stopping")
+            child = Child(name, argv, env, on_line=echo)
+            self.children[name] = child
         return child
 
     def _redis(self, port: int, directory: Path) -> None:
@@ -594,7 +600,8 @@ class Stack:
         Sidecars started under a name of a test's choosing (a second replica, say) are
         stopped too: one left running outlived the suite and kept writing to its spool.
         """
-        self._stopping = True
+        with self._spawning:  # from here on nothing new starts (see `_spawn`)
+            self._stopping = True
         redis_nodes = [n for n in self.children if n == "redis" or n.startswith("redis-node")]
         simulators = [n for n in self.children if n.startswith("simulator")]
         first = [n for n in ("console", "envoy") if n in self.children]

@@ -1153,6 +1153,34 @@ def test_make_image_builds_the_dockerfile_with_the_overlays_name_and_tag() -> No
     assert sidecar == image
 
 
+def with_secrets(overlay: str, where: Path, secrets: dict[str, dict[str, str]]) -> Rendered:
+    """`overlay` with its placeholder Secrets replaced, as every real deployment's own
+    kustomization must (the console refuses the shipped placeholder admin token)."""
+    where.mkdir(parents=True)
+    up = os.path.relpath(DEPLOY, where)
+    generators = [
+        {
+            "name": name,
+            "behavior": "replace",
+            "type": "Opaque",
+            "literals": [f"{k}={v}" for k, v in data.items()],
+        }
+        for name, data in secrets.items()
+    ]
+    (where / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [f"{up}/overlays/{overlay}"],
+                "secretGenerator": generators,
+            }
+        )
+    )
+    rendered = kustomize_build(where.parent, where.name)
+    return Rendered(overlay, rendered.objects)
+
+
 # ---------------------------------------------------------------------------------------------
 # The Sentinel-managed store (deploy/components/redis-ha), added to an overlay
 

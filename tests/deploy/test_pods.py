@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -63,6 +64,7 @@ from tests.deploy.test_deploy import (
     queries,
     render,
     variable_queries,
+    with_secrets,
 )
 from tests.e2e.test_e2e_mesh import make_pki
 
@@ -163,10 +165,15 @@ def cluster(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     overlay: str = request.param
-    r = render(overlay)
     # Not under pytest's base directory (0700): the containers run as their own users.
     root = Path(tempfile.mkdtemp(prefix=f"extproc-node-{overlay}-"))
     root.chmod(0o755)
+    # As an operator deploys it: the shipped placeholder admin token replaced by a secret.
+    r = with_secrets(
+        overlay,
+        root / "operator" / overlay,
+        {"extproc-admin-tokens": {"tokens": f"platform:{secrets.token_hex(24)}"}},
+    )
     pki = make_pki(root, "provider")
     images = {
         "extproc": extproc_image(root / "image-extproc"),
