@@ -97,6 +97,9 @@ def settlement_for(
     if record.session_id and attributed:
         add(scope=session_scope(record.key_id, record.session_id), soft_nanos=NO_SOFT_LIMIT)
     settlement.record.CopyFrom(record)
+    if prefix is not None and attributed:
+        # On the record too: the runaway breaker reads repeats from the ledger it watches.
+        settlement.record.prefix_fingerprint = prefix.fingerprint
     if attributed and record.input_tokens:
         settlement.hygiene_scope = service_scope(record.service)
         if prefix is not None and not record.estimated:
