@@ -176,7 +176,12 @@ async def _me(deps: Deps, identity: Identity) -> msgs.ProcessingResponse:
         log.exception("reading the caller's standing failed")
         return msgs.immediate(503, _error(503, "The budget store is unavailable.", "unavailable"))
     typical = typical_request(reads.records, policy.workspaces[identity.workspace], deps.prices)
-    body = json.dumps(me_view(policy, identity, plan, reads, now, typical)).encode()
+    try:
+        requests = await deps.halt.mine(identity) if deps.halt is not None else []
+    except Exception:
+        log.exception("reading top-up requests failed")
+        requests = []
+    body = json.dumps(me_view(policy, identity, plan, reads, now, typical, requests)).encode()
     return msgs.immediate(200, body, _NO_STORE)
 
 
