@@ -183,22 +183,25 @@ def register_topup(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
 
     top.set_defaults(func=top_help)
     p = tsub.add_parser("list", parents=[common], help="requests, newest first")
-    p.add_argument("--status", choices=("pending", "approved", "denied", "expired", "revoked",
-                                        "lapsed"))  # fmt: skip
+    p.add_argument(
+        "--status",
+        choices=("pending", "approved", "denied", "expired", "revoked", "lapsed"),
+        help="only requests in this state",
+    )
     p.add_argument("--workspace", help="only this workspace's")
     p.set_defaults(func=cmd_list)
     p = tsub.add_parser("approve", parents=[common], help="grant a pending request")
-    p.add_argument("request_id")
+    p.add_argument("request_id", help="the request (tu_..., from `topup list`)")
     p.add_argument("--amount", help="grant less than asked, in dollars")
     p.add_argument("--until", help='end sooner than asked: ISO 8601, a date, "monday", "period"')
     p.add_argument("--note", help="shown to the requester")
     p.set_defaults(func=_decide("approve"))
     p = tsub.add_parser("deny", parents=[common], help="refuse a pending request")
-    p.add_argument("request_id")
+    p.add_argument("request_id", help="the request (tu_..., from `topup list`)")
     p.add_argument("--note", help="shown to the requester: why")
     p.set_defaults(func=_decide("deny"))
     p = tsub.add_parser("revoke", parents=[common], help="end a granted top-up now")
-    p.add_argument("request_id")
+    p.add_argument("request_id", help="the granted request (tu_...)")
     p.add_argument("--note", help="shown to the requester")
     p.set_defaults(func=_decide("revoke"))
 
@@ -210,9 +213,9 @@ def register_pause_commands(ksub: argparse._SubParsersAction) -> None:  # type: 
     p.add_argument("--all", action="store_true", help="resumed ones too")
     p.set_defaults(func=cmd_paused)
     p = ksub.add_parser("resume", parents=[common], help="let a paused key spend again")
-    p.add_argument("key_id")
+    p.add_argument("key_id", help="the paused key (from `keys paused`)")
     p.set_defaults(func=cmd_resume)
     p = ksub.add_parser("pause", parents=[common], help="pause a key by hand (until resumed)")
-    p.add_argument("key_id")
+    p.add_argument("key_id", help="the key to pause (from `keys list`)")
     p.add_argument("--why", default="", help="shown in every refusal of the key")
     p.set_defaults(func=cmd_pause)

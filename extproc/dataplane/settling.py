@@ -175,7 +175,7 @@ class Settling:
         charged, period_id = charges_for(deps.policy, identity, plan, now, tz)
         if reservation_id is None:
             reservation_id = self._decision.reservation_id if self._decision else ""
-        prefix = self._prefix
+        p = self._prefix
         return settlement_for(
             record,
             charged,
@@ -184,7 +184,7 @@ class Settling:
             prices=deps.prices,
             reservation_id=reservation_id,
             attributed=identity is not None,
-            prefix=None if prefix is None else CachePrefix(prefix.fingerprint, prefix.tokens),
+            prefix=None if p is None else CachePrefix(p.fingerprint, p.tokens, p.request),
         )
 
     def close(self) -> None:

@@ -8,8 +8,9 @@ each key, and pauses the one that runs away (see `governance.pauses`).
 
 Three rules, each with thresholds in the policy (`breaker:`, see docs/topups.md):
 
-* repeats: the same request (the cache-hygiene prefix fingerprint, the model and the input
-  size: nothing else than a copy matches all three) more than N times within M minutes.
+* repeats: the same request (its fingerprint, made beside the cache-hygiene prefix's from
+  the model and every input text, see `insight.cachehygiene`) more than N times within M
+  minutes.
   Only requests of 1,024 counted tokens and more count: a health check sending "ping" every
   ten seconds is not a runaway, and costs nothing worth stopping.
 * spend rate: what the key spent in the last M minutes, at that pace for an hour, is more
@@ -66,7 +67,9 @@ class Seen:
             return None
         tokens = record.counted_input_tokens or record.input_tokens
         model = record.model_requested or record.model_served
-        shape = (record.prefix_fingerprint, model, tokens) if tokens >= MIN_REPEAT_TOKENS else None
+        shape = None
+        if tokens >= MIN_REPEAT_TOKENS and record.request_fingerprint:
+            shape = (record.request_fingerprint, model, tokens)
         return Seen(
             record.time_ms,
             record.workspace,
@@ -89,10 +92,6 @@ class Trip:
     mode: str  # "enforce" or "dry_run"
     why: str  # for people: what was seen, against which threshold
     details: dict[str, Any]
-
-    def bucket(self, window_ms: int) -> int:
-        """Which window of this rule the trip falls in: the replicas' once-only marker."""
-        return self.at_ms // max(window_ms, 1)
 
 
 @dataclass

@@ -60,7 +60,8 @@ class LiveState:
         self.refusals: dict[str, OpenAIError] = {}
         self._grants: dict[str, tuple[Grant, ...]] = {}
         self._poke = asyncio.Event()
-        self.refreshed = 0  # completed refreshes (tests wait on progress, not on time)
+        self.refreshed = 0  # completed refreshes
+        self.ready = asyncio.Event()  # set by the first refresh
         self._changed = asyncio.Event()
 
     def topups(self, workspace: str, now_ms: int) -> Mapping[str, int]:
@@ -112,6 +113,7 @@ class LiveState:
             self.refusals.clear()
             self.refusals.update(refusals)
         self.refreshed += 1
+        self.ready.set()
         if self.on_refresh is not None:
             self.on_refresh(self)
         self._changed.set()

@@ -344,11 +344,13 @@ def auto_approvable(
         return False
     if request.amount_nanos >= auto.under_nanos:
         return False
-    period = period_at(ws.period, request.created_ms, tz)
+    period = period_at(ws.period, request.created_ms, tz).id
     granted = sum(
         r.granted_nanos
         for r in earlier
-        if r.auto and r.scope == request.scope and period.start_ms <= r.created_ms < period.end_ms
+        if r.auto
+        and r.scope == request.scope
+        and period_at(ws.period, r.created_ms, tz).id == period
     )
     return granted + request.amount_nanos <= auto.period_max_nanos
 

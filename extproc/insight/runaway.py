@@ -237,7 +237,8 @@ class RunawayWatch:
         if ws is None:
             return False
         window = ws.breaker_for(trip.service).window_ms
-        marker = breaker_tripped_key(trip.workspace, trip.key_id, trip.rule, trip.bucket(window))
+        # The record that tripped it names the trip: the same on every replica that reads it.
+        marker = breaker_tripped_key(trip.workspace, trip.key_id, trip.rule, trip.at_ms)
         if not await self._redis.set(marker, self.holder, nx=True, px=max(window * 2, 60_000)):
             return False  # another replica acted on it
         info = await self._keys.info(trip.key_id)

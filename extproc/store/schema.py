@@ -159,10 +159,10 @@ def paused_key(workspace: str) -> str:
     return f"{workspace_prefix(workspace)}:{PAUSED}"
 
 
-def breaker_tripped_key(workspace: str, key_id: str, rule: str, bucket: int) -> str:
-    """Set NX once per key, rule and window when the breaker trips (or would, in dry run),
-    so the replicas together pause, alert and audit it once."""
-    return f"{workspace_prefix(workspace)}:{ALERTED}:breaker:{key_id}:{rule}:{bucket}"
+def breaker_tripped_key(workspace: str, key_id: str, rule: str, at_ms: int) -> str:
+    """Set NX once per trip (a key, a rule, the time of the record that tripped it) when
+    the breaker trips, or would in dry run: the replicas together act on it once."""
+    return f"{workspace_prefix(workspace)}:{ALERTED}:breaker:{key_id}:{rule}:{at_ms}"
 
 
 # -- global keys ----------------------------------------------------------------------------
