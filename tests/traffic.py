@@ -190,8 +190,8 @@ def text(item_id: str, tokens: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(tokens))
 
 
-def body(call: Call, *, stream: bool = False) -> dict[str, object]:
-    texts = [text(i, n) for i, n in call.items]
+def body(call: Call, *, stream: bool = False, texts: list[str] | None = None) -> dict[str, object]:
+    texts = texts if texts is not None else [text(i, n) for i, n in call.items]
     if call.endpoint == "chat.completions":
         messages = [{"role": "system", "content": texts[0]}]
         messages += [{"role": "user", "content": t} for t in texts[1:]]
@@ -199,3 +199,53 @@ def body(call: Call, *, stream: bool = False) -> dict[str, object]:
     items = [{"role": "developer", "content": t} for t in texts[:-1]]
     items.append({"role": "user", "content": texts[-1]})
     return {"model": call.model, "input": items, "max_output_tokens": 2000, "stream": stream}
+
+
+# --- played through a gateway (the end-to-end test) --------------------------------------------
+
+_TEXTS: dict[tuple[str, int], str] = {}
+
+
+def cached_text(item_id: str, tokens: int) -> str:
+    """`text`, made once per item: a session re-sends its whole history every request."""
+    found = _TEXTS.get((item_id, tokens))
+    if found is None:
+        found = _TEXTS[(item_id, tokens)] = text(item_id, tokens)
+    return found
+
+
+def play(
+    calls: list[Call], base_url: str, keys: dict[str, str], *, speed: float, timeout: float = 60
+) -> list[tuple[Call, int]]:
+    """Send each call at its time divided by `speed` (one thread per sender, each sender's
+    calls in order, as a person or a bot sends them); (call, HTTP status) for each."""
+    import threading
+    import time
+
+    import httpx
+
+    by_who: dict[str, list[Call]] = {}
+    for c in calls:
+        by_who.setdefault(c.who, []).append(c)
+    results: list[tuple[Call, int]] = []
+    lock = threading.Lock()
+    start = time.monotonic() + 1.0
+
+    def sender(who: str, mine: list[Call]) -> None:
+        with httpx.Client(timeout=timeout, headers={"authorization": f"Bearer {keys[who]}"}) as h:
+            for c in mine:
+                wait = start + c.at_s / speed - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)  # pacing the load, not waiting for a result
+                path = "/responses" if c.endpoint == "responses" else "/chat/completions"
+                sent = body(c, texts=[cached_text(i, n) for i, n in c.items])
+                status = h.post(base_url + path, json=sent).status_code
+                with lock:
+                    results.append((c, status))
+
+    threads = [threading.Thread(target=sender, args=item) for item in by_who.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results

@@ -37,6 +37,7 @@ from tests.oidc.idp import (
     OTHER_API,
     SHORT_LIVED,
     IdP,
+    browser_sign_in,
     running_idp,
 )
 
@@ -314,13 +315,7 @@ def browser() -> Iterator[Any]:
 
 
 def _browser_sign_in(page: Any, world: World, login: str) -> None:
-    page.goto(world.console + "/")
-    assert "/login" in page.url
-    page.click("#sso")  # "Sign in with 127.0.0.1": off to the provider
-    page.fill('input[name="login"]', login)
-    page.fill('input[name="password"]', "any password")
-    page.click("button[type=submit]")
-    page.wait_for_selector("#who")  # back in the console, signed in
+    browser_sign_in(page, world.console, login)
 
 
 def test_sign_in_see_only_what_the_role_allows_sign_out(world: World, browser: Any) -> None:
