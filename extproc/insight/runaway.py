@@ -31,7 +31,7 @@ from typing import Any
 from extproc.governance.breaker import Detector, Seen, Trip
 from extproc.governance.keys import KeyStore
 from extproc.governance.pauses import Pause, PauseStore
-from extproc.governance.policy import Breaker, Policy
+from extproc.governance.policy import Breaker, Policy, Workspace
 from extproc.governance.topups import TopupStore
 from extproc.insight import notices
 from extproc.store.audit import append_audit
@@ -69,6 +69,11 @@ return 0
 
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _window(ws: Workspace) -> int:
+    """The longest look back any rule of the workspace or its services needs."""
+    return max([ws.breaker.window_ms, *(s.breaker.window_ms for s in ws.services.values())])
 
 
 def baseline_hours(now: datetime) -> list[str]:
@@ -148,7 +153,7 @@ class RunawayWatch:
                 trips.append(trip)
         acted = [t for t in trips if await self._act(policy, t)]
         await self._expire(policy, now)
-        longest = max((ws.breaker.window_ms for ws in policy.workspaces.values()), default=0)
+        longest = max((_window(ws) for ws in policy.workspaces.values()), default=0)
         self.detector.prune(self.detector.now_ms, max(longest, 3_600_000))
         self.looks += 1
         return acted
@@ -196,7 +201,7 @@ class RunawayWatch:
             stream = ledger_key(workspace_prefix(name))
             start = self._cursor.get(stream)
             if start is None:
-                start = f"{now_ms - ws.breaker.window_ms}-0"
+                start = f"{now_ms - _window(ws)}-0"
             read = 0
             while read < MAX_PER_LOOK:
                 rows = await self._redis.xrange(stream, min=start, count=BATCH)

@@ -9,8 +9,10 @@ its refusal says why, since when and how to resume; the spend it caused is state
 compression only makes ordinary traffic look *more* like a runaway (more requests per
 minute), never less, so a quiet compressed run is a fair test of the uncompressed one.
 
-The order is the synchronisation: the watch reads the ledger in order, so once it has paused
-the loop it has read every record before it, the ordinary ones included.
+Two sidecar replicas run, each with a watch; one holds the lease and acts, and the pause it
+writes reaches both (Envoy sends the loop's requests to each in turn). The order is the
+synchronisation: the watch reads the ledger in order, so once it has paused the loop it has
+read every record before it, the ordinary ones included.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ SENDERS = {"dev1": "codex-cli", "dev2": "codex-cli", "dev3": "codex-cli", "dev4"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, hooks: Hooks) -> Iterator[Stack]:
     policy = POLICY.format(port=hooks.port)
-    with policy_stack(tmp_path_factory, policy, {"TEST_UPSTREAM": "sk-upstream"}) as s:
+    # Two replicas: two watches, one lease; the pause must reach both.
+    with policy_stack(tmp_path_factory, policy, {"TEST_UPSTREAM": "sk-upstream"}, sidecars=2) as s:
         yield s
 
 

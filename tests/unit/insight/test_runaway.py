@@ -23,7 +23,14 @@ from extproc.insight.alerts import Alert
 from extproc.insight.cachehygiene import prefix_of
 from extproc.insight.runaway import RunawayWatch, baseline_hours
 from extproc.metering.tokens import count_text
-from extproc.store.schema import AUDIT, KEYS_CHANNEL, ledger_key, paused_key, workspace_prefix
+from extproc.store.schema import (
+    AUDIT,
+    BREAKER_LEADER,
+    KEYS_CHANNEL,
+    ledger_key,
+    paused_key,
+    workspace_prefix,
+)
 from extproc.wire.endpoints import ENDPOINTS
 from tests.traffic import record, runaway_loop
 
@@ -249,6 +256,25 @@ def test_the_live_cache_follows_notices_and_builds_refusals(redis_url: str, r: r
                 task.cancel()
 
     assert run(redis_url, body) == [0, 1, 0]
+
+
+def test_another_replica_takes_over_when_the_lease_lapses(redis_url: str, r: redis.Redis) -> None:
+    r.flushall()
+    t0 = 1_796_000_000_000
+
+    async def body(client: Any) -> list[bool]:
+        _secret, identity = await KeyStore(client).create("dev", "loop")
+        one = RunawayWatch(client, lambda: POLICY, Sent(), now_ms=Clock(t0 + 60_000))
+        two = RunawayWatch(client, lambda: POLICY, Sent(), now_ms=Clock(t0 + 60_000))
+        await one.check_once()
+        await two.check_once()
+        r.delete(BREAKER_LEADER)  # the first replica stopped renewing (it died): it lapses
+        _write_loop(r, identity.key_id, "loop", 25, t0)
+        trips = await two.check_once()  # the second leads now, from the window back
+        await one.check_once()  # and the first, back, stands by
+        return [two.leading, one.leading, len(trips) == 1]
+
+    assert run(redis_url, body) == [True, False, True]
 
 
 def test_the_baseline_is_the_last_week_without_the_runaway_hours() -> None:
