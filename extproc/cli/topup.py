@@ -47,7 +47,7 @@ def _run(args: argparse.Namespace, action: Callable[[Any, Any], Awaitable[int]])
 
     async def go() -> int:
         client = make_client(url, socket_connect_timeout=3, socket_timeout=10)
-        alerter = alerter_for(client, lambda: policy)
+        alerter = alerter_for(client, lambda: policy, delays=(0.5, 2.0))
         try:
             return await action(client, (policy, alerter))
         finally:

@@ -15,6 +15,7 @@ The CLI acts with the trust of whoever holds the Redis credentials, like `extpro
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,15 +41,21 @@ class NotAllowed(PermissionError):
     """The person may not decide this request or resume this key; the message says why."""
 
 
-def alerter_for(client: Any, policy: Callable[[], Policy | None]) -> Alerter:
-    """An alerter delivering to the policy's webhooks, keeping each alert in Redis."""
+def alerter_for(
+    client: Any, policy: Callable[[], Policy | None], delays: tuple[float, ...] | None = None
+) -> Alerter:
+    """An alerter delivering to the policy's webhooks, keeping each alert in Redis; `delays`
+    between retries (the CLI waits for its deliveries: it retries less)."""
 
     def targets(event: str) -> list[str]:
         current = policy()
         hooks = current.webhooks if current else ()
         return [w.url for w in hooks if not w.events or event in w.events]
 
-    return Alerter(targets, record=lambda alert: record_alert(client, alert))
+    record = lambda alert: record_alert(client, alert)  # noqa: E731
+    if delays is None:
+        return Alerter(targets, record=record)
+    return Alerter(targets, record=record, delays=delays)
 
 
 def _actor(actor: Any) -> tuple[str, str]:
@@ -174,7 +181,7 @@ async def pause_by_hand(
     why = " ".join(why.split()) or "an admin paused it"
     pause = Pause(
         key_id=key_id, workspace=info.workspace, service=info.service, rule="manual", why=why,
-        since_ms=TopupStore(client).now_ms(), by=who, owner=info.owner or "",
+        since_ms=time.time_ns() // 1_000_000, by=who, owner=info.owner or "",
     )  # fmt: skip
     if not await PauseStore(client).pause(pause):
         raise PauseError(f"{key_id} is paused already")

@@ -102,6 +102,7 @@ class TopupDesk:
         return request
 
     async def mine(self, identity: Identity, limit: int = 50) -> list[TopupRequest]:
-        """The caller's own requests, newest first (nobody else's)."""
-        found = await self.store.list(identity.workspace, limit=500)
+        """The caller's own requests among the workspace's latest 100, newest first (nobody
+        else's): one pipelined read however many requests the workspace has had."""
+        found = await self.store.list(identity.workspace, limit=100)
         return [r for r in found if r.key_id == identity.key_id][:limit]
