@@ -403,7 +403,9 @@ async def serve(
 
     transport = H2Transport(deps)
     await transport.start(settings, reuse_port=reuse_port)
-    log.info("extproc listening on %s", settings.listen)
+    # The log line must not read as the ready line: with several workers, only the
+    # supervisor's "extproc listening" (every worker ready) may tell a waiting caller to go.
+    log.info("serving ext_proc on %s", settings.listen)
     print(f"extproc listening on {settings.listen}", flush=True)
 
     stop = stop or asyncio.Event()
