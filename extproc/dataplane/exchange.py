@@ -44,7 +44,7 @@ from extproc.governance.credentials import (
 from extproc.governance.keys import MISSING, Identity
 from extproc.governance.models import list_body, models_for, retrieve_body
 from extproc.governance.policy import Policy
-from extproc.insight.cachehygiene import MIN_CACHEABLE_TOKENS, Prefix, prefix_of
+from extproc.metering.cacheprefix import MIN_CACHEABLE_TOKENS, prefix_of
 from extproc.metering.decisions import (
     Observed,
     PreparedRequest,
@@ -55,6 +55,7 @@ from extproc.metering.decisions import (
 )
 from extproc.metering.passthrough import PassthroughSeen
 from extproc.metering.prices import usd
+from extproc.metering.settlement import CachePrefix
 from extproc.routing.decide import (
     BudgetState,
     RouteDecision,
@@ -62,7 +63,7 @@ from extproc.routing.decide import (
     prompt_cache_key,
     traits_for,
 )
-from extproc.routing.rewrite import apply_route, output_cap_field, set_output_cap
+from extproc.routing.rewrite import apply_route
 from extproc.v1.ledger_pb2 import UsageRecord
 from extproc.wire.endpoints import Endpoint, StreamMeter
 from extproc.wire.errors import (
@@ -72,7 +73,8 @@ from extproc.wire.errors import (
     unknown_url,
     upstream_credential_missing,
 )
-from extproc.wire.paths import MODELS_PATH, Kind, Target, classify
+from extproc.wire.paths import Kind, Target, classify
+from extproc.wire.spec import MODELS, MODELS_PATH
 
 log = logging.getLogger("extproc.dataplane.exchange")
 
@@ -137,11 +139,9 @@ class Exchange(Settling):
         self._trace: tuple[str | None, str | None] = (None, None)
         self._task: str | None = None
         self._route_decision: RouteDecision | None = None
-        self._prefix: Prefix | None = None
+        self._prefix: CachePrefix | None = None
         self._record: UsageRecord | None = None
-        self.busy_ns = (
-            0  # time the sidecar spent on this request's phases (the stream handler adds)
-        )
+        self.busy_ns = 0  # time spent on this request's phases (the stream handler adds)
         self.seen = Observed(time_ms=deps.now_ms())
         self._endpoint: Endpoint | None = None
         self._prepared: PreparedRequest | None = None
@@ -181,7 +181,7 @@ class Exchange(Settling):
             return self._refuse_unbilled(WEBSOCKET_REFUSED, "websocket_upgrade")
         target = classify(method, path)
         self._target = target
-        seen.endpoint = target.name or "unknown"
+        seen.spec = target.spec
         remove = [*spoofed]
         keys = self._deps.keys
         if keys is None or self._deps.policy is None:
@@ -237,7 +237,7 @@ class Exchange(Settling):
             # The provider gets the canonical spelling: exactly the endpoint we metered.
             add[":path"] = target.forward_path
         if target.kind is Kind.METERED:
-            self._endpoint = target.endpoint
+            self._endpoint = target.spec.reader  # type: ignore[union-attr]
             if end_of_stream:
                 # Refused for want of a body only once the caller is known: the record of
                 # the refusal is attributed to its key like any other.
@@ -245,11 +245,11 @@ class Exchange(Settling):
             if not add and not remove:
                 return msgs.CONTINUE_METERED_REQUEST_HEADERS
             return msgs.forward_request_headers(add, ["accept-encoding", *remove])
-        api = target.api
-        assert api is not None
+        spec = target.spec
+        assert spec is not None
         identity, policy = self._identity, self._deps.policy
         if identity is not None and policy is not None:
-            refusal = policy.workspaces[identity.workspace].passthrough.refusal(api, target.name)
+            refusal = policy.workspaces[identity.workspace].passthrough.refusal(spec)
             if refusal is not None:
                 return self._reject(refusal)
         seen = self.seen
@@ -259,7 +259,7 @@ class Exchange(Settling):
             ),
             governed=identity is not None and self._deps.budgets is not None,
         )
-        if identity is not None and policy is not None and target.path.startswith(MODELS_PATH):
+        if identity is not None and policy is not None and spec is MODELS:
             return self._answer_models(policy, identity, target)
         if self._pass.holds and end_of_stream:
             return self._reject(MISSING_BODY)  # nothing to count or price: refused, like metered
@@ -383,13 +383,8 @@ class Exchange(Settling):
         self._route_decision = route
         self.seen.routed_model = route.model
         body = prepared.parsed or {}
-        rewritten = route.changed and apply_route(
-            self.seen.endpoint,
-            body,
-            route,
-            prompt_cache_key(self._identity, self.seen.session_id),
-        )
         ws = self._deps.policy.workspaces[self._identity.workspace]  # type: ignore[union-attr]
+        cap = None
         if (
             ws.enforce_output_cap
             and route.max_output_tokens is None
@@ -398,7 +393,13 @@ class Exchange(Settling):
             # Reserved for default_output_cap over all outputs (`n`, `best_of`): make the
             # upstream stop there too, each output getting its share.
             cap = per_choice_cap(ws.default_output_cap, prepared.facts.choices)
-            rewritten = set_output_cap(self.seen.endpoint, body, cap) or rewritten
+        rewritten = (route.changed or cap is not None) and apply_route(
+            self.seen.spec,  # type: ignore[arg-type]
+            body,
+            route,
+            prompt_cache_key(self._identity, self.seen.session_id),
+            cap,
+        )
         self._prefix = await self._fingerprint(prepared)
         try:
             prepared = finalize(prepared, rewritten=bool(rewritten))
@@ -434,9 +435,9 @@ class Exchange(Settling):
             return self._denied(held.plan, held.decision, held.ask)
         return msgs.CONTINUE_REQUEST_BODY
 
-    async def _fingerprint(self, prepared: PreparedRequest) -> Prefix | None:
+    async def _fingerprint(self, prepared: PreparedRequest) -> CachePrefix | None:
         """The (routed) request's cacheable prefix; hashed off the event loop when big."""
-        endpoint, body = self._endpoint, prepared.parsed
+        endpoint, body = self.seen.spec, prepared.parsed
         if endpoint is None or body is None or prepared.counted_input_tokens < MIN_CACHEABLE_TOKENS:
             return None
         model = str(body.get("model", ""))
@@ -535,7 +536,7 @@ class Exchange(Settling):
             plan,
             model=route.model,
             outputs=prepared.facts.choices,
-            output_param=output_cap_field(self.seen.endpoint),
+            output_param=self.seen.spec.output_cap_field,  # type: ignore[union-attr]
             stated=(route.max_output_tokens or prepared.facts.output_cap) is not None,
             source="the workspace's default_output_cap",
         )

@@ -26,7 +26,7 @@ from extproc.metering.passthrough import PassthroughSeen, request_model
 from extproc.metering.worstcase import is_priced
 from extproc.wire.endpoints import Endpoint
 from extproc.wire.errors import OpenAIError
-from extproc.wire.paths import Pricing
+from extproc.wire.spec import Pricing
 
 _STATUS = frozenset({":status"})
 
@@ -54,14 +54,14 @@ class PassthroughCall:
     @property
     def spec(self) -> Endpoint:
         """How a priced call's request is read (see `extproc.wire.priced`)."""
-        api = self.seen.target.api
-        assert api is not None and api.spec is not None
-        return api.spec
+        spec = self.seen.target.spec
+        assert spec is not None and spec.reader is not None
+        return spec.reader
 
     @property
     def priced(self) -> bool:
-        api = self.seen.target.api
-        return api is not None and api.pricing is Pricing.USAGE
+        spec = self.seen.target.spec
+        return spec is not None and spec.pricing is Pricing.USAGE
 
     def forward(
         self, add: dict[str, str], remove: list[str], *, json_body: bool

@@ -15,7 +15,6 @@ from extproc.dataplane.deps import Deps
 from extproc.dataplane.passthrough import PassthroughCall
 from extproc.governance.budget import Decision, Plan, charges_for
 from extproc.governance.keys import Identity
-from extproc.insight.cachehygiene import Prefix
 from extproc.insight.telemetry import RequestTelemetry
 from extproc.insight.telemetry import verdict as request_verdict
 from extproc.metering.decisions import Observed, PreparedRequest, bare_record, orphaned, settle
@@ -41,7 +40,7 @@ class Settling:
     _meter: StreamMeter | None
     _pass: PassthroughCall | None
     _plan: Plan | None
-    _prefix: Prefix | None
+    _prefix: CachePrefix | None
     _record: UsageRecord | None
     _route_decision: RouteDecision | None
     _start_ns: int
@@ -175,7 +174,6 @@ class Settling:
         charged, period_id = charges_for(deps.policy, identity, plan, now, tz)
         if reservation_id is None:
             reservation_id = self._decision.reservation_id if self._decision else ""
-        prefix = self._prefix
         return settlement_for(
             record,
             charged,
@@ -184,7 +182,7 @@ class Settling:
             prices=deps.prices,
             reservation_id=reservation_id,
             attributed=identity is not None,
-            prefix=None if prefix is None else CachePrefix(prefix.fingerprint, prefix.tokens),
+            prefix=self._prefix,
         )
 
     def close(self) -> None:
@@ -202,9 +200,11 @@ class Settling:
             denial_reason=denied.reason if denied is not None else None,
             downgraded=self._route_decision is not None and self._route_decision.downgraded,
         )
+        spec = self._pass.seen.target.spec if self._pass is not None else self.seen.spec
         self._deps.telemetry.observe(
             RequestTelemetry(
                 record=record,
+                operation=spec.operation if spec is not None else record.endpoint,
                 start_ns=self._start_ns,
                 end_ns=self._end_ns,
                 traceparent=self._trace[0],

@@ -20,6 +20,7 @@ from extproc.wire.billing import NO_TOOL_REQUEST
 from extproc.wire.bodies import decode_body, encode_json, parse_json_object
 from extproc.wire.endpoints import Endpoint, RequestFacts, StreamOutcome, count_input_tokens
 from extproc.wire.errors import OpenAIError
+from extproc.wire.spec import EndpointSpec
 from extproc.wire.usage import ToolCalls, Usage
 
 IDENTITY = ("", "identity")
@@ -111,7 +112,7 @@ class Observed:
     request_id: str = ""
     envoy_request_id: str = ""
     time_ms: int = 0
-    endpoint: str = ""
+    spec: EndpointSpec | None = None  # None: a path that is no endpoint we know
     session_id: str = ""
     facts: RequestFacts | None = None
     counted_input_tokens: int = 0
@@ -123,6 +124,12 @@ class Observed:
     stream: StreamOutcome | None = None
     rejected: OpenAIError | None = None
     duration_ms: int = 0
+
+    @property
+    def endpoint(self) -> str:
+        """The ledger's name for the endpoint ("unknown" for a path that is none)."""
+        spec = self.spec
+        return spec.name if spec is not None else "unknown"
 
 
 def _outcome(seen: Observed) -> tuple[str, bool]:
@@ -186,8 +193,8 @@ def settle(
             tools=seen.stream.tools_seen if seen.stream else ToolCalls(),
         )
     usage = usage or Usage()
-    if facts is not None and outcome == "completed" and _searches_per_request(seen.endpoint, facts):
-        # Chat Completions search models search once per request; the answer never says so.
+    if facts is not None and outcome == "completed" and _searches_per_request(seen.spec, facts):
+        # A search model searches once per request; the answer never says so.
         usage = replace(usage, tools=replace(usage.tools, web_search=1))
     record = UsageRecord(
         request_id=seen.request_id,
@@ -214,8 +221,12 @@ def settle(
     return record
 
 
-def _searches_per_request(endpoint: str, facts: RequestFacts) -> bool:
-    return endpoint == "chat.completions" and "web_search_preview" in facts.tools.kinds
+def _searches_per_request(spec: EndpointSpec | None, facts: RequestFacts) -> bool:
+    return (
+        spec is not None
+        and spec.parts.search_per_request
+        and "web_search_preview" in facts.tools.kinds
+    )
 
 
 _OBSERVED = attrgetter(*(f.name for f in fields(Observed)))

@@ -1,7 +1,7 @@
 """The usage record of a passthrough call (an OpenAI endpoint other than the metered four).
 
 A pure function of what was seen, like `decisions.settle`. Three pricing rules, chosen per
-endpoint in `extproc.wire.paths`:
+endpoint by its spec (`extproc.wire.spec`):
 
 * free: the call costs nothing at the provider; recorded with cost 0, `price_family: free`.
 * usage: the answer reports token usage (gpt-image-1 generations, Responses compaction);
@@ -31,12 +31,12 @@ from extproc.metering.worstcase import priced_charge
 from extproc.v1.ledger_pb2 import UsageRecord
 from extproc.wire.endpoints import load_json, model_of
 from extproc.wire.errors import OpenAIError
-from extproc.wire.paths import Pricing, Target
+from extproc.wire.paths import Target
 from extproc.wire.priced import final_answer
 from extproc.wire.responses import response_usage
+from extproc.wire.spec import Pricing
 from extproc.wire.usage import Usage
 
-IMAGES_PATH = "/v1/images/"
 FREE_FAMILY = "free"
 UNPRICED_FAMILY = "unpriced"
 
@@ -87,7 +87,8 @@ def settle_passthrough(seen: PassthroughSeen, prices: PriceTable) -> UsageRecord
         outcome=_outcome(seen),
     )
     stamp_versions(record, prices)
-    pricing = target.api.pricing if target.api is not None else Pricing.FREE
+    spec = target.spec
+    pricing = spec.pricing if spec is not None else Pricing.FREE
     if seen.rejected is not None:
         record.error_code = seen.rejected.code or seen.rejected.type
         pricing = Pricing.FREE
@@ -98,7 +99,8 @@ def settle_passthrough(seen: PassthroughSeen, prices: PriceTable) -> UsageRecord
         return record
     answer = final_answer(seen.response_body) if seen.response_body is not None else None
     usage = usage_of(answer)
-    if usage is not None and target.path.startswith(IMAGES_PATH) and not usage.output_image_tokens:
+    image = spec is not None and spec.parts.output_is_image
+    if usage is not None and image and not usage.output_image_tokens:
         # An image model's output is the image: its output tokens are image tokens.
         usage = replace(usage, output_image_tokens=usage.output_tokens)
     served = (model_of(answer) if isinstance(answer, dict) else None) or seen.request_model

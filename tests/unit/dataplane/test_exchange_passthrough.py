@@ -15,7 +15,7 @@ from extproc.dataplane.exchange import Exchange
 from extproc.governance.passthrough import DEFAULT_OUTPUT_CEILING
 from extproc.metering.decisions import parse_request
 from extproc.metering.tokens import count_text
-from extproc.wire.priced import PRICED
+from extproc.wire.spec import PRICED
 from extproc.wire.usage import Usage
 from tests.unit.dataplane.test_exchange import (
     CALLER,
@@ -62,7 +62,8 @@ def compact(exchange: Exchange, body: bytes, *, codex: bool = False) -> msgs.Pro
 def counted(body: dict[str, object]) -> int:
     """The input the metered path's own code counts for this body (the oracle)."""
     raw = json.dumps(body).encode()
-    spec = PRICED["responses.compact"]
+    spec = PRICED["responses.compact"].reader
+    assert spec is not None
     return parse_request(
         spec, raw, "", max_body_bytes=1 << 20, count=count_text
     ).counted_input_tokens

@@ -10,6 +10,7 @@ import pytest
 from extproc.metering.decisions import Observed, prepare_request, settle
 from extproc.metering.prices import PriceTable
 from extproc.metering.tokens import count_text
+from extproc.wire import spec
 from extproc.wire.endpoints import ENDPOINTS, StreamOutcome
 from extproc.wire.errors import OpenAIError
 from extproc.wire.usage import Usage
@@ -23,7 +24,7 @@ def observed(**kw: object) -> Observed:
     facts = RESPONSES.facts({"model": "gpt-5", "input": "hi", "stream": True})
     base = {
         "request_id": "r1",
-        "endpoint": "responses",
+        "spec": spec.RESPONSES,
         "facts": facts,
         "counted_input_tokens": 100,
     }

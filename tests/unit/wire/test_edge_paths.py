@@ -13,7 +13,8 @@ from extproc.governance.passthrough import DEFAULT, parse_passthrough
 from extproc.governance.policy import PolicyError, parse_policy
 from extproc.metering.passthrough import PassthroughSeen, settle_passthrough
 from extproc.metering.prices import PriceTable
-from extproc.wire.paths import GROUPS, Kind, canonical_path, classify
+from extproc.wire.paths import Kind, canonical_path, classify
+from extproc.wire.spec import GROUPS
 
 PRICES = PriceTable.load()
 
@@ -108,13 +109,13 @@ def test_passthrough_policy_defaults_and_validation() -> None:
 def test_passthrough_refusals() -> None:
     files = classify("GET", "/v1/files")
     batch = classify("POST", "/v1/batches")
-    assert files.api is not None and batch.api is not None
-    assert DEFAULT.refusal(files.api, files.name) is None
-    refused = DEFAULT.refusal(batch.api, batch.name)
+    assert files.spec is not None and batch.spec is not None
+    assert DEFAULT.refusal(files.spec) is None
+    refused = DEFAULT.refusal(batch.spec)
     assert refused is not None and refused.code == "unpriced_endpoint_not_allowed"
     narrow, _ = _parse({"endpoints": ["batches"], "allow_unpriced": True})
-    assert narrow.refusal(batch.api, batch.name) is None
-    denied = narrow.refusal(files.api, files.name)
+    assert narrow.refusal(batch.spec) is None
+    denied = narrow.refusal(files.spec)
     assert denied is not None and (denied.status, denied.code) == (403, "endpoint_not_allowed")
 
 

@@ -1,4 +1,6 @@
-"""Prompt-cache hygiene: spot requests that re-send a known prefix but pay full price for it.
+"""A request's cacheable prompt prefix, fingerprinted before it is forwarded.
+
+Prompt-cache hygiene spots requests that re-send a known prefix but pay full price for it.
 
 OpenAI caches prompt prefixes of 1,024 tokens and more; a CI job that re-sends the same
 repository context, or an agent that re-sends its history each turn, should mostly be
@@ -6,47 +8,43 @@ billed at the cached rate. We fingerprint each request's prefix (everything but 
 input item) and its token count; the settle script remembers recent fingerprints in
 Redis, and when a fingerprint repeats, the prefix tokens the provider did *not* bill as
 cached are counted as a cache miss, with what the miss cost. The spend report turns that
-into a hit rate and the dollars a better cache would have saved.
+into a hit rate and the dollars a better cache would have saved. This runs on every
+request's path, so it lives with the settlement it feeds, not with the reports.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from extproc.wire.endpoints import Endpoint
+from extproc.metering.settlement import CachePrefix
+from extproc.wire.spec import EndpointSpec
 
 MIN_CACHEABLE_TOKENS = 1024
-_PREFIX_KEY = {"responses": "input", "chat.completions": "messages"}
-
-
-@dataclass(frozen=True, slots=True)
-class Prefix:
-    fingerprint: str
-    tokens: int
 
 
 def prefix_of(
-    endpoint: Endpoint, body: dict[str, Any], counted: int, count: Callable[[str], int]
-) -> Prefix | None:
+    spec: EndpointSpec, body: dict[str, Any], counted: int, count: Callable[[str], int]
+) -> CachePrefix | None:
     """The request's prefix (all but the last input item), if long enough to be cached."""
-    key = _PREFIX_KEY.get(endpoint.name)
-    items = body.get(key) if key else None
-    if not isinstance(items, list) or len(items) < 2 or counted < MIN_CACHEABLE_TOKENS:
+    key, reader = spec.cache_prefix_key, spec.reader
+    if key is None or reader is None or counted < MIN_CACHEABLE_TOKENS:
+        return None
+    items = body.get(key)
+    if not isinstance(items, list) or len(items) < 2:
         return None
     last = {**body, key: items[-1:]}
     last.pop("instructions", None)
     last.pop("tools", None)
-    tail_tokens = sum(count(text) for text in endpoint.input_texts(last))
+    tail_tokens = sum(count(text) for text in reader.input_texts(last))
     tokens = counted - tail_tokens
     if tokens < MIN_CACHEABLE_TOKENS:
         return None
     digest = hashlib.blake2b(digest_size=16)
     digest.update(str(body.get("model", "")).encode())
     head = {**body, key: items[:-1]}
-    for text in endpoint.input_texts(head):
+    for text in reader.input_texts(head):
         digest.update(text.encode("utf-8", "surrogatepass"))
         digest.update(b"\x00")
-    return Prefix(digest.hexdigest(), tokens)
+    return CachePrefix(digest.hexdigest(), tokens)
