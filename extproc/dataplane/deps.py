@@ -1,8 +1,9 @@
-"""What every exchange shares, and the small interfaces it needs from its collaborators.
+"""What every request's handler shares, and the small interfaces it needs from its
+collaborators.
 
-The exchange depends on these Protocols, not on the key cache, the budgets or the ledger
-themselves, so it can be driven with small fakes (tests/unit/dataplane) as well as the
-real parts; `server.build_deps` wires the real ones.
+The handlers and admission depend on these Protocols, not on the key cache, the budgets or
+the ledger themselves, so they can be driven with small fakes (tests/unit/dataplane) as
+well as the real parts; `server.build_deps` wires the real ones.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _now_ms() -> int:
 
 
 class KeyLookup(Protocol):
-    """What an exchange asks of the key cache (`governance.keys.KeyCache`)."""
+    """What a request's headers ask of the key cache (`governance.keys.KeyCache`)."""
 
     def get(self, secret: str) -> Lookup: ...
 
@@ -38,21 +39,20 @@ class KeyLookup(Protocol):
 
 
 class BudgetBook(Protocol):
-    """What an exchange asks of the budgets (`governance.budget.Budgets`)."""
+    """What admission asks of the budgets (`governance.budget.Budgets`): the seam behind
+    which reservations may be exact per request or spent from a lease."""
 
     def level(self, identity: Identity) -> str: ...
 
-    async def reserve_with_overdraft(
+    async def reserve(
         self,
         plan: Plan,
         fail_open: bool,
         now_ms: int,
         *,
         session: str = "",
-        orphan: Callable[[Plan], bytes] | None = None,
-        overdraft_nanos: int | None = None,
-        fallback: Callable[[int], Plan | None] | None = None,
-    ) -> tuple[Plan, Decision, bool]: ...
+        orphan: bytes = b"",
+    ) -> Decision: ...
 
 
 class NewModelSink(Protocol):
@@ -73,7 +73,7 @@ class SettlementSink(Protocol):
 
 @dataclass(slots=True)
 class Deps:
-    """What every exchange shares. `policy` and `upstream_keys` change on hot reload."""
+    """What every request's handler shares. `policy` and `upstream_keys` change on hot reload."""
 
     settings: Settings
     prices: PriceTable

@@ -221,12 +221,3 @@ def immediate(
     answer.body = body
     answer.details = "extproc"
     return reply
-
-
-CONTINUE_PHASE = {
-    "request_headers": CONTINUE_REQUEST_HEADERS,
-    "request_body": CONTINUE_REQUEST_BODY,
-    "response_headers": CONTINUE_RESPONSE_HEADERS,
-    "response_body": CONTINUE_RESPONSE_BODY,
-}
-"""The reply that lets a phase's message through unchanged, by phase name."""

@@ -1,7 +1,8 @@
 """The gRPC side: Envoy's ExternalProcessor service, health, and orderly shutdown.
 
-The stream handler only orchestrates: it routes each ext_proc message to the request's
-`Exchange` and sends back what that returns. On SIGTERM the health service turns
+The stream handler only orchestrates: it routes each ext_proc message to the handler its
+request was given at its headers (`lifecycle`, `opening`) and sends back what that
+returns. On SIGTERM the health service turns
 NOT_SERVING first (so Envoy and Kubernetes stop sending new streams), in-flight
 streams get `grace_seconds` to finish, and the ledger is drained before exit.
 """
@@ -22,8 +23,9 @@ from grpc_health.v1 import health_pb2
 from extproc.dataplane import envoy_msgs as msgs
 from extproc.dataplane import logrepeat
 from extproc.dataplane.deps import Deps
-from extproc.dataplane.exchange import Exchange, Reply
 from extproc.dataplane.h2grpc import HEALTH_CHECK_PATH, GrpcServer, Route, health_route
+from extproc.dataplane.lifecycle import PHASES, Phase, Reply, Stream
+from extproc.dataplane.opening import Opening
 from extproc.dataplane.workers import heartbeat_fd, send_heartbeats
 from extproc.governance.budget import Budgets
 from extproc.governance.credentials import simulated_upstream_key
@@ -51,52 +53,42 @@ LIVENESS_SERVICE = "extproc.liveness"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-_TRAILERS = {
-    "request_trailers": msgs.ProcessingResponse(request_trailers=msgs.pb.TrailersResponse()),
-    "response_trailers": msgs.ProcessingResponse(response_trailers=msgs.pb.TrailersResponse()),
-}
-
-
-def dispatch(exchange: Exchange, request: msgs.ProcessingRequest) -> Reply:
-    """Route one ext_proc message to the phase of the request's exchange.
+def dispatch(stream: Stream, request: msgs.ProcessingRequest) -> Reply:
+    """Route one ext_proc message to its request's handler (see `lifecycle.Stream`).
 
     No exception leaves a phase: a bug or an input nobody foresaw must not turn into a
     broken gRPC stream, which Envoy answers with an empty 500 (after the provider may
-    already have served, and billed, the request). The exchange answers instead: an
+    already have served, and billed, the request). The handler answers instead: an
     OpenAI-shaped 500 before forwarding, the response unchanged after; and it still
     settles exactly once.
     """
     kind = request.WhichOneof("request") or ""
+    phase = PHASES.get(kind)
+    if phase is None:  # a message kind this Envoy knows and we do not: let it be
+        return msgs.CONTINUE_RESPONSE_BODY
     try:
-        reply = _phase(exchange, request, kind)
+        reply = stream.on(phase, request)
     except Exception:
         log.exception("extproc: %s phase failed", kind)
-        return exchange.on_internal_error(kind)
+        return stream.on_internal_error(phase)
     if isinstance(reply, msgs.ProcessingResponse):
         return reply
-    return _guarded(exchange, reply, kind)
+    return _guarded(stream, reply, phase)
 
 
 async def _guarded(
-    exchange: Exchange, pending: Awaitable[msgs.ProcessingResponse], kind: str
+    stream: Stream, pending: Awaitable[msgs.ProcessingResponse], phase: Phase
 ) -> msgs.ProcessingResponse:
     try:
         return await pending
     except Exception:
-        log.exception("extproc: %s phase failed", kind)
-        return exchange.on_internal_error(kind)
+        log.exception("extproc: %s phase failed", phase.value)
+        return stream.on_internal_error(phase)
 
 
-def _phase(exchange: Exchange, request: msgs.ProcessingRequest, kind: str) -> Reply:
-    if kind == "request_headers":
-        return exchange.on_request_headers(request.request_headers)
-    if kind == "request_body":
-        return exchange.on_request_body(request.request_body)
-    if kind == "response_headers":
-        return exchange.on_response_headers(request.response_headers)
-    if kind == "response_body":
-        return exchange.on_response_body(request.response_body)
-    return _TRAILERS.get(kind, msgs.CONTINUE_RESPONSE_BODY)
+def open_stream(deps: Deps) -> Stream:
+    """A new ext_proc stream: its handler is chosen at the request headers."""
+    return Stream(Opening(deps))
 
 
 _PROCESS_PATH = f"/{SERVICE_NAME}/Process"
@@ -118,31 +110,31 @@ def _serialize(reply: msgs.ProcessingResponse) -> bytes:
 
 
 class ExtProcStream:
-    """One ext_proc stream on our own HTTP/2 transport: bytes in, bytes out, same Exchange."""
+    """One ext_proc stream on our own HTTP/2 transport: bytes in, bytes out."""
 
-    __slots__ = ("exchange",)
+    __slots__ = ("stream",)
 
     def __init__(self, deps: Deps) -> None:
-        self.exchange = Exchange(deps)
+        self.stream = open_stream(deps)
 
     def on_message(self, data: bytes) -> bytes | Awaitable[bytes]:
         began = time.perf_counter_ns()
-        reply = dispatch(self.exchange, msgs.ProcessingRequest.FromString(data))
+        reply = dispatch(self.stream, msgs.ProcessingRequest.FromString(data))
         if isinstance(reply, msgs.ProcessingResponse):
             out = _serialize(reply)
-            self.exchange.busy_ns += time.perf_counter_ns() - began
+            self.stream.busy_ns += time.perf_counter_ns() - began
             return out
         return self._later(reply, began)
 
     async def _later(self, pending: Awaitable[msgs.ProcessingResponse], began: int) -> bytes:
         out = _serialize(await pending)
-        self.exchange.busy_ns += time.perf_counter_ns() - began
+        self.stream.busy_ns += time.perf_counter_ns() - began
         return out
 
     def on_end(self, cancelled: bool) -> None:
         # Envoy ends every ext_proc stream with RST_STREAM once the HTTP request is done, so
-        # `cancelled` is the normal case; the exchange itself knows whether it finished.
-        self.exchange.close()
+        # `cancelled` is the normal case; the handler itself knows whether it finished.
+        self.stream.close()
 
 
 class H2Transport:

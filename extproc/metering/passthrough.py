@@ -59,6 +59,11 @@ class PassthroughSeen:
     held: bool = False  # forwarded with a budget hold (so it may have cost money)
     rejected: OpenAIError | None = None  # refused by the sidecar, never forwarded
 
+    @property
+    def endpoint(self) -> str:
+        """The ledger's name for the endpoint called."""
+        return self.target.name
+
 
 def usage_of(answer: Any) -> Usage | None:
     """Token usage in the Responses / Images shape (input_tokens, output_tokens)."""
@@ -77,7 +82,7 @@ def settle_passthrough(seen: PassthroughSeen, prices: PriceTable) -> UsageRecord
     record = UsageRecord(
         request_id=seen.request_id,
         time_ms=seen.time_ms,
-        endpoint=target.name,
+        endpoint=seen.endpoint,
         status=seen.status,
         session_id=seen.session_id,
         envoy_request_id=seen.envoy_request_id,

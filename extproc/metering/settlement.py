@@ -1,8 +1,8 @@
 """What the ledger writes for one finished request: the record and where its cost counts.
 
 A pure function of data, beside the ledger that ships it: the data plane decides *which*
-scopes a request is charged to (the same ones its reservation checked, see
-`governance.budget.charged_scopes`), this module adds the scopes every request carries
+scopes a request is charged to, in which workspace's keys (the same ones its reservation
+checked, see `governance.budget.charges_for`), this module adds the scopes every request carries
 (its model, its session) and the clock-derived buckets (period, day, hour), and prices the
 prompt-cache misses the settle script counts.
 """
@@ -14,13 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from extproc.metering.prices import PriceTable
-from extproc.store.schema import (
-    WORKSPACE_SCOPE,
-    model_scope,
-    service_scope,
-    session_scope,
-    workspace_prefix,
-)
+from extproc.store.schema import WORKSPACE_SCOPE, model_scope, service_scope, session_scope
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 
 NO_SOFT_LIMIT = -1
@@ -66,15 +60,17 @@ def settlement_for(
     record: UsageRecord,
     charged: Sequence[Charged],
     *,
+    prefix: str,
     period_id: str,
     local_time: datetime,
     prices: PriceTable,
     reservation_id: str = "",
     attributed: bool = False,
-    prefix: CachePrefix | None = None,
+    cache_prefix: CachePrefix | None = None,
 ) -> Settlement:
     """The settlement of a finished request, its record already attributed and priced.
 
+    `prefix`: the workspace's Redis key prefix, as its plan derived it (never here).
     `attributed`: a key named the caller, so its session and its service's prompt-cache
     counters are kept (unattributed traffic has no service to tell apart).
     """
@@ -82,7 +78,7 @@ def settlement_for(
     # Filled in place (nested constructors copy each submessage once more); this runs
     # twice a request: the orphan carried by the hold, then the settlement itself.
     settlement = Settlement(
-        prefix=workspace_prefix(record.workspace),
+        prefix=prefix,
         reservation_id=reservation_id,
         period=period_id,
         day=day,
@@ -99,9 +95,9 @@ def settlement_for(
     settlement.record.CopyFrom(record)
     if attributed and record.input_tokens:
         settlement.hygiene_scope = service_scope(record.service)
-        if prefix is not None and not record.estimated:
-            settlement.prefix_fingerprint = prefix.fingerprint
-            settlement.prefix_tokens = prefix.tokens
+        if cache_prefix is not None and not record.estimated:
+            settlement.prefix_fingerprint = cache_prefix.fingerprint
+            settlement.prefix_tokens = cache_prefix.tokens
             settlement.miss_nanos_per_token = prices.miss_nanos_per_token(
                 record.model_served or "unknown"
             )
