@@ -191,9 +191,8 @@ async def _rounds(
 
 def _deps(executor: ThreadPoolExecutor, spool: str) -> tuple[Deps, Ledger]:
     redis = _CannedRedis()
-    ledger = Ledger(redis, spool_dir=spool)
     budgets = Budgets(redis)
-    ledger.on_settled = budgets.settled
+    ledger = Ledger(redis, spool_dir=spool, on_settled=budgets.settled)
     deps = Deps(
         settings=Settings(),
         prices=PriceTable.load(None),

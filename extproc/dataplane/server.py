@@ -251,15 +251,43 @@ class Sidecar(NamedTuple):
 
 
 def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = None) -> Sidecar:
-    """`hot` serves the two calls on every request (reserve, settle); `client` all the rest."""
+    """Every shared part, each built whole before the one `Deps` that holds them.
+
+    `hot` serves the two calls on every request (reserve, settle); `client` all the rest.
+    Later, only hot reloads change `Deps` (the policy and the upstream keys through the
+    governor, the prices and the shadow policy through their watchers, in `serve`).
+    """
+    check_mode(settings)  # the CLI checked already; a library caller gets the same guard
+    if settings.metering_only:
+        log.warning(
+            "metering-only mode (EXTPROC_METERING_ONLY): no policy and no virtual keys; "
+            "clients' own credentials reach the provider"
+        )
+    simulated = settings.upstream_keys == "simulated"
+    if simulated:
+        log.info("upstream keys are simulated (upstream_keys: simulated): local simulator only")
     governor = Governor(record=lambda alert: record_alert(client, alert))
+    policy = shadow = None
+    keys, budgets = None, None
+    if settings.policy:
+        policy = load_policy(settings.policy)
+        governor.apply(policy)
+        keys = KeyCache(KeyStore(client, hot=hot))
+        budgets = Budgets(
+            hot or client, hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1)
+        )
+        if settings.shadow_policy:
+            shadow = load_policy(settings.shadow_policy)
+            log.info("shadow policy loaded: %s (never enforced)", settings.shadow_policy)
     ledger = Ledger(
         hot or client,
         max_records=settings.ledger_max_records,
         spool_dir=settings.spool_dir,
         on_soft_alert=governor.on_soft_alert,
+        on_settled=budgets.settled if budgets is not None else None,
         wait_replicas=settings.redis_wait_replicas,
     )
+    live_keys, missing = upstream_keys(policy, simulated) if policy else ({}, {})
     deps = Deps(
         settings=settings,
         prices=PriceTable.load(settings.prices or None),
@@ -267,37 +295,22 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
         ledger=ledger,
         executor=ThreadPoolExecutor(max_workers=2, thread_name_prefix="extproc-count"),
         telemetry=Telemetry.from_env(),
+        policy=policy,
+        keys=keys,
+        budgets=budgets,
+        upstream_keys=live_keys,
+        upstream_missing=missing,
+        store=client if policy is not None else None,
+        shadow=shadow,
+        # Asked for the price table's version when it alerts: the one in force then.
+        new_models=NewModels(client, governor.alerter, lambda: deps.prices.version),
     )
 
-    simulated = settings.upstream_keys == "simulated"
-    if simulated:
-        log.info("upstream keys are simulated (upstream_keys: simulated): local simulator only")
+    def reload(new: Policy) -> None:
+        deps.upstream_keys, deps.upstream_missing = upstream_keys(new, simulated)
+        deps.policy = new
 
-    def use(policy: Policy) -> None:
-        deps.upstream_keys, deps.upstream_missing = upstream_keys(policy, simulated)
-        deps.policy = policy
-
-    governor.subscribe(use)
-    deps.new_models = NewModels(client, governor.alerter, lambda: deps.prices.version)
-    keys, budgets = None, None
-    check_mode(settings)  # the CLI checked already; a library caller gets the same guard
-    if settings.metering_only:
-        log.warning(
-            "metering-only mode (EXTPROC_METERING_ONLY): no policy and no virtual keys; "
-            "clients' own credentials reach the provider"
-        )
-    if settings.policy:
-        governor.apply(load_policy(settings.policy))
-        deps.keys = keys = KeyCache(KeyStore(client, hot=hot))
-        deps.store = client
-        if settings.shadow_policy:
-            deps.shadow = load_policy(settings.shadow_policy)
-            log.info("shadow policy loaded: %s (never enforced)", settings.shadow_policy)
-        budgets = Budgets(
-            hot or client, hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1)
-        )
-        deps.budgets = budgets
-        ledger.on_settled = budgets.settled
+    governor.subscribe(reload)
     return Sidecar(deps, governor, ledger, keys, budgets)
 
 
