@@ -16,7 +16,7 @@ from functools import partial
 
 from extproc.dataplane import envoy_msgs as msgs
 from extproc.dataplane.deps import Deps
-from extproc.dataplane.lifecycle import LET_THROUGH, Phase, State
+from extproc.dataplane.lifecycle import DONE, LET_THROUGH, Phase
 from extproc.dataplane.request import RID, RequestInfo, refusal_reply
 from extproc.dataplane.settle import Settler
 from extproc.governance import guard
@@ -37,7 +37,7 @@ class Answered:
 
     def __init__(self, books: Settler | None) -> None:
         self.books = books
-        self.state = State.DONE
+        self.state = DONE
 
     def on_request_body(self, msg: msgs.pb.HttpBody) -> msgs.ProcessingResponse:
         return msgs.CONTINUE_REQUEST_BODY
@@ -71,7 +71,7 @@ def refused(
     spec = target.spec
     books = Settler(deps, info, identity, spec.operation if spec else "unknown")
     err = books.refused(err, None, decision)
-    if target.kind is Kind.PASSTHROUGH:
+    if spec is not None and not spec.metered:
         call = _passthrough_seen(info, target)
         call.rejected, call.status = err, err.status
         call.duration_ms = books.duration_ms

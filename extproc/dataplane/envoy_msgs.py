@@ -153,7 +153,9 @@ def fill_mutation(
     if set_headers:
         add = mutation.set_headers.add
         for key, value in set_headers.items():
-            header = add(append_action=_OVERWRITE).header
+            option = add()
+            option.append_action = _OVERWRITE  # assigned: cheaper than add()'s keyword
+            header = option.header
             header.key = key
             header.raw_value = header_value(value)
     if remove:

@@ -20,7 +20,16 @@ from extproc.dataplane import admission
 from extproc.dataplane import envoy_msgs as msgs
 from extproc.dataplane.admission import Admitted, Refusal
 from extproc.dataplane.deps import Deps
-from extproc.dataplane.lifecycle import LET_THROUGH, Phase, Reply, State
+from extproc.dataplane.lifecycle import (
+    DONE,
+    LET_THROUGH,
+    REQUEST,
+    REQUEST_BODY,
+    RESPONSE,
+    UPSTREAM,
+    Phase,
+    Reply,
+)
 from extproc.dataplane.request import RID, RequestInfo, refusal_reply
 from extproc.dataplane.settle import Settler
 from extproc.governance import guard
@@ -84,7 +93,7 @@ class MeteredExchange:
             spec=spec,
             session_id=info.session_id,
         )
-        self.state = State.REQUEST
+        self.state = REQUEST
         self._chunks: list[bytes] = []
         self._route: RouteDecision | None = None
         self._meter: StreamMeter | None = None
@@ -190,7 +199,7 @@ class MeteredExchange:
         self, body: bytes | None, encoded: bool, route: str | None = None
     ) -> msgs.ProcessingResponse:
         """Let the request go: the new body (and the headers that go with it), if any."""
-        self.state = State.UPSTREAM
+        self.state = UPSTREAM
         if body is None and route is None:
             return msgs.CONTINUE_REQUEST_BODY
         headers: dict[str, str] = {}
@@ -208,7 +217,7 @@ class MeteredExchange:
         refusal = admission.unreadable(self._deps, err)
         if refusal is None:
             log.info("passing through unparseable %s request: %s", self.seen.endpoint, err)
-            self.state = State.UPSTREAM
+            self.state = UPSTREAM
             return msgs.CONTINUE_REQUEST_BODY
         return self._refuse(refusal)
 
@@ -242,7 +251,7 @@ class MeteredExchange:
             seen.response_finished = True
             self._finish()
             return msgs.response_headers(headers, stream=False)
-        self.state = State.RESPONSE
+        self.state = RESPONSE
         if h.get("content-type", "").startswith("text/event-stream"):
             strip = self._strip_usage
             self._meter = self._reader.stream_meter(strip_usage_chunk=strip)
@@ -280,7 +289,7 @@ class MeteredExchange:
     # -- the end ------------------------------------------------------------------------
 
     def _finish(self) -> UsageRecord | None:
-        self.state = State.DONE
+        self.state = DONE
         return self.books.settle(self._record, self.seen)
 
     def _record(self) -> UsageRecord:
@@ -329,7 +338,7 @@ class MeteredExchange:
             return "error"
 
     def on_internal_error(self, phase: Phase) -> msgs.ProcessingResponse:
-        if phase is Phase.REQUEST_BODY:  # nothing forwarded yet: refuse in OpenAI's shape
+        if phase is REQUEST_BODY:  # nothing forwarded yet: refuse in OpenAI's shape
             if self.books.settled:
                 # Already settled (the failure came after a refusal was built).
                 return msgs.immediate(500, INTERNAL_ERROR.body(), {RID: self.seen.request_id})

@@ -144,14 +144,13 @@ class Opening:
         """Where the (authenticated) request goes: metered, passed through, answered, refused."""
         deps, info, identity, target = self._deps, self._info, self._identity, self._target
         assert info is not None and target is not None
-        if target.kind is Kind.UNKNOWN:
+        spec = target.spec
+        if spec is None:  # no endpoint we know
             return self._refused(Refusal(unknown_url(target.method, target.path)))
         if target.forward_path != h.get(":path"):
             # The provider gets the canonical spelling: exactly the endpoint we metered.
             add[":path"] = target.forward_path
-        spec = target.spec
-        assert spec is not None
-        if target.kind is Kind.METERED:
+        if spec.metered:
             if eos:
                 # Refused for want of a body only once the caller is known: the record of
                 # the refusal is attributed to its key like any other.

@@ -17,7 +17,16 @@ from extproc.dataplane import admission
 from extproc.dataplane import envoy_msgs as msgs
 from extproc.dataplane.admission import Refusal
 from extproc.dataplane.deps import Deps
-from extproc.dataplane.lifecycle import LET_THROUGH, Phase, Reply, State
+from extproc.dataplane.lifecycle import (
+    DONE,
+    LET_THROUGH,
+    REQUEST,
+    REQUEST_BODY,
+    RESPONSE,
+    UPSTREAM,
+    Phase,
+    Reply,
+)
 from extproc.dataplane.request import RID, RequestInfo, refusal_reply
 from extproc.dataplane.settle import Settler
 from extproc.governance import guard
@@ -28,7 +37,7 @@ from extproc.metering.prices import usd
 from extproc.v1.ledger_pb2 import UsageRecord
 from extproc.wire.errors import INTERNAL_ERROR, OpenAIError
 from extproc.wire.paths import Target
-from extproc.wire.spec import Pricing
+from extproc.wire.spec import USAGE
 
 _STATUS = frozenset({":status"})
 
@@ -60,11 +69,11 @@ class PassthroughCall:
             info.request_id, info.time_ms, target, info.envoy_request_id, info.session_id
         )
         self.books = Settler(deps, info, identity, spec.operation)
-        self._priced = spec.pricing is Pricing.USAGE
+        self._priced = spec.pricing is USAGE
         # Held against the budget before it is forwarded: priced, and a caller to charge.
         self.holds = self._priced and identity is not None and deps.budgets is not None
         self._chunks: list[bytes] = []
-        self.state = State.REQUEST
+        self.state = REQUEST
 
     def start(
         self, set_headers: dict[str, str], remove: list[str], *, json_body: bool
@@ -74,7 +83,7 @@ class PassthroughCall:
         read_request = self.holds or (self._priced and json_body)
         if self._priced:
             remove.append("accept-encoding")  # the answer's usage must be readable
-        self.state = State.REQUEST if read_request else State.UPSTREAM
+        self.state = REQUEST if read_request else UPSTREAM
         return msgs.forward_passthrough(
             set_headers, remove, read_request=read_request, read_response=self._priced
         )
@@ -90,7 +99,7 @@ class PassthroughCall:
         if self.holds:
             return self._hold(body)
         self.seen.request_model = request_model(body)  # its `model` names the price row
-        self.state = State.UPSTREAM
+        self.state = UPSTREAM
         return msgs.CONTINUE_REQUEST_BODY
 
     async def _hold(self, raw: bytes) -> msgs.ProcessingResponse:
@@ -117,7 +126,7 @@ class PassthroughCall:
         except OpenAIError as err:
             refusal = admission.unreadable(deps, err)
             if refusal is None:
-                self.state = State.UPSTREAM
+                self.state = UPSTREAM
                 return msgs.CONTINUE_REQUEST_BODY
             return self._refuse(refusal)
         facts = prepared.facts
@@ -128,7 +137,7 @@ class PassthroughCall:
             return self._refuse(held)
         self.books.held(held.plan, held.decision)
         seen.held = True
-        self.state = State.UPSTREAM
+        self.state = UPSTREAM
         return msgs.CONTINUE_REQUEST_BODY
 
     def _refuse(self, refusal: Refusal) -> msgs.ProcessingResponse:
@@ -153,7 +162,7 @@ class PassthroughCall:
             # Nothing more to read: the body (a file download, say) streams straight through.
             self._finish()
         else:
-            self.state = State.RESPONSE
+            self.state = RESPONSE
         return msgs.response_headers(headers, stream=False)
 
     def on_response_body(self, msg: msgs.pb.HttpBody) -> msgs.ProcessingResponse:
@@ -171,7 +180,7 @@ class PassthroughCall:
     # -- the end ------------------------------------------------------------------------
 
     def _finish(self) -> UsageRecord | None:
-        self.state = State.DONE
+        self.state = DONE
         return self.books.settle(self._record, self.seen)
 
     def _record(self) -> UsageRecord:
@@ -179,7 +188,7 @@ class PassthroughCall:
         return settle_passthrough(self.seen, self._deps.prices)
 
     def on_internal_error(self, phase: Phase) -> msgs.ProcessingResponse:
-        if phase is Phase.REQUEST_BODY and self.holds:  # held before forwarding: refuse
+        if phase is REQUEST_BODY and self.holds:  # held before forwarding: refuse
             if self.books.settled:
                 return msgs.immediate(500, INTERNAL_ERROR.body(), {RID: self.seen.request_id})
             return self._refuse(Refusal(INTERNAL_ERROR))

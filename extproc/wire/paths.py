@@ -90,6 +90,9 @@ class Kind(Enum):
     UNKNOWN = "unknown"
 
 
+_METERED, _PASSTHROUGH, _UNKNOWN = Kind  # module globals: cheaper to read than Kind.X
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """What a request is for: its kind, the path to forward, and the endpoint's spec."""
@@ -110,17 +113,35 @@ class Target:
         return self.spec.name if self.spec is not None else ""
 
 
+_SEEN: dict[tuple[str, str], Target] = {}
+_SEEN_MAX = 4096
+
+
 def classify(method: str, raw_path: str) -> Target:
-    """The one place that decides what a request is; no I/O, no policy."""
+    """The one place that decides what a request is; no I/O, no policy.
+
+    A pure function of its arguments, asked on every request with a handful of distinct
+    paths: answers are kept (a bounded memo, emptied when full, so paths with ids or a
+    flood of odd ones cost memory only up to the bound)."""
+    key = (method, raw_path)
+    target = _SEEN.get(key)
+    if target is None:
+        if len(_SEEN) >= _SEEN_MAX:
+            _SEEN.clear()
+        target = _SEEN[key] = _classify(method, raw_path)
+    return target
+
+
+def _classify(method: str, raw_path: str) -> Target:
     canonical = canonical_path(raw_path)
     if canonical is None:
-        return Target(Kind.UNKNOWN, method, raw_path.partition("?")[0][:200])
+        return Target(_UNKNOWN, method, raw_path.partition("?")[0][:200])
     path, query = canonical
     if method == "POST":
         spec = METERED_BY_PATH.get(path)
         if spec is not None:
-            return Target(Kind.METERED, method, path, query, spec)
+            return Target(_METERED, method, path, query, spec)
     for spec in PASSTHROUGH:
         if spec.matches(method, path):
-            return Target(Kind.PASSTHROUGH, method, path, query, spec)
-    return Target(Kind.UNKNOWN, method, path, query)
+            return Target(_PASSTHROUGH, method, path, query, spec)
+    return Target(_UNKNOWN, method, path, query)

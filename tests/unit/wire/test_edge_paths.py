@@ -13,6 +13,7 @@ from extproc.governance.passthrough import DEFAULT, parse_passthrough
 from extproc.governance.policy import PolicyError, parse_policy
 from extproc.metering.passthrough import PassthroughSeen, settle_passthrough
 from extproc.metering.prices import PriceTable
+from extproc.wire import paths
 from extproc.wire.paths import Kind, canonical_path, classify
 from extproc.wire.spec import GROUPS
 
@@ -202,3 +203,16 @@ def test_passthrough_records() -> None:
         PRICES,
     )
     assert (edited.price_family, edited.cost_nanos) == ("unpriced", 0)
+
+
+def test_classify_remembers_answers_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pure function asked on every request: its answers are kept, never past the bound
+    (paths with ids, or a flood of odd ones, cost memory only up to it)."""
+    monkeypatch.setattr(paths, "_SEEN", {})
+    monkeypatch.setattr(paths, "_SEEN_MAX", 3)
+    first = classify("POST", "/v1/responses/")
+    assert classify("POST", "/v1/responses/") is first  # remembered
+    assert first == paths._classify("POST", "/v1/responses/")  # the same answer, computed
+    for i in range(10):
+        assert classify("GET", f"/v1/files/file-{i}").name == "files"
+        assert len(paths._SEEN) <= 3
