@@ -147,9 +147,11 @@ async def admit(
     settings = policy.routing_for(identity.workspace, identity.service)
     overdraft = settings.overdraft
     if decision.reason == "budget" and overdraft is not None:
-        route, plan, decision = await _overdraft(
+        retried = await _overdraft(
             deps, policy, identity, seen, prepared, traits, decision, overdraft.nanos, now
-        ) or (route, plan, decision)
+        )
+        if retried is not None:
+            route, plan, decision = retried
     if not decision.allowed:
         spec = seen.spec
         asked = None
