@@ -12,7 +12,8 @@ only apply them. In order, for a metered request:
    Refused at a hard cap with an overdraft configured: route again at the hard level and
    reserve the overdraft model's plan with every cap raised by the overdraft, once;
 4. a denial becomes its refusal through `guard.denial` (the one mapping from a decision's
-   reason to what the caller is told; a new reason is added there);
+   reason to what the caller is told; a new reason is added there), a budget's with the
+   link to ask for a top-up (live top-ups already raised the caps `reserve` checked);
 5. the session guard, known only from the reservation's running total: route again with
    the session's input so far, refused (its hold released by the refusal's settlement) or
    downgraded;
@@ -20,8 +21,10 @@ only apply them. In order, for a metered request:
 
 A priced passthrough call is held the same way (`hold`), with the policy's output ceiling
 in place of an output cap and the overdraft only for a call that names the overdraft
-model. Redis being down is decided here too: the budgets answer per the workspace's
-`on_redis_down`, a failed key lookup or revocation check becomes a refusal or a pass.
+model. A paused key (the runaway breaker's, or a person's) is refused as soon as the
+caller is known (`paused`), before anything else. Redis being down is decided here too:
+the budgets answer per the workspace's `on_redis_down`, a failed key lookup or revocation
+check becomes a refusal or a pass.
 
 Every hold carries its orphan settlement (`settle.metered_orphan`), handed to `reserve`
 as a value: what any replica bills if this one dies before settling.
@@ -75,6 +78,13 @@ class Refusal:
     headers: Mapping[str, str] = field(default_factory=dict)
     plan: Plan | None = None  # the plan a refused reservation was for (its charges)
     decision: Decision | None = None  # the budgets' decision, if one was made
+
+
+def paused(deps: Deps, identity: Identity) -> Refusal | None:
+    """A key the runaway breaker (or a person) paused goes nowhere until it is resumed: the
+    403 made when the pause was learnt (`governance.live`), found by one dictionary probe."""
+    error = deps.paused.get(identity.key_id) if deps.paused else None
+    return None if error is None else Refusal(error)
 
 
 def upstream_key(deps: Deps, identity: Identity) -> str | Refusal:
@@ -300,8 +310,10 @@ def _plan(
 
 
 def _denied(deps: Deps, plan: Plan, decision: Decision, asked: guard.Ask | None) -> Refusal:
-    """A denied reservation's refusal; `asked` says what it would have held (budget only)."""
-    error, headers = guard.denial(decision, plan, deps.timezone, asked)
+    """A denied reservation's refusal; `asked` says what it would have held (budget only).
+    A budget refusal links to the gateway's own top-up page (`settings.public_url`)."""
+    public = deps.settings.public_url
+    error, headers = guard.denial(decision, plan, deps.timezone, asked, public)
     if decision.reason == "budget" and decision.first_denial:
         log.warning("hard limit reached: %s", error.message)
     return Refusal(error, headers, plan, decision)

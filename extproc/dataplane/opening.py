@@ -9,10 +9,12 @@ The outcome is one handler (`lifecycle.Handler`) and its reply to these headers:
 * `MeteredExchange` for the metered four (`metered`);
 * `PassthroughCall` for an endpoint the workspace lets through (`passthrough`);
 * `Answered` for what is answered here: the caller's model list, refusals (recorded),
-  `/extproc/` self-service paths, refusals before anyone is identified (counted only).
+  refusals before anyone is identified (counted only);
+* `/extproc/` self-service paths (`selfservice`): answered at the headers, or a
+  `selfservice.Call` that answers a top-up request at its body (counted only).
 
-The policy decisions on the way (the upstream key, the passthrough policy, a failed key
-lookup, a revocation check) are admission's (`admission`).
+The policy decisions on the way (a paused key, the upstream key, the passthrough policy, a
+failed key lookup, a revocation check) are admission's (`admission`).
 """
 
 from __future__ import annotations
@@ -89,9 +91,9 @@ class Opening:
         h, spoofed = msgs.request_header_map(msg, REQUEST_HEADERS, CLAIMED)
         method, path = h.get(":method", ""), h.get(":path", "")
         if path.startswith(selfservice.PREFIX):
-            # Answered here, never forwarded: the developer's own view (see selfservice).
-            deps.ledger.note_unmetered(selfservice.unmetered_key(method, path))
-            return self._answered_later(selfservice.answer(deps, method, path, presented_key(h)))
+            # Answered here, never forwarded: the developer's own pages and calls.
+            secret = presented_key(h)
+            return selfservice.open_call(deps, method, path, secret, msg.end_of_stream)
         info = self._info = RequestInfo(h, deps.now_ms())
         if is_upgrade(h):
             return None, unbilled(deps, info, WEBSOCKET_REFUSED, "websocket_upgrade")
@@ -110,9 +112,6 @@ class Opening:
         if identity is MISSING:
             return self._resolve(keys, secret, h, remove, msg.end_of_stream)
         return self._identified(identity, h, remove, msg.end_of_stream)  # type: ignore[arg-type]
-
-    async def _answered_later(self, pending: Awaitable[msgs.ProcessingResponse]) -> Chosen:
-        return None, await pending
 
     async def _resolve(
         self, keys: KeyLookup, secret: str, h: dict[str, str], remove: list[str], eos: bool
@@ -133,6 +132,9 @@ class Opening:
         if identity is None or identity.workspace not in deps.policy.workspaces:
             return None, unbilled(deps, info, guard.UNKNOWN_KEY, "invalid_api_key")
         self._identity = identity
+        refusal = admission.paused(deps, identity)
+        if refusal is not None:
+            return self._refused(refusal)
         key = admission.upstream_key(deps, identity)
         if isinstance(key, Refusal):
             return self._refused(key)

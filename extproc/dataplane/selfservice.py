@@ -1,4 +1,4 @@
-"""Paths the sidecar answers itself: a developer's own view under `/extproc/`.
+"""Paths the sidecar answers itself: a developer's own view and calls under `/extproc/`.
 
 `GET /extproc/v1/me` (JSON) and `GET /extproc/me` (a page for people) are answered from the
 request-headers phase with an immediate response: they never reach the provider, and the
@@ -6,18 +6,35 @@ JSON one is authenticated by the caller's virtual key like any metered call, pre
 ways the gateway accepts it (`authorization: Bearer`, `x-api-key`, `api-key`). The page holds
 no data: it asks for the key in a form and fetches the JSON with it in a header, so the key
 never appears in a URL, a log line or the browser's history.
+
+Top-ups the same way: `GET /extproc/topup/<scope>` is the page a budget refusal links to (a
+form: how much, until when, why, and the key); `POST /extproc/v1/topups` (a JSON body, the
+key in a header) makes the request and `GET /extproc/v1/topups` lists the caller's own. A
+POST is answered at its body, which Envoy buffers: nothing is ever forwarded upstream.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable
 from importlib import resources
+from typing import Any
 
 from extproc.dataplane import envoy_msgs as msgs
 from extproc.dataplane.deps import Deps
+from extproc.dataplane.lifecycle import (
+    DONE,
+    LET_THROUGH,
+    REQUEST,
+    REQUEST_BODY,
+    Chosen,
+    Phase,
+    Reply,
+)
 from extproc.governance import guard
 from extproc.governance.keys import MISSING, Identity
+from extproc.governance.topups import TopupError
 from extproc.insight.me import (
     ME_PAGE_PATH,
     ME_PATH,
@@ -26,20 +43,81 @@ from extproc.insight.me import (
     read_me,
     typical_request,
 )
-from extproc.wire.errors import OpenAIError
+from extproc.wire.errors import INTERNAL_ERROR, OpenAIError
 
 log = logging.getLogger("extproc.dataplane.selfservice")
 
 PREFIX = "/extproc/"
-_PAGE: bytes | None = None
+TOPUP_PAGE = "/extproc/topup"
+TOPUPS_PATH = "/extproc/v1/topups"
+MAX_CALL_BODY = 64 * 1024
+_PAGES: dict[str, bytes] = {}
 _NO_STORE = {"cache-control": "no-store"}
+_HTML = {"content-type": "text/html; charset=utf-8", **_NO_STORE}
 
 
-def _page() -> bytes:
-    global _PAGE
-    if _PAGE is None:
-        _PAGE = resources.files("extproc.insight").joinpath("me.html").read_bytes()
-    return _PAGE
+def _page(name: str = "me.html") -> bytes:
+    page = _PAGES.get(name)
+    if page is None:
+        page = _PAGES[name] = resources.files("extproc.insight").joinpath(name).read_bytes()
+    return page
+
+
+def open_call(
+    deps: Deps, method: str, path: str, secret: str, end_of_stream: bool
+) -> Chosen | Awaitable[Chosen]:
+    """A request under `/extproc/` at its headers (counted, never recorded or forwarded):
+    answered now, or, a POST to the top-ups API, by a `Call` reading its body."""
+    deps.ledger.note_unmetered(unmetered_key(method, path))
+    if method == "POST" and path.split("?", 1)[0] == TOPUPS_PATH:
+        if end_of_stream:
+            return None, msgs.immediate(400, _error(400, "A JSON body is required.", "no_body"))
+        return Call(deps, secret), msgs.CONTINUE_REQUEST_HEADERS  # answered at the body
+    return _answered(answer(deps, method, path, secret))
+
+
+async def _answered(pending: Awaitable[msgs.ProcessingResponse]) -> Chosen:
+    return None, await pending
+
+
+class Call:
+    """A POST to `/extproc/v1/topups`: the handler (`lifecycle.Handler`) that reads its
+    body (Envoy buffers it) and answers there. Nothing is forwarded or recorded."""
+
+    __slots__ = ("_chunks", "_size", "deps", "secret", "state")
+
+    def __init__(self, deps: Deps, secret: str) -> None:
+        self.deps, self.secret = deps, secret
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.state = REQUEST
+
+    def on_request_body(self, msg: msgs.pb.HttpBody) -> Reply:
+        self._chunks.append(msg.body)
+        self._size += len(msg.body)
+        if self._size > MAX_CALL_BODY:
+            self.state = DONE
+            return msgs.immediate(413, _error(413, "The body is too large.", "too_large"))
+        if not msg.end_of_stream:
+            return msgs.CONTINUE_REQUEST_BODY
+        self.state = DONE
+        return _ask_topup(self.deps, self.secret, b"".join(self._chunks))
+
+    def on_response_headers(self, msg: msgs.pb.HttpHeaders) -> Reply:
+        self.state = DONE  # Envoy answered before the body was through (its own 413)
+        return msgs.CONTINUE_RESPONSE_HEADERS
+
+    def on_response_body(self, msg: msgs.pb.HttpBody) -> Reply:
+        return msgs.CONTINUE_RESPONSE_BODY
+
+    def on_internal_error(self, phase: Phase) -> msgs.ProcessingResponse:
+        self.state = DONE
+        if phase is REQUEST_BODY:  # never forwarded, even when reading it failed
+            return msgs.immediate(500, INTERNAL_ERROR.body(), _NO_STORE)
+        return LET_THROUGH.get(phase, msgs.CONTINUE_RESPONSE_BODY)
+
+    def close(self, busy_ns: int) -> None:
+        """Nothing to settle: self-service calls are counted, not recorded."""
 
 
 def _error(status: int, message: str, code: str, kind: str = "invalid_request_error") -> bytes:
@@ -49,20 +127,29 @@ def _error(status: int, message: str, code: str, kind: str = "invalid_request_er
 async def answer(deps: Deps, method: str, path: str, secret: str) -> msgs.ProcessingResponse:
     """The immediate response for a path under `/extproc/`; `secret` is the key presented."""
     route = path.split("?", 1)[0]
-    if route not in (ME_PATH, ME_PAGE_PATH):
+    page = route == TOPUP_PAGE or route.startswith(TOPUP_PAGE + "/")
+    if route not in (ME_PATH, ME_PAGE_PATH, TOPUPS_PATH) and not page:
         return msgs.immediate(404, _error(404, f"No such extproc path: {route}", "not_found"))
     if method not in ("GET", "HEAD"):
+        allow = "GET, POST" if route == TOPUPS_PATH else "GET"
         return msgs.immediate(
-            405, _error(405, f"{route} answers GET only.", "method_not_allowed"), {"allow": "GET"}
-        )
+            405, _error(405, f"{route} answers {allow} only.", "method_not_allowed"),
+            {"allow": allow},
+        )  # fmt: skip
     if route == ME_PAGE_PATH:
-        return msgs.immediate(
-            200, _page(), {"content-type": "text/html; charset=utf-8", **_NO_STORE}
-        )
-    return await _me(deps, secret)
+        return msgs.immediate(200, _page(), _HTML)
+    if page:
+        return msgs.immediate(200, _page("topup.html"), _HTML)
+    identity = await _caller(deps, secret)
+    if isinstance(identity, msgs.ProcessingResponse):
+        return identity
+    if route == TOPUPS_PATH:
+        return await _my_topups(deps, identity)
+    return await _me(deps, identity)
 
 
-async def _me(deps: Deps, secret: str) -> msgs.ProcessingResponse:
+async def _caller(deps: Deps, secret: str) -> Identity | msgs.ProcessingResponse:
+    """The caller behind the key presented, or the answer that refuses them."""
     keys, policy = deps.keys, deps.policy
     if keys is None or policy is None or deps.store is None:
         return msgs.immediate(
@@ -77,6 +164,50 @@ async def _me(deps: Deps, secret: str) -> msgs.ProcessingResponse:
         return msgs.immediate(503, _error(503, "The key store is unavailable.", "unavailable"))
     if not isinstance(identity, Identity) or identity.workspace not in policy.workspaces:
         return msgs.immediate(401, guard.UNKNOWN_KEY.body(), _NO_STORE)
+    return identity
+
+
+def _json(status: int, value: Any) -> msgs.ProcessingResponse:
+    return msgs.immediate(status, json.dumps(value).encode(), _NO_STORE)
+
+
+async def _ask_topup(deps: Deps, secret: str, raw: bytes) -> msgs.ProcessingResponse:
+    identity = await _caller(deps, secret)
+    if isinstance(identity, msgs.ProcessingResponse):
+        return identity
+    desk, policy = deps.halt, deps.policy
+    if desk is None or policy is None:
+        return msgs.immediate(404, _error(404, "Top-ups are not served here.", "not_found"))
+    try:
+        body = json.loads(raw or b"null")
+    except ValueError:
+        return msgs.immediate(400, _error(400, "The body is not JSON.", "invalid_json"))
+    try:
+        request = await desk.ask(identity, body)
+    except TopupError as exc:
+        return msgs.immediate(400, _error(400, str(exc), "invalid_topup"), _NO_STORE)
+    except Exception:
+        log.exception("top-up request failed")
+        return msgs.immediate(503, _error(503, "The budget store is unavailable.", "unavailable"))
+    return _json(201, request.to_dict(policy.timezone, deps.now_ms()))
+
+
+async def _my_topups(deps: Deps, identity: Identity) -> msgs.ProcessingResponse:
+    desk, policy = deps.halt, deps.policy
+    if desk is None or policy is None:
+        return msgs.immediate(404, _error(404, "Top-ups are not served here.", "not_found"))
+    try:
+        mine = await desk.mine(identity)
+    except Exception:
+        log.exception("reading top-up requests failed")
+        return msgs.immediate(503, _error(503, "The budget store is unavailable.", "unavailable"))
+    now = deps.now_ms()
+    return _json(200, {"requests": [r.to_dict(policy.timezone, now) for r in mine]})
+
+
+async def _me(deps: Deps, identity: Identity) -> msgs.ProcessingResponse:
+    policy = deps.policy
+    assert policy is not None
     now = deps.now_ms()
     plan = plan_for(policy, identity, deps.prices, now)
     try:
@@ -85,7 +216,12 @@ async def _me(deps: Deps, secret: str) -> msgs.ProcessingResponse:
         log.exception("reading the caller's standing failed")
         return msgs.immediate(503, _error(503, "The budget store is unavailable.", "unavailable"))
     typical = typical_request(reads.records, policy.workspaces[identity.workspace], deps.prices)
-    body = json.dumps(me_view(policy, identity, plan, reads, now, typical)).encode()
+    try:
+        requests = await deps.halt.mine(identity) if deps.halt is not None else []
+    except Exception:
+        log.exception("reading top-up requests failed")
+        requests = []
+    body = json.dumps(me_view(policy, identity, plan, reads, now, typical, requests)).encode()
     return msgs.immediate(200, body, _NO_STORE)
 
 

@@ -31,11 +31,14 @@ from extproc.governance.budget import Budgets
 from extproc.governance.credentials import simulated_upstream_key
 from extproc.governance.holds import tend_forever
 from extproc.governance.keys import KeyCache, KeyStore
+from extproc.governance.live import LiveState
 from extproc.governance.policy import Policy, PolicyError, PolicyWatcher, load_policy
 from extproc.insight.alerts import Alert, Alerter, record_alert
 from extproc.insight.burn import BurnWatch
 from extproc.insight.newmodels import NewModels
+from extproc.insight.runaway import RunawayWatch
 from extproc.insight.telemetry import METRICS_LINE, Telemetry
+from extproc.insight.topupdesk import TopupDesk
 from extproc.metering.ledger import Ledger
 from extproc.metering.prices import PriceTable, usd_for_people
 from extproc.metering.pricewatch import PriceWatcher
@@ -248,6 +251,7 @@ class Sidecar(NamedTuple):
     ledger: Ledger
     keys: KeyCache | None
     budgets: Budgets | None
+    live: LiveState | None = None  # top-up grants and paused keys (governance.live)
 
 
 def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = None) -> Sidecar:
@@ -267,14 +271,28 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
     if simulated:
         log.info("upstream keys are simulated (upstream_keys: simulated): local simulator only")
     governor = Governor(record=lambda alert: record_alert(client, alert))
+    telemetry = Telemetry.from_env()
     policy = shadow = None
-    keys, budgets = None, None
+    keys, budgets, live, desk = None, None, None, None
     if settings.policy:
         policy = load_policy(settings.policy)
         governor.apply(policy)
-        keys = KeyCache(KeyStore(client, hot=hot))
+        # Top-up grants and paused keys, kept current for the request path (its policy is
+        # the live one, read through `deps` once that exists).
+        live = LiveState(
+            client,
+            lambda: deps.policy,
+            console_url=settings.console_url,
+            on_refresh=partial(report_live, telemetry),
+        )
+        keys = KeyCache(KeyStore(client, hot=hot), on_notice=live.on_notice)
         budgets = Budgets(
-            hot or client, hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1)
+            hot or client,
+            hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1),
+            topups=live.topups,
+        )
+        desk = TopupDesk(
+            client, lambda: deps.policy, governor.alerter, console_url=settings.console_url
         )
         if settings.shadow_policy:
             shadow = load_policy(settings.shadow_policy)
@@ -294,7 +312,7 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
         count=count_text,
         ledger=ledger,
         executor=ThreadPoolExecutor(max_workers=2, thread_name_prefix="extproc-count"),
-        telemetry=Telemetry.from_env(),
+        telemetry=telemetry,
         policy=policy,
         keys=keys,
         budgets=budgets,
@@ -304,6 +322,9 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
         shadow=shadow,
         # Asked for the price table's version when it alerts: the one in force then.
         new_models=NewModels(client, governor.alerter, lambda: deps.prices.version),
+        # The request path's one probe for a paused key: updated in place by `live`.
+        paused=live.refusals if live is not None else {},
+        halt=desk,
     )
 
     def reload(new: Policy) -> None:
@@ -311,7 +332,23 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
         deps.policy = new
 
     governor.subscribe(reload)
-    return Sidecar(deps, governor, ledger, keys, budgets)
+    return Sidecar(deps, governor, ledger, keys, budgets, live)
+
+
+def report_live(telemetry: Telemetry, live: LiveState) -> None:
+    """The gauges of live top-ups and paused keys, after each refresh of the cache."""
+    halt = telemetry.halt
+    if halt is None:
+        return
+    now = time.time_ns() // 1_000_000
+    topups: dict[tuple[str, str], float] = {}
+    for workspace in live.workspaces_with_grants():
+        for scope, nanos in live.topups(workspace, now).items():
+            topups[(workspace, scope)] = nanos / 1e9
+    paused: dict[str, int] = {}
+    for pause in live.paused.values():
+        paused[pause.workspace] = paused.get(pause.workspace, 0) + 1
+    halt.live(topups, paused)
 
 
 def _prefixes(deps: Deps) -> list[str]:
@@ -333,7 +370,7 @@ async def serve(
     hot = None
     if not is_cluster(settings.redis_url) and supports_url(settings.redis_url):
         hot = FastRedis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
-    deps, governor, ledger, keys, budgets = build_deps(settings, client, hot)
+    deps, governor, ledger, keys, budgets, live = build_deps(settings, client, hot)
     if deps.telemetry.metrics_address:
         # Before the ready line: a worker's supervisor learns here where to scrape it.
         print(f"{METRICS_LINE} {deps.telemetry.metrics_address}", flush=True)
@@ -352,9 +389,20 @@ async def serve(
         burn = BurnWatch(client, lambda: deps.policy, governor.alerter, deps.telemetry)
         burn_every = max(settings.burn_check_seconds, 0.5)
         background.append(asyncio.create_task(burn.run(burn_every), name="burn-watch"))
-        assert budgets is not None
+        assert budgets is not None and live is not None
         holds = tend_forever(budgets, lambda: _prefixes(deps), ledger.submit, deps.now_ms)
         background.append(asyncio.create_task(holds, name="holds"))
+        background.append(asyncio.create_task(live.run(), name="live-state"))
+        runaway = RunawayWatch(
+            client,
+            lambda: deps.policy,
+            governor.alerter,
+            telemetry=deps.telemetry,
+            console_url=settings.console_url,
+            lease_ms=max(5_000, int(settings.breaker_check_seconds * 5_000)),
+        )
+        every = max(settings.breaker_check_seconds, 0.1)
+        background.append(asyncio.create_task(runaway.run(every), name="runaway-watch"))
 
     beat_fd = heartbeat_fd() if reuse_port else None
     if beat_fd is not None:  # a worker: tell the supervisor the event loop turns
@@ -363,7 +411,9 @@ async def serve(
 
     transport = H2Transport(deps)
     await transport.start(settings, reuse_port=reuse_port)
-    log.info("extproc listening on %s", settings.listen)
+    # The log line must not read as the ready line: with several workers, only the
+    # supervisor's "extproc listening" (every worker ready) may tell a waiting caller to go.
+    log.info("serving ext_proc on %s", settings.listen)
     print(f"extproc listening on {settings.listen}", flush=True)
 
     stop = stop or asyncio.Event()

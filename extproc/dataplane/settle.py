@@ -211,5 +211,12 @@ class Settler:
                 denial_reason=reason,
                 denial_scope=denied.denied.scope if denied and denied.denied else None,
                 sidecar_overhead_ns=busy_ns,
+                topup_nanos=_topup(decision),
             )
         )
+
+
+def _topup(decision: Decision | None) -> int:
+    """What top-ups added to the hard limit of the scope that binds (for the span)."""
+    binding = decision.binding if decision is not None else None
+    return binding.scope.topup_nanos if binding is not None else 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -58,6 +59,8 @@ class ScopeLimit:
     budget_nanos: int | None
     soft_nanos: int | None
     hard_nanos: int | None
+    # Of hard_nanos, what live top-up grants add (governance.topups.with_topups).
+    topup_nanos: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +274,20 @@ def with_overdraft(plan: Plan, nanos: int) -> Plan:
     return replace(plan, scopes=scopes)
 
 
+def with_topups(plan: Plan, topups: Mapping[str, int]) -> Plan:
+    """The plan with each capped scope's hard limit raised by its live top-up grants
+    (scope -> nanos, see `governance.topups`): the cap is the policy's plus theirs."""
+    if not topups:
+        return plan
+    scopes = tuple(
+        replace(s, hard_nanos=s.hard_nanos + add, topup_nanos=add)
+        if s.hard_nanos is not None and (add := topups.get(s.scope, 0))
+        else s
+        for s in plan.scopes
+    )
+    return replace(plan, scopes=scopes)
+
+
 def overdraft_left(denial: Decision, overdraft_nanos: int) -> int:
     """What remains of the overdraft beyond the hard cap that refused the request."""
     scope = denial.denied
@@ -405,9 +422,18 @@ def decide(plan: Plan, reservation_id: str, reply: list[bytes], now_ms: int) -> 
 class Budgets:
     """Reserve-before-forward against Redis, with each workspace's Redis-outage policy."""
 
-    def __init__(self, client: ScriptClient, *, hold_ttl_ms: int = RESERVATION_TTL_MS) -> None:
+    def __init__(
+        self,
+        client: ScriptClient,
+        *,
+        hold_ttl_ms: int = RESERVATION_TTL_MS,
+        topups: Callable[[str, int], Mapping[str, int]] | None = None,
+    ) -> None:
         self._redis = client
         self.hold_ttl_ms = hold_ttl_ms
+        # A workspace's live top-ups at a time (scope -> nanos), from the sidecar's cache
+        # (`governance.live`): they raise the hard limits each reservation checks.
+        self.topups = topups
         # Holds this process owns and has not settled yet, by workspace prefix: renewed
         # until the ledger has written their settlement (`settled`).
         self._owned: defaultdict[str, set[str]] = defaultdict(set)
@@ -436,6 +462,8 @@ class Budgets:
     ) -> Decision:
         """Hold the plan's worst case. `orphan` is the serialized estimated settlement that
         any replica writes if this hold expires unsettled (see `reap`)."""
+        if self.topups is not None:
+            plan = with_topups(plan, self.topups(plan.workspace, now_ms))
         rid = os.urandom(16).hex()  # opaque, as random as a uuid4, a third of its CPU
         args = _args(plan, rid, now_ms, session, ttl_ms=self.hold_ttl_ms, orphan=orphan)
         try:

@@ -39,6 +39,7 @@ KEY_PREFIX = "sk-ext-"
 KEY_PATTERN = re.compile(r"sk-ext-[A-Za-z0-9_-]{40}")
 _MAX_OWNER = 200
 _ATTEMPTS = 3
+_OTHER_NOTICES = frozenset({"topup", "pause", "resume"})
 
 Clock = Callable[[], int]
 
@@ -443,6 +444,7 @@ class KeyCache:
         positive_ttl_ms: int = 60_000,
         max_negative: int = 100_000,
         ping_seconds: float = 30.0,
+        on_notice: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.store = store
         self.now_ms = now_ms or store.now_ms
@@ -456,6 +458,8 @@ class KeyCache:
         self._inflight: dict[str, asyncio.Task[Identity | None]] = {}
         self._epoch = 0
         self._changed = asyncio.Event()
+        # Told of the channel's other notices (top-ups, pauses: see `governance.live`).
+        self.on_notice = on_notice
 
     def get(self, secret: str) -> Lookup:
         """Identity, None (refused) or MISSING (ask `resolve`), with no I/O."""
@@ -553,6 +557,10 @@ class KeyCache:
         parts = data.split()
         if len(parts) != 3:
             log.warning("key cache: ignoring malformed change notice %r", data[:100])
+            return
+        if parts[0] in _OTHER_NOTICES:
+            if self.on_notice is not None:
+                self.on_notice(parts[0], parts[1], parts[2])
             return
         self._invalidate(parts[2])
 

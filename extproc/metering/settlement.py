@@ -35,10 +35,12 @@ UNGOVERNED = (Charged(WORKSPACE_SCOPE),)
 
 @dataclass(frozen=True, slots=True)
 class CachePrefix:
-    """The request's cacheable prompt prefix, as fingerprinted before forwarding."""
+    """The request's fingerprints, made before forwarding: its cacheable prompt prefix
+    (for cache hygiene) and the whole request (for the runaway breaker)."""
 
-    fingerprint: str
+    fingerprint: str  # "" when too short to be cached
     tokens: int
+    request: str = ""  # the whole request's fingerprint (for the runaway breaker)
 
 
 _buckets: dict[tuple[int, int, int, int], tuple[str, str]] = {}
@@ -93,9 +95,12 @@ def settlement_for(
     if record.session_id and attributed:
         add(scope=session_scope(record.key_id, record.session_id), soft_nanos=NO_SOFT_LIMIT)
     settlement.record.CopyFrom(record)
+    if cache_prefix is not None and attributed:
+        # On the record: the runaway breaker reads repeats from the ledger it watches.
+        settlement.record.request_fingerprint = cache_prefix.request
     if attributed and record.input_tokens:
         settlement.hygiene_scope = service_scope(record.service)
-        if cache_prefix is not None and not record.estimated:
+        if cache_prefix is not None and cache_prefix.fingerprint and not record.estimated:
             settlement.prefix_fingerprint = cache_prefix.fingerprint
             settlement.prefix_tokens = cache_prefix.tokens
             settlement.miss_nanos_per_token = prices.miss_nanos_per_token(

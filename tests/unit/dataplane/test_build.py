@@ -11,6 +11,7 @@ import pytest
 from extproc.dataplane.server import build_deps
 from extproc.governance.budget import Budgets
 from extproc.governance.keys import KeyCache
+from extproc.governance.live import LiveState
 from extproc.governance.policy import load_policy
 from extproc.settings import Settings
 from extproc.store.clients import make_client
@@ -30,9 +31,13 @@ def test_a_governed_sidecar_is_built_whole_and_follows_reloads(
         upstream_keys="simulated",
         spool_dir=str(tmp_path),
     )
-    deps, governor, ledger, keys, budgets = build_deps(settings, client)
+    deps, governor, ledger, keys, budgets, live = build_deps(settings, client)
     try:
         assert isinstance(keys, KeyCache) and isinstance(budgets, Budgets)
+        assert isinstance(live, LiveState) and deps.halt is not None
+        # Top-ups and pauses reach the request path through what was built, not patches.
+        assert keys.on_notice == live.on_notice and budgets.topups == live.topups
+        assert deps.paused is live.refusals
         assert (deps.keys, deps.budgets, deps.ledger, deps.store) == (keys, budgets, ledger, client)
         assert deps.policy is governor.policy and deps.policy is not None
         assert deps.shadow is not None and deps.new_models is not None
@@ -48,11 +53,12 @@ def test_a_governed_sidecar_is_built_whole_and_follows_reloads(
 
 def test_a_metering_only_sidecar_has_no_keys_budgets_or_policy(tmp_path: Path) -> None:
     client = make_client("redis://127.0.0.1:1/0")
-    deps, governor, ledger, keys, budgets = build_deps(
+    deps, governor, ledger, keys, budgets, live = build_deps(
         Settings(metering_only=True, spool_dir=str(tmp_path)), client
     )
     try:
         assert (keys, budgets, deps.policy, deps.keys, deps.budgets, deps.store) == (None,) * 6
+        assert live is None and deps.halt is None and deps.paused == {}
         assert governor.policy is None and ledger.on_settled is None
     finally:
         deps.executor.shutdown()

@@ -56,4 +56,16 @@ def test_short_histories_single_items_and_endpoints_without_a_prefix_have_none()
     assert fingerprint(CHAT, {**chat("q"), "messages": chat("q")["messages"][-1:]})[0] is None
     short = {"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}] * 2}
     assert fingerprint(CHAT, short)[0] is None
-    assert fingerprint(EMBEDDINGS, {"model": "text-embedding-3-small", "input": HISTORY})[0] is None
+    # Long enough, but nothing in it is a prefix: only the whole request is fingerprinted
+    # (the runaway breaker counts its repeats).
+    whole = fingerprint(EMBEDDINGS, {"model": "text-embedding-3-small", "input": HISTORY})[0]
+    assert whole is not None and (whole.fingerprint, whole.tokens) == ("", 0)
+    again = fingerprint(EMBEDDINGS, {"model": "text-embedding-3-small", "input": HISTORY})[0]
+    assert again is not None and again.request == whole.request != ""
+
+
+def test_the_whole_request_fingerprint_tells_the_last_item_apart() -> None:
+    one, _ = fingerprint(CHAT, chat("first question"))
+    two, _ = fingerprint(CHAT, chat("second question"))
+    assert one is not None and two is not None
+    assert one.fingerprint == two.fingerprint and one.request != two.request
