@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 from extproc.governance.budget import Decision, Plan
 from extproc.governance.keys import Identity, Lookup
 from extproc.governance.policy import Policy
+from extproc.governance.topups import TopupRequest
 from extproc.insight.telemetry import Telemetry
 from extproc.metering.prices import PriceTable
 from extproc.settings import Settings
@@ -62,6 +63,15 @@ class NewModelSink(Protocol):
     def seen(self, model: str, workspace: str, *, admitted: bool, price: str = "") -> None: ...
 
 
+class TopupCounter(Protocol):
+    """Where a developer asks for a top-up and reads their own requests
+    (`insight.topupdesk.TopupDesk`, behind `/extproc/v1/topups`)."""
+
+    async def ask(self, identity: Identity, body: Any) -> TopupRequest: ...
+
+    async def mine(self, identity: Identity, limit: int = 50) -> list[TopupRequest]: ...
+
+
 class SettlementSink(Protocol):
     """Where finished requests go (`metering.ledger.Ledger`): never blocks, never raises."""
 
@@ -94,7 +104,7 @@ class Deps:
     new_models: NewModelSink | None = None  # alerts on the first request for an unknown model
     # Key id -> the refusal of its pause, kept current by `governance.live` (in place).
     paused: dict[str, OpenAIError] = field(default_factory=dict)
-    halt: Any = None  # the top-up requests behind /extproc/topup (`dataplane.selfservice`)
+    halt: TopupCounter | None = None  # top-up requests behind /extproc/ (`selfservice`)
 
     @property
     def timezone(self) -> ZoneInfo:
