@@ -1,6 +1,6 @@
 """Pure-Python CPU of one enforced request through the data plane, without any I/O.
 
-Drives `Exchange` through the stream dispatcher exactly as the gRPC handler does: the four
+Drives a request's stream through the dispatcher exactly as the gRPC handler does: the four
 ext_proc messages of a JSON chat completion (request headers, body, response headers, body),
 or of a 50-event SSE stream, each parsed from its wire bytes and each reply serialized.
 Budgets and the ledger are the real `Budgets` and `Ledger` over a canned in-memory Redis
@@ -42,8 +42,7 @@ from envoy.config.core.v3 import base_pb2  # noqa: E402
 from bench.loadgen import CHAT_REQUEST, SSE_OUTPUT_TOKENS, SSE_REQUEST  # noqa: E402
 from extproc.dataplane import envoy_msgs as msgs  # noqa: E402
 from extproc.dataplane.deps import Deps  # noqa: E402
-from extproc.dataplane.exchange import Exchange  # noqa: E402
-from extproc.dataplane.server import dispatch  # noqa: E402
+from extproc.dataplane.server import dispatch, open_stream  # noqa: E402
 from extproc.governance.budget import Budgets  # noqa: E402
 from extproc.governance.keys import Identity, Lookup  # noqa: E402
 from extproc.governance.policy import load_policy  # noqa: E402
@@ -164,13 +163,13 @@ def _wire(sse: bool) -> list[bytes]:
 
 
 async def _one(deps: Deps, wire: list[bytes]) -> None:
-    exchange = Exchange(deps)
+    stream = open_stream(deps)
     for raw in wire:
-        reply = dispatch(exchange, msgs.ProcessingRequest.FromString(raw))
+        reply = dispatch(stream, msgs.ProcessingRequest.FromString(raw))
         if not isinstance(reply, msgs.ProcessingResponse):
             reply = await reply
         reply.SerializeToString()
-    exchange.close()
+    stream.close()
 
 
 async def _rounds(
@@ -192,9 +191,8 @@ async def _rounds(
 
 def _deps(executor: ThreadPoolExecutor, spool: str) -> tuple[Deps, Ledger]:
     redis = _CannedRedis()
-    ledger = Ledger(redis, spool_dir=spool)
     budgets = Budgets(redis)
-    ledger.on_settled = budgets.settled
+    ledger = Ledger(redis, spool_dir=spool, on_settled=budgets.settled)
     deps = Deps(
         settings=Settings(),
         prices=PriceTable.load(None),

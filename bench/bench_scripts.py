@@ -78,7 +78,8 @@ def request_args(now_ms: int) -> Callable[[str], tuple[list[Any], list[Any]]]:
         )  # fmt: skip
         charged = [Charged(s.scope, s.soft_nanos) for s in plan.scopes]
         return settlement_for(
-            record, charged, period_id=plan.period.id, local_time=local, prices=prices,
+            record, charged, prefix=plan.prefix, period_id=plan.period.id, local_time=local,
+            prices=prices,
             reservation_id=rid, attributed=True,
         )  # fmt: skip
 

@@ -149,7 +149,7 @@ PRICES = PriceTable.load()
 
 
 def _fingerprint(call: Call) -> str:
-    """What `insight.cachehygiene` makes of the whole request (its texts are the item ids)."""
+    """What `metering.cacheprefix` makes of the whole request (its texts are the item ids)."""
     digest = hashlib.blake2b(call.model.encode(), digest_size=16)
     for item_id, tokens in call.items:
         digest.update(f"{item_id}:{tokens}".encode())

@@ -30,16 +30,11 @@ from extproc.books.records import model_of
 from extproc.metering.ledger import record_to_dict
 from extproc.metering.prices import usd
 from extproc.v1.ledger_pb2 import UsageRecord
+from extproc.wire.spec import display_name
 
 FORMATS = ("jsonl", "csv", "focus")
 FOCUS_VERSION = "1.2"
 PROVIDER = "OpenAI"
-SERVICE_NAMES = {
-    "responses": "OpenAI Responses API",
-    "chat.completions": "OpenAI Chat Completions API",
-    "completions": "OpenAI Completions API",
-    "embeddings": "OpenAI Embeddings API",
-}
 
 FOCUS_COLUMNS = (
     "BilledCost",
@@ -172,7 +167,7 @@ def focus_row(r: UsageRecord) -> dict[str, Any]:
         "PublisherName": PROVIDER,
         "InvoiceIssuerName": PROVIDER,
         "ServiceCategory": "AI and Machine Learning",
-        "ServiceName": SERVICE_NAMES.get(r.endpoint, "OpenAI API"),
+        "ServiceName": display_name(r.endpoint),
         "ResourceId": r.key_id or workspace,
         "ResourceName": r.service or r.key_id or workspace,
         "ResourceType": "API key" if r.key_id else "Workspace",

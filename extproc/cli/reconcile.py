@@ -181,7 +181,7 @@ async def _write_adjustments(policy: Any, planned: list[Any], url: str, table: A
     from extproc.metering.prices import usd
     from extproc.metering.settlement import Charged, settlement_for
     from extproc.store.clients import make_client
-    from extproc.store.schema import WORKSPACE_SCOPE
+    from extproc.store.schema import WORKSPACE_SCOPE, workspace_prefix
 
     client = make_client(url, socket_connect_timeout=3, socket_timeout=30)
     try:
@@ -193,6 +193,7 @@ async def _write_adjustments(policy: Any, planned: list[Any], url: str, table: A
                 settlement = settlement_for(
                     record,
                     (Charged(WORKSPACE_SCOPE, ws.soft_nanos),),
+                    prefix=workspace_prefix(ws.name),
                     period_id=period_at(ws.period, record.time_ms, policy.timezone).id,
                     local_time=datetime.fromtimestamp(record.time_ms / 1000, policy.timezone),
                     prices=table,

@@ -14,6 +14,7 @@ from decimal import Decimal, InvalidOperation
 
 from extproc.cli.admin import fail, load_policy_arg
 from extproc.governance.policy import EFFORTS, ENDPOINT_NAMES
+from extproc.wire.spec import DEFAULT_METERED
 
 _BUDGETS = ("ok", "soft", "hard")
 
@@ -87,7 +88,7 @@ def register_route(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("--service", required=True, help="the caller's service")
     p.add_argument("--model", required=True, help="as the client sends it (aliases resolve)")
     p.add_argument(
-        "--endpoint", default="responses", choices=ENDPOINT_NAMES, help="default: %(default)s"
+        "--endpoint", default=DEFAULT_METERED, choices=ENDPOINT_NAMES, help="default: %(default)s"
     )
     p.add_argument("--task", help="the x-task header")
     p.add_argument(

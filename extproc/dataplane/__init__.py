@@ -1,7 +1,9 @@
-"""The data path in the sidecar: the ext_proc stream handler, one Exchange per request, the
+"""The data path in the sidecar: the ext_proc stream handler, one handler per request chosen
+at its headers (metered, passthrough, answered here), admission, the settlement, the
 replies it sends Envoy, and the HTTP/2 gRPC transport underneath.
 
-Owns the order of phases, nothing else: every decision it applies is made by `metering`,
-`governance` or `routing`. May import `wire`, `store`, `metering`, `governance`,
-`routing`, `insight` and `settings`; never `cli`, `console`, `devstack` or `simulator`.
+Owns the order of phases and applies decisions, nothing else: admission makes its policy
+decisions as values from what `metering`, `governance` and `routing` compute. May import
+`wire`, `store`, `metering`, `governance`, `routing`, `insight` and `settings`; never `cli`,
+`console`, `devstack` or `simulator`.
 """

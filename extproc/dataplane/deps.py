@@ -1,8 +1,9 @@
-"""What every exchange shares, and the small interfaces it needs from its collaborators.
+"""What every request's handler shares, and the small interfaces it needs from its
+collaborators.
 
-The exchange depends on these Protocols, not on the key cache, the budgets or the ledger
-themselves, so it can be driven with small fakes (tests/unit/dataplane) as well as the
-real parts; `server.build_deps` wires the real ones.
+The handlers and admission depend on these Protocols, not on the key cache, the budgets or
+the ledger themselves, so they can be driven with small fakes (tests/unit/dataplane) as
+well as the real parts; `server.build_deps` wires the real ones.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from zoneinfo import ZoneInfo
 from extproc.governance.budget import Decision, Plan
 from extproc.governance.keys import Identity, Lookup
 from extproc.governance.policy import Policy
+from extproc.governance.topups import TopupRequest
 from extproc.insight.telemetry import Telemetry
 from extproc.metering.prices import PriceTable
 from extproc.settings import Settings
@@ -29,7 +31,7 @@ def _now_ms() -> int:
 
 
 class KeyLookup(Protocol):
-    """What an exchange asks of the key cache (`governance.keys.KeyCache`)."""
+    """What a request's headers ask of the key cache (`governance.keys.KeyCache`)."""
 
     def get(self, secret: str) -> Lookup: ...
 
@@ -39,27 +41,35 @@ class KeyLookup(Protocol):
 
 
 class BudgetBook(Protocol):
-    """What an exchange asks of the budgets (`governance.budget.Budgets`)."""
+    """What admission asks of the budgets (`governance.budget.Budgets`): the seam behind
+    which reservations may be exact per request or spent from a lease."""
 
     def level(self, identity: Identity) -> str: ...
 
-    async def reserve_with_overdraft(
+    async def reserve(
         self,
         plan: Plan,
         fail_open: bool,
         now_ms: int,
         *,
         session: str = "",
-        orphan: Callable[[Plan], bytes] | None = None,
-        overdraft_nanos: int | None = None,
-        fallback: Callable[[int], Plan | None] | None = None,
-    ) -> tuple[Plan, Decision, bool]: ...
+        orphan: bytes = b"",
+    ) -> Decision: ...
 
 
 class NewModelSink(Protocol):
     """Told of each model the price table does not know (`insight.newmodels.NewModels`)."""
 
     def seen(self, model: str, workspace: str, *, admitted: bool, price: str = "") -> None: ...
+
+
+class TopupCounter(Protocol):
+    """Where a developer asks for a top-up and reads their own requests
+    (`insight.topupdesk.TopupDesk`, behind `/extproc/v1/topups`)."""
+
+    async def ask(self, identity: Identity, body: Any) -> TopupRequest: ...
+
+    async def mine(self, identity: Identity, limit: int = 50) -> list[TopupRequest]: ...
 
 
 class SettlementSink(Protocol):
@@ -74,7 +84,7 @@ class SettlementSink(Protocol):
 
 @dataclass(slots=True)
 class Deps:
-    """What every exchange shares. `policy` and `upstream_keys` change on hot reload."""
+    """What every request's handler shares. `policy` and `upstream_keys` change on hot reload."""
 
     settings: Settings
     prices: PriceTable
@@ -94,7 +104,7 @@ class Deps:
     new_models: NewModelSink | None = None  # alerts on the first request for an unknown model
     # Key id -> the refusal of its pause, kept current by `governance.live` (in place).
     paused: dict[str, OpenAIError] = field(default_factory=dict)
-    halt: Any = None  # the top-up requests behind /extproc/topup (`dataplane.selfservice`)
+    halt: TopupCounter | None = None  # top-up requests behind /extproc/ (`selfservice`)
 
     @property
     def timezone(self) -> ZoneInfo:

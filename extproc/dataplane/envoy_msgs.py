@@ -153,7 +153,9 @@ def fill_mutation(
     if set_headers:
         add = mutation.set_headers.add
         for key, value in set_headers.items():
-            header = add(append_action=_OVERWRITE).header
+            option = add()
+            option.append_action = _OVERWRITE  # assigned: cheaper than add()'s keyword
+            header = option.header
             header.key = key
             header.raw_value = header_value(value)
     if remove:
@@ -221,12 +223,3 @@ def immediate(
     answer.body = body
     answer.details = "extproc"
     return reply
-
-
-CONTINUE_PHASE = {
-    "request_headers": CONTINUE_REQUEST_HEADERS,
-    "request_body": CONTINUE_REQUEST_BODY,
-    "response_headers": CONTINUE_RESPONSE_HEADERS,
-    "response_body": CONTINUE_RESPONSE_BODY,
-}
-"""The reply that lets a phase's message through unchanged, by phase name."""

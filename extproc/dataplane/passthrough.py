@@ -1,191 +1,200 @@
-"""One passthrough call's phases: an OpenAI endpoint other than the metered four.
+"""A passthrough call: an OpenAI endpoint other than the metered four, as its spec prices it.
 
-The `Exchange` authenticates the caller and classifies the path; for a passthrough call it
-hands each later ext_proc message here. This side only collects what the record needs (the
-status, and for calls priced from their answer the request's model and the response body);
-`extproc.metering.passthrough` turns that into the record. A priced call of a governed
-caller `holds`: its whole request body is read, counted, priced and reserved (`hold`) like
-a metered request before the `Exchange` lets it go.
+After its headers (`opening`: caller known, key swapped, the workspace lets the group
+through) the call reads only what its record needs: the status always; for a call priced
+from its answer's usage, the request's model and the response body. A priced call of a
+governed caller is held: its whole request body is read, counted and reserved
+(`admission.hold`) like a metered request before it is let go. `metering.passthrough` turns
+what was seen into the record; the `Settler` writes it once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
+from extproc.dataplane import admission
 from extproc.dataplane import envoy_msgs as msgs
+from extproc.dataplane.admission import Refusal
 from extproc.dataplane.deps import Deps
+from extproc.dataplane.lifecycle import (
+    DONE,
+    LET_THROUGH,
+    REQUEST,
+    REQUEST_BODY,
+    RESPONSE,
+    UPSTREAM,
+    Phase,
+    Reply,
+)
+from extproc.dataplane.request import RID, RequestInfo, refusal_reply
+from extproc.dataplane.settle import Settler
 from extproc.governance import guard
-from extproc.governance.budget import Decision, Plan, plan_request
 from extproc.governance.keys import Identity
-from extproc.governance.policy import model_key
-from extproc.metering.decisions import parse_request, utf8_text
-from extproc.metering.passthrough import PassthroughSeen, request_model
-from extproc.metering.worstcase import is_priced
-from extproc.wire.endpoints import Endpoint
-from extproc.wire.errors import OpenAIError
-from extproc.wire.paths import Pricing
+from extproc.metering.decisions import PreparedRequest, parse_request, utf8_text
+from extproc.metering.passthrough import PassthroughSeen, request_model, settle_passthrough
+from extproc.metering.prices import usd
+from extproc.v1.ledger_pb2 import UsageRecord
+from extproc.wire.errors import INTERNAL_ERROR, OpenAIError
+from extproc.wire.paths import Target
+from extproc.wire.spec import USAGE
 
 _STATUS = frozenset({":status"})
 
 
-@dataclass(frozen=True, slots=True)
-class Held:
-    """How holding a priced call went: bad input, a refusal, or a reservation's decision."""
-
-    bad_input: OpenAIError | None = None
-    refusal: OpenAIError | None = None
-    plan: Plan | None = None
-    decision: Decision | None = None
-    ask: Callable[[], guard.Ask] | None = None  # what it would hold, for a denial's text
-
-
 class PassthroughCall:
-    __slots__ = ("_chunks", "holds", "seen")
+    """One passthrough call, from its headers' reply to its settlement."""
 
-    def __init__(self, seen: PassthroughSeen, *, governed: bool = False) -> None:
-        self.seen = seen
-        self._chunks: list[bytes] = []
+    __slots__ = (
+        "_chunks",
+        "_deps",
+        "_info",
+        "_priced",
+        "books",
+        "holds",
+        "identity",
+        "seen",
+        "state",
+    )
+
+    def __init__(
+        self, deps: Deps, info: RequestInfo, identity: Identity | None, target: Target
+    ) -> None:
+        spec = target.spec
+        assert spec is not None
+        self._deps = deps
+        self._info = info
+        self.identity = identity
+        self.seen = PassthroughSeen(
+            info.request_id, info.time_ms, target, info.envoy_request_id, info.session_id
+        )
+        self.books = Settler(deps, info, identity, spec.operation)
+        self._priced = spec.pricing is USAGE
         # Held against the budget before it is forwarded: priced, and a caller to charge.
-        self.holds = governed and self.priced
+        self.holds = self._priced and identity is not None and deps.budgets is not None
+        self._chunks: list[bytes] = []
+        self.state = REQUEST
 
-    @property
-    def spec(self) -> Endpoint:
-        """How a priced call's request is read (see `extproc.wire.priced`)."""
-        api = self.seen.target.api
-        assert api is not None and api.spec is not None
-        return api.spec
-
-    @property
-    def priced(self) -> bool:
-        api = self.seen.target.api
-        return api is not None and api.pricing is Pricing.USAGE
-
-    def forward(
-        self, add: dict[str, str], remove: list[str], *, json_body: bool
+    def start(
+        self, set_headers: dict[str, str], remove: list[str], *, json_body: bool
     ) -> msgs.ProcessingResponse:
-        if self.priced:
+        """The reply to the call's headers: key swapped, and only the phases its record needs.
+        Uploads and downloads of any size stream through untouched otherwise."""
+        read_request = self.holds or (self._priced and json_body)
+        if self._priced:
             remove.append("accept-encoding")  # the answer's usage must be readable
+        self.state = REQUEST if read_request else UPSTREAM
         return msgs.forward_passthrough(
-            add,
-            remove,
-            read_request=self.holds or (self.priced and json_body),
-            read_response=self.priced,
+            set_headers, remove, read_request=read_request, read_response=self._priced
         )
 
-    def on_request_body(self, msg: msgs.pb.HttpBody) -> bytes | None:
-        """Only priced requests are read: their `model` names the price row.
+    # -- request body: only priced calls are read; held ones are counted and reserved ---
 
-        Returns the whole body of a call that `holds` (the exchange reserves for it), None
-        otherwise or while more is to come.
-        """
+    def on_request_body(self, msg: msgs.pb.HttpBody) -> Reply:
         self._chunks.append(msg.body)
         if not msg.end_of_stream:
-            return None
+            return msgs.CONTINUE_REQUEST_BODY
         body = b"".join(self._chunks)
         self._chunks.clear()
         if self.holds:
-            return body
-        self.seen.request_model = request_model(body)
-        return None
+            return self._hold(body)
+        self.seen.request_model = request_model(body)  # its `model` names the price row
+        self.state = UPSTREAM
+        return msgs.CONTINUE_REQUEST_BODY
 
-    def on_response_headers(self, msg: msgs.pb.HttpHeaders) -> bool:
-        """Note the status; True when the call is complete (nothing more will be read)."""
-        try:
-            self.seen.status = int(msgs.header_map(msg, _STATUS).get(":status", "0"))
-        except ValueError:
-            self.seen.status = 0
-        return msg.end_of_stream or not self.priced
-
-    def on_response_body(self, msg: msgs.pb.HttpBody) -> bool:
-        """Collect the buffered answer; True once it is whole."""
-        self._chunks.append(msg.body)
-        if not msg.end_of_stream:
-            return False
-        self.seen.response_body = b"".join(self._chunks)
-        self._chunks.clear()
-        return True
-
-    async def hold(
-        self,
-        deps: Deps,
-        identity: Identity,
-        raw: bytes,
-        content_encoding: str,
-        *,
-        orphan: Callable[[Plan], bytes],
-    ) -> Held:
-        """Count, price and reserve this call before it is forwarded, like a metered request.
-
-        The body is parsed and counted by the metered path's own code (off the event loop
-        when big); the hold is the counted input plus `passthrough.output_ceiling` output
-        tokens per output, at the named model's rates, through the same reservation script
-        (budgets, rate limits, revocation; the overdraft for a call that already names the
-        overdraft model, since passthrough bodies are never rewritten). A model nothing
-        prices is refused unless the workspace allows unpriced calls.
-        """
-        policy, budgets, settings = deps.policy, deps.budgets, deps.settings
-        assert policy is not None and budgets is not None
+    async def _hold(self, raw: bytes) -> msgs.ProcessingResponse:
+        """Count and reserve the call before it goes, with the metered path's own parser."""
+        deps, seen, identity = self._deps, self.seen, self.identity
+        reader = seen.target.spec.reader  # type: ignore[union-attr]
+        assert reader is not None and identity is not None
+        settings = deps.settings
         job = partial(
             parse_request,
-            self.spec,
+            reader,
             raw,
-            content_encoding,
+            self._info.content_encoding,
             max_body_bytes=settings.max_body_bytes,
             count=deps.count,
         )
         try:
             if len(raw) > settings.offload_bytes:
-                prepared = await asyncio.get_running_loop().run_in_executor(deps.executor, job)
+                prepared: PreparedRequest = await asyncio.get_running_loop().run_in_executor(
+                    deps.executor, job
+                )
             else:
                 prepared = job()
         except OpenAIError as err:
-            return Held(bad_input=err)
-        facts, seen, name = prepared.facts, self.seen, self.seen.target.name
+            refusal = admission.unreadable(deps, err)
+            if refusal is None:
+                self.state = UPSTREAM
+                return msgs.CONTINUE_REQUEST_BODY
+            return self._refuse(refusal)
+        facts = prepared.facts
         seen.request_model = utf8_text(facts.model)
         seen.counted_input_tokens = prepared.counted_input_tokens
-        ws = policy.workspaces[identity.workspace]
-        if not is_priced(deps.prices, facts.model):
-            refusal = ws.passthrough.unpriced_model(name, facts.model)
-            if refusal is not None:
-                return Held(refusal=refusal)
-        now = deps.now_ms()
-        output = ws.passthrough.held_output(name, facts.output_cap)
-        wanted = plan_request(
-            policy,
-            identity,
-            model=facts.model,
-            counted_input=prepared.counted_input_tokens,
-            output_cap=output,
-            prices=deps.prices,
-            now_ms=now,
-            choices=facts.choices,
-        )
-        overdraft = policy.routing_for(identity.workspace, identity.service).overdraft
-        on_overdraft = overdraft is not None and model_key(overdraft.model) == model_key(
-            facts.model
-        )
-        plan, decision, _ = await budgets.reserve_with_overdraft(
-            wanted,
-            ws.on_redis_down == "open",
-            now,
-            orphan=orphan,
-            overdraft_nanos=overdraft.nanos if overdraft else None,
-            fallback=lambda left: wanted if on_overdraft and left > 0 else None,
-        )
-        seen.held = decision.allowed
-        return Held(
-            plan=plan,
-            decision=decision,
-            ask=lambda: guard.ask(
-                deps.prices,
-                plan,
-                model=facts.model,
-                outputs=facts.choices,
-                output_param=None,
-                stated=False,
-                source=f"passthrough.output_ceiling.{name} ({output:,} per output)",
-            ),
-        )
+        held = await admission.hold(deps, identity, seen, facts)
+        if isinstance(held, Refusal):
+            return self._refuse(held)
+        self.books.held(held.plan, held.decision)
+        seen.held = True
+        self.state = UPSTREAM
+        return msgs.CONTINUE_REQUEST_BODY
+
+    def _refuse(self, refusal: Refusal) -> msgs.ProcessingResponse:
+        """Answer here, never forwarded; recorded (what was held, released)."""
+        err = self.books.refused(refusal.error, refusal.plan, refusal.decision)
+        self.seen.rejected, self.seen.status = err, err.status
+        self._finish()
+        return refusal_reply(self._info, self.identity, err, refusal.headers)
+
+    # -- response -----------------------------------------------------------------------
+
+    def on_response_headers(self, msg: msgs.pb.HttpHeaders) -> msgs.ProcessingResponse:
+        seen = self.seen
+        try:
+            seen.status = int(msgs.header_map(msg, _STATUS).get(":status", "0"))
+        except ValueError:
+            seen.status = 0
+        headers = {RID: seen.request_id}
+        if self.identity is not None:
+            headers.update(guard.visibility_headers(self.identity, self.books.decision))
+        if msg.end_of_stream or not self._priced:
+            # Nothing more to read: the body (a file download, say) streams straight through.
+            self._finish()
+        else:
+            self.state = RESPONSE
+        return msgs.response_headers(headers, stream=False)
+
+    def on_response_body(self, msg: msgs.pb.HttpBody) -> msgs.ProcessingResponse:
+        """Collect the buffered answer; once whole, settle and say what it cost."""
+        self._chunks.append(msg.body)
+        if not msg.end_of_stream:
+            return msgs.CONTINUE_RESPONSE_BODY
+        self.seen.response_body = b"".join(self._chunks)
+        self._chunks.clear()
+        record = self._finish()
+        if record is None:
+            return msgs.CONTINUE_RESPONSE_BODY
+        return msgs.response_body_headers({"x-extproc-cost-usd": usd(record.cost_nanos)})
+
+    # -- the end ------------------------------------------------------------------------
+
+    def _finish(self) -> UsageRecord | None:
+        self.state = DONE
+        return self.books.settle(self._record, self.seen)
+
+    def _record(self) -> UsageRecord:
+        self.seen.duration_ms = self.books.duration_ms
+        return settle_passthrough(self.seen, self._deps.prices)
+
+    def on_internal_error(self, phase: Phase) -> msgs.ProcessingResponse:
+        if phase is REQUEST_BODY and self.holds:  # held before forwarding: refuse
+            if self.books.settled:
+                return msgs.immediate(500, INTERNAL_ERROR.body(), {RID: self.seen.request_id})
+            return self._refuse(Refusal(INTERNAL_ERROR))
+        return LET_THROUGH.get(phase, msgs.CONTINUE_RESPONSE_BODY)
+
+    def close(self, busy_ns: int) -> None:
+        if not self.books.settled:
+            self._finish()
+        self.books.report(busy_ns)

@@ -17,11 +17,21 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable
 from importlib import resources
 from typing import Any
 
 from extproc.dataplane import envoy_msgs as msgs
 from extproc.dataplane.deps import Deps
+from extproc.dataplane.lifecycle import (
+    DONE,
+    LET_THROUGH,
+    REQUEST,
+    REQUEST_BODY,
+    Chosen,
+    Phase,
+    Reply,
+)
 from extproc.governance import guard
 from extproc.governance.keys import MISSING, Identity
 from extproc.governance.topups import TopupError
@@ -33,7 +43,7 @@ from extproc.insight.me import (
     read_me,
     typical_request,
 )
-from extproc.wire.errors import OpenAIError
+from extproc.wire.errors import INTERNAL_ERROR, OpenAIError
 
 log = logging.getLogger("extproc.dataplane.selfservice")
 
@@ -53,31 +63,61 @@ def _page(name: str = "me.html") -> bytes:
     return page
 
 
+def open_call(
+    deps: Deps, method: str, path: str, secret: str, end_of_stream: bool
+) -> Chosen | Awaitable[Chosen]:
+    """A request under `/extproc/` at its headers (counted, never recorded or forwarded):
+    answered now, or, a POST to the top-ups API, by a `Call` reading its body."""
+    deps.ledger.note_unmetered(unmetered_key(method, path))
+    if method == "POST" and path.split("?", 1)[0] == TOPUPS_PATH:
+        if end_of_stream:
+            return None, msgs.immediate(400, _error(400, "A JSON body is required.", "no_body"))
+        return Call(deps, secret), msgs.CONTINUE_REQUEST_HEADERS  # answered at the body
+    return _answered(answer(deps, method, path, secret))
+
+
+async def _answered(pending: Awaitable[msgs.ProcessingResponse]) -> Chosen:
+    return None, await pending
+
+
 class Call:
-    """One request to a path under `/extproc/`: answered at its headers, or, for a POST, at
-    its body. It is never forwarded."""
+    """A POST to `/extproc/v1/topups`: the handler (`lifecycle.Handler`) that reads its
+    body (Envoy buffers it) and answers there. Nothing is forwarded or recorded."""
 
-    __slots__ = ("_chunks", "deps", "method", "path", "secret")
+    __slots__ = ("_chunks", "_size", "deps", "secret", "state")
 
-    def __init__(self, deps: Deps, method: str, path: str, secret: str) -> None:
-        self.deps, self.method, self.path, self.secret = deps, method, path, secret
+    def __init__(self, deps: Deps, secret: str) -> None:
+        self.deps, self.secret = deps, secret
         self._chunks: list[bytes] = []
-        deps.ledger.note_unmetered(unmetered_key(method, path))
+        self._size = 0
+        self.state = REQUEST
 
-    def on_headers(self, end_of_stream: bool) -> msgs.ProcessingResponse | Any:
-        if self.method == "POST" and self.path.split("?", 1)[0] == TOPUPS_PATH:
-            if end_of_stream:
-                return msgs.immediate(400, _error(400, "A JSON body is required.", "no_body"))
-            return msgs.CONTINUE_REQUEST_HEADERS  # answered at the body (see on_body)
-        return answer(self.deps, self.method, self.path, self.secret)
-
-    def on_body(self, msg: msgs.pb.HttpBody) -> msgs.ProcessingResponse | Any:
+    def on_request_body(self, msg: msgs.pb.HttpBody) -> Reply:
         self._chunks.append(msg.body)
-        if sum(len(c) for c in self._chunks) > MAX_CALL_BODY:
+        self._size += len(msg.body)
+        if self._size > MAX_CALL_BODY:
+            self.state = DONE
             return msgs.immediate(413, _error(413, "The body is too large.", "too_large"))
         if not msg.end_of_stream:
             return msgs.CONTINUE_REQUEST_BODY
+        self.state = DONE
         return _ask_topup(self.deps, self.secret, b"".join(self._chunks))
+
+    def on_response_headers(self, msg: msgs.pb.HttpHeaders) -> Reply:
+        self.state = DONE  # Envoy answered before the body was through (its own 413)
+        return msgs.CONTINUE_RESPONSE_HEADERS
+
+    def on_response_body(self, msg: msgs.pb.HttpBody) -> Reply:
+        return msgs.CONTINUE_RESPONSE_BODY
+
+    def on_internal_error(self, phase: Phase) -> msgs.ProcessingResponse:
+        self.state = DONE
+        if phase is REQUEST_BODY:  # never forwarded, even when reading it failed
+            return msgs.immediate(500, INTERNAL_ERROR.body(), _NO_STORE)
+        return LET_THROUGH.get(phase, msgs.CONTINUE_RESPONSE_BODY)
+
+    def close(self, busy_ns: int) -> None:
+        """Nothing to settle: self-service calls are counted, not recorded."""
 
 
 def _error(status: int, message: str, code: str, kind: str = "invalid_request_error") -> bytes:

@@ -1,7 +1,8 @@
 """The gRPC side: Envoy's ExternalProcessor service, health, and orderly shutdown.
 
-The stream handler only orchestrates: it routes each ext_proc message to the request's
-`Exchange` and sends back what that returns. On SIGTERM the health service turns
+The stream handler only orchestrates: it routes each ext_proc message to the handler its
+request was given at its headers (`lifecycle`, `opening`) and sends back what that
+returns. On SIGTERM the health service turns
 NOT_SERVING first (so Envoy and Kubernetes stop sending new streams), in-flight
 streams get `grace_seconds` to finish, and the ledger is drained before exit.
 """
@@ -22,8 +23,9 @@ from grpc_health.v1 import health_pb2
 from extproc.dataplane import envoy_msgs as msgs
 from extproc.dataplane import logrepeat
 from extproc.dataplane.deps import Deps
-from extproc.dataplane.exchange import Exchange, Reply
 from extproc.dataplane.h2grpc import HEALTH_CHECK_PATH, GrpcServer, Route, health_route
+from extproc.dataplane.lifecycle import PHASES, Phase, Reply, Stream
+from extproc.dataplane.opening import Opening
 from extproc.dataplane.workers import heartbeat_fd, send_heartbeats
 from extproc.governance.budget import Budgets
 from extproc.governance.credentials import simulated_upstream_key
@@ -54,52 +56,42 @@ LIVENESS_SERVICE = "extproc.liveness"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-_TRAILERS = {
-    "request_trailers": msgs.ProcessingResponse(request_trailers=msgs.pb.TrailersResponse()),
-    "response_trailers": msgs.ProcessingResponse(response_trailers=msgs.pb.TrailersResponse()),
-}
-
-
-def dispatch(exchange: Exchange, request: msgs.ProcessingRequest) -> Reply:
-    """Route one ext_proc message to the phase of the request's exchange.
+def dispatch(stream: Stream, request: msgs.ProcessingRequest) -> Reply:
+    """Route one ext_proc message to its request's handler (see `lifecycle.Stream`).
 
     No exception leaves a phase: a bug or an input nobody foresaw must not turn into a
     broken gRPC stream, which Envoy answers with an empty 500 (after the provider may
-    already have served, and billed, the request). The exchange answers instead: an
+    already have served, and billed, the request). The handler answers instead: an
     OpenAI-shaped 500 before forwarding, the response unchanged after; and it still
     settles exactly once.
     """
     kind = request.WhichOneof("request") or ""
+    phase = PHASES.get(kind)
+    if phase is None:  # a message kind this Envoy knows and we do not: let it be
+        return msgs.CONTINUE_RESPONSE_BODY
     try:
-        reply = _phase(exchange, request, kind)
+        reply = stream.on(phase, request)
     except Exception:
         log.exception("extproc: %s phase failed", kind)
-        return exchange.on_internal_error(kind)
+        return stream.on_internal_error(phase)
     if isinstance(reply, msgs.ProcessingResponse):
         return reply
-    return _guarded(exchange, reply, kind)
+    return _guarded(stream, reply, phase)
 
 
 async def _guarded(
-    exchange: Exchange, pending: Awaitable[msgs.ProcessingResponse], kind: str
+    stream: Stream, pending: Awaitable[msgs.ProcessingResponse], phase: Phase
 ) -> msgs.ProcessingResponse:
     try:
         return await pending
     except Exception:
-        log.exception("extproc: %s phase failed", kind)
-        return exchange.on_internal_error(kind)
+        log.exception("extproc: %s phase failed", phase.value)
+        return stream.on_internal_error(phase)
 
 
-def _phase(exchange: Exchange, request: msgs.ProcessingRequest, kind: str) -> Reply:
-    if kind == "request_headers":
-        return exchange.on_request_headers(request.request_headers)
-    if kind == "request_body":
-        return exchange.on_request_body(request.request_body)
-    if kind == "response_headers":
-        return exchange.on_response_headers(request.response_headers)
-    if kind == "response_body":
-        return exchange.on_response_body(request.response_body)
-    return _TRAILERS.get(kind, msgs.CONTINUE_RESPONSE_BODY)
+def open_stream(deps: Deps) -> Stream:
+    """A new ext_proc stream: its handler is chosen at the request headers."""
+    return Stream(Opening(deps))
 
 
 _PROCESS_PATH = f"/{SERVICE_NAME}/Process"
@@ -121,31 +113,31 @@ def _serialize(reply: msgs.ProcessingResponse) -> bytes:
 
 
 class ExtProcStream:
-    """One ext_proc stream on our own HTTP/2 transport: bytes in, bytes out, same Exchange."""
+    """One ext_proc stream on our own HTTP/2 transport: bytes in, bytes out."""
 
-    __slots__ = ("exchange",)
+    __slots__ = ("stream",)
 
     def __init__(self, deps: Deps) -> None:
-        self.exchange = Exchange(deps)
+        self.stream = open_stream(deps)
 
     def on_message(self, data: bytes) -> bytes | Awaitable[bytes]:
         began = time.perf_counter_ns()
-        reply = dispatch(self.exchange, msgs.ProcessingRequest.FromString(data))
+        reply = dispatch(self.stream, msgs.ProcessingRequest.FromString(data))
         if isinstance(reply, msgs.ProcessingResponse):
             out = _serialize(reply)
-            self.exchange.busy_ns += time.perf_counter_ns() - began
+            self.stream.busy_ns += time.perf_counter_ns() - began
             return out
         return self._later(reply, began)
 
     async def _later(self, pending: Awaitable[msgs.ProcessingResponse], began: int) -> bytes:
         out = _serialize(await pending)
-        self.exchange.busy_ns += time.perf_counter_ns() - began
+        self.stream.busy_ns += time.perf_counter_ns() - began
         return out
 
     def on_end(self, cancelled: bool) -> None:
         # Envoy ends every ext_proc stream with RST_STREAM once the HTTP request is done, so
-        # `cancelled` is the normal case; the exchange itself knows whether it finished.
-        self.exchange.close()
+        # `cancelled` is the normal case; the handler itself knows whether it finished.
+        self.stream.close()
 
 
 class H2Transport:
@@ -263,67 +255,83 @@ class Sidecar(NamedTuple):
 
 
 def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = None) -> Sidecar:
-    """`hot` serves the two calls on every request (reserve, settle); `client` all the rest."""
-    governor = Governor(record=lambda alert: record_alert(client, alert))
-    ledger = Ledger(
-        hot or client,
-        max_records=settings.ledger_max_records,
-        spool_dir=settings.spool_dir,
-        on_soft_alert=governor.on_soft_alert,
-        wait_replicas=settings.redis_wait_replicas,
-    )
-    deps = Deps(
-        settings=settings,
-        prices=PriceTable.load(settings.prices or None),
-        count=count_text,
-        ledger=ledger,
-        executor=ThreadPoolExecutor(max_workers=2, thread_name_prefix="extproc-count"),
-        telemetry=Telemetry.from_env(),
-    )
+    """Every shared part, each built whole before the one `Deps` that holds them.
 
-    simulated = settings.upstream_keys == "simulated"
-    if simulated:
-        log.info("upstream keys are simulated (upstream_keys: simulated): local simulator only")
-
-    def use(policy: Policy) -> None:
-        deps.upstream_keys, deps.upstream_missing = upstream_keys(policy, simulated)
-        deps.policy = policy
-
-    governor.subscribe(use)
-    deps.new_models = NewModels(client, governor.alerter, lambda: deps.prices.version)
-    keys, budgets = None, None
+    `hot` serves the two calls on every request (reserve, settle); `client` all the rest.
+    Later, only hot reloads change `Deps` (the policy and the upstream keys through the
+    governor, the prices and the shadow policy through their watchers, in `serve`).
+    """
     check_mode(settings)  # the CLI checked already; a library caller gets the same guard
     if settings.metering_only:
         log.warning(
             "metering-only mode (EXTPROC_METERING_ONLY): no policy and no virtual keys; "
             "clients' own credentials reach the provider"
         )
-    live = None
+    simulated = settings.upstream_keys == "simulated"
+    if simulated:
+        log.info("upstream keys are simulated (upstream_keys: simulated): local simulator only")
+    governor = Governor(record=lambda alert: record_alert(client, alert))
+    telemetry = Telemetry.from_env()
+    policy = shadow = None
+    keys, budgets, live, desk = None, None, None, None
     if settings.policy:
-        governor.apply(load_policy(settings.policy))
-        deps.keys = keys = KeyCache(KeyStore(client, hot=hot))
-        deps.store = client
-        if settings.shadow_policy:
-            deps.shadow = load_policy(settings.shadow_policy)
-            log.info("shadow policy loaded: %s (never enforced)", settings.shadow_policy)
+        policy = load_policy(settings.policy)
+        governor.apply(policy)
+        # Top-up grants and paused keys, kept current for the request path (its policy is
+        # the live one, read through `deps` once that exists).
         live = LiveState(
             client,
             lambda: deps.policy,
             console_url=settings.console_url,
-            on_refresh=partial(report_live, deps.telemetry),
+            on_refresh=partial(report_live, telemetry),
         )
-        keys.on_notice = live.on_notice
-        deps.paused = live.refusals  # the request path's one probe for a paused key
+        keys = KeyCache(KeyStore(client, hot=hot), on_notice=live.on_notice)
         budgets = Budgets(
             hot or client,
             hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1),
             topups=live.topups,
         )
-        deps.budgets = budgets
-        ledger.on_settled = budgets.settled
-        deps.halt = TopupDesk(
+        desk = TopupDesk(
             client, lambda: deps.policy, governor.alerter, console_url=settings.console_url
         )
+        if settings.shadow_policy:
+            shadow = load_policy(settings.shadow_policy)
+            log.info("shadow policy loaded: %s (never enforced)", settings.shadow_policy)
+    ledger = Ledger(
+        hot or client,
+        max_records=settings.ledger_max_records,
+        spool_dir=settings.spool_dir,
+        on_soft_alert=governor.on_soft_alert,
+        on_settled=budgets.settled if budgets is not None else None,
+        wait_replicas=settings.redis_wait_replicas,
+    )
+    live_keys, missing = upstream_keys(policy, simulated) if policy else ({}, {})
+    deps = Deps(
+        settings=settings,
+        prices=PriceTable.load(settings.prices or None),
+        count=count_text,
+        ledger=ledger,
+        executor=ThreadPoolExecutor(max_workers=2, thread_name_prefix="extproc-count"),
+        telemetry=telemetry,
+        policy=policy,
+        keys=keys,
+        budgets=budgets,
+        upstream_keys=live_keys,
+        upstream_missing=missing,
+        store=client if policy is not None else None,
+        shadow=shadow,
+        # Asked for the price table's version when it alerts: the one in force then.
+        new_models=NewModels(client, governor.alerter, lambda: deps.prices.version),
+        # The request path's one probe for a paused key: updated in place by `live`.
+        paused=live.refusals if live is not None else {},
+        halt=desk,
+    )
+
+    def reload(new: Policy) -> None:
+        deps.upstream_keys, deps.upstream_missing = upstream_keys(new, simulated)
+        deps.policy = new
+
+    governor.subscribe(reload)
     return Sidecar(deps, governor, ledger, keys, budgets, live)
 
 

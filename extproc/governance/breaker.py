@@ -9,7 +9,7 @@ each key, and pauses the one that runs away (see `governance.pauses`).
 Three rules, each with thresholds in the policy (`breaker:`, see docs/topups.md):
 
 * repeats: the same request (its fingerprint, made beside the cache-hygiene prefix's from
-  the model and every input text, see `insight.cachehygiene`) more than N times within M
+  the model and every input text, see `metering.cacheprefix`) more than N times within M
   minutes.
   Only requests of 1,024 counted tokens and more count: a health check sending "ping" every
   ten seconds is not a runaway, and costs nothing worth stopping.

@@ -243,21 +243,26 @@ def per_choice_cap(total: int, choices: int) -> int:
     return max(total // max(choices, 1), 1)
 
 
+_UNGOVERNED_PREFIX = workspace_prefix("")
+
+
 def charges_for(
     policy: Policy | None, identity: Identity | None, plan: Plan | None, now_ms: int, tz: ZoneInfo
-) -> tuple[tuple[Charged, ...], str]:
-    """Where a finished request's cost counts, and the budget period it counts in.
+) -> tuple[tuple[Charged, ...], str, str]:
+    """Where a finished request's cost counts: the scopes, the budget period it counts in,
+    and the workspace's Redis prefix (the plan's, derived once with it).
 
     With a plan: the scopes its reservation checked. Forwarded without one (`bad_request:
-    pass`): the same scopes a reservation would have checked, its team's included.
-    Unattributed traffic: the workspace scope of the unattributed books, by month.
+    pass`, a refusal): the same scopes a reservation would have checked, its team's
+    included. Unattributed traffic: the workspace scope of the unattributed books, by month.
     """
     if plan is not None:
-        return plan.charged or _charges(plan.scopes), plan.period.id
+        return plan.charged or _charges(plan.scopes), plan.period.id, plan.prefix
     ws = policy.workspaces.get(identity.workspace) if policy and identity else None
-    if ws is None or identity is None:
-        return UNGOVERNED, period_at("month", now_ms, tz).id
-    return _charges(charged_scopes(ws, identity)), period_at(ws.period, now_ms, tz).id
+    if ws is None or identity is None or policy is None:
+        return UNGOVERNED, period_at("month", now_ms, tz).id, _UNGOVERNED_PREFIX
+    charged = attribution(policy, identity)[2]
+    return charged, period_at(ws.period, now_ms, tz).id, workspace_prefix(ws.name)
 
 
 def with_overdraft(plan: Plan, nanos: int) -> Plan:
@@ -479,38 +484,6 @@ class Budgets:
                 self._known[key] = st.spent_nanos + st.held_nanos + plan.reserve_nanos
                 self._local.pop(key, None)
         return decision
-
-    async def reserve_with_overdraft(
-        self,
-        plan: Plan,
-        fail_open: bool,
-        now_ms: int,
-        *,
-        session: str = "",
-        orphan: Callable[[Plan], bytes] | None = None,
-        overdraft_nanos: int | None = None,
-        fallback: Callable[[int], Plan | None] | None = None,
-    ) -> tuple[Plan, Decision, bool]:
-        """Reserve; refused at a hard cap, try once more with the overdraft.
-
-        `fallback` gets what is left of the overdraft beyond the cap that refused and
-        returns the (cheaper) plan to reserve instead, or None when nothing fits; `orphan`
-        makes a plan's orphan settlement (see `reserve`). Returns the plan reserved for,
-        the decision, and whether the fallback plan was used.
-        """
-
-        async def hold(p: Plan) -> Decision:
-            ghost = orphan(p) if orphan is not None else b""
-            return await self.reserve(p, fail_open, now_ms, session=session, orphan=ghost)
-
-        decision = await hold(plan)
-        if decision.reason != "budget" or overdraft_nanos is None or fallback is None:
-            return plan, decision, False
-        retry = fallback(overdraft_left(decision, overdraft_nanos))
-        if retry is None:
-            return plan, decision, False
-        retry = with_overdraft(retry, overdraft_nanos)
-        return retry, await hold(retry), True
 
     def _reserve_locally(self, plan: Plan) -> Decision:
         standings = []

@@ -444,6 +444,7 @@ class KeyCache:
         positive_ttl_ms: int = 60_000,
         max_negative: int = 100_000,
         ping_seconds: float = 30.0,
+        on_notice: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.store = store
         self.now_ms = now_ms or store.now_ms
@@ -458,7 +459,7 @@ class KeyCache:
         self._epoch = 0
         self._changed = asyncio.Event()
         # Told of the channel's other notices (top-ups, pauses: see `governance.live`).
-        self.on_notice: Callable[[str, str, str], None] | None = None
+        self.on_notice = on_notice
 
     def get(self, secret: str) -> Lookup:
         """Identity, None (refused) or MISSING (ask `resolve`), with no I/O."""

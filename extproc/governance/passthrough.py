@@ -10,13 +10,13 @@ defaults:            # or per workspace
       images.generations: 6240                            # per image (`n` of them)
 ```
 
-Groups are those of `extproc.wire.paths.GROUPS`. Calls that cost nothing (reads, deletes,
+Groups are those of `extproc.wire.spec.GROUPS`. Calls that cost nothing (reads, deletes,
 moderation) and calls whose answer carries priceable usage are allowed when their group is
 listed. A call that costs money the answer does not state (a batch job, speech synthesis,
 vector-store writes) is allowed only with `allow_unpriced: true`: by default the gateway
 refuses what it cannot bill. Each call allowed is still recorded in the ledger.
 
-Calls priced from their usage (`extproc.wire.priced`) are held against the budget before
+Calls priced from their usage (`extproc.wire.spec.PRICED`) are held against the budget before
 they are forwarded, like metered calls: their counted input plus, since neither endpoint
 has an output cap the provider enforces, `output_ceiling` output tokens per output. A
 model the price table does not know is unpriced too: refused unless `allow_unpriced`.
@@ -30,20 +30,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc.wire.errors import OpenAIError
-from extproc.wire.paths import GROUPS, Passthrough, Pricing
-from extproc.wire.priced import PRICED
+from extproc.wire.spec import GROUPS, PRICED, EndpointSpec, Pricing
 
 FIELDS = ("endpoints", "allow_unpriced", "output_ceiling")
 Ceiling = tuple[tuple[str, int], ...]
 """Output tokens per priced endpoint, as (endpoint, tokens) pairs: hashable, like the policy."""
-DEFAULT_OUTPUT_CEILING: Ceiling = (
-    # A compaction's output (its summary, reasoning included) is not capped by the request;
-    # this holds for a long one, at the output rate of the model named.
-    ("responses.compact", 16_384),
-    # gpt-image-1's largest image (1024x1536 or 1536x1024 at high quality) in image output
-    # tokens: no image of that model costs more.
-    ("images.generations", 6_240),
+DEFAULT_OUTPUT_CEILING: Ceiling = tuple(
+    (name, spec.output_ceiling) for name, spec in PRICED.items() if spec.output_ceiling
 )
+"""Each priced endpoint's own ceiling, as its spec states it."""
 MAX_OUTPUT_CEILING = 2_147_483_647
 
 
@@ -75,18 +70,20 @@ class PassthroughPolicy:
             "unpriced_model_not_allowed",
         )
 
-    def refusal(self, api: Passthrough, name: str) -> OpenAIError | None:
-        """Why this workspace may not call `api`, in OpenAI's shape; None when it may."""
-        if api.group not in self.endpoints:
+    def refusal(self, spec: EndpointSpec) -> OpenAIError | None:
+        """Why this workspace may not call `spec`'s endpoint, in OpenAI's shape; None when
+        it may."""
+        name = spec.name
+        if spec.group not in self.endpoints:
             return OpenAIError(
                 403,
                 f"The {name} endpoint is not enabled for this workspace. Ask your platform "
-                f"team to add '{api.group}' to the workspace's passthrough.endpoints.",
+                f"team to add '{spec.group}' to the workspace's passthrough.endpoints.",
                 "permission_error",
                 None,
                 "endpoint_not_allowed",
             )
-        if api.pricing is Pricing.UNPRICED and not self.allow_unpriced:
+        if spec.pricing is Pricing.UNPRICED and not self.allow_unpriced:
             return OpenAIError(
                 403,
                 f"The {name} endpoint costs money that extproc cannot price from the answer, "

@@ -52,8 +52,7 @@ from extproc.store.schema import (
     workspace_prefix,
 )
 from extproc.v1.ledger_pb2 import UsageRecord
-from extproc.wire.endpoints import ENDPOINTS
-from extproc.wire.priced import PRICED
+from extproc.wire.spec import METERED_BY_NAME, PRICED
 
 RECENT = 20
 SCAN_LIMIT = 2_000
@@ -87,9 +86,6 @@ def plan_for(policy: Policy, identity: Identity, prices: PriceTable, now_ms: int
     return plan_request(
         policy, identity, model="", counted_input=0, output_cap=0, prices=prices, now_ms=now_ms
     )
-
-
-_METERED = frozenset(e.name for e in ENDPOINTS.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +126,7 @@ def typical_request(
     for r in records:
         if not r.counted_input_tokens:
             continue
-        if r.endpoint in _METERED:
+        if r.endpoint in METERED_BY_NAME:
             output = r.output_cap or ws.default_output_cap
         elif r.endpoint in PRICED:
             output = ws.passthrough.held_output(r.endpoint, None)

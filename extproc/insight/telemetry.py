@@ -60,12 +60,6 @@ SCOPE = "extproc"
 DEFAULT_SERVICE_NAME = "extproc"
 PROVIDER = "openai"
 
-OPERATIONS = {
-    "responses": "chat",
-    "chat.completions": "chat",
-    "completions": "text_completion",
-    "embeddings": "embeddings",
-}
 ERROR_OUTCOMES = frozenset({"error", "cut", "failed"})
 TOKEN_KINDS = ("input", "cached_input", "cache_write", "output", "reasoning")
 
@@ -88,6 +82,7 @@ _OFF = frozenset({"off", "false", "0", "no", "disabled"})
 @dataclass(frozen=True, slots=True)
 class RequestTelemetry:
     record: UsageRecord
+    operation: str  # gen_ai.operation.name, from the endpoint's spec ("chat", "embeddings")
     start_ns: int  # time.time_ns() when the request headers arrived
     end_ns: int
     traceparent: str | None
@@ -125,13 +120,9 @@ def verdict(
 # -- what a request looks like as a span: plain functions of the record ---------------------
 
 
-def operation_name(endpoint: str) -> str:
-    return OPERATIONS.get(endpoint, "chat")
-
-
-def span_name(record: UsageRecord) -> str:
-    op = operation_name(record.endpoint)
-    return f"{op} {record.model_requested}" if record.model_requested else op
+def span_name(t: RequestTelemetry) -> str:
+    op, model = t.operation, t.record.model_requested
+    return f"{op} {model}" if model else op
 
 
 def is_error(record: UsageRecord) -> bool:
@@ -158,7 +149,7 @@ def span_attributes(t: RequestTelemetry) -> dict[str, AttributeValue]:
     """GenAI semantic-convention attributes plus ours; no request or response content."""
     r = t.record
     attrs: dict[str, AttributeValue] = {
-        "gen_ai.operation.name": operation_name(r.endpoint),
+        "gen_ai.operation.name": t.operation,
         "gen_ai.provider.name": PROVIDER,
         "gen_ai.system": PROVIDER,
         "gen_ai.request.stream": r.stream,
@@ -469,7 +460,7 @@ class Telemetry:
         assert self._tracer is not None
         record = t.record
         span = self._tracer.start_span(
-            span_name(record),
+            span_name(t),
             context=parent_context(t.traceparent, t.tracestate),
             kind=SpanKind.CLIENT,
             attributes=span_attributes(t),
@@ -498,7 +489,7 @@ class Telemetry:
             m.denials.add(1, ws, t.denial_reason, scope_label(t.denial_scope))
         m.genai.record(
             r,
-            operation=operation_name(endpoint),
+            operation=t.operation,
             provider=PROVIDER,
             duration_s=seconds,
             error_type=error_type(r) if is_error(r) else None,

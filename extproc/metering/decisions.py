@@ -1,17 +1,17 @@
 """Metering decisions as plain functions of data: what to forward, and what to bill.
 
-Nothing here does I/O. `prepare_request` turns a raw request body into what the
-upstream will receive plus the facts we bill by; `settle` turns what was seen of the
-response into exactly one usage record. The stream handler only moves bytes between
-Envoy and these two functions, which keeps the money logic testable without Envoy.
+Nothing here does I/O. `parse_request` turns a raw request body into the facts we bill by
+and the parsed object routing may still rewrite; `finalize` says what body the upstream
+receives; `settle` turns what was seen of the response into exactly one usage record. The
+data plane moves bytes between Envoy and these functions (and builds the HTTP mutations
+that go with a new body), which keeps the money logic testable without Envoy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
-from operator import attrgetter
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from extproc.metering.bill import bill, stamp_versions
 from extproc.metering.prices import PriceTable
@@ -20,6 +20,7 @@ from extproc.wire.billing import NO_TOOL_REQUEST
 from extproc.wire.bodies import decode_body, encode_json, parse_json_object
 from extproc.wire.endpoints import Endpoint, RequestFacts, StreamOutcome, count_input_tokens
 from extproc.wire.errors import OpenAIError
+from extproc.wire.spec import EndpointSpec
 from extproc.wire.usage import ToolCalls, Usage
 
 IDENTITY = ("", "identity")
@@ -29,15 +30,11 @@ IDENTITY = ("", "identity")
 class PreparedRequest:
     facts: RequestFacts
     counted_input_tokens: int
-    # A replacement body and the header changes that go with it; None forwards the original.
-    body: bytes | None = None
-    set_headers: dict[str, str] = field(default_factory=dict)
-    remove_headers: tuple[str, ...] = ()
     # True when we added stream_options.include_usage the client never asked for.
     injected_usage: bool = False
     # The parsed body, kept so routing can still rewrite it before it is serialised.
     parsed: dict[str, Any] | None = field(default=None, repr=False, compare=False)
-    encoded: bool = False
+    encoded: bool = False  # the client compressed it (a new body goes up uncompressed)
 
 
 def parse_request(
@@ -71,37 +68,16 @@ def parse_request(
     return PreparedRequest(facts, counted, injected_usage=injected, parsed=body, encoded=encoded)
 
 
-def finalize(prepared: PreparedRequest, *, rewritten: bool = False) -> PreparedRequest:
-    """The request as it leaves for the upstream.
+def finalize(prepared: PreparedRequest, *, rewritten: bool = False) -> bytes | None:
+    """The body the upstream gets, or None to forward the client's own.
 
     When the body changed (usage reporting switched on, routing rewrote it), it is
     re-serialised from the parsed object and sent uncompressed, so the upstream parses
     exactly the object we counted and priced.
     """
     if not (prepared.injected_usage or rewritten) or prepared.parsed is None:
-        return replace(prepared, parsed=None)
-    new_body = encode_json(prepared.parsed)
-    return replace(
-        prepared,
-        body=new_body,
-        set_headers={"content-length": str(len(new_body))},
-        remove_headers=("content-encoding",) if prepared.encoded else (),
-        parsed=None,
-    )
-
-
-def prepare_request(
-    endpoint: Endpoint,
-    raw: bytes,
-    content_encoding: str,
-    *,
-    max_body_bytes: int,
-    count: Callable[[str, str], int],
-) -> PreparedRequest:
-    """Parse and finalize in one step: the path for requests no policy can reroute."""
-    return finalize(
-        parse_request(endpoint, raw, content_encoding, max_body_bytes=max_body_bytes, count=count)
-    )
+        return None
+    return encode_json(prepared.parsed)
 
 
 @dataclass(slots=True)
@@ -111,7 +87,7 @@ class Observed:
     request_id: str = ""
     envoy_request_id: str = ""
     time_ms: int = 0
-    endpoint: str = ""
+    spec: EndpointSpec | None = None  # None: a path that is no endpoint we know
     session_id: str = ""
     facts: RequestFacts | None = None
     counted_input_tokens: int = 0
@@ -123,6 +99,12 @@ class Observed:
     stream: StreamOutcome | None = None
     rejected: OpenAIError | None = None
     duration_ms: int = 0
+
+    @property
+    def endpoint(self) -> str:
+        """The ledger's name for the endpoint ("unknown" for a path that is none)."""
+        spec = self.spec
+        return spec.name if spec is not None else "unknown"
 
 
 def _outcome(seen: Observed) -> tuple[str, bool]:
@@ -186,25 +168,10 @@ def settle(
             tools=seen.stream.tools_seen if seen.stream else ToolCalls(),
         )
     usage = usage or Usage()
-    if facts is not None and outcome == "completed" and _searches_per_request(seen.endpoint, facts):
-        # Chat Completions search models search once per request; the answer never says so.
+    if facts is not None and outcome == "completed" and _searches_per_request(seen.spec, facts):
+        # A search model searches once per request; the answer never says so.
         usage = replace(usage, tools=replace(usage.tools, web_search=1))
-    record = UsageRecord(
-        request_id=seen.request_id,
-        time_ms=seen.time_ms,
-        endpoint=seen.endpoint,
-        model_requested=requested,
-        model_served=served,
-        stream=bool(facts and facts.stream),
-        status=seen.status,
-        counted_input_tokens=seen.counted_input_tokens,
-        estimated=estimate,
-        outcome=outcome,
-        session_id=utf8_text(seen.session_id),
-        envoy_request_id=seen.envoy_request_id,
-        duration_ms=seen.duration_ms,
-        output_cap=(facts.output_cap or 0) if facts else 0,
-    )
+    record = _record(seen, requested, served, outcome, estimate, seen.status, seen.duration_ms)
     stamp_versions(record, prices)
     error = seen.rejected or (seen.stream.error if seen.stream else None)
     if error is not None:
@@ -214,29 +181,71 @@ def settle(
     return record
 
 
-def _searches_per_request(endpoint: str, facts: RequestFacts) -> bool:
-    return endpoint == "chat.completions" and "web_search_preview" in facts.tools.kinds
+def _record(
+    seen: Observed,
+    requested: str,
+    served: str,
+    outcome: str,
+    estimated: bool,
+    status: int,
+    duration_ms: int,
+) -> UsageRecord:
+    facts = seen.facts
+    return UsageRecord(
+        request_id=seen.request_id,
+        time_ms=seen.time_ms,
+        endpoint=seen.endpoint,
+        model_requested=requested,
+        model_served=served,
+        stream=bool(facts and facts.stream),
+        status=status,
+        counted_input_tokens=seen.counted_input_tokens,
+        estimated=estimated,
+        outcome=outcome,
+        session_id=utf8_text(seen.session_id),
+        envoy_request_id=seen.envoy_request_id,
+        duration_ms=duration_ms,
+        output_cap=(facts.output_cap or 0) if facts else 0,
+    )
 
 
-_OBSERVED = attrgetter(*(f.name for f in fields(Observed)))
-"""Every field of an Observed, in order: a copy through it costs a fifth of `replace`."""
+def _searches_per_request(spec: EndpointSpec | None, facts: RequestFacts) -> bool:
+    return (
+        spec is not None
+        and spec.parts.search_per_request
+        and "web_search_preview" in facts.tools.kinds
+    )
 
 
-def orphaned(seen: Observed, prepared: PreparedRequest, routed_model: str) -> Observed:
-    """The request as it would settle if its sidecar died now: the input we counted, priced
-    for the routed model, no response (so the record is estimated). Made for every hold."""
-    ghost = Observed(*_OBSERVED(seen))
-    ghost.facts = prepared.facts
-    ghost.counted_input_tokens = prepared.counted_input_tokens
-    ghost.routed_model = routed_model
-    ghost.status = 0
-    ghost.response_finished = False
-    ghost.stream = None
-    ghost.usage = None
-    return ghost
+def orphan_record(seen: Observed, routed_model: str, prices: PriceTable) -> UsageRecord:
+    """The record to write if this request's hold expires unsettled (its sidecar died): the
+    input we counted, priced for the routed model, output unknown, so estimated. Made for
+    every hold, before the request is forwarded: what `settle` would make of a request cut
+    before its answer, built straight from the request's facts."""
+    facts = seen.facts
+    requested = utf8_text(facts.model) if facts else ""
+    served = utf8_text(routed_model or requested)
+    record = _record(seen, requested, served, "orphaned", True, status=0, duration_ms=0)
+    stamp_versions(record, prices)
+    if seen.counted_input_tokens:
+        usage = Usage(input_tokens=seen.counted_input_tokens)
+        bill(record, prices, served or "unknown", usage, facts.tools if facts else NO_TOOL_REQUEST)
+    return record
 
 
-def bare_record(seen: Observed) -> UsageRecord:
+class Seen(Protocol):
+    """What any exchange saw of its request, enough for a record when settling failed."""
+
+    request_id: str
+    time_ms: int
+    status: int
+    counted_input_tokens: int
+
+    @property
+    def endpoint(self) -> str: ...
+
+
+def bare_record(seen: Seen) -> UsageRecord:
     """The record written when settling itself failed: one record must land whatever broke,
     marked as such and billed from what was counted."""
     return UsageRecord(

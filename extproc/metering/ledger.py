@@ -142,6 +142,7 @@ class Ledger:
         spool_dir: str | Path = ".data/spool",
         retry_seconds: float = 1.0,
         on_soft_alert: SoftAlert | None = None,
+        on_settled: Callable[[str, str], None] | None = None,
         wait_replicas: int = 0,
     ) -> None:
         self._redis = client
@@ -161,7 +162,7 @@ class Ledger:
         self._registered: set[str] = set()
         # Told (prefix, reservation id) once a settlement is in Redis: its hold is released
         # and no longer needs renewing (see Budgets.renew).
-        self.on_settled: Callable[[str, str], None] | None = None
+        self.on_settled = on_settled
         self._turned = time.monotonic()  # when the writer last went round its loop
         self.written = 0
         self.spooled = 0

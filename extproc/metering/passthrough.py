@@ -1,7 +1,7 @@
 """The usage record of a passthrough call (an OpenAI endpoint other than the metered four).
 
 A pure function of what was seen, like `decisions.settle`. Three pricing rules, chosen per
-endpoint in `extproc.wire.paths`:
+endpoint by its spec (`extproc.wire.spec`):
 
 * free: the call costs nothing at the provider; recorded with cost 0, `price_family: free`.
 * usage: the answer reports token usage (gpt-image-1 generations, Responses compaction);
@@ -31,12 +31,12 @@ from extproc.metering.worstcase import priced_charge
 from extproc.v1.ledger_pb2 import UsageRecord
 from extproc.wire.endpoints import load_json, model_of
 from extproc.wire.errors import OpenAIError
-from extproc.wire.paths import Pricing, Target
+from extproc.wire.paths import Target
 from extproc.wire.priced import final_answer
 from extproc.wire.responses import response_usage
+from extproc.wire.spec import Pricing
 from extproc.wire.usage import Usage
 
-IMAGES_PATH = "/v1/images/"
 FREE_FAMILY = "free"
 UNPRICED_FAMILY = "unpriced"
 
@@ -59,6 +59,11 @@ class PassthroughSeen:
     held: bool = False  # forwarded with a budget hold (so it may have cost money)
     rejected: OpenAIError | None = None  # refused by the sidecar, never forwarded
 
+    @property
+    def endpoint(self) -> str:
+        """The ledger's name for the endpoint called."""
+        return self.target.name
+
 
 def usage_of(answer: Any) -> Usage | None:
     """Token usage in the Responses / Images shape (input_tokens, output_tokens)."""
@@ -77,7 +82,7 @@ def settle_passthrough(seen: PassthroughSeen, prices: PriceTable) -> UsageRecord
     record = UsageRecord(
         request_id=seen.request_id,
         time_ms=seen.time_ms,
-        endpoint=target.name,
+        endpoint=seen.endpoint,
         status=seen.status,
         session_id=seen.session_id,
         envoy_request_id=seen.envoy_request_id,
@@ -87,7 +92,8 @@ def settle_passthrough(seen: PassthroughSeen, prices: PriceTable) -> UsageRecord
         outcome=_outcome(seen),
     )
     stamp_versions(record, prices)
-    pricing = target.api.pricing if target.api is not None else Pricing.FREE
+    spec = target.spec
+    pricing = spec.pricing if spec is not None else Pricing.FREE
     if seen.rejected is not None:
         record.error_code = seen.rejected.code or seen.rejected.type
         pricing = Pricing.FREE
@@ -98,7 +104,8 @@ def settle_passthrough(seen: PassthroughSeen, prices: PriceTable) -> UsageRecord
         return record
     answer = final_answer(seen.response_body) if seen.response_body is not None else None
     usage = usage_of(answer)
-    if usage is not None and target.path.startswith(IMAGES_PATH) and not usage.output_image_tokens:
+    image = spec is not None and spec.parts.output_is_image
+    if usage is not None and image and not usage.output_image_tokens:
         # An image model's output is the image: its output tokens are image tokens.
         usage = replace(usage, output_image_tokens=usage.output_tokens)
     served = (model_of(answer) if isinstance(answer, dict) else None) or seen.request_model

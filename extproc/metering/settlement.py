@@ -1,8 +1,8 @@
 """What the ledger writes for one finished request: the record and where its cost counts.
 
 A pure function of data, beside the ledger that ships it: the data plane decides *which*
-scopes a request is charged to (the same ones its reservation checked, see
-`governance.budget.charged_scopes`), this module adds the scopes every request carries
+scopes a request is charged to, in which workspace's keys (the same ones its reservation
+checked, see `governance.budget.charges_for`), this module adds the scopes every request carries
 (its model, its session) and the clock-derived buckets (period, day, hour), and prices the
 prompt-cache misses the settle script counts.
 """
@@ -14,13 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from extproc.metering.prices import PriceTable
-from extproc.store.schema import (
-    WORKSPACE_SCOPE,
-    model_scope,
-    service_scope,
-    session_scope,
-    workspace_prefix,
-)
+from extproc.store.schema import WORKSPACE_SCOPE, model_scope, service_scope, session_scope
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 
 NO_SOFT_LIMIT = -1
@@ -41,7 +35,8 @@ UNGOVERNED = (Charged(WORKSPACE_SCOPE),)
 
 @dataclass(frozen=True, slots=True)
 class CachePrefix:
-    """The request's cacheable prompt prefix, as fingerprinted before forwarding."""
+    """The request's fingerprints, made before forwarding: its cacheable prompt prefix
+    (for cache hygiene) and the whole request (for the runaway breaker)."""
 
     fingerprint: str  # "" when too short to be cached
     tokens: int
@@ -67,15 +62,17 @@ def settlement_for(
     record: UsageRecord,
     charged: Sequence[Charged],
     *,
+    prefix: str,
     period_id: str,
     local_time: datetime,
     prices: PriceTable,
     reservation_id: str = "",
     attributed: bool = False,
-    prefix: CachePrefix | None = None,
+    cache_prefix: CachePrefix | None = None,
 ) -> Settlement:
     """The settlement of a finished request, its record already attributed and priced.
 
+    `prefix`: the workspace's Redis key prefix, as its plan derived it (never here).
     `attributed`: a key named the caller, so its session and its service's prompt-cache
     counters are kept (unattributed traffic has no service to tell apart).
     """
@@ -83,7 +80,7 @@ def settlement_for(
     # Filled in place (nested constructors copy each submessage once more); this runs
     # twice a request: the orphan carried by the hold, then the settlement itself.
     settlement = Settlement(
-        prefix=workspace_prefix(record.workspace),
+        prefix=prefix,
         reservation_id=reservation_id,
         period=period_id,
         day=day,
@@ -98,14 +95,14 @@ def settlement_for(
     if record.session_id and attributed:
         add(scope=session_scope(record.key_id, record.session_id), soft_nanos=NO_SOFT_LIMIT)
     settlement.record.CopyFrom(record)
-    if prefix is not None and attributed:
+    if cache_prefix is not None and attributed:
         # On the record: the runaway breaker reads repeats from the ledger it watches.
-        settlement.record.request_fingerprint = prefix.request
+        settlement.record.request_fingerprint = cache_prefix.request
     if attributed and record.input_tokens:
         settlement.hygiene_scope = service_scope(record.service)
-        if prefix is not None and prefix.fingerprint and not record.estimated:
-            settlement.prefix_fingerprint = prefix.fingerprint
-            settlement.prefix_tokens = prefix.tokens
+        if cache_prefix is not None and cache_prefix.fingerprint and not record.estimated:
+            settlement.prefix_fingerprint = cache_prefix.fingerprint
+            settlement.prefix_tokens = cache_prefix.tokens
             settlement.miss_nanos_per_token = prices.miss_nanos_per_token(
                 record.model_served or "unknown"
             )

@@ -60,24 +60,20 @@ from extproc.governance.policy import (
 from extproc.metering.prices import usd
 from extproc.wire.endpoints import RequestFacts
 from extproc.wire.errors import OpenAIError
+from extproc.wire.spec import EndpointSpec, metered
 
 BUDGET_LEVELS = ("ok", "soft", "hard")
 ASSUMED_EFFORT = "medium"
 DOWNGRADE_STEPS = frozenset({"degrade", "overdraft", "context"})
 STEP_KINDS = ("alias", "rule", "ceiling", "allowed", "context", "degrade", "overdraft")
 _EFFORT_RANK = {effort: rank for rank, effort in enumerate(EFFORTS)}
-_EFFORT_ENDPOINTS = frozenset({"responses", "chat.completions"})
-_CACHE_KEY_ENDPOINTS = _EFFORT_ENDPOINTS
-_NO_OUTPUT_ENDPOINTS = frozenset({"embeddings"})
-# Where a chat model cannot stand in for the one requested (default_model, overdraft).
-_NO_STAND_IN_ENDPOINTS = frozenset({"embeddings"})
 
 
 @dataclass(frozen=True, slots=True)
 class Traits:
     """What rules match on: the request as the caller sent it, and who sent it."""
 
-    endpoint: str  # "responses", "chat.completions", "completions", "embeddings"
+    endpoint: str  # a metered endpoint's name (`wire.spec.METERED_NAMES`)
     workspace: str
     team: str | None
     service: str
@@ -345,6 +341,7 @@ class _Route:
     routing: Routing
     settings: RoutingSettings
     traits: Traits
+    spec: EndpointSpec
     budget: BudgetState
     session_input_tokens: int
     scope: str
@@ -450,7 +447,7 @@ def _apply(r: _Route, index: int, rule: Rule) -> None:
         did.append(f"model {r.model} -> {to_model}")
     if changes.reasoning_effort is not None:
         cap = changes.reasoning_effort
-        if traits.endpoint not in _EFFORT_ENDPOINTS:
+        if not r.spec.takes_effort:
             did.append(f"reasoning_effort cap {cap} does not apply to {traits.endpoint}")
         else:
             r.effort = capped_effort(traits.reasoning_effort, cap)
@@ -461,7 +458,7 @@ def _apply(r: _Route, index: int, rule: Rule) -> None:
                 did.append(f"reasoning_effort {asked} -> {cap}")
     if changes.max_output_tokens is not None:
         cap_n = changes.max_output_tokens
-        if traits.endpoint in _NO_OUTPUT_ENDPOINTS:
+        if not r.spec.takes_output_cap:
             did.append(f"max_output_tokens cap does not apply to {traits.endpoint}")
         else:
             r.output = capped_output(traits.output_cap, cap_n)
@@ -500,7 +497,7 @@ def _ceiling_and_allowed(r: _Route) -> None:
         return
     allowed = ", ".join(s.allowed_models or ())
     why = f"{r.model} is not in allowed_models of {r.scope} ({allowed})"
-    if r.traits.endpoint in _NO_STAND_IN_ENDPOINTS:
+    if not r.spec.stand_in:
         why += f"; default_model cannot stand in on {r.traits.endpoint}"
     elif s.default_model is not None and s.allows(s.default_model):
         r.move("allowed", s.default_model, f"{why}; serving default_model {s.default_model}")
@@ -576,7 +573,7 @@ def _budget(r: _Route) -> None:
         r.move("degrade", cheaper, f"past the soft limit: one ladder rung down from {r.model}")
     elif level == "hard":
         od, left = s.overdraft, r.budget.overdraft_left_nanos
-        if od is not None and left > 0 and r.traits.endpoint not in _NO_STAND_IN_ENDPOINTS:
+        if od is not None and left > 0 and r.spec.stand_in:
             why = (
                 f"at the hard limit: only the overdraft model {od.model} is served "
                 f"({usd(left, sign=True)} of the {usd(od.nanos, sign=True)} overdraft left)"
@@ -597,7 +594,7 @@ def _budget(r: _Route) -> None:
 def _prompt_cache(r: _Route) -> None:
     if (
         r.settings.inject_prompt_cache_key
-        and r.traits.endpoint in _CACHE_KEY_ENDPOINTS
+        and r.spec.prompt_cache_key
         and not r.traits.has_prompt_cache_key
     ):
         r.inject = True
@@ -621,6 +618,7 @@ def decide_route(
         routing=policy.routing,
         settings=policy.routing_for(identity.workspace, identity.service),
         traits=traits,
+        spec=metered(traits.endpoint),
         budget=budget or BudgetState(),
         session_input_tokens=session_input_tokens,
         scope=f"{identity.workspace}/{identity.service}",

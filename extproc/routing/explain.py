@@ -25,6 +25,7 @@ from extproc.routing.decide import (
     decide_route,
     rule_mismatch,
 )
+from extproc.wire.spec import DEFAULT_METERED, METERED_NAMES
 
 
 def sample_request(
@@ -57,8 +58,11 @@ def sample_request(
     else:
         left = int(Decimal(str(left_usd)) * NANOS_PER_DOLLAR)
     task = sample.get("task")
+    endpoint = str(sample.get("endpoint") or DEFAULT_METERED)
+    if endpoint not in METERED_NAMES:
+        raise ValueError(f"endpoint must be one of {', '.join(METERED_NAMES)}, got {endpoint!r}")
     traits = Traits(
-        endpoint=str(sample.get("endpoint") or "responses"),
+        endpoint=endpoint,
         workspace=workspace,
         team=svc.team,
         service=service,

@@ -2,7 +2,8 @@
 
 Pure functions and small stateful parsers, no I/O: the ext_proc stream handler calls
 them for each phase of a request. `common` is what every endpoint shares, one module
-per endpoint builds on it, and `endpoints` is the table of them.
+per endpoint reads its bodies, `spec` holds every fact about every endpoint (the only
+place their names and paths are spelled), and `paths` says which one a request is for.
 
 Imports nothing else of extproc: every other package builds on it.
 """
@@ -17,7 +18,6 @@ from extproc.wire.endpoints import (
     StreamMeter,
     StreamOutcome,
     count_input_tokens,
-    endpoint_for,
 )
 from extproc.wire.errors import OpenAIError
 from extproc.wire.sse import SSEEvent, SSEParser
@@ -35,6 +35,5 @@ __all__ = [
     "count_input_tokens",
     "decode_body",
     "encode_json",
-    "endpoint_for",
     "parse_json_object",
 ]

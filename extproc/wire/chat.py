@@ -167,9 +167,6 @@ class ChoicesMeter(SSEMeter):
 
 
 class ChatCompletions:
-    name = "chat.completions"
-    path = "/v1/chat/completions"
-
     def facts(self, body: dict[str, Any]) -> RequestFacts:
         model = require_model(body)
         stream = optional_bool(body, "stream")

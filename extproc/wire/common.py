@@ -63,8 +63,8 @@ class StreamMeter(Protocol):
 
 
 class Endpoint(Protocol):
-    name: str
-    path: str
+    """How one endpoint's bodies are read: the endpoint's own module implements it, and its
+    spec (`extproc.wire.spec`) holds everything else about it."""
 
     def facts(self, body: dict[str, Any]) -> RequestFacts: ...
 

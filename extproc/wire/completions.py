@@ -32,9 +32,6 @@ def _text_delta(choice: dict[str, Any], out: list[str]) -> None:
 
 
 class Completions:
-    name = "completions"
-    path = "/v1/completions"
-
     def facts(self, body: dict[str, Any]) -> RequestFacts:
         model = require_model(body)
         stream = optional_bool(body, "stream")

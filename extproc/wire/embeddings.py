@@ -19,9 +19,6 @@ from extproc.wire.usage import Usage
 
 
 class Embeddings:
-    name = "embeddings"
-    path = "/v1/embeddings"
-
     def facts(self, body: dict[str, Any]) -> RequestFacts:
         model = require_model(body)
         check_prompt_like(body, "input", required=True)

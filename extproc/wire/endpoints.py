@@ -1,7 +1,8 @@
-"""The table of metered OpenAI endpoints: which module answers which path.
+"""The readers of the metered endpoints by path, and the helpers every endpoint shares.
 
-The shared protocol and helpers live in `common` (re-exported here for callers), so the
-endpoint modules never import this table and it can import them plainly.
+The shared protocol and helpers live in `common` (re-exported here for callers); the facts
+about each endpoint, its reader included, live in its spec (`extproc.wire.spec`), and
+`ENDPOINTS` is that table's view by path.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from extproc.wire.chat import ChatCompletions
 from extproc.wire.common import (
     INT32_MAX,
     MAX_CHOICES,
@@ -36,9 +36,7 @@ from extproc.wire.common import (
     token_array_length,
     wrong_type,
 )
-from extproc.wire.completions import Completions
-from extproc.wire.embeddings import Embeddings
-from extproc.wire.responses import Responses
+from extproc.wire.spec import METERED
 
 __all__ = [
     "ENDPOINTS",
@@ -54,7 +52,6 @@ __all__ = [
     "choices_of",
     "compact_json",
     "count_input_tokens",
-    "endpoint_for",
     "load_json",
     "missing",
     "model_of",
@@ -70,16 +67,7 @@ __all__ = [
     "wrong_type",
 ]
 
-ENDPOINTS: dict[str, Endpoint] = {
-    e.path: e for e in (Responses(), ChatCompletions(), Completions(), Embeddings())
-}
-
-
-def endpoint_for(method: str, path: str) -> Endpoint | None:
-    if method != "POST":
-        return None
-    query = path.find("?")
-    return ENDPOINTS.get(path if query < 0 else path[:query])
+ENDPOINTS: dict[str, Endpoint] = {s.path: s.reader for s in METERED if s.reader is not None}
 
 
 def count_input_tokens(

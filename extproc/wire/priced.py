@@ -38,9 +38,6 @@ class _PricedPassthrough:
     """What the two priced passthrough endpoints share: no stream to meter, usage as
     the Responses API reports it, and nothing rewritten on the way up."""
 
-    name: str
-    path: str
-
     def prepare_upstream(self, body: dict[str, Any], facts: RequestFacts) -> bool:
         return False
 
@@ -57,8 +54,6 @@ class _PricedPassthrough:
 class Compact(_PricedPassthrough):
     """`POST /v1/responses/compact`: a Responses-shaped input, counted like one."""
 
-    name = "responses.compact"
-    path = "/v1/responses/compact"
     _input = Responses()
 
     def facts(self, body: dict[str, Any]) -> RequestFacts:
@@ -87,9 +82,6 @@ class Compact(_PricedPassthrough):
 
 class ImageGenerations(_PricedPassthrough):
     """`POST /v1/images/generations`: a text prompt in, `n` images out (image tokens)."""
-
-    name = "images.generations"
-    path = "/v1/images/generations"
 
     def facts(self, body: dict[str, Any]) -> RequestFacts:
         model = body.get("model", IMAGES_DEFAULT_MODEL)
@@ -141,7 +133,3 @@ def final_answer(body: bytes) -> Any:
         if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
             last = payload
     return last
-
-
-PRICED: dict[str, Compact | ImageGenerations] = {e.name: e for e in (Compact(), ImageGenerations())}
-"""The priced passthrough endpoints by their ledger name."""

@@ -166,9 +166,6 @@ class ResponsesMeter(SSEMeter):
 
 
 class Responses:
-    name = "responses"
-    path = "/v1/responses"
-
     def facts(self, body: dict[str, Any]) -> RequestFacts:
         model = require_model(body)
         stream = optional_bool(body, "stream")

@@ -20,6 +20,7 @@ from extproc.governance.passthrough import PassthroughPolicy
 from extproc.governance.pricing import DEFAULT as DEFAULT_PRICING
 from extproc.governance.pricing import PricingPolicy
 from extproc.metering.prices import NANOS_PER_DOLLAR
+from extproc.wire.spec import METERED_NAMES
 
 VERSION = 1
 MEMO_ENTRIES = 4096
@@ -86,7 +87,7 @@ _DATED_SNAPSHOT = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 # Model ids as OpenAI spells them, fine-tunes included ("ft:gpt-4.1-mini:acme::abc123").
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # cheapest first
-ENDPOINT_NAMES = ("responses", "chat.completions", "completions", "embeddings")
+ENDPOINT_NAMES = METERED_NAMES  # what a routing rule's `endpoint` condition may name
 CONTEXT_ACTIONS = ("reject", "downgrade")
 DEFAULT_MODEL = "default"  # the model name that means "this caller's default_model"
 _ROUTING_FIELDS = ("aliases", "tiers", "ladder", "rules", "upstream_routes")

@@ -19,6 +19,7 @@ from extproc.metering.prices import PriceTable
 from extproc.v1.ledger_pb2 import UsageRecord
 from extproc.wire.endpoints import ENDPOINTS, INT32_MAX, RequestFacts
 from extproc.wire.errors import OpenAIError
+from extproc.wire.spec import RESPONSES as RESPONSES_SPEC
 from extproc.wire.usage import Usage
 
 CHAT = ENDPOINTS["/v1/chat/completions"]
@@ -188,7 +189,7 @@ def test_utf8_text_replaces_lone_surrogates() -> None:
 
 def test_a_record_settles_whatever_the_model_name() -> None:
     facts = RequestFacts("gpt\udfff-5", False, 2**31 - 1, None, None, None, False)
-    seen = Observed(request_id="r1", endpoint="responses", facts=facts, session_id="pck:\ud800")
+    seen = Observed(request_id="r1", spec=RESPONSES_SPEC, facts=facts, session_id="pck:\ud800")
     seen.status, seen.response_finished = 200, True
     seen.usage = Usage(input_tokens=3, output_tokens=4)
     record = settle(seen, PRICES, lambda text, model: 0)

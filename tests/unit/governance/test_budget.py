@@ -106,6 +106,7 @@ def settlement(
     return settlement_for(
         record,
         [Charged(s.scope, s.soft_nanos) for s in p.scopes],
+        prefix=p.prefix,
         period_id=p.period.id,
         local_time=datetime.fromtimestamp(now_ms / 1000, POLICY.timezone),
         prices=PRICES,
@@ -353,38 +354,6 @@ def test_spend_of_one_month_does_not_count_against_the_next(
     assert after.standings[0].spent_nanos == 0
     assert nanos(r, "{ws:dev}:held:2026-12", "ws") == R
     assert nanos(r, "{ws:dev}:held:2026-11", "ws") == 0
-
-
-def test_at_the_hard_cap_the_overdraft_admits_only_what_fits_beyond_it(
-    r: redis.Redis, redis_url: str, tmp_path: Path
-) -> None:
-    p = plan(who("dev", "cli"))
-    cheap = plan(who("dev", "cli"), model="gpt-4o-mini", counted=10, cap=10)
-    overdraft = cheap.reserve_nanos * 3 // 2  # room for one cheap request past the cap
-    offered: list[int] = []
-
-    def fallback(left: int) -> Plan | None:
-        offered.append(left)
-        return cheap if cheap.reserve_nanos <= left else None
-
-    async def body(books: Books) -> list[tuple[Plan, Decision, bool]]:
-        full = Decision(True, "ok")  # spent straight up to the hard cap
-        await books.settle(settlement(p, full, 10 * R, "filled"))
-        out = []
-        for _ in range(3):
-            out.append(
-                await books.budgets.reserve_with_overdraft(
-                    p, False, NOV_10, overdraft_nanos=overdraft, fallback=fallback
-                )
-            )
-        return out
-
-    first, second, third = run(redis_url, tmp_path, body)
-    assert first[1].allowed and first[2] and first[0].scopes[0].hard_nanos == 10 * R + overdraft
-    assert (second[1].allowed, second[2]) == (False, False)  # what is left no longer fits
-    assert (third[1].allowed, third[2]) == (False, False)
-    assert offered == [overdraft, overdraft - cheap.reserve_nanos, overdraft - cheap.reserve_nanos]
-    assert nanos(r, "{ws:dev}:held:2026-11", "ws") == cheap.reserve_nanos
 
 
 def test_a_revoked_key_is_refused_and_holds_nothing(

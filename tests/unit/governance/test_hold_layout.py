@@ -83,12 +83,13 @@ def settlement(
     return settlement_for(
         record,
         [Charged(s.scope, s.soft_nanos) for s in p.scopes],
+        prefix=p.prefix,
         period_id=p.period.id,
         local_time=datetime.fromtimestamp(NOW / 1000, POLICY.timezone),
         prices=PRICES,
         reservation_id=rid,
         attributed=True,
-        prefix=prefix,
+        cache_prefix=prefix,
     )
 
 

@@ -86,8 +86,9 @@ def test_a_paused_refusal_is_its_own_denial_reason_and_a_grant_shows_on_the_span
         "denied", "paused")  # fmt: skip
     bad = UsageRecord(outcome="rejected", error_code="invalid_json", status=400)
     assert verdict(bad, rejected=True, denial_reason=None, downgraded=False)[1] == "bad_request"
-    t = RequestTelemetry(UsageRecord(endpoint="responses", outcome="completed"), 1, 2, None,
-                         None, "allowed", None, None, None, 0, topup_nanos=20 * B)  # fmt: skip
+    record = UsageRecord(endpoint="responses", outcome="completed")
+    t = RequestTelemetry(record, "responses", 1, 2, None, None, "allowed", None, None, None, 0,
+                         topup_nanos=20 * B)  # fmt: skip
     assert span_attributes(t)["extproc.topup_usd"] == 20.0
 
 

@@ -18,8 +18,8 @@ from extproc.governance.pauses import Pause, PauseStore
 from extproc.governance.policy import parse_policy_text
 from extproc.governance.topups import TopupStore, new_request
 from extproc.insight.alerts import Alert
-from extproc.insight.cachehygiene import prefix_of
 from extproc.insight.runaway import RunawayWatch, baseline_hours
+from extproc.metering.cacheprefix import prefix_of
 from extproc.metering.tokens import count_text
 from extproc.store.schema import (
     AUDIT,
@@ -29,7 +29,7 @@ from extproc.store.schema import (
     paused_key,
     workspace_prefix,
 )
-from extproc.wire.endpoints import ENDPOINTS
+from extproc.wire.spec import CHAT
 from tests.conftest import run_with_redis
 from tests.traffic import record, runaway_loop
 
@@ -76,7 +76,7 @@ def _write_loop(r: redis.Redis, key_id: str, service: str, count: int, t0_ms: in
 
 
 def test_the_request_fingerprint_tells_copies_from_look_alikes() -> None:
-    chat = ENDPOINTS["/v1/chat/completions"]
+    chat = CHAT
     count = lambda t: count_text(t, "gpt-4o-mini")  # noqa: E731
     words = " ".join(["word"] * 1500)
     one = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": words + " a"}]}
@@ -218,8 +218,7 @@ def test_the_live_cache_follows_notices_and_builds_refusals(redis_url: str, r: r
         keys = KeyStore(client)
         from extproc.governance.keys import KeyCache
 
-        cache = KeyCache(keys)
-        cache.on_notice = live.on_notice
+        cache = KeyCache(keys, on_notice=live.on_notice)
         tasks = [asyncio.ensure_future(cache.run()), asyncio.ensure_future(live.run())]
         try:
             await asyncio.wait_for(cache.ready.wait(), 10)

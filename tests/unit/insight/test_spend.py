@@ -287,6 +287,7 @@ def settled(p: Plan, cost: int, request_id: str, now_ms: int) -> Settlement:
     return settlement_for(
         record,
         [Charged(s.scope, s.soft_nanos) for s in p.scopes],
+        prefix=p.prefix,
         period_id=p.period.id,
         local_time=datetime.fromtimestamp(now_ms / 1000, BERLIN),
         prices=PriceTable.load(),

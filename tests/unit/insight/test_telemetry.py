@@ -22,6 +22,7 @@ from extproc.devstack.stack import free_port
 from extproc.insight.telemetry import RequestTelemetry, Telemetry, prometheus_address
 from extproc.settings import ConfigError
 from extproc.v1.ledger_pb2 import UsageRecord
+from extproc.wire.spec import PASSTHROUGH, metered
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"
@@ -56,8 +57,10 @@ def record(**fields: Any) -> UsageRecord:
 
 
 def observed(rec: UsageRecord | None = None, **fields: Any) -> RequestTelemetry:
+    rec = rec or record()
     base: dict[str, Any] = {
-        "record": rec or record(),
+        "record": rec,
+        "operation": fields.get("operation") or metered(rec.endpoint).operation,
         "start_ns": START_NS,
         "end_ns": START_NS + 2_500_000_000,
         "traceparent": TRACEPARENT,
@@ -226,6 +229,16 @@ def test_span_name_is_operation_then_model(
     span = harness.span()
     assert span.name == name
     assert (span.attributes or {})["gen_ai.operation.name"] == name.split()[0]
+
+
+def test_a_passthrough_call_is_named_by_its_own_operation_not_chat(harness: Harness) -> None:
+    """Regression: every endpoint but the metered four used to be reported as "chat"."""
+    files = next(s for s in PASSTHROUGH if s.name == "files")
+    rec = record(endpoint=files.name, model_requested="")
+    harness.telemetry.observe(observed(rec, operation=files.operation))
+    span = harness.span()
+    assert span.name == "files"
+    assert (span.attributes or {})["gen_ai.operation.name"] == "files"
 
 
 @pytest.mark.parametrize("traceparent", [None, "", "00-not-a-trace-01"])

@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from extproc.metering.decisions import Observed, prepare_request, settle
+from extproc.metering.decisions import Observed, finalize, orphan_record, parse_request, settle
 from extproc.metering.prices import PriceTable
 from extproc.metering.tokens import count_text
+from extproc.wire import spec
 from extproc.wire.endpoints import ENDPOINTS, StreamOutcome
 from extproc.wire.errors import OpenAIError
 from extproc.wire.usage import Usage
@@ -23,7 +24,7 @@ def observed(**kw: object) -> Observed:
     facts = RESPONSES.facts({"model": "gpt-5", "input": "hi", "stream": True})
     base = {
         "request_id": "r1",
-        "endpoint": "responses",
+        "spec": spec.RESPONSES,
         "facts": facts,
         "counted_input_tokens": 100,
     }
@@ -120,13 +121,12 @@ def count(text: str, model: str) -> int:
 def test_prepare_request_injects_usage_for_chat_streams() -> None:
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     raw = gzip.compress(json.dumps(body).encode())
-    prepared = prepare_request(CHAT, raw, "gzip", max_body_bytes=1 << 20, count=count)
-    assert prepared.injected_usage
-    assert prepared.body is not None
-    sent = json.loads(prepared.body)
+    prepared = parse_request(CHAT, raw, "gzip", max_body_bytes=1 << 20, count=count)
+    assert prepared.injected_usage and prepared.encoded
+    sent_body = finalize(prepared)
+    assert sent_body is not None
+    sent = json.loads(sent_body)
     assert sent["stream_options"] == {"include_usage": True}
-    assert prepared.remove_headers == ("content-encoding",)
-    assert prepared.set_headers["content-length"] == str(len(prepared.body))
     assert (
         prepared.counted_input_tokens
         == count_text("hi", "gpt-4o") + count_text("user", "gpt-4o") + 6
@@ -142,16 +142,33 @@ def test_prepare_request_leaves_body_alone_when_nothing_to_change() -> None:
             "stream_options": {"include_usage": True},
         }
     )
-    prepared = prepare_request(CHAT, body.encode(), "", max_body_bytes=1 << 20, count=count)
-    assert prepared.body is None
+    prepared = parse_request(CHAT, body.encode(), "", max_body_bytes=1 << 20, count=count)
+    assert finalize(prepared) is None
     assert not prepared.injected_usage
+    assert finalize(prepared, rewritten=True) is not None  # routing changed it: re-serialised
 
 
 def test_prepare_request_limits() -> None:
     with pytest.raises(OpenAIError) as info:
-        prepare_request(RESPONSES, b"x" * 2000, "", max_body_bytes=1000, count=count)
+        parse_request(RESPONSES, b"x" * 2000, "", max_body_bytes=1000, count=count)
     assert info.value.status == 413
     bomb = gzip.compress(b"{" + b" " * 5000 + b"}")
     with pytest.raises(OpenAIError) as info:
-        prepare_request(RESPONSES, bomb, "gzip", max_body_bytes=1000, count=count)
+        parse_request(RESPONSES, bomb, "gzip", max_body_bytes=1000, count=count)
     assert info.value.status == 413
+
+
+def test_the_orphan_record_is_what_settle_makes_of_a_request_cut_before_its_answer() -> None:
+    """The orphan is built straight from the request's facts, with no copy of what was seen:
+    it must be exactly `settle`'s record of the same request cut before any answer, routed
+    to the model the hold was made for, but for its outcome."""
+    facts = RESPONSES.facts(
+        {"model": "gpt-5", "input": "hi", "stream": True, "max_output_tokens": 99}
+    )
+    request = {"facts": facts, "session_id": "sess", "envoy_request_id": "env-1", "time_ms": 1234}
+    orphan = orphan_record(observed(**request), "gpt-5-mini", PRICES)
+    cut = settle(observed(**request, routed_model="gpt-5-mini"), PRICES, count_text)
+    assert (cut.outcome, orphan.outcome) == ("client_gone", "orphaned")
+    cut.outcome = "orphaned"
+    assert orphan == cut
+    assert orphan.estimated and orphan.cost_nanos == PRICES.charge("gpt-5-mini", Usage(100)).nanos

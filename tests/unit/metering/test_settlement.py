@@ -33,6 +33,7 @@ def test_charges_the_given_scopes_then_model_and_session() -> None:
     s = settlement_for(
         record(),
         [Charged("ws", 75), Charged("key:k1")],
+        prefix=workspace_prefix("dev"),
         period_id="2026-11",
         local_time=LATE,
         prices=PRICES,
@@ -54,10 +55,11 @@ def test_unattributed_traffic_has_no_session_or_cache_counters() -> None:
     s = settlement_for(
         record(workspace=""),
         UNGOVERNED,
+        prefix=workspace_prefix(""),
         period_id="2026-11",
         local_time=LATE,
         prices=PRICES,
-        prefix=CachePrefix("fp", 1500),
+        cache_prefix=CachePrefix("fp", 1500),
     )
     assert [c.scope for c in s.scopes] == ["ws", model_scope("gpt-4o-mini-2024-07-18")]
     assert s.prefix == workspace_prefix("") and s.hygiene_scope == ""
@@ -67,11 +69,12 @@ def test_a_cacheable_prefix_is_priced_at_the_served_models_miss_rate() -> None:
     s = settlement_for(
         record(),
         UNGOVERNED,
+        prefix=workspace_prefix("dev"),
         period_id="2026-11",
         local_time=LATE,
         prices=PRICES,
         attributed=True,
-        prefix=CachePrefix("fp", 1500),
+        cache_prefix=CachePrefix("fp", 1500),
     )
     price, known = PRICES.price_for("gpt-4o-mini-2024-07-18")
     assert known
@@ -81,10 +84,11 @@ def test_a_cacheable_prefix_is_priced_at_the_served_models_miss_rate() -> None:
     estimated = settlement_for(
         record(estimated=True),
         UNGOVERNED,
+        prefix=workspace_prefix("dev"),
         period_id="2026-11",
         local_time=LATE,
         prices=PRICES,
         attributed=True,
-        prefix=CachePrefix("fp", 1500),
+        cache_prefix=CachePrefix("fp", 1500),
     )
     assert estimated.prefix_fingerprint == ""  # estimated usage says nothing about the cache

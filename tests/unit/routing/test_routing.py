@@ -34,7 +34,8 @@ from extproc.routing.decide import (
     traits_for,
 )
 from extproc.routing.explain import explain
-from extproc.wire.endpoints import ENDPOINTS, RequestFacts
+from extproc.wire.endpoints import RequestFacts
+from extproc.wire.spec import METERED
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "policy.yaml"
@@ -650,7 +651,7 @@ def test_routing_vocabulary_is_parsed() -> None:
 
 
 def test_endpoint_names_match_the_metered_endpoints() -> None:
-    assert set(ENDPOINT_NAMES) == {e.name for e in ENDPOINTS.values()}
+    assert set(ENDPOINT_NAMES) == {s.name for s in METERED}
 
 
 R = "routing"

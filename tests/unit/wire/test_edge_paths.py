@@ -13,7 +13,9 @@ from extproc.governance.passthrough import DEFAULT, parse_passthrough
 from extproc.governance.policy import PolicyError, parse_policy
 from extproc.metering.passthrough import PassthroughSeen, settle_passthrough
 from extproc.metering.prices import PriceTable
-from extproc.wire.paths import GROUPS, Kind, canonical_path, classify
+from extproc.wire import paths
+from extproc.wire.paths import Kind, canonical_path, classify
+from extproc.wire.spec import GROUPS
 
 PRICES = PriceTable.load()
 
@@ -108,13 +110,13 @@ def test_passthrough_policy_defaults_and_validation() -> None:
 def test_passthrough_refusals() -> None:
     files = classify("GET", "/v1/files")
     batch = classify("POST", "/v1/batches")
-    assert files.api is not None and batch.api is not None
-    assert DEFAULT.refusal(files.api, files.name) is None
-    refused = DEFAULT.refusal(batch.api, batch.name)
+    assert files.spec is not None and batch.spec is not None
+    assert DEFAULT.refusal(files.spec) is None
+    refused = DEFAULT.refusal(batch.spec)
     assert refused is not None and refused.code == "unpriced_endpoint_not_allowed"
     narrow, _ = _parse({"endpoints": ["batches"], "allow_unpriced": True})
-    assert narrow.refusal(batch.api, batch.name) is None
-    denied = narrow.refusal(files.api, files.name)
+    assert narrow.refusal(batch.spec) is None
+    denied = narrow.refusal(files.spec)
     assert denied is not None and (denied.status, denied.code) == (403, "endpoint_not_allowed")
 
 
@@ -201,3 +203,16 @@ def test_passthrough_records() -> None:
         PRICES,
     )
     assert (edited.price_family, edited.cost_nanos) == ("unpriced", 0)
+
+
+def test_classify_remembers_answers_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pure function asked on every request: its answers are kept, never past the bound
+    (paths with ids, or a flood of odd ones, cost memory only up to it)."""
+    monkeypatch.setattr(paths, "_SEEN", {})
+    monkeypatch.setattr(paths, "_SEEN_MAX", 3)
+    first = classify("POST", "/v1/responses/")
+    assert classify("POST", "/v1/responses/") is first  # remembered
+    assert first == paths._classify("POST", "/v1/responses/")  # the same answer, computed
+    for i in range(10):
+        assert classify("GET", f"/v1/files/file-{i}").name == "files"
+        assert len(paths._SEEN) <= 3

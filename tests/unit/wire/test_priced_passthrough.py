@@ -20,8 +20,9 @@ from extproc.metering.prices import PriceTable
 from extproc.metering.tokens import count_text
 from extproc.wire.endpoints import ENDPOINTS
 from extproc.wire.errors import OpenAIError
-from extproc.wire.paths import PASSTHROUGH, Pricing, classify
-from extproc.wire.priced import IMAGES_DEFAULT_MODEL, PRICED
+from extproc.wire.paths import classify
+from extproc.wire.priced import IMAGES_DEFAULT_MODEL
+from extproc.wire.spec import PASSTHROUGH, PRICED, Pricing
 from extproc.wire.usage import Usage
 
 PRICES = PriceTable.load()
@@ -29,15 +30,18 @@ PRICES = PriceTable.load()
 
 def prepare(name: str, body: dict[str, Any]) -> Any:
     raw = json.dumps(body).encode()
-    return parse_request(PRICED[name], raw, "", max_body_bytes=1 << 20, count=count_text)
+    reader = PRICED[name].reader
+    assert reader is not None
+    return parse_request(reader, raw, "", max_body_bytes=1 << 20, count=count_text)
 
 
 def test_every_usage_priced_endpoint_has_a_spec_and_only_those() -> None:
-    for api in PASSTHROUGH:
-        assert (api.spec is not None) is (api.pricing is Pricing.USAGE), api
+    for spec in PASSTHROUGH:
+        assert (spec.reader is not None) is (spec.pricing is Pricing.USAGE), spec
+        assert (spec.output_ceiling is not None) is (spec.pricing is Pricing.USAGE), spec
     for name, spec in PRICED.items():
         target = classify("POST", spec.path)
-        assert target.name == name and target.api is not None and target.api.spec is spec
+        assert target.name == name and target.spec is spec
 
 
 def test_compact_input_is_counted_as_the_responses_endpoint_counts_it() -> None:

@@ -14,9 +14,10 @@ from extproc.wire.endpoints import (
     RequestFacts,
     StreamOutcome,
     count_input_tokens,
-    endpoint_for,
 )
 from extproc.wire.errors import OpenAIError
+from extproc.wire.paths import Kind, classify
+from extproc.wire.spec import METERED
 from extproc.wire.usage import Usage
 
 RESPONSES = ENDPOINTS["/v1/responses"]
@@ -183,13 +184,13 @@ def chat_body() -> dict[str, Any]:
 
 
 def test_endpoint_table() -> None:
-    assert {e.name for e in ENDPOINTS.values()} == {
+    assert {s.name for s in METERED} == {
         "responses",
         "chat.completions",
         "completions",
         "embeddings",
     }
-    assert all(path == e.path for path, e in ENDPOINTS.items())
+    assert {s.path: s.reader for s in METERED} == ENDPOINTS
 
 
 @pytest.mark.parametrize(
@@ -203,13 +204,13 @@ def test_endpoint_table() -> None:
         ("GET", "/v1/responses", None),
         ("post", "/v1/responses", None),
         ("POST", "/v1/responses/resp_1", None),
-        ("POST", "/v1/responses/", None),
+        ("POST", "/v1/responses/", "responses"),  # the same resource, canonically
         ("POST", "/v1/models", None),
     ],
 )
-def test_endpoint_for(method: str, path: str, name: str | None) -> None:
-    found = endpoint_for(method, path)
-    assert (found.name if found else None) == name
+def test_metered_paths(method: str, path: str, name: str | None) -> None:
+    target = classify(method, path)
+    assert (target.name if target.kind is Kind.METERED else None) == name
 
 
 # --- facts and validation -----------------------------------------------------------
@@ -254,7 +255,7 @@ def _rejects(endpoint: Endpoint, body: dict[str, Any]) -> OpenAIError:
     return err
 
 
-@pytest.mark.parametrize("endpoint", list(ENDPOINTS.values()), ids=lambda e: e.name)
+@pytest.mark.parametrize("endpoint", list(ENDPOINTS.values()), ids=lambda e: type(e).__name__)
 @pytest.mark.parametrize(
     ("model", "code"),
     [(None, "missing_required_parameter"), (4, "invalid_type"), ("", "invalid_value")],
@@ -434,7 +435,7 @@ def test_deeply_nested_input_does_not_recurse() -> None:
 # --- prepare_upstream ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("endpoint", [CHAT, COMPLETIONS], ids=lambda e: e.name)
+@pytest.mark.parametrize("endpoint", [CHAT, COMPLETIONS], ids=lambda e: type(e).__name__)
 def test_streaming_choices_requests_get_include_usage(endpoint: Endpoint) -> None:
     body = {"model": "m", "messages": [], "prompt": "x", "stream": True}
     assert endpoint.prepare_upstream(body, endpoint.facts(body))
@@ -639,7 +640,7 @@ def test_malformed_usage_never_raises(usage: Any, expected: Usage | None) -> Non
     "body",
     [b"", b"not json", b"[1, 2]", b'{"model": 5}', b"\xff\xfe", b"[" * 50_000, b'{"usage": 1}'],
 )
-@pytest.mark.parametrize("endpoint", list(ENDPOINTS.values()), ids=lambda e: e.name)
+@pytest.mark.parametrize("endpoint", list(ENDPOINTS.values()), ids=lambda e: type(e).__name__)
 def test_usage_from_garbage_is_none(endpoint: Endpoint, body: bytes) -> None:
     assert endpoint.usage_from_json(body) == (None, None)
 

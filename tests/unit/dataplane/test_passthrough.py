@@ -1,8 +1,9 @@
-"""Priced passthrough through the Exchange: counted, priced and held before it goes, settled
-once from its usage; refused (recorded) when the hold is denied or the model is unpriced.
+"""The passthrough handler: a free call key-swapped and recorded once; a priced call counted,
+priced and held before it goes, settled once from its usage; refused (recorded) when the
+hold is denied or the model is unpriced.
 
-The fakes are test_exchange's (key cache, budgets, ledger); policy, prices and the token
-counter are the real ones. tests/e2e/test_e2e_caps.py runs the same through Envoy and Redis.
+The fakes are in `fakes` (key cache, budgets, ledger); policy, prices and the token counter
+are the real ones. tests/e2e/test_e2e_caps.py runs the same through Envoy and Redis.
 """
 
 from __future__ import annotations
@@ -11,20 +12,21 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 from extproc.dataplane import envoy_msgs as msgs
-from extproc.dataplane.exchange import Exchange
+from extproc.dataplane.lifecycle import Stream
+from extproc.dataplane.server import open_stream
 from extproc.governance.passthrough import DEFAULT_OUTPUT_CEILING
 from extproc.metering.decisions import parse_request
 from extproc.metering.tokens import count_text
-from extproc.wire.priced import PRICED
+from extproc.wire.spec import PRICED
 from extproc.wire.usage import Usage
-from tests.unit.dataplane.test_exchange import (
+from tests.unit.dataplane.fakes import (
     CALLER,
     SECRET,
     FakeBudgets,
     FakeLedger,
-    executor,  # noqa: F401  (the fixture)
     headers,
     make_deps,
+    reply_header,
     send,
 )
 
@@ -42,7 +44,7 @@ ANSWER = {
 CEILING = dict(DEFAULT_OUTPUT_CEILING)
 
 
-def compact(exchange: Exchange, body: bytes, *, codex: bool = False) -> msgs.ProcessingResponse:
+def compact(exchange: Stream, body: bytes, *, codex: bool = False) -> msgs.ProcessingResponse:
     pairs = {
         ":method": "POST",
         ":path": "/v1/responses/compact",
@@ -62,17 +64,18 @@ def compact(exchange: Exchange, body: bytes, *, codex: bool = False) -> msgs.Pro
 def counted(body: dict[str, object]) -> int:
     """The input the metered path's own code counts for this body (the oracle)."""
     raw = json.dumps(body).encode()
-    spec = PRICED["responses.compact"]
+    spec = PRICED["responses.compact"].reader
+    assert spec is not None
     return parse_request(
         spec, raw, "", max_body_bytes=1 << 20, count=count_text
     ).counted_input_tokens
 
 
 def test_priced_passthrough_is_held_then_settled_from_its_usage(
-    executor: ThreadPoolExecutor,  # noqa: F811
+    executor: ThreadPoolExecutor,
 ) -> None:
     deps = make_deps(executor)
-    exchange = Exchange(deps)
+    exchange = open_stream(deps)
     reply = compact(exchange, json.dumps(COMPACT).encode())
     assert reply == msgs.CONTINUE_REQUEST_BODY
     budgets = deps.budgets
@@ -107,10 +110,10 @@ def test_priced_passthrough_is_held_then_settled_from_its_usage(
 
 
 def test_a_denied_hold_is_refused_like_a_metered_call_and_recorded(
-    executor: ThreadPoolExecutor,  # noqa: F811
+    executor: ThreadPoolExecutor,
 ) -> None:
     deps = make_deps(executor, refuse=True)  # the workspace is at its hard limit
-    exchange = Exchange(deps)
+    exchange = open_stream(deps)
     reply = compact(exchange, json.dumps(COMPACT).encode())
     assert reply.immediate_response.status.code == 429
     error = json.loads(reply.immediate_response.body)["error"]
@@ -130,10 +133,10 @@ def test_a_denied_hold_is_refused_like_a_metered_call_and_recorded(
 
 
 def test_unpriced_model_on_a_priced_endpoint_is_refused_before_any_hold(
-    executor: ThreadPoolExecutor,  # noqa: F811
+    executor: ThreadPoolExecutor,
 ) -> None:
     deps = make_deps(executor)
-    exchange = Exchange(deps)
+    exchange = open_stream(deps)
     body = {**COMPACT, "model": "gpt-9-unlisted"}
     reply = compact(exchange, json.dumps(body).encode(), codex=True)
     assert reply.immediate_response.status.code == 400  # Codex gets its refusals as 400
@@ -149,14 +152,14 @@ def test_unpriced_model_on_a_priced_endpoint_is_refused_before_any_hold(
 
 
 def test_bad_or_missing_body_is_a_400_and_nothing_is_held(
-    executor: ThreadPoolExecutor,  # noqa: F811
+    executor: ThreadPoolExecutor,
 ) -> None:
     deps = make_deps(executor)
-    bad = compact(Exchange(deps), b'{"input": "no model"}')
+    bad = compact(open_stream(deps), b'{"input": "no model"}')
     assert bad.immediate_response.status.code == 400
     assert json.loads(bad.immediate_response.body)["error"]["param"] == "model"
     empty = send(
-        Exchange(deps),
+        open_stream(deps),
         request_headers=headers(
             {
                 ":method": "POST",
@@ -172,10 +175,10 @@ def test_bad_or_missing_body_is_a_400_and_nothing_is_held(
 
 
 def test_a_held_call_without_usage_is_billed_its_counted_input(
-    executor: ThreadPoolExecutor,  # noqa: F811
+    executor: ThreadPoolExecutor,
 ) -> None:
     deps = make_deps(executor)
-    exchange = Exchange(deps)
+    exchange = open_stream(deps)
     compact(exchange, json.dumps(COMPACT).encode())
     exchange.close()  # the client left before any answer: the provider may have run it
     ledger = deps.ledger
@@ -188,10 +191,10 @@ def test_a_held_call_without_usage_is_billed_its_counted_input(
 
 
 def test_image_generations_hold_the_ceiling_per_image(
-    executor: ThreadPoolExecutor,  # noqa: F811
+    executor: ThreadPoolExecutor,
 ) -> None:
     deps = make_deps(executor)
-    exchange = Exchange(deps)
+    exchange = open_stream(deps)
     # gpt-5-mini stands in for a priced model: the bundled table has no image model's row.
     body = {"model": "gpt-5-mini", "prompt": "a lighthouse at dusk", "n": 3}
     first = send(
@@ -218,11 +221,11 @@ def test_image_generations_hold_the_ceiling_per_image(
 
 
 def test_metering_only_mode_forwards_priced_calls_without_a_hold(
-    executor: ThreadPoolExecutor,  # noqa: F811
+    executor: ThreadPoolExecutor,
 ) -> None:
     deps = make_deps(executor)
     deps.policy = deps.keys = deps.budgets = None
-    exchange = Exchange(deps)
+    exchange = open_stream(deps)
     first = send(
         exchange,
         request_headers=headers(
@@ -247,3 +250,32 @@ def test_metering_only_mode_forwards_priced_calls_without_a_hold(
     assert isinstance(ledger, FakeLedger)
     [settlement] = ledger.settlements
     assert settlement.reservation_id == "" and settlement.record.cost_nanos > 0
+
+
+def test_passthrough_is_key_swapped_and_settled_once(executor: ThreadPoolExecutor) -> None:
+    deps = make_deps(executor)
+    stream = open_stream(deps)
+    reply = send(
+        stream,
+        request_headers=headers(
+            {
+                ":method": "GET",
+                ":path": "/v1/files/f-1/",
+                "authorization": f"Bearer {SECRET}",
+                "api-key": SECRET,
+                "cookie": "c",
+            },
+            end=True,
+        ),
+    )
+    mutation = reply.request_headers.response.header_mutation
+    assert reply_header(reply, "authorization") == "Bearer sk-upstream-dev"
+    assert reply_header(reply, ":path") == "/v1/files/f-1"
+    assert {"api-key", "cookie"} <= set(mutation.remove_headers)
+    assert reply.mode_override.response_body_mode == msgs.ProcessingMode.NONE
+    send(stream, response_headers=headers({":status": "200"}, end=False))
+    stream.close()
+    ledger = deps.ledger
+    assert isinstance(ledger, FakeLedger) and len(ledger.settlements) == 1
+    record = ledger.settlements[0].record
+    assert (record.endpoint, record.price_family, record.key_id) == ("files", "free", "key_unit")
