@@ -35,13 +35,19 @@ admin_up() {
     (exec 3<>"/dev/tcp/${ADMIN_HOST}/${ADMIN_PORT}") 2>/dev/null
 }
 
+now_ms() { # wall clock in milliseconds: SECONDS counts whole seconds, so a deadline
+    # kept in SECONDS can pass up to a second early (bash 5's EPOCHREALTIME is exact)
+    local t=${EPOCHREALTIME//[.,]/}
+    echo $((10#$t / 1000))
+}
+
 active_requests() {
     admin GET "/stats?filter=^${ACTIVE_STAT//./\\.}\$" | tr -d '\r' |
         awk -F': ' -v stat="$ACTIVE_STAT" '$1 == stat { print $2 }'
 }
 
 drain_envoy() {
-    local deadline=$((SECONDS + $1))
+    local deadline=$(($(now_ms) + $1 * 1000))
     if ! admin POST /healthcheck/fail >/dev/null 2>&1; then
         echo "drain: Envoy's admin API does not answer; nothing to drain"
         return 0
@@ -50,8 +56,8 @@ drain_envoy() {
     sleep "$ENDPOINT_DELAY"
     admin POST '/drain_listeners?graceful&inboundonly' >/dev/null || return 0
     local active
-    # Look at least once, however long the admin calls above took: SECONDS counts whole
-    # seconds, so a short grace period can be used up before the first look.
+    # Look at least once, however long the admin calls above took: a short grace period
+    # can be used up before the first look.
     while :; do
         active=$(active_requests) || return 0
         if [[ "$active" == 0 ]]; then
@@ -59,15 +65,15 @@ drain_envoy() {
             return 0
         fi
         echo "drain: ${active:-unknown} requests still active"
-        ((SECONDS < deadline)) || break
+        (($(now_ms) < deadline)) || break
         sleep 1
     done
     echo "drain: gave up after $1s with requests still active"
 }
 
 wait_for_envoy_exit() {
-    local deadline=$((SECONDS + $1))
-    while ((SECONDS < deadline)) && admin_up; do
+    local deadline=$(($(now_ms) + $1 * 1000))
+    while (($(now_ms) < deadline)) && admin_up; do
         sleep 1
     done
     if admin_up; then
