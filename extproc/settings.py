@@ -51,8 +51,12 @@ class Settings:
     spool_dir: str = ".data/spool"
     # Seconds an in-flight stream gets to finish after SIGTERM.
     grace_seconds: float = 30.0
-    # Sidecar processes sharing the listen port (SO_REUSEPORT); 0: one per usable CPU.
+    # Sidecar processes; 0: one per usable CPU. With more than one, each also listens on a
+    # port of its own (`worker_listen`), which Envoy lists as an endpoint per worker.
     workers: int = 0
+    # With several workers, worker 0's own "host:port"; worker i listens on port + i. Empty:
+    # loopback, from the port after `listen`'s (listen 0.0.0.0:9001 -> 127.0.0.1:9002, 9003...).
+    worker_listen: str = ""
     # With several workers, one whose event loop sends no heartbeat for this long (or whose
     # ledger writer is wedged) is killed and replaced by the supervisor; 0: never.
     worker_hang_seconds: float = 20.0
@@ -86,6 +90,7 @@ _ENV = {
     "shadow_policy": "EXTPROC_SHADOW_POLICY",
     "spool_dir": "EXTPROC_SPOOL_DIR",
     "workers": "EXTPROC_WORKERS",
+    "worker_listen": "EXTPROC_WORKER_LISTEN",
     "worker_hang_seconds": "EXTPROC_WORKER_HANG_SECONDS",
     "hold_expiry_seconds": "EXTPROC_HOLD_EXPIRY_SECONDS",
     "grace_seconds": "EXTPROC_GRACE_SECONDS",

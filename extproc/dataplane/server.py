@@ -24,7 +24,7 @@ from extproc.dataplane import logrepeat
 from extproc.dataplane.deps import Deps
 from extproc.dataplane.exchange import Exchange, Reply
 from extproc.dataplane.h2grpc import HEALTH_CHECK_PATH, GrpcServer, Route, health_route
-from extproc.dataplane.workers import heartbeat_fd, send_heartbeats
+from extproc.dataplane.workers import heartbeat_fd, own_address, send_heartbeats
 from extproc.governance.budget import Budgets
 from extproc.governance.credentials import simulated_upstream_key
 from extproc.governance.holds import tend_forever
@@ -177,6 +177,9 @@ class H2Transport:
 
     async def start(self, settings: Settings, *, reuse_port: bool = False) -> None:
         await self._server.start(settings.listen, reuse_port=reuse_port)
+        own = own_address() if reuse_port else None
+        if own is not None:  # a worker: its own port too, Envoy's endpoint for it
+            await self._server.start(own, reuse_port=True)
 
     async def stop(self, grace: float) -> None:
         self._serving = False
