@@ -98,9 +98,7 @@ def _sidecar_pids(stack: Stack) -> list[int]:
     ]
 
 
-def one_round(
-    stack: Stack, key: str, port: int, n: int, c: int, load: str
-) -> dict[str, float]:
+def one_round(stack: Stack, key: str, port: int, n: int, c: int, load: str) -> dict[str, float]:
     body, headers = LOADS[load]
     request = build_request(HOST, port, PATH, body, key, headers)
     side = _sidecar_pids(stack)
@@ -157,15 +155,12 @@ def ledger_check(stack: Stack, sent: int, timeout: float = 60.0) -> tuple[int, i
         while int(client.xlen(stream)) < sent and time.monotonic() < deadline:
             time.sleep(0.2)  # the ledger writer drains in the background
         ids = [
-            UsageRecord.FromString(fields[b"r"]).request_id
-            for _id, fields in client.xrange(stream)
+            UsageRecord.FromString(fields[b"r"]).request_id for _id, fields in client.xrange(stream)
         ]
     return len(ids), len(set(ids))
 
 
-def _drive(
-    stack: Stack, key: str, side: Side, args: argparse.Namespace, warm: bool
-) -> None:
+def _drive(stack: Stack, key: str, side: Side, args: argparse.Namespace, warm: bool) -> None:
     port = stack.config.listen_port
     if warm:
         warmup = max(200, args.requests // 5)
@@ -240,9 +235,7 @@ def report(args: argparse.Namespace, a: Side, b: Side, checks: list[str]) -> str
             v = [r[metric] for r in side.rounds]
             cells.append(f"{statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]")
         ratios = [
-            rb[metric] / ra[metric]
-            for ra, rb in zip(a.rounds, b.rounds, strict=True)
-            if ra[metric]
+            rb[metric] / ra[metric] for ra, rb in zip(a.rounds, b.rounds, strict=True) if ra[metric]
         ]
         ratio = f"{statistics.median(ratios):.3f}" if ratios else "-"
         out.append(f"| {metric} | {cells[0]} | {cells[1]} | {ratio} |")
