@@ -18,6 +18,15 @@ Redis Cluster slot:
                               if its sidecar dies (field <id>:orphan), one write per hold
     {ws:W}:resv:orphan        that settlement for holds made before it moved into :resv:data
                               (release.lua still reads and clears it)
+    {ws:W}:leases             hash  lease id -> nanos the lease still holds (leases are holds
+                              too: in :resv with their expiry, "period|granted|scopes" in
+                              :resv:data); see governance.lease
+    {ws:W}:orphans:<lease>    hash  request id -> the compact orphan of a request admitted
+                              under that lease, billed by the reaper if its replica dies
+    {ws:W}:topups             hash  scope -> "nanos@expires_ms,..." temporary raises of that
+                              scope's hard limit, part of the cap while unexpired
+    {ws:W}:limits:epoch       counter bumped whenever a hard limit of the workspace is lowered
+                              (replicas close their leases; see governance.lease)
     {ws:W}:rl:<minute>        hash  rate-limit counters of one minute
     {ws:W}:sess:<key>:<session> a session's input tokens (context-growth guard); a session
                               belongs to the key that started it
@@ -44,6 +53,7 @@ UNATTRIBUTED = "_"
 
 SPENT, HELD, DAY, HOUR = "spent", "held", "day", "hour"
 RESERVATIONS, RESERVATION_DATA, ORPHANS = "resv", "resv:data", "resv:orphan"
+LEASES, LEASE_ORPHANS, TOPUPS, LIMITS_EPOCH = "leases", "orphans", "topups", "limits:epoch"
 RATE_MINUTE, SESSION, SEEN, PREFIX = "rl", "sess", "seen", "prefix"
 ALERTED, REVOKED, LEDGER = "alerted", "revoked", "ledger"
 LUA_SUFFIXES = frozenset(
@@ -55,6 +65,10 @@ LUA_SUFFIXES = frozenset(
         RESERVATIONS,
         RESERVATION_DATA,
         ORPHANS,
+        LEASES,
+        LEASE_ORPHANS,
+        TOPUPS,
+        LIMITS_EPOCH,
         RATE_MINUTE,
         SESSION,
         SEEN,
@@ -100,6 +114,26 @@ def revoked_key(workspace: str) -> str:
 def reservations_key(prefix: str) -> str:
     """Reservations in flight: a sorted set of reservation ids by expiry."""
     return f"{prefix}:{RESERVATIONS}"
+
+
+def leases_key(prefix: str) -> str:
+    """Hash: every live lease of the workspace -> the nanos it still holds."""
+    return f"{prefix}:{LEASES}"
+
+
+def lease_orphans_key(prefix: str, lease_id: str) -> str:
+    """Hash: request id -> compact orphan, for the requests admitted under one lease."""
+    return f"{prefix}:{LEASE_ORPHANS}:{lease_id}"
+
+
+def topups_key(workspace: str) -> str:
+    """Hash: scope -> "nanos@expires_ms,..." (temporary raises of its hard limit)."""
+    return f"{workspace_prefix(workspace)}:{TOPUPS}"
+
+
+def limits_epoch_key(workspace: str) -> str:
+    """Counter: bumped with every lowered hard limit of the workspace."""
+    return f"{workspace_prefix(workspace)}:{LIMITS_EPOCH}"
 
 
 def rate_minute_key(prefix: str, now_ms: int) -> str:
