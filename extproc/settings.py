@@ -65,6 +65,10 @@ class Settings:
     # estimate (outcome "orphaned") and releases it. Shorter: orphans billed and budget
     # freed sooner; longer: more tolerance for a sidecar paused (GC, CPU starvation).
     hold_expiry_seconds: float = 120.0
+    # Budget leases: a caller busy on this replica gets a slice of its caps' room and its
+    # requests are admitted locally against it (one orphan write each, no script call);
+    # near a cap, and for everyone else, each request is held exactly. See docs/budgets.md.
+    budget_leases: bool = True
     # Seconds between two looks of the burn-rate watch, which also refreshes the budget
     # utilization gauge from Redis (one pipelined read per look).
     burn_check_seconds: float = 60.0
@@ -93,6 +97,7 @@ _ENV = {
     "worker_listen": "EXTPROC_WORKER_LISTEN",
     "worker_hang_seconds": "EXTPROC_WORKER_HANG_SECONDS",
     "hold_expiry_seconds": "EXTPROC_HOLD_EXPIRY_SECONDS",
+    "budget_leases": "EXTPROC_BUDGET_LEASES",
     "grace_seconds": "EXTPROC_GRACE_SECONDS",
     "burn_check_seconds": "EXTPROC_BURN_CHECK_SECONDS",
     "redis_wait_replicas": "EXTPROC_REDIS_WAIT_REPLICAS",

@@ -18,6 +18,7 @@ from extproc.governance.budget import Decision, Plan
 from extproc.governance.keys import Identity, Lookup
 from extproc.governance.policy import Policy
 from extproc.insight.telemetry import Telemetry
+from extproc.metering.orphans import Orphan
 from extproc.metering.prices import PriceTable
 from extproc.settings import Settings
 from extproc.v1.ledger_pb2 import Settlement
@@ -49,7 +50,7 @@ class BudgetBook(Protocol):
         now_ms: int,
         *,
         session: str = "",
-        orphan: Callable[[Plan], bytes] | None = None,
+        orphan: Callable[[Plan], bytes | Orphan] | None = None,
         overdraft_nanos: int | None = None,
         fallback: Callable[[int], Plan | None] | None = None,
     ) -> tuple[Plan, Decision, bool]: ...

@@ -305,10 +305,13 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
             deps.shadow = load_policy(settings.shadow_policy)
             log.info("shadow policy loaded: %s (never enforced)", settings.shadow_policy)
         budgets = Budgets(
-            hot or client, hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1)
+            hot or client,
+            hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1),
+            leases=settings.budget_leases,
         )
         deps.budgets = budgets
         ledger.on_settled = budgets.settled
+        keys.on_leases = budgets.close_workspace
     return Sidecar(deps, governor, ledger, keys, budgets)
 
 
@@ -351,7 +354,9 @@ async def serve(
         burn_every = max(settings.burn_check_seconds, 0.5)
         background.append(asyncio.create_task(burn.run(burn_every), name="burn-watch"))
         assert budgets is not None
-        holds = tend_forever(budgets, lambda: _prefixes(deps), ledger.submit, deps.now_ms)
+        holds = tend_forever(
+            budgets, lambda: _prefixes(deps), ledger.submit, deps.now_ms, lambda: deps.prices
+        )
         background.append(asyncio.create_task(holds, name="holds"))
 
     beat_fd = heartbeat_fd() if reuse_port else None
@@ -373,6 +378,8 @@ async def serve(
     log.info("shutting down: draining in-flight streams for up to %ss", settings.grace_seconds)
     await transport.stop(settings.grace_seconds)
     await ledger.close()
+    if budgets is not None:
+        await budgets.close()  # its leases handed back: their requests have all settled
     for task in background:
         task.cancel()
     await governor.alerter.drain()

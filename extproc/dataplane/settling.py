@@ -18,7 +18,8 @@ from extproc.governance.keys import Identity
 from extproc.insight.cachehygiene import Prefix
 from extproc.insight.telemetry import RequestTelemetry
 from extproc.insight.telemetry import verdict as request_verdict
-from extproc.metering.decisions import Observed, PreparedRequest, bare_record, orphaned, settle
+from extproc.metering.decisions import Observed, PreparedRequest, bare_record, settle
+from extproc.metering.orphans import Orphan
 from extproc.metering.passthrough import orphaned_passthrough, settle_passthrough
 from extproc.metering.settlement import CachePrefix, settlement_for
 from extproc.routing import shadow
@@ -79,19 +80,34 @@ class Settling:
             log.exception("shadow policy evaluation failed")
             return "error"
 
-    def _orphan(self, prepared: PreparedRequest, route: RouteDecision, plan: Plan) -> bytes:
-        """The settlement to write if this request's hold expires unsettled (sidecar died).
-
-        Made now, while everything needed to bill and attribute it is at hand: the input we
-        counted, priced for the routed model, marked estimated; output is unknown. The hold
-        itself is released by the reaper, so no reservation id.
-        """
-        ghost = orphaned(self.seen, prepared, route.model)
-        record = settle(ghost, self._deps.prices, self._deps.count)
-        record.outcome = "orphaned"
-        if route.steps:
-            record.routing = route.header_value()
-        return self._settlement(record, plan, reservation_id="").SerializeToString()
+    def _orphan(self, prepared: PreparedRequest, route: RouteDecision, plan: Plan) -> Orphan:
+        """What this request leaves in Redis before it is forwarded, billed (estimated) by
+        any replica if this sidecar dies before settling it (metering.orphans): the input we
+        counted, for the routed model; output unknown. Facts only: priced if ever needed."""
+        seen, identity, deps = self.seen, self._identity, self._deps
+        assert identity is not None
+        facts = prepared.facts
+        charged = plan.charged or charges_for(deps.policy, identity, plan, 0, deps.timezone)[0]
+        return Orphan(
+            request_id=seen.request_id,
+            time_ms=seen.time_ms,
+            endpoint=seen.endpoint,
+            model_requested=facts.model,
+            model_served=route.model,
+            counted_input=prepared.counted_input_tokens,
+            workspace=identity.workspace,
+            service=identity.service,
+            key_id=identity.key_id,
+            team=identity.team or "",
+            period=plan.period.id,
+            timezone=deps.timezone.key,
+            charged=tuple(charged),
+            stream=facts.stream,
+            output_cap=facts.output_cap or 0,
+            session_id=seen.session_id,
+            envoy_request_id=seen.envoy_request_id,
+            routing=route.header_value() if route.steps else "",
+        )
 
     def _passthrough_orphan(self, passing: PassthroughCall, plan: Plan) -> bytes:
         """A held passthrough call's settlement if its hold expires unsettled (see `_orphan`):

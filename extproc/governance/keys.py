@@ -31,7 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from extproc.governance.policy import NAME_PATTERN, Policy
 from extproc.store.clients import UNAVAILABLE, AsyncClient, subscriber
-from extproc.store.schema import KEY_IDS, KEYS_CHANNEL, key_hash, revoked_key
+from extproc.store.schema import KEY_IDS, KEYS_CHANNEL, LEASES_NOTICE, key_hash, revoked_key
 
 log = logging.getLogger("extproc.governance.keys")
 
@@ -456,6 +456,9 @@ class KeyCache:
         self._inflight: dict[str, asyncio.Task[Identity | None]] = {}
         self._epoch = 0
         self._changed = asyncio.Event()
+        # Told the workspace of each `leases` notice on the same channel (Budgets closes
+        # that workspace's leases: a hard limit was lowered).
+        self.on_leases: Callable[[str], object] | None = None
 
     def get(self, secret: str) -> Lookup:
         """Identity, None (refused) or MISSING (ask `resolve`), with no I/O."""
@@ -553,6 +556,10 @@ class KeyCache:
         parts = data.split()
         if len(parts) != 3:
             log.warning("key cache: ignoring malformed change notice %r", data[:100])
+            return
+        if parts[0] == LEASES_NOTICE:  # not about a key: a workspace's budget leases
+            if self.on_leases is not None:
+                self.on_leases(parts[1])
             return
         self._invalidate(parts[2])
 

@@ -222,20 +222,6 @@ _OBSERVED = attrgetter(*(f.name for f in fields(Observed)))
 """Every field of an Observed, in order: a copy through it costs a fifth of `replace`."""
 
 
-def orphaned(seen: Observed, prepared: PreparedRequest, routed_model: str) -> Observed:
-    """The request as it would settle if its sidecar died now: the input we counted, priced
-    for the routed model, no response (so the record is estimated). Made for every hold."""
-    ghost = Observed(*_OBSERVED(seen))
-    ghost.facts = prepared.facts
-    ghost.counted_input_tokens = prepared.counted_input_tokens
-    ghost.routed_model = routed_model
-    ghost.status = 0
-    ghost.response_finished = False
-    ghost.stream = None
-    ghost.usage = None
-    return ghost
-
-
 def bare_record(seen: Observed) -> UsageRecord:
     """The record written when settling itself failed: one record must land whatever broke,
     marked as such and billed from what was counted."""

@@ -165,9 +165,10 @@ class Ledger:
         self._idle.set()
         self._unmetered: Counter[tuple[str, str]] = Counter()
         self._registered: set[str] = set()
-        # Told (prefix, reservation id) once a settlement is in Redis: its hold is released
-        # and no longer needs renewing (see Budgets.renew).
-        self.on_settled: Callable[[str, str], None] | None = None
+        # Told (prefix, reservation id, request id, cost) once a settlement is in Redis: its
+        # hold is released and no longer needs renewing, its lease has the worst case it
+        # held back, less the cost (see Budgets.settled).
+        self.on_settled: Callable[[str, str, str, int], None] | None = None
         self._turned = time.monotonic()  # when the writer last went round its loop
         self._failed: list[Settlement] = []  # refused by Redis one by one: for the spool
         self.written = 0
@@ -277,7 +278,9 @@ class Ledger:
         if self.on_settled is not None:
             for s in call:
                 if s.reservation_id:
-                    self.on_settled(s.prefix, s.reservation_id)
+                    self.on_settled(
+                        s.prefix, s.reservation_id, s.record.request_id, s.record.cost_nanos
+                    )
         crossed = [scope.decode() for scope in reply[1:]]
         if crossed and self._on_soft_alert is not None:
             self._on_soft_alert(call[0].record.workspace or UNATTRIBUTED, crossed)

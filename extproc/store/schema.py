@@ -232,6 +232,10 @@ KEY_HASH_PREFIX = f"{KEY_TAG}:hash:"
 KEY_IDS = f"{KEY_TAG}:ids"
 KEYS_CHANNEL = "extproc:keys"
 """Pub/sub channel on which every key change is announced to the sidecars' caches."""
+LEASES_NOTICE = "leases"
+"""A notice on KEYS_CHANNEL, `leases <workspace> <why>`: every replica closes its budget
+leases of the workspace (a hard limit was lowered, or a replica was refused for want of
+room that leases hold). Whoever lowers a limit sends it (governance.topups)."""
 
 
 def key_hash(secret_sha: str) -> str:
