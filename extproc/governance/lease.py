@@ -68,8 +68,10 @@ LEASE_SHARE = 4
 """A grant takes at most 1/LEASE_SHARE of the room (and of a rate limit's) left."""
 LEASE_LEAST = 2
 """Worst cases: a lease smaller than this is not worth it; the caller is held exactly."""
-LEASE_AFTER = 2
-"""Requests a caller made on this replica in the last second before it gets a lease."""
+LEASE_AFTER = 4
+"""Requests a caller made on this replica in the last second before it gets a lease: a
+slower caller's lease would idle out between its requests, and each would pay a grant and
+an orphan write where one exact hold does."""
 LEASE_IDLE_MS = 200
 """A lease unused this long is closed and handed back."""
 EXACT_BACKOFF_S = 0.2

@@ -120,7 +120,7 @@ def test_every_worker_is_an_endpoint_and_both_envoy_threads_reach_both(
         results = list(pool.map(lambda i: one_request(stack, i), range(300, 380)))
     after = extproc_hosts(stack)
     served = {addr: int(after[addr]["rq_total"]) - int(n) for addr, n in before.items()}  # type: ignore[call-overload]
-    # Streams plus health checks; each worker must have taken a real share of the 80.
+    # Streams only (health checks are not counted): each worker took a real share of 80.
     assert all(n >= 16 for n in served.values()), served
     assert all(int(h["cx_active"]) >= 1 for h in after.values()), after  # type: ignore[call-overload]
     for rid, model, usage in results:

@@ -137,14 +137,15 @@ def test_a_busy_caller_gets_a_lease_and_its_requests_need_no_script_call(
     p = plan()
 
     async def body(one: Replica) -> dict[str, Any]:
-        first = await one.admit(p, "r0")  # one request: held exactly
+        first = await one.admit(p, "r0")  # the first ones: held exactly
+        exact = [await one.admit(p, f"e{i}") for i in range(2)]
         r.script_load(LEASE.source)  # loaded once per server: not a request's cost
         r.config_resetstat()
         more = [await one.admit(p, f"r{i}") for i in range(1, 20)]  # busy now: leased
         leases = {d.reservation_id for d in more}
         stats = r.info("commandstats")
         out = {
-            "first": first, "more": more, "leases": leases,
+            "first": first, "exact": exact, "more": more, "leases": leases,
             "granted": sum(nanos(r, LEASES, lease) for lease in leases),
             "grants": {lease: nanos(r, LEASES, lease) for lease in leases},
             "scripts": int(stats["cmdstat_evalsha"]["calls"]),
@@ -154,6 +155,7 @@ def test_a_busy_caller_gets_a_lease_and_its_requests_need_no_script_call(
         }  # fmt: skip
         await one.settle(
             (p, first, "r0", 100_000),
+            *((p, d, f"e{i}", 1) for i, d in enumerate(exact)),
             *((p, d, f"r{i}", 150_000) for i, d in enumerate(more, 1)),
         )
         # Each request's cost moved out of its lease: what they still hold is what is held.
@@ -169,17 +171,18 @@ def test_a_busy_caller_gets_a_lease_and_its_requests_need_no_script_call(
 
     out = run(redis_url, tmp_path, body)
     assert not out["first"].reservation_id.startswith("L")
+    assert not any(d.reservation_id.startswith("L") for d in out["exact"])
     assert all(lease.startswith("L") for lease in out["leases"])
     # A lease is about a second of the caller's spend: a burst doubles them as they run
-    # out (2, 4, 8, 16 worst cases): 4 script calls for 19 requests, one HSET each besides.
-    assert out["scripts"] == len(out["leases"]) == 4
-    assert out["hset"] == 19 + 2 * 4  # orphans; a grant's hold and lease fields
+    # out (4, 8, 16 worst cases): 3 script calls for 19 requests, one HSET each besides.
+    assert out["scripts"] == len(out["leases"]) == 3
+    assert out["hset"] == 19 + 2 * 3  # orphans; a grant's hold and lease fields
     assert out["orphans"] == 19  # one per request admitted under a lease, until it settles
     # Held: the exact hold and what the leases still hold (the ones run out included).
-    assert out["held"] == WORST + out["granted"]
+    assert out["held"] == 3 * WORST + out["granted"]
     assert out["left"] == out["expected_left"] and out["left"]
     assert out["held_settled"] == 0
-    assert out["after"] == (0, 100_000 + 19 * 150_000, 0, 0)
+    assert out["after"] == (0, 100_000 + 2 + 19 * 150_000, 0, 0)
     assert r.keys("{ws:dev}:orphans:*") == []
 
 
@@ -231,9 +234,9 @@ def test_a_dead_replicas_lease_is_reaped_its_requests_billed_once(
     ttl = RESERVATION_TTL_MS
 
     async def body(dead: Replica, live: Replica) -> list[Any]:
-        decisions = [await dead.admit(p, f"d{i}") for i in range(4)]
-        lease = decisions[1].reservation_id
-        assert lease.startswith("L")
+        decisions = [await dead.admit(p, f"d{i}") for i in range(4)]  # d3 is the first leased
+        lease = decisions[3].reservation_id
+        assert lease.startswith("L") and not decisions[2].reservation_id.startswith("L")
         await dead.settle((p, decisions[2], "d2", 7_000))  # one finished before it died
         held = nanos(r, HELD)
         # It dies: no renewal, no hand-back. Its lease outlives it until it expires.
@@ -247,12 +250,13 @@ def test_a_dead_replicas_lease_is_reaped_its_requests_billed_once(
         await live.ledger.drain()
         # A settlement that arrives late (it was only paused) is a duplicate.
         await dead.settle((p, decisions[3], "d3", 9_000))
+        await dead.settle((p, decisions[1], "d1", 9_000))
         return [held, early, reaped, lease]
 
     held, early, reaped, lease = run(redis_url, tmp_path, body, replicas=2)
     assert held >= 4 * WORST  # the hold and the leases the burst doubled
     assert early == 0
-    assert reaped == 3  # d0's hold, d1 and d3 under the lease (d2 had settled)
+    assert reaped == 3  # the holds of d0 and d1, and d3 under the lease (d2 had settled)
     assert nanos(r, HELD) == 0 and r.hlen(LEASES) == 0
     records = [UsageRecord.FromString(f[b"r"]) for _i, f in r.xrange(ledger_key("{ws:dev}"))]
     by_id = {x.request_id: x for x in records}
@@ -279,6 +283,7 @@ def test_a_top_up_raises_the_cap_and_its_expiry_ends_the_leases_that_counted_on_
         refused = await one.admit(p, "x0")
         await add_topup(one.client, "dev", "ws", 50 * WORST, NOW + 600_000, now_ms=NOW)
         first = await one.admit(p, "x1")
+        await one.admit(p, "xw")  # busy from the fourth request in a second
         second = await one.admit(p, "x2")
         lease = one.budgets.leases._by_id[second.reservation_id]  # type: ignore[union-attr]
         until = lease.valid_until - loop.time()
@@ -306,8 +311,9 @@ def test_a_lease_lasts_no_longer_than_the_top_up_it_counts_on(
 
     async def body(one: Replica) -> float:
         await add_topup(one.client, "dev", "ws", 50 * WORST, NOW + 300, now_ms=NOW)  # 0.3 s left
-        await one.admit(p, "y0")
-        d = await one.admit(p, "y1")
+        for i in range(3):
+            await one.admit(p, f"y{i}")
+        d = await one.admit(p, "y3")
         lease = one.budgets.leases._by_id[d.reservation_id]  # type: ignore[union-attr]
         return lease.valid_until - asyncio.get_running_loop().time()
 
@@ -321,17 +327,18 @@ def test_a_revoked_key_stops_at_the_next_refresh(
 
     async def body(one: Replica) -> list[Decision]:
         loop = asyncio.get_running_loop()
-        out = [await one.admit(p, "k0"), await one.admit(p, "k1")]
+        out = [await one.admit(p, f"k{i}") for i in range(4)]
         r.sadd("{ws:dev}:revoked", "key_a")  # the key cache's notice lost
-        lease = one.budgets.leases._by_id[out[1].reservation_id]  # type: ignore[union-attr]
-        out.append(await one.admit(p, "k2"))  # within the lease's second: admitted
+        lease = one.budgets.leases._by_id[out[3].reservation_id]  # type: ignore[union-attr]
+        out.append(await one.admit(p, "k4"))  # within the lease's second: admitted
         lease.valid_until = loop.time()
-        out.append(await one.admit(p, "k3"))
+        out.append(await one.admit(p, "k5"))
         return out
 
     decisions = run(redis_url, tmp_path, body)
-    assert [d.allowed for d in decisions] == [True, True, True, False]
-    assert decisions[3].reason == "revoked"
+    assert [d.allowed for d in decisions] == [True] * 5 + [False]
+    assert decisions[4].reservation_id == decisions[3].reservation_id
+    assert decisions[5].reason == "revoked"
 
 
 def test_leased_rate_limits_never_admit_past_the_limit(
