@@ -106,6 +106,8 @@ class Lease:
     tokens: int
     standings: tuple[Standing, ...]
     granted_at: float = 0.0
+    chunk: int = 0  # requests in the last rate chunk taken, and when
+    chunk_at: float = 0.0
     last_used: float = 0.0
     last_ms: int = 0  # the clock of its last admission (its rate chunk's minute is on it)
     closed: bool = False
@@ -281,8 +283,7 @@ class Leases:
             # per-second count can tell. Double it (the script still takes at most a quarter
             # of the room).
             want = max(want, 2 * previous.granted)
-        rate_requests = max(caller.count, caller.last_count)
-        want_requests = max(math.ceil(rate_requests * LEASE_SECONDS), LEASE_LEAST)
+        want_requests = self._chunk_wanted(caller, previous)
         capped = tuple(s for s in plan.scopes if s.hard_nanos is not None)
         lease_id = new_lease_id()
         args: list[Any] = [
@@ -300,7 +301,7 @@ class Leases:
         lease = Lease(
             lease_id, plan.prefix, plan.period.id, plan.key_id, capped, plan.rates,
             granted=amount, left=amount, valid_until=loop.time() + valid_ms / 1000,
-            granted_at=loop.time(),
+            granted_at=loop.time(), chunk=requests, chunk_at=loop.time(),
             minute=minute, requests=requests, tokens=tokens,
             standings=self._standings(capped, reply[6:]),
         )  # fmt: skip
@@ -313,23 +314,35 @@ class Leases:
         loop = asyncio.get_running_loop()
         caller.busy = loop.create_future()
         try:
-            return await self._do_refresh(lease, plan, now_ms)
+            return await self._do_refresh(caller, lease, plan, now_ms)
         finally:
             busy, caller.busy = caller.busy, None
             busy.set_result(None)
 
-    async def _do_refresh(self, lease: Lease, plan: Plan, now_ms: int) -> Lease | None:
+    @staticmethod
+    def _chunk_wanted(caller: Caller, lease: Lease | None) -> int:
+        """Requests to count up front: about a second of this caller's here, doubled when
+        the last chunk ran out within its second (a burst outruns the per-second count)."""
+        rate = max(caller.count, caller.last_count)
+        wanted = max(math.ceil(rate * LEASE_SECONDS), LEASE_LEAST)
+        if lease is not None and lease.chunk_at and lease.chunk_at > caller.seen - LEASE_SECONDS:
+            wanted = max(wanted, 2 * lease.chunk)
+        return wanted
+
+    async def _do_refresh(
+        self, caller: Caller, lease: Lease, plan: Plan, now_ms: int
+    ) -> Lease | None:
         chunk_spent = lease.rates and (
             lease.minute != now_ms // 60000 or lease.requests < 1 or lease.tokens < plan.tokens
         )
-        want_requests = LEASE_LEAST if not chunk_spent else max(LEASE_LEAST, len(lease.inflight))
+        want_requests = self._chunk_wanted(caller, lease) if chunk_spent else 0
         args: list[Any] = [
             "refresh", now_ms, lease.id, lease.key_id, lease.period_id, self.valid_ms,
             LEASE_SHARE, len(lease.capped),
         ]  # fmt: skip
         for s in lease.capped:
             args += [s.scope, s.hard_nanos]
-        args += self._rate_args(plan, want_requests if chunk_spent else 0)
+        args += self._rate_args(plan, want_requests)
         reply = await LEASE(self._redis, [lease.prefix], args)
         kind = reply[0]
         if kind != b"ok":
@@ -341,8 +354,10 @@ class Leases:
             self._close(lease)
             return None
         valid_ms, requests, tokens, minute = (int(x) for x in reply[1:5])
-        lease.valid_until = asyncio.get_running_loop().time() + valid_ms / 1000
+        now = asyncio.get_running_loop().time()
+        lease.valid_until = now + valid_ms / 1000
         if requests:
+            lease.chunk, lease.chunk_at = requests, now
             if minute == lease.minute:
                 lease.requests += requests
                 lease.tokens += tokens
