@@ -41,6 +41,7 @@ from extproc.store.schema import (
     WORKSPACE_SCOPE,
     bounded_session,
     key_scope,
+    lease_expiry_key,
     reservations_key,
     service_scope,
     team_scope,
@@ -623,19 +624,22 @@ class Budgets:
         return sum(len(rids) for rids in self._owned.values())
 
     async def renew(self, now_ms: int) -> None:
-        """Push the expiry of every hold this process still owns (one command per workspace).
+        """Push the expiry of every hold and lease this process still owns (one command per
+        workspace and kind).
 
         `XX`: a hold already reaped (this process was paused longer than the expiry) is not
         brought back; its estimated record stands and the late settlement is a duplicate.
         """
         expiry = now_ms + self.hold_ttl_ms
         for prefix, rids in list(self._owned.items()):
-            if not rids:
-                continue
-            members: list[Any] = []
+            holds: list[Any] = []
+            leases: list[Any] = []
             for rid in rids:
-                members += [expiry, rid]
-            await self._redis.execute_command("ZADD", reservations_key(prefix), "XX", *members)
+                (leases if rid[:1] == "L" else holds).extend((expiry, rid))
+            if holds:
+                await self._redis.execute_command("ZADD", reservations_key(prefix), "XX", *holds)
+            if leases:
+                await self._redis.execute_command("ZADD", lease_expiry_key(prefix), "XX", *leases)
 
     async def reap(self, prefixes: Any, now_ms: int) -> list[bytes]:
         """Release expired holds of these workspaces; their estimated settlements, to write."""

@@ -14,19 +14,19 @@ Redis Cluster slot:
     {ws:W}:day:<YYYY-MM-DD>   hash  scope -> nanos spent that day
     {ws:W}:hour:<YYYY-MM-DDTHH> hash scope -> nanos spent that hour
     {ws:W}:resv, :resv:data   reservations in flight: deadline zset; hash with each hold's
-                              "period|nanos|scopes" (field <id>) and the settlement to write
-                              if its sidecar dies (field <id>:orphan), one write per hold
+                              "period|nanos|scopes" (field <id>) and its orphan, what to bill
+                              if its sidecar dies (field <id>:o; <id>:orphan from earlier
+                              versions), one write per hold
     {ws:W}:resv:orphan        that settlement for holds made before it moved into :resv:data
                               (release.lua still reads and clears it)
     {ws:W}:leases             hash  lease id -> nanos the lease still holds (leases are holds
-                              too: in :resv with their expiry, "period|granted|scopes" in
-                              :resv:data); see governance.lease
+                              too: "period|granted|scopes" in :resv:data)
+    {ws:W}:leases:exp         zset  lease id by expiry (renewed by its replica, reaped by any);
+                              see governance.lease
     {ws:W}:orphans:<lease>    hash  request id -> the compact orphan of a request admitted
                               under that lease, billed by the reaper if its replica dies
     {ws:W}:topups             hash  scope -> "nanos@expires_ms,..." temporary raises of that
                               scope's hard limit, part of the cap while unexpired
-    {ws:W}:limits:epoch       counter bumped whenever a hard limit of the workspace is lowered
-                              (replicas close their leases; see governance.lease)
     {ws:W}:rl:<minute>        hash  rate-limit counters of one minute
     {ws:W}:sess:<key>:<session> a session's input tokens (context-growth guard); a session
                               belongs to the key that started it
@@ -53,7 +53,7 @@ UNATTRIBUTED = "_"
 
 SPENT, HELD, DAY, HOUR = "spent", "held", "day", "hour"
 RESERVATIONS, RESERVATION_DATA, ORPHANS = "resv", "resv:data", "resv:orphan"
-LEASES, LEASE_ORPHANS, TOPUPS, LIMITS_EPOCH = "leases", "orphans", "topups", "limits:epoch"
+LEASES, LEASE_EXPIRY, LEASE_ORPHANS, TOPUPS = "leases", "leases:exp", "orphans", "topups"
 RATE_MINUTE, SESSION, SEEN, PREFIX = "rl", "sess", "seen", "prefix"
 ALERTED, REVOKED, LEDGER = "alerted", "revoked", "ledger"
 LUA_SUFFIXES = frozenset(
@@ -66,9 +66,9 @@ LUA_SUFFIXES = frozenset(
         RESERVATION_DATA,
         ORPHANS,
         LEASES,
+        LEASE_EXPIRY,
         LEASE_ORPHANS,
         TOPUPS,
-        LIMITS_EPOCH,
         RATE_MINUTE,
         SESSION,
         SEEN,
@@ -131,9 +131,9 @@ def topups_key(workspace: str) -> str:
     return f"{workspace_prefix(workspace)}:{TOPUPS}"
 
 
-def limits_epoch_key(workspace: str) -> str:
-    """Counter: bumped with every lowered hard limit of the workspace."""
-    return f"{workspace_prefix(workspace)}:{LIMITS_EPOCH}"
+def lease_expiry_key(prefix: str) -> str:
+    """Zset: every lease of the workspace by the time it expires unless renewed."""
+    return f"{prefix}:{LEASE_EXPIRY}"
 
 
 def rate_minute_key(prefix: str, now_ms: int) -> str:

@@ -4,8 +4,9 @@
 --
 -- A lease is a hold, like reserve.lua's: while it lives, `held` carries what it still holds
 -- in each of its capped scopes, so every other grant and hold is checked against it. It is in
--- `:resv` with an expiry its replica renews, its shape "period|granted|scope|scope..." is in
--- `:resv:data` under its id (ids start with 'L'), and `:leases` has what it still holds.
+-- `:leases:exp` with an expiry its replica renews (not in `:resv`: replicas from before leases
+-- reap that, and must never find a lease there), its shape "period|granted|scope|scope..." is
+-- in `:resv:data` under its id (ids start with 'L'), and `:leases` has what it still holds.
 -- settle.lua moves each settled request's actual cost out of it; reap.lua gives back the
 -- rest of a lease whose replica went silent and returns the compact orphans its requests
 -- left in `:orphans:<id>`, to be billed.
@@ -120,7 +121,7 @@ if mode == 'grant' then
   local text = string.format('%d', amount)
   local held_k = p .. ':held:' .. period
   for j = 1, n do redis.call('HINCRBY', held_k, scopes[j], text) end
-  redis.call('ZADD', p .. ':resv', now + ttl, id)
+  redis.call('ZADD', p .. ':leases:exp', now + ttl, id)
   redis.call('HSET', data_k, id, period .. '|' .. text .. '|' .. table.concat(scopes, '|'))
   redis.call('HSET', leases_k, id, text)
   local out = {'ok', text, tostring(valid_for(now, valid_ms, earliest)), tostring(chunk_r),
@@ -182,7 +183,7 @@ if mode == 'return' then
   end
   redis.call('HDEL', leases_k, id)
   redis.call('HDEL', data_k, id)
-  redis.call('ZREM', p .. ':resv', id)
+  redis.call('ZREM', p .. ':leases:exp', id)
   -- The rate chunk's unused part goes back to its minute, if that minute is not over.
   local nr = ARGV[5] + 0
   if nr > 0 and minute == math.floor(now / 60000) then

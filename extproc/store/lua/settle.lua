@@ -152,6 +152,7 @@ for r = 1, m do
     elseif resv ~= '' then
       holds[#holds + 1] = resv
       hold_fields[#hold_fields + 1] = resv
+      hold_fields[#hold_fields + 1] = resv .. ':o'
       hold_fields[#hold_fields + 1] = resv .. ':orphan'
     end
   end
@@ -175,8 +176,9 @@ if #holds > 0 then
       if amount ~= '0' then give_back(d, amount + 0) end
     end
   end
-  -- Holds made before orphans moved into :resv:data keep theirs in the legacy hash.
-  if redis.call('HDEL', data_k, unpack(hold_fields)) < #hold_fields then
+  -- Each hold has two fields (its orphan in `:o`, or `:orphan` from an earlier version);
+  -- holds made before orphans moved into :resv:data keep theirs in the legacy hash.
+  if redis.call('HDEL', data_k, unpack(hold_fields)) < 2 * #holds then
     redis.call('HDEL', p .. ':resv:orphan', unpack(holds))
   end
   redis.call('ZREM', p .. ':resv', unpack(holds))

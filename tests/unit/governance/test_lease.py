@@ -152,6 +152,9 @@ def test_a_busy_caller_gets_a_lease_and_its_requests_need_no_script_call(
             "hset": int(stats["cmdstat_hset"]["calls"]),
             "orphans": sum(r.hlen(f"{{ws:dev}}:orphans:{lease}") for lease in leases),
             "held": nanos(r, HELD),
+            # What replicas from before leases read: no lease among the holds they reap.
+            "resv": [x.decode() for x in r.zrange("{ws:dev}:resv", 0, -1)],
+            "expiring": {x.decode() for x in r.zrange("{ws:dev}:leases:exp", 0, -1)},
         }  # fmt: skip
         await one.settle(
             (p, first, "r0", 100_000),
@@ -171,6 +174,8 @@ def test_a_busy_caller_gets_a_lease_and_its_requests_need_no_script_call(
 
     out = run(redis_url, tmp_path, body)
     assert not out["first"].reservation_id.startswith("L")
+    assert len(out["resv"]) == 3 and not any(x.startswith("L") for x in out["resv"])
+    assert out["expiring"] == out["leases"]
     assert not any(d.reservation_id.startswith("L") for d in out["exact"])
     assert all(lease.startswith("L") for lease in out["leases"])
     # A lease is about a second of the caller's spend: a burst doubles them as they run
