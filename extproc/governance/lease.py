@@ -398,6 +398,10 @@ class Leases:
             log.debug("lease %s: not handed back now (%s); it expires", lease.id, exc)
             lease.returning = False  # the sweeper tries again
             return
+        except Exception:  # a hand-back that fails must not go unseen, nor stop the next
+            log.exception("lease %s: handing it back failed; it expires", lease.id)
+            lease.returning = False
+            return
         if reply[0] == b"busy":  # an orphan is still there: a settlement not yet landed
             lease.returning = False
             return
