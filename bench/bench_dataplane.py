@@ -119,7 +119,7 @@ class _Pipeline:
 
 
 def _standings(capped: int) -> list[bytes]:
-    return [b"0", b"0", b"0"] * capped  # spent, held, top-up of each capped scope
+    return [b"0", b"0"] * capped  # spent, held of each capped scope
 
 
 class _CannedRedis:

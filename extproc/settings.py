@@ -81,6 +81,14 @@ class Settings:
     # workspace, one added to the live policy too, gets `sk-simulated-<workspace>`. `make
     # run` sets it when it starts the simulator; never use it towards a real provider.
     upstream_keys: str = "policy"
+    # The gateway's address as developers reach it ("https://ai-gateway.example.com"): budget
+    # refusals link to its /extproc/topup page. Empty: the refusal names the path alone.
+    public_url: str = ""
+    # The console's address, for links in top-up notices and pause refusals ("" for none).
+    console_url: str = ""
+    # Seconds between two looks of the runaway breaker at new ledger records (and of the
+    # top-up expiry sweep); only one replica looks at a time (a lease in Redis).
+    breaker_check_seconds: float = 1.0
 
 
 _ENV = {
@@ -102,6 +110,9 @@ _ENV = {
     "burn_check_seconds": "EXTPROC_BURN_CHECK_SECONDS",
     "redis_wait_replicas": "EXTPROC_REDIS_WAIT_REPLICAS",
     "upstream_keys": "EXTPROC_UPSTREAM_KEYS",
+    "public_url": "EXTPROC_PUBLIC_URL",
+    "console_url": "EXTPROC_CONSOLE_URL",
+    "breaker_check_seconds": "EXTPROC_BREAKER_CHECK_SECONDS",
 }
 _CHOICES = {"bad_request": ("reject", "pass"), "upstream_keys": ("policy", "simulated")}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")

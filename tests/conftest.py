@@ -232,6 +232,7 @@ class Hooks:
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
+        self.paths: list[str] = []  # the path each body was POSTed to, in the same order
         self.arrived = threading.Condition()
         hooks = self
 
@@ -240,6 +241,7 @@ class Hooks:
                 body = self.rfile.read(int(self.headers["content-length"]))
                 with hooks.arrived:
                     hooks.bodies.append(json.loads(body))
+                    hooks.paths.append(self.path)
                     hooks.arrived.notify_all()
                 self.send_response(200)
                 self.end_headers()
@@ -255,6 +257,25 @@ class Hooks:
         with self.arrived:
             assert self.arrived.wait_for(lambda: len(self.bodies) >= count, timeout), self.bodies
             return list(self.bodies)
+
+    def wait_event(
+        self, path: str, event: str, match: Callable[[dict[str, Any]], bool] = lambda b: True,
+        timeout: float = 15.0,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The first body POSTed to `path` for `event` that `match`es (waiting for it)."""
+
+        def found() -> dict[str, Any] | None:
+            for p, b in zip(self.paths, self.bodies, strict=True):
+                if p == path and b.get("extproc", {}).get("event") == event and match(b):
+                    return b
+            return None
+
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: found() is not None, timeout), (
+                path, event, list(zip(self.paths, self.bodies, strict=True)))  # fmt: skip
+            body = found()
+            assert body is not None
+            return body
 
 
 @pytest.fixture(scope="module")

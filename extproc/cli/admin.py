@@ -366,6 +366,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("key_id", help="the key to refuse (from `keys list`)")
     p.set_defaults(func=cmd_keys_revoke)
 
+    from extproc.cli.topup import register_pause_commands
+
+    register_pause_commands(ksub)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (`python -m extproc.cli.admin ...`)."""

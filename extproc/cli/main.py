@@ -151,6 +151,7 @@ from extproc.cli.prices import register_prices  # noqa: E402
 from extproc.cli.reconcile import register_reconcile  # noqa: E402
 from extproc.cli.route import register_route  # noqa: E402
 from extproc.cli.spend import register_spend  # noqa: E402
+from extproc.cli.topup import register_topup  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_console(sub)
     register_policy(sub)
     register_prices(sub)
+    register_topup(sub)
     return parser
 
 

@@ -17,7 +17,7 @@ from extproc.cli.admin import add_stack_options, parse_duration, redacted, redis
 
 def cmd_what_if(args: argparse.Namespace) -> int:
     from extproc.governance.policy import PolicyError, load_policy
-    from extproc.insight.whatif import ledger_since, render_text, replay
+    from extproc.insight.whatif import ledger_since, render_text, replay, topups_of
     from extproc.metering.prices import PriceTable
     from extproc.store.clients import UNAVAILABLE, make_client
 
@@ -29,19 +29,19 @@ def cmd_what_if(args: argparse.Namespace) -> int:
     url = redis_url(args.redis_url, args.stack)
     since_ms = int(time.time() * 1000) - args.since * 1000
 
-    async def read() -> list:  # type: ignore[type-arg]
+    async def read() -> tuple:  # type: ignore[type-arg]
         client = make_client(url, socket_connect_timeout=3, socket_timeout=30)
         try:
-            return await ledger_since(client, since_ms)
+            return await ledger_since(client, since_ms), await topups_of(client, candidate)
         finally:
             await client.aclose()
 
     try:
-        records = asyncio.run(read())
+        records, topups = asyncio.run(read())
     except UNAVAILABLE as exc:
         print(f"extproc: Redis at {redacted(url)}: {exc}", file=sys.stderr)
         return 1
-    result = replay(candidate, records, PriceTable.load())
+    result = replay(candidate, records, PriceTable.load(), topups)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

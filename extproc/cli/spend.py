@@ -23,6 +23,7 @@ def parse_now(text: str, tz: ZoneInfo) -> datetime:
 
 def cmd_spend(args: argparse.Namespace) -> int:
     from extproc.cli.admin import fail, load_policy_arg, redacted, redis_url
+    from extproc.insight.spend.halt import read_halt
     from extproc.insight.spend.html import render_html
     from extproc.store.clients import UNAVAILABLE, make_sync_client
 
@@ -39,11 +40,12 @@ def cmd_spend(args: argparse.Namespace) -> int:
         client = make_sync_client(url, socket_connect_timeout=3, socket_timeout=10)
         try:
             hashes = read_hashes(client, keys, report_reads(policy, now, args.period))
+            halt = read_halt(client, policy, int(now.timestamp() * 1000))
         finally:
             client.close()
     except UNAVAILABLE as exc:
         return fail(f"Redis at {redacted(url)}: {exc}", 1)
-    report = build_report(policy, hashes, now, selection=args.period, by=args.by)
+    report = build_report(policy, hashes, now, selection=args.period, by=args.by, halt=halt)
     if args.html:
         try:
             Path(args.html).write_text(render_html(report), "utf-8")

@@ -14,9 +14,12 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from extproc.console.halt import NotAllowed
 from extproc.console.identity import REAUTH
 from extproc.console.state import ConsoleState
 from extproc.governance.keys import KeyStoreError
+from extproc.governance.pauses import PauseError
+from extproc.governance.topups import TopupError
 from extproc.store.clients import UNAVAILABLE
 
 log = logging.getLogger("extproc.console")
@@ -34,7 +37,7 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
 
 
 def create_app(state: ConsoleState) -> FastAPI:
-    from extproc.console import api, api_people, pages, people_pages, security, signin
+    from extproc.console import api, api_people, halt_routes, pages, people_pages, security, signin
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -79,6 +82,19 @@ def create_app(state: ConsoleState) -> FastAPI:
             return _error(400, str(exc), "key_refused")
         return pages.error_page(request, 400, str(exc))
 
+    for kind, status, code in (
+        (TopupError, 400, "topup_refused"),
+        (PauseError, 400, "pause_refused"),
+        (NotAllowed, 403, "forbidden"),
+    ):
+
+        @app.exception_handler(kind)
+        async def halted(request: Request, exc: Exception, status: int = status,
+                         code: str = code) -> Any:  # fmt: skip
+            if request.url.path.startswith("/admin/"):
+                return _error(status, str(exc), code)
+            return pages.error_page(request, status, str(exc))
+
     for kind in UNAVAILABLE:
 
         @app.exception_handler(kind)
@@ -89,5 +105,7 @@ def create_app(state: ConsoleState) -> FastAPI:
     app.include_router(api_people.router)
     app.include_router(pages.router)
     app.include_router(people_pages.router)
+    app.include_router(halt_routes.api)
+    app.include_router(halt_routes.pages)
     app.include_router(signin.router)
     return app

@@ -10,26 +10,19 @@ the log is filtered by.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
+from extproc.store.audit import AUDIT_KEPT, append_audit
 from extproc.store.schema import AUDIT
 
-AUDIT_KEPT = 10_000
 SCAN_CHUNK = 500
 
 
 async def audit(client: Any, actor: Any, action: str, target: str = "", **detail: Any) -> None:
     """Record `action` by `actor`: a Principal, a Person, or a plain name."""
-    fields = {
-        "time_ms": str(time.time_ns() // 1_000_000),
-        "who": str(getattr(actor, "who", None) or getattr(actor, "label", None) or actor),
-        "subject": str(getattr(actor, "subject", actor)),
-        "action": action,
-        "target": target,
-        "detail": json.dumps(detail, default=str, sort_keys=True),
-    }
-    await client.xadd(AUDIT, fields, maxlen=AUDIT_KEPT, approximate=True)
+    who = str(getattr(actor, "who", None) or getattr(actor, "label", None) or actor)
+    subject = str(getattr(actor, "subject", actor))
+    await append_audit(client, who, subject, action, target, **detail)
 
 
 def _entry(raw: dict[bytes, bytes]) -> dict[str, Any]:

@@ -9,7 +9,8 @@ Capabilities, from the policy's `console:` section and the scopes' `approvers:`:
     signed_in   anyone the console lets in (a role, a personal-key grant or a scope to
                 approve): their own keys, sign-out
     view        role viewer (or admin): spend, usage, alerts, exports
-    approve     named in some scope's approvers: the approvals page (#22's top-ups)
+    approve     named in some scope's approvers, or an admin: the approvals page (top-ups
+                of the scopes they approve; admins decide them all)
     admin       role admin: keys, policy, what-if, shadow, people, audit
 
 Admin tokens and the one-time login link are the bootstrap path: they hold the admin role
@@ -94,7 +95,7 @@ class Principal:
         if capability == ADMINISTER:
             return ADMIN in self.roles
         if capability == APPROVE:
-            return bool(self.approves)
+            return bool(self.approves) or ADMIN in self.roles
         raise ValueError(f"unknown capability {capability!r}")
 
 

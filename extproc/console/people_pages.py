@@ -1,5 +1,5 @@
-"""The pages about keys and people: every key (admins), my keys (anyone signed in), the
-people who signed in (admins) and the scopes I approve for (approvers).
+"""The pages about keys and people: every key (admins), my keys (anyone signed in) and the
+people who signed in (admins). The approvals page is `halt_routes`'.
 
 Every form posts, then redirects (post/redirect/get): reloading the page after "Create key"
 shows the page again, never makes a second key. A new key's secret rides the redirect in a
@@ -14,9 +14,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from extproc.console import service
+from extproc.console import halt, service
 from extproc.console.audit import audit
-from extproc.console.identity import ADMINISTER, APPROVE, SIGNED_IN, Need, Principal
+from extproc.console.identity import ADMINISTER, SIGNED_IN, Need, Principal
 from extproc.console.pages import check_csrf, render
 from extproc.console.state import state_of
 from extproc.governance.access import roles_of
@@ -26,7 +26,6 @@ router = APIRouter(include_in_schema=False)
 
 Admin = Annotated[Principal, Depends(Need(ADMINISTER, page=True))]
 Anyone = Annotated[Principal, Depends(Need(SIGNED_IN, page=True))]
-Approver = Annotated[Principal, Depends(Need(APPROVE, page=True))]
 
 
 def _see(path: str) -> RedirectResponse:
@@ -47,7 +46,18 @@ async def keys(request: Request, who: Admin) -> HTMLResponse:
     st = state_of(request)
     infos = await KeyStore(st.redis).list()
     made = await _made(request, who)
-    return render(request, "keys.html", who, keys=infos, policy=st.policy(), made=made)
+    paused = await _paused(st)
+    return render(
+        request, "keys.html", who, keys=infos, policy=st.policy(), made=made, paused=paused
+    )
+
+
+async def _paused(st: Any) -> dict[str, Any]:
+    """Key id -> its pause in force, for the key tables."""
+    policy = st.policy()
+    if policy is None:
+        return {}
+    return {p.key_id: p for p in await halt.paused_keys(st.redis, policy) if p.paused}
 
 
 @router.post("/keys")
@@ -94,6 +104,7 @@ async def me(request: Request, who: Anyone) -> HTMLResponse:
         request,
         "me.html",
         who,
+        paused=await _paused(st),
         keys=mine,
         made=await _made(request, who),
         choices=who.key_choices,
@@ -171,8 +182,3 @@ async def enable(
     await st.people.enable(subject)
     await audit(st.redis, who, "people.enable", subject, via="console")
     return _see("/people")
-
-
-@router.get("/approvals", response_class=HTMLResponse)
-async def approvals(request: Request, who: Approver) -> HTMLResponse:
-    return render(request, "approvals.html", who)

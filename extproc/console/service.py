@@ -228,13 +228,16 @@ def spend_report(
 ) -> Report:
     """The report of `extproc spend` (same reads, same builder): `.to_dict()` is its --json."""
     now = now or datetime.now(policy.timezone)
+    from extproc.insight.spend.halt import read_halt
+
     keys = report_keys(policy, now, period, by)
     client = sync_client_factory()
     try:
         hashes = read_hashes(client, keys, report_reads(policy, now, period))
+        halt = read_halt(client, policy, int(now.timestamp() * 1000))
     finally:
         client.close()
-    return build_report(policy, hashes, now, selection=period, by=by)
+    return build_report(policy, hashes, now, selection=period, by=by, halt=halt)
 
 
 async def spend_report_async(
@@ -364,7 +367,7 @@ async def what_if(client: Any, text: str, since_days: int) -> dict[str, Any]:
     import time
     from pathlib import Path
 
-    from extproc.insight.whatif import ledger_since, replay
+    from extproc.insight.whatif import ledger_since, replay, topups_of
     from extproc.metering.prices import PriceTable
 
     with tempfile.TemporaryDirectory(prefix="extproc-whatif-") as tmp:
@@ -377,7 +380,8 @@ async def what_if(client: Any, text: str, since_days: int) -> dict[str, Any]:
             return {"valid": False, "problems": problems}
     since_ms = int(time.time() * 1000) - since_days * 86_400_000
     records = await ledger_since(client, since_ms)
-    result = await asyncio.to_thread(replay, candidate, records, PriceTable.load())
+    topups = await topups_of(client, candidate)
+    result = await asyncio.to_thread(replay, candidate, records, PriceTable.load(), topups)
     return {"valid": True, "since_days": since_days, **result.to_dict()}
 
 

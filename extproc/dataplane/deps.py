@@ -22,6 +22,7 @@ from extproc.metering.orphans import Orphan
 from extproc.metering.prices import PriceTable
 from extproc.settings import Settings
 from extproc.v1.ledger_pb2 import Settlement
+from extproc.wire.errors import OpenAIError
 
 
 def _now_ms() -> int:
@@ -92,6 +93,9 @@ class Deps:
     store: Any = None  # the general Redis client (reads for paths the sidecar answers itself)
     shadow: Policy | None = None  # evaluated beside `policy` on every request, never enforced
     new_models: NewModelSink | None = None  # alerts on the first request for an unknown model
+    # Key id -> the refusal of its pause, kept current by `governance.live` (in place).
+    paused: dict[str, OpenAIError] = field(default_factory=dict)
+    halt: Any = None  # the top-up requests behind /extproc/topup (`dataplane.selfservice`)
 
     @property
     def timezone(self) -> ZoneInfo:

@@ -80,23 +80,11 @@ Reply = msgs.ProcessingResponse | Awaitable[msgs.ProcessingResponse]
 
 _REQUEST_HEADERS = frozenset(
     {
-        ":method",
-        ":path",
-        "authorization",
-        "content-encoding",
-        "x-request-id",
-        "session_id",
-        "session-id",
-        "traceparent",
-        "tracestate",
-        "x-task",
-        "originator",
-        "user-agent",
-        "content-type",
-        *CLIENT_CREDENTIALS,
-        *UPGRADE_HEADERS,
+        ":method", ":path", "authorization", "content-encoding", "x-request-id", "session_id",
+        "session-id", "traceparent", "tracestate", "x-task", "originator", "user-agent",
+        "content-type", *CLIENT_CREDENTIALS, *UPGRADE_HEADERS,
     }
-)
+)  # fmt: skip
 ROUTE_HEADER = "x-extproc-route"
 _RESPONSE_HEADERS = frozenset({":status", "content-type"})
 _RID = "x-extproc-request-id"
@@ -120,6 +108,7 @@ class Exchange(Settling):
         "_record",
         "_request_chunks",
         "_route_decision",
+        "_self",
         "_start_ns",
         "_started",
         "_target",
@@ -139,9 +128,7 @@ class Exchange(Settling):
         self._route_decision: RouteDecision | None = None
         self._prefix: Prefix | None = None
         self._record: UsageRecord | None = None
-        self.busy_ns = (
-            0  # time the sidecar spent on this request's phases (the stream handler adds)
-        )
+        self.busy_ns = 0  # the sidecar's time on this request's phases (the handler adds)
         self.seen = Observed(time_ms=deps.now_ms())
         self._endpoint: Endpoint | None = None
         self._prepared: PreparedRequest | None = None
@@ -155,6 +142,7 @@ class Exchange(Settling):
         self._codex = False
         self._target: Target | None = None
         self._pass: PassthroughCall | None = None
+        self._self: selfservice.Call | None = None
 
     # -- request headers: which endpoint, which caller ----------------------------------
 
@@ -163,10 +151,10 @@ class Exchange(Settling):
         h, spoofed = msgs.request_header_map(msg, _REQUEST_HEADERS, "x-extproc-")
         method, path = h.get(":method", ""), h.get(":path", "")
         if path.startswith(selfservice.PREFIX):
-            # Answered here, never forwarded: the developer's own view (see selfservice).
+            # Answered here, never forwarded: the developer's own pages and calls.
             self._closed = True
-            self._deps.ledger.note_unmetered(selfservice.unmetered_key(method, path))
-            return selfservice.answer(self._deps, method, path, presented_key(h))
+            self._self = selfservice.Call(self._deps, method, path, presented_key(h))
+            return self._self.on_headers(msg.end_of_stream)
         seen = self.seen
         # 128 random bits as 32 hex digits, the shape a uuid4 hex had: the id is opaque
         # everywhere (records, headers, Redis), and this costs a third of uuid4().hex.
@@ -217,6 +205,9 @@ class Exchange(Settling):
         if identity is None or policy is None or identity.workspace not in policy.workspaces:
             return self._refuse_unbilled(guard.UNKNOWN_KEY, "invalid_api_key")
         self._identity = identity
+        paused = self._deps.paused.get(identity.key_id) if self._deps.paused else None
+        if paused is not None:  # the runaway breaker (or a person) stopped this key
+            return self._reject(paused)
         upstream_key = self._deps.upstream_keys.get(identity.workspace)
         if not upstream_key:
             missing = self._deps.upstream_missing.get(identity.workspace, "not configured")
@@ -320,6 +311,8 @@ class Exchange(Settling):
     # -- request body: parse, count, reserve --------------------------------------------
 
     def on_request_body(self, msg: msgs.pb.HttpBody) -> Reply:
+        if self._self is not None:  # a POST to the sidecar's own API (see selfservice)
+            return self._self.on_body(msg)  # type: ignore[no-any-return]
         passing = self._pass
         if passing is not None:
             body = passing.on_request_body(msg)
@@ -523,7 +516,8 @@ class Exchange(Settling):
         """Refuse a denied reservation; `ask` says what it would have held (budget only)."""
         assert self._deps.policy is not None
         what = ask() if ask is not None and decision.reason == "budget" else None
-        error, headers = guard.denial(decision, plan, self._deps.policy.timezone, what)
+        public = self._deps.settings.public_url
+        error, headers = guard.denial(decision, plan, self._deps.policy.timezone, what, public)
         if decision.reason == "budget" and decision.first_denial:
             log.warning("hard limit reached: %s", error.message)
         return self._reject(error, headers)

@@ -29,11 +29,14 @@ from extproc.governance.budget import Budgets
 from extproc.governance.credentials import simulated_upstream_key
 from extproc.governance.holds import tend_forever
 from extproc.governance.keys import KeyCache, KeyStore
+from extproc.governance.live import LiveState
 from extproc.governance.policy import Policy, PolicyError, PolicyWatcher, load_policy
 from extproc.insight.alerts import Alert, Alerter, record_alert
 from extproc.insight.burn import BurnWatch
 from extproc.insight.newmodels import NewModels
+from extproc.insight.runaway import RunawayWatch
 from extproc.insight.telemetry import METRICS_LINE, Telemetry
+from extproc.insight.topupdesk import TopupDesk
 from extproc.metering.ledger import Ledger
 from extproc.metering.prices import PriceTable, usd_for_people
 from extproc.metering.pricewatch import PriceWatcher
@@ -259,6 +262,7 @@ class Sidecar(NamedTuple):
     ledger: Ledger
     keys: KeyCache | None
     budgets: Budgets | None
+    live: LiveState | None = None  # top-up grants and paused keys (governance.live)
 
 
 def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = None) -> Sidecar:
@@ -297,6 +301,7 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
             "metering-only mode (EXTPROC_METERING_ONLY): no policy and no virtual keys; "
             "clients' own credentials reach the provider"
         )
+    live = None
     if settings.policy:
         governor.apply(load_policy(settings.policy))
         deps.keys = keys = KeyCache(KeyStore(client, hot=hot))
@@ -304,15 +309,45 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
         if settings.shadow_policy:
             deps.shadow = load_policy(settings.shadow_policy)
             log.info("shadow policy loaded: %s (never enforced)", settings.shadow_policy)
+        live = LiveState(
+            client,
+            lambda: deps.policy,
+            console_url=settings.console_url,
+            on_refresh=partial(report_live, deps.telemetry),
+        )
+        keys.on_notice = live.on_notice
+        deps.paused = live.refusals  # the request path's one probe for a paused key
         budgets = Budgets(
             hot or client,
             hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1),
+            topups=live.topups,
+            topups_until=live.topups_until,
             leases=settings.budget_leases,
         )
         deps.budgets = budgets
         ledger.on_settled = budgets.settled
         keys.on_leases = budgets.close_workspace
-    return Sidecar(deps, governor, ledger, keys, budgets)
+        live.on_withdrawn = budgets.close_workspace  # a top-up gone before its time
+        deps.halt = TopupDesk(
+            client, lambda: deps.policy, governor.alerter, console_url=settings.console_url
+        )
+    return Sidecar(deps, governor, ledger, keys, budgets, live)
+
+
+def report_live(telemetry: Telemetry, live: LiveState) -> None:
+    """The gauges of live top-ups and paused keys, after each refresh of the cache."""
+    halt = telemetry.halt
+    if halt is None:
+        return
+    now = time.time_ns() // 1_000_000
+    topups: dict[tuple[str, str], float] = {}
+    for workspace in live.workspaces_with_grants():
+        for scope, nanos in live.topups(workspace, now).items():
+            topups[(workspace, scope)] = nanos / 1e9
+    paused: dict[str, int] = {}
+    for pause in live.paused.values():
+        paused[pause.workspace] = paused.get(pause.workspace, 0) + 1
+    halt.live(topups, paused)
 
 
 def _prefixes(deps: Deps) -> list[str]:
@@ -334,7 +369,7 @@ async def serve(
     hot = None
     if not is_cluster(settings.redis_url) and supports_url(settings.redis_url):
         hot = FastRedis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
-    deps, governor, ledger, keys, budgets = build_deps(settings, client, hot)
+    deps, governor, ledger, keys, budgets, live = build_deps(settings, client, hot)
     if deps.telemetry.metrics_address:
         # Before the ready line: a worker's supervisor learns here where to scrape it.
         print(f"{METRICS_LINE} {deps.telemetry.metrics_address}", flush=True)
@@ -353,11 +388,22 @@ async def serve(
         burn = BurnWatch(client, lambda: deps.policy, governor.alerter, deps.telemetry)
         burn_every = max(settings.burn_check_seconds, 0.5)
         background.append(asyncio.create_task(burn.run(burn_every), name="burn-watch"))
-        assert budgets is not None
+        assert budgets is not None and live is not None
         holds = tend_forever(
             budgets, lambda: _prefixes(deps), ledger.submit, deps.now_ms, lambda: deps.prices
         )
         background.append(asyncio.create_task(holds, name="holds"))
+        background.append(asyncio.create_task(live.run(), name="live-state"))
+        runaway = RunawayWatch(
+            client,
+            lambda: deps.policy,
+            governor.alerter,
+            telemetry=deps.telemetry,
+            console_url=settings.console_url,
+            lease_ms=max(5_000, int(settings.breaker_check_seconds * 5_000)),
+        )
+        every = max(settings.breaker_check_seconds, 0.1)
+        background.append(asyncio.create_task(runaway.run(every), name="runaway-watch"))
 
     beat_fd = heartbeat_fd() if reuse_port else None
     if beat_fd is not None:  # a worker: tell the supervisor the event loop turns
@@ -366,7 +412,9 @@ async def serve(
 
     transport = H2Transport(deps)
     await transport.start(settings, reuse_port=reuse_port)
-    log.info("extproc listening on %s", settings.listen)
+    # The log line must not read as the ready line: with several workers, only the
+    # supervisor's "extproc listening" (every worker ready) may tell a waiting caller to go.
+    log.info("serving ext_proc on %s", settings.listen)
     print(f"extproc listening on {settings.listen}", flush=True)
 
     stop = stop or asyncio.Event()

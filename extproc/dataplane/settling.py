@@ -191,7 +191,7 @@ class Settling:
         charged, period_id = charges_for(deps.policy, identity, plan, now, tz)
         if reservation_id is None:
             reservation_id = self._decision.reservation_id if self._decision else ""
-        prefix = self._prefix
+        p = self._prefix
         return settlement_for(
             record,
             charged,
@@ -200,7 +200,7 @@ class Settling:
             prices=deps.prices,
             reservation_id=reservation_id,
             attributed=identity is not None,
-            prefix=None if prefix is None else CachePrefix(prefix.fingerprint, prefix.tokens),
+            prefix=None if p is None else CachePrefix(p.fingerprint, p.tokens, p.request),
         )
 
     def close(self) -> None:
@@ -230,5 +230,12 @@ class Settling:
                 denial_reason=reason,
                 denial_scope=denied.denied.scope if denied and denied.denied else None,
                 sidecar_overhead_ns=self.busy_ns,
+                topup_nanos=_topup(decision),
             )
         )
+
+
+def _topup(decision: Decision | None) -> int:
+    """What top-ups added to the hard limit of the scope that binds (for the span)."""
+    binding = decision.binding if decision is not None else None
+    return binding.scope.topup_nanos if binding is not None else 0

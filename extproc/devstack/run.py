@@ -378,7 +378,8 @@ def _run(
             f"  more keys       : {exe} keys create --workspace W --service S\n"
             f"  usage / spend   : {exe} usage --limit 10 ; {exe} spend\n"
             f"{_console_lines(stack, admin_tokens)}"
-            f"  my usage        : {stack.base_url.removesuffix('/v1')}/extproc/me\n"
+            f"  my usage        : {stack.base_url.removesuffix('/v1')}/extproc/me"
+            f" (ask for a top-up there; `{exe} topup list` to decide)\n"
             f"Warnings and errors of the sidecar and Envoy appear below. Ctrl-C stops everything.",
             flush=True,
         )

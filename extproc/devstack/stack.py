@@ -582,6 +582,13 @@ class Stack:
             "EXTPROC_SPOOL_DIR": str((self.config.data_dir / "spool").resolve()),
             "PYTHONUNBUFFERED": "1",
             "EXTPROC_WORKERS": str(self.config.sidecar_workers),
+            # Budget refusals link to the gateway's top-up page; notices to the console.
+            "EXTPROC_PUBLIC_URL": self.base_url.removesuffix("/v1"),
+            **(
+                {"EXTPROC_CONSOLE_URL": f"http://127.0.0.1:{self.config.console_port}"}
+                if self.config.console_port
+                else {}
+            ),
             **self.config.sidecar_env,
         }
         own = self._worker_ports.get(name)

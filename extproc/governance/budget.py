@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -68,6 +68,8 @@ class ScopeLimit:
     budget_nanos: int | None
     soft_nanos: int | None
     hard_nanos: int | None
+    # Of hard_nanos, what live top-up grants add (governance.topups.with_topups).
+    topup_nanos: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +278,20 @@ def with_overdraft(plan: Plan, nanos: int) -> Plan:
     return replace(plan, scopes=scopes)
 
 
+def with_topups(plan: Plan, topups: Mapping[str, int]) -> Plan:
+    """The plan with each capped scope's hard limit raised by its live top-up grants
+    (scope -> nanos, see `governance.topups`): the cap is the policy's plus theirs."""
+    if not topups:
+        return plan
+    scopes = tuple(
+        replace(s, hard_nanos=s.hard_nanos + add, topup_nanos=add)
+        if s.hard_nanos is not None and (add := topups.get(s.scope, 0))
+        else s
+        for s in plan.scopes
+    )
+    return replace(plan, scopes=scopes)
+
+
 def overdraft_left(denial: Decision, overdraft_nanos: int) -> int:
     """What remains of the overdraft beyond the hard cap that refused the request."""
     scope = denial.denied
@@ -283,7 +299,7 @@ def overdraft_left(denial: Decision, overdraft_nanos: int) -> int:
     if not isinstance(scope, ScopeLimit) or scope.hard_nanos is None or standing is None:
         return 0
     used = standing.spent_nanos + standing.held_nanos
-    return max(scope.hard_nanos + standing.topup_nanos + overdraft_nanos - used, 0)
+    return max(scope.hard_nanos + overdraft_nanos - used, 0)
 
 
 def remaining_nanos(hard_nanos: int, spent_nanos: int, held_nanos: int) -> int:
@@ -300,18 +316,11 @@ class Standing:
     scope: ScopeLimit
     spent_nanos: int
     held_nanos: int
-    # Live temporary top-ups of the scope's hard limit (store/lua/caps.lua): part of the cap.
-    topup_nanos: int = 0
-
-    @property
-    def hard_nanos(self) -> int:
-        """The cap that refuses: the policy's hard limit plus the live top-ups."""
-        return (self.scope.hard_nanos or 0) + self.topup_nanos
 
     @property
     def left_nanos(self) -> int:
         """What is left before the hard limit refuses (`remaining_nanos`)."""
-        return remaining_nanos(self.hard_nanos, self.spent_nanos, self.held_nanos)
+        return remaining_nanos(self.scope.hard_nanos or 0, self.spent_nanos, self.held_nanos)
 
     @property
     def over_soft(self) -> bool:
@@ -379,10 +388,9 @@ def _args(
 
 
 def standings_of(capped: tuple[ScopeLimit, ...], figures: Sequence[bytes]) -> tuple[Standing, ...]:
-    """Standings from a script's (spent, held, top-up) per capped scope, in order."""
+    """Standings from a script's (spent, held) per capped scope, in order."""
     return tuple(
-        Standing(s, int(figures[3 * i]), int(figures[3 * i + 1]), int(figures[3 * i + 2]))
-        for i, s in enumerate(capped)
+        Standing(s, int(figures[2 * i]), int(figures[2 * i + 1])) for i, s in enumerate(capped)
     )
 
 
@@ -392,7 +400,7 @@ def decide(plan: Plan, reservation_id: str, reply: list[bytes], now_ms: int) -> 
     if kind == "ok":
         capped = tuple(s for s in plan.scopes if s.hard_nanos is not None)
         standings = standings_of(capped, reply[1:])
-        at = 1 + 3 * len(capped)
+        at = 1 + 2 * len(capped)
         session = int(reply[at]) if len(reply) > at else 0
         return Decision(True, "ok", reservation_id, standings=standings, session_tokens=session)
     if kind == "revoked":
@@ -410,7 +418,7 @@ def decide(plan: Plan, reservation_id: str, reply: list[bytes], now_ms: int) -> 
         )
     denied = reply[1].decode()
     scope = next(s for s in plan.scopes if s.scope == denied)
-    standing = Standing(scope, int(reply[2]), int(reply[3]), int(reply[5]))
+    standing = Standing(scope, int(reply[2]), int(reply[3]))
     return Decision(
         False,
         "budget",
@@ -425,10 +433,23 @@ class Budgets:
     """Reserve-before-forward against Redis, with each workspace's Redis-outage policy."""
 
     def __init__(
-        self, client: ScriptClient, *, hold_ttl_ms: int = RESERVATION_TTL_MS, leases: bool = True
+        self,
+        client: ScriptClient,
+        *,
+        hold_ttl_ms: int = RESERVATION_TTL_MS,
+        topups: Callable[[str, int], Mapping[str, int]] | None = None,
+        topups_until: Callable[[str, int], int] | None = None,
+        leases: bool = True,
     ) -> None:
         self._redis = client
         self.hold_ttl_ms = hold_ttl_ms
+        # A workspace's live top-ups at a time (scope -> nanos), from the sidecar's cache
+        # (`governance.live`): they raise the hard limits each hold and each lease grant or
+        # refresh checks (the scripts take the caps as given: top-ups count once, here).
+        self.topups = topups
+        # When the first of those top-ups ends (0: none): a lease granted on a cap that
+        # counts one admits no longer than that.
+        self.topups_until = topups_until
         # Holds (and leases) this process owns and has not settled (returned) yet, by
         # workspace prefix: renewed until the ledger has written their settlement.
         self._owned: defaultdict[str, set[str]] = defaultdict(set)
@@ -466,12 +487,26 @@ class Budgets:
         """Hold the plan's worst case. `orphan` is what any replica bills if this request's
         sidecar dies before settling it (see `reap`): a compact `Orphan` (metering.orphans),
         which lets a busy caller's request be admitted under a lease, or a serialized
-        settlement (held exactly). `exact`: never under a lease (an overdraft's retry)."""
+        settlement (held exactly). `exact`: never under a lease (an overdraft's retry).
+        Live top-ups raise the plan's hard limits first (`with_topups`)."""
+        caller, until_ms = plan, 0
+        if self.topups is not None:
+            granted = self.topups(plan.workspace, now_ms)
+            if granted:
+                plan = with_topups(plan, granted)
+                if self.topups_until is not None:
+                    until_ms = self.topups_until(plan.workspace, now_ms)
         leases = self.leases
         if leases is not None and not exact and isinstance(orphan, Orphan):
             try:
                 admitted = await leases.admit(
-                    plan, now_ms, orphan.encode(), orphan.request_id, session
+                    plan,
+                    now_ms,
+                    orphan.encode(),
+                    orphan.request_id,
+                    session,
+                    base=caller,
+                    until_ms=until_ms,
                 )
             except UNAVAILABLE as exc:
                 log.warning("budget: redis unavailable for %s (%s)", plan.workspace, exc)

@@ -13,6 +13,11 @@ The error types and codes are chosen for what real clients do with them:
 * over a rate limit -> 429 `rate_limit_exceeded` with `retry-after` / `retry-after-ms` and
   OpenAI's `x-ratelimit-*` headers: the SDKs wait exactly that long and retry by themselves.
 * unknown, expired or revoked key -> 401 `invalid_api_key` (SDK `AuthenticationError`).
+* a key the runaway breaker paused -> 403 `key_paused` with `x-should-retry: false` (SDK
+  `PermissionDeniedError`, no retries): why, since when, and how it is resumed.
+
+Every budget refusal carries a link to ask for a top-up (`topup_link`), which the developer
+opens from where the refusal reached them (Codex prints it).
 * budget store down and the workspace fails closed -> 503 (SDKs retry with backoff).
 """
 
@@ -25,6 +30,7 @@ from zoneinfo import ZoneInfo
 
 from extproc.governance.budget import Decision, Plan, ScopeLimit, Standing
 from extproc.governance.keys import Identity
+from extproc.governance.pauses import Pause
 from extproc.governance.policy import Policy
 from extproc.metering.prices import MILLION, PriceTable, usd
 from extproc.metering.worstcase import token_rates
@@ -93,15 +99,47 @@ def _reset_text(ms: int, tz: ZoneInfo) -> str:
     return datetime.fromtimestamp(ms / 1000, tz).isoformat(timespec="minutes")
 
 
+TOPUP_PATH = "/extproc/topup/"
+PAUSED_CODE = "key_paused"
+
+
+def topup_link(public_url: str, scope: str) -> str:
+    """Where a refused caller asks for more of `scope`: the gateway's own page (the key
+    is given there, in a form: never in the URL)."""
+    path = TOPUP_PATH + scope
+    return public_url.rstrip("/") + path if public_url else f"this gateway's {path}"
+
+
+def paused(pause: Pause, tz: ZoneInfo, console_url: str = "") -> OpenAIError:
+    """The refusal of a paused key: why, since when, how it is resumed."""
+    since = _reset_text(pause.since_ms, tz)
+    who = "the runaway breaker" if pause.by == "breaker" else pause.by
+    where = f" ({console_url.rstrip('/')}/keys)" if console_url else ""
+    return OpenAIError(
+        403,
+        f"Key {pause.key_id} is paused: {who} paused it at {since} because {pause.why}. "
+        f"Nothing is sent with it until a person resumes it: its owner or an approver in the "
+        f"console{where}, or an admin with `extproc keys resume {pause.key_id}`.",
+        "invalid_request_error",
+        None,
+        PAUSED_CODE,
+    )
+
+
 def denial(
-    decision: Decision, plan: Plan | None, tz: ZoneInfo, ask: Ask | None = None
+    decision: Decision,
+    plan: Plan | None,
+    tz: ZoneInfo,
+    ask: Ask | None = None,
+    topup: str = "",
 ) -> tuple[OpenAIError, dict[str, str]]:
     """The refusal of a denied reservation, in OpenAI's shape, and its headers.
 
     A budget denial is one of three: the denied scope's spend has reached its hard limit
     (exhausted); what is left is all held by requests in flight; or this request's worst
     case is more than what is left. `ask` (what the request would hold) lets the last say
-    which tokens on which model and which output cap would fit.
+    which tokens on which model and which output cap would fit. `topup` is the gateway's
+    public URL (may be empty): a budget refusal links to its top-up request page.
     """
     if decision.reason == "revoked":
         return UNKNOWN_KEY, {}
@@ -144,16 +182,24 @@ def denial(
         "x-extproc-budget-reset": reset,
     }
     hard = scope.hard_nanos if isinstance(scope, ScopeLimit) else None
+    more = ""
+    if isinstance(scope, ScopeLimit):
+        link = topup_link(topup, scope.scope)
+        headers["x-extproc-topup-url"] = link if topup else TOPUP_PATH + scope.scope
+        more = f" Ask for a top-up: {link}"
     if hard is not None and standing is not None and standing.spent_nanos < hard:
-        message = _no_room(scope, standing, plan, ask, reset)  # type: ignore[arg-type]
+        message = _no_room(scope, standing, plan, ask, reset) + more  # type: ignore[arg-type]
         return OpenAIError(429, message, "insufficient_quota", None, "insufficient_quota"), headers
     spent = usd(standing.spent_nanos, cents=True) if standing else "?"
     budget = scope.budget_nanos if scope else None  # type: ignore[union-attr]
+    granted = scope.topup_nanos if isinstance(scope, ScopeLimit) else 0
     message = (
         f"Budget exhausted for {scope.label if scope else plan.workspace}: "  # type: ignore[union-attr]
         f"${spent} spent of a ${usd(hard or 0, cents=True)} hard limit"
-        f"{f' (budget ${usd(budget, cents=True)})' if budget else ''} for period {plan.period.id}. "
-        f"It resets at {reset}. Ask your platform team to raise the budget if this is expected."
+        f"{f' (budget ${usd(budget, cents=True)})' if budget else ''}"
+        f"{f', top-ups included (${usd(granted, cents=True)})' if granted else ''} "
+        f"for period {plan.period.id}. It resets at {reset}."
+        + (more or " Ask your platform team to raise the budget if this is expected.")
     )
     return OpenAIError(429, message, "insufficient_quota", None, "insufficient_quota"), headers
 

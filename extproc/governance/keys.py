@@ -39,6 +39,7 @@ KEY_PREFIX = "sk-ext-"
 KEY_PATTERN = re.compile(r"sk-ext-[A-Za-z0-9_-]{40}")
 _MAX_OWNER = 200
 _ATTEMPTS = 3
+_OTHER_NOTICES = frozenset({"topup", "pause", "resume"})
 
 Clock = Callable[[], int]
 
@@ -457,8 +458,10 @@ class KeyCache:
         self._epoch = 0
         self._changed = asyncio.Event()
         # Told the workspace of each `leases` notice on the same channel (Budgets closes
-        # that workspace's leases: a hard limit was lowered).
+        # that workspace's leases: room is asked for, or a hard limit was lowered).
         self.on_leases: Callable[[str], object] | None = None
+        # Told of the channel's other notices (top-ups, pauses: see `governance.live`).
+        self.on_notice: Callable[[str, str, str], None] | None = None
 
     def get(self, secret: str) -> Lookup:
         """Identity, None (refused) or MISSING (ask `resolve`), with no I/O."""
@@ -560,6 +563,10 @@ class KeyCache:
         if parts[0] == LEASES_NOTICE:  # not about a key: a workspace's budget leases
             if self.on_leases is not None:
                 self.on_leases(parts[1])
+            return
+        if parts[0] in _OTHER_NOTICES:
+            if self.on_notice is not None:
+                self.on_notice(parts[0], parts[1], parts[2])
             return
         self._invalidate(parts[2])
 

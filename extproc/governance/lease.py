@@ -12,7 +12,8 @@ batched settle call, which moves each request's actual cost out of the lease.
 Rules (docs/budgets.md, "Leases", states the bound they give):
 
 * A lease is granted only while it fits: `spent + held + lease <= cap` for every capped
-  scope (cap: hard limit plus live top-ups), and it takes at most a quarter of the room
+  scope (cap: hard limit plus live top-ups, as `Budgets` gives them: the plan's
+  `with_topups`), and it takes at most a quarter of the room
   left, so replicas never take it all. Its size is about a second of this caller's spend
   on this replica, at least `LEASE_LEAST` worst cases; with less room than that the caller
   is held exactly, per request (near the cap: `reserve.lua`, as without leases).
@@ -20,11 +21,14 @@ Rules (docs/budgets.md, "Leases", states the bound they give):
   left (`left -= worst`); it hands back `worst - actual` when it settles. So the worst
   cases admitted under a lease never exceed it, and `held` in Redis covers them.
 * A lease admits for at most `LEASE_VALID_MS` (1 s) after its grant or last refresh, less if
-  a top-up it counts on expires sooner. A refresh (one script call, at most one a second per
-  lease) re-checks the caps, the key's revocation, and takes a fresh rate-limit chunk: so a
-  lowered limit or a revoked key reaches every replica within a second even if its notice
-  is lost. The notice itself (`leases <workspace>` on the key channel) closes the
-  workspace's leases at once.
+  a top-up its caps count ends sooner. A refresh (one script call, at most one a second per
+  lease) re-checks the caps as they are now, the key's revocation, and takes a fresh
+  rate-limit chunk: so a revoked key reaches every replica within a second even if its
+  notice is lost. A withdrawn top-up closes the workspace's leases as soon as the live
+  cache learns it (its `topup` notice, or its refresh every second: `governance.live`); a
+  grant or refresh under way when they are closed is closed too. A policy cap cut makes
+  new plans, hence new callers and leases; the old ones idle out. The `leases <workspace>`
+  notice on the key channel (room asked for at a cap) closes them at once.
 * Rate limits are leased with the budget: a grant counts a chunk of the minute's requests
   and tokens up front (at most a quarter of what is left); a chunk lapses with its minute.
   A lease's requests never exceed its chunk, so limits are never exceeded; unused chunks
@@ -57,7 +61,7 @@ if TYPE_CHECKING:  # budget imports this module: its types are for annotations o
 log = logging.getLogger("extproc.governance.lease")
 
 StandingsOf = Callable[["tuple[ScopeLimit, ...]", Sequence[bytes]], "tuple[Standing, ...]"]
-"""Turns a grant's or refresh's figures (spent, held, top-up per capped scope) into the
+"""Turns a grant's or refresh's figures (spent, held per capped scope) into the
 standings decisions carry (`budget.standings_of`)."""
 
 LEASE_VALID_MS = 1000
@@ -153,18 +157,32 @@ class Leases:
         self._by_id: dict[str, Lease] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._epochs: dict[str, int] = {}  # prefix -> how often its leases were closed
 
     # -- admission ---------------------------------------------------------------------------
 
     async def admit(
-        self, plan: Plan, now_ms: int, orphan: bytes, request_id: str, session: str
+        self,
+        plan: Plan,
+        now_ms: int,
+        orphan: bytes,
+        request_id: str,
+        session: str,
+        *,
+        base: Plan | None = None,
+        until_ms: int = 0,
     ) -> tuple[Lease, int] | None:
         """Admit `plan` under this caller's lease (granting one if the caller is busy): the
         lease and the session's running input total; None: hold it exactly. Raises what
-        Redis raises when it is away (the orphan could not be written; nothing admitted)."""
+        Redis raises when it is away (the orphan could not be written; nothing admitted).
+
+        `plan`'s hard limits are the caps (with live top-ups); `base` is the same plan
+        before top-ups, whose scopes name the caller (top-ups make a new plan per request);
+        `until_ms`: when the first top-up counted in the caps ends (0: none), after which
+        no lease granted or refreshed now may admit."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        caller = self._caller(plan, now)
+        caller = self._caller(base or plan, now)
         worst = plan.reserve_nanos
         lease = caller.lease
         for _ in range(3):
@@ -175,11 +193,11 @@ class Leases:
                 now, lease = loop.time(), caller.lease
                 continue
             if lease is not None and not lease.closed and lease.left >= worst:
-                lease = await self._refresh(caller, lease, plan, now_ms)
+                lease = await self._refresh(caller, lease, plan, now_ms, until_ms)
             elif caller.last_count + caller.count >= LEASE_AFTER and now >= caller.exact_until:
                 if lease is not None:
                     self._close(lease)
-                lease = await self._grant(caller, plan, now_ms)
+                lease = await self._grant(caller, plan, now_ms, until_ms)
             else:
                 return None
             now = loop.time()
@@ -263,16 +281,34 @@ class Leases:
 
     # -- grant, refresh, return --------------------------------------------------------------
 
-    async def _grant(self, caller: Caller, plan: Plan, now_ms: int) -> Lease | None:
+    def _valid_ms(self, now_ms: int, until_ms: int) -> int:
+        """How long a lease granted or refreshed now may admit: `valid_ms`, and no longer
+        than the first top-up its caps count (`until_ms`, 0: none) lasts."""
+        if until_ms and until_ms - now_ms < self.valid_ms:
+            return max(until_ms - now_ms, 0)
+        return self.valid_ms
+
+    async def _grant(
+        self, caller: Caller, plan: Plan, now_ms: int, until_ms: int = 0
+    ) -> Lease | None:
         loop = asyncio.get_running_loop()
         caller.busy = loop.create_future()
+        epoch = self._epochs.get(plan.prefix, 0)
         try:
-            return await self._do_grant(caller, plan, now_ms)
+            lease = await self._do_grant(caller, plan, now_ms, self._valid_ms(now_ms, until_ms))
+            if lease is not None and self._epochs.get(plan.prefix, 0) != epoch:
+                # The workspace's leases were closed while this grant was on its way: it
+                # may count a cap that is gone (a top-up withdrawn meanwhile).
+                self._close(lease)
+                return None
+            return lease
         finally:
             busy, caller.busy = caller.busy, None
             busy.set_result(None)
 
-    async def _do_grant(self, caller: Caller, plan: Plan, now_ms: int) -> Lease | None:
+    async def _do_grant(
+        self, caller: Caller, plan: Plan, now_ms: int, valid_ms: int
+    ) -> Lease | None:
         worst = max(plan.reserve_nanos, 1)
         rate_nanos = max(caller.nanos, caller.last_nanos)
         want = max(int(rate_nanos * LEASE_SECONDS), LEASE_LEAST * worst)
@@ -288,7 +324,7 @@ class Leases:
         lease_id = new_lease_id()
         args: list[Any] = [
             "grant", now_ms, lease_id, want, LEASE_LEAST * worst, LEASE_SHARE, self._ttl_ms,
-            plan.period.id, plan.key_id, self.valid_ms, len(capped),
+            plan.period.id, plan.key_id, valid_ms, len(capped),
         ]  # fmt: skip
         for s in capped:
             args += [s.scope, s.hard_nanos]
@@ -310,11 +346,20 @@ class Leases:
         caller.lease = lease
         return lease
 
-    async def _refresh(self, caller: Caller, lease: Lease, plan: Plan, now_ms: int) -> Lease | None:
+    async def _refresh(
+        self, caller: Caller, lease: Lease, plan: Plan, now_ms: int, until_ms: int = 0
+    ) -> Lease | None:
         loop = asyncio.get_running_loop()
         caller.busy = loop.create_future()
+        epoch = self._epochs.get(lease.prefix, 0)
         try:
-            return await self._do_refresh(caller, lease, plan, now_ms)
+            renewed = await self._do_refresh(
+                caller, lease, plan, now_ms, self._valid_ms(now_ms, until_ms)
+            )
+            if renewed is not None and self._epochs.get(lease.prefix, 0) != epoch:
+                self._close(renewed)  # closed meanwhile (see _grant)
+                return None
+            return renewed
         finally:
             busy, caller.busy = caller.busy, None
             busy.set_result(None)
@@ -330,17 +375,23 @@ class Leases:
         return wanted
 
     async def _do_refresh(
-        self, caller: Caller, lease: Lease, plan: Plan, now_ms: int
+        self, caller: Caller, lease: Lease, plan: Plan, now_ms: int, valid_ms: int
     ) -> Lease | None:
+        """Renew `lease` against the caps as they are now (`plan`'s: the policy's limits
+        and the live top-ups), which may be lower than at its grant."""
         chunk_spent = lease.rates and (
             lease.minute != now_ms // 60000 or lease.requests < 1 or lease.tokens < plan.tokens
         )
         want_requests = self._chunk_wanted(caller, lease) if chunk_spent else 0
+        capped = tuple(s for s in plan.scopes if s.hard_nanos is not None)
+        if tuple(s.scope for s in capped) != tuple(s.scope for s in lease.capped):
+            self._close(lease)  # not the same scopes (cannot happen for one caller)
+            return None
         args: list[Any] = [
-            "refresh", now_ms, lease.id, lease.key_id, lease.period_id, self.valid_ms,
-            LEASE_SHARE, len(lease.capped),
+            "refresh", now_ms, lease.id, lease.key_id, lease.period_id, valid_ms,
+            LEASE_SHARE, len(capped),
         ]  # fmt: skip
-        for s in lease.capped:
+        for s in capped:
             args += [s.scope, s.hard_nanos]
         args += self._rate_args(plan, want_requests)
         reply = await LEASE(self._redis, [lease.prefix], args)
@@ -363,7 +414,8 @@ class Leases:
                 lease.tokens += tokens
             else:  # the old minute's chunk lapsed with its minute
                 lease.minute, lease.requests, lease.tokens = minute, requests, tokens
-        lease.standings = self._standings(lease.capped, reply[5:])
+        lease.capped = capped
+        lease.standings = self._standings(capped, reply[5:])
         return lease
 
     @staticmethod
@@ -425,6 +477,7 @@ class Leases:
 
     def close_workspace(self, prefix: str) -> int:
         """Close every lease of a workspace (a limit was lowered, or room is asked for)."""
+        self._epochs[prefix] = self._epochs.get(prefix, 0) + 1
         closing = [lease for lease in self._by_id.values() if lease.prefix == prefix]
         for lease in closing:
             lease.closed = True

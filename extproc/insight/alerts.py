@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ ALERTS_KEPT = 1000
 
 @dataclass(frozen=True, slots=True)
 class Alert:
-    event: str  # "soft_limit" | "hard_limit" | "burn_rate"
+    event: str  # "soft_limit" | "hard_limit" | "burn_rate" | "topup_*" | "key_paused" ...
     workspace: str
     scope: str
     text: str
@@ -98,14 +98,16 @@ class Alerter:
         self.delivered = 0
         self.failed = 0
 
-    def send(self, alert: Alert) -> None:
+    def send(self, alert: Alert, to: Iterable[str] = ()) -> None:
+        """Deliver to the webhooks subscribed to the event and to `to` (the approvers' own
+        channel, a requester's webhook), each URL once."""
         log.warning("alert %s: %s", alert.event, alert.text)
         loop = asyncio.get_running_loop()
         if self._record is not None:
             task = loop.create_task(self._keep(alert))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        for url in self._targets(alert.event):
+        for url in dict.fromkeys([*self._targets(alert.event), *to]):
             task = loop.create_task(self._deliver(url, alert))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

@@ -14,6 +14,11 @@ whether it is `effectively_blocked` for this caller: its remainder is less than 
 a *typical* request of theirs, the median worst-case hold of their last requests (see
 `typical_request`).
 
+Top-ups and pauses show here too: each budget's hard limit includes its live grants (and
+says how much of it they are), with the link to ask for more; the answer lists the caller's
+own top-up requests and, when the runaway breaker paused the key, why, since when and how
+it is resumed.
+
 `me_view` is a pure function of what was read (tested without Redis); `read_me` does the
 reads in one pipelined round trip plus one bounded ledger scan.
 """
@@ -25,21 +30,25 @@ from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import Any
 
-from extproc.governance.budget import Plan, plan_request, remaining_nanos
+from extproc.governance.budget import Plan, plan_request, remaining_nanos, with_topups
 from extproc.governance.keys import Identity
+from extproc.governance.pauses import Pause
 from extproc.governance.policy import Policy, Workspace
+from extproc.governance.topups import Grant, TopupRequest, grants_from, live_topups
 from extproc.metering.ledger import record_to_dict
 from extproc.metering.prices import PriceTable, usd
 from extproc.metering.worstcase import worst_case_nanos
 from extproc.store.schema import (
     held_key,
     ledger_key,
+    paused_key,
     rate_field,
     rate_minute_key,
     session_key,
     session_scope,
     spent_key,
     team_of,
+    topups_key,
     workspace_prefix,
 )
 from extproc.v1.ledger_pb2 import UsageRecord
@@ -53,6 +62,7 @@ busy workspace (a key idle for longer than that shows fewer than 20)."""
 
 ME_PATH = "/extproc/v1/me"
 ME_PAGE_PATH = "/extproc/me"
+TOPUP_PAGE_PATH = "/extproc/topup/"
 
 
 def _usd(nanos: int | None) -> str | None:
@@ -68,6 +78,8 @@ class MeReads:
     rate_usage: Mapping[str, int]
     records: Sequence[UsageRecord]
     session_tokens: Mapping[str, int]
+    grants: tuple[Grant, ...] = ()
+    pause: Pause | None = None
 
 
 def plan_for(policy: Policy, identity: Identity, prices: PriceTable, now_ms: int) -> Plan:
@@ -187,14 +199,17 @@ def me_view(
     reads: MeReads,
     now_ms: int,
     typical: Typical | None = None,
+    requests: Sequence[TopupRequest] = (),
 ) -> dict[str, Any]:
     """The JSON answer of `/extproc/v1/me`: a pure function of the policy and the reads.
 
     `typical` (see `typical_request`) lets each budget say whether it is effectively
-    blocked for this caller, and how many more typical requests it can hold.
+    blocked for this caller, and how many more typical requests it can hold. `requests`
+    are the caller's own top-up requests.
     """
     tz = policy.timezone
     ws = policy.workspaces[identity.workspace]
+    plan = with_topups(plan, live_topups(reads.grants, now_ms))
     budgets = []
     for s in plan.scopes:
         spent = reads.spent.get(s.scope, 0)
@@ -214,6 +229,8 @@ def me_view(
                 "budget_usd": _usd(s.budget_nanos),
                 "soft_usd": _usd(s.soft_nanos),
                 "hard_usd": _usd(s.hard_nanos),
+                "topup_usd": _usd(s.topup_nanos) if s.topup_nanos else None,
+                "topup_page": TOPUP_PAGE_PATH + s.scope if s.hard_nanos is not None else None,
                 "remaining_usd": _usd(remaining),
                 "spent_nanos": spent,
                 "hard_nanos": s.hard_nanos,
@@ -239,6 +256,7 @@ def me_view(
             }
         )
     mine = [r for r in reads.records if r.key_id == identity.key_id][:RECENT]
+    live = {g.grant_id for g in reads.grants if g.until_ms > now_ms}
     sessions: dict[str, dict[str, Any]] = {}
     for record in mine:
         if record.session_id and record.session_id not in sessions:
@@ -273,6 +291,8 @@ def me_view(
         "rate_limits": rates,
         "sessions": list(sessions.values()),
         "recent_requests": [request_row(r, tz) for r in mine],
+        "topups": [{**r.to_dict(tz, now_ms), "live": r.request_id in live} for r in requests],
+        "paused": reads.pause.to_dict(tz) if reads.pause and reads.pause.paused else None,
     }
 
 
@@ -296,10 +316,14 @@ async def read_me(
         pipe.hmget(held_key(prefix, plan.period.id), fields)
         if rate_fields:
             pipe.hmget(rate_minute_key(prefix, now_ms), rate_fields)
+        pipe.hgetall(topups_key(identity.workspace))
+        pipe.hget(paused_key(identity.workspace), identity.key_id)
         pipe.xrevrange(ledger_key(prefix), count=SCAN_LIMIT)
         results = await pipe.execute()
     spent, held = _ints(results[0], fields), _ints(results[1], fields)
     rate_usage = _ints(results[2], rate_fields) if rate_fields else {}
+    grants = grants_from(results[-3])
+    pause = Pause.from_json(results[-2]) if results[-2] is not None else None
     records = [UsageRecord.FromString(f[b"r"]) for _id, f in results[-1]]
     mine = [r for r in records if r.key_id == identity.key_id][:RECENT]
     sids = list(dict.fromkeys(r.session_id for r in mine if r.session_id))
@@ -313,7 +337,7 @@ async def read_me(
             more = await pipe.execute()
         spent.update(_ints(more[0], sess_fields))
         session_tokens = {sid: int(v) for sid, v in zip(sids, more[1:], strict=True) if v}
-    return MeReads(spent, held, rate_usage, mine, session_tokens)
+    return MeReads(spent, held, rate_usage, mine, session_tokens, grants, pause)
 
 
 def record_dicts(records: Sequence[UsageRecord]) -> list[dict[str, Any]]:

@@ -44,7 +44,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AttributeValue
 
 from extproc.books.events import UsageEvents, usage_events
+from extproc.governance.guard import PAUSED_CODE
 from extproc.insight.genai import GenAIMetrics
+from extproc.insight.haltmetrics import HaltMetrics
 from extproc.routing.decide import Step
 from extproc.settings import ConfigError
 from extproc.store.schema import is_key_scope
@@ -95,6 +97,7 @@ class RequestTelemetry:
     denial_reason: str | None  # "budget" | "rate" | "revoked" | "redis_down" | "bad_request"
     denial_scope: str | None
     sidecar_overhead_ns: int
+    topup_nanos: int = 0  # what top-ups added to the binding scope's hard limit
 
 
 def verdict(
@@ -111,7 +114,7 @@ def verdict(
     was the request that was bad).
     """
     if denial_reason is None and rejected:
-        return "denied", "bad_request"
+        return "denied", "paused" if record.error_code == PAUSED_CODE else "bad_request"
     if denial_reason is not None:
         return "denied", denial_reason
     if downgraded:
@@ -197,6 +200,7 @@ def span_attributes(t: RequestTelemetry) -> dict[str, AttributeValue]:
         ("extproc.shadow.decision", r.shadow),
         ("extproc.denial_reason", t.denial_reason),
         ("extproc.denial_scope", t.denial_scope),
+        ("extproc.topup_usd", t.topup_nanos / 1e9 if t.topup_nanos else None),
     )
     for key, value in optional:
         if value:
@@ -292,6 +296,7 @@ class _Instruments:
         "downgrades",
         "duration",
         "genai",
+        "halt",
         "overhead",
         "requests",
         "tokens",
@@ -361,6 +366,7 @@ class _Instruments:
             description="Today's projected spend divided by a usual day (trailing same weekdays).",
         )
         self.genai = GenAIMetrics(meter)
+        self.halt = HaltMetrics(meter)
 
 
 class Telemetry:
@@ -524,6 +530,11 @@ class Telemetry:
         """Per budgeted scope; key scopes carry no budget and are not reported."""
         if self._metrics is not None and not is_key_scope(scope):
             self._metrics.utilization.set(ratio, {"workspace": workspace, "scope": scope})
+
+    @property
+    def halt(self) -> HaltMetrics | None:
+        """Top-up and breaker metrics (`insight.haltmetrics`); None without metrics."""
+        return self._metrics.halt if self._metrics is not None else None
 
     def burn_rate(self, workspace: str, service: str, ratio: float) -> None:
         if self._metrics is not None:

@@ -12,7 +12,13 @@ What it cannot know, it says: requests the current policy refused have no tokens
 provider (counted, never replayed), and a refused request's cost simply disappears from
 the candidate's spend (a developer may well have retried on a cheaper model; we do not
 guess). Reservations are checked as the reserve script checks them (spent plus the
-request's worst case against the hard limit), one request at a time.
+request's worst case against the hard limit, raised by the top-ups granted at the time),
+one request at a time.
+
+The candidate's runaway breaker (`breaker:`) runs over the same records with their own
+clock: the replay lists which keys it would have paused, when and why, and what those keys
+spent afterwards (at most what the pause would have saved: nobody knows when a person
+would have resumed them). Keys the policy in force paused are among `already_refused`.
 
 A change is measured against what actually happened, not against what was asked for: a
 request the policy in force already served on a cheaper model, and the candidate would
@@ -24,15 +30,17 @@ the candidate's, and repriced.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from extproc.governance.budget import plan_request
+from extproc.governance.breaker import Detector, Seen, Trip
+from extproc.governance.budget import plan_request, with_topups
 from extproc.governance.keys import Identity
 from extproc.governance.periods import period_at
 from extproc.governance.policy import Policy, model_key
+from extproc.governance.topups import TopupRequest
 from extproc.metering.prices import PriceTable
 from extproc.routing.decide import BudgetState, Traits, decide_route
 from extproc.store.schema import UNATTRIBUTED, team_of
@@ -79,6 +87,8 @@ class WhatIf:
     actual_nanos: int = 0
     candidate_nanos: int = 0
     scopes: dict[tuple[str, str, str], ScopeOutcome] = field(default_factory=dict)
+    trips: list[Trip] = field(default_factory=list)
+    after_trip_nanos: Counter[str] = field(default_factory=Counter)  # key id -> spent after
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -100,6 +110,19 @@ class WhatIf:
                     self.scopes.values(), key=lambda s: (s.workspace, s.period, s.scope)
                 )
                 if s.hard_nanos is not None or s.soft_nanos is not None
+            ],
+            "breaker_trips": [
+                {
+                    "workspace": t.workspace,
+                    "key_id": t.key_id,
+                    "service": t.service,
+                    "rule": t.rule,
+                    "mode": t.mode,
+                    "at_ms": t.at_ms,
+                    "why": t.why,
+                    "spent_after_nanos": self.after_trip_nanos[t.key_id],
+                }
+                for t in self.trips
             ],
         }
 
@@ -124,16 +147,41 @@ def _usage(record: UsageRecord) -> Usage:
     )
 
 
-def replay(candidate: Policy, records: Iterable[UsageRecord], prices: PriceTable) -> WhatIf:
-    """What `candidate` would have done with `records` (any order; replayed oldest first)."""
+def granted_at(topups: Iterable[TopupRequest], workspace: str, time_ms: int) -> dict[str, int]:
+    """Scope -> what top-ups granted in `workspace` added to its hard limit at `time_ms`."""
+    out: dict[str, int] = {}
+    for r in topups:
+        if r.workspace != workspace or not r.granted_nanos or r.status == "denied":
+            continue
+        ends = min(r.granted_until_ms, r.ended_ms or r.granted_until_ms)
+        if r.decided_ms <= time_ms < ends:
+            out[r.scope] = out.get(r.scope, 0) + r.granted_nanos
+    return out
+
+
+def replay(
+    candidate: Policy,
+    records: Iterable[UsageRecord],
+    prices: PriceTable,
+    topups: Sequence[TopupRequest] = (),
+) -> WhatIf:
+    """What `candidate` would have done with `records` (any order; replayed oldest first),
+    with the top-ups `topups` granted (their amounts, from approval to end)."""
     tz = candidate.timezone
     out = WhatIf()
+    breaker = Detector(
+        lambda ws, svc: (
+            candidate.workspaces[ws].breaker_for(svc) if ws in candidate.workspaces else None
+        )
+    )
+    tripped: set[str] = set()
     for record in sorted(records, key=lambda r: (r.time_ms, r.request_id)):
         if not record.workspace or record.workspace == UNATTRIBUTED:
             continue
         if record.outcome == "rejected":
             out.already_refused += 1
             continue
+        _breaker(out, breaker, record, tripped)
         out.replayed += 1
         out.actual_nanos += record.cost_nanos
         ws = candidate.workspaces.get(record.workspace)
@@ -153,6 +201,7 @@ def replay(candidate: Policy, records: Iterable[UsageRecord], prices: PriceTable
             prices=prices,
             now_ms=record.time_ms,
         )
+        granted = granted_at(topups, record.workspace, record.time_ms) if topups else {}
         period = period_at(ws.period, record.time_ms, tz).id
         states = []
         for s in plan.scopes:
@@ -194,10 +243,13 @@ def replay(candidate: Policy, records: Iterable[UsageRecord], prices: PriceTable
                 prices=prices,
                 now_ms=record.time_ms,
             )
+        # The cap then: the candidate's hard limit plus the top-ups granted at the time.
+        cap = {s.scope: s.hard_nanos for s in with_topups(plan, granted).scopes}
         over = [
             st
             for st in states
-            if st.hard_nanos is not None and st.spent_nanos + plan.reserve_nanos > st.hard_nanos
+            if (limit := cap.get(st.scope)) is not None
+            and st.spent_nanos + plan.reserve_nanos > limit
         ]
         if over:
             out.refused += 1
@@ -217,9 +269,22 @@ def replay(candidate: Policy, records: Iterable[UsageRecord], prices: PriceTable
             st.spent_nanos += cost
             if st.soft_nanos is not None and st.spent_nanos >= st.soft_nanos:
                 st.soft_crossed = st.soft_crossed or day
-            if st.hard_nanos is not None and st.spent_nanos >= st.hard_nanos:
+            if (limit := cap.get(st.scope)) is not None and st.spent_nanos >= limit:
                 st.hard_crossed = st.hard_crossed or day
     return out
+
+
+def _breaker(out: WhatIf, breaker: Detector, record: UsageRecord, tripped: set[str]) -> None:
+    """Feed the candidate's breaker; what it trips, and what tripped keys spend after."""
+    if record.key_id in tripped:
+        out.after_trip_nanos[record.key_id] += record.cost_nanos
+    seen = Seen.of(record)
+    if seen is None:
+        return
+    for trip in breaker.feed(seen):
+        if trip.key_id not in tripped:
+            out.trips.append(trip)
+            tripped.add(trip.key_id)
 
 
 def plan_team(scopes: Iterable[Any]) -> str | None:
@@ -228,6 +293,15 @@ def plan_team(scopes: Iterable[Any]) -> str | None:
         if team is not None:
             return team
     return None
+
+
+async def topups_of(client: Any, policy: Policy) -> list[TopupRequest]:
+    """Every top-up request on record in the policy's workspaces (the replay needs the
+    granted ones: their amounts, from approval to end)."""
+    from extproc.governance.topups import TopupStore
+
+    store = TopupStore(client)
+    return [r for ws in policy.workspaces for r in await store.list(ws, limit=1000)]
 
 
 async def ledger_since(client: Any, since_ms: int, limit: int = 1_000_000) -> list[UsageRecord]:
@@ -273,6 +347,13 @@ def render_text(result: WhatIf, since_days: int) -> str:
         f"{dollars(d['candidate_nanos'])} under the candidate "
         f"({'-' if diff < 0 else '+'}{dollars(abs(diff))})"
     )
+    trips = d["breaker_trips"]
+    lines.append(f"  breaker would pause: {len(trips)} key{'' if len(trips) == 1 else 's'}")
+    lines += [
+        f"      {t['key_id']} ({t['workspace']}/{t['service']}, {t['mode']}): {t['why']}; "
+        f"{dollars(t['spent_after_nanos'])} spent after"
+        for t in trips
+    ]
     lines.append("")
     lines.append("SCOPE                          PERIOD    SPENT        SOFT CROSSED  HARD CROSSED")
     for s in d["scopes"]:

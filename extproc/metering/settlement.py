@@ -43,8 +43,9 @@ UNGOVERNED = (Charged(WORKSPACE_SCOPE),)
 class CachePrefix:
     """The request's cacheable prompt prefix, as fingerprinted before forwarding."""
 
-    fingerprint: str
+    fingerprint: str  # "" when too short to be cached
     tokens: int
+    request: str = ""  # the whole request's fingerprint (for the runaway breaker)
 
 
 _buckets: dict[tuple[int, int, int, int], tuple[str, str]] = {}
@@ -97,9 +98,12 @@ def settlement_for(
     if record.session_id and attributed:
         add(scope=session_scope(record.key_id, record.session_id), soft_nanos=NO_SOFT_LIMIT)
     settlement.record.CopyFrom(record)
+    if prefix is not None and attributed:
+        # On the record: the runaway breaker reads repeats from the ledger it watches.
+        settlement.record.request_fingerprint = prefix.request
     if attributed and record.input_tokens:
         settlement.hygiene_scope = service_scope(record.service)
-        if prefix is not None and not record.estimated:
+        if prefix is not None and prefix.fingerprint and not record.estimated:
             settlement.prefix_fingerprint = prefix.fingerprint
             settlement.prefix_tokens = prefix.tokens
             settlement.miss_nanos_per_token = prices.miss_nanos_per_token(

@@ -25,8 +25,6 @@ Redis Cluster slot:
                               see governance.lease
     {ws:W}:orphans:<lease>    hash  request id -> the compact orphan of a request admitted
                               under that lease, billed by the reaper if its replica dies
-    {ws:W}:topups             hash  scope -> "nanos@expires_ms,..." temporary raises of that
-                              scope's hard limit, part of the cap while unexpired
     {ws:W}:rl:<minute>        hash  rate-limit counters of one minute
     {ws:W}:sess:<key>:<session> a session's input tokens (context-growth guard); a session
                               belongs to the key that started it
@@ -36,6 +34,14 @@ Redis Cluster slot:
     {ws:W}:alerted:...        alert sent once markers (soft, hard, burn)
     {ws:W}:revoked            set of revoked key ids
     {ws:W}:ledger             stream of usage records
+    {ws:W}:topups             hash  grant id -> "<scope>|<nanos>|<until_ms>": live top-ups.
+                              A scope's cap at `now` is its policy hard limit plus the nanos
+                              of its entries with until_ms > now (governance.topups)
+    {ws:W}:topup:reqs         zset  top-up request ids by the time they were made
+    {ws:W}:topup:req:<id>     hash  one top-up request: who, which scope, how much, until
+                              when, why, and its fate (pending, approved, denied, expired)
+    {ws:W}:paused             hash  key id -> JSON: keys the runaway breaker paused (and
+                              when they were resumed: the breaker counts from then)
 
 Key store keys share `{extproc:keys}`; unattributed usage counters `{extproc:ledger}`.
 
@@ -53,9 +59,10 @@ UNATTRIBUTED = "_"
 
 SPENT, HELD, DAY, HOUR = "spent", "held", "day", "hour"
 RESERVATIONS, RESERVATION_DATA, ORPHANS = "resv", "resv:data", "resv:orphan"
-LEASES, LEASE_EXPIRY, LEASE_ORPHANS, TOPUPS = "leases", "leases:exp", "orphans", "topups"
+LEASES, LEASE_EXPIRY, LEASE_ORPHANS = "leases", "leases:exp", "orphans"
 RATE_MINUTE, SESSION, SEEN, PREFIX = "rl", "sess", "seen", "prefix"
 ALERTED, REVOKED, LEDGER = "alerted", "revoked", "ledger"
+TOPUPS, TOPUP_REQUESTS, TOPUP_REQUEST, PAUSED = "topups", "topup:reqs", "topup:req", "paused"
 LUA_SUFFIXES = frozenset(
     {
         SPENT,
@@ -68,7 +75,6 @@ LUA_SUFFIXES = frozenset(
         LEASES,
         LEASE_EXPIRY,
         LEASE_ORPHANS,
-        TOPUPS,
         RATE_MINUTE,
         SESSION,
         SEEN,
@@ -76,6 +82,10 @@ LUA_SUFFIXES = frozenset(
         ALERTED,
         REVOKED,
         LEDGER,
+        TOPUPS,
+        TOPUP_REQUESTS,
+        TOPUP_REQUEST,
+        PAUSED,
     }
 )
 """The suffixes the Lua scripts append to the prefix they are given."""
@@ -126,11 +136,6 @@ def lease_orphans_key(prefix: str, lease_id: str) -> str:
     return f"{prefix}:{LEASE_ORPHANS}:{lease_id}"
 
 
-def topups_key(workspace: str) -> str:
-    """Hash: scope -> "nanos@expires_ms,..." (temporary raises of its hard limit)."""
-    return f"{workspace_prefix(workspace)}:{TOPUPS}"
-
-
 def lease_expiry_key(prefix: str) -> str:
     """Zset: every lease of the workspace by the time it expires unless renewed."""
     return f"{prefix}:{LEASE_EXPIRY}"
@@ -160,6 +165,32 @@ def burn_alerted_key(workspace: str, day_id: str, scope: str) -> str:
     return f"{workspace_prefix(workspace)}:{ALERTED}:burn:{day_id}:{scope}"
 
 
+def topups_key(workspace: str) -> str:
+    """Hash of a workspace's live top-up grants (see the layout above): what raises a cap."""
+    return f"{workspace_prefix(workspace)}:{TOPUPS}"
+
+
+def topup_requests_key(workspace: str) -> str:
+    """Sorted set of a workspace's top-up request ids, by when they were made."""
+    return f"{workspace_prefix(workspace)}:{TOPUP_REQUESTS}"
+
+
+def topup_request_key(workspace: str, request_id: str) -> str:
+    """Hash of one top-up request (its fields: governance.topups.TopupRequest)."""
+    return f"{workspace_prefix(workspace)}:{TOPUP_REQUEST}:{request_id}"
+
+
+def paused_key(workspace: str) -> str:
+    """Hash of the keys the runaway breaker paused in a workspace (key id -> JSON)."""
+    return f"{workspace_prefix(workspace)}:{PAUSED}"
+
+
+def breaker_tripped_key(workspace: str, key_id: str, rule: str, at_ms: int) -> str:
+    """Set NX once per trip (a key, a rule, the time of the record that tripped it) when
+    the breaker trips, or would in dry run: the replicas together act on it once."""
+    return f"{workspace_prefix(workspace)}:{ALERTED}:breaker:{key_id}:{rule}:{at_ms}"
+
+
 # -- global keys ----------------------------------------------------------------------------
 
 LEDGERS = "extproc:ledgers"
@@ -185,6 +216,12 @@ ALERTS = "{extproc:alerts}:recent"
 
 AUDIT = "{extproc:admin}:audit"
 """Stream of administrative actions taken through the console and its API."""
+
+TOPUP_INDEX = "{extproc:topups}:index"
+"""Hash: top-up request id -> its workspace (the CLI and the console find a request by id)."""
+BREAKER_LEADER = "{extproc:breaker}:leader"
+"""String with a TTL: the replica that reads new ledger records for the runaway breaker and
+sweeps expired top-ups; the others stand by and take over when it stops renewing."""
 
 # -- the console's people and sessions ------------------------------------------------------
 # One hash tag: signing a person out everywhere touches their sessions in one slot. Names
@@ -231,11 +268,14 @@ KEY_TAG = "{extproc:keys}"
 KEY_HASH_PREFIX = f"{KEY_TAG}:hash:"
 KEY_IDS = f"{KEY_TAG}:ids"
 KEYS_CHANNEL = "extproc:keys"
-"""Pub/sub channel on which every key change is announced to the sidecars' caches."""
+"""Pub/sub channel on which every key change is announced to the sidecars' caches, and
+every change of a workspace's top-ups or paused keys (`topup <workspace> -`, `pause <key
+id> <workspace>`, `resume <key id> <workspace>`) and its budget leases (`leases
+<workspace> <why>`)."""
 LEASES_NOTICE = "leases"
 """A notice on KEYS_CHANNEL, `leases <workspace> <why>`: every replica closes its budget
-leases of the workspace (a hard limit was lowered, or a replica was refused for want of
-room that leases hold). Whoever lowers a limit sends it (governance.topups)."""
+leases of the workspace (a replica was refused for want of room that leases hold). A
+withdrawn top-up needs none: its `topup` notice closes them (governance.live)."""
 
 
 def key_hash(secret_sha: str) -> str:

@@ -50,7 +50,7 @@ class LuaScript:
         pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
-RESERVE = LuaScript("reserve", includes=("caps",))
+RESERVE = LuaScript("reserve")
 SETTLE = LuaScript("settle")
 REAP = LuaScript("reap", includes=("release",))
-LEASE = LuaScript("lease", includes=("caps",))
+LEASE = LuaScript("lease")

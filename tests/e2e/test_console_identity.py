@@ -37,6 +37,7 @@ from tests.oidc.idp import (
     OTHER_API,
     SHORT_LIVED,
     IdP,
+    browser_sign_in,
     running_idp,
 )
 
@@ -97,6 +98,11 @@ EXPECTED = {
     ("POST", "/people/disable"): "admin",
     ("POST", "/people/enable"): "admin",
     ("GET", "/approvals"): "approve",
+    ("POST", "/approvals/{request_id}/approve"): "approve",
+    ("POST", "/approvals/{request_id}/deny"): "approve",
+    ("POST", "/approvals/{request_id}/revoke"): "approve",
+    ("POST", "/keys/{key_id}/resume"): "signed_in",  # whose key it is: checked inside
+    ("POST", "/keys/{key_id}/pause"): "admin",
     ("POST", "/logout"): "signed_in",
     ("POST", "/logout/everywhere"): "signed_in",
     ("GET", "/admin/v1/keys"): "admin",
@@ -120,10 +126,17 @@ EXPECTED = {
     ("POST", "/admin/v1/people/disable"): "admin",
     ("POST", "/admin/v1/people/enable"): "admin",
     ("GET", "/admin/v1/approvals"): "approve",
+    ("GET", "/admin/v1/topups"): "approve",
+    ("POST", "/admin/v1/topups/{request_id}/approve"): "approve",
+    ("POST", "/admin/v1/topups/{request_id}/deny"): "approve",
+    ("POST", "/admin/v1/topups/{request_id}/revoke"): "approve",
+    ("GET", "/admin/v1/paused"): "signed_in",
+    ("POST", "/admin/v1/keys/{key_id}/resume"): "signed_in",
+    ("POST", "/admin/v1/keys/{key_id}/pause"): "admin",
 }
-# What each person may do, by capability (the admin role includes viewing).
+# What each person may do, by capability (the admin role includes viewing and approving).
 MAY = {
-    "root": {"signed_in", "view", "admin"},
+    "root": {"signed_in", "view", "admin", "approve"},
     "fin": {"signed_in", "view"},
     "dev": {"signed_in"},
     "lead": {"signed_in", "approve"},
@@ -234,6 +247,7 @@ def test_every_route_declares_the_capability_it_needs() -> None:
 
 def _call(client: httpx.Client, base: str, method: str, path: str, csrf: str) -> httpx.Response:
     url = base + path.replace("{workspace}", "dev").replace("{key_id}", "key_000000000000")
+    url = url.replace("{request_id}", "tu_0000000000")
     if method == "GET":
         return client.get(url)
     if path.startswith("/admin/"):
@@ -314,19 +328,13 @@ def browser() -> Iterator[Any]:
 
 
 def _browser_sign_in(page: Any, world: World, login: str) -> None:
-    page.goto(world.console + "/")
-    assert "/login" in page.url
-    page.click("#sso")  # "Sign in with 127.0.0.1": off to the provider
-    page.fill('input[name="login"]', login)
-    page.fill('input[name="password"]', "any password")
-    page.click("button[type=submit]")
-    page.wait_for_selector("#who")  # back in the console, signed in
+    browser_sign_in(page, world.console, login)
 
 
 def test_sign_in_see_only_what_the_role_allows_sign_out(world: World, browser: Any) -> None:
     for login, shown, hidden in (
         ("fin", ["Overview", "Usage", "Alerts", "My keys"], ["Keys", "People", "Audit"]),
-        ("root", ["Overview", "Keys", "People", "Audit", "What-if"], ["Approvals"]),
+        ("root", ["Overview", "Keys", "People", "Audit", "What-if", "Approvals"], []),
         ("lead", ["Approvals", "My keys"], ["Overview", "Keys", "Usage"]),
         ("dev", ["My keys"], ["Overview", "Usage", "Keys", "Approvals"]),
     ):
@@ -485,6 +493,52 @@ def _works(stack: Stack, secret: str) -> bool:
     except openai.AuthenticationError:
         return False
     return True
+
+
+def test_approve_a_top_up_as_an_approver(world: World, browser: Any) -> None:
+    """The top-up flow through the identity: the lead of team platform (an approver through
+    a group) approves their team's request in a real browser and never sees the workspace's;
+    the workspace's approver (named in the policy) approves that one with the provider's
+    token; each decision names who made it."""
+    api = world.console + "/admin/v1"
+    key = httpx.post(f"{api}/keys", headers=bearer(ADMIN_TOKEN),
+                     json={"workspace": "dev", "service": "cli"}).json()  # fmt: skip
+    gateway = world.stack.base_url.removesuffix("/v1")
+
+    def ask(scope: str) -> str:
+        made = httpx.post(
+            f"{gateway}/extproc/v1/topups", headers=bearer(key["key"]), timeout=30,
+            json={"scope": scope, "amount_usd": "5", "until": "period", "reason": scope},
+        )  # fmt: skip
+        assert made.status_code == 201, made.text
+        return str(made.json()["id"])
+
+    team, whole = ask("team:platform"), ask("ws")
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        _browser_sign_in(page, world, "lead")
+        page.goto(world.console + "/approvals")
+        assert page.locator(f'#pending tr[data-request-id="{team}"]').count() == 1
+        assert page.locator(f'tr[data-request-id="{whole}"]').count() == 0  # not theirs
+        page.locator(f'#pending tr[data-request-id="{team}"] button.approve').click()
+        page.wait_for_selector(f'#decided tr[data-request-id="{team}"]')
+        row = page.locator(f'#decided tr[data-request-id="{team}"]')
+        assert row.locator(".status").inner_text() == "approved"
+        assert "lead@example.com" in row.inner_text()
+    finally:
+        context.close()
+    lead, lena = world.idp.access_token("lead"), world.idp.access_token("lena")
+    refused = httpx.post(f"{api}/topups/{whole}/approve", headers=bearer(lead), json={})
+    assert refused.status_code == 403 and "workspace dev" in refused.json()["error"]["message"]
+    done = httpx.post(f"{api}/topups/{whole}/approve", headers=bearer(lena), json={})
+    assert done.status_code == 200 and done.json()["decided_by"] == "lena@example.com"
+    me = httpx.get(f"{gateway}/extproc/v1/me", headers=bearer(key["key"])).json()
+    granted = {b["scope"]: b["topup_usd"] for b in me["budgets"] if b["topup_usd"]}
+    assert granted == {"ws": "5", "team:platform": "5"}
+    entries = httpx.get(f"{api}/audit", headers=bearer(ADMIN_TOKEN), params={"limit": 1000}).json()
+    decided = {e["target"]: e["subject"] for e in entries if e["action"] == "topup.approve"}
+    assert decided == {team: "lead", whole: "lena"}
 
 
 def test_personal_keys_and_offboarding(world: World) -> None:

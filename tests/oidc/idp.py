@@ -167,3 +167,15 @@ def running_idp(workdir: Path, console_urls: list[str]) -> Iterator[IdP]:
         yield idp
     finally:
         idp.stop()
+
+
+def browser_sign_in(page: object, console_url: str, login: str, start: str = "/") -> None:
+    """Sign `login` in to the console in a real browser page (Playwright), through the
+    provider's own login form, landing back on `start`."""
+    page.goto(console_url + start)  # type: ignore[attr-defined]
+    assert "/login" in page.url  # type: ignore[attr-defined]
+    page.click("#sso")  # type: ignore[attr-defined]  # "Sign in with ...": off to the provider
+    page.fill('input[name="login"]', login)  # type: ignore[attr-defined]
+    page.fill('input[name="password"]', "any password")  # type: ignore[attr-defined]
+    page.click("button[type=submit]")  # type: ignore[attr-defined]
+    page.wait_for_selector("#who")  # type: ignore[attr-defined]  # back in the console

@@ -46,7 +46,8 @@ def _names(chk: _Checker, path: str, value: Any) -> tuple[str, ...]:
 
 
 def parse_approvers(chk: _Checker, path: str, value: Any) -> Approvers | None:
-    """`approvers: {people: [ana@example.com], groups: [leads-dev]}`; null: nobody."""
+    """`approvers: {people: [ana@example.com], groups: [leads-dev], webhook: URL}`; null:
+    nobody. The webhook (optional) is where their scope's top-up requests are announced."""
     if value is None:
         return None
     raw = chk.mapping(path, value, _APPROVER_FIELDS)
@@ -56,7 +57,8 @@ def parse_approvers(chk: _Checker, path: str, value: Any) -> Approvers | None:
         return None
     people = _names(chk, f"{path}.people", raw["people"]) if "people" in raw else ()
     groups = _names(chk, f"{path}.groups", raw["groups"]) if "groups" in raw else ()
-    return Approvers(frozenset(p.lower() for p in people), frozenset(groups))
+    webhook = chk.url(f"{path}.webhook", raw["webhook"]) if "webhook" in raw else None
+    return Approvers(frozenset(p.lower() for p in people), frozenset(groups), webhook)
 
 
 def _claim(chk: _Checker, value: Any) -> str:

@@ -46,6 +46,12 @@ from extproc.governance.policy.check import (
     node_lines,
     with_line,
 )
+from extproc.governance.policy.halt_config import (
+    breaker_overrides,
+    merged_breaker,
+    merged_topups,
+    topup_overrides,
+)
 from extproc.governance.policy.model import (
     _DEFAULT_FIELDS,
     _DEFAULTS,
@@ -62,6 +68,7 @@ from extproc.governance.policy.model import (
     ON_REDIS_DOWN,
     PERIODS,
     VERSION,
+    Breaker,
     Policy,
     PolicyError,
     RateLimits,
@@ -69,6 +76,7 @@ from extproc.governance.policy.model import (
     RoutingSettings,
     Service,
     Team,
+    Topups,
     Upstream,
     Webhook,
     Workspace,
@@ -82,6 +90,8 @@ from extproc.governance.policy.routing_config import (
 from extproc.governance.pricing import DEFAULT as DEFAULT_PRICING
 from extproc.governance.pricing import PricingPolicy, parse_pricing
 from extproc.metering.prices import NANOS_PER_DOLLAR, PriceTable
+
+DEFAULT_BREAKER, DEFAULT_TOPUPS = Breaker(), Topups()
 
 
 def _merge_limits(base: RateLimits | None, override: Mapping[str, int | None]) -> RateLimits | None:
@@ -246,6 +256,7 @@ def _services(
     key_limits: RateLimits | None,
     routing: Routing,
     ws_routing: RoutingSettings,
+    ws_breaker: Breaker = DEFAULT_BREAKER,
 ) -> dict[str, Service]:
     services: dict[str, Service] = {}
     for name, body in chk.named(f"workspaces.{ws}.services", value).items():
@@ -261,6 +272,7 @@ def _services(
         limits = _merge_limits(None, chk.rate_fields(f"{path}.rate_limits", raw.get("rate_limits")))
         own_keys = chk.rate_fields(f"{path}.key_rate_limits", raw.get("key_rate_limits"))
         own_routing = _scope_routing(chk, f"{path}.routing", raw.get("routing"), routing)
+        own_breaker = breaker_overrides(chk, f"{path}.breaker", raw.get("breaker"))
         services[name] = Service(
             name,
             team,
@@ -268,6 +280,7 @@ def _services(
             limits,
             _merge_limits(key_limits, own_keys),
             _merged_routing(chk, f"{path}.routing", own_routing, ws_routing, routing),
+            merged_breaker(ws_breaker, own_breaker),
         )
         if budget and own_budget and own_budget > budget:
             chk.warnings.append(f"{path}.budget_usd: larger than the budget of workspace {ws}")
@@ -287,6 +300,8 @@ def _workspace(
     default_routing: RoutingSettings,
     default_passthrough: PassthroughPolicy = DEFAULT_PASSTHROUGH,
     default_pricing: PricingPolicy = DEFAULT_PRICING,
+    default_topups: Topups = DEFAULT_TOPUPS,
+    default_breaker: Breaker = DEFAULT_BREAKER,
 ) -> Workspace | None:
     path = f"workspaces.{name}"
     before = len(chk.problems)
@@ -310,8 +325,16 @@ def _workspace(
     )
     pricing = parse_pricing(f"{path}.pricing", raw.get("pricing"), default_pricing, chk.error)
     teams = _teams(chk, name, raw.get("teams"), budget)
+    ws_breaker = merged_breaker(
+        default_breaker, breaker_overrides(chk, f"{path}.breaker", raw.get("breaker"))
+    )
     services = _services(
-        chk, name, raw.get("services"), budget, teams, key_limits, routing, ws_routing
+        chk, name, raw.get("services"), budget, teams, key_limits, routing, ws_routing, ws_breaker
+    )
+    service_names = list(raw["services"]) if isinstance(raw.get("services"), dict) else []
+    topups = merged_topups(
+        default_topups,
+        topup_overrides(chk, f"{path}.topups", raw.get("topups"), service_names),
     )
     if isinstance(value, dict) and not services:
         chk.warnings.append(f"{path}.services: none defined, so no keys can be issued here")
@@ -339,6 +362,8 @@ def _workspace(
         passthrough=passthrough,
         pricing=pricing,
         approvers=approvers,
+        topups=topups,
+        breaker=ws_breaker,
     )
 
 
@@ -423,6 +448,12 @@ def parse_policy(
     default_pricing = parse_pricing(
         "defaults.pricing", draw.get("pricing"), DEFAULT_PRICING, chk.error
     )
+    default_topups = merged_topups(
+        Topups(), topup_overrides(chk, "defaults.topups", draw.get("topups"), None)
+    )
+    default_breaker = merged_breaker(
+        Breaker(), breaker_overrides(chk, "defaults.breaker", draw.get("breaker"))
+    )
     workspaces: dict[str, Workspace] = {}
     if "workspaces" in raw and raw["workspaces"] in (None, {}):
         chk.error("workspaces", "must define at least one workspace")
@@ -438,6 +469,8 @@ def parse_policy(
             default_routing,
             default_passthrough,
             default_pricing,
+            default_topups,
+            default_breaker,
         )
         if ws is not None:
             workspaces[name] = ws

@@ -28,8 +28,12 @@ keys, and a flood of distinct keys must not grow a memo without end."""
 _T = TypeVar("_T")
 PERIODS = ("month", "week", "day")
 ON_REDIS_DOWN = ("closed", "open")
+TOPUP_EVENTS = frozenset({"topup_requested", "topup_approved", "topup_denied", "topup_expired"})
+BREAKER_EVENTS = frozenset({"key_paused", "key_resumed"})
 ALERT_EVENTS = frozenset(
     {"soft_limit", "hard_limit", "burn_rate", "reconcile_drift", "unknown_model"}
+    | TOPUP_EVENTS
+    | BREAKER_EVENTS
 )
 # Budgets live in Redis and are compared inside Lua, whose numbers are doubles: exact only
 # up to 2**53 nano-dollars (about $9M). These caps keep budget x hard limit below that.
@@ -51,7 +55,15 @@ _DEFAULTS: dict[str, Any] = {
 _TOP = ("version", "timezone", "defaults", "workspaces", "alerts", "console")
 # Feature sections come after the core ones and are named apart in "unknown field" hints.
 _FEATURE_SECTIONS = ("routing",)
-_DEFAULT_FIELDS = (*_DEFAULTS, "key_rate_limits", "routing", "passthrough", "pricing")
+_DEFAULT_FIELDS = (
+    *_DEFAULTS,
+    "key_rate_limits",
+    "routing",
+    "passthrough",
+    "pricing",
+    "topups",
+    "breaker",
+)
 _WORKSPACE_FIELDS = (
     "budget_usd",
     *_DEFAULT_FIELDS,
@@ -63,7 +75,7 @@ _WORKSPACE_FIELDS = (
     "approvers",
 )
 _TEAM_FIELDS = ("budget_usd", "rate_limits", "contact", "approvers")
-_SERVICE_FIELDS = ("team", "budget_usd", "rate_limits", "key_rate_limits", "routing")
+_SERVICE_FIELDS = ("team", "budget_usd", "rate_limits", "key_rate_limits", "routing", "breaker")
 _UPSTREAM_FIELDS = ("key_env", "key_file", "base_url", "project_id")
 _RATE_FIELDS = ("rpm", "tpm")
 # Names end up in Redis keys and hash tags: no braces, spaces, dots or colons.
@@ -111,7 +123,7 @@ DEFAULT_ROLES_CLAIM = "groups"
 MAX_PERSONAL_KEY_DAYS = 366
 _CONSOLE_FIELDS = ("roles_claim", "roles", "personal_keys")
 _PERSONAL_KEY_FIELDS = ("groups", "workspace", "services", "max_days")
-_APPROVER_FIELDS = ("people", "groups")
+_APPROVER_FIELDS = ("people", "groups", "webhook")
 _MONEY_HINT = 'must be a positive decimal string or number like "1000" or 1000'
 _FRACTION_HINT = 'must be a percentage like "75%" or a fraction like 0.75'
 
@@ -170,6 +182,56 @@ class Approvers:
 
     people: frozenset[str] = frozenset()
     groups: frozenset[str] = frozenset()
+    # Where their scope's top-up requests (and its keys' pauses) are announced: a
+    # Slack-compatible incoming webhook of the approvers' channel.
+    webhook: str | None = None
+
+
+BREAKER_MODES = ("enforce", "dry_run", "off")
+MAX_TOPUP_DAYS = 366
+
+
+@dataclass(frozen=True, slots=True)
+class Breaker:
+    """The runaway breaker's rules for one caller, merged defaults -> workspace -> service.
+
+    A rule whose threshold is None is off. See docs/topups.md for why these defaults.
+    """
+
+    mode: str = "enforce"  # "dry_run": report what would trip, pause nothing; "off"
+    repeat_more_than: int | None = 20  # the same request more than this many times...
+    repeat_minutes: int = 10  # ...within this many minutes
+    rate_multiple: Decimal | None = Decimal(10)  # recent pace above this x the key's busiest hour
+    rate_minutes: int = 10  # the recent window
+    rate_min_nanos: int = 5 * NANOS_PER_DOLLAR  # and at least this much spent in it
+    growth_tokens: int | None = 300_000  # a session's per-turn input past this...
+    growth_turns: int = 5  # ...after growing this many turns in a row
+
+    @property
+    def window_ms(self) -> int:
+        """The longest look back any of its rules needs."""
+        return max(self.repeat_minutes, self.rate_minutes) * 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class AutoApprove:
+    """Requests from these services under `under_nanos` are granted at once, up to
+    `period_max_nanos` granted that way per scope and budget period."""
+
+    services: frozenset[str]
+    under_nanos: int
+    period_max_nanos: int
+
+
+@dataclass(frozen=True, slots=True)
+class Topups:
+    """How much one top-up request may ask for, for how long, and who is told."""
+
+    max_nanos: int | None = None  # one request's largest amount; None: the workspace budget
+    max_days: int = 31
+    auto_approve: AutoApprove | None = None
+    # URL prefixes a requester's own notification webhook must start with (their Slack).
+    requester_webhooks: tuple[str, ...] = ("https://hooks.slack.com/",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +389,8 @@ class Service:
     key_rate_limits: RateLimits | None
     # Effective model limits, merged the same way.
     routing: RoutingSettings = RoutingSettings()
+    # The runaway breaker's rules for this service's keys, merged the same way.
+    breaker: Breaker = Breaker()
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +423,20 @@ class Workspace:
     pricing: PricingPolicy = DEFAULT_PRICING
     # Who may approve this workspace's top-ups (and its teams').
     approvers: Approvers | None = None
+    # What a top-up request may ask for here; the breaker's rules for keys of no service.
+    topups: Topups = Topups()
+    breaker: Breaker = Breaker()
+
+    def breaker_for(self, service: str) -> Breaker:
+        """The breaker's rules for a key of `service` (the workspace's when unknown)."""
+        svc = self.services.get(service)
+        return svc.breaker if svc is not None else self.breaker
+
+    def approvers_of(self, team: str | None) -> list[Approvers]:
+        """Who may approve for a scope of `team` (None: the workspace): the team's own
+        approvers, then the workspace's (who approve for every team in it)."""
+        own = self.teams[team].approvers if team and team in self.teams else None
+        return [a for a in (own, self.approvers) if a is not None]
 
     def contact_for(self, team: str | None) -> str | None:
         """The team's contact, else the workspace's."""

@@ -28,6 +28,7 @@ from extproc.insight.spend.arithmetic import (
     runs_out_at,
     select_period,
 )
+from extproc.insight.spend.halt import NO_HALT, Halt
 from extproc.metering.prices import usd
 from extproc.store.schema import (
     CACHE_FIELDS,
@@ -62,11 +63,12 @@ class Row:
     requests: int | None  # counted per workspace and period only
     budget_nanos: int | None  # the row's own budget (a day's share of it for "today")
     share_base_nanos: int | None  # own budget, else the workspace's
-    hard_nanos: int | None  # the hard limit enforced on this scope for the whole period
+    hard_nanos: int | None  # the hard limit enforced on this scope now, top-ups included
     held_nanos: int | None  # None where reservations are not tracked (uncapped scopes)
     forecast_nanos: int | None
     runs_out: datetime | None
     today_nanos: int | None = None  # sessions: what today added
+    topup_nanos: int = 0  # of hard_nanos, what live top-up grants add
 
     @property
     def share_pct(self) -> Decimal | None:
@@ -99,6 +101,7 @@ class Row:
             "share_pct": _optional_pct(self.share_pct),
             "share_of": ("own" if own else "workspace") if self.share_base_nanos else None,
             "hard_limit_usd": _optional_usd(self.hard_nanos),
+            "topup_usd": usd(self.topup_nanos) if self.topup_nanos else None,
             "hard_limit_reached": self.limit_reached,
             "held_usd": _optional_usd(self.held_nanos),
             "forecast_usd": _optional_usd(self.forecast_nanos),
@@ -191,9 +194,11 @@ class Report:
     burn: tuple[Burn, ...] | None = None  # None for a finished period
     cache: tuple[CacheRow, ...] = ()
     charts: tuple[Chart, ...] = ()
+    halt: Halt = NO_HALT  # top-up grants and paused keys (insight.spend.halt)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **self.halt.to_dict(self.generated_at.tzinfo),  # type: ignore[arg-type]
             "period": self.selection,
             "generated_at": self.generated_at.isoformat(),
             "timezone": str(self.generated_at.tzinfo),
@@ -323,6 +328,7 @@ class _Frame:
         held: int | None = None,
         project: bool = True,
         today: int | None = None,
+        topup: int = 0,
     ) -> Row:
         budget = self.budget(own_budget)
         if budget is None and book.ws is not None:
@@ -331,6 +337,8 @@ class _Frame:
             base = budget
         # A day's share of a hard limit is enforced nowhere: only whole periods have one.
         hard = hard if self.scale == 1 else None
+        topup = topup if hard is not None and self.current else 0
+        hard = hard + topup if hard is not None else None
         projected = out = None
         if self.elapsed is not None and project:
             projected = forecast(spent, self.elapsed)
@@ -351,6 +359,7 @@ class _Frame:
             forecast_nanos=projected,
             runs_out=out,
             today_nanos=today,
+            topup_nanos=topup,
         )
 
 
@@ -387,7 +396,12 @@ def _session_rows(
 
 
 def _group_rows(
-    book: _Book, frame: _Frame, by: str, spent: Mapping[str, int], held: Mapping[str, int] | None
+    book: _Book,
+    frame: _Frame,
+    by: str,
+    spent: Mapping[str, int],
+    held: Mapping[str, int] | None,
+    topups: Mapping[str, int],
 ) -> list[Row]:
     ws = book.ws
     prefix = GROUPS[by]
@@ -414,6 +428,7 @@ def _group_rows(
                 own_budget=own,
                 hard=hard,
                 held=in_flight,
+                topup=topups.get(scope, 0),
             )
         )
     rows.sort(key=lambda r: (-r.spent_nanos, r.name))
@@ -427,8 +442,10 @@ def build_report(
     *,
     selection: str = "current",
     by: str | None = None,
+    halt: Halt = NO_HALT,
 ) -> Report:
-    """The report as of `now`, from the hashes `report_keys` names (missing ones are empty)."""
+    """The report as of `now`, from the hashes `report_keys` names (missing ones are empty);
+    `halt` (`read_halt`) raises each hard limit by its live top-ups and lists paused keys."""
     tz = policy.timezone
     now = now.astimezone(tz)
     now_ms = _ms(now)
@@ -438,6 +455,7 @@ def build_report(
         frame = _frame(book, selection, now, tz)
         spent = hashes.get(_source_key(book, frame.period, selection), {})
         ws = book.ws
+        topups = halt.topups(book.name)
         held = None
         if selection != "previous" and ws is not None:
             held = hashes.get(_held_key(book, now_ms, tz), {})
@@ -452,6 +470,7 @@ def build_report(
             own_budget=ws.budget_nanos if ws else None,
             hard=ws.hard_nanos if ws else None,
             held=None if held is None else held.get(WORKSPACE_SCOPE, 0),
+            topup=topups.get(WORKSPACE_SCOPE, 0),
         )
         rows.append(row)
         totals["spent"] += row.spent_nanos
@@ -465,7 +484,7 @@ def build_report(
                 today = hashes.get(_today_key(book, now_ms, tz), {})
             rows += _session_rows(book, frame, spent, today)
         elif by is not None:
-            rows += _group_rows(book, frame, by, spent, held)
+            rows += _group_rows(book, frame, by, spent, held, topups)
     burn = None if selection == "previous" else tuple(burn_state(policy, hashes, now))
     return Report(
         selection=selection,
@@ -482,6 +501,7 @@ def build_report(
         burn=burn,
         cache=tuple(_cache_rows(policy, hashes, now, selection)),
         charts=tuple(_charts(policy, hashes, now, selection, rows, burn or ())),
+        halt=halt if selection != "previous" else NO_HALT,
     )
 
 

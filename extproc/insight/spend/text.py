@@ -7,6 +7,7 @@ from __future__ import annotations
 from decimal import ROUND_HALF_UP, Decimal
 
 from extproc.insight.burn import Burn, ratio_text
+from extproc.insight.spend.halt import render_halt
 from extproc.insight.spend.report import CacheRow, Report, Row
 from extproc.metering.prices import usd_for_people
 from extproc.store.schema import (
@@ -185,6 +186,9 @@ def render_cache(report: Report) -> str:
 
 
 def render_text(report: Report) -> str:
-    """The budget table, then today's burn and the prompt-cache section when there is one."""
-    parts = [render_table(report), render_burn(report), render_cache(report)]
+    """The budget table, then today's burn and the prompt-cache section when there is one,
+    then live top-ups and paused keys."""
+    tz = report.generated_at.tzinfo
+    halt = render_halt(report.halt, tz) if report.halt.now_ms else ""  # type: ignore[arg-type]
+    parts = [render_table(report), render_burn(report), render_cache(report), halt]
     return "\n\n".join(part for part in parts if part)

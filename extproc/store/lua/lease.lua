@@ -18,17 +18,19 @@
 --          valid_ms, n, (scope, hard_cap_nanos or -1) * n,
 --          nr, (scope, rpm or -1, tpm or -1) * nr, want_requests, tokens_per_request
 --   Takes min(want, room / share) where room is the least of cap - spent - held over the
---   capped scopes (cap: hard limit plus live top-ups, caps.lua); below `least` there is no
+--   capped scopes (cap: hard limit plus live top-ups, as the caller gives it: top-ups are
+--   added in Python, governance.budget.with_topups); below `least` there is no
 --   lease and the caller holds each request exactly (reserve.lua). Rate limits: a chunk of
 --   the minute's requests and tokens is counted now, at most (limit - used) / share of each.
---   {'ok', amount, valid_ms, requests, tokens, minute, spent_1, held_1, topup_1, ...}
+--   {'ok', amount, valid_ms, requests, tokens, minute, spent_1, held_1, ...}
 --   {'exact', why}, {'revoked'}
 --
 -- refresh  now_ms, lease_id, key_id, period_id, valid_ms, share, n, (scope, cap) * n,
 --          nr, (scope, rpm, tpm) * nr, want_requests (0: keep the chunk), tokens_per_request
---   A live lease may go on for valid_ms more (less if a top-up it counts on expires first)
---   while spent + held is within every cap now: a lowered cap closes it.
---   {'ok', valid_ms, requests, tokens, minute, spent_1, held_1, topup_1, ...}
+--   A live lease may go on for valid_ms more (the caller shortens it to the end of the
+--   first top-up its caps count) while spent + held is within every cap now: a lowered
+--   cap closes it.
+--   {'ok', valid_ms, requests, tokens, minute, spent_1, held_1, ...}
 --   {'over', scope}, {'gone'}, {'revoked'}
 --
 -- return   lease_id, now_ms, minute, nr, (scope, unused_requests, unused_tokens) * nr
@@ -85,11 +87,6 @@ local function rate_chunk(now, i, share)
   return chunk_r, chunk_t, minute, scopes, rl_k
 end
 
-local function valid_for(now, valid_ms, earliest)
-  if earliest and earliest - now < valid_ms then return earliest - now end
-  return valid_ms
-end
-
 if mode == 'grant' then
   local now, id, want, least = ARGV[2] + 0, ARGV[3], ARGV[4] + 0, ARGV[5] + 0
   local share, ttl, period, key_id, valid_ms = ARGV[6] + 0, ARGV[7] + 0, ARGV[8], ARGV[9], ARGV[10] + 0
@@ -105,11 +102,10 @@ if mode == 'grant' then
   end
   if n == 0 then return {'exact', 'uncapped'} end
   local spent, held = standings(period, scopes, n)
-  local extra, earliest = topups(p, scopes, now)  -- caps.lua
   local room = nil
   for j = 1, n do
     if caps[j] >= 0 then
-      local left = caps[j] + extra[j] - (spent[j] or 0) - (held[j] or 0)
+      local left = caps[j] - (spent[j] or 0) - (held[j] or 0)
       if room == nil or left < room then room = left end
     end
   end
@@ -124,12 +120,11 @@ if mode == 'grant' then
   redis.call('ZADD', p .. ':leases:exp', now + ttl, id)
   redis.call('HSET', data_k, id, period .. '|' .. text .. '|' .. table.concat(scopes, '|'))
   redis.call('HSET', leases_k, id, text)
-  local out = {'ok', text, tostring(valid_for(now, valid_ms, earliest)), tostring(chunk_r),
+  local out = {'ok', text, tostring(valid_ms), tostring(chunk_r),
     string.format('%d', chunk_t), tostring(minute)}
   for j = 1, n do
     out[#out + 1] = spent[j] or '0'
     out[#out + 1] = held[j] or '0'
-    out[#out + 1] = string.format('%d', extra[j])
   end
   return out
 end
@@ -149,9 +144,8 @@ if mode == 'refresh' then
     i = i + 2
   end
   local spent, held = standings(period, scopes, n)
-  local extra, earliest = topups(p, scopes, now)  -- caps.lua
   for j = 1, n do
-    if caps[j] >= 0 and (spent[j] or 0) + (held[j] or 0) > caps[j] + extra[j] then
+    if caps[j] >= 0 and (spent[j] or 0) + (held[j] or 0) > caps[j] then
       return {'over', scopes[j]}
     end
   end
@@ -159,12 +153,11 @@ if mode == 'refresh' then
   if ARGV[i + 1 + 3 * (ARGV[i] + 0)] + 0 > 0 then
     chunk_r, chunk_t, minute = rate_chunk(now, i, share)
   end
-  local out = {'ok', tostring(valid_for(now, valid_ms, earliest)), tostring(chunk_r),
+  local out = {'ok', tostring(valid_ms), tostring(chunk_r),
     string.format('%d', chunk_t), tostring(minute)}
   for j = 1, n do
     out[#out + 1] = spent[j] or '0'
     out[#out + 1] = held[j] or '0'
-    out[#out + 1] = string.format('%d', extra[j])
   end
   return out
 end

@@ -10,13 +10,12 @@
 --          session_input_tokens, orphan
 --          (what to bill if the hold expires unsettled, metering.orphans; "" for none)
 --
--- Returns  {"ok", spent_1, held_1, topup_1, ..., spent_n, held_n, topup_n, session_total}
---          (spent/held before this reservation, the scope's live top-ups (caps.lua: the cap
---          is the hard limit plus them); session_total: the session's input tokens
+-- Returns  {"ok", spent_1, held_1, ..., spent_n, held_n, session_total}
+--          (spent/held before this reservation; session_total: the session's input tokens
 --          including this request, "0" without a session)
 --          {"revoked"}
 --          {"rate", scope, "rpm"|"tpm", retry_after_ms, limit, used}
---          {"budget", scope, spent, held, first_denial ("1"/"0"), topup}
+--          {"budget", scope, spent, held, first_denial ("1"/"0")}
 --
 -- Amounts stay strings when stored or returned: Lua 5.1 prints large numbers in exponent
 -- form, and money must never round.
@@ -72,18 +71,15 @@ if n > 0 then
   -- One HMGET per hash for every scope: each redis.call costs more than its command.
   local spent_all = redis.call('HMGET', spent_k, unpack(scopes))
   local held_all = redis.call('HMGET', held_k, unpack(scopes))
-  local extra = topups(p, scopes, now)  -- caps.lua
   for j = 1, n do
     local spent, held = spent_all[j] or '0', held_all[j] or '0'
-    local topup = string.format('%d', extra[j])
-    if caps[j] >= 0 and spent + held + amt > caps[j] + extra[j] then
+    if caps[j] >= 0 and spent + held + amt > caps[j] then
       local first = redis.call('SET', p .. ':alerted:' .. period .. ':' .. scopes[j] .. ':hard',
         '1', 'NX', 'EX', 3456000)
-      return {'budget', scopes[j], spent, held, first and '1' or '0', topup}
+      return {'budget', scopes[j], spent, held, first and '1' or '0'}
     end
     out[#out + 1] = spent
     out[#out + 1] = held
-    out[#out + 1] = topup
   end
 end
 

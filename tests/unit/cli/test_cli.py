@@ -156,6 +156,13 @@ def _mistakes(f: dict[str, str], dead_redis: str) -> list[tuple[tuple[str, ...],
         ("prices", "check", "--days", "many"),
         ("prices", "audit"),
         ("prices", "check", "--no-policy", "--redis-url", dead_redis),
+        ("topup",),
+        ("topup", "approve"),
+        ("topup", "list", "--status", "someday"),
+        ("topup", "approve", "tu_x", "--policy", str(EXAMPLE), "--redis-url", dead_redis),
+        ("topup", "approve", "tu_x", "--policy", f["invalid"], "--redis-url", dead_redis),
+        ("keys", "resume", "key_x", "--policy", str(EXAMPLE), "--redis-url", dead_redis),
+        ("keys", "paused", "--policy", f["missing"], "--redis-url", dead_redis),
     ]  # fmt: skip
     bad_files: list[tuple[str, ...]] = [
         ("check-config", f[name]) for name in ("missing", "dir", "broken", "invalid", "binary")

@@ -21,8 +21,9 @@ from extproc.governance import lease as lease_module
 from extproc.governance.budget import RESERVATION_TTL_MS, Budgets, Decision, Plan, plan_request
 from extproc.governance.holds import tend_once
 from extproc.governance.keys import Identity
+from extproc.governance.live import LiveState
 from extproc.governance.policy import parse_policy_text
-from extproc.governance.topups import add_topup, remove_topups
+from extproc.governance.topups import Grant, wall_ms
 from extproc.metering.ledger import Ledger
 from extproc.metering.orphans import Orphan
 from extproc.metering.prices import PriceTable
@@ -96,7 +97,10 @@ class Replica:
 
     def __init__(self, client: AsyncClient, spool: Path) -> None:
         self.client = client
-        self.budgets = Budgets(client)
+        # Top-ups reach budgets as in the sidecar: through the live cache (governance.live).
+        self.live = LiveState(client, lambda: POLICY)
+        self.budgets = Budgets(client, topups=self.live.topups, topups_until=self.live.topups_until)
+        self.live.on_withdrawn = self.budgets.close_workspace
         self.ledger = Ledger(client, spool_dir=spool)
         self.ledger.on_settled = self.budgets.settled
 
@@ -274,38 +278,64 @@ def test_a_dead_replicas_lease_is_reaped_its_requests_billed_once(
     assert r.keys("{ws:dev}:orphans:*") == [] and lease
 
 
-def test_a_top_up_raises_the_cap_and_its_expiry_ends_the_leases_that_counted_on_it(
+def grant(r: redis.Redis, grant_id: str, nanos: int, until_ms: int) -> None:
+    """A granted top-up, as governance.topups stores an approved one."""
+    r.hset("{ws:dev}:topups", grant_id, Grant(grant_id, "ws", nanos, until_ms).encode())
+
+
+def test_a_top_up_raises_the_cap_once_and_its_revocation_closes_the_leases_counting_it(
     r: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
-    """Top-ups are part of the cap for exact holds and grants alike; a lease granted on one
-    lives no longer than it, and a removed one (the notice lost) closes the lease at its
-    next refresh: a lowered cap reaches every replica within a lease's validity."""
+    """A grant counts in the cap of exact holds and lease grants alike, once (the scripts
+    check the caps Python gives them); revoked, the live cache's next refresh (on the
+    `topup` notice, or its periodic one when the notice is lost) closes the leases that
+    counted on it, and the next request is refused."""
     p = plan()
     r.hset(SPENT, "ws", CAP)  # the month is spent to its hard limit
 
     async def body(one: Replica) -> list[Any]:
-        loop = asyncio.get_running_loop()
         refused = await one.admit(p, "x0")
-        await add_topup(one.client, "dev", "ws", 50 * WORST, NOW + 600_000, now_ms=NOW)
+        grant(r, "t1", 50 * WORST, wall_ms() + 600_000)
+        await one.live.refresh()
         first = await one.admit(p, "x1")
         await one.admit(p, "xw")  # busy from the fourth request in a second
         second = await one.admit(p, "x2")
         lease = one.budgets.leases._by_id[second.reservation_id]  # type: ignore[union-attr]
-        until = lease.valid_until - loop.time()
-        # Lowered: the top-up is gone and no notice is sent. The lease still admits until
-        # its validity ends, then its refresh finds the cap exceeded and closes it.
-        await remove_topups(one.client, "dev", "ws", notify=False)
-        lease.valid_until = loop.time()  # as if its second were up
+        granted = nanos(r, LEASES, lease.id)
+        # Revoked (the hash entry gone; no notice): the cache's refresh finds it and the
+        # lease closes before its second is up.
+        r.hdel("{ws:dev}:topups", "t1")
+        await one.live.refresh()
+        closed = lease.closed
         after = await one.admit(p, "x3")
-        return [refused, first, second, until, after, lease.closed, second.standings]
+        return [refused, first, second, granted, closed, after, second.standings]
 
-    refused, first, second, until, after, closed, standings = run(redis_url, tmp_path, body)
+    refused, first, second, granted, closed, after, standings = run(redis_url, tmp_path, body)
     assert (refused.allowed, refused.reason) == (False, "budget")
-    assert refused.standings[0].topup_nanos == 0
-    assert first.allowed and first.standings[0].topup_nanos == 50 * WORST
-    assert second.reservation_id.startswith("L") and standings[0].topup_nanos == 50 * WORST
-    assert 0 < until <= lease_module.LEASE_VALID_MS / 1000
+    assert refused.standings[0].scope.topup_nanos == 0
+    assert first.allowed and first.standings[0].scope.topup_nanos == 50 * WORST
+    assert second.reservation_id.startswith("L")
+    assert standings[0].scope.topup_nanos == 50 * WORST
+    assert 0 < granted <= (50 * WORST - 2 * WORST) // lease_module.LEASE_SHARE
     assert closed and (after.allowed, after.reason) == (False, "budget")
+
+
+def test_a_grant_counts_once_for_holds_and_leases(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Spent to the cap, a grant of 10 worst cases admits at most 10 requests in flight,
+    leased or held (counted twice, in Python and in a script, it would admit 20)."""
+    p = plan()
+    r.hset(SPENT, "ws", CAP)
+
+    async def body(one: Replica) -> tuple[int, int]:
+        grant(r, "t3", 10 * WORST, wall_ms() + 600_000)
+        await one.live.refresh()
+        allowed = [(await one.admit(p, f"z{i}")).allowed for i in range(30)]
+        return sum(allowed), nanos(r, SPENT) + nanos(r, HELD)
+
+    allowed, used = run(redis_url, tmp_path, body)
+    assert allowed == 10 and used == CAP + 10 * WORST  # used up, and not one more
 
 
 def test_a_lease_lasts_no_longer_than_the_top_up_it_counts_on(
@@ -315,7 +345,8 @@ def test_a_lease_lasts_no_longer_than_the_top_up_it_counts_on(
     r.hset(SPENT, "ws", CAP)
 
     async def body(one: Replica) -> float:
-        await add_topup(one.client, "dev", "ws", 50 * WORST, NOW + 300, now_ms=NOW)  # 0.3 s left
+        grant(r, "t2", 50 * WORST, NOW + 300)  # 0.3 s left at the requests' clock
+        await one.live.refresh()
         for i in range(3):
             await one.admit(p, f"y{i}")
         d = await one.admit(p, "y3")

@@ -277,8 +277,9 @@ CASES: list[tuple[dict[str, Any], str]] = [
     bad(
         "alerts.webhooks",
         [{"url": "https://h/x", "events": []}],
-        "must be a non-empty list of burn_rate, hard_limit, reconcile_drift, soft_limit, "
-        "unknown_model (omit it for all), got a list",
+        "must be a non-empty list of burn_rate, hard_limit, key_paused, key_resumed, "
+        "reconcile_drift, soft_limit, topup_approved, topup_denied, topup_expired, "
+        "topup_requested, unknown_model (omit it for all), got a list",
         "alerts.webhooks[0].events",
     ),
     bad(

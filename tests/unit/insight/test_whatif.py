@@ -165,3 +165,41 @@ def test_requests_refused_now_and_unknown_services_are_reported(tmp_path: Path) 
     result = replay(policy(tmp_path, "100"), records, PriceTable.load()).to_dict()
     assert result["already_refused_requests"] == 1
     assert result["refused_by"] == {"unknown_key": 1}
+
+
+def test_top_ups_granted_at_the_time_raise_the_candidates_cap(tmp_path: Path) -> None:
+    """$20 granted on the fifth day until the seventh began: days 6 fits, 7 to 10 do not."""
+    from extproc.governance.topups import TopupRequest
+
+    def ms(day: int, hour: int = 0) -> int:
+        return int(datetime(2026, 11, day, hour, tzinfo=UTC).timestamp() * 1000)
+
+    grant = TopupRequest(
+        "tu_1", "dev", "ws", "workspace dev", 20 * NANOS_PER_DOLLAR, ms(7), "release", "key_a",
+        "cli", "platform", "", ms(5, 8), status="expired", decided_by="lena",
+        decided_ms=ms(5, 8), granted_nanos=20 * NANOS_PER_DOLLAR, granted_until_ms=ms(7),
+    )  # fmt: skip
+    fields = {f: getattr(grant, f) for f in grant.__dataclass_fields__}
+    denied = TopupRequest(**{**fields, "request_id": "tu_2", "status": "denied"})
+    result = replay(policy(tmp_path, "50"), ledger(), PriceTable.load(), [grant, denied]).to_dict()
+    assert result["refused_requests"] == 8  # days 7 to 10
+    assert result["candidate_nanos"] == 60 * NANOS_PER_DOLLAR
+    ws = next(s for s in result["scopes"] if s["scope"] == "ws")
+    assert ws["hard_nanos"] == 50 * NANOS_PER_DOLLAR  # the policy's; the grant is not a limit
+
+
+def test_the_candidates_breaker_lists_the_keys_it_would_pause(tmp_path: Path) -> None:
+    loop = []
+    for k in range(30):
+        r = ledger(days=1, per_day=1)[0]
+        r.request_id, r.time_ms = f"loop{k}", r.time_ms + k * 1000
+        r.counted_input_tokens, r.request_fingerprint, r.key_id = 20_000, "fp", "key_loop"
+        loop.append(r)
+    result = replay(policy(tmp_path, "1000"), [*ledger(), *loop], PriceTable.load()).to_dict()
+    [trip] = result["breaker_trips"]
+    assert (trip["key_id"], trip["rule"], trip["mode"]) == ("key_loop", "repeats", "enforce")
+    assert trip["spent_after_nanos"] == 9 * loop[0].cost_nanos  # the 22nd to the 30th copy
+    quiet = policy(tmp_path, "1000", "").workspaces["dev"]
+    assert quiet.breaker.repeat_more_than == 20
+    text = render_text(replay(policy(tmp_path, "1000"), loop, PriceTable.load()), 1)
+    assert "breaker would pause: 1 key" in text and "key_loop" in text
