@@ -421,3 +421,68 @@ def test_without_leases_every_request_is_held_exactly(
     decisions = run(redis_url, tmp_path, body)
     assert not any(d.reservation_id.startswith("L") for d in decisions)
     assert nanos(r, HELD) == 4 * WORST
+
+
+class _ClosesDuringGrant:
+    """The replica's client, except that the workspace's leases are closed (a revoked grant
+    learnt) while a lease grant's reply is on its way back."""
+
+    def __init__(self, client: AsyncClient, budgets: Budgets) -> None:
+        self._client, self._budgets, self.grants = client, budgets, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        reply = await self._client.evalsha(sha, numkeys, *keys_and_args)
+        if sha == LEASE.sha and keys_and_args[numkeys] == "grant":
+            self.grants += 1
+            self._budgets.close_workspace("dev")
+        return reply
+
+
+def test_a_lease_granted_while_the_workspace_closes_its_leases_is_closed_on_arrival(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Its grant may have counted a cap that is gone: it admits nothing, and is handed back."""
+    p = plan()
+
+    async def body(one: Replica) -> tuple[list[Decision], int]:
+        leases = one.budgets.leases
+        assert leases is not None
+        proxy = _ClosesDuringGrant(one.client, one.budgets)
+        leases._redis = proxy  # type: ignore[assignment]
+        decisions = [await one.admit(p, f"w{i}") for i in range(6)]
+        await one.settle(*((p, d, f"w{i}", 1) for i, d in enumerate(decisions)))
+        await one.budgets.close()
+        return decisions, proxy.grants
+
+    decisions, grants = run(redis_url, tmp_path, body)
+    assert grants >= 1 and all(d.allowed for d in decisions)
+    assert not any(d.reservation_id.startswith("L") for d in decisions)
+    assert nanos(r, HELD) == 0 and r.hlen(LEASES) == 0
+
+
+def test_the_live_cache_reports_a_grant_gone_before_its_end_not_one_that_ended(
+    r: redis.Redis, redis_url: str
+) -> None:
+    async def main() -> list[str]:
+        client = make_client(redis_url)
+        live = LiveState(client, lambda: POLICY)
+        told: list[str] = []
+        live.on_withdrawn = told.append
+        try:
+            grant(r, "ended", WORST, wall_ms() - 1)  # over: its sweep is no revocation
+            grant(r, "live", WORST, wall_ms() + 600_000)
+            await live.refresh()
+            until = live.topups_until("dev", wall_ms())
+            r.hdel("{ws:dev}:topups", "ended")
+            await live.refresh()
+            told.append(f"until {until == int(r.hget('{ws:dev}:topups', 'live').split(b'|')[-1])}")
+            r.hdel("{ws:dev}:topups", "live")
+            await live.refresh()
+            return told
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(main()) == ["until True", "dev"]
