@@ -48,6 +48,26 @@ local function standings(period, scopes, n)
   return spent, held
 end
 
+local function read_caps(i)
+  -- Reads n and n (scope, cap) pairs from ARGV[i]; returns the scopes, caps, n, next index.
+  local n = ARGV[i] + 0
+  local scopes, caps = {}, {}
+  i = i + 1
+  for j = 1, n do
+    scopes[j], caps[j] = ARGV[i], ARGV[i + 1] + 0
+    i = i + 2
+  end
+  return scopes, caps, n, i
+end
+
+local function with_standings(out, spent, held, n)
+  for j = 1, n do
+    out[#out + 1] = spent[j] or '0'
+    out[#out + 1] = held[j] or '0'
+  end
+  return out
+end
+
 local function rate_chunk(now, i, share)
   -- Reads nr rate scopes from ARGV[i]; returns chunk_r, chunk_t, minute key, the scopes, and
   -- the index after them. A chunk of 0 means no room for one more request.
@@ -93,13 +113,7 @@ if mode == 'grant' then
   if key_id ~= '' and redis.call('SISMEMBER', p .. ':revoked', key_id) == 1 then
     return {'revoked'}
   end
-  local n = ARGV[11] + 0
-  local scopes, caps = {}, {}
-  local i = 12
-  for j = 1, n do
-    scopes[j], caps[j] = ARGV[i], ARGV[i + 1] + 0
-    i = i + 2
-  end
+  local scopes, caps, n, i = read_caps(11)
   if n == 0 then return {'exact', 'uncapped'} end
   local spent, held = standings(period, scopes, n)
   local room = nil
@@ -120,13 +134,8 @@ if mode == 'grant' then
   redis.call('ZADD', p .. ':leases:exp', now + ttl, id)
   redis.call('HSET', data_k, id, period .. '|' .. text .. '|' .. table.concat(scopes, '|'))
   redis.call('HSET', leases_k, id, text)
-  local out = {'ok', text, tostring(valid_ms), tostring(chunk_r),
-    string.format('%d', chunk_t), tostring(minute)}
-  for j = 1, n do
-    out[#out + 1] = spent[j] or '0'
-    out[#out + 1] = held[j] or '0'
-  end
-  return out
+  return with_standings({'ok', text, tostring(valid_ms), tostring(chunk_r),
+    string.format('%d', chunk_t), tostring(minute)}, spent, held, n)
 end
 
 if mode == 'refresh' then
@@ -136,13 +145,7 @@ if mode == 'refresh' then
   if key_id ~= '' and redis.call('SISMEMBER', p .. ':revoked', key_id) == 1 then
     return {'revoked'}
   end
-  local n = ARGV[8] + 0
-  local scopes, caps = {}, {}
-  local i = 9
-  for j = 1, n do
-    scopes[j], caps[j] = ARGV[i], ARGV[i + 1] + 0
-    i = i + 2
-  end
+  local scopes, caps, n, i = read_caps(8)
   local spent, held = standings(period, scopes, n)
   for j = 1, n do
     if caps[j] >= 0 and (spent[j] or 0) + (held[j] or 0) > caps[j] then
@@ -153,13 +156,8 @@ if mode == 'refresh' then
   if ARGV[i + 1 + 3 * (ARGV[i] + 0)] + 0 > 0 then
     chunk_r, chunk_t, minute = rate_chunk(now, i, share)
   end
-  local out = {'ok', tostring(valid_ms), tostring(chunk_r),
-    string.format('%d', chunk_t), tostring(minute)}
-  for j = 1, n do
-    out[#out + 1] = spent[j] or '0'
-    out[#out + 1] = held[j] or '0'
-  end
-  return out
+  return with_standings({'ok', tostring(valid_ms), tostring(chunk_r),
+    string.format('%d', chunk_t), tostring(minute)}, spent, held, n)
 end
 
 if mode == 'return' then
