@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -11,15 +12,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import openai
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from extproc.devstack.stack import Stack, free_port, redis_child, temporary_stack
 from extproc.metering.ledger import record_to_dict
@@ -300,3 +302,19 @@ def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
 def new_key(stack: Stack, workspace: str, service: str) -> dict[str, Any]:
     out = cli(stack, "keys", "create", "--workspace", workspace, "--service", service, "--json")
     return json.loads(out.stdout)
+
+
+T = TypeVar("T")
+
+
+def run_with_redis(redis_url: str, body: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `body(client)` on a fresh asyncio Redis client, closed afterwards."""
+
+    async def main() -> T:
+        client = aioredis.from_url(redis_url)
+        try:
+            return await body(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())

@@ -3,14 +3,11 @@ logins, and sessions in a real Redis (signed, expiring, revocable, shared by rep
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from extproc.console.auth import Auth, AuthConfigError, parse_tokens, tokens_from_env
 from extproc.console.config import ConsoleConfigError, settings_from_env
@@ -18,19 +15,7 @@ from extproc.console.sessions import SessionStore, mint_login, shared_secret
 from extproc.governance.access import Person
 from extproc.governance.guard import for_client, is_codex
 from extproc.wire.errors import OpenAIError
-
-T = TypeVar("T")
-
-
-def run(redis_url: str, body: Callable[[Any], Awaitable[T]]) -> T:
-    async def main() -> T:
-        client = aioredis.from_url(redis_url)
-        try:
-            return await body(client)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
+from tests.conftest import run_with_redis
 
 
 def test_tokens_are_named_and_checked() -> None:
@@ -128,7 +113,7 @@ def test_sessions_are_signed_shared_and_revocable(r: redis.Redis, redis_url: str
         expired = SessionStore(client, secret, 0)
         assert await expired.get(await expired.open(ana, "oidc")) is None
 
-    run(redis_url, body)
+    run_with_redis(redis_url, body)
     assert r.keys("{extproc:console}:session:*") == []  # nothing left behind
 
 
@@ -139,7 +124,7 @@ def test_login_links_work_once_on_any_replica(r: redis.Redis, redis_url: str) ->
         store = SessionStore(client, b"k" * 32, 60)
         return [await store.use_login(token), await store.use_login(token)]
 
-    assert run(redis_url, body) == [True, False]
+    assert run_with_redis(redis_url, body) == [True, False]
     assert token.encode() not in b"".join(r.keys("*"))  # stored as a digest
 
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 
 from extproc.governance import guard
 from extproc.governance.keys import KeyStore
@@ -32,9 +30,9 @@ from extproc.store.schema import (
     workspace_prefix,
 )
 from extproc.wire.endpoints import ENDPOINTS
+from tests.conftest import run_with_redis
 from tests.traffic import record, runaway_loop
 
-T = TypeVar("T")
 POLICY = parse_policy_text(
     """
 version: 1
@@ -68,17 +66,6 @@ class Clock:
 
     def __call__(self) -> int:
         return self.ms
-
-
-def run(redis_url: str, body: Callable[[Any], Awaitable[T]]) -> T:
-    async def main() -> T:
-        client = aioredis.from_url(redis_url)
-        try:
-            return await body(client)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
 
 
 def _write_loop(r: redis.Redis, key_id: str, service: str, count: int, t0_ms: int) -> None:
@@ -128,7 +115,7 @@ def test_a_loop_is_paused_once_announced_audited_and_told(redis_url: str, r: red
         again = await one.check_once()  # nothing new
         return first, second + again, sent
 
-    first, rest, sent = run(redis_url, body)
+    first, rest, sent = run_with_redis(redis_url, body)
     assert [t.rule for t in first] == ["repeats"] and rest == []
     pause = Pause.from_json(r.hget(paused_key("dev"), first[0].key_id))
     assert pause is not None and pause.paused and pause.rule == "repeats"
@@ -162,7 +149,7 @@ def test_dry_run_tells_and_audits_but_pauses_nothing(redis_url: str, r: redis.Re
         assert [t.mode for t in await watch.check_once()] == ["dry_run"]
         return sent
 
-    sent = run(redis_url, body)
+    sent = run_with_redis(redis_url, body)
     assert r.hlen(paused_key("dev")) == 0
     assert "dry run: the runaway breaker would have paused" in sent.alerts[0][0].text
     assert [e[b"action"] for _id, e in r.xrange(AUDIT)] == [b"breaker.dry_run"]
@@ -184,7 +171,7 @@ def test_a_resumed_key_starts_over(redis_url: str, r: redis.Redis) -> None:
         counts.append(len(await watch.check_once()))
         return counts
 
-    assert run(redis_url, body) == [1, 0, 1]
+    assert run_with_redis(redis_url, body) == [1, 0, 1]
 
 
 def test_grants_end_on_time_and_the_requester_hears(redis_url: str, r: redis.Redis) -> None:
@@ -215,7 +202,7 @@ def test_grants_end_on_time_and_the_requester_hears(redis_url: str, r: redis.Red
         assert live.grants("dev") == ()
         return sent, [e[b"action"].decode() for _id, e in r.xrange(AUDIT)], before, after
 
-    sent, actions, before, after = run(redis_url, body)
+    sent, actions, before, after = run_with_redis(redis_url, body)
     assert before == {"ws": 10**9} and after == {}
     [(alert, to)] = sent.alerts
     assert alert.event == "topup_expired" and to == ["http://127.0.0.1:9/me"]
@@ -255,7 +242,7 @@ def test_the_live_cache_follows_notices_and_builds_refusals(redis_url: str, r: r
             for task in tasks:
                 task.cancel()
 
-    assert run(redis_url, body) == [0, 1, 0]
+    assert run_with_redis(redis_url, body) == [0, 1, 0]
 
 
 def test_another_replica_takes_over_when_the_lease_lapses(redis_url: str, r: redis.Redis) -> None:
@@ -274,7 +261,7 @@ def test_another_replica_takes_over_when_the_lease_lapses(redis_url: str, r: red
         await one.check_once()  # and the first, back, stands by
         return [two.leading, one.leading, len(trips) == 1]
 
-    assert run(redis_url, body) == [True, False, True]
+    assert run_with_redis(redis_url, body) == [True, False, True]
 
 
 def test_the_baseline_is_the_last_week_without_the_runaway_hours() -> None:
