@@ -13,8 +13,11 @@ against 1, and memory per open stream with 5,000 long streams held open at once,
 stacks of their own, with what Envoy and the sidecar keep after they close (bench_memory.py).
 CPU per request (sidecar process tree, Envoy, and for the whole bill Redis, the simulator
 and the load generator) and RSS come from /proc; Redis bytes per request (ledger stream,
-idempotency sets) from MEMORY USAGE after each enforced setup. A full run ends with the
-floor under any processor (bench/bench_floor.py: Envoy with a do-nothing ext_proc server).
+idempotency sets) from MEMORY USAGE after each enforced setup. Every run (quick too) ends
+with the floor under any processor (bench/bench_floor.py: Envoy with a do-nothing ext_proc
+server) and the issue-21 targets computed from the same run: enforced added p50 at c=1 and
+throughput at c=32 as ratios to the floor's, sidecar and Redis CPU per request at c=32
+against their targets.
 
     .venv/bin/python bench/bench.py            # full run (~15 min on 2 cores)
     .venv/bin/python bench/bench.py --quick    # direction only, ~3 min
@@ -314,6 +317,8 @@ def markdown(report: dict[str, Any]) -> str:
         from bench.bench_floor import markdown as floor_markdown
 
         out += ["", *floor_markdown(report["floor"])]
+    if report.get("targets"):
+        out += ["", *targets_markdown(report["targets"])]
     if "counting" in report:
         out += ["", "| counting (sidecar CPU) | ms |", "|---|---|"]
         out += [f"| {k} | {v:.2f} |" for k, v in report["counting"].items()]
@@ -321,6 +326,82 @@ def markdown(report: dict[str, Any]) -> str:
         out += ["", "| bad-key flood (bench/bench_badkeys.py) | |", "|---|---|"]
         out += [f"| {k} | {v:.3f} |" for k, v in report["bad_keys"].items()]
     return "\n".join(out) + "\n"
+
+
+ENFORCED = "enforced, 1 worker"
+PORTKEY_ADDED_P50_MS = 1.54
+"""Portkey's gateway (routing only, no budgets), added p50 at c=1, measured beside ours on
+another day (issue 21); not part of this run, so its line is marked as such."""
+
+
+def _ratio(top: dict[str, float], bottom: dict[str, float]) -> dict[str, float]:
+    """median over median, and the widest range the two spreads allow."""
+    return {
+        "median": top["median"] / bottom["median"],
+        "min": top["min"] / bottom["max"],
+        "max": top["max"] / bottom["min"],
+    }
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 21's targets, each computed from this run: enforced against the do-nothing
+    processor (bench_floor.py, 4 messages) measured in the same run, or against a figure."""
+    cells = report["setups"].get(ENFORCED, {}).get("cells", {})
+    floor = report.get("floor", {})
+    c1, c32 = cells.get("json c=1"), cells.get("json c=32")
+    f1, f32 = floor.get("4 messages c=1"), floor.get("4 messages c=32")
+    out: list[dict[str, Any]] = []
+    if c1 and f1:
+        out.append({
+            "target": "added p50 at c=1, enforced / do-nothing", "goal": "<= 1.5",
+            "value": _ratio(c1["added_p50_ms"], f1["added_p50_ms"]), "limit": 1.5, "below": True,
+            "detail": f"{c1['added_p50_ms']['median']:.2f} / {f1['added_p50_ms']['median']:.2f} ms",
+        })  # fmt: skip
+        portkey = {k: PORTKEY_ADDED_P50_MS / v for k, v in c1["added_p50_ms"].items()}
+        portkey["min"], portkey["max"] = portkey["max"], portkey["min"]
+        out.append({
+            "target": "ahead of Portkey at c=1: its added p50 / ours", "goal": ">= 1.5",
+            "value": portkey, "limit": 1.5, "below": False,
+            "detail": f"{PORTKEY_ADDED_P50_MS:.2f} ms (another day's figure) / "
+                      f"{c1['added_p50_ms']['median']:.2f} ms",
+        })  # fmt: skip
+    if c32 and f32:
+        out.append({
+            "target": "throughput at c=32, enforced / do-nothing", "goal": ">= 0.7",
+            "value": _ratio(c32["throughput_ratio"], f32["throughput_ratio"]), "limit": 0.7,
+            "below": False,
+            "detail": f"{100 * c32['throughput_ratio']['median']:.0f}% / "
+                      f"{100 * f32['throughput_ratio']['median']:.0f}% of direct",
+        })  # fmt: skip
+    if c32:
+        parts = c32.get("cpu_us", {}).get("extproc", {})
+        for name, limit in (("sidecar", 300.0), ("redis", 100.0)):
+            if name in parts:
+                spread_us = parts[name]
+                out.append({
+                    "target": f"{'Redis' if name == 'redis' else 'sidecar'} CPU per request at "
+                              "c=32, measured / target",
+                    "goal": f"<= 1 ({limit:.0f} µs)",
+                    "value": {k: v / limit for k, v in spread_us.items()}, "limit": 1.0,
+                    "below": True, "detail": f"{spread_us['median']:.0f} µs",
+                })  # fmt: skip
+    for row in out:
+        value, limit = row["value"], row["limit"]
+        row["met"] = value["median"] <= limit if row["below"] else value["median"] >= limit
+    return out
+
+
+def targets_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    out = [
+        "| issue 21 target (JSON, this run) | goal | ratio, median [range] | from | met |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        out.append(
+            f"| {row['target']} | {row['goal']} | {fmt(row['value'])} | {row['detail']} | "
+            f"{'yes' if row['met'] else 'no'} |"
+        )
+    return out
 
 
 def cpu_bill(report: dict[str, Any]) -> list[str]:
@@ -383,9 +464,12 @@ def main(argv: list[str] | None = None) -> int:
         from bench.bench_badkeys import bad_key_figures
 
         report["bad_keys"] = bad_key_figures()
+    if not args.memory:
         from bench.bench_floor import floor_figures
 
-        report["floor"] = floor_figures()
+        print("do-nothing processor (the floor):", flush=True)
+        report["floor"] = floor_figures(quick=args.quick, rounds=plan.rounds)
+        report["targets"] = targets(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -4,10 +4,12 @@ Drives a request's stream through the dispatcher exactly as the gRPC handler doe
 ext_proc messages of a JSON chat completion (request headers, body, response headers, body),
 or of a 50-event SSE stream, each parsed from its wire bytes and each reply serialized.
 Budgets and the ledger are the real `Budgets` and `Ledger` over a canned in-memory Redis
-client (the reserve script answers "ok", the settle pipeline "ok"), so building script
-arguments, the orphan settlement of every hold and the ledger's batching are all counted;
-only the sockets, RESP encoding and Lua are missing. The policy is examples/policy.yaml
-(teams, services, routing rules), the caller `dev/codex-cli`; telemetry is off.
+client (the reserve script answers "ok", a lease is granted as asked, the settle calls
+"written"), so building script arguments, every request's orphan, the leases' bookkeeping
+and the ledger's batching are all counted; only the sockets, RESP encoding and Lua are
+missing. `EXTPROC_BUDGET_LEASES=0` holds every request exactly, as the setting does. The
+policy is examples/policy.yaml (teams, services, routing rules), the caller `dev/codex-cli`;
+telemetry is off.
 
 The figure is CPU time (`time.process_time`) per request, the median of several rounds,
 with the spread: the sidecar's own Python cost, the part a code change moves. The whole
@@ -23,6 +25,7 @@ import argparse
 import asyncio
 import cProfile
 import json
+import os
 import pstats
 import statistics
 import sys
@@ -54,6 +57,7 @@ from extproc.simulator import chat as simulated_chat  # noqa: E402
 from extproc.simulator.caching import PromptCache  # noqa: E402
 from extproc.simulator.faults import Faults  # noqa: E402
 from extproc.simulator.plan import OUTPUT_TOKENS_HEADER, plan_request  # noqa: E402
+from extproc.store.scripts import LEASE  # noqa: E402
 
 SECRET = "sk-ext-" + "b" * 40
 CALLER = Identity("key_bench", "dev", None, "codex-cli", None, 0)
@@ -84,22 +88,27 @@ class _Keys:
 
 
 class _Pipeline:
-    """Queues commands; every settle script answers "ok" (no soft limit crossed)."""
+    """Queues commands; every settle call answers "written" for each of its settlements
+    (no soft limit crossed)."""
 
     def __init__(self) -> None:
-        self.queued = 0
+        self.replies: list[Any] = []
 
     def execute_command(self, *args: Any) -> None:
-        self.queued += 1
+        if args[0] == "EVALSHA":  # a settle call: EVALSHA sha 1 prefix m ...
+            self.replies.append([b"1" * int(args[4])])
+        else:
+            self.replies.append(0)
 
     def hincrby(self, name: str, key: str, amount: int = 1) -> None:
-        self.queued += 1
+        self.replies.append(0)
 
     def sadd(self, name: str, *values: Any) -> None:
-        self.queued += 1
+        self.replies.append(0)
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        return [[b"ok"]] * self.queued
+        replies, self.replies = self.replies, []
+        return replies
 
     async def __aenter__(self) -> Self:
         return self
@@ -108,15 +117,36 @@ class _Pipeline:
         return None
 
 
+def _standings(capped: int) -> list[bytes]:
+    return [b"0", b"0"] * capped  # spent, held of each capped scope
+
+
 class _CannedRedis:
-    """The reserve script admits with nothing spent; pipelines are `_Pipeline`s."""
+    """The reserve script admits with nothing spent, a lease is granted as asked, orphan
+    writes succeed; pipelines are `_Pipeline`s."""
 
     async def execute_command(self, *args: Any) -> Any:
         return 0
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
-        capped = keys_and_args[numkeys + 7]  # see budget._args: the count of capped scopes
-        return [b"ok", *([b"0", b"0"] * capped), b"0"]
+        args = keys_and_args[numkeys:]
+        if sha == LEASE.sha:
+            return self._lease(args)
+        capped = args[7]  # see budget._args: the count of capped scopes
+        return [b"ok", *_standings(capped), b"0"]
+
+    @staticmethod
+    def _lease(args: tuple[Any, ...]) -> list[Any]:
+        mode = args[0]
+        if mode == "return":
+            return [b"ok", b"0"]
+        now = int(args[1])
+        minute = str(now // 60000).encode()
+        want_requests, per_request = int(args[-2]), int(args[-1])
+        chunk = [str(want_requests).encode(), str(want_requests * per_request).encode(), minute]
+        if mode == "grant":  # grant, now, id, want, least, share, ttl, period, key, valid, n
+            return [b"ok", str(args[3]).encode(), b"1000", *chunk, *_standings(args[10])]
+        return [b"ok", b"1000", *chunk, *_standings(args[7])]  # refresh, now, id, key, ..., n
 
     async def script_load(self, script: str) -> Any:
         return "sha"
@@ -191,7 +221,7 @@ async def _rounds(
 
 def _deps(executor: ThreadPoolExecutor, spool: str) -> tuple[Deps, Ledger]:
     redis = _CannedRedis()
-    budgets = Budgets(redis)
+    budgets = Budgets(redis, leases=os.environ.get("EXTPROC_BUDGET_LEASES", "1") != "0")
     ledger = Ledger(redis, spool_dir=spool, on_settled=budgets.settled)
     deps = Deps(
         settings=Settings(),

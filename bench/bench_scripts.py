@@ -8,9 +8,12 @@ the server per request, exact to a fraction of a percent run to run; without, it
 server's CPU time (INFO cpu), which a shared machine makes noisy. `--aof` turns on the
 append-only file, as deployed (each write a script makes is also appended there).
 
-    .venv/bin/python bench/bench_scripts.py --against main --callgrind --aof
+Settlement: a version whose settle script takes a batch (this tree's) gets `--batch`
+settlements per call, as the ledger writer sends them (one call per workspace and loop
+turn); a revision whose settle.lua settles one request per call (before the batched one)
+gets one call per request, its arguments laid out as it expects.
 
-The two versions must take the same arguments (the comparison replays one set of them).
+    .venv/bin/python bench/bench_scripts.py --against main --callgrind --aof --batch 8
 """
 
 from __future__ import annotations
@@ -50,8 +53,19 @@ def sources(revision: str | None) -> dict[str, str]:
     return {"reserve": read("reserve"), "settle": read("release") + read("settle")}
 
 
+def batched(source: str) -> bool:
+    """Whether a settle.lua settles a batch per call (this tree's) or one request."""
+    return "then m items" in source
+
+
+def legacy_settle(item: list[Any], maxlen: int, window: int) -> list[Any]:
+    """One settlement's item (this tree's layout) as a per-request settle.lua wants it."""
+    return [*item[:7], maxlen, *item[7:], window]
+
+
 def request_args(now_ms: int) -> Callable[[str], tuple[list[Any], list[Any]]]:
-    """Reserve and settle arguments of one bench request, as the sidecar builds them."""
+    """Reserve arguments and the settle item of one bench request, as the sidecar builds
+    them (the item is one settlement's part of a settle call)."""
     from extproc.governance.budget import _args, plan_request
     from extproc.governance.keys import Identity
     from extproc.governance.policy import parse_policy_text
@@ -67,7 +81,7 @@ def request_args(now_ms: int) -> Callable[[str], tuple[list[Any], list[Any]]]:
         policy, who, model="gpt-5-mini", counted_input=18, output_cap=16, prices=prices,
         now_ms=now_ms,
     )  # fmt: skip
-    settle_args = Ledger(None, spool_dir=tempfile.gettempdir())._settle_args  # type: ignore[arg-type]
+    ledger = Ledger(None, spool_dir=tempfile.gettempdir())  # type: ignore[arg-type]
     local = datetime.fromtimestamp(now_ms / 1000, UTC)
 
     def settlement(request_id: str, rid: str, cost: int) -> Any:
@@ -88,7 +102,7 @@ def request_args(now_ms: int) -> Callable[[str], tuple[list[Any], list[Any]]]:
         orphan = settlement(request_id, "", 34_000).SerializeToString()
         prefix = workspace_prefix(workspace)
         reserve = [1, prefix, *_args(plan, rid, now_ms, orphan=orphan)]
-        settle = [1, prefix, *settle_args(settlement(request_id, rid, 36_500))]
+        settle = [prefix, *ledger.settle_args([settlement(request_id, rid, 36_500)])[3:]]
         return reserve, settle
 
     return one
@@ -144,19 +158,45 @@ class Server:
 
 
 def measure(
-    server: Server, shas: dict[str, str], workspace: str, one: Callable[..., Any], n: int
+    server: Server,
+    shas: dict[str, str],
+    workspace: str,
+    one: Callable[..., Any],
+    n: int,
+    batch: int | None,
 ) -> tuple[float, float]:
-    """(work per request, Redis commands run inside the scripts per request)."""
+    """(work per request, Redis commands run inside the scripts per request).
+
+    `batch`: settlements per settle call, or None for a per-request settle script."""
+    from extproc.metering.ledger import SEEN_WINDOW_S
+
+    maxlen = 1_000_000
     requests = [one(workspace) for _ in range(n)]
     server.client.config_resetstat()
     server.work()
     for start in range(0, n, _BATCH):
-        for index, script in enumerate(SCRIPTS):
-            pipe = server.client.pipeline(transaction=False)
-            for pair in requests[start : start + _BATCH]:
-                pipe.execute_command("EVALSHA", shas[script], *pair[index])
+        chunk = requests[start : start + _BATCH]
+        pipe = server.client.pipeline(transaction=False)
+        for reserve, _ in chunk:
+            pipe.execute_command("EVALSHA", shas["reserve"], *reserve)
+        for reply in pipe.execute():
+            assert reply[0] == b"ok", reply
+        pipe = server.client.pipeline(transaction=False)
+        if batch is None:
+            for _, (prefix, *item) in chunk:
+                args = legacy_settle(item, maxlen, SEEN_WINDOW_S)
+                pipe.execute_command("EVALSHA", shas["settle"], 1, prefix, *args)
             for reply in pipe.execute():
                 assert reply[0] == b"ok", reply
+            continue
+        for at in range(0, len(chunk), batch):
+            part = chunk[at : at + batch]
+            items = [x for _, (_prefix, *item) in part for x in item]
+            prefix = part[0][1][0]
+            args = [len(part), maxlen, SEEN_WINDOW_S, *items]
+            pipe.execute_command("EVALSHA", shas["settle"], 1, prefix, *args)
+        for reply in pipe.execute():
+            assert set(reply[0].decode()) == {"1"}, reply
     work = server.work() / n
     stats = server.client.info("commandstats")
     inner = sum(
@@ -172,6 +212,7 @@ def main() -> None:
     parser.add_argument("--aof", action="store_true", help="append-only file on, as deployed")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=400, help="per round and version")
+    parser.add_argument("--batch", type=int, default=8, help="settlements per batched call")
     opts = parser.parse_args()
 
     versions = {opts.against: sources(opts.against), "this tree": sources(None)}
@@ -189,12 +230,14 @@ def main() -> None:
                 order = list(versions) if round_ % 2 == 0 else list(versions)[::-1]
                 for name in order:
                     ws = "bench-" + ("a" if name == opts.against else "b")
-                    work, calls[name] = measure(server, shas[name], ws, one, opts.requests)
+                    batch = opts.batch if batched(versions[name]["settle"]) else None
+                    work, calls[name] = measure(server, shas[name], ws, one, opts.requests, batch)
                     figures[name].append(work)
         finally:
             server.stop()
     unit = "instructions" if opts.callgrind else "CPU µs"
-    print(f"Redis {unit} per request (reserve + settle), AOF {'on' if opts.aof else 'off'}, "
+    print(f"Redis {unit} per request (reserve + settle; batched settle: {opts.batch} per "
+          f"call), AOF {'on' if opts.aof else 'off'}, "
           f"median of {opts.rounds} alternating rounds [min, max]:")  # fmt: skip
     for name, values in figures.items():
         print(f"  {name:>12}: {statistics.median(values):>10,.0f} [{min(values):,.0f}, "

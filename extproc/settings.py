@@ -51,8 +51,12 @@ class Settings:
     spool_dir: str = ".data/spool"
     # Seconds an in-flight stream gets to finish after SIGTERM.
     grace_seconds: float = 30.0
-    # Sidecar processes sharing the listen port (SO_REUSEPORT); 0: one per usable CPU.
+    # Sidecar processes; 0: one per usable CPU. With more than one, each also listens on a
+    # port of its own (`worker_listen`), which Envoy lists as an endpoint per worker.
     workers: int = 0
+    # With several workers, worker 0's own "host:port"; worker i listens on port + i. Empty:
+    # loopback, from the port after `listen`'s (listen 0.0.0.0:9001 -> 127.0.0.1:9002, 9003...).
+    worker_listen: str = ""
     # With several workers, one whose event loop sends no heartbeat for this long (or whose
     # ledger writer is wedged) is killed and replaced by the supervisor; 0: never.
     worker_hang_seconds: float = 20.0
@@ -61,6 +65,10 @@ class Settings:
     # estimate (outcome "orphaned") and releases it. Shorter: orphans billed and budget
     # freed sooner; longer: more tolerance for a sidecar paused (GC, CPU starvation).
     hold_expiry_seconds: float = 120.0
+    # Budget leases: a caller busy on this replica gets a slice of its caps' room and its
+    # requests are admitted locally against it (one orphan write each, no script call);
+    # near a cap, and for everyone else, each request is held exactly. See docs/budgets.md.
+    budget_leases: bool = True
     # Seconds between two looks of the burn-rate watch, which also refreshes the budget
     # utilization gauge from Redis (one pipelined read per look).
     burn_check_seconds: float = 60.0
@@ -94,8 +102,10 @@ _ENV = {
     "shadow_policy": "EXTPROC_SHADOW_POLICY",
     "spool_dir": "EXTPROC_SPOOL_DIR",
     "workers": "EXTPROC_WORKERS",
+    "worker_listen": "EXTPROC_WORKER_LISTEN",
     "worker_hang_seconds": "EXTPROC_WORKER_HANG_SECONDS",
     "hold_expiry_seconds": "EXTPROC_HOLD_EXPIRY_SECONDS",
+    "budget_leases": "EXTPROC_BUDGET_LEASES",
     "grace_seconds": "EXTPROC_GRACE_SECONDS",
     "burn_check_seconds": "EXTPROC_BURN_CHECK_SECONDS",
     "redis_wait_replicas": "EXTPROC_REDIS_WAIT_REPLICAS",

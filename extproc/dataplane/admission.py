@@ -214,8 +214,9 @@ async def _overdraft(
     orphan = metered_orphan(deps, identity, seen, retry, plan)
     assert deps.budgets is not None
     ws = policy.workspaces[identity.workspace]
+    # Exact, never under a lease: the overdraft is what fits beyond the cap, request by request.
     decision = await deps.budgets.reserve(
-        plan, ws.on_redis_down == "open", now, session=seen.session_id, orphan=orphan
+        plan, ws.on_redis_down == "open", now, session=seen.session_id, orphan=orphan, exact=True
     )
     return retry, plan, decision
 

@@ -20,6 +20,7 @@ from extproc.governance.keys import Identity, Lookup
 from extproc.governance.policy import Policy
 from extproc.governance.topups import TopupRequest
 from extproc.insight.telemetry import Telemetry
+from extproc.metering.orphans import Orphan
 from extproc.metering.prices import PriceTable
 from extproc.settings import Settings
 from extproc.v1.ledger_pb2 import Settlement
@@ -53,7 +54,8 @@ class BudgetBook(Protocol):
         now_ms: int,
         *,
         session: str = "",
-        orphan: bytes = b"",
+        orphan: bytes | Orphan = b"",
+        exact: bool = False,
     ) -> Decision: ...
 
 

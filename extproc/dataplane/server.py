@@ -26,7 +26,7 @@ from extproc.dataplane.deps import Deps
 from extproc.dataplane.h2grpc import HEALTH_CHECK_PATH, GrpcServer, Route, health_route
 from extproc.dataplane.lifecycle import PHASES, Phase, Reply, Stream
 from extproc.dataplane.opening import Opening
-from extproc.dataplane.workers import heartbeat_fd, send_heartbeats
+from extproc.dataplane.workers import heartbeat_fd, own_address, send_heartbeats
 from extproc.governance.budget import Budgets
 from extproc.governance.credentials import simulated_upstream_key
 from extproc.governance.holds import tend_forever
@@ -172,6 +172,9 @@ class H2Transport:
 
     async def start(self, settings: Settings, *, reuse_port: bool = False) -> None:
         await self._server.start(settings.listen, reuse_port=reuse_port)
+        own = own_address() if reuse_port else None
+        if own is not None:  # a worker: its own port too, Envoy's endpoint for it
+            await self._server.start(own, reuse_port=True)
 
     async def stop(self, grace: float) -> None:
         self._serving = False
@@ -285,12 +288,21 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
             console_url=settings.console_url,
             on_refresh=partial(report_live, telemetry),
         )
-        keys = KeyCache(KeyStore(client, hot=hot), on_notice=live.on_notice)
         budgets = Budgets(
             hot or client,
             hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1),
             topups=live.topups,
+            topups_until=live.topups_until,
+            leases=settings.budget_leases,
         )
+        keys = KeyCache(
+            KeyStore(client, hot=hot),
+            on_notice=live.on_notice,
+            on_leases=budgets.close_workspace,  # room asked for, or a hard limit lowered
+        )
+        # A top-up gone before its time closes the workspace's leases (the live cache and
+        # the budgets need each other: this one link is made after both exist).
+        live.on_withdrawn = budgets.close_workspace
         desk = TopupDesk(
             client, lambda: deps.policy, governor.alerter, console_url=settings.console_url
         )
@@ -390,7 +402,9 @@ async def serve(
         burn_every = max(settings.burn_check_seconds, 0.5)
         background.append(asyncio.create_task(burn.run(burn_every), name="burn-watch"))
         assert budgets is not None and live is not None
-        holds = tend_forever(budgets, lambda: _prefixes(deps), ledger.submit, deps.now_ms)
+        holds = tend_forever(
+            budgets, lambda: _prefixes(deps), ledger.submit, deps.now_ms, lambda: deps.prices
+        )
         background.append(asyncio.create_task(holds, name="holds"))
         background.append(asyncio.create_task(live.run(), name="live-state"))
         runaway = RunawayWatch(
@@ -425,6 +439,8 @@ async def serve(
     log.info("shutting down: draining in-flight streams for up to %ss", settings.grace_seconds)
     await transport.stop(settings.grace_seconds)
     await ledger.close()
+    if budgets is not None:
+        await budgets.close()  # its leases handed back: their requests have all settled
     for task in background:
         task.cancel()
     await governor.alerter.drain()

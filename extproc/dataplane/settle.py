@@ -21,7 +21,8 @@ from extproc.governance.budget import Decision, Plan, charges_for
 from extproc.governance.keys import Identity
 from extproc.insight.telemetry import RequestTelemetry
 from extproc.insight.telemetry import verdict as request_verdict
-from extproc.metering.decisions import Observed, Seen, bare_record, orphan_record
+from extproc.metering.decisions import Observed, Seen, bare_record
+from extproc.metering.orphans import Orphan
 from extproc.metering.passthrough import PassthroughSeen, orphaned_passthrough
 from extproc.metering.settlement import CachePrefix, settlement_for
 from extproc.routing.decide import RouteDecision
@@ -66,16 +67,34 @@ def settlement_of(
 
 def metered_orphan(
     deps: Deps, identity: Identity, seen: Observed, route: RouteDecision, plan: Plan
-) -> bytes:
-    """The settlement to write if this request's hold expires unsettled (its sidecar died).
-
-    Made while everything needed to bill and attribute it is at hand: the input we counted,
-    priced for the routed model, marked estimated. The reaper releases the hold itself, so
-    it names no reservation."""
-    record = orphan_record(seen, route.model, deps.prices)
-    if route.steps:
-        record.routing = route.header_value()
-    return settlement_of(deps, identity, record, plan, "").SerializeToString()
+) -> Orphan:
+    """What this request leaves in Redis before it is forwarded, billed (estimated) by any
+    replica if this sidecar dies before settling it (`metering.orphans`): the input we
+    counted, for the routed model, output unknown. Facts only, priced if ever needed; the
+    reaper releases the hold itself, so it names no reservation."""
+    facts = seen.facts
+    assert facts is not None
+    charged = plan.charged or charges_for(deps.policy, identity, plan, 0, deps.timezone)[0]
+    return Orphan(
+        request_id=seen.request_id,
+        time_ms=seen.time_ms,
+        endpoint=seen.endpoint,
+        model_requested=facts.model,
+        model_served=route.model,
+        counted_input=seen.counted_input_tokens,
+        workspace=identity.workspace,
+        service=identity.service,
+        key_id=identity.key_id,
+        team=identity.team or "",
+        period=plan.period.id,
+        timezone=deps.timezone.key,
+        charged=tuple(charged),
+        stream=facts.stream,
+        output_cap=facts.output_cap or 0,
+        session_id=seen.session_id,
+        envoy_request_id=seen.envoy_request_id,
+        routing=route.header_value() if route.steps else "",
+    )
 
 
 def passthrough_orphan(deps: Deps, identity: Identity, seen: PassthroughSeen, plan: Plan) -> bytes:

@@ -1,22 +1,36 @@
-"""Several sidecar processes behind one listening port, so every core does work.
+"""Several sidecar processes, each an endpoint of its own, so every core does work.
 
 One Python process runs on one core; Envoy runs one worker thread per core. With
 `workers: N` (default: the CPUs this process may use, cgroup limit included) the
-`extproc serve` process becomes a supervisor: it starts N worker processes that each
-bind the same port with SO_REUSEPORT and share nothing but Redis, so the kernel spreads
-Envoy's connections across them. The supervisor serves no traffic. It:
+`extproc serve` process becomes a supervisor: it starts N worker processes that share
+nothing but Redis. Each worker listens on two ports:
 
+- **its own port** (`worker_listen`, worker i on its port + i; by default the loopback
+  port right after `listen`'s): Envoy's `extproc` cluster lists every worker as an
+  endpoint of its own and balances streams across them by load (least request), and
+  health-checks each one. This is how the pod's Envoy reaches the workers. Spreading by
+  the kernel cannot do that: Envoy opens one HTTP/2 connection per Envoy thread, and
+  SO_REUSEPORT hashes each connection to a worker at random, so with 2 threads and 2
+  workers half the pods put both connections, and all of the load, on one worker;
+- **the shared port** (`listen`), joined by all of them with SO_REUSEPORT: for the
+  kubelet's probes and for proxies outside the pod (a mesh gateway reaching the sidecars
+  through a Service), whose many connections the kernel spreads well enough.
+
+The supervisor serves no traffic. It:
+
+- holds every port for its whole life (a bound, non-listening socket each), so a worker
+  that restarts gets its own port back and nothing else can take it meanwhile (while a
+  worker is down its port refuses connections, and Envoy moves on to the others);
 - relays the workers' output and says "extproc listening" once every worker is ready;
 - restarts a worker that dies (backing off if it keeps dying at once), and kills and
   replaces one that hangs: each worker sends a heartbeat down a pipe from its event loop
-  while its ledger writer is healthy; silence for `worker_hang_seconds` means hung (a
-  health probe cannot tell: through the shared port it reaches whichever worker it likes);
+  while its ledger writer is healthy; silence for `worker_hang_seconds` means hung;
 - forwards SIGTERM/SIGINT, waits for the workers to drain (each turns its health
   check NOT_SERVING and finishes in-flight streams), and exits once they have.
 
-SO_REUSEPORT lets any process of the same user join the port silently, so the
-supervisor first binds the port *without* it: if something already listens there, it
-stops with an error instead of sharing traffic with a stranger.
+SO_REUSEPORT lets any process of the same user join a port silently, so the supervisor
+first binds every port *without* it: if something already listens there, it stops with
+an error naming the setting instead of sharing traffic with a stranger.
 
 Metrics: with `EXTPROC_PROMETHEUS_PORT` set, the supervisor (not the workers) listens on
 it, and each scrape there merges what every worker counted (`insight.fanin`); workers
@@ -47,6 +61,7 @@ log = logging.getLogger("extproc.dataplane.workers")
 
 READY_LINE = "extproc listening on"
 WORKER_ENV = "EXTPROC_WORKER_ID"
+OWN_ADDRESS_ENV = "EXTPROC_WORKER_ADDRESS"  # a worker's own port, bound by it alone
 READY_TIMEOUT = 60.0
 _RESTART_BACKOFF_MAX = 5.0
 _QUICK_DEATH = 5.0  # a worker dying sooner than this after start counts as crash-looping
@@ -72,11 +87,12 @@ def worker_count(settings: Settings) -> int:
     return 1 if settings.listen.startswith("unix:") else available_cpus()
 
 
-def reserve_port(listen: str) -> tuple[str, socket.socket]:
+def reserve_port(listen: str, setting: str = "listen") -> tuple[str, socket.socket]:
     """Check nobody listens on `listen`, pick the port if it is 0, and hold it for the workers.
 
     Returns the concrete host:port and a bound (not listening) SO_REUSEPORT socket that
-    keeps the port ours until the workers have joined it.
+    keeps the port ours until the workers have joined it. `setting` names the setting the
+    address came from in the error.
     """
     if listen.startswith("unix:"):
         raise ConfigError(f"workers > 1 needs a TCP listen address (host:port), got {listen!r}")
@@ -88,15 +104,49 @@ def reserve_port(listen: str) -> tuple[str, socket.socket]:
         probe.bind(address)  # no SO_REUSEPORT: fails if anyone holds the port
     except OSError as exc:
         probe.close()
-        raise ConfigError(f"listen: cannot bind {listen}: {exc.strerror}") from None
+        raise ConfigError(f"{setting}: cannot bind {listen}: {exc.strerror}") from None
     port = probe.getsockname()[1]
     probe.close()
     held = socket.socket(family, socket.SOCK_STREAM)
-    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # SO_REUSEPORT only: the workers (same user, the option set) may join the port; a socket
+    # with SO_REUSEADDR alone may not, not even while no worker listens (Linux lets two
+    # SO_REUSEADDR sockets share a port that nobody listens on).
     held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     held.bind((address[0], port, *address[2:]))
     shown = f"[{address[0]}]" if family == socket.AF_INET6 else address[0]
     return f"{shown}:{port}", held
+
+
+_LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def worker_addresses(settings: Settings, count: int, shared: str) -> list[str]:
+    """Each worker's own address: `worker_listen`'s port + i, by default on loopback
+    right after the shared port (`shared`, concrete). Port 0: a free port each."""
+    base = settings.worker_listen
+    if not base:
+        host, port = parse_listen(shared)
+        host = _LOOPBACK.get(host or "", host or "")
+        base = f"{host}:{port + 1}"
+    try:
+        host, port = parse_listen(base)
+    except ValueError:
+        raise ConfigError(f"worker_listen: must be host:port, got {base!r}") from None
+    if port and port + count - 1 > 65535:
+        raise ConfigError(f"worker_listen: {count} ports from {port} go past 65535")
+    _shared_host, shared_port = parse_listen(shared)
+    if port and port <= shared_port < port + count:
+        raise ConfigError(
+            f"worker_listen: ports {port}-{port + count - 1} include the shared port "
+            f"{shared_port} (listen)"
+        )
+    shown = f"[{host}]" if host and ":" in host else (host or "")
+    return [f"{shown}:{port + i if port else 0}" for i in range(count)]
+
+
+def own_address() -> str | None:
+    """This worker's own address (set by its supervisor), else None (a single process)."""
+    return os.environ.get(OWN_ADDRESS_ENV) or None
 
 
 class Worker:
@@ -118,6 +168,8 @@ class Supervisor:
         self.config_path = config_path
         self.listen = settings.listen
         self.workers = [Worker(i) for i in range(count)]
+        # Each worker's own address, concrete (`worker_addresses`, reserved by `supervise`).
+        self.addresses: list[str] = []
         self.stopping = False
         self._crashes = 0
         # The pod's one scrape endpoint, when metrics are on (see the module docstring).
@@ -152,6 +204,8 @@ class Supervisor:
             WORKER_ENV: str(worker.index),
             "PYTHONUNBUFFERED": "1",
         }
+        if self.addresses:
+            env[OWN_ADDRESS_ENV] = self.addresses[worker.index]
         if self.metrics is not None:
             # The pod's port is ours; each worker serves on loopback for us to merge.
             env.pop("EXTPROC_PROMETHEUS_PORT", None)
@@ -191,7 +245,8 @@ class Supervisor:
                 worker.ready.set()
                 if worker.beats is not None:
                     worker.beats.last = time.monotonic()  # it beats from now on
-                text = f"extproc worker {worker.index} (pid {proc.pid}) ready\n"
+                own = f" on {self.addresses[worker.index]}" if self.addresses else ""
+                text = f"extproc worker {worker.index} (pid {proc.pid}) ready{own}\n"
             out.write(text)
             out.flush()
 
@@ -364,14 +419,38 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-async def supervise(settings: Settings, count: int, config_path: str | None) -> int:
+def reserve_ports(settings: Settings, count: int) -> tuple[str, list[str], list[socket.socket]]:
+    """The shared address and every worker's own, concrete, each held by a socket of ours.
+
+    The shared port's socket is let go once the workers listen on it; the workers' own
+    ports stay held for the supervisor's life (see the module docstring).
+    """
     listen, held = reserve_port(settings.listen)
+    sockets = [held]
+    addresses: list[str] = []
+    try:
+        for wanted in worker_addresses(settings, count, listen):
+            address, sock = reserve_port(wanted, "worker_listen")
+            sockets.append(sock)
+            addresses.append(address)
+    except (ConfigError, OSError):
+        for sock in sockets:
+            sock.close()
+        raise
+    return listen, addresses, sockets
+
+
+async def supervise(settings: Settings, count: int, config_path: str | None) -> int:
+    listen, addresses, held = reserve_ports(settings, count)
+    shared, own = held[0], held[1:]
     supervisor = Supervisor(settings, count, config_path)
     supervisor.listen = listen
+    supervisor.addresses = addresses
     try:
         supervisor.serve_metrics(pod_metrics_address(os.environ))
     except ConfigError:
-        held.close()
+        for sock in held:
+            sock.close()
         raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -380,12 +459,13 @@ async def supervise(settings: Settings, count: int, config_path: str | None) -> 
     try:
         await supervisor.start()
     except RuntimeError as exc:
-        held.close()
+        for sock in held:
+            sock.close()
         print(f"extproc: {exc}", file=sys.stderr, flush=True)
         return 1
-    held.close()  # the workers hold the port now
-    log.info("extproc listening on %s with %d workers", listen, count)
-    print(f"{READY_LINE} {listen} ({count} workers)", flush=True)
+    shared.close()  # the workers hold the shared port now
+    log.info("extproc listening on %s with %d workers (%s)", listen, count, ", ".join(addresses))
+    print(f"{READY_LINE} {listen} ({count} workers: {' '.join(addresses)})", flush=True)
     watcher = asyncio.create_task(supervisor.watch())
     hangs = asyncio.create_task(supervisor.watch_hangs())
     await stop.wait()
@@ -398,4 +478,6 @@ async def supervise(settings: Settings, count: int, config_path: str | None) -> 
     for worker in supervisor.workers:
         if worker.beats is not None:
             worker.beats.close()
+    for sock in own:
+        sock.close()
     return 0

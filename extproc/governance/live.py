@@ -11,6 +11,11 @@ costs at most that long. A grant ends on time without any of this: it counts onl
 The request path asks two things, each a dictionary probe: `refusals.get(key_id)` (the
 refusal of a paused key, made when the pause was learnt) and `topups(workspace, now_ms)`
 (empty for a workspace without grants, which is nearly all).
+
+Budget leases (`governance.lease`) are granted on caps that count these grants, so they
+need two more things: `topups_until`, when the first live grant ends (a lease admits no
+longer), and `on_withdrawn`, called with a workspace whose grant vanished before its end
+(revoked), after the refresh that learnt it: its leases close on this replica then.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 from extproc.governance import guard
 from extproc.governance.pauses import Pause, pauses_from
 from extproc.governance.policy import Policy
-from extproc.governance.topups import Grant, grants_from, live_topups
+from extproc.governance.topups import Grant, grants_from, live_topups, wall_ms
 from extproc.store.clients import UNAVAILABLE, AsyncClient
 from extproc.store.schema import paused_key, topups_key
 from extproc.wire.errors import OpenAIError
@@ -54,6 +59,8 @@ class LiveState:
         self.refresh_seconds = refresh_seconds
         self.console_url = console_url
         self.on_refresh = on_refresh  # after each refresh (the sidecar reports gauges)
+        # A workspace lost a grant before its end (Budgets closes its leases).
+        self.on_withdrawn: Callable[[str], object] | None = None
         # Key id -> the pause in force, and the refusal a request with it gets: dicts updated
         # in place, which the request path holds references to.
         self.paused: dict[str, Pause] = {}
@@ -70,6 +77,13 @@ class LiveState:
         if not grants:
             return _NONE
         return live_topups(grants, now_ms)
+
+    def topups_until(self, workspace: str, now_ms: int) -> int:
+        """When the first of the workspace's live grants ends (0: none)."""
+        for grant in self._grants.get(workspace, ()):  # sorted by until_ms
+            if grant.until_ms > now_ms:
+                return grant.until_ms
+        return 0
 
     def grants(self, workspace: str) -> tuple[Grant, ...]:
         return self._grants.get(workspace, ())
@@ -103,7 +117,9 @@ class LiveState:
             if found:
                 grants[name] = found
             paused.update((k, p) for k, p in pauses_from(rows[2 * i + 1]).items() if p.paused)
-        self._grants = grants
+        before, self._grants = self._grants, grants
+        if self.on_withdrawn is not None:
+            self._withdrawn(before, grants, wall_ms())
         if paused != self.paused:
             self.paused.clear()
             self.paused.update(paused)
@@ -118,6 +134,15 @@ class LiveState:
             self.on_refresh(self)
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _withdrawn(
+        self, before: dict[str, tuple[Grant, ...]], after: dict[str, tuple[Grant, ...]], now: int
+    ) -> None:
+        assert self.on_withdrawn is not None
+        for workspace, grants in before.items():
+            kept = {g.grant_id for g in after.get(workspace, ())}
+            if any(g.until_ms > now and g.grant_id not in kept for g in grants):
+                self.on_withdrawn(workspace)
 
     async def run(self) -> None:
         """Refresh on every notice, and every `refresh_seconds` regardless."""

@@ -217,22 +217,6 @@ def _searches_per_request(spec: EndpointSpec | None, facts: RequestFacts) -> boo
     )
 
 
-def orphan_record(seen: Observed, routed_model: str, prices: PriceTable) -> UsageRecord:
-    """The record to write if this request's hold expires unsettled (its sidecar died): the
-    input we counted, priced for the routed model, output unknown, so estimated. Made for
-    every hold, before the request is forwarded: what `settle` would make of a request cut
-    before its answer, built straight from the request's facts."""
-    facts = seen.facts
-    requested = utf8_text(facts.model) if facts else ""
-    served = utf8_text(routed_model or requested)
-    record = _record(seen, requested, served, "orphaned", True, status=0, duration_ms=0)
-    stamp_versions(record, prices)
-    if seen.counted_input_tokens:
-        usage = Usage(input_tokens=seen.counted_input_tokens)
-        bill(record, prices, served or "unknown", usage, facts.tools if facts else NO_TOOL_REQUEST)
-    return record
-
-
 class Seen(Protocol):
     """What any exchange saw of its request, enough for a record when settling failed."""
 

@@ -14,10 +14,17 @@ Redis Cluster slot:
     {ws:W}:day:<YYYY-MM-DD>   hash  scope -> nanos spent that day
     {ws:W}:hour:<YYYY-MM-DDTHH> hash scope -> nanos spent that hour
     {ws:W}:resv, :resv:data   reservations in flight: deadline zset; hash with each hold's
-                              "period|nanos|scopes" (field <id>) and the settlement to write
-                              if its sidecar dies (field <id>:orphan), one write per hold
+                              "period|nanos|scopes" (field <id>) and its orphan, what to bill
+                              if its sidecar dies (field <id>:o; <id>:orphan from earlier
+                              versions), one write per hold
     {ws:W}:resv:orphan        that settlement for holds made before it moved into :resv:data
                               (release.lua still reads and clears it)
+    {ws:W}:leases             hash  lease id -> nanos the lease still holds (leases are holds
+                              too: "period|granted|scopes" in :resv:data)
+    {ws:W}:leases:exp         zset  lease id by expiry (renewed by its replica, reaped by any);
+                              see governance.lease
+    {ws:W}:orphans:<lease>    hash  request id -> the compact orphan of a request admitted
+                              under that lease, billed by the reaper if its replica dies
     {ws:W}:rl:<minute>        hash  rate-limit counters of one minute
     {ws:W}:sess:<key>:<session> a session's input tokens (context-growth guard); a session
                               belongs to the key that started it
@@ -52,6 +59,7 @@ UNATTRIBUTED = "_"
 
 SPENT, HELD, DAY, HOUR = "spent", "held", "day", "hour"
 RESERVATIONS, RESERVATION_DATA, ORPHANS = "resv", "resv:data", "resv:orphan"
+LEASES, LEASE_EXPIRY, LEASE_ORPHANS = "leases", "leases:exp", "orphans"
 RATE_MINUTE, SESSION, SEEN, PREFIX = "rl", "sess", "seen", "prefix"
 ALERTED, REVOKED, LEDGER = "alerted", "revoked", "ledger"
 TOPUPS, TOPUP_REQUESTS, TOPUP_REQUEST, PAUSED = "topups", "topup:reqs", "topup:req", "paused"
@@ -64,6 +72,9 @@ LUA_SUFFIXES = frozenset(
         RESERVATIONS,
         RESERVATION_DATA,
         ORPHANS,
+        LEASES,
+        LEASE_EXPIRY,
+        LEASE_ORPHANS,
         RATE_MINUTE,
         SESSION,
         SEEN,
@@ -113,6 +124,21 @@ def revoked_key(workspace: str) -> str:
 def reservations_key(prefix: str) -> str:
     """Reservations in flight: a sorted set of reservation ids by expiry."""
     return f"{prefix}:{RESERVATIONS}"
+
+
+def leases_key(prefix: str) -> str:
+    """Hash: every live lease of the workspace -> the nanos it still holds."""
+    return f"{prefix}:{LEASES}"
+
+
+def lease_orphans_key(prefix: str, lease_id: str) -> str:
+    """Hash: request id -> compact orphan, for the requests admitted under one lease."""
+    return f"{prefix}:{LEASE_ORPHANS}:{lease_id}"
+
+
+def lease_expiry_key(prefix: str) -> str:
+    """Zset: every lease of the workspace by the time it expires unless renewed."""
+    return f"{prefix}:{LEASE_EXPIRY}"
 
 
 def rate_minute_key(prefix: str, now_ms: int) -> str:
@@ -244,7 +270,12 @@ KEY_IDS = f"{KEY_TAG}:ids"
 KEYS_CHANNEL = "extproc:keys"
 """Pub/sub channel on which every key change is announced to the sidecars' caches, and
 every change of a workspace's top-ups or paused keys (`topup <workspace> -`, `pause <key
-id> <workspace>`, `resume <key id> <workspace>`)."""
+id> <workspace>`, `resume <key id> <workspace>`) and its budget leases (`leases
+<workspace> <why>`)."""
+LEASES_NOTICE = "leases"
+"""A notice on KEYS_CHANNEL, `leases <workspace> <why>`: every replica closes its budget
+leases of the workspace (a replica was refused for want of room that leases hold). A
+withdrawn top-up needs none: its `topup` notice closes them (governance.live)."""
 
 
 def key_hash(secret_sha: str) -> str:

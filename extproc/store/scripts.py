@@ -51,5 +51,6 @@ class LuaScript:
 
 
 RESERVE = LuaScript("reserve")
-SETTLE = LuaScript("settle", includes=("release",))
+SETTLE = LuaScript("settle")
 REAP = LuaScript("reap", includes=("release",))
+LEASE = LuaScript("lease")

@@ -35,6 +35,7 @@ import pytest
 import yaml
 
 from extproc.dataplane.server import LIVENESS_SERVICE, SERVICE_NAME
+from extproc.dataplane.workers import worker_addresses
 from extproc.devstack import envoy_config as local_envoy
 from extproc.governance.policy import load_policy
 from extproc.insight.telemetry import exporter_names, prometheus_address
@@ -305,14 +306,25 @@ def test_sidecar_probes_ask_its_grpc_health_service(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_envoy_sends_ext_proc_to_the_sidecar_port(overlay: str) -> None:
+def test_envoy_sends_ext_proc_to_every_sidecar_worker(overlay: str) -> None:
+    """One endpoint per worker, at the address the sidecar gives each (its own port), and
+    none for the shared port: Envoy balances streams over the workers itself."""
     r = render(overlay)
-    _, _, sidecar = gateway(r)
+    _, envoy, sidecar = gateway(r)
     config = envoy_config(r)
     ext_proc = http_filter(listener(config, "openai_egress"), "envoy.filters.http.ext_proc")
     name = ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"]
-    _, sidecar_port = host_port(env_of(sidecar)["EXTPROC_LISTEN"])
-    assert endpoint(cluster(config, name)) == ("127.0.0.1", sidecar_port)
+    settings = load_settings(env=env_of(sidecar))
+    workers = settings.workers
+    assert workers >= 2 and int(flag(envoy["args"], "--concurrency")) == workers
+    own = worker_addresses(settings, workers, settings.listen)
+    listed = [
+        socket_address(lb["endpoint"]["address"])
+        for lb in cluster(config, name)["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
+    assert listed == [host_port(address) for address in own]
+    assert all(host == "127.0.0.1" for host, _ in listed)
+    assert cluster(config, name)["lb_policy"] == "LEAST_REQUEST"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -374,9 +386,8 @@ def test_deployed_envoy_keeps_the_local_ext_proc_settings() -> None:
     assert egress[buffer] == local_egress[buffer]
     options = "typed_extension_protocol_options"
     assert cluster(deployed, "extproc")[options] == cluster(local, "extproc")[options]
-    assert (
-        cluster(deployed, "extproc")["health_checks"] == cluster(local, "extproc")["health_checks"]
-    )
+    for setting in ("health_checks", "lb_policy", "outlier_detection"):
+        assert cluster(deployed, "extproc")[setting] == cluster(local, "extproc")[setting]
     # The same overload actions; only the figures are the pod's own.
     actions = "actions", "buffer_factory_config", "refresh_interval"
     om, local_om = deployed["overload_manager"], local["overload_manager"]

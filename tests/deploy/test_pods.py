@@ -70,6 +70,7 @@ from tests.e2e.test_e2e_mesh import make_pki
 
 PROVIDER = "api.openai.com"
 PROMETHEUS_PORT = 9090
+ENVOY_ADMIN_PORT = 9901  # the pod's Envoy admin API, on loopback (deploy/base/envoy.yaml)
 STOOD_IN = {"otel-collector"}  # workloads not started; a stand-in serves their Service
 # The workspace and service each overlay's key is made for (its own workspace's key only).
 CALLER = {
@@ -210,7 +211,7 @@ def cluster(
         return child
 
     try:
-        node = Node(root / "node", names, [*ports, 443, PROMETHEUS_PORT], pki.ca)
+        node = Node(root / "node", names, [*ports, 443, PROMETHEUS_PORT, ENVOY_ADMIN_PORT], pki.ca)
         assert set(workloads) - STOOD_IN == {
             "extproc", "extproc-console", "extproc-ledger-shipper", "extproc-redis",
         }  # fmt: skip
@@ -365,8 +366,60 @@ def test_the_sidecar_runs_every_worker_of_its_manifest(cluster: Cluster) -> None
     workers = int(sidecar.env["EXTPROC_WORKERS"])
     assert workers >= 2
     out = sidecar.output()
-    assert f"({workers} workers)" in out, out
+    assert f"({workers} workers: " in out, out
     assert "exited" not in out, out
+
+
+def extproc_endpoints(cluster: Cluster) -> dict[str, dict[str, Any]]:
+    """The pod's Envoy's `extproc` endpoints: health and streams sent, by address."""
+    with cluster.node.http(ENVOY_ADMIN_PORT) as admin:
+        statuses = admin.get("/clusters", params={"format": "json"}).json()["cluster_statuses"]
+    (extproc,) = [c for c in statuses if c["name"] == "extproc"]
+    out = {}
+    for host in extproc["host_statuses"]:
+        sock = host["address"]["socket_address"]
+        stats = {st["name"]: int(st.get("value", 0)) for st in host["stats"]}
+        out[f"{sock['address']}:{sock['port_value']}"] = {
+            "health": host["health_status"],
+            "rq_total": stats.get("rq_total", 0),
+        }
+    return out
+
+
+def test_envoy_balances_streams_over_every_sidecar_worker(cluster: Cluster) -> None:
+    """Each worker is an endpoint of the pod's Envoy on its own port, health-checked, and
+    both take streams (the kernel's spreading of 2 connections would idle one on half the
+    pods)."""
+    sidecar = cluster.container("extproc", "extproc")
+    workers = int(sidecar.env["EXTPROC_WORKERS"])
+    ready = re.findall(r"extproc worker \d+ \(pid \d+\) ready on (\S+)", sidecar.output())
+    before = extproc_endpoints(cluster)
+    assert sorted(before) == sorted(ready) and len(ready) == workers, (before, ready)
+    # Envoy started before the workers listened, so its first checks failed; the next
+    # round (every 2 s) must find each worker healthy.
+    deadline = time.monotonic() + 15
+    while any(h["health"].get("failed_active_health_check") for h in before.values()):
+        assert time.monotonic() < deadline, before
+        time.sleep(0.2)  # polling Envoy's view of its endpoints, not synchronising on time
+        before = extproc_endpoints(cluster)
+    assert all(h["health"].get("eds_health_status") == "HEALTHY" for h in before.values())
+    client = cluster.openai()
+    # Envoy hands health changes to its threads in one batch a second (the cluster's update
+    # merge window): until then a thread may still route around a worker it saw failing.
+    deadline = time.monotonic() + 15
+    while True:
+        for _ in range(10):
+            client.models.list()
+        now = extproc_endpoints(cluster)
+        if all(now[a]["rq_total"] > before[a]["rq_total"] for a in before):
+            break
+        assert time.monotonic() < deadline, (before, now)
+    for _ in range(40):
+        client.models.list()
+    after = extproc_endpoints(cluster)
+    took = {a: after[a]["rq_total"] - now[a]["rq_total"] for a in now}
+    # Per stream, at random between equally busy workers: each takes a fair share of 40.
+    assert all(n >= 5 for n in took.values()) and sum(took.values()) >= 40, took
 
 
 def test_traffic_through_envoy_is_metered(cluster: Cluster, traffic: dict[str, Any]) -> None:

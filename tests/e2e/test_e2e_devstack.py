@@ -283,7 +283,12 @@ def test_make_run_pins_every_internal_port_it_is_given(checkout: Checkout) -> No
                  {"model": "text-embedding-3-small", "input": "pinned"})  # fmt: skip
     assert resp.status_code == 200, resp.text
     admin = httpx.get(f"http://127.0.0.1:{pins['EXTPROC_ENVOY_ADMIN_PORT']}/clusters", timeout=5)
-    assert f"127.0.0.1:{pins['EXTPROC_SIDECAR_PORT']}" in admin.text  # Envoy's ext_proc target
+    # Envoy's ext_proc endpoints: each worker's own port, right after the pinned one.
+    sidecar = pins["EXTPROC_SIDECAR_PORT"]
+    targets = {
+        line.split("::")[1] for line in admin.text.splitlines() if line.startswith("extproc::1")
+    }
+    assert targets == {f"127.0.0.1:{sidecar + 1}", f"127.0.0.1:{sidecar + 2}"}, admin.text
     with redis.Redis(port=pins["EXTPROC_REDIS_PORT"]) as r:
         assert r.ping()
     # Two workers, one scrape: the supervisor serves the pinned metrics port for both.

@@ -21,6 +21,7 @@ import redis
 from extproc.devstack.stack import Stack
 from extproc.store.schema import workspace_prefix
 from tests.conftest import all_records, new_key, policy_stack, wait_record
+from tests.e2e.test_e2e_workers import extproc_hosts
 
 RID = "x-extproc-request-id"
 REQUEST_TIMEOUT = 10.0
@@ -83,11 +84,16 @@ def test_outage_fails_closed_or_open_per_workspace_and_the_spool_replays(
     shut, flow, cold = (new_key(ostack, ws, "bot") for ws in ("shut", "flow", "flow"))
     before = redis.Redis.from_url(ostack.redis_url)
     try:
-        for key in (shut, flow):  # four each: both replicas cache both keys (round robin)
-            for _ in range(4):
+        for key in (shut, flow):  # until both replicas have served (and cached) both keys
+            served = {addr: 0 for addr in extproc_hosts(ostack)}
+            while min(served.values()) == 0:
+                assert sum(served.values()) < 60, served  # Envoy picks at random: never
+                counts = {a: int(h["rq_total"]) for a, h in extproc_hosts(ostack).items()}
                 resp, _took = post(ostack, key)
                 assert resp.status_code == 200
                 wait_record(before, resp.headers[RID])
+                for addr, host in extproc_hosts(ostack).items():
+                    served[addr] += int(host["rq_total"]) - counts[addr]
         spent_before = spent(before, "flow")
     finally:
         before.close()

@@ -1,9 +1,10 @@
-"""End to end with two sidecar worker processes behind one port (and two Envoy threads).
+"""End to end with two sidecar worker processes (and two Envoy threads).
 
-The workers share nothing but Redis, so what must hold is what holds for one process:
-every request metered exactly, once. On top: a worker that dies is replaced while the
-other keeps serving, and SIGTERM to the supervisor drains in-flight streams in every
-worker before it exits.
+Each worker is an endpoint of its own in Envoy's cluster (its own port), and they share
+one port for probes. They share nothing but Redis, so what must hold is what holds for
+one process: every request metered exactly, once. On top: both Envoy threads' streams
+reach both workers, a worker that dies is replaced while the other keeps serving, and
+SIGTERM to the supervisor drains in-flight streams in every worker before it exits.
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ def r(stack: Stack) -> Iterator[redis.Redis]:
     client.close()
 
 
-def one_request(stack: Stack, i: int) -> tuple[str, str, object]:
-    client = openai.OpenAI(base_url=stack.base_url, api_key="sk-test", max_retries=0, timeout=30)
+def one_request(stack: Stack, i: int, retries: int = 0) -> tuple[str, str, object]:
+    client = openai.OpenAI(
+        base_url=stack.base_url, api_key="sk-test", max_retries=retries, timeout=30
+    )
     model = "gpt-4o-mini"
     messages = [{"role": "user", "content": f"request {i}: say something"}]
     if i % 2:
@@ -83,6 +86,48 @@ def test_two_workers_meter_every_request_exactly_once(stack: Stack, r: redis.Red
         assert len(all_records(r, rid)) == 1
 
 
+def extproc_hosts(stack: Stack) -> dict[str, dict[str, object]]:
+    """Envoy's view of its `extproc` cluster, by endpoint: health and request counters."""
+    url = f"http://127.0.0.1:{stack.admin_port}/clusters?format=json"
+    clusters = httpx.get(url, timeout=10).json()["cluster_statuses"]
+    (cluster,) = [c for c in clusters if c["name"] == "extproc"]
+    hosts = {}
+    for host in cluster["host_statuses"]:
+        sock = host["address"]["socket_address"]
+        stats = {st["name"]: int(st.get("value", 0)) for st in host["stats"]}
+        hosts[f"{sock['address']}:{sock['port_value']}"] = {
+            "healthy": host["health_status"].get("eds_health_status") == "HEALTHY"
+            and not host["health_status"].get("failed_active_health_check", False),
+            **stats,
+        }
+    return hosts
+
+
+def test_every_worker_is_an_endpoint_and_both_envoy_threads_reach_both(
+    stack: Stack, r: redis.Redis
+) -> None:
+    """Streams are balanced per request over the workers' own ports: the kernel's random
+    spreading of Envoy's two connections (one per thread) can leave a worker idle."""
+    shared = stack.config.sidecar_port
+    hosts = extproc_hosts(stack)
+    assert len(hosts) == WORKERS and stack.sidecar_addrs == sorted(hosts)
+    assert all(h["healthy"] for h in hosts.values()), hosts
+    ready = [line for line in stack.children["sidecar"].lines if ") ready on " in line]
+    assert {line.rsplit(" on ", 1)[1] for line in ready} >= set(hosts)
+    assert shared is None or f"127.0.0.1:{shared}" not in hosts
+    before = {addr: h["rq_total"] for addr, h in hosts.items()}
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: one_request(stack, i), range(300, 380)))
+    after = extproc_hosts(stack)
+    served = {addr: int(after[addr]["rq_total"]) - int(n) for addr, n in before.items()}  # type: ignore[call-overload]
+    # Streams only (health checks are not counted): each worker took a real share of 80.
+    assert all(n >= 16 for n in served.values()), served
+    assert all(int(h["cx_active"]) >= 1 for h in after.values()), after  # type: ignore[call-overload]
+    for rid, model, usage in results:
+        assert_exact(wait_record(r, rid), model, chat_usage(usage))
+        assert len(all_records(r, rid)) == 1
+
+
 def test_a_dead_worker_is_replaced_and_traffic_goes_on(stack: Stack, r: redis.Redis) -> None:
     before = worker_pids(stack)
     sidecar = stack.children["sidecar"]
@@ -90,6 +135,11 @@ def test_a_dead_worker_is_replaced_and_traffic_goes_on(stack: Stack, r: redis.Re
     os.kill(before[0], signal.SIGKILL)
     sidecar.wait_for_line("exited with -9")
     assert any("restarting" in line for line in sidecar.lines[seen:])
+    # While it is down its port refuses, and Envoy sends the streams to the other worker
+    # (a client retrying Envoy's 503, as the SDKs do, at worst once).
+    for i in range(6):
+        rid, model, usage = one_request(stack, 150 + i, retries=2)
+        assert_exact(wait_record(r, rid), model, chat_usage(usage))
     sidecar.wait_for_line(f"extproc worker 0 (pid {_next_pid(stack, before)}) ready")
     after = worker_pids(stack)
     assert len(after) == WORKERS and before[0] not in after and before[1] in after

@@ -34,13 +34,15 @@ class GrpcServer:
 
     `port` is the bound port of the first listening socket (0 for a unix socket), so
     with port 0 give a numeric host rather than a name that resolves to several addresses.
+    `start` may be called again to listen on more addresses (a worker's own port beside the
+    shared one, see `dataplane.workers`); they serve the same routes and close together.
     """
 
     def __init__(self, routes: dict[str, Route], *, max_message_bytes: int = 64 << 20) -> None:
         self._routes = {path.encode(): route for path, route in routes.items()}
         self.max_message_bytes = max_message_bytes
         self.port = 0
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[H2Connection] = set()
         self._drained: asyncio.Event | None = None
 
@@ -65,19 +67,22 @@ class GrpcServer:
         """Listen on `listen`; `reuse_port` joins other processes bound with SO_REUSEPORT."""
         loop = asyncio.get_running_loop()
         if listen.startswith("unix:"):
-            self._server = await loop.create_unix_server(self._connection, unix_path(listen))
-            self.port = 0
+            server = await loop.create_unix_server(self._connection, unix_path(listen))
+            port = 0
         else:
             host, port = parse_listen(listen)
-            self._server = await loop.create_server(
+            server = await loop.create_server(
                 self._connection, host, port, reuse_address=True, reuse_port=reuse_port or None
             )
-            self.port = self._server.sockets[0].getsockname()[1]
+            port = server.sockets[0].getsockname()[1]
+        if not self._servers:
+            self.port = port
+        self._servers.append(server)
 
     async def close(self, grace: float) -> None:
         """Stop accepting, GOAWAY every connection, wait up to `grace` s, cancel the rest."""
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         self._drained = asyncio.Event()
         for conn in list(self._connections):
             conn.goaway()
@@ -86,6 +91,6 @@ class GrpcServer:
                 await asyncio.wait_for(self._drained.wait(), grace)
         for conn in list(self._connections):
             conn.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers = []

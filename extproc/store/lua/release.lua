@@ -2,9 +2,10 @@
 -- script cannot load another), so a hold is released one way whoever releases it.
 --
 -- A hold lives in `:resv:data` as two fields: `rid` -> "period|nanos|scope|scope..." (what
--- it holds in each scope) and `rid:orphan` -> the estimated settlement to write if its
--- sidecar dies (reserve.lua). One HSET writes both and one HDEL drops both. Holds made
--- before the orphan moved into this hash keep it in `:resv:orphan`: `legacy` says where.
+-- it holds in each scope) and `rid:o` -> its orphan, what to bill if its sidecar dies
+-- (reserve.lua; metering.orphans). One HSET writes both and one HDEL drops both. Holds made
+-- by earlier versions keep a serialized settlement in `rid:orphan`, or in `:resv:orphan`
+-- before that: both are still read and dropped.
 --
 -- release_hold(p, rid, want_orphan): give back what hold `rid` of workspace prefix `p` held
 -- in each of its scopes and forget the hold and its orphan. Returns the orphan settlement
@@ -13,8 +14,8 @@ local function release_hold(p, rid, want_orphan)
   local data_k = p .. ':resv:data'
   local d, orphan
   if want_orphan then
-    local got = redis.call('HMGET', data_k, rid, rid .. ':orphan')
-    d, orphan = got[1], got[2]
+    local got = redis.call('HMGET', data_k, rid, rid .. ':o', rid .. ':orphan')
+    d, orphan = got[1], got[2] or got[3]
   else
     d = redis.call('HGET', data_k, rid)
   end
@@ -32,7 +33,7 @@ local function release_hold(p, rid, want_orphan)
   -- Both fields gone: the hold carried its orphan here (the usual case, one call). Fewer:
   -- it carried none, or an older reserve.lua kept it in the legacy hash, dropped (or
   -- returned) from there.
-  if redis.call('HDEL', data_k, rid, rid .. ':orphan') < 2 then
+  if redis.call('HDEL', data_k, rid, rid .. ':o', rid .. ':orphan') < 2 then
     local legacy_k = p .. ':resv:orphan'
     if want_orphan and not orphan then orphan = redis.call('HGET', legacy_k, rid) end
     redis.call('HDEL', legacy_k, rid)

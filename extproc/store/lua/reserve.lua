@@ -7,8 +7,8 @@
 --          n_scopes, (scope, hard_cap_nanos or -1) * n_scopes,
 --          n_rates, (scope, rpm or -1, tpm or -1) * n_rates,
 --          session_id ("" for none; at most schema.SESSION_ID_MAX characters),
---          session_input_tokens, orphan_settlement
---          (the serialized Settlement to write if the hold expires unsettled; "" for none)
+--          session_input_tokens, orphan
+--          (what to bill if the hold expires unsettled, metering.orphans; "" for none)
 --
 -- Returns  {"ok", spent_1, held_1, ..., spent_n, held_n, session_total}
 --          (spent/held before this reservation; session_total: the session's input tokens
@@ -85,10 +85,12 @@ end
 
 for j = 1, n do redis.call('HINCRBY', held_k, scopes[j], amount) end
 redis.call('ZADD', resv_k, now + ttl, id)
--- The hold and its orphan settlement in one hash, one write (release.lua reads them back).
+-- The hold and its orphan in one hash, one write (release.lua reads them back). The orphan's
+-- field is `<id>:o`: replicas from before compact orphans read `<id>:orphan` as a serialized
+-- settlement, and during a rolling upgrade they must not find a compact one there.
 local hold = period .. '|' .. amount .. '|' .. table.concat(scopes, '|')
 if orphan ~= nil and orphan ~= '' then
-  redis.call('HSET', data_k, id, hold, id .. ':orphan', orphan)
+  redis.call('HSET', data_k, id, hold, id .. ':o', orphan)
 else
   redis.call('HSET', data_k, id, hold)
 end

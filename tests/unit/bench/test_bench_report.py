@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench import cpu_bill, markdown, summarise  # noqa: E402
+from bench.bench import cpu_bill, markdown, summarise, targets  # noqa: E402
 from bench.bench_floor import markdown as floor_markdown  # noqa: E402
 from bench.bench_memory import markdown as memory_markdown  # noqa: E402
 
@@ -100,3 +100,42 @@ def test_memory_table_shows_per_stream_and_rss_idle_open_after() -> None:
     report = {"kind": "full memory-only", "machine": "2 cores", "time": "t", "rounds": 3}
     text = markdown({**report, "setups": {}, "memory": [figures]})
     assert row in text and "alternating rounds" not in text and "CPU µs" not in text
+
+
+def test_the_targets_are_ratios_of_this_runs_figures() -> None:
+    """Issue 21's targets: enforced against the floor measured in the same run (and the
+    CPU figures against their budgets), each with the range the two spreads allow."""
+    cell1 = summarise([_round(1.0), _round(1.0), _round(1.0)])  # added p50 2.0 ms
+    cell32 = summarise([_round(1.0), _round(2.0), _round(1.5)])  # 37.5% of direct
+    flat = {"median": 1.0, "min": 1.0, "max": 1.0}
+    rest = {"envoy_extra_cpu_us": flat, "processor_cpu_us": flat}
+    floor = {
+        "4 messages c=1": {
+            "added_p50_ms": {"median": 1.0, "min": 0.8, "max": 1.25},
+            "throughput_ratio": flat,
+            **rest,
+        },
+        "4 messages c=32": {
+            "added_p50_ms": flat,
+            "throughput_ratio": {"median": 0.75, "min": 0.5, "max": 1.0},
+            **rest,
+        },
+    }
+    report = {
+        "kind": "quick", "machine": "2 cores", "time": "t", "rounds": 3,
+        "setups": {"enforced, 1 worker": {"cells": {"json c=1": cell1, "json c=32": cell32}}},
+        "floor": floor,
+    }  # fmt: skip
+    rows = {row["target"].split(",")[0]: row for row in targets(report)}
+    latency = rows["added p50 at c=1"]
+    assert latency["value"] == {"median": 2.0, "min": 1.6, "max": 2.5} and not latency["met"]
+    throughput = rows["throughput at c=32"]
+    assert throughput["value"] == {"median": 0.5, "min": 0.25, "max": 1.0}
+    assert not throughput["met"]
+    assert rows["sidecar CPU per request at c=32"]["value"]["median"] == 1350.0 / 300
+    assert rows["Redis CPU per request at c=32"]["value"] == {"median": 2.7, "min": 2.7, "max": 2.7}
+    portkey = rows["ahead of Portkey at c=1: its added p50 / ours"]
+    assert portkey["value"]["median"] == 1.54 / 2.0 and not portkey["met"]
+    report["targets"] = targets(report)
+    table = markdown(report)
+    assert "| added p50 at c=1, enforced / do-nothing | <= 1.5 | 2.00 [1.60, 2.50] |" in table

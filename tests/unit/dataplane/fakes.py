@@ -23,6 +23,7 @@ from extproc.dataplane.server import dispatch
 from extproc.governance.budget import Decision, Plan, Standing
 from extproc.governance.keys import Identity, Lookup
 from extproc.governance.policy import Policy, load_policy
+from extproc.metering.orphans import Orphan, orphan_settlement
 from extproc.metering.prices import PriceTable
 from extproc.metering.tokens import count_text
 from extproc.settings import Settings
@@ -84,7 +85,8 @@ class FakeBudgets:
         self.refuse = refuse
         self.answer = answer
         self.plans: list[Plan] = []
-        self.orphans: list[bytes] = []
+        self.orphans: list[bytes | Orphan] = []
+        self.exact: list[bool] = []
         self.sessions: list[str] = []
         self.fail_open: list[bool] = []
         self.levels = "ok"
@@ -99,10 +101,12 @@ class FakeBudgets:
         now_ms: int,
         *,
         session: str = "",
-        orphan: bytes = b"",
+        orphan: bytes | Orphan = b"",
+        exact: bool = False,
     ) -> Decision:
         self.plans.append(plan)
         self.orphans.append(orphan)
+        self.exact.append(exact)
         self.sessions.append(session)
         self.fail_open.append(fail_open)
         if self.answer is not None:
@@ -110,6 +114,14 @@ class FakeBudgets:
         if self.refuse:
             return budget_denial(plan)
         return Decision(True, "ok", f"rid-{len(self.plans)}")
+
+    def orphan_settlements(self) -> list[Settlement]:
+        """Each hold's orphan as the reaper would bill it (compact ones priced as it would)."""
+        return [
+            orphan_settlement(o, PriceTable.load()) if isinstance(o, Orphan)
+            else Settlement.FromString(o)
+            for o in self.orphans
+        ]  # fmt: skip
 
 
 class FakeLedger:

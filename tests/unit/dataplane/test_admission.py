@@ -27,7 +27,6 @@ from extproc.metering.passthrough import PassthroughSeen
 from extproc.metering.tokens import count_text
 from extproc.store.clients import make_client
 from extproc.store.schema import held_key, spent_key, workspace_prefix
-from extproc.v1.ledger_pb2 import Settlement
 from extproc.wire.paths import classify
 from extproc.wire.spec import CHAT, PRICED
 from tests.unit.dataplane.fakes import (
@@ -88,7 +87,7 @@ def test_an_admitted_request_carries_its_route_plan_and_reservation(
     fake = budgets(deps)
     assert fake.plans == [got.plan] and fake.sessions == ["sess-1"]
     assert fake.fail_open == [True]  # dev fails open (`on_redis_down: open`)
-    orphan = Settlement.FromString(fake.orphans[0])
+    orphan = fake.orphan_settlements()[0]
     assert (orphan.record.outcome, orphan.record.estimated, orphan.reservation_id) == (
         "orphaned",
         True,
@@ -160,8 +159,9 @@ def test_at_the_cap_the_overdraft_model_is_reserved_with_raised_caps(
     assert got.route.model == "gpt-5-nano" and got.plan is second
     assert [s.kind for s in got.route.steps][-1] == "overdraft"
     assert second.scopes[0].hard_nanos == (first.scopes[0].hard_nanos or 0) + overdraft
-    orphans = [Settlement.FromString(o).record.model_served for o in budgets(deps).orphans]
+    orphans = [o.record.model_served for o in budgets(deps).orphan_settlements()]
     assert orphans == ["gpt-5-mini", "gpt-5-nano"]  # each hold carries its own route's orphan
+    assert budgets(deps).exact == [False, True]  # the overdraft's hold is never a lease's
 
 
 def test_the_session_guard_refuses_after_the_hold_so_the_refusal_releases_it(

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from extproc.dataplane.workers import available_cpus, reserve_port, worker_count
+from extproc.dataplane.workers import (
+    available_cpus,
+    reserve_port,
+    reserve_ports,
+    worker_addresses,
+    worker_count,
+)
 from extproc.settings import ConfigError, Settings, check_mode, load_settings
 
 
@@ -65,6 +71,67 @@ def test_workers_setting_from_env() -> None:
     for bad in ("-1", "two", "1.5"):
         with pytest.raises(ConfigError, match="EXTPROC_WORKERS: workers: must be a whole number"):
             load_settings(env={"EXTPROC_WORKERS": bad})
+
+
+def test_each_worker_gets_its_own_port_after_the_shared_one_on_loopback() -> None:
+    assert worker_addresses(Settings(), 3, "0.0.0.0:9001") == [
+        "127.0.0.1:9002",
+        "127.0.0.1:9003",
+        "127.0.0.1:9004",
+    ]
+    assert worker_addresses(Settings(), 2, "[::]:9001") == ["[::1]:9002", "[::1]:9003"]
+    assert worker_addresses(Settings(), 2, "10.0.0.7:9001") == ["10.0.0.7:9002", "10.0.0.7:9003"]
+    chosen = Settings(worker_listen="127.0.0.1:9101")
+    assert worker_addresses(chosen, 2, "0.0.0.0:9001") == ["127.0.0.1:9101", "127.0.0.1:9102"]
+    assert worker_addresses(Settings(worker_listen="127.0.0.1:0"), 2, "0.0.0.0:9001") == [
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+    ]
+    assert load_settings(env={"EXTPROC_WORKER_LISTEN": "127.0.0.1:9101"}).worker_listen == (
+        "127.0.0.1:9101"
+    )
+
+
+def test_worker_ports_that_cannot_be_are_refused_naming_the_setting() -> None:
+    with pytest.raises(ConfigError, match="worker_listen: ports 9000-9001 include the shared"):
+        worker_addresses(Settings(worker_listen="127.0.0.1:9000"), 2, "0.0.0.0:9001")
+    with pytest.raises(ConfigError, match="worker_listen: 3 ports from 65534 go past 65535"):
+        worker_addresses(Settings(worker_listen="127.0.0.1:65534"), 3, "0.0.0.0:9001")
+    with pytest.raises(ConfigError, match="worker_listen: must be host:port"):
+        worker_addresses(Settings(worker_listen="nine"), 2, "0.0.0.0:9001")
+
+
+def test_a_worker_port_someone_listens_on_is_refused(listener: socket.socket) -> None:
+    port = listener.getsockname()[1]
+    settings = Settings(listen="127.0.0.1:0", worker_listen=f"127.0.0.1:{port - 1}")
+    with pytest.raises(ConfigError, match=f"worker_listen: cannot bind 127.0.0.1:{port}"):
+        reserve_ports(settings, 2)
+
+
+def test_worker_ports_are_held_for_the_supervisors_life() -> None:
+    """Each worker's port is concrete and held: the worker joins it (SO_REUSEPORT), a
+    stranger cannot bind it, and while the worker is gone it refuses connections."""
+    settings = Settings(listen="127.0.0.1:0", worker_listen="127.0.0.1:0")
+    listen, own, held = reserve_ports(settings, 2)
+    try:
+        assert len(own) == 2 and len(held) == 3 and listen not in own
+        ports = [int(a.rsplit(":", 1)[1]) for a in own]
+        assert all(ports) and len(set(ports)) == 2
+        worker = socket.socket()
+        worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        worker.bind(("127.0.0.1", ports[0]))
+        worker.listen()
+        socket.create_connection(("127.0.0.1", ports[0]), timeout=5).close()
+        with pytest.raises(OSError):
+            socket.create_server(("127.0.0.1", ports[0]))
+        worker.close()  # the worker died: refused, yet still ours
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", ports[0]), timeout=5)
+        with pytest.raises(OSError):
+            socket.create_server(("127.0.0.1", ports[0]))
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_serve_on_a_taken_port_says_so_without_a_traceback(listener: socket.socket) -> None:

@@ -170,7 +170,7 @@ def test_a_hold_carries_its_orphan_beside_it_and_settle_drops_both(
     rid = str(seen["rid"]).encode()
     assert seen["data"] == {
         rid: hold_value(p).encode(),
-        rid + b":orphan": orphan_of(p, "req-1"),
+        rid + b":o": orphan_of(p, "req-1"),
     }
     assert seen["held"] == p.reserve_nanos
     assert not r.exists(LEGACY, DATA, "{ws:dev}:resv")

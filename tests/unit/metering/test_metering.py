@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from extproc.metering.decisions import Observed, finalize, orphan_record, parse_request, settle
+from extproc.metering.decisions import Observed, finalize, parse_request, settle
 from extproc.metering.prices import PriceTable
 from extproc.metering.tokens import count_text
 from extproc.wire import spec
@@ -156,19 +156,3 @@ def test_prepare_request_limits() -> None:
     with pytest.raises(OpenAIError) as info:
         parse_request(RESPONSES, bomb, "gzip", max_body_bytes=1000, count=count)
     assert info.value.status == 413
-
-
-def test_the_orphan_record_is_what_settle_makes_of_a_request_cut_before_its_answer() -> None:
-    """The orphan is built straight from the request's facts, with no copy of what was seen:
-    it must be exactly `settle`'s record of the same request cut before any answer, routed
-    to the model the hold was made for, but for its outcome."""
-    facts = RESPONSES.facts(
-        {"model": "gpt-5", "input": "hi", "stream": True, "max_output_tokens": 99}
-    )
-    request = {"facts": facts, "session_id": "sess", "envoy_request_id": "env-1", "time_ms": 1234}
-    orphan = orphan_record(observed(**request), "gpt-5-mini", PRICES)
-    cut = settle(observed(**request, routed_model="gpt-5-mini"), PRICES, count_text)
-    assert (cut.outcome, orphan.outcome) == ("client_gone", "orphaned")
-    cut.outcome = "orphaned"
-    assert orphan == cut
-    assert orphan.estimated and orphan.cost_nanos == PRICES.charge("gpt-5-mini", Usage(100)).nanos
