@@ -852,9 +852,11 @@ def live_envoy(tmp_path: Path) -> Iterator[LiveEnvoy]:
     for name, port in targets.items():
         c = cluster(config, name)
         c["type"] = "STATIC"
-        c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] = {
-            "socket_address": {"address": "127.0.0.1", "port_value": port}
-        }
+        # Every endpoint (the sidecar's workers are one each): any one Envoy picks must be ours.
+        for lb in c["load_assignment"]["endpoints"][0]["lb_endpoints"]:
+            lb["endpoint"]["address"] = {
+                "socket_address": {"address": "127.0.0.1", "port_value": port}
+            }
     ext_proc = http_filter(listener(config, "openai_egress"), "envoy.filters.http.ext_proc")
     ext_proc["message_timeout"] = "60s"  # keep the request in flight while the test looks
     path = tmp_path / "envoy.yaml"
