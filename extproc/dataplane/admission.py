@@ -158,8 +158,9 @@ async def admit(
     overdraft = settings.overdraft
     if decision.reason == "budget" and overdraft is not None:
         retried = await _overdraft(
-            deps, policy, identity, seen, prepared, traits, decision, overdraft.nanos, now
-        )
+            deps, policy, identity, seen, prepared, traits, decision, overdraft.nanos, now,
+            fail_open,
+        )  # fmt: skip
         if retried is not None:
             route, plan, decision = retried
     if not decision.allowed:
@@ -203,6 +204,7 @@ async def _overdraft(
     denial: Decision,
     nanos: int,
     now: int,
+    fail_open: bool,
 ) -> tuple[RouteDecision, Plan, Decision] | None:
     """Refused at a hard cap: the overdraft model, with every cap raised by the overdraft,
     reserved once; None when routing at the hard level refuses (nothing fits)."""
@@ -213,10 +215,9 @@ async def _overdraft(
     plan = with_overdraft(_plan(deps, policy, identity, prepared, retry, now), nanos)
     orphan = metered_orphan(deps, identity, seen, retry, plan)
     assert deps.budgets is not None
-    ws = policy.workspaces[identity.workspace]
     # Exact, never under a lease: the overdraft is what fits beyond the cap, request by request.
     decision = await deps.budgets.reserve(
-        plan, ws.on_redis_down == "open", now, session=seen.session_id, orphan=orphan, exact=True
+        plan, fail_open, now, session=seen.session_id, orphan=orphan, exact=True
     )
     return retry, plan, decision
 

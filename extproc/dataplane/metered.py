@@ -188,7 +188,9 @@ class MeteredExchange:
         spec, body, counted = self.seen.spec, prepared.parsed, prepared.counted_input_tokens
         if spec is None or body is None or counted < MIN_CACHEABLE_TOKENS:
             return None
-        model = str(body.get("model", ""))
+        # The tail is counted as `counted` was, with the requested model's encoding: the
+        # subtraction stays consistent and every long text is a token-cache hit.
+        model = prepared.facts.model
         count = self._deps.count
         job = partial(prefix_of, spec, body, counted, lambda text: count(text, model))
         if counted * 4 > self._deps.settings.offload_bytes:

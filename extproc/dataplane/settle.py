@@ -74,7 +74,7 @@ def metered_orphan(
     reaper releases the hold itself, so it names no reservation."""
     facts = seen.facts
     assert facts is not None
-    charged = plan.charged or charges_for(deps.policy, identity, plan, 0, deps.timezone)[0]
+    charged = charges_for(deps.policy, identity, plan, 0, deps.timezone)[0]
     return Orphan(
         request_id=seen.request_id,
         time_ms=seen.time_ms,

@@ -502,12 +502,13 @@ class Budgets:
                 if self.topups_until is not None:
                     until_ms = self.topups_until(plan.workspace, now_ms)
         leases = self.leases
+        blob = orphan.encode() if isinstance(orphan, Orphan) else orphan  # once, either way
         if leases is not None and not exact and isinstance(orphan, Orphan):
             try:
                 admitted = await leases.admit(
                     plan,
                     now_ms,
-                    orphan.encode(),
+                    blob,
                     orphan.request_id,
                     session,
                     base=caller,
@@ -523,7 +524,6 @@ class Budgets:
                 )
                 self._admitted(plan, decision)
                 return decision
-        blob = orphan.encode() if isinstance(orphan, Orphan) else orphan
         rid = os.urandom(16).hex()  # opaque, as random as a uuid4, a third of its CPU
         args = _args(plan, rid, now_ms, session, ttl_ms=self.hold_ttl_ms, orphan=blob)
         try:
