@@ -265,7 +265,7 @@ async def hold(
     ):
         plan = with_overdraft(plan, overdraft.nanos)
         orphan = passthrough_orphan(deps, identity, seen, plan)
-        decision = await budgets.reserve(plan, fail_open, now, orphan=orphan)
+        decision = await budgets.reserve(plan, fail_open, now, orphan=orphan, exact=True)
     if not decision.allowed:
         asked = None
         if decision.reason == "budget":

@@ -184,8 +184,7 @@ def test_a_lowered_limit_stops_every_replica_within_a_second(pair: Stack) -> Non
                     tx.publish("extproc:keys", f"topup tight {grant.grant_id}")
                 held_by_leases, spent_at, *_gone = tx.execute()
             leased, spent_at = sum(int(v) for v in held_by_leases), int(spent_at)
-            while time.time() < lowered + 2.0:  # the load runs on for two lease lifetimes
-                stop.wait(0.05)
+            stop.wait(max(0.0, lowered + 2.0 - time.time()))  # the load runs two lease lives
             stop.set()
             for future in running:
                 future.result()
