@@ -45,6 +45,7 @@ from extproc.store.schema import (
     SERVICE,
     TOPUP_INDEX,
     team_of,
+    topup_auto_key,
     topup_request_key,
     topup_requests_key,
     topups_key,
@@ -61,6 +62,10 @@ AUTO = "auto-approval"
 
 class TopupError(ValueError):
     """A top-up request or decision was refused; the message names the field and why."""
+
+
+class AutoLimitReached(TopupError):
+    """Auto-approval would pass its ceiling for the period: the request waits for a person."""
 
 
 def wall_ms() -> int:
@@ -361,14 +366,22 @@ def pending_of(requests: Iterable[TopupRequest], key_id: str, now_ms: int) -> in
 
 # --- Redis -------------------------------------------------------------------------------------
 
-# KEYS: request hash, grants hash. ARGV: id, by, now, nanos, until, channel, workspace, note.
+# KEYS: request hash, grants hash[, auto-approval hash of the period]. ARGV: id, by, now,
+# nanos, until, channel, workspace, note[, ceiling, ttl]. With the third key, the grant is
+# made only if what auto-approval granted the scope this period stays within the ceiling.
 _APPROVE = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'unknown' end
 if st ~= 'pending' then return st end
+local scope = redis.call('HGET', KEYS[1], 'scope')
+if KEYS[3] then
+  local used = tonumber(redis.call('HGET', KEYS[3], scope) or '0')
+  if used + tonumber(ARGV[4]) > tonumber(ARGV[9]) then return 'over_auto_limit' end
+  redis.call('HINCRBY', KEYS[3], scope, ARGV[4])
+  redis.call('EXPIRE', KEYS[3], ARGV[10])
+end
 redis.call('HSET', KEYS[1], 'status', 'approved', 'decided_by', ARGV[2], 'decided_ms', ARGV[3],
   'granted_nanos', ARGV[4], 'granted_until_ms', ARGV[5], 'note', ARGV[8])
-local scope = redis.call('HGET', KEYS[1], 'scope')
 redis.call('HSET', KEYS[2], ARGV[1], scope .. '|' .. ARGV[4] .. '|' .. ARGV[5])
 redis.call('PUBLISH', ARGV[6], 'topup ' .. ARGV[7] .. ' ' .. ARGV[1])
 return 'ok'
@@ -465,8 +478,13 @@ class TopupStore:
         nanos: int | None = None,
         until_ms: int | None = None,
         note: str = "",
+        auto_ceiling: tuple[str, int, int] | None = None,
     ) -> TopupRequest:
-        """Grant a pending request (an approver may grant less, or for less long)."""
+        """Grant a pending request (an approver may grant less, or for less long).
+
+        `auto_ceiling` (period id, ceiling nanos, seconds to keep the count): granted by
+        auto-approval, only while its grants to the scope this period stay within the
+        ceiling, checked and counted in the approve script itself (TopupError otherwise)."""
         request = await self._pending(request_id)
         now = self.now_ms()
         nanos = request.amount_nanos if nanos is None else nanos
@@ -477,12 +495,13 @@ class TopupStore:
         if not now < until <= request.until_ms:
             raise TopupError("until: must be in the future and no later than asked")
         ws = request.workspace
-        result = _text(
-            await self._approve(
-                keys=[topup_request_key(ws, request_id), topups_key(ws)],
-                args=[request_id, by, now, nanos, until, KEYS_CHANNEL, ws, note],
-            )
-        )
+        keys = [topup_request_key(ws, request_id), topups_key(ws)]
+        args: list[Any] = [request_id, by, now, nanos, until, KEYS_CHANNEL, ws, note]
+        if auto_ceiling is not None:
+            period_id, ceiling, keep_s = auto_ceiling
+            keys.append(topup_auto_key(ws, period_id))
+            args += [ceiling, keep_s]
+        result = _text(await self._approve(keys=keys, args=args))
         return await self._after(request_id, result)
 
     async def deny(self, request_id: str, by: str, note: str = "") -> TopupRequest:
@@ -532,6 +551,8 @@ class TopupStore:
         return await self._after(request_id, result)
 
     async def _after(self, request_id: str, result: str) -> TopupRequest:
+        if result == "over_auto_limit":
+            raise AutoLimitReached(f"{request_id}: auto-approval's ceiling for the period")
         if result != "ok":
             raise TopupError(f"{request_id} is {result}")
         request = await self.get(request_id)

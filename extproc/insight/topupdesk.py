@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from extproc.governance.keys import Identity
 from extproc.governance.periods import period_at
@@ -18,6 +19,7 @@ from extproc.governance.policy import Policy
 from extproc.governance.topups import (
     AUTO,
     MAX_PENDING_PER_KEY,
+    AutoLimitReached,
     TopupError,
     TopupRequest,
     TopupStore,
@@ -88,16 +90,29 @@ class TopupDesk:
             until_ms=request.until_ms, reason=request.reason, key_id=identity.key_id,
         )  # fmt: skip
         to = notices.request_targets(policy, request)
-        if auto_approvable(ws, request, earlier, tz):
-            request = await self.store.approve(
-                request.request_id, AUTO, note=f"workspaces.{ws.name}.topups.auto_approve"
-            )
+        auto = ws.topups.auto_approve
+        if auto is not None and auto_approvable(ws, request, earlier, tz):
+            # `earlier` is a quick look; the approve script holds the period's ceiling against
+            # requests made at the same time on other replicas.
+            period = period_at(ws.period, request.created_ms, tz)
+            ceiling = (period.id, auto.period_max_nanos, (period.end_ms - now) // 1000 + 86_400)
+            try:
+                request = await self.store.approve(
+                    request.request_id, AUTO, auto_ceiling=ceiling,
+                    note=f"workspaces.{ws.name}.topups.auto_approve",
+                )  # fmt: skip
+            except AutoLimitReached:
+                return self._requested(request, tz, to)  # the ceiling was reached: a person decides
             await append_audit(
                 self._redis, AUTO, AUTO, "topup.approve", request.request_id,
                 workspace=ws.name, scope=request.scope, granted_nanos=request.granted_nanos,
                 until_ms=request.granted_until_ms, automatic=True,
             )  # fmt: skip
             to = [*to, *([request.notify_url] if request.notify_url else [])]
+        return self._requested(request, tz, to)
+
+    def _requested(self, request: TopupRequest, tz: ZoneInfo, to: list[str]) -> TopupRequest:
+        """Tell the approvers (and, when it was granted at once, the requester)."""
         self._alerter.send(notices.requested(request, tz, self.console_url), to)
         return request
 

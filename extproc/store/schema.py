@@ -63,6 +63,7 @@ LEASES, LEASE_EXPIRY, LEASE_ORPHANS = "leases", "leases:exp", "orphans"
 RATE_MINUTE, SESSION, SEEN, PREFIX = "rl", "sess", "seen", "prefix"
 ALERTED, REVOKED, LEDGER = "alerted", "revoked", "ledger"
 TOPUPS, TOPUP_REQUESTS, TOPUP_REQUEST, PAUSED = "topups", "topup:reqs", "topup:req", "paused"
+TOPUP_AUTO = "topup:auto"
 LUA_SUFFIXES = frozenset(
     {
         SPENT,
@@ -85,6 +86,7 @@ LUA_SUFFIXES = frozenset(
         TOPUPS,
         TOPUP_REQUESTS,
         TOPUP_REQUEST,
+        TOPUP_AUTO,
         PAUSED,
     }
 )
@@ -173,6 +175,13 @@ def topups_key(workspace: str) -> str:
 def topup_requests_key(workspace: str) -> str:
     """Sorted set of a workspace's top-up request ids, by when they were made."""
     return f"{workspace_prefix(workspace)}:{TOPUP_REQUESTS}"
+
+
+def topup_auto_key(workspace: str, period_id: str) -> str:
+    """Hash of what auto-approval granted in a budget period, field = scope: the approve
+    script checks and adds to it in one step, so concurrent requests cannot pass the
+    period's ceiling together."""
+    return f"{workspace_prefix(workspace)}:{TOPUP_AUTO}:{period_id}"
 
 
 def topup_request_key(workspace: str, request_id: str) -> str:

@@ -33,7 +33,7 @@ from extproc.governance.topups import (
     scope_team,
 )
 from extproc.metering.prices import NANOS_PER_DOLLAR, PriceTable
-from extproc.store.schema import KEYS_CHANNEL, topups_key, workspace_prefix
+from extproc.store.schema import KEYS_CHANNEL, topup_auto_key, topups_key, workspace_prefix
 
 BERLIN = ZoneInfo("Europe/Berlin")
 T = TypeVar("T")
@@ -288,3 +288,28 @@ def test_budgets_reserve_against_the_raised_cap(redis_url: str, r: redis.Redis) 
         return out
 
     assert run(redis_url, body, [NOW]) == ["budget", "ok", "True"]
+
+
+def test_auto_approval_holds_its_period_ceiling_against_requests_made_together(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """Two replicas each see the period's auto grants below the ceiling and approve at once:
+    the approve script counts and checks in one step, so one of them must wait for a person."""
+    four = 4 * NANOS_PER_DOLLAR
+    ceiling = ("2026-12", 5 * NANOS_PER_DOLLAR, 3600)  # room for one $4 grant, not two
+
+    async def body(store: TopupStore, client: Any) -> list[str]:
+        a, b = ask(CI, amount_nanos=four), ask(CI, amount_nanos=four, reason="again")
+        for req in (a, b):
+            await store.add(req)
+        outcomes = await asyncio.gather(
+            *(store.approve(x.request_id, AUTO, auto_ceiling=ceiling) for x in (a, b)),
+            return_exceptions=True,
+        )
+        states = [(await store.get(x.request_id)).status for x in (a, b)]  # type: ignore[union-attr]
+        assert sorted(type(o).__name__ for o in outcomes) == ["AutoLimitReached", "TopupRequest"]
+        return sorted(states)
+
+    assert run(redis_url, body, [NOW]) == ["approved", "pending"]
+    assert r.hget(topup_auto_key("dev", "2026-12"), "ws") == str(four).encode()
+    assert 0 < r.ttl(topup_auto_key("dev", "2026-12")) <= 3600
