@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-tools codex-cli oidc-provider run test fuzz lint format bench proto clean image push
+.PHONY: install compile system-tools codex-cli oidc-provider run test fuzz lint format bench proto clean image push
 
 install: $(STAMP)
 
@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
 		"opentelemetry-proto==$$($(PY) -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 	@touch $(STAMP)
+
+# The request path compiled with mypyc (extproc/compiled.py says how and why). A no-op while
+# the build matches the sources; without a C compiler (or if mypyc refuses a module) it says
+# so in one line and everything runs as Python. `make run` uses the build when it is current.
+compile: install
+	$(PY) -m extproc.compile build
 
 run: install
 	$(PY) -m extproc stack
@@ -53,8 +59,11 @@ oidc-provider: $(OIDC_PROVIDER)
 $(OIDC_PROVIDER):
 	npm install --silent --no-audit --no-fund --prefix .tools-oidc oidc-provider@9
 
-test: install system-tools codex-cli oidc-provider lint
-	$(PY) -m pytest -q
+# The unit tests run twice: pure Python first (what runs without a C compiler, and where a
+# test may patch a module), then everything against the compiled build, as shipped.
+test: install compile system-tools codex-cli oidc-provider lint
+	EXTPROC_PURE=1 $(PY) -m pytest -q tests/unit
+	EXTPROC_EXPECT_COMPILED=1 $(PY) -m pytest -q
 
 # `make test` runs the property tests on fixed examples (the same every run). This is the long
 # randomised hunt: 2,000 fresh examples through the real stack (EXTPROC_FUZZ_EXAMPLES=N to
@@ -83,7 +92,7 @@ push: image
 
 # Full run by default; `make bench BENCH_ARGS=--quick` for direction while iterating.
 BENCH_ARGS ?=
-bench: install
+bench: compile
 	$(PY) bench/bench.py $(BENCH_ARGS)
 
 # Regenerate the Python code for our own protobuf API (committed, so installs need no codegen).
@@ -91,4 +100,5 @@ proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. proto/extproc/v1/ledger.proto
 
 clean:
+	-$(PY) -m extproc.compile clean
 	rm -rf $(VENV) .data build *.egg-info

@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 def cmd_serve(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from extproc import compiled
     from extproc.dataplane.server import serve
     from extproc.dataplane.workers import supervise, worker_count
     from extproc.governance.policy import PolicyError, load_policy
@@ -50,6 +51,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
         settings = dataclasses.replace(settings, workers=args.workers)
     count = worker_count(settings)
+    if not args.reuse_port:  # once per sidecar: its workers run the same files
+        print(f"extproc: request path {compiled.state}", file=sys.stderr, flush=True)
     if count > 1 and not args.reuse_port:
         try:
             return asyncio.run(supervise(settings, count, args.config))

@@ -83,6 +83,8 @@ class SettlementSink(Protocol):
 
     def note_refused(self, reason: str) -> None: ...
 
+    def alive(self) -> bool: ...
+
 
 @dataclass(slots=True)
 class Deps:

@@ -8,23 +8,28 @@ that carry no change are built once and reused: they sit on every request's path
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TypeAlias
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-ProcessingRequest = pb.ProcessingRequest
-ProcessingResponse = pb.ProcessingResponse
-ProcessingMode = processing_mode_pb2.ProcessingMode
+ProcessingRequest: TypeAlias = pb.ProcessingRequest
+ProcessingResponse: TypeAlias = pb.ProcessingResponse
+ProcessingMode: TypeAlias = processing_mode_pb2.ProcessingMode
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
-CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
-CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
-CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+CONTINUE_REQUEST_HEADERS: ProcessingResponse = pb.ProcessingResponse(
+    request_headers=pb.HeadersResponse()
+)
+CONTINUE_REQUEST_BODY: ProcessingResponse = pb.ProcessingResponse(request_body=pb.BodyResponse())
+CONTINUE_RESPONSE_HEADERS: ProcessingResponse = pb.ProcessingResponse(
+    response_headers=pb.HeadersResponse()
+)
+CONTINUE_RESPONSE_BODY: ProcessingResponse = pb.ProcessingResponse(response_body=pb.BodyResponse())
 
-CONTINUE_METERED_REQUEST_HEADERS = pb.ProcessingResponse(
+CONTINUE_METERED_REQUEST_HEADERS: ProcessingResponse = pb.ProcessingResponse(
     request_headers=pb.HeadersResponse(
         response=pb.CommonResponse(
             header_mutation=pb.HeaderMutation(remove_headers=["accept-encoding"])
@@ -44,7 +49,7 @@ def forward_request_headers(
     return reply
 
 
-SKIP_REST = pb.ProcessingResponse(
+SKIP_REST: ProcessingResponse = pb.ProcessingResponse(
     request_headers=pb.HeadersResponse(),
     mode_override=ProcessingMode(
         request_body_mode=ProcessingMode.NONE,
@@ -54,7 +59,7 @@ SKIP_REST = pb.ProcessingResponse(
 )
 """Unmetered traffic: after its headers, the sidecar has nothing more to see."""
 
-_STREAMED_BODY = ProcessingMode(response_body_mode=ProcessingMode.STREAMED)
+_STREAMED_BODY: ProcessingMode = ProcessingMode(response_body_mode=ProcessingMode.STREAMED)
 
 
 def forward_passthrough(

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from grpc_health.v1 import health_pb2
 
@@ -44,7 +44,7 @@ from extproc.metering.prices import PriceTable, usd_for_people
 from extproc.metering.pricewatch import PriceWatcher
 from extproc.metering.tokens import count_text
 from extproc.settings import Settings, check_mode
-from extproc.store.clients import AsyncClient, is_cluster, make_client
+from extproc.store.clients import AsyncClient, ScriptClient, is_cluster, make_client
 from extproc.store.fastredis import FastRedis, supports_url
 from extproc.store.schema import WORKSPACE_SCOPE, workspace_prefix
 
@@ -274,6 +274,9 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
     if simulated:
         log.info("upstream keys are simulated (upstream_keys: simulated): local simulator only")
     governor = Governor(record=lambda alert: record_alert(client, alert))
+    # redis-py's clients provide every call the budgets and the ledger make (ScriptClient).
+    scripts = cast(ScriptClient, hot or client)
+    deps: Deps  # read by the closures below once it exists
     telemetry = Telemetry.from_env()
     policy = shadow = None
     keys, budgets, live, desk = None, None, None, None
@@ -289,7 +292,7 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
             on_refresh=partial(report_live, telemetry),
         )
         budgets = Budgets(
-            hot or client,
+            scripts,
             hold_ttl_ms=max(int(settings.hold_expiry_seconds * 1000), 1),
             topups=live.topups,
             topups_until=live.topups_until,
@@ -310,7 +313,7 @@ def build_deps(settings: Settings, client: AsyncClient, hot: FastRedis | None = 
             shadow = load_policy(settings.shadow_policy)
             log.info("shadow policy loaded: %s (never enforced)", settings.shadow_policy)
     ledger = Ledger(
-        hot or client,
+        scripts,
         max_records=settings.ledger_max_records,
         spool_dir=settings.spool_dir,
         on_soft_alert=governor.on_soft_alert,

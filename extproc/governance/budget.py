@@ -411,8 +411,8 @@ def decide(plan: Plan, reservation_id: str, reply: list[bytes], now_ms: int) -> 
     if kind == "revoked":
         return Decision(False, "revoked")
     if kind == "rate":
-        scope = reply[1].decode()
-        rate = next(r for r in plan.rates if r.scope == scope)
+        rate_scope = reply[1].decode()
+        rate = next(r for r in plan.rates if r.scope == rate_scope)
         return Decision(
             False,
             "rate",
@@ -588,7 +588,7 @@ class Budgets:
             await self.leases.close()
 
     def _reserve_locally(self, plan: Plan) -> Decision:
-        standings = []
+        standings: list[Standing] = []
         for s in plan.scopes:
             if s.hard_nanos is None:
                 continue
@@ -597,8 +597,8 @@ class Budgets:
             if used + plan.reserve_nanos > s.hard_nanos:
                 return Decision(False, "budget", denied=s, standings=(Standing(s, used, 0),))
             standings.append(Standing(s, used, 0))
-        for s in standings:
-            self._local[(plan.prefix, plan.period.id, s.scope.scope)] += plan.reserve_nanos
+        for standing in standings:
+            self._local[(plan.prefix, plan.period.id, standing.scope.scope)] += plan.reserve_nanos
         return Decision(True, "ok_local", "", standings=tuple(standings))
 
     # -- holds in flight: renewed while owned, reaped by anyone once expired -----------------

@@ -507,8 +507,8 @@ class Leases:
                 lease.closed = True
             self._maybe_return(lease)
         for key, caller in list(self._callers.items()):
-            lease = caller.lease
-            if lease is not None and lease.closed and lease.id not in self._by_id:
+            held = caller.lease
+            if held is not None and held.closed and held.id not in self._by_id:
                 caller.lease = None
             if caller.lease is None and caller.busy is None and now - caller.seen > 10.0:
                 del self._callers[key]

@@ -130,6 +130,11 @@ def _outcome(seen: Observed) -> tuple[str, bool]:
     return "missing_usage", True
 
 
+# Lone surrogates, written as code points: mypyc cannot compile them as string literals.
+_SURROGATES_FROM = chr(0xD800)
+_SURROGATES_TO = chr(0xDFFF)
+
+
 def utf8_text(value: str) -> str:
     """`value` as valid UTF-8 text: lone surrogates (a JSON "\\ud800" escape) become U+FFFD.
 
@@ -139,7 +144,7 @@ def utf8_text(value: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
+        return "".join("\ufffd" if _SURROGATES_FROM <= c <= _SURROGATES_TO else c for c in value)
     return value
 
 

@@ -111,13 +111,13 @@ def _entry_key(entry_id: bytes) -> tuple[int, int]:
 
 async def unmetered_counts(client: AsyncClient) -> dict[str, int]:
     """Requests seen on paths extproc does not meter, by `METHOD /path/*`."""
-    raw = await client.hgetall(UNMETERED)
+    raw: dict[bytes, bytes] = await client.hgetall(UNMETERED)  # type: ignore[assignment]
     return {k.decode(): int(v) for k, v in raw.items()}
 
 
 async def refused_counts(client: AsyncClient) -> dict[str, int]:
     """Requests refused before authentication, by reason."""
-    raw = await client.hgetall(REFUSED)
+    raw: dict[bytes, bytes] = await client.hgetall(REFUSED)  # type: ignore[assignment]
     return {k.decode(): int(v) for k, v in raw.items()}
 
 
@@ -126,7 +126,10 @@ async def recent_records(client: AsyncClient, limit: int) -> list[UsageRecord]:
     streams = sorted(await client.smembers(LEDGERS))
     rows: list[tuple[tuple[int, int], bytes]] = []
     for stream in streams:
-        for entry_id, fields in await client.xrevrange(stream, count=limit):
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = await client.xrevrange(  # type: ignore[assignment]
+            stream, count=limit
+        )
+        for entry_id, fields in entries:
             rows.append((_entry_key(entry_id), fields[b"r"]))
     rows.sort(key=lambda row: row[0], reverse=True)
     return [UsageRecord.FromString(raw) for _key, raw in rows[:limit]]

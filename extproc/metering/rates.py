@@ -152,7 +152,8 @@ class Price:
 def per_million_usd(nanos_per_million: int) -> Decimal:
     """Nano-dollars per 1M units as dollars per 1M, written plainly ("30", "0.0375")."""
     value = Decimal(nanos_per_million).scaleb(-9).normalize()
-    return value.quantize(Decimal(1)) if value.as_tuple().exponent > 0 else value
+    exponent = value.as_tuple().exponent  # an int for a finite number
+    return value.quantize(Decimal(1)) if isinstance(exponent, int) and exponent > 0 else value
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import Final
 
 import tiktoken
 
@@ -253,7 +254,7 @@ class TokenCounter:
     releases the GIL while encoding, so counting in a thread pool runs in parallel.
     """
 
-    ENTRY_OVERHEAD_CHARS = 256
+    ENTRY_OVERHEAD_CHARS: Final = 256  # Final: read on the class, compiled or not
     HEAD_CHARS = 256
 
     def __init__(

@@ -102,14 +102,12 @@ def parse_url(url: str) -> Endpoint:
     if unknown:
         raise ValueError(f"unsupported Redis URL parameters: {', '.join(sorted(unknown))}")
     db_text = query.get("db", [""])[0]
-    credentials = {
-        "username": unquote(parts.username) if parts.username else None,
-        "password": unquote(parts.password) if parts.password else None,
-    }
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
     if parts.scheme == "unix":
         if not parts.path:
             raise ValueError("a unix:// Redis URL needs a socket path")
-        return Endpoint(path=parts.path, db=int(db_text or 0), **credentials)
+        return Endpoint(path=parts.path, db=int(db_text or 0), username=username, password=password)
     if parts.scheme != "redis":
         raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r}")
     db_text = db_text or parts.path.strip("/")
@@ -117,7 +115,8 @@ def parse_url(url: str) -> Endpoint:
         host=parts.hostname or "localhost",
         port=parts.port or 6379,
         db=int(db_text or 0),
-        **credentials,
+        username=username,
+        password=password,
     )
 
 
@@ -234,7 +233,9 @@ def _fail(waiter: Any, error: RedisError) -> None:
 class _Connection(asyncio.Protocol):
     def __init__(self, client: FastRedis, handshake: list[bytes]) -> None:
         self._client = client
-        self._loop = client._loop
+        loop = client._loop
+        assert loop is not None, "a connection is made from inside the client's loop"
+        self._loop: asyncio.AbstractEventLoop = loop
         self._timeout = client._socket_timeout
         self.pending: deque[Any] = deque()
         self._outbox: list[bytes] = list(handshake)
@@ -545,29 +546,39 @@ async def primary_address(endpoint: Endpoint) -> tuple[str, int]:
             problems.append(f"{host}:{port}: {exc}")
             continue
         try:
-            writer.write(request)
-            data, replies, pos = b"", [], 0
-            while len(replies) < expected:
-                chunk = await reader.read(4096)
-                if not chunk:
-                    raise RedisConnectionError("Sentinel closed the connection")
-                data += chunk
-                while len(replies) < expected:
-                    reply, end = parse_reply(data, pos)
-                    if reply is _INCOMPLETE:
-                        break
-                    replies.append(reply)
-                    pos = end
+            replies = await _exchange(reader, writer, request, expected)
         except (OSError, RedisError) as exc:
             problems.append(f"{host}:{port}: {exc}")
             continue
-        finally:
-            writer.close()
         found = replies[-1]
         if isinstance(found, list) and len(found) == 2:
             return found[0].decode(), int(found[1])
         problems.append(f"{host}:{port}: no primary for {endpoint.service!r} ({found!r})")
     raise RedisConnectionError("no Sentinel named a primary: " + "; ".join(problems))
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, expected: int
+) -> list[Any]:
+    """Send `request` and read `expected` replies, closing the connection either way."""
+    try:
+        writer.write(request)
+        data, pos = b"", 0
+        replies: list[Any] = []
+        while len(replies) < expected:
+            chunk = await reader.read(4096)
+            if not chunk:
+                raise RedisConnectionError("Sentinel closed the connection")
+            data += chunk
+            while len(replies) < expected:
+                reply, end = parse_reply(data, pos)
+                if reply is _INCOMPLETE:
+                    break
+                replies.append(reply)
+                pos = end
+        return replies
+    finally:
+        writer.close()
 
 
 class FastPipeline:

@@ -12,7 +12,7 @@ provider enforces (`output_cap` stays None): the hold's output side is the polic
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 from extproc.wire.common import (
     NoStream,
@@ -54,7 +54,7 @@ class _PricedPassthrough:
 class Compact(_PricedPassthrough):
     """`POST /v1/responses/compact`: a Responses-shaped input, counted like one."""
 
-    _input = Responses()
+    _input: ClassVar[Responses] = Responses()
 
     def facts(self, body: dict[str, Any]) -> RequestFacts:
         model = require_model(body)

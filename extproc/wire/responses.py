@@ -60,7 +60,9 @@ _TERMINAL = {
     "response.failed": "failed",
 }
 _STARTED = frozenset({"response.created", "response.in_progress"})
-_READ = _DELTAS | _TERMINAL.keys() | _STARTED | TOOL_DONE_EVENTS.keys() | {"error"}
+# Built by union(): `frozenset | dict.keys()` is a set at run time but typed frozenset, which
+# compiled code trusts and then refuses.
+_READ = _DELTAS.union(_TERMINAL, _STARTED, TOOL_DONE_EVENTS, {"error"})
 
 # Tokens the prompt format adds around each message and to prime the reply.
 _PER_ITEM = 3

@@ -540,8 +540,8 @@ class H2Connection(asyncio.Protocol):
             return
         try:
             method, path = request_head(headers)
-        except Malformed as exc:
-            log.warning("h2grpc: malformed request on stream %d: %s", sid, exc)
+        except Malformed as bad:  # not `exc`: compiled code keeps one type per name
+            log.warning("h2grpc: malformed request on stream %d: %s", sid, bad)
             self._write(fr.rst_stream(sid, fr.ErrorCode.PROTOCOL_ERROR))
             return
         st = self._open_stream(sid, method, path, headers, end_stream)

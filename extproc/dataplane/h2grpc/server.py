@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from extproc.dataplane.h2grpc.api import Route
 from extproc.dataplane.h2grpc.http2 import H2Connection
@@ -74,7 +75,9 @@ class GrpcServer:
             server = await loop.create_server(
                 self._connection, host, port, reuse_address=True, reuse_port=reuse_port or None
             )
-            port = server.sockets[0].getsockname()[1]
+            # A list under uvloop, a tuple under asyncio (typed tuple: compiled code checks).
+            untyped: Any = server
+            port = untyped.sockets[0].getsockname()[1]
         if not self._servers:
             self.port = port
         self._servers.append(server)

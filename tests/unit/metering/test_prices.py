@@ -7,6 +7,7 @@ every row, tier and token kind to the nano-dollar what it computes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from datetime import UTC, datetime
@@ -198,7 +199,7 @@ def test_every_catalogue_row_bills_what_the_catalogue_computes(table: PriceTable
 
 
 def _fields(usage: Usage) -> dict[str, object]:
-    return {f: getattr(usage, f) for f in usage.__slots__}  # type: ignore[attr-defined]
+    return {f.name: getattr(usage, f.name) for f in dataclasses.fields(usage)}
 
 
 def _charge_on_card(price: Price, usage: Usage, tier: str) -> int:

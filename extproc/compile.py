@@ -1,0 +1,125 @@
+"""Build, remove or inspect the compiled request path (extproc/compiled.py says why and how).
+
+python -m extproc.compile build     # what `make compile` runs; a no-op when current
+python -m extproc.compile clean     # pure Python again
+python -m extproc.compile status    # which modules run compiled, and why not
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from extproc import compiled
+from extproc.compiled import GROUP, HOT_MODULES, MANIFEST, PACKAGE, fingerprint
+
+
+def clean() -> int:
+    removed = 0
+    for path in [*PACKAGE.rglob("*.so"), MANIFEST]:
+        if path.exists():
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def build(out: Path | None = None) -> int:
+    """Compile the hot modules in place; every failure leaves pure Python and says why."""
+    before = fingerprint()
+    if MANIFEST.is_file() and _read(MANIFEST) == before and _complete():
+        print("extproc.compile: the compiled build is current")
+        return 0
+    clean()
+    root = PACKAGE.parent
+    work = Path(tempfile.mkdtemp(prefix="extproc-mypyc-"))
+    cwd = os.getcwd()
+    try:
+        os.chdir(root)
+        try:
+            from mypyc.build import mypycify
+            from setuptools import Distribution
+        except ImportError as exc:
+            print(f"extproc.compile: {exc}; the request path stays pure Python")
+            return 0
+        files = [f"extproc/{m}.py" for m in HOT_MODULES]
+        flags = ["--ignore-missing-imports", "--follow-imports=silent"]
+        try:
+            exts = mypycify(
+                [*flags, *files],
+                opt_level=os.environ.get("EXTPROC_COMPILE_OPT", "3"),
+                group_name=GROUP,
+                target_dir=str(work / "c"),
+            )
+        except BaseException as exc:  # mypy's type errors end in SystemExit
+            print(f"extproc.compile: mypyc refused the sources ({exc!r}); staying pure Python")
+            return 0
+        dist = Distribution({"name": "extproc-hot", "ext_modules": exts})
+        cmd = dist.get_command_obj("build_ext")
+        cmd.inplace = True
+        cmd.build_temp = str(work / "tmp")
+        cmd.build_lib = str(work / "lib")
+        cmd.parallel = os.cpu_count() or 1
+        try:
+            dist.run_command("build_ext")
+        except BaseException as exc:  # no compiler, or a module that fails
+            clean()
+            print(f"extproc.compile: the C build failed ({exc!r}); staying pure Python")
+            return 0
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(work, ignore_errors=True)
+    if not _complete() or fingerprint() != before:
+        clean()
+        print("extproc.compile: incomplete build, or sources changed during it; staying pure")
+        return 0
+    MANIFEST.write_text(json.dumps(before, indent=1, sort_keys=True) + "\n")
+    print(f"extproc.compile: compiled {len(HOT_MODULES)} modules")
+    return 0
+
+
+def _read(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _complete() -> bool:
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES
+    return all(
+        any((PACKAGE / f"{m}{suffix}").is_file() for suffix in suffixes) for m in HOT_MODULES
+    )
+
+
+def status() -> int:
+    print(compiled.state)
+    for name in sorted(compiled.NAMES):
+        module = sys.modules.get(name) or importlib.import_module(name)
+        kind = "compiled" if str(module.__file__).endswith(".so") else "python"
+        print(f"{kind:>9}  {name}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args[0] if args else "status"
+    if command == "build":
+        return build()
+    if command == "clean":
+        print(f"removed {clean()} compiled files")
+        return 0
+    if command == "status":
+        return status()
+    print("usage: python -m extproc.compile [build | clean | status]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
