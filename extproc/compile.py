@@ -33,7 +33,8 @@ def clean() -> int:
 def build(out: Path | None = None) -> int:
     """Compile the hot modules in place; every failure leaves pure Python and says why."""
     before = fingerprint()
-    if MANIFEST.is_file() and _read(MANIFEST) == before and _complete():
+    opt = os.environ.get("EXTPROC_COMPILE_OPT", "3")  # 0 builds faster, for trying things
+    if _read(MANIFEST) == {**before, "opt_level": opt} and _complete():
         print("extproc.compile: the compiled build is current")
         return 0
     clean()
@@ -53,7 +54,7 @@ def build(out: Path | None = None) -> int:
         try:
             exts = mypycify(
                 [*flags, *files],
-                opt_level=os.environ.get("EXTPROC_COMPILE_OPT", "3"),
+                opt_level=opt,
                 group_name=GROUP,
                 target_dir=str(work / "c"),
             )
@@ -79,7 +80,8 @@ def build(out: Path | None = None) -> int:
         clean()
         print("extproc.compile: incomplete build, or sources changed during it; staying pure")
         return 0
-    MANIFEST.write_text(json.dumps(before, indent=1, sort_keys=True) + "\n")
+    manifest = {**before, "opt_level": opt}
+    MANIFEST.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     print(f"extproc.compile: compiled {len(HOT_MODULES)} modules")
     return 0
 

@@ -142,7 +142,7 @@ def verdict(pure_env: str, built: object, current: dict[str, str]) -> str:
         return "pure: not built (make compile)"
     if not isinstance(built, dict):
         return "pure: unreadable build manifest (make compile rebuilds it)"
-    if built == current:
+    if {k: v for k, v in built.items() if k != "opt_level"} == current:
         return "compiled"
     changed = sorted(m for m in HOT_MODULES if built.get(m) != current.get(m))
     what = ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
