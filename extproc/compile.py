@@ -3,6 +3,7 @@
 python -m extproc.compile build     # what `make compile` runs; a no-op when current
 python -m extproc.compile clean     # pure Python again
 python -m extproc.compile status    # which modules run compiled, and why not
+python -m extproc.compile state     # one line: "compiled", or why not
 """
 
 from __future__ import annotations
@@ -119,7 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if command == "status":
         return status()
-    print("usage: python -m extproc.compile [build | clean | status]", file=sys.stderr)
+    if command == "state":  # one line: "compiled", or why not
+        print(compiled.state)
+        return 0
+    print("usage: python -m extproc.compile [build | clean | status | state]", file=sys.stderr)
     return 2
 
 
