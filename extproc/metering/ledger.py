@@ -1,12 +1,14 @@
 """The usage ledger: one record per metered request, stored in Redis, never lost.
 
 Writes happen off the request path: the stream handler hands a finished record to
-`Ledger.submit` and moves on; a single writer task takes whatever has queued up and writes
-it in one pipelined round trip, one settle script call per workspace (at most `SETTLE_MAX`
-settlements each). The script refuses a request id it has already seen, so a retried write
-can never bill twice. A call Redis refuses is split in halves and retried, so one bad
-settlement cannot hold back the others; what still fails, and everything while Redis is
-unreachable, goes to an append-only spool file and is replayed, in order, when it returns.
+`Ledger.submit` (or, with `submit_later`, what builds it: the settlement is then made by the
+writer, after the reply that released the response has left) and moves on; a single writer
+task takes whatever has queued up and writes it in one pipelined round trip, one settle
+script call per workspace (at most `SETTLE_MAX` settlements each). The script refuses a
+request id it has already seen, so a retried write can never bill twice. A call Redis
+refuses is split in halves and retried, so one bad settlement cannot hold back the others;
+what still fails, and everything while Redis is unreachable, goes to an append-only spool
+file and is replayed, in order, when it returns.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import contextlib
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -32,6 +34,9 @@ from extproc.store.scripts import SETTLE
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 
 log = logging.getLogger("extproc.metering.ledger")
+
+Pending: TypeAlias = Settlement | Callable[[], Settlement]
+"""A queued settlement, or what builds it (`Ledger.submit_later`)."""
 
 _BATCH = 256
 SETTLE_MAX = 32
@@ -160,7 +165,11 @@ class Ledger:
         self._spool = Spool(spool_dir)
         self._retry_seconds = retry_seconds
         self._on_soft_alert = on_soft_alert
-        self._queue: asyncio.Queue[Settlement] = asyncio.Queue()
+        self._queue: deque[Pending] = deque()
+        # The idle writer's wake-up: set by `submit`, or by the tick every `retry_seconds`
+        # (one standing timer, not one armed and cancelled per record).
+        self._wakeup: asyncio.Future[None] | None = None
+        self._tick: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -177,11 +186,36 @@ class Ledger:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
+        self._tick = asyncio.get_running_loop().call_later(self._retry_seconds, self._on_tick)
 
     def submit(self, settlement: Settlement) -> None:
         """Queue a finished request's settlement; never blocks, never raises."""
         self._idle.clear()
-        self._queue.put_nowait(settlement)
+        self._queue.append(settlement)
+        self._wake()
+
+    def submit_later(self, build: Callable[[], Settlement]) -> None:
+        """Queue what builds a finished request's settlement: the writer calls it when it
+        takes the batch, so building it costs the request's reply nothing. `build` must not
+        raise (it falls back to a bare record itself); one that does is logged and skipped,
+        its hold's orphan still in Redis for the reaper."""
+        self._idle.clear()
+        self._queue.append(build)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._wakeup
+        if waiter is not None:
+            self._wakeup = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _on_tick(self) -> None:
+        """Every `retry_seconds`: the idle writer looks at the spool and the counts."""
+        self._wake()
+        task = self._task
+        if task is not None and not task.done():
+            self._tick = asyncio.get_running_loop().call_later(self._retry_seconds, self._on_tick)
 
     def alive(self, max_stall_seconds: float = 60.0) -> bool:
         """False once the writer has died or sat on pending records for `max_stall_seconds`.
@@ -195,7 +229,7 @@ class Ledger:
             return True
         if task.done():
             return False
-        waiting = not self._queue.empty()
+        waiting = bool(self._queue)
         return not waiting or time.monotonic() - self._turned < max_stall_seconds
 
     def note_unmetered(self, key: str) -> None:
@@ -212,6 +246,9 @@ class Ledger:
 
     async def close(self) -> None:
         await self.drain()
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -396,19 +433,25 @@ class Ledger:
         self._spool.clear()
         log.warning("ledger: replayed %d spooled settlements into Redis", len(pending))
 
-    async def _next_batch(self, timeout: float | None) -> list[Settlement]:
-        if self._queue.empty():
-            # Only an empty queue is waited on (with a timeout, so the spool and the counts
-            # still get their turn): arming a timeout costs more than taking a record.
-            try:
-                async with asyncio.timeout(timeout):
-                    batch = [await self._queue.get()]
-            except TimeoutError:
+    async def _next_batch(self) -> list[Settlement]:
+        queue = self._queue
+        if not queue:
+            # Only an empty queue is waited on, until a submission or the tick (so the spool
+            # and the counts still get their turn).
+            waiter = self._wakeup = asyncio.get_running_loop().create_future()
+            await waiter
+            if not queue:
                 return []
-        else:
-            batch = [self._queue.get_nowait()]
-        while len(batch) < _BATCH and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
+        batch: list[Settlement] = []
+        while queue and len(batch) < _BATCH:
+            item = queue.popleft()
+            if isinstance(item, Settlement):
+                batch.append(item)
+                continue
+            try:
+                batch.append(item())
+            except Exception:
+                log.exception("ledger: building a settlement failed; its orphan stays")
         return batch
 
     async def _try_replay(self) -> bool:
@@ -425,7 +468,7 @@ class Ledger:
     async def _run(self) -> None:
         healthy = await self._try_replay()
         while True:
-            batch = await self._next_batch(self._retry_seconds)
+            batch = await self._next_batch()
             if healthy and (batch or self._unmetered):
                 try:
                     self.written += await self._write(batch)
@@ -443,7 +486,7 @@ class Ledger:
                 self._spool.append(batch)
                 self.spooled += len(batch)
             self._turned = time.monotonic()
-            if self._queue.empty():
+            if not self._queue:
                 self._idle.set()
             if not healthy:
                 healthy = await self._try_replay()
