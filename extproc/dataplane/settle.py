@@ -23,6 +23,7 @@ from extproc.dataplane.deps import Deps
 from extproc.dataplane.request import RequestInfo, for_client
 from extproc.governance.budget import Decision, Plan, charges_for
 from extproc.governance.keys import Identity
+from extproc.governance.lease import is_lease
 from extproc.insight.telemetry import RequestTelemetry
 from extproc.insight.telemetry import verdict as request_verdict
 from extproc.metering.decisions import Observed, Seen, bare_record
@@ -195,7 +196,8 @@ class Settler:
             record = bare_record(seen)
             deps.ledger.submit(settlement_of(deps, self.identity, record, self.plan, rid))
         else:
-            deps.ledger.submit_later(partial(self._settlement, record, seen, rid, deps.now_ms()))
+            build = partial(self._settlement, record, seen, rid, deps.now_ms())
+            deps.ledger.submit_later(build, may_wait=is_lease(rid))
         self._record = record
         if record.price_provisional and deps.new_models is not None:
             deps.new_models.seen(

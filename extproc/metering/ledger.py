@@ -39,6 +39,10 @@ Pending: TypeAlias = Settlement | Callable[[], Settlement]
 """A queued settlement, or what builds it (`Ledger.submit_later`)."""
 
 _BATCH = 256
+GATHER_SECONDS = 0.005
+"""How long the writer waits for more when all it has are settlements that may wait (leased
+requests'): at one request at a time, a few share a settle call and its round trip instead
+of one each. Nobody waits for those: their lease covers their worst case until they land."""
 SETTLE_MAX = 32
 """Settlements per settle script call. A script runs alone: Redis serves no other client
 meanwhile (about 0.1 ms per settlement), so a call is kept short; a writer batch of 256
@@ -155,6 +159,7 @@ class Ledger:
         on_soft_alert: SoftAlert | None = None,
         on_settled: Callable[[str, str, str, int], None] | None = None,
         wait_replicas: int = 0,
+        gather_seconds: float = GATHER_SECONDS,
     ) -> None:
         self._redis = client
         # A batch counts as written only once this many replicas have it (WAIT): a primary
@@ -170,6 +175,9 @@ class Ledger:
         # (one standing timer, not one armed and cancelled per record).
         self._wakeup: asyncio.Future[None] | None = None
         self._tick: asyncio.TimerHandle | None = None
+        self._gather = gather_seconds
+        self._gathering = False  # the writer is waiting for more (`GATHER_SECONDS`)
+        self._urgent = 0  # queued settlements that may not wait
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -192,15 +200,23 @@ class Ledger:
         """Queue a finished request's settlement; never blocks, never raises."""
         self._idle.clear()
         self._queue.append(settlement)
+        self._urgent += 1
         self._wake()
 
-    def submit_later(self, build: Callable[[], Settlement]) -> None:
+    def submit_later(self, build: Callable[[], Settlement], *, may_wait: bool = False) -> None:
         """Queue what builds a finished request's settlement: the writer calls it when it
         takes the batch, so building it costs the request's reply nothing. `build` must not
         raise (it falls back to a bare record itself); one that does is logged and skipped,
-        its hold's orphan still in Redis for the reaper."""
+        its hold's orphan still in Redis for the reaper. `may_wait`: nobody waits for this
+        settlement to land (a leased request's), so the writer may gather it with the next
+        few, for at most `GATHER_SECONDS`."""
         self._idle.clear()
-        self._queue.append(build)
+        queue = self._queue
+        queue.append(build)
+        if not may_wait:
+            self._urgent += 1
+        elif self._gathering and len(queue) < SETTLE_MAX:
+            return
         self._wake()
 
     def _wake(self) -> None:
@@ -442,6 +458,8 @@ class Ledger:
             await waiter
             if not queue:
                 return []
+        if self._gather > 0 and not self._urgent and len(queue) < SETTLE_MAX:
+            await self._gather_more()
         batch: list[Settlement] = []
         while queue and len(batch) < _BATCH:
             item = queue.popleft()
@@ -452,7 +470,21 @@ class Ledger:
                 batch.append(item())
             except Exception:
                 log.exception("ledger: building a settlement failed; its orphan stays")
+        self._urgent = 1 if queue else 0  # what is left is taken next turn, without waiting
         return batch
+
+    async def _gather_more(self) -> None:
+        """All queued settlements may wait: wait for more, until `GATHER_SECONDS` have
+        passed, one that may not wait arrives, or a settle call's worth has queued."""
+        loop = asyncio.get_running_loop()
+        waiter = self._wakeup = loop.create_future()
+        timer = loop.call_later(self._gather, self._wake)
+        self._gathering = True
+        try:
+            await waiter
+        finally:
+            self._gathering = False
+            timer.cancel()
 
     async def _try_replay(self) -> bool:
         try:
