@@ -4,8 +4,11 @@ telemetry report.
 Every handler composes one `Settler`. The handler says what it saw (it makes the usage
 record, a plain function of its own state) and what admission held for it; the settler
 attributes the record, charges it where the reservation checked, hands it to the ledger
-once, and reports the request when its stream closes. The orphan settlements a hold
-carries (written by any replica if this one dies) are made here too, from the same parts.
+once, and reports the request when its stream closes. The record is made at once (its cost
+goes into the reply); its settlement is built by the ledger's writer (`submit_later`), after
+that reply has left: at one request at a time it is off the latency path. The orphan
+settlements a hold carries (written by any replica if this one dies) are made here too, from
+the same parts.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 
 from extproc.dataplane.deps import Deps
 from extproc.dataplane.request import RequestInfo, for_client
 from extproc.governance.budget import Decision, Plan, charges_for
 from extproc.governance.keys import Identity
+from extproc.governance.lease import is_lease
 from extproc.insight.telemetry import RequestTelemetry
 from extproc.insight.telemetry import verdict as request_verdict
 from extproc.metering.decisions import Observed, Seen, bare_record
@@ -39,18 +44,14 @@ def settlement_of(
     plan: Plan | None,
     reservation_id: str,
     cache_prefix: CachePrefix | None = None,
+    now_ms: int | None = None,
 ) -> Settlement:
     """Attribute the record and charge it to the scopes its reservation checked (or would
-    have: a request refused or passed through unplanned still counts where it belongs)."""
-    now = deps.now_ms()
+    have: a request refused or passed through unplanned still counts where it belongs).
+    `now_ms`: when the request settled (default: now)."""
+    now = deps.now_ms() if now_ms is None else now_ms
     tz = deps.timezone
-    if identity is not None:
-        record.workspace, record.service, record.key_id = (
-            identity.workspace,
-            identity.service,
-            identity.key_id,
-        )
-        record.team = identity.team or ""
+    attribute(record, identity)
     charged, period_id, prefix = charges_for(deps.policy, identity, plan, now, tz)
     return settlement_for(
         record,
@@ -63,6 +64,17 @@ def settlement_of(
         attributed=identity is not None,
         cache_prefix=cache_prefix,
     )
+
+
+def attribute(record: UsageRecord, identity: Identity | None) -> None:
+    """Who the record is billed to: the caller's workspace, service, key and team."""
+    if identity is not None:
+        record.workspace, record.service, record.key_id = (
+            identity.workspace,
+            identity.service,
+            identity.key_id,
+        )
+        record.team = identity.team or ""
 
 
 def metered_orphan(
@@ -178,13 +190,14 @@ class Settler:
         rid = decision.reservation_id if decision is not None else ""
         try:
             record = make()
-            deps.ledger.submit(
-                settlement_of(deps, self.identity, record, self.plan, rid, self.prefix)
-            )
+            attribute(record, self.identity)  # now: the report and the alerts read it
         except Exception:
             log.exception("request %s: settling failed; writing a bare record", seen.request_id)
             record = bare_record(seen)
             deps.ledger.submit(settlement_of(deps, self.identity, record, self.plan, rid))
+        else:
+            build = partial(self._settlement, record, seen, rid, deps.now_ms())
+            deps.ledger.submit_later(build, may_wait=is_lease(rid))
         self._record = record
         if record.price_provisional and deps.new_models is not None:
             deps.new_models.seen(
@@ -200,6 +213,16 @@ class Settler:
                 record.price_fallback,
             )
         return record
+
+    def _settlement(self, record: UsageRecord, seen: Seen, rid: str, now_ms: int) -> Settlement:
+        """The record's settlement, built by the ledger's writer; a bare record's if that
+        fails (never raises but where the bare one fails too)."""
+        deps, identity, plan = self._deps, self.identity, self.plan
+        try:
+            return settlement_of(deps, identity, record, plan, rid, self.prefix, now_ms)
+        except Exception:
+            log.exception("request %s: settling failed; writing a bare record", seen.request_id)
+            return settlement_of(deps, identity, bare_record(seen), plan, rid, now_ms=now_ms)
 
     def report(self, busy_ns: int) -> None:
         """The stream closed: report the settled request to telemetry, once."""

@@ -28,7 +28,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from extproc.governance.keys import Identity
-from extproc.governance.lease import Leases
+from extproc.governance.lease import Leases, is_lease
 from extproc.governance.periods import Period, period_at
 from extproc.governance.policy import Policy, RateLimits, Service, Team, Workspace
 from extproc.metering.orphans import Orphan
@@ -608,7 +608,7 @@ class Budgets:
     ) -> None:
         """The ledger wrote this request's settlement: stop renewing its hold (a lease is
         renewed until it is handed back; its request gives back `worst - cost` of it)."""
-        if reservation_id[:1] == "L":
+        if is_lease(reservation_id):
             if self.leases is not None:
                 self.leases.settled(reservation_id, request_id, cost_nanos)
             return

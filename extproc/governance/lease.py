@@ -88,6 +88,12 @@ def new_lease_id() -> str:
     return "L" + os.urandom(16).hex()
 
 
+def is_lease(reservation_id: str) -> bool:
+    """Whether a decision's reservation is a lease (its requests' settlements are awaited by
+    nobody: the lease covers their worst case until they land) rather than an exact hold."""
+    return reservation_id[:1] == "L"
+
+
 def _chunk_tokens(plan: Plan) -> int:
     return plan.tokens if plan.rates else 0
 

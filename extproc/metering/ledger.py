@@ -1,12 +1,14 @@
 """The usage ledger: one record per metered request, stored in Redis, never lost.
 
 Writes happen off the request path: the stream handler hands a finished record to
-`Ledger.submit` and moves on; a single writer task takes whatever has queued up and writes
-it in one pipelined round trip, one settle script call per workspace (at most `SETTLE_MAX`
-settlements each). The script refuses a request id it has already seen, so a retried write
-can never bill twice. A call Redis refuses is split in halves and retried, so one bad
-settlement cannot hold back the others; what still fails, and everything while Redis is
-unreachable, goes to an append-only spool file and is replayed, in order, when it returns.
+`Ledger.submit` (or, with `submit_later`, what builds it: the settlement is then made by the
+writer, after the reply that released the response has left) and moves on; a single writer
+task takes whatever has queued up and writes it in one pipelined round trip, one settle
+script call per workspace (at most `SETTLE_MAX` settlements each). The script refuses a
+request id it has already seen, so a retried write can never bill twice. A call Redis
+refuses is split in halves and retried, so one bad settlement cannot hold back the others;
+what still fails, and everything while Redis is unreachable, goes to an append-only spool
+file and is replayed, in order, when it returns.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import contextlib
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -33,7 +35,14 @@ from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 
 log = logging.getLogger("extproc.metering.ledger")
 
+Pending: TypeAlias = Settlement | Callable[[], Settlement]
+"""A queued settlement, or what builds it (`Ledger.submit_later`)."""
+
 _BATCH = 256
+GATHER_SECONDS = 0.005
+"""How long the writer waits for more when all it has are settlements that may wait (leased
+requests'): at one request at a time, a few share a settle call and its round trip instead
+of one each. Nobody waits for those: their lease covers their worst case until they land."""
 SETTLE_MAX = 32
 """Settlements per settle script call. A script runs alone: Redis serves no other client
 meanwhile (about 0.1 ms per settlement), so a call is kept short; a writer batch of 256
@@ -153,6 +162,7 @@ class Ledger:
         on_soft_alert: SoftAlert | None = None,
         on_settled: Callable[[str, str, str, int], None] | None = None,
         wait_replicas: int = 0,
+        gather_seconds: float = GATHER_SECONDS,
     ) -> None:
         self._redis = client
         # A batch counts as written only once this many replicas have it (WAIT): a primary
@@ -163,7 +173,14 @@ class Ledger:
         self._spool = Spool(spool_dir)
         self._retry_seconds = retry_seconds
         self._on_soft_alert = on_soft_alert
-        self._queue: asyncio.Queue[Settlement] = asyncio.Queue()
+        self._queue: deque[Pending] = deque()
+        # The idle writer's wake-up: set by `submit`, or by the tick every `retry_seconds`
+        # (one standing timer, not one armed and cancelled per record).
+        self._wakeup: asyncio.Future[None] | None = None
+        self._tick: asyncio.TimerHandle | None = None
+        self._gather = gather_seconds
+        self._gathering = False  # the writer is waiting for more (`GATHER_SECONDS`)
+        self._urgent = 0  # queued settlements that may not wait
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -180,11 +197,44 @@ class Ledger:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
+        self._tick = asyncio.get_running_loop().call_later(self._retry_seconds, self._on_tick)
 
     def submit(self, settlement: Settlement) -> None:
         """Queue a finished request's settlement; never blocks, never raises."""
         self._idle.clear()
-        self._queue.put_nowait(settlement)
+        self._queue.append(settlement)
+        self._urgent += 1
+        self._wake()
+
+    def submit_later(self, build: Callable[[], Settlement], *, may_wait: bool = False) -> None:
+        """Queue what builds a finished request's settlement: the writer calls it when it
+        takes the batch, so building it costs the request's reply nothing. `build` must not
+        raise (it falls back to a bare record itself); one that does is logged and skipped,
+        its hold's orphan still in Redis for the reaper. `may_wait`: nobody waits for this
+        settlement to land (a leased request's), so the writer may gather it with the next
+        few, for at most `GATHER_SECONDS`."""
+        self._idle.clear()
+        queue = self._queue
+        queue.append(build)
+        if not may_wait:
+            self._urgent += 1
+        elif self._gathering and len(queue) < SETTLE_MAX:
+            return
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._wakeup
+        if waiter is not None:
+            self._wakeup = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _on_tick(self) -> None:
+        """Every `retry_seconds`: the idle writer looks at the spool and the counts."""
+        self._wake()
+        task = self._task
+        if task is not None and not task.done():
+            self._tick = asyncio.get_running_loop().call_later(self._retry_seconds, self._on_tick)
 
     def alive(self, max_stall_seconds: float = 60.0) -> bool:
         """False once the writer has died or sat on pending records for `max_stall_seconds`.
@@ -198,7 +248,7 @@ class Ledger:
             return True
         if task.done():
             return False
-        waiting = not self._queue.empty()
+        waiting = bool(self._queue)
         return not waiting or time.monotonic() - self._turned < max_stall_seconds
 
     def note_unmetered(self, key: str) -> None:
@@ -215,6 +265,9 @@ class Ledger:
 
     async def close(self) -> None:
         await self.drain()
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -399,20 +452,42 @@ class Ledger:
         self._spool.clear()
         log.warning("ledger: replayed %d spooled settlements into Redis", len(pending))
 
-    async def _next_batch(self, timeout: float | None) -> list[Settlement]:
-        if self._queue.empty():
-            # Only an empty queue is waited on (with a timeout, so the spool and the counts
-            # still get their turn): arming a timeout costs more than taking a record.
-            try:
-                async with asyncio.timeout(timeout):
-                    batch = [await self._queue.get()]
-            except TimeoutError:
+    async def _next_batch(self) -> list[Settlement]:
+        queue = self._queue
+        if not queue:
+            # Only an empty queue is waited on, until a submission or the tick (so the spool
+            # and the counts still get their turn).
+            waiter = self._wakeup = asyncio.get_running_loop().create_future()
+            await waiter
+            if not queue:
                 return []
-        else:
-            batch = [self._queue.get_nowait()]
-        while len(batch) < _BATCH and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
+        if self._gather > 0 and not self._urgent and len(queue) < SETTLE_MAX:
+            await self._gather_more()
+        batch: list[Settlement] = []
+        while queue and len(batch) < _BATCH:
+            item = queue.popleft()
+            if isinstance(item, Settlement):
+                batch.append(item)
+                continue
+            try:
+                batch.append(item())
+            except Exception:
+                log.exception("ledger: building a settlement failed; its orphan stays")
+        self._urgent = 1 if queue else 0  # what is left is taken next turn, without waiting
         return batch
+
+    async def _gather_more(self) -> None:
+        """All queued settlements may wait: wait for more, until `GATHER_SECONDS` have
+        passed, one that may not wait arrives, or a settle call's worth has queued."""
+        loop = asyncio.get_running_loop()
+        waiter = self._wakeup = loop.create_future()
+        timer = loop.call_later(self._gather, self._wake)
+        self._gathering = True
+        try:
+            await waiter
+        finally:
+            self._gathering = False
+            timer.cancel()
 
     async def _try_replay(self) -> bool:
         try:
@@ -428,7 +503,7 @@ class Ledger:
     async def _run(self) -> None:
         healthy = await self._try_replay()
         while True:
-            batch = await self._next_batch(self._retry_seconds)
+            batch = await self._next_batch()
             if healthy and (batch or self._unmetered):
                 try:
                     self.written += await self._write(batch)
@@ -446,7 +521,7 @@ class Ledger:
                 self._spool.append(batch)
                 self.spooled += len(batch)
             self._turned = time.monotonic()
-            if self._queue.empty():
+            if not self._queue:
                 self._idle.set()
             if not healthy:
                 healthy = await self._try_replay()

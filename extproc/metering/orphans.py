@@ -28,6 +28,8 @@ from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 from extproc.wire.usage import Usage
 
 _MARK = b"o1"
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+"""`json.dumps` with options builds an encoder per call; an orphan is encoded per request."""
 """Compact orphans start with this; anything else a reaper finds is a serialized Settlement
 (holds made before compact orphans)."""
 
@@ -66,7 +68,7 @@ class Orphan:
             self.team, self.period, self.timezone, charged, int(self.stream), self.output_cap,
             self.session_id, self.envoy_request_id, self.routing, int(self.attributed),
         ]  # fmt: skip
-        return _MARK + json.dumps(fields, separators=(",", ":")).encode()
+        return _MARK + _COMPACT.encode(fields).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> Orphan:

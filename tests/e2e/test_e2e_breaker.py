@@ -70,6 +70,20 @@ def _records(r: redis.Redis, key_id: str) -> list[UsageRecord]:
     return [rec for _id, f in rows if (rec := UsageRecord.FromString(f[b"r"])).key_id == key_id]
 
 
+def _billed(r: redis.Redis, key_id: str, served: int, timeout: float = 15.0) -> list[UsageRecord]:
+    """The key's records of served requests, once `served` of them are in: the ledger is
+    written off the request path (a leased request's settlement may wait a few ms for
+    company), so this blocks on the stream until they land, or the timeout."""
+    stream = ledger_key(workspace_prefix("dev"))
+    deadline = time.monotonic() + timeout
+    while True:
+        billed = [rec for rec in _records(r, key_id) if rec.outcome != "rejected"]
+        if len(billed) >= served or time.monotonic() > deadline:
+            return billed
+        last = r.xrevrange(stream, count=1)
+        r.xread({stream: last[0][0] if last else b"0"}, block=500)
+
+
 def test_ordinary_traffic_trips_nothing_and_a_loop_is_paused(world: Stack, hooks: Hooks) -> None:
     keys = {who: new_key(world, "dev", svc)["key"] for who, svc in SENDERS.items()}
     calls = normal_traffic()
@@ -108,7 +122,7 @@ def test_ordinary_traffic_trips_nothing_and_a_loop_is_paused(world: Stack, hooks
         pauses = {k.decode(): Pause.from_json(v) for k, v in r.hgetall(paused_key("dev")).items()}
         actions = [(e[b"action"], e[b"target"].decode()) for _id, e in r.xrange(AUDIT)
                    if e[b"action"].startswith(b"breaker.")]  # fmt: skip
-        spent = _records(r, loop["key_id"])
+        billed = _billed(r, loop["key_id"], served)
     finally:
         r.close()
     # Only the loop: the ordinary traffic before it tripped nothing.
@@ -116,7 +130,6 @@ def test_ordinary_traffic_trips_nothing_and_a_loop_is_paused(world: Stack, hooks
     assert actions == [(b"breaker.pause", loop["key_id"])]
     alerts = [b for b in hooks.wait_for(1) if b["extproc"]["event"] == "key_paused"]
     assert len(alerts) == 1 and loop["key_id"] in alerts[0]["text"]
-    billed = [rec for rec in spent if rec.outcome != "rejected"]
     assert len(billed) == served
     caused = sum(rec.cost_nanos for rec in billed)
     print(

@@ -133,6 +133,9 @@ class FakeLedger:
     def submit(self, settlement: Settlement) -> None:
         self.settlements.append(settlement)
 
+    def submit_later(self, build: Callable[[], Settlement], *, may_wait: bool = False) -> None:
+        self.settlements.append(build())  # built at once: what the writer will build
+
     def note_unmetered(self, key: str) -> None:
         self.unmetered.append(key)
 

@@ -26,7 +26,7 @@ from extproc.metering.ledger import SEEN_BUCKET_MS, Ledger, Spool
 from extproc.metering.prices import PriceTable
 from extproc.metering.settlement import CachePrefix, Charged, settlement_for
 from extproc.store.clients import make_client
-from extproc.store.schema import ledger_key, workspace_prefix
+from extproc.store.schema import UNMETERED, ledger_key, workspace_prefix
 from extproc.v1.ledger_pb2 import Settlement, UsageRecord
 
 PRICES = PriceTable.load()
@@ -308,3 +308,82 @@ def test_one_call_reports_duplicates_and_refuses_a_batch_that_does_not_fit(
         asyncio.run(call(short))
     stream = ledger_key(workspace_prefix("ci"))
     assert r.xlen(stream) == 3
+
+
+def test_the_writer_builds_deferred_settlements_in_order_and_skips_one_that_fails(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """`submit_later`: what a handler hands over is built by the writer, in submission order
+    with the ready ones; a builder that raises is logged and skipped, the others land once.
+    With nothing submitted, the writer's tick still flushes the counts."""
+    batch = [settlement("ci", "runner", f"d{i}", 2_000 + i) for i in range(4)]
+    built: list[str] = []
+
+    def later(s: Settlement) -> Callable[[], Settlement]:
+        def build() -> Settlement:
+            built.append(s.record.request_id)
+            return s
+
+        return build
+
+    def broken() -> Settlement:
+        raise RuntimeError("a bug in building one settlement")
+
+    async def body(_budgets: Budgets, ledger: Ledger) -> int:
+        ledger.submit(batch[0])
+        ledger.submit_later(later(batch[1]))
+        ledger.submit_later(broken)
+        ledger.submit(batch[2])
+        ledger.submit_later(later(batch[3]))
+        await ledger.drain()
+        assert built == ["d1", "d3"]
+        ledger.note_unmetered("/v1/other")
+        deadline = asyncio.get_running_loop().time() + 15
+        while not r.hget(UNMETERED, "/v1/other"):
+            assert asyncio.get_running_loop().time() < deadline, "counts never flushed"
+            await asyncio.sleep(0.02)  # polling Redis, not synchronising on time
+        return ledger.written
+
+    assert run_ledger(redis_url, tmp_path / "spool", body, retry_seconds=0.05) == 4
+    stream = ledger_key(workspace_prefix("ci"))
+    ids = [UsageRecord.FromString(f[b"r"]).request_id for _i, f in r.xrange(stream)]
+    assert ids == ["d0", "d1", "d2", "d3"]
+
+
+def test_leased_settlements_wait_for_company_and_one_that_may_not_wait_sends_them_all(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Settlements nobody waits for (`may_wait`: leased requests') are gathered into one
+    settle call; a settlement that may not wait (an exact hold's) ends the gathering at
+    once, however long it was allowed to last, and everything goes in one call."""
+    warm = settlement("ci", "runner", "warm", 1)
+    batch = [settlement("ci", "runner", f"g{i}", 3_000 + i) for i in range(4)]
+
+    def calls() -> int:
+        return int(r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+    async def body(_budgets: Budgets, ledger: Ledger) -> int:
+        loop = asyncio.get_running_loop()
+        ledger.submit(warm)  # the script loaded, the ledger registered
+        await ledger.drain()
+        before = calls()
+        ledger.submit_later(lambda: batch[0], may_wait=True)
+        for _ in range(100):  # let the writer take it and start gathering
+            if ledger._gathering:
+                break
+            await asyncio.sleep(0)
+        assert ledger._gathering
+        ledger.submit_later(lambda: batch[1], may_wait=True)
+        ledger.submit_later(lambda: batch[2], may_wait=True)
+        assert ledger._gathering  # still gathering: nothing woke it
+        started = loop.time()
+        ledger.submit_later(lambda: batch[3])
+        await ledger.drain()
+        assert loop.time() - started < 30  # woken by the last one, not by the clock
+        assert calls() - before == 1
+        return ledger.written
+
+    assert run_ledger(redis_url, tmp_path / "spool", body, gather_seconds=60.0) == 5
+    stream = ledger_key(workspace_prefix("ci"))
+    ids = [UsageRecord.FromString(f[b"r"]).request_id for _i, f in r.xrange(stream)]
+    assert ids == ["warm", "g0", "g1", "g2", "g3"]
