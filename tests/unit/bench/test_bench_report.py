@@ -139,3 +139,36 @@ def test_the_targets_are_ratios_of_this_runs_figures() -> None:
     report["targets"] = targets(report)
     table = markdown(report)
     assert "| added p50 at c=1, enforced / do-nothing | <= 1.5 | 2.00 [1.60, 2.50] |" in table
+
+
+def test_paired_rounds_give_the_floor_ratios_round_by_round() -> None:
+    """With paired rounds, the two ratios to the floor are medians of per-round ratios (a
+    slow spell hits both sides of a round), and they replace the unpaired ones."""
+    from bench.bench import spread
+
+    rounds = [
+        {"ours": (2.0, 0.30), "floor": (1.0, 0.60)},  # quiet: 2.0x, 0.5
+        {"ours": (4.0, 0.20), "floor": (2.0, 0.40)},  # a slow spell hits both: 2.0x, 0.5
+        {"ours": (3.0, 0.24), "floor": (1.0, 0.40)},  # 3.0x, 0.6
+    ]
+    cell = {
+        "rounds": rounds,
+        "ours_added_p50_ms": spread([r["ours"][0] for r in rounds]),
+        "floor_added_p50_ms": spread([r["floor"][0] for r in rounds]),
+        "added_p50_ratio": spread([r["ours"][0] / r["floor"][0] for r in rounds]),
+        "ours_throughput": spread([r["ours"][1] for r in rounds]),
+        "floor_throughput": spread([r["floor"][1] for r in rounds]),
+        "throughput_ratio": spread([r["ours"][1] / r["floor"][1] for r in rounds]),
+    }
+    report = {
+        "kind": "full", "machine": "2 cores", "time": "t", "rounds": 3,
+        "setups": {"enforced, 1 worker": {"cells": {}}},
+        "paired": {"c=1": cell, "c=32": cell},
+    }  # fmt: skip
+    rows = {row["target"].split(",")[0]: row for row in targets(report)}
+    assert rows["added p50 at c=1"]["value"] == {"median": 2.0, "min": 2.0, "max": 3.0}
+    assert rows["throughput at c=32"]["value"]["median"] == 0.5
+    assert rows["ahead of Portkey at c=1: its added p50 / ours"]["value"]["median"] == 1.54 / 3.0
+    report["targets"] = targets(report)
+    table = markdown(report)
+    assert "| each round: both, back to back | 1 | 3.00 [2.00, 4.00] | 1.00 [1.00, 2.00] |" in table
