@@ -31,52 +31,39 @@ def clean() -> int:
     return removed
 
 
-def build(out: Path | None = None) -> int:
-    """Compile the hot modules in place; every failure leaves pure Python and says why."""
+def build() -> int:
+    """Compile the hot modules and put the extensions beside their sources; every failure
+    leaves pure Python and says why.
+
+    The sources are compiled from a copy in a scratch directory: mypy must not see the
+    directory the package is installed in (in site-packages it would take every module
+    lying there, `mypy_extensions.py` included, for part of the program), and a failed build
+    must not leave half its files in the package.
+    """
     before = fingerprint()
     opt = os.environ.get("EXTPROC_COMPILE_OPT", "3")  # 0 builds faster, for trying things
     if _read(MANIFEST) == {**before, "opt_level": opt} and _complete():
         print("extproc.compile: the compiled build is current")
         return 0
     clean()
-    root = PACKAGE.parent
     work = Path(tempfile.mkdtemp(prefix="extproc-mypyc-"))
     cwd = os.getcwd()
     try:
-        os.chdir(root)
-        try:
-            from mypyc.build import mypycify
-            from setuptools import Distribution
-        except ImportError as exc:
-            print(f"extproc.compile: {exc}; the request path stays pure Python")
-            return 0
-        files = [f"extproc/{m}.py" for m in HOT_MODULES]
-        flags = ["--ignore-missing-imports", "--follow-imports=silent"]
-        try:
-            exts = mypycify(
-                [*flags, *files],
-                opt_level=opt,
-                group_name=GROUP,
-                target_dir=str(work / "c"),
-            )
-        except BaseException as exc:  # mypy's type errors end in SystemExit
-            print(f"extproc.compile: mypyc refused the sources ({exc!r}); staying pure Python")
-            return 0
-        dist = Distribution({"name": "extproc-hot", "ext_modules": exts})
-        cmd = dist.get_command_obj("build_ext")
-        cmd.inplace = True
-        cmd.build_temp = str(work / "tmp")
-        cmd.build_lib = str(work / "lib")
-        cmd.parallel = os.cpu_count() or 1
-        try:
-            dist.run_command("build_ext")
-        except BaseException as exc:  # no compiler, or a module that fails
-            clean()
-            print(f"extproc.compile: the C build failed ({exc!r}); staying pure Python")
-            return 0
+        src = work / "src"
+        shutil.copytree(
+            PACKAGE, src / "extproc", ignore=shutil.ignore_patterns("*.so", "__pycache__")
+        )
+        os.chdir(src)
+        built = _compile(work, opt)
+        if built:
+            for path in (src / "extproc").rglob("*.so"):
+                target = PACKAGE / path.relative_to(src / "extproc")
+                shutil.copyfile(path, target)
     finally:
         os.chdir(cwd)
         shutil.rmtree(work, ignore_errors=True)
+    if not built:
+        return 0
     if not _complete() or fingerprint() != before:
         clean()
         print("extproc.compile: incomplete build, or sources changed during it; staying pure")
@@ -85,6 +72,42 @@ def build(out: Path | None = None) -> int:
     MANIFEST.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     print(f"extproc.compile: compiled {len(HOT_MODULES)} modules")
     return 0
+
+
+def _compile(work: Path, opt: str) -> bool:
+    """mypyc, then the C compiler, in the current directory (the copy); False: said why."""
+    try:
+        from mypyc.build import mypycify
+        from setuptools import Distribution
+    except ImportError as exc:
+        print(f"extproc.compile: {exc}; the request path stays pure Python")
+        return False
+    files = [f"extproc/{m}.py" for m in HOT_MODULES]
+    flags = [
+        "--ignore-missing-imports",
+        "--follow-imports=silent",
+        "--cache-dir",
+        str(work / "mypy"),
+    ]
+    try:
+        exts = mypycify(
+            [*flags, *files], opt_level=opt, group_name=GROUP, target_dir=str(work / "c")
+        )
+    except BaseException as exc:  # mypy's type errors end in SystemExit
+        print(f"extproc.compile: mypyc refused the sources ({exc!r}); staying pure Python")
+        return False
+    dist = Distribution({"name": "extproc-hot", "ext_modules": exts})
+    cmd = dist.get_command_obj("build_ext")
+    cmd.inplace = True
+    cmd.build_temp = str(work / "tmp")
+    cmd.build_lib = str(work / "lib")
+    cmd.parallel = os.cpu_count() or 1
+    try:
+        dist.run_command("build_ext")
+    except BaseException as exc:  # no compiler, or a module that fails
+        print(f"extproc.compile: the C build failed ({exc!r}); staying pure Python")
+        return False
+    return True
 
 
 def _read(path: Path) -> object:
