@@ -307,17 +307,23 @@ def paired_with_floor(plan: Plan) -> dict[str, Any]:
                 for i in range(max(plan.rounds, PAIRED_ROUNDS)):
                     order = ("ours", "floor") if i % 2 == 0 else ("floor", "ours")
                     rounds.append({side: measure(side, requests, c) for side in order})
-                out[f"c={c}"] = {
-                    "rounds": rounds,
-                    "ours_added_p50_ms": spread([r["ours"][0] for r in rounds]),
-                    "floor_added_p50_ms": spread([r["floor"][0] for r in rounds]),
-                    "added_p50_ratio": spread([r["ours"][0] / r["floor"][0] for r in rounds]),
-                    "ours_throughput": spread([r["ours"][1] for r in rounds]),
-                    "floor_throughput": spread([r["floor"][1] for r in rounds]),
-                    "throughput_ratio": spread([r["ours"][1] / r["floor"][1] for r in rounds]),
-                }
+                out[f"c={c}"] = paired_cell(rounds)
                 print(f"  paired c={c}: {_paired_line(out[f'c={c}'])}", flush=True)
     return out
+
+
+def paired_cell(rounds: list[dict[str, tuple[float, float]]]) -> dict[str, Any]:
+    """Each side's (added p50, throughput ratio) per round, and the two ratios taken within
+    each round, as spreads."""
+    return {
+        "rounds": rounds,
+        "ours_added_p50_ms": spread([r["ours"][0] for r in rounds]),
+        "floor_added_p50_ms": spread([r["floor"][0] for r in rounds]),
+        "added_p50_ratio": spread([r["ours"][0] / r["floor"][0] for r in rounds]),
+        "ours_throughput": spread([r["ours"][1] for r in rounds]),
+        "floor_throughput": spread([r["floor"][1] for r in rounds]),
+        "throughput_ratio": spread([r["ours"][1] / r["floor"][1] for r in rounds]),
+    }
 
 
 def _paired_line(cell: dict[str, Any]) -> str:

@@ -144,22 +144,14 @@ def test_the_targets_are_ratios_of_this_runs_figures() -> None:
 def test_paired_rounds_give_the_floor_ratios_round_by_round() -> None:
     """With paired rounds, the two ratios to the floor are medians of per-round ratios (a
     slow spell hits both sides of a round), and they replace the unpaired ones."""
-    from bench.bench import spread
+    from bench.bench import paired_cell
 
     rounds = [
         {"ours": (2.0, 0.30), "floor": (1.0, 0.60)},  # quiet: 2.0x, 0.5
         {"ours": (4.0, 0.20), "floor": (2.0, 0.40)},  # a slow spell hits both: 2.0x, 0.5
         {"ours": (3.0, 0.24), "floor": (1.0, 0.40)},  # 3.0x, 0.6
     ]
-    cell = {
-        "rounds": rounds,
-        "ours_added_p50_ms": spread([r["ours"][0] for r in rounds]),
-        "floor_added_p50_ms": spread([r["floor"][0] for r in rounds]),
-        "added_p50_ratio": spread([r["ours"][0] / r["floor"][0] for r in rounds]),
-        "ours_throughput": spread([r["ours"][1] for r in rounds]),
-        "floor_throughput": spread([r["floor"][1] for r in rounds]),
-        "throughput_ratio": spread([r["ours"][1] / r["floor"][1] for r in rounds]),
-    }
+    cell = paired_cell(rounds)
     report = {
         "kind": "full", "machine": "2 cores", "time": "t", "rounds": 3,
         "setups": {"enforced, 1 worker": {"cells": {}}},
