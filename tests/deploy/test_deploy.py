@@ -37,6 +37,7 @@ import yaml
 from extproc.dataplane.server import LIVENESS_SERVICE, SERVICE_NAME
 from extproc.dataplane.workers import worker_addresses
 from extproc.devstack import envoy_config as local_envoy
+from extproc.devstack.stack import free_port
 from extproc.governance.policy import load_policy
 from extproc.insight.telemetry import exporter_names, prometheus_address
 from extproc.settings import load_settings
@@ -774,12 +775,6 @@ def test_envoy_config_validates(source: str, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_get(url: str) -> tuple[int, str]:
