@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from extproc.devstack import stack
+from extproc.devstack import ports as stack
 
 
 def _ephemeral() -> tuple[int, int]:
