@@ -159,7 +159,9 @@ def guard() -> str:
         except (OSError, ValueError):
             built = "unreadable"
     pure_env = os.environ.get("EXTPROC_PURE", "")
-    state = verdict(pure_env, built, fingerprint() if built is not None else {})
+    # The sources are hashed only when a build could run: not for EXTPROC_PURE, not unbuilt.
+    needed = built is not None and pure_env in ("", "0")
+    state = verdict(pure_env, built, fingerprint() if needed else {})
     if state == "compiled":
         return state
     if "stale" in state:
